@@ -1,0 +1,66 @@
+"""The documented error hierarchy, each class mapped to exactly one gRPC status code.
+
+    RiffloopError
+    ├── ValidationError      INVALID_ARGUMENT    the caller sent something wrong; retrying will not help
+    ├── NotFoundError        NOT_FOUND           an id that does not exist (track, song, model version)
+    ├── ConflictError        ALREADY_EXISTS      a duplicate submission (second rating of a track)
+    ├── UnauthenticatedError UNAUTHENTICATED     missing or bad credentials
+    ├── PermissionDeniedError PERMISSION_DENIED   authenticated but not allowed (rating a track never served)
+    ├── RateLimitedError     RESOURCE_EXHAUSTED  over a per-user limit; retry later
+    ├── TransientError       UNAVAILABLE         a dependency is down or slow; retry with backoff
+    ├── PermanentError       FAILED_PRECONDITION the system state forbids it (no model loaded yet)
+    └── ConfigurationError   (process exit 2)    bad settings at start-up; never reaches a client
+
+Services translate with ``grpc.StatusCode[err.grpc_code]`` in one interceptor; nothing else picks
+status codes.
+"""
+
+from __future__ import annotations
+
+
+class RiffloopError(Exception):
+    """Base of every error Riffloop raises on purpose. ``reason`` is safe to show to a client."""
+
+    grpc_code = "INTERNAL"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ValidationError(RiffloopError):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class NotFoundError(RiffloopError):
+    grpc_code = "NOT_FOUND"
+
+
+class ConflictError(RiffloopError):
+    grpc_code = "ALREADY_EXISTS"
+
+
+class UnauthenticatedError(RiffloopError):
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(RiffloopError):
+    grpc_code = "PERMISSION_DENIED"
+
+
+class RateLimitedError(RiffloopError):
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class TransientError(RiffloopError):
+    grpc_code = "UNAVAILABLE"
+
+
+class PermanentError(RiffloopError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class ConfigurationError(RiffloopError):
+    """Bad settings at start-up: the process prints ``reason`` and exits with status 2."""
+
+    grpc_code = "INTERNAL"
