@@ -12,6 +12,7 @@ from riffloop.core._errors import (
     UnauthenticatedError,
     ValidationError,
 )
+from riffloop.core._settings import Settings, run_main
 
 __all__ = [
     "ConfigurationError",
@@ -21,7 +22,9 @@ __all__ = [
     "PermissionDeniedError",
     "RateLimitedError",
     "RiffloopError",
+    "Settings",
     "TransientError",
     "UnauthenticatedError",
     "ValidationError",
+    "run_main",
 ]

@@ -1,15 +1,16 @@
 """The documented error hierarchy, each class mapped to exactly one gRPC status code.
 
     RiffloopError
-    ├── ValidationError      INVALID_ARGUMENT    the caller sent something wrong; retrying will not help
-    ├── NotFoundError        NOT_FOUND           an id that does not exist (track, song, model version)
-    ├── ConflictError        ALREADY_EXISTS      a duplicate submission (second rating of a track)
-    ├── UnauthenticatedError UNAUTHENTICATED     missing or bad credentials
-    ├── PermissionDeniedError PERMISSION_DENIED   authenticated but not allowed (rating a track never served)
-    ├── RateLimitedError     RESOURCE_EXHAUSTED  over a per-user limit; retry later
-    ├── TransientError       UNAVAILABLE         a dependency is down or slow; retry with backoff
-    ├── PermanentError       FAILED_PRECONDITION the system state forbids it (no model loaded yet)
-    └── ConfigurationError   (process exit 2)    bad settings at start-up; never reaches a client
+    ├── ValidationError       INVALID_ARGUMENT    caller sent something wrong; retrying won't help
+    ├── NotFoundError         NOT_FOUND           an id that does not exist (track, song, model)
+    ├── ConflictError         ALREADY_EXISTS      a duplicate submission (second rating of a track)
+    ├── UnauthenticatedError  UNAUTHENTICATED     missing or bad credentials
+    ├── PermissionDeniedError PERMISSION_DENIED   not allowed (rating a track never served)
+    ├── RateLimitedError      RESOURCE_EXHAUSTED  over a per-user limit; retry later
+    ├── TransientError        UNAVAILABLE         a dependency is down or slow; retry with backoff
+    ├── PermanentError        FAILED_PRECONDITION the system state forbids it (no model loaded yet)
+    │   └── ChecksumMismatchError                 stored bytes differ from their recorded sha256
+    └── ConfigurationError    (process exit 2)    bad settings at start-up; never reaches a client
 
 Services translate with ``grpc.StatusCode[err.grpc_code]`` in one interceptor; nothing else picks
 status codes.
@@ -64,3 +65,14 @@ class ConfigurationError(RiffloopError):
     """Bad settings at start-up: the process prints ``reason`` and exits with status 2."""
 
     grpc_code = "INTERNAL"
+
+
+class ChecksumMismatchError(PermanentError):
+    """An object's bytes do not match the SHA-256 recorded when it was written (torn or corrupt)."""
+
+    def __init__(self, reason: str, *, bucket: str, key: str, expected: str, actual: str) -> None:
+        super().__init__(reason)
+        self.bucket = bucket
+        self.key = key
+        self.expected = expected
+        self.actual = actual

@@ -1,0 +1,248 @@
+"""One typed, frozen settings object per process, read once from ``RIFFLOOP_*`` variables.
+
+Every dataclass field ``name`` is read from ``RIFFLOOP_<NAME>``; an unknown ``RIFFLOOP_*`` variable
+or a value that does not parse or is out of range raises :class:`ConfigurationError` with one
+sentence naming the variable (nanoGPT's configurator rejects unknown keys the same way). Services
+that need more settings subclass :class:`Settings` with extra fields; ``from_env`` picks them up.
+
+``run_main(main)`` turns a ``ConfigurationError`` at start-up into one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Self, get_args, get_origin
+from urllib.parse import urlsplit
+
+from riffloop.core._errors import ConfigurationError
+
+PREFIX = "RIFFLOOP_"
+_MASK = "****"
+
+Backend = Literal["embedded", "real"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "riffloop"
+
+
+def secret(default: str = "") -> Any:
+    """A field whose value never appears in ``repr`` or ``describe()``."""
+    return dataclasses.field(default=default, metadata={"secret": True})
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class Settings:
+    """Process settings. Construct with :meth:`from_env`; direct construction validates too."""
+
+    # Wiring: "embedded" = in-process bus, local-dir object store, in-memory KV; "real" = Kafka,
+    # S3 (MinIO or any S3), Redis.
+    backend: Backend = "embedded"
+    service_name: str = "riffloop"
+    kafka_bootstrap: str = ""
+    # Topics are created with this many partitions (plus a "<topic>.dlq" twin).
+    kafka_partitions: int = 3
+    kafka_replication_factor: int = 1
+    s3_endpoint: str = ""
+    s3_access_key: str = ""
+    s3_secret_key: str = secret()
+    s3_region: str = "us-east-1"
+    s3_secure: bool = False
+    redis_url: str = ""
+    grpc_port: int = 50051
+    metrics_port: int = 9100
+    # Object store directory of the embedded backend.
+    data_dir: Path = Path(".riffloop/data")
+    # Downloads and builds (venv, Kafka jars, MinIO binary, corpus, base checkpoint).
+    cache: Path = dataclasses.field(default_factory=_default_cache_dir)
+    # Consumer loop: tries per message before "<topic>.dlq"; first retry back-off (then doubles).
+    consumer_max_attempts: int = 3
+    consumer_retry_backoff_s: float = 0.2
+    consumer_poll_timeout_s: float = 0.5
+    # How long a handled event_id is remembered for deduplication (default 7 days).
+    dedupe_ttl_s: int = 7 * 24 * 3600
+    log_level: LogLevel = "INFO"
+
+    _REQUIRED_FOR_REAL: ClassVar[tuple[str, ...]] = ("kafka_bootstrap", "s3_endpoint", "redis_url")
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Read every field from ``RIFFLOOP_<FIELD>``; reject unknown ``RIFFLOOP_*`` names."""
+        env = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+        known = {env_name(name) for name in fields}
+        unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+        if unknown:
+            raise ConfigurationError(
+                f"unknown setting {unknown[0]}; known settings are {', '.join(sorted(known))}"
+            )
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for name in fields:
+            variable = env_name(name)
+            if variable in env:
+                values[name] = _parse(variable, env[variable], hints[name])
+        return cls(**values)
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    def _validate(self) -> None:
+        for port_field in ("grpc_port", "metrics_port"):
+            port = getattr(self, port_field)
+            if not 0 <= port <= 65535:
+                _fail(port_field, f"must be a port number 0–65535, got {port}")
+        if self.kafka_partitions < 1:
+            _fail("kafka_partitions", f"must be at least 1, got {self.kafka_partitions}")
+        if self.kafka_replication_factor < 1:
+            _fail(
+                "kafka_replication_factor",
+                f"must be at least 1, got {self.kafka_replication_factor}",
+            )
+        if self.consumer_max_attempts < 1:
+            _fail("consumer_max_attempts", f"must be at least 1, got {self.consumer_max_attempts}")
+        if self.consumer_retry_backoff_s < 0:
+            _fail("consumer_retry_backoff_s", "must not be negative")
+        if self.consumer_poll_timeout_s <= 0:
+            _fail("consumer_poll_timeout_s", "must be positive")
+        if self.dedupe_ttl_s < 1:
+            _fail("dedupe_ttl_s", f"must be at least 1 second, got {self.dedupe_ttl_s}")
+        if not self.service_name or not all(c.isalnum() or c in "-_" for c in self.service_name):
+            _fail("service_name", "must be non-empty letters, digits, '-' or '_'")
+        if self.kafka_bootstrap:
+            for server in self.kafka_bootstrap.split(","):
+                host, _, port = server.strip().rpartition(":")
+                if not host or not port.isdigit():
+                    _fail("kafka_bootstrap", f"must be host:port[,host:port...], got {server!r}")
+        if self.s3_endpoint:
+            split = urlsplit(
+                self.s3_endpoint if "://" in self.s3_endpoint else f"//{self.s3_endpoint}"
+            )
+            if split.scheme not in ("", "http", "https") or not split.hostname:
+                _fail("s3_endpoint", f"must be host:port or http(s)://host:port, got {split!r}")
+        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+            _fail("redis_url", "must start with redis://, rediss:// or unix://")
+        if self.backend == "real":
+            for name in self._REQUIRED_FOR_REAL:
+                if not getattr(self, name):
+                    _fail(name, "is required when RIFFLOOP_BACKEND=real")
+
+    # -- derived values -----------------------------------------------------------------------
+
+    @property
+    def s3_host(self) -> str:
+        """``host:port`` of the S3 endpoint, whether it was given as a URL or not."""
+        if "://" in self.s3_endpoint:
+            return urlsplit(self.s3_endpoint).netloc
+        return self.s3_endpoint
+
+    @property
+    def s3_uses_tls(self) -> bool:
+        return self.s3_secure or self.s3_endpoint.startswith("https://")
+
+    def describe(self) -> dict[str, str]:
+        """The effective settings as text, secrets masked: what a process logs at start-up."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata.get("secret") and value:
+                out[f.name] = _MASK
+            elif f.name == "redis_url" and value:
+                out[f.name] = _mask_url_password(value)
+            else:
+                out[f.name] = str(value)
+        return out
+
+    def __repr__(self) -> str:
+        shown = self.describe()
+        inner = ", ".join(
+            f"{f.name}={shown[f.name]!r}"
+            if shown[f.name] != str(getattr(self, f.name))
+            else f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)
+        )
+        return f"{type(self).__name__}({inner})"
+
+
+def env_name(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def _fail(field_name: str, problem: str) -> typing.NoReturn:
+    raise ConfigurationError(f"{env_name(field_name)} {problem}")
+
+
+def _mask_url_password(url: str) -> str:
+    split = urlsplit(url)
+    if split.password is None:
+        return url
+    netloc = split.netloc.replace(f":{split.password}@", f":{_MASK}@", 1)
+    return split._replace(netloc=netloc).geturl()
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(variable: str, raw: str, annotation: Any) -> Any:
+    """Parse one variable's text into the field's type, or raise a one-sentence error."""
+    text = raw.strip()
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = [str(c) for c in get_args(annotation)]
+        # Log levels are conventionally upper case, backends lower case: accept either spelling.
+        for choice in choices:
+            if text.lower() == choice.lower():
+                return choice
+        raise ConfigurationError(f"{variable} must be one of {', '.join(choices)}, got {raw!r}")
+    if annotation is bool:
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise ConfigurationError(f"{variable} must be true or false, got {raw!r}")
+    if annotation is int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigurationError(f"{variable} must be an integer, got {raw!r}") from None
+    if annotation is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ConfigurationError(f"{variable} must be a number, got {raw!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigurationError(f"{variable} must be a finite number, got {raw!r}")
+        return value
+    if annotation is Path:
+        if not text:
+            raise ConfigurationError(f"{variable} must be a non-empty path")
+        return Path(text).expanduser()
+    if annotation is str:
+        return text
+    raise ConfigurationError(f"{variable} has an unsupported type {annotation!r}")
+
+
+def run_main(main: Callable[[], int | None], *, program: str | None = None) -> typing.NoReturn:
+    """Run a process entry point; a ConfigurationError becomes one stderr line and exit code 2.
+
+    Any other exception propagates (a traceback is the right output for a bug); Ctrl-C exits 130.
+    """
+    name = program or Path(sys.argv[0]).name or "riffloop"
+    try:
+        code = main()
+    except ConfigurationError as exc:
+        print(f"{name}: configuration error: {exc.reason}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0 if code is None else code)
