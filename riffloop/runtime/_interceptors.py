@@ -1,0 +1,304 @@
+"""gRPC server interceptors: the cross-cutting concerns of every call, kept out of handlers.
+
+Order on a server (outermost first): :class:`ObservabilityInterceptor` (request id, deadline,
+metrics, JSON access log, error → status code), then for the gateway :class:`BearerAuthInterceptor`
+and :class:`RateLimitInterceptor`. Inner interceptors and handlers signal failures by raising a
+``riffloop.core.RiffloopError``; the outermost one is the only place that picks a status code:
+``grpc.StatusCode[err.grpc_code]`` with ``err.reason`` as details. Any other exception becomes
+INTERNAL with a request id and no traceback (the traceback goes to the log).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
+
+import grpc
+
+from riffloop.core import RateLimitedError, RiffloopError, UnauthenticatedError
+from riffloop.runtime import metrics
+from riffloop.runtime._logging import request_id_var, user_id_var
+
+_log = logging.getLogger("riffloop.rpc")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# grpc reports "no deadline" as a remaining time of many years.
+_NO_DEADLINE_S = 1e8
+# Health and reflection answer anyone: probes carry no token.
+_PUBLIC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+
+
+def _split_method(full: str) -> tuple[str, str]:
+    """ "/riffloop.v1.GatewayService/Rate" → ("riffloop.v1.GatewayService", "Rate")."""
+    _, service, method = full.split("/", 2) if full.count("/") >= 2 else ("", "?", full)
+    return service, method
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behavior, bool], Behavior]) -> Any:
+    """Return ``handler`` with its behaviour wrapped; ``wrap(behavior, streams_responses)``."""
+    if handler.unary_unary is not None:
+        factory, behavior, streams = grpc.unary_unary_rpc_method_handler, handler.unary_unary, False
+    elif handler.unary_stream is not None:
+        factory, behavior, streams = (
+            grpc.unary_stream_rpc_method_handler,
+            handler.unary_stream,
+            True,
+        )
+    elif handler.stream_unary is not None:
+        factory, behavior, streams = (
+            grpc.stream_unary_rpc_method_handler,
+            handler.stream_unary,
+            False,
+        )
+    else:
+        factory, behavior, streams = (
+            grpc.stream_stream_rpc_method_handler,
+            handler.stream_stream,
+            True,
+        )
+    return factory(
+        wrap(behavior, streams),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+def remaining_seconds(context: grpc.ServicerContext, default_s: float) -> float:
+    """Seconds this call may still take: the client's deadline, capped at ``default_s``."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > _NO_DEADLINE_S:
+        return default_s
+    return min(float(remaining), default_s)
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    """Request id, deadline check, metrics, access log and the error → status-code mapping."""
+
+    def __init__(self, service: str, *, min_deadline_s: float = 0.001) -> None:
+        self.service = service
+        self.min_deadline_s = min_deadline_s
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        full_method: str = handler_call_details.method
+        _, method = _split_method(full_method)
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        given = str(metadata.get("x-request-id", ""))
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+
+        def wrap(behavior: Behavior, streams: bool) -> Behavior:
+            if streams:
+
+                def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    token = request_id_var.set(request_id)
+                    started = time.perf_counter()
+                    code = "OK"
+                    try:
+                        self._check_deadline(context)
+                        yield from behavior(request, context)
+                    except BaseException as exc:
+                        code = self._fail(exc, context, full_method, request_id)
+                    finally:
+                        self._observe(method, code, context, started, full_method)
+                        request_id_var.reset(token)
+
+                return stream_behavior
+
+            def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                token = request_id_var.set(request_id)
+                started = time.perf_counter()
+                code = "OK"
+                try:
+                    self._check_deadline(context)
+                    return behavior(request, context)
+                except BaseException as exc:
+                    code = self._fail(exc, context, full_method, request_id)
+                finally:
+                    self._observe(method, code, context, started, full_method)
+                    request_id_var.reset(token)
+
+            return unary_behavior
+
+        return _rewrap(handler, wrap)
+
+    def _check_deadline(self, context: grpc.ServicerContext) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining < self.min_deadline_s:
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline expired before the call ran")
+        context.set_trailing_metadata((("x-request-id", request_id_var.get()),))
+
+    def _fail(
+        self,
+        exc: BaseException,
+        context: grpc.ServicerContext,
+        full_method: str,
+        request_id: str,
+    ) -> str:
+        """Translate ``exc`` into the call's status (raises, as ``context.abort`` does)."""
+        if isinstance(exc, GeneratorExit):
+            # The client went away in the middle of a stream.
+            raise exc
+        if isinstance(exc, RiffloopError):
+            code = grpc.StatusCode[exc.grpc_code]
+            level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+            _log.log(
+                level,
+                "rpc failed",
+                extra={"method": full_method, "code": code.name, "reason": exc.reason},
+            )
+            context.abort(code, exc.reason)
+        existing = _status_of(context)
+        if existing is not None and existing is not grpc.StatusCode.OK:
+            # The handler (or grpc itself) already set a status through context.abort.
+            raise exc
+        _log.error("unexpected error", exc_info=exc, extra={"method": full_method})
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})")
+        raise AssertionError("unreachable: context.abort raises")
+
+    def _observe(
+        self,
+        method: str,
+        code: str,
+        context: grpc.ServicerContext,
+        started: float,
+        full_method: str,
+    ) -> None:
+        status = _status_of(context)
+        if status is not None:
+            code = status.name
+        elapsed = time.perf_counter() - started
+        metrics.GRPC_REQUESTS.labels(self.service, method, code).inc()
+        metrics.GRPC_REQUEST_SECONDS.labels(self.service, method).observe(elapsed)
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(
+                "rpc done",
+                extra={"method": full_method, "code": code, "ms": round(elapsed * 1000, 3)},
+            )
+
+
+def _status_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    code_of = getattr(context, "code", None)
+    if code_of is None:
+        return None
+    code = code_of()
+    return code if isinstance(code, grpc.StatusCode) else None
+
+
+class TokenVerifier(Protocol):
+    def verify(self, token: str) -> str:
+        """Return the user id a bearer token stands for; raise UnauthenticatedError if bad."""
+        ...
+
+
+class BearerAuthInterceptor(grpc.ServerInterceptor):
+    """``authorization: Bearer <token>`` on every call but health and reflection.
+
+    The verified user id is available to handlers as :func:`current_user`.
+    """
+
+    def __init__(self, verifier: TokenVerifier) -> None:
+        self.verifier = verifier
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        header = str(metadata.get("authorization", ""))
+        scheme, _, token = header.partition(" ")
+        user_id = ""
+        problem = ""
+        if not header:
+            problem = "missing authorization metadata (expected 'Bearer <token>')"
+        elif scheme.lower() != "bearer" or not token.strip():
+            problem = "authorization metadata must be 'Bearer <token>'"
+        else:
+            try:
+                user_id = self.verifier.verify(token.strip())
+            except UnauthenticatedError as err:
+                problem = err.reason
+
+        def wrap(behavior: Behavior, streams: bool) -> Behavior:
+            if streams:
+
+                def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    if problem:
+                        raise UnauthenticatedError(problem)
+                    token_ = user_id_var.set(user_id)
+                    try:
+                        yield from behavior(request, context)
+                    finally:
+                        user_id_var.reset(token_)
+
+                return stream_behavior
+
+            def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                if problem:
+                    raise UnauthenticatedError(problem)
+                token_ = user_id_var.set(user_id)
+                try:
+                    return behavior(request, context)
+                finally:
+                    user_id_var.reset(token_)
+
+            return unary_behavior
+
+        return _rewrap(handler, wrap)
+
+
+def current_user() -> str:
+    """The user id the auth interceptor verified for this call ("" outside authenticated calls)."""
+    return user_id_var.get()
+
+
+class RateLimiter(Protocol):
+    def try_acquire(self, key: str) -> float:
+        """Take one token for ``key``; return 0 when allowed, else seconds until one is free."""
+        ...
+
+
+class RateLimitInterceptor(grpc.ServerInterceptor):
+    """Per-user token bucket; runs after auth (it keys on the verified user)."""
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self.limiter = limiter
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
+            return handler
+        _, method = _split_method(handler_call_details.method)
+
+        def check() -> None:
+            user = user_id_var.get()
+            if not user:
+                return  # unauthenticated calls were refused by the auth interceptor already
+            wait_s = self.limiter.try_acquire(user)
+            if wait_s > 0:
+                raise RateLimitedError(
+                    f"rate limit exceeded for user {user} on {method}; retry in {wait_s:.2f} s"
+                )
+
+        def wrap(behavior: Behavior, streams: bool) -> Behavior:
+            if streams:
+
+                def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    check()
+                    yield from behavior(request, context)
+
+                return stream_behavior
+
+            def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                check()
+                return behavior(request, context)
+
+            return unary_behavior
+
+        return _rewrap(handler, wrap)

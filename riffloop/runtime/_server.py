@@ -1,0 +1,265 @@
+"""Start-up and shutdown of one service process (grpc ``examples/python/health_checking``).
+
+1. ``ServiceRuntime(...)`` builds a ``grpc.server`` with the interceptors and message-size limits,
+   the health service (``grpc.health.v1``) and reflection (``grpc.reflection.v1alpha``).
+2. ``readiness.add_check(name, fn)`` registers a dependency (kafka, s3, redis, model); a thread
+   re-runs the checks and the health status is SERVING only while all of them pass and the
+   process is not draining. ``riffloop_dependency_ready`` mirrors each check.
+3. ``start()`` binds the port, starts ``/metrics`` and the background workers (consumer loops).
+4. ``run_until_signal()`` waits for SIGTERM/SIGINT, then drains: NOT_SERVING, refuse new calls,
+   finish in-flight calls within the grace period, stop the workers (they commit their offsets),
+   stop ``/metrics``; the process then exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY, start_http_server
+
+from riffloop.runtime import metrics
+from riffloop.runtime._interceptors import ObservabilityInterceptor
+
+_log = logging.getLogger("riffloop.runtime")
+
+MiB = 1024 * 1024
+
+
+class Worker(Protocol):
+    """A background loop owned by the process (a Kafka consumer, a readiness poller)."""
+
+    name: str
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout_s: float) -> None:
+        """Ask the loop to finish its current item, commit, and return within ``timeout_s``."""
+        ...
+
+
+class LoopWorker:
+    """Runs ``body(stop_event)`` in a daemon thread; ``stop`` sets the event and joins."""
+
+    def __init__(self, name: str, body: Callable[[threading.Event], None]) -> None:
+        self.name = name
+        self._body = body
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.failed: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self._body(self._stop)
+        except BaseException as exc:  # a dead loop must show in the log and in readiness
+            self.failed = exc
+            _log.exception("worker %s died", self.name)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+
+class Readiness:
+    """Per-dependency readiness driving the gRPC health status and a gauge."""
+
+    def __init__(self, service: str, health_servicer: health.HealthServicer,
+                 service_names: Sequence[str] = ()) -> None:  # fmt: skip
+        self.service = service
+        self._health = health_servicer
+        self._names = ["", *service_names]
+        self._checks: dict[str, Callable[[], bool]] = {}
+        self._state: dict[str, bool] = {}
+        self._draining = False
+        self._lock = threading.Lock()
+        self._publish()
+
+    def add_check(self, dependency: str, check: Callable[[], bool]) -> None:
+        with self._lock:
+            self._checks[dependency] = check
+            self._state[dependency] = False
+        metrics.DEPENDENCY_READY.labels(self.service, dependency).set(0)
+        self._publish()
+
+    def add_service_name(self, name: str) -> None:
+        self._names.append(name)
+        self._publish()
+
+    def refresh(self) -> dict[str, bool]:
+        """Run every check once (a check that raises counts as not ready)."""
+        with self._lock:
+            checks = dict(self._checks)
+        results: dict[str, bool] = {}
+        for dependency, check in checks.items():
+            try:
+                ok = bool(check())
+            except Exception as exc:
+                _log.debug("readiness check %s failed: %s", dependency, exc)
+                ok = False
+            results[dependency] = ok
+            metrics.DEPENDENCY_READY.labels(self.service, dependency).set(1 if ok else 0)
+        with self._lock:
+            changed = results != self._state
+            self._state = results
+        if changed:
+            _log.info("readiness", extra={"dependencies": results, "ready": self.ready})
+        self._publish()
+        return results
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return not self._draining and all(self._state.values())
+
+    def state(self) -> dict[str, bool]:
+        with self._lock:
+            return dict(self._state)
+
+    def drain(self) -> None:
+        with self._lock:
+            self._draining = True
+        self._publish()
+
+    def _publish(self) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if self.ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in self._names:
+            self._health.set(name, status)
+
+
+class ServiceRuntime:
+    """One service process: gRPC server + health + reflection + /metrics + workers + drain."""
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        grpc_port: int,
+        metrics_port: int | None,
+        interceptors: Sequence[grpc.ServerInterceptor] = (),
+        max_message_bytes: int = 4 * MiB,
+        max_workers: int = 16,
+        grace_s: float = 10.0,
+        readiness_interval_s: float = 1.0,
+        host: str = "127.0.0.1",
+    ) -> None:
+        self.service = service
+        self.grace_s = grace_s
+        self._host = host
+        self._requested_port = grpc_port
+        self._metrics_port = metrics_port
+        self._readiness_interval_s = readiness_interval_s
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=service),
+            interceptors=[ObservabilityInterceptor(service), *interceptors],
+            options=[
+                ("grpc.max_receive_message_length", max_message_bytes),
+                ("grpc.max_send_message_length", max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=max_workers * 8,
+        )
+        self._health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self.server)
+        self.readiness = Readiness(service, self._health)
+        self._service_names: list[str] = [
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+        ]
+        self._workers: list[Worker] = []
+        self._metrics_http: Any = None
+        self._stopped = threading.Event()
+        self._done = threading.Event()
+        self.port = 0
+        self.metrics_port = 0
+
+    # -- assembly -----------------------------------------------------------------------------
+
+    def add_service(self, register: Callable[[Any, grpc.Server], None], servicer: Any,
+                    full_name: str) -> None:  # fmt: skip
+        """``register`` is the generated ``add_XxxServicer_to_server``."""
+        register(servicer, self.server)
+        self._service_names.append(full_name)
+        self.readiness.add_service_name(full_name)
+
+    def add_worker(self, worker: Worker) -> None:
+        self._workers.append(worker)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> int:
+        reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME],
+                                            self.server)  # fmt: skip
+        self.port = self.server.add_insecure_port(f"{self._host}:{self._requested_port}")
+        if self.port == 0:
+            raise OSError(f"cannot bind gRPC port {self._requested_port} on {self._host}")
+        if self._metrics_port is not None:
+            self._metrics_http, _ = start_http_server(self._metrics_port, addr=self._host,
+                                                      registry=REGISTRY)  # fmt: skip
+            self.metrics_port = self._metrics_http.server_port
+        self.readiness.refresh()
+        self.server.start()
+        for worker in self._workers:
+            worker.start()
+        poller = LoopWorker(f"{self.service}-readiness", self._poll_readiness)
+        poller.start()
+        self._poller = poller
+        _log.info("serving", extra={"grpc_port": self.port, "metrics_port": self.metrics_port,
+                                    "services": self._service_names})  # fmt: skip
+        return self.port
+
+    def _poll_readiness(self, stop: threading.Event) -> None:
+        while not stop.wait(self._readiness_interval_s):
+            self.readiness.refresh()
+
+    def stop(self) -> None:
+        """Drain and stop; safe to call twice and from any thread."""
+        if self._stopped.is_set():
+            self._done.wait()
+            return
+        self._stopped.set()
+        _log.info("draining", extra={"grace_s": self.grace_s})
+        self.readiness.drain()
+        self._poller.stop(1.0)
+        # 1. refuse new calls, let in-flight ones finish within the grace period
+        self.server.stop(self.grace_s).wait(self.grace_s + 1)
+        # 2. stop the consumers: each finishes its message and commits its offsets
+        for worker in reversed(self._workers):
+            worker.stop(self.grace_s)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        _log.info("stopped")
+        self._done.set()
+
+    def run_until_signal(self) -> int:
+        """Block until SIGTERM or SIGINT, drain, return the exit status (0)."""
+        received = threading.Event()
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            _log.info("signal", extra={"signal": signal.Signals(signum).name})
+            received.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        while not received.wait(0.5):
+            pass
+        self.stop()
+        return 0
