@@ -1,0 +1,249 @@
+"""Genetic selection of generations into (input, target) training pairs, and the purge cycle."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from riffloop.loop._confidence import TrackScored
+from riffloop.loop._provenance import TrackKind, TrackProvenance
+
+
+@dataclass(frozen=True, slots=True)
+class TrainingPair:
+    """Fine-tune toward ``target_track_id`` when given ``input_song_ids``, with loss weight ω."""
+
+    input_key: str
+    input_song_ids: tuple[str, ...]
+    target_track_id: str
+    weight: float  # ω of the target (1 for the random control)
+    score: float  # R of the target
+    margin: float  # R − R_baseline(input) when selected
+    iteration: int
+    model_version: str
+    embedding: tuple[float, ...]  # of the target audio, for the diversity guard
+
+    def to_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def manifest_json(pairs: Sequence[TrainingPair], trainset_id: str) -> str:
+    """The trainset manifest (``trainsets/<id>.json``) as the trainer reads it."""
+    return json.dumps({"trainset_id": trainset_id, "pairs": [p.to_dict() for p in pairs]})
+
+
+def cosine_distance(a: np.ndarray, b: np.ndarray) -> float:
+    den = float(np.linalg.norm(a) * np.linalg.norm(b)) or 1.0
+    return 1.0 - float(np.dot(a, b)) / den
+
+
+def auto_near_duplicate(embeddings: Sequence[np.ndarray], share: float = 0.1) -> float:
+    """δ = ``share`` × the median pairwise cosine distance: ten times closer than typical."""
+    e = np.asarray(embeddings, dtype=float)
+    if len(e) < 2:
+        return 0.0
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    d = 1.0 - e @ e.T
+    return share * float(np.median(d[np.triu_indices(len(e), 1)]))
+
+
+def diversity_guard(
+    pairs: Sequence[TrainingPair], near_duplicate: float, cap_per_input: int
+) -> tuple[list[TrainingPair], Counter[str]]:
+    """Greedy, best first (by ω·margin): keep a pair unless its input already has
+    ``cap_per_input`` pairs or its target lies within δ = ``near_duplicate`` of a kept target."""
+    dropped: Counter[str] = Counter()
+    kept: list[TrainingPair] = []
+    per_input: Counter[str] = Counter()
+    for p in sorted(pairs, key=lambda p: (-p.weight * p.margin, p.target_track_id)):
+        if per_input[p.input_key] >= cap_per_input:
+            dropped["cap_per_input"] += 1
+            continue
+        e = np.asarray(p.embedding)
+        if any(cosine_distance(e, np.asarray(q.embedding)) < near_duplicate for q in kept):
+            dropped["near_duplicate"] += 1
+            continue
+        kept.append(p)
+        per_input[p.input_key] += 1
+    return kept, dropped
+
+
+@dataclass(frozen=True, slots=True)
+class SelectionResult:
+    pairs: list[TrainingPair]
+    survivors: int  # generations that beat their baseline, before the diversity guard
+    candidates: int  # rated generations considered
+    dropped: dict[str, int]
+    baseline_score: dict[str, float]  # R_b per input key
+
+
+class GeneticSelector:
+    """A generation survives if R > R_b(input) (+ ``min_margin``), R_b the ω-weighted mean R of
+    the baseline tracks served for the same input merge (the pooled baseline mean when an input
+    got none); with ``top_quartile`` it must also reach its input's upper quartile of R.
+    Survivors become training pairs weighted by ω, then pass the diversity guard."""
+
+    def __init__(
+        self,
+        min_margin: float = 0.0,
+        top_quartile: bool = False,
+        near_duplicate: float | None = None,
+        cap_per_input: int = 3,
+    ) -> None:
+        self.min_margin = min_margin
+        self.top_quartile = top_quartile
+        self.near_duplicate = near_duplicate  # None: auto_near_duplicate of the candidates
+        self.cap_per_input = cap_per_input
+
+    def select(
+        self,
+        scores: Mapping[str, TrackScored],
+        provenances: Mapping[str, TrackProvenance],
+        embeddings: Mapping[str, np.ndarray],
+        iteration: int,
+    ) -> SelectionResult:
+        baseline = baseline_scores(scores)
+        pooled = _weighted_mean([s for s in scores.values() if s.kind is TrackKind.BASELINE])
+        generated = [s for s in scores.values() if s.kind is TrackKind.GENERATED]
+        quartile: dict[str, float] = {}
+        if self.top_quartile:
+            by_input: dict[str, list[float]] = defaultdict(list)
+            for s in generated:
+                by_input[s.input_key].append(s.score)
+            quartile = {k: float(np.quantile(v, 0.75)) for k, v in by_input.items()}
+
+        survivors: list[TrainingPair] = []
+        for s in generated:
+            r_b = baseline.get(s.input_key, pooled)
+            margin = s.score - r_b
+            if margin <= self.min_margin or s.omega <= 0:
+                continue
+            if self.top_quartile and s.score < quartile[s.input_key]:
+                continue
+            prov = provenances[s.track_id]
+            survivors.append(
+                TrainingPair(
+                    input_key=s.input_key,
+                    input_song_ids=prov.input_song_ids,
+                    target_track_id=s.track_id,
+                    weight=s.omega,
+                    score=s.score,
+                    margin=margin,
+                    iteration=iteration,
+                    model_version=prov.model_version,
+                    embedding=tuple(float(v) for v in embeddings[s.track_id]),
+                )
+            )
+        delta = self.near_duplicate
+        if delta is None:
+            delta = auto_near_duplicate([embeddings[s.track_id] for s in generated])
+        kept, dropped = diversity_guard(survivors, delta, self.cap_per_input)
+        return SelectionResult(kept, len(survivors), len(generated), dict(dropped), baseline)
+
+
+class RandomSelector:
+    """The control arm: ``count`` generations drawn uniformly at random, ω = 1, no ratings used."""
+
+    def __init__(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def select(
+        self,
+        provenances: Sequence[TrackProvenance],
+        embeddings: Mapping[str, np.ndarray],
+        count: int,
+        iteration: int,
+    ) -> list[TrainingPair]:
+        gens = sorted(
+            (p for p in provenances if p.kind is TrackKind.GENERATED), key=lambda p: p.track_id
+        )
+        idx = self.rng.choice(len(gens), size=min(count, len(gens)), replace=False)
+        return [
+            TrainingPair(
+                input_key=gens[i].input_key,
+                input_song_ids=gens[i].input_song_ids,
+                target_track_id=gens[i].track_id,
+                weight=1.0,
+                score=float("nan"),
+                margin=0.0,
+                iteration=iteration,
+                model_version=gens[i].model_version,
+                embedding=tuple(float(v) for v in embeddings[gens[i].track_id]),
+            )
+            for i in sorted(idx)
+        ]
+
+
+def baseline_scores(scores: Mapping[str, TrackScored]) -> dict[str, float]:
+    """R_b per input key: the ω-weighted mean R of its baseline tracks."""
+    by_input: dict[str, list[TrackScored]] = defaultdict(list)
+    for s in scores.values():
+        if s.kind is TrackKind.BASELINE:
+            by_input[s.input_key].append(s)
+    return {k: _weighted_mean(v) for k, v in by_input.items()}
+
+
+def _weighted_mean(rows: Sequence[TrackScored]) -> float:
+    w = np.array([r.omega for r in rows], dtype=float)
+    if not rows or w.sum() <= 0:
+        return float(np.mean([r.score for r in rows])) if rows else 3.0
+    return float(np.dot(w, [r.score for r in rows]) / w.sum())
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    kept: list[TrainingPair]
+    dropped: dict[str, int]
+
+
+class PurgeCycle:
+    """At each iteration boundary, in this order:
+
+    1. stale: a pair selected ``max_age`` or more iterations ago is dropped (the model it beat
+       is gone);
+    2. outdone: a pair whose R no longer beats the current model's mean R on the same input is
+       dropped (it would pull the model backwards);
+    3. near-duplicates and the per-input cap: the diversity guard over old and new pairs
+       together, best ω·margin first, so no mode can fill the set.
+    """
+
+    def __init__(self, max_age: int = 2, near_duplicate: float = 0.0, cap_per_input: int = 3):
+        self.max_age = max_age
+        self.near_duplicate = near_duplicate
+        self.cap_per_input = cap_per_input
+
+    def apply(
+        self,
+        pairs: Sequence[TrainingPair],
+        iteration: int,
+        current_model_score: Mapping[str, float],
+    ) -> PurgeResult:
+        dropped: Counter[str] = Counter()
+        fresh: list[TrainingPair] = []
+        for p in pairs:
+            if iteration - p.iteration >= self.max_age:
+                dropped["stale"] += 1
+            elif p.input_key in current_model_score and p.score <= current_model_score[p.input_key]:
+                dropped["outdone"] += 1
+            else:
+                fresh.append(p)
+        kept, guard = diversity_guard(fresh, self.near_duplicate, self.cap_per_input)
+        dropped.update(guard)
+        return PurgeResult(kept, dict(dropped))
+
+
+def model_score_by_input(
+    scores: Mapping[str, TrackScored],
+    model_version: str,
+    provenances: Mapping[str, TrackProvenance],
+) -> dict[str, float]:
+    """Mean R of ``model_version``'s generations per input key (what a pair must still beat)."""
+    rows: dict[str, list[TrackScored]] = defaultdict(list)
+    for s in scores.values():
+        if s.kind is TrackKind.GENERATED and provenances[s.track_id].model_version == model_version:
+            rows[s.input_key].append(s)
+    return {k: _weighted_mean(v) for k, v in rows.items()}
