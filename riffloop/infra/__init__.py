@@ -1,0 +1,39 @@
+"""Local Kafka, S3 (MinIO) and Redis for development and tests.
+
+    python -m riffloop.infra install | up | down | status
+
+`install` fetches or builds each server once per version into the cache folder
+(`RIFFLOOP_CACHE`); `up` starts all three on free loopback ports under a state folder and writes
+the `RIFFLOOP_*` settings to `<state>/infra.env`. From Python: `LocalInfra(state_dir).start()`.
+"""
+
+from riffloop.infra._catalog import BUCKETS, DEAD_LETTER_SUFFIX, EVENT_TOPICS, all_topics
+from riffloop.infra._install import COMPONENTS, install
+from riffloop.infra._layout import CacheLayout, InfraError, cache_dir, default_state_dir
+from riffloop.infra._local import (
+    SERVER_NAMES,
+    InfraAddresses,
+    LocalInfra,
+    ServerStatus,
+    create_buckets,
+    create_topics,
+)
+
+__all__ = [
+    "BUCKETS",
+    "COMPONENTS",
+    "DEAD_LETTER_SUFFIX",
+    "EVENT_TOPICS",
+    "SERVER_NAMES",
+    "CacheLayout",
+    "InfraAddresses",
+    "InfraError",
+    "LocalInfra",
+    "ServerStatus",
+    "all_topics",
+    "cache_dir",
+    "create_buckets",
+    "create_topics",
+    "default_state_dir",
+    "install",
+]

@@ -1,0 +1,383 @@
+"""The three servers of a local stack: how each is configured, started and probed for readiness.
+
+Each server keeps its files in `<state>/<name>/` (config, data, `<name>.log`) and listens only on
+127.0.0.1 ports chosen by `LocalInfra`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import redis
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
+
+from riffloop.infra._install import java_binary, redis_server_binary, s3_server_binary
+from riffloop.infra._layout import KAFKA_VERSION, CacheLayout, InfraError
+
+# kafka-python logs every refused connection at ERROR; without a handler Python's last-resort
+# handler would print them to stderr while a broker is still starting.
+logging.getLogger("kafka").addHandler(logging.NullHandler())
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _accepts_connections(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class Server(ABC):
+    """One server process of the local stack."""
+
+    name: str
+    port_names: tuple[str, ...]
+    ready_timeout_s: float = 60.0
+    probe_interval_s: float = 0.2
+
+    def __init__(self, home: Path, ports: dict[str, int], layout: CacheLayout) -> None:
+        self.home = home
+        self.ports = ports
+        self.layout = layout
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / f"{self.name}.log"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    @abstractmethod
+    def address(self) -> str:
+        """What clients connect to (a bootstrap list, URL or host:port)."""
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """Which program serves this role, with its version."""
+
+    @abstractmethod
+    def check_installed(self) -> None:
+        """Raise `InfraError` (pointing at `install`) when the program is missing."""
+
+    def prepare(self) -> None:
+        """Write config and initialise data before the first start; idempotent."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    @abstractmethod
+    def argv(self) -> list[str]: ...
+
+    def env(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    @abstractmethod
+    def probe(self) -> bool:
+        """One quick readiness check (no retries)."""
+
+
+def _not_installed(what: str) -> InfraError:
+    return InfraError(
+        f"{what} is not installed; run `python -m riffloop.infra install` first "
+        "(the first MinIO build takes ≈10 min)."
+    )
+
+
+class KafkaServer(Server):
+    """Kafka 4 in KRaft mode, one node acting as broker and controller (design.md §4)."""
+
+    name = "kafka"
+    port_names = ("broker", "controller")
+    ready_timeout_s = 120.0
+    probe_interval_s = 0.5
+
+    def __init__(
+        self, home: Path, ports: dict[str, int], layout: CacheLayout, cluster_id: str
+    ) -> None:
+        super().__init__(home, ports, layout)
+        self.cluster_id = cluster_id
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.ports['broker']}"
+
+    @property
+    def description(self) -> str:
+        return f"Kafka {KAFKA_VERSION} (KRaft)"
+
+    @property
+    def properties_path(self) -> Path:
+        return self.home / "server.properties"
+
+    def check_installed(self) -> None:
+        if not self.layout.kafka_installed():
+            raise _not_installed(f"Kafka {KAFKA_VERSION}")
+        java_binary()
+
+    def prepare(self) -> None:
+        super().prepare()
+        broker, controller = self.ports["broker"], self.ports["controller"]
+        properties = {
+            "process.roles": "broker,controller",
+            "node.id": "1",
+            "controller.quorum.voters": f"1@127.0.0.1:{controller}",
+            "listeners": f"PLAINTEXT://127.0.0.1:{broker},CONTROLLER://127.0.0.1:{controller}",
+            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{broker}",
+            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "PLAINTEXT",
+            "log.dirs": str(self.data_dir),
+            "auto.create.topics.enable": "false",
+            "num.partitions": "3",
+            "default.replication.factor": "1",
+            "min.insync.replicas": "1",
+            # One node: every internal topic has a single replica (and few partitions, so the
+            # first consumer group and transaction start in well under a second).
+            "offsets.topic.replication.factor": "1",
+            "offsets.topic.num.partitions": "3",
+            "transaction.state.log.replication.factor": "1",
+            "transaction.state.log.min.isr": "1",
+            "transaction.state.log.num.partitions": "3",
+            "share.coordinator.state.topic.replication.factor": "1",
+            "share.coordinator.state.topic.min.isr": "1",
+            "share.coordinator.state.topic.num.partitions": "3",
+            "group.initial.rebalance.delay.ms": "0",
+            # A shared 2-core machine: few threads.
+            "num.network.threads": "2",
+            "num.io.threads": "2",
+            "background.threads": "2",
+            "log.cleaner.threads": "1",
+            "num.recovery.threads.per.data.dir": "1",
+        }
+        self.properties_path.write_text(
+            "# Written by riffloop.infra; rewritten on every start.\n"
+            + "".join(f"{key}={value}\n" for key, value in properties.items()),
+            encoding="utf-8",
+        )
+        (self.home / "log4j2.xml").write_text(_LOG4J2_XML, encoding="utf-8")
+
+    def needs_format(self) -> bool:
+        return not (self.data_dir / "meta.properties").is_file()
+
+    def format_argv(self) -> list[str]:
+        """StorageTool, run once per data dir before the first start."""
+        return [
+            *self._java(),
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            self.cluster_id,
+            "-c",
+            str(self.properties_path),
+            "--ignore-formatted",
+        ]
+
+    def argv(self) -> list[str]:
+        return [*self._java(), "kafka.Kafka", str(self.properties_path)]
+
+    def _java(self) -> list[str]:
+        return [
+            str(java_binary()),
+            "-Xms128m",
+            "-Xmx512m",
+            "-XX:+UseSerialGC",  # fewer GC threads on a shared machine
+            "-XX:MaxInlineLevel=15",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j2.configurationFile={self.home / 'log4j2.xml'}",
+            f"-Dkafka.logs.dir={self.home}",
+            "-cp",
+            f"{self.layout.kafka_libs}/*",
+        ]
+
+    def probe(self) -> bool:
+        if not _accepts_connections(self.ports["broker"]):
+            return False
+        try:
+            admin = KafkaAdminClient(
+                bootstrap_servers=self.address,
+                client_id="riffloop-infra-probe",
+                request_timeout_ms=3000,
+            )
+        except (KafkaError, OSError):
+            return False
+        try:
+            admin.list_topics()
+            return True
+        except (KafkaError, OSError):
+            return False
+        finally:
+            admin.close()
+
+
+_LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <Console name="stdout" target="SYSTEM_OUT">
+      <PatternLayout pattern="[%d] %p %m (%c)%n"/>
+    </Console>
+  </Appenders>
+  <Loggers>
+    <Logger name="state.change.logger" level="WARN"/>
+    <Logger name="kafka.request.logger" level="WARN"/>
+    <Logger name="org.apache.kafka.storage.internals.log.LogLoader" level="WARN"/>
+    <Root level="INFO"><AppenderRef ref="stdout"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+class S3Server(Server):
+    """MinIO (or the versitygw fallback) serving one data folder over the S3 API."""
+
+    name = "s3"
+    port_names = ("api", "console")
+    ready_timeout_s = 60.0
+
+    def __init__(
+        self,
+        home: Path,
+        ports: dict[str, int],
+        layout: CacheLayout,
+        access_key: str,
+        secret_key: str,
+    ) -> None:
+        super().__init__(home, ports, layout)
+        self.access_key = access_key
+        self.secret_key = secret_key
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.ports['api']}"
+
+    @property
+    def description(self) -> str:
+        installed = s3_server_binary(self.layout)
+        return installed[0] if installed else "S3 server (not installed)"
+
+    def _binary(self) -> tuple[str, Path]:
+        installed = s3_server_binary(self.layout)
+        if installed is None:
+            raise _not_installed("The MinIO S3 server")
+        return installed
+
+    def check_installed(self) -> None:
+        self._binary()
+
+    def argv(self) -> list[str]:
+        kind, binary = self._binary()
+        api, console = self.ports["api"], self.ports["console"]
+        if kind == "minio":
+            return [
+                str(binary),
+                "server",
+                str(self.data_dir),
+                "--address",
+                f"127.0.0.1:{api}",
+                "--console-address",
+                f"127.0.0.1:{console}",
+                "--quiet",
+            ]
+        return [
+            str(binary),
+            "--access",
+            self.access_key,
+            "--secret",
+            self.secret_key,
+            "--port",
+            f"127.0.0.1:{api}",
+            "posix",
+            str(self.data_dir),
+        ]
+
+    def env(self) -> dict[str, str]:
+        env = super().env()
+        env.update(
+            MINIO_ROOT_USER=self.access_key,
+            MINIO_ROOT_PASSWORD=self.secret_key,
+            MINIO_UPDATE="off",
+            GOMAXPROCS="2",
+        )
+        return env
+
+    def probe(self) -> bool:
+        kind, _ = self._binary()
+        if not _accepts_connections(self.ports["api"]):
+            return False
+        path = "/minio/health/ready" if kind == "minio" else "/"
+        try:
+            with _NO_PROXY.open(f"{self.address}{path}", timeout=2.0) as response:
+                return bool(response.status == 200)
+        except urllib.error.HTTPError as error:
+            return kind != "minio" and error.code < 500  # versitygw answers 403 to anonymous GET
+        except OSError:
+            return False
+
+
+class RedisServer(Server):
+    """Debian's redis-server on a loopback port, working files in its own folder."""
+
+    name = "redis"
+    port_names = ("port",)
+    ready_timeout_s = 30.0
+    probe_interval_s = 0.05
+
+    @property
+    def address(self) -> str:
+        return f"redis://127.0.0.1:{self.ports['port']}/0"
+
+    @property
+    def description(self) -> str:
+        return "Redis"
+
+    def check_installed(self) -> None:
+        if redis_server_binary() is None:
+            raise _not_installed("redis-server")
+
+    def argv(self) -> list[str]:
+        binary = redis_server_binary()
+        if binary is None:
+            raise _not_installed("redis-server")
+        # A cache of state that Kafka can rebuild (design.md §2): no snapshots, no AOF.
+        return [
+            str(binary),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.ports["port"]),
+            "--dir",
+            str(self.data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+            "--logfile",
+            "",
+        ]
+
+    def probe(self) -> bool:
+        client = redis.Redis(
+            host="127.0.0.1",
+            port=self.ports["port"],
+            socket_connect_timeout=0.5,
+            socket_timeout=0.5,
+        )
+        try:
+            return bool(client.ping())
+        except (redis.RedisError, OSError):
+            return False
+        finally:
+            client.close()
