@@ -2,12 +2,14 @@
 
 gRPC server start-up with health, reflection and message-size limits (:class:`ServiceRuntime`),
 per-dependency readiness (:class:`Readiness`), the interceptors (observability, bearer auth,
-per-user rate limit), the token bucket, bearer tokens, JSON logging, and the Prometheus metric
-objects (:mod:`riffloop.runtime.metrics`).
+per-user rate limit), the shared rate limiter, bearer tokens, JSON logging, the ports wiring
+(:class:`Ports`), the consumer worker, and the Prometheus metric objects
+(:mod:`riffloop.runtime.metrics`).
 """
 
 from riffloop.runtime import metrics
 from riffloop.runtime._auth import TokenSigner
+from riffloop.runtime._consumers import ConsumerWorker, EventRouter
 from riffloop.runtime._interceptors import (
     BearerAuthInterceptor,
     ObservabilityInterceptor,
@@ -18,21 +20,28 @@ from riffloop.runtime._interceptors import (
     remaining_seconds,
 )
 from riffloop.runtime._logging import configure_logging, request_id_var
+from riffloop.runtime._ports import Ports, connect_ports
+from riffloop.runtime._ratelimit import SlidingWindowLimiter
 from riffloop.runtime._server import LoopWorker, MiB, Readiness, ServiceRuntime, Worker
 
 __all__ = [
     "BearerAuthInterceptor",
+    "ConsumerWorker",
+    "EventRouter",
     "LoopWorker",
     "MiB",
     "ObservabilityInterceptor",
+    "Ports",
     "RateLimitInterceptor",
     "RateLimiter",
     "Readiness",
     "ServiceRuntime",
+    "SlidingWindowLimiter",
     "TokenSigner",
     "TokenVerifier",
     "Worker",
     "configure_logging",
+    "connect_ports",
     "current_user",
     "metrics",
     "remaining_seconds",

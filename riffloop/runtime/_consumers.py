@@ -1,0 +1,73 @@
+"""A service's Kafka consumer loop as a process worker, with its metrics wired in.
+
+``EventRouter`` maps each topic to one handler taking the decoded Envelope (services write
+``{"tracks.ready.v1": events.on_track_ready}``); ``ConsumerWorker`` runs the shared idempotent
+``riffloop.core.Consumer`` (dedupe, retries, DLQ) in a thread and stops it on drain, which
+commits the in-flight record's offset before the process exits.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from riffloop.core import Settings, ValidationError
+from riffloop.runtime import metrics
+
+EnvelopeHandler = Callable[[Any], None]
+
+
+class EventRouter:
+    def __init__(self, handlers: Mapping[str, EnvelopeHandler]) -> None:
+        self.handlers = dict(handlers)
+
+    @property
+    def topics(self) -> list[str]:
+        return sorted(self.handlers)
+
+    def __call__(self, delivery: Any) -> None:
+        handler = self.handlers.get(delivery.message.topic)
+        if handler is None:
+            raise ValidationError(f"no handler for topic {delivery.message.topic}")
+        handler(delivery.envelope)
+
+
+class ConsumerWorker:
+    """Worker (see ``ServiceRuntime.add_worker``) around one ``riffloop.core.Consumer``."""
+
+    def __init__(self, settings: Settings, ports: Any, router: EventRouter) -> None:
+        from riffloop.core import Consumer, ConsumerHooks
+
+        service = settings.service_name
+        self.name = f"{service}-consumer"
+
+        def on_outcome(topic: str, outcome: Any) -> None:
+            metrics.KAFKA_MESSAGES.labels(service, topic, str(outcome)).inc()
+            if str(outcome) == "dead_lettered":
+                metrics.DLQ_MESSAGES.labels(service, topic).inc()
+
+        def on_lag(topic: str, lag: int) -> None:
+            metrics.KAFKA_CONSUMER_LAG.labels(service, topic).set(lag)
+
+        self.consumer = Consumer.from_settings(
+            settings,
+            ports.bus,
+            ports.kv,
+            topics=router.topics,
+            handler=router,
+            hooks=ConsumerHooks(on_outcome=on_outcome, on_lag=on_lag),
+        )
+        self._thread = threading.Thread(target=self.consumer.run, name=self.name, daemon=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float) -> None:
+        self.consumer.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)

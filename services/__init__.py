@@ -1,0 +1,1 @@
+"""The six Riffloop service processes, each a thin shell: ``python -m services.<name>``."""

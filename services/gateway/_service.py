@@ -1,0 +1,419 @@
+"""The gateway: Riffloop's public API, a thin shell over the ports and the loop's rules.
+
+It validates every client input, stores uploads content-addressed, and turns calls into events:
+UploadSong → songs.uploaded.v1, Generate → generation.requested.v1, Rate / ReportListen →
+feedback.received.v1. It consumes tracks.ready.v1 (a pending track becomes ready),
+model.published.v1 and tracks.scored.v1 (for ListModels). Auth and the per-user rate limit are
+interceptors (riffloop.runtime), not handler code.
+
+Key-value layout (prefix ``gw:``):
+  gw:track:<track_id>          JSON track record (owner, status, audio ref, duration)
+  gw:rated:<track_id>:<user>   set once: a second rating of the same track is ALREADY_EXISTS
+  gw:models                    hash version → JSON (parent, published_at)
+  gw:models:current            the version generators serve
+  gw:scores:<version>:<kind>   hash track_id → "mean n" (latest TrackScored per track)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from riffloop.core import (
+    ConfigurationError,
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    PermissionDeniedError,
+    Settings,
+    ValidationError,
+)
+from riffloop.runtime import current_user, metrics
+from riffloop.v1 import (
+    common_pb2,
+    events_pb2,
+)
+from riffloop.v1 import (
+    gateway_service_pb2 as pb,
+)
+from riffloop.v1 import (
+    gateway_service_pb2_grpc as pb_grpc,
+)
+
+_log = logging.getLogger("riffloop.gateway")
+
+SONG_ID = re.compile(r"^[0-9a-f]{64}$")
+TRACK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SONGS_BUCKET = "songs"
+_TITLE_MAX = 200
+_CONTENT_TYPES = {
+    "": ".bin",
+    "audio/wav": ".wav",
+    "audio/x-wav": ".wav",
+    "audio/wave": ".wav",
+    "audio/flac": ".flac",
+    "audio/ogg": ".ogg",
+    "audio/mpeg": ".mp3",
+}
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class GatewaySettings(Settings):
+    service_name: str = "gateway"
+    grpc_port: int = 50051
+    metrics_port: int = 9101
+    # Uploads: whole-file cap (sum of chunks) and the longest audio accepted.
+    max_upload_bytes: int = 20 * 1024 * 1024
+    max_audio_seconds: float = 600.0
+    # Bearer tokens are HMAC-signed with this secret (riffloop.runtime.TokenSigner).
+    auth_secret: str = dataclasses.field(default="", metadata={"secret": True})
+    # Per-user rate limit: sustained calls per second and the burst allowed on top.
+    rate_limit_per_s: float = 50.0
+    rate_limit_burst: int = 100
+    # Generation requests: quality q when the client sends 0, and the largest q accepted.
+    default_quality: int = 50
+    max_quality: int = 1000
+    stream_chunk_bytes: int = 64 * 1024
+    # Seed of the blind dispatch; the generator must use the same one (track ids agree).
+    dispatch_seed: int = 0
+
+    def _validate(self) -> None:
+        super()._validate()
+        if len(self.auth_secret) < 16:
+            raise ConfigurationError("RIFFLOOP_AUTH_SECRET must be set (at least 16 characters)")
+        if self.max_upload_bytes < 1024:
+            raise ConfigurationError("RIFFLOOP_MAX_UPLOAD_BYTES must be at least 1024")
+        if self.rate_limit_per_s <= 0 or self.rate_limit_burst < 1:
+            raise ConfigurationError("RIFFLOOP_RATE_LIMIT_PER_S and _BURST must be positive")
+        if not 1 <= self.default_quality <= self.max_quality <= 1000:
+            raise ConfigurationError(
+                "need 1 ≤ RIFFLOOP_DEFAULT_QUALITY ≤ RIFFLOOP_MAX_QUALITY ≤ 1000"
+            )
+        if not 1024 <= self.stream_chunk_bytes <= 1024 * 1024:
+            raise ConfigurationError("RIFFLOOP_STREAM_CHUNK_BYTES must lie in 1 KiB–1 MiB")
+
+
+def _check_track_id(track_id: str) -> str:
+    if not track_id:
+        raise ValidationError("track_id is required")
+    if not TRACK_ID.match(track_id):
+        raise ValidationError("track_id must be 1–64 characters of letters, digits, '_' or '-'")
+    return track_id
+
+
+def _now_ts(at: float | None = None) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int((time.time() if at is None else at) * 1e9))
+    return ts
+
+
+def _ref_to_dict(ref: common_pb2.ObjectRef) -> dict[str, Any]:
+    return {"bucket": ref.bucket, "key": ref.key, "sha256": ref.sha256, "size": ref.size_bytes}
+
+
+class GatewayServicer(pb_grpc.GatewayServiceServicer):
+    """Handlers: validate, call a port or the loop, publish an event. Nothing else."""
+
+    def __init__(self, settings: GatewaySettings, ports: Any, audio: Any, dispatcher: Any) -> None:
+        self.settings = settings
+        self.ports = ports  # riffloop.runtime.Ports: bus, objects, kv
+        self.audio = audio  # decodes and checks an upload (riffloop.music.decode_audio)
+        self.dispatcher = dispatcher  # riffloop.loop.Dispatcher: opaque track ids
+
+    # -- uploads ------------------------------------------------------------------------------
+
+    def UploadSong(self, request_iterator: Iterator[pb.UploadSongRequest], context: Any) -> Any:
+        user = current_user()
+        metadata: pb.UploadSongMetadata | None = None
+        chunks: list[bytes] = []
+        size = 0
+        limit = self.settings.max_upload_bytes
+        for index, part in enumerate(request_iterator):
+            which = part.WhichOneof("part")
+            if which == "metadata":
+                if index != 0:
+                    raise ValidationError("metadata must be the first message of an upload")
+                metadata = part.metadata
+            elif which == "chunk":
+                size += len(part.chunk)
+                if size > limit:
+                    raise ValidationError(f"upload exceeds the limit of {limit} bytes")
+                chunks.append(part.chunk)
+            else:
+                raise ValidationError(f"upload message {index} carries neither metadata nor chunk")
+        if metadata is None:
+            raise ValidationError("an upload must start with a metadata message")
+        if len(metadata.title) > _TITLE_MAX:
+            raise ValidationError(f"title is longer than {_TITLE_MAX} characters")
+        content_type = metadata.content_type.strip().lower()
+        if content_type not in _CONTENT_TYPES:
+            raise ValidationError(
+                f"content_type {content_type!r} is not supported; use one of "
+                + ", ".join(sorted(c for c in _CONTENT_TYPES if c))
+            )
+        data = b"".join(chunks)
+        if not data:
+            raise ValidationError("the upload carries no audio bytes")
+        duration = self.audio(data)  # raises ValidationError (InvalidAudio) with a reason
+        if duration > self.settings.max_audio_seconds:
+            raise ValidationError(
+                f"audio lasts {duration:.1f} s, longer than {self.settings.max_audio_seconds:.0f} s"
+            )
+        objects = self.ports.objects
+        existed = False
+        try:
+            ref = objects.stat(SONGS_BUCKET, _song_key(data))
+            existed = True
+        except NotFoundError:
+            ref = objects.put_content_addressed(SONGS_BUCKET, data, content_type=content_type
+                                                or "application/octet-stream")  # fmt: skip
+        song_id = ref.sha256
+        proto_ref = ref.to_proto()
+        if not existed:
+            payload = events_pb2.SongUploaded(
+                song_id=song_id,
+                audio=proto_ref,
+                user_id=user,
+                title=metadata.title,
+                content_type=content_type,
+                duration_seconds=duration,
+            )
+            self.ports.publish("songs.uploaded.v1", song_id, payload)
+        return pb.UploadSongResponse(song_id=song_id, audio=proto_ref, duration_seconds=duration,
+                                     already_existed=existed)  # fmt: skip
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        ids = list(request.song_ids)
+        if not 1 <= len(ids) <= 3:
+            raise ValidationError(f"song_ids must name 1 to 3 songs, got {len(ids)}")
+        for song_id in ids:
+            if not SONG_ID.match(song_id):
+                raise ValidationError(f"song id {song_id[:80]!r} is not a 64-hex sha256")
+        if len(set(ids)) != len(ids):
+            raise ValidationError("song_ids must not repeat a song")
+        s = request.similarity
+        if not math.isfinite(s) or not 0.0 <= s < 1.0:
+            raise ValidationError(f"similarity must lie in [0, 1), got {s!r}")
+        q = request.quality or self.settings.default_quality
+        if not 1 <= q <= self.settings.max_quality:
+            raise ValidationError(f"quality must lie in 1–{self.settings.max_quality}, got {q}")
+        if request.seed < 0:
+            raise ValidationError("seed must not be negative")
+        for song_id in ids:
+            if not self.ports.objects.exists(SONGS_BUCKET, song_id):
+                raise NotFoundError(f"song {song_id} was never uploaded")
+        request_id = uuid.uuid4().hex
+        track_id = self.dispatcher.track_id_for(request_id)
+        record = {"owner": current_user(), "status": "pending", "requested_at": time.time(),
+                  "request_id": request_id}  # fmt: skip
+        self.ports.kv.set(f"gw:track:{track_id}", json.dumps(record))
+        payload = events_pb2.GenerationRequested(
+            request_id=request_id,
+            user_id=current_user(),
+            song_ids=ids,
+            similarity=s,
+            quality=q,
+            seed=request.seed,
+        )
+        self.ports.publish("generation.requested.v1", request_id, payload)
+        return pb.GenerateResponse(request_id=request_id, track_id=track_id)
+
+    def _track(self, track_id: str, *, owned: bool = True) -> dict[str, Any]:
+        raw = self.ports.kv.get(f"gw:track:{_check_track_id(track_id)}")
+        if raw is None:
+            raise NotFoundError(f"track {track_id} does not exist")
+        record: dict[str, Any] = json.loads(raw)
+        if owned and record.get("owner") != current_user():
+            raise PermissionDeniedError(f"track {track_id} was not served to you")
+        return record
+
+    def GetTrack(self, request: pb.GetTrackRequest, context: Any) -> pb.GetTrackResponse:
+        record = self._track(request.track_id)
+        return pb.GetTrackResponse(track=_track_message(request.track_id, record))
+
+    def StreamAudio(self, request: pb.StreamAudioRequest, context: Any) -> Iterator[Any]:
+        chunk = request.chunk_size or self.settings.stream_chunk_bytes
+        if not 1024 <= chunk <= 1024 * 1024:
+            raise ValidationError("chunk_size must lie in 1024–1048576 bytes (or 0)")
+        record = self._track(request.track_id)
+        if record["status"] != "ready":
+            raise PermanentError(f"track {request.track_id} is not ready yet")
+        audio = record["audio"]
+        data = self.ports.objects.get(audio["bucket"], audio["key"])
+        total = len(data)
+        for offset in range(0, total, chunk):
+            if not context.is_active():
+                return
+            yield pb.StreamAudioResponse(offset=offset, chunk=data[offset : offset + chunk],
+                                         total_size_bytes=total)  # fmt: skip
+
+    # -- feedback -----------------------------------------------------------------------------
+
+    def _ready_track_for_feedback(self, track_id: str) -> dict[str, Any]:
+        record = self._track(track_id)
+        if record["status"] != "ready":
+            raise PermanentError(f"track {track_id} is not ready; rate it after listening")
+        return record
+
+    def Rate(self, request: pb.RateRequest, context: Any) -> pb.RateResponse:
+        try:
+            if not 1 <= request.stars <= 5:
+                raise ValidationError(f"stars must be 1–5, got {request.stars}")
+            self._ready_track_for_feedback(request.track_id)
+            user = current_user()
+            once_key = f"gw:rated:{request.track_id}:{user}"
+            if not self.ports.kv.set_if_absent(once_key, "1"):
+                raise ConflictError(f"you already rated track {request.track_id}")
+            payload = events_pb2.FeedbackReceived(
+                user_id=user,
+                track_id=request.track_id,
+                rating=events_pb2.TrackRating(stars=request.stars),
+            )
+            try:
+                event_id = self.ports.publish("feedback.received.v1", request.track_id, payload)
+            except BaseException:
+                self.ports.kv.delete(once_key)  # the rating did not leave: let the user retry
+                raise
+        except BaseException:
+            metrics.RATINGS.labels("rejected").inc()
+            raise
+        metrics.RATINGS.labels("accepted").inc()
+        return pb.RateResponse(event_id=event_id)
+
+    def ReportListen(self, request: pb.ReportListenRequest, context: Any) -> Any:
+        seconds = request.seconds_listened
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValidationError("seconds_listened must be a finite number ≥ 0")
+        record = self._ready_track_for_feedback(request.track_id)
+        clip = float(record.get("duration", 0.0)) or 0.0
+        if clip > 0 and seconds > clip * 1.5 + 1.0:
+            raise ValidationError(
+                f"seconds_listened {seconds:.1f} exceeds the clip length {clip:.1f} s"
+            )
+        payload = events_pb2.FeedbackReceived(
+            user_id=current_user(),
+            track_id=request.track_id,
+            listen=events_pb2.ListenReport(
+                seconds_listened=seconds, clip_seconds=clip, completed=request.completed
+            ),
+        )
+        event_id = self.ports.publish("feedback.received.v1", request.track_id, payload)
+        return pb.ReportListenResponse(event_id=event_id)
+
+    # -- models -------------------------------------------------------------------------------
+
+    def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        kv = self.ports.kv
+        current = kv.get("gw:models:current") or ""
+        out = []
+        for version, raw in sorted(kv.hgetall("gw:models").items()):
+            info = json.loads(raw)
+            gen_mean, gen_n = _aggregate(kv.hgetall(f"gw:scores:{version}:generated"))
+            base_mean, base_n = _aggregate(kv.hgetall(f"gw:scores:{version}:baseline"))
+            out.append(
+                pb.ModelSummary(
+                    version=version,
+                    parent_version=info.get("parent", ""),
+                    current=version == current,
+                    mean_rating=gen_mean,
+                    rating_count=gen_n,
+                    baseline_mean_rating=base_mean,
+                    baseline_rating_count=base_n,
+                    published_at=_now_ts(float(info.get("published_at", 0.0))),
+                )
+            )
+        out.sort(key=lambda m: m.published_at.ToNanoseconds())
+        return pb.ListModelsResponse(models=out)
+
+
+def _song_key(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _aggregate(rows: dict[str, str]) -> tuple[float, int]:
+    """Mean over tracks weighted by their rating counts: Σ R_j n_j / Σ n_j."""
+    total = 0.0
+    count = 0
+    for value in rows.values():
+        mean_text, n_text = value.split()
+        n = int(n_text)
+        total += float(mean_text) * n
+        count += n
+    return (total / count if count else 0.0), count
+
+
+def _track_message(track_id: str, record: dict[str, Any]) -> pb.Track:
+    status = {
+        "pending": pb.TRACK_STATUS_PENDING,
+        "ready": pb.TRACK_STATUS_READY,
+        "failed": pb.TRACK_STATUS_FAILED,
+    }[record["status"]]
+    audio = record.get("audio") or {}
+    return pb.Track(
+        track_id=track_id,
+        status=status,
+        duration_seconds=float(record.get("duration", 0.0)),
+        size_bytes=int(audio.get("size", 0)),
+        content_type="audio/wav" if audio else "",
+        requested_at=_now_ts(float(record["requested_at"])),
+    )
+
+
+# -- event handlers (consumer side) -------------------------------------------------------------
+
+
+class GatewayEvents:
+    """What the gateway does with the events it consumes; each handler is idempotent."""
+
+    def __init__(self, ports: Any) -> None:
+        self.ports = ports
+
+    def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
+        ready = envelope.track_ready
+        key = f"gw:track:{ready.track_id}"
+        raw = self.ports.kv.get(key)
+        record: dict[str, Any] = json.loads(raw) if raw else {
+            "owner": ready.user_id, "requested_at": time.time(),
+            "request_id": ready.provenance.request_id,
+        }  # fmt: skip
+        record.update(status="ready", audio=_ref_to_dict(ready.audio),
+                      duration=ready.duration_seconds)  # fmt: skip
+        self.ports.kv.set(key, json.dumps(record))
+
+    def on_model_published(self, envelope: events_pb2.Envelope) -> None:
+        event = envelope.model_published
+        if event.action == common_pb2.MODEL_ACTION_UNSPECIFIED:
+            raise ValidationError(f"model.published for {event.version} names no action")
+        known = self.ports.kv.hget("gw:models", event.version)
+        if known is None:
+            info = {"parent": event.parent_version,
+                    "published_at": envelope.occurred_at.ToNanoseconds() / 1e9}  # fmt: skip
+            self.ports.kv.hset("gw:models", {event.version: json.dumps(info)})
+        self.ports.kv.set("gw:models:current", event.version)
+
+    def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
+        scored = envelope.track_scored
+        prov = scored.provenance
+        if not prov.model_version or prov.kind == common_pb2.TRACK_KIND_UNSPECIFIED:
+            return  # the scorer did not know the track's origin; nothing to attribute
+        kind = "baseline" if prov.kind == common_pb2.TRACK_KIND_BASELINE else "generated"
+        field = f"{scored.mean_rating!r} {scored.rating_count}"
+        self.ports.kv.hset(f"gw:scores:{prov.model_version}:{kind}", {scored.track_id: field})
+        if kind == "generated":
+            mean, _ = _aggregate(self.ports.kv.hgetall(f"gw:scores:{prov.model_version}:generated"))
+            metrics.MEAN_RATING.labels(prov.model_version).set(mean)
+
+
+__all__ = ["GatewayEvents", "GatewayServicer", "GatewaySettings"]
