@@ -1,0 +1,360 @@
+"""The consumer loop every service shares: at-least-once delivery made effectively-once.
+
+For each record (one thread, in order per partition):
+
+1. Decode the Envelope and check its payload matches the topic; a record that does not parse is
+   poison: it goes to ``<topic>.dlq`` at once.
+2. Dedupe: if ``riffloop:dedupe:<group>:<event_id>`` exists, the event was already handled (a
+   redelivery after a rebalance or a lost commit): commit and count it ``duplicate``.
+3. Count the attempt in ``riffloop:attempts:<group>:<event_id>`` BEFORE calling the handler, so an
+   event that kills the process every time (OOM, segfault) is dead-lettered after max_attempts
+   restarts instead of crash-looping the service.
+4. Call the handler. Retryable failures (TransientError and unexpected exceptions) are retried
+   with exponential back-off up to ``max_attempts`` tries; ValidationError / PermanentError are not
+   retried. After the last try the record goes to ``<topic>.dlq`` as a ``DeadLetter`` envelope
+   (error text, attempts, original topic/partition/offset, original bytes; also as headers).
+5. Only after success (or dead-lettering) mark the dedupe key and commit the offset.
+
+Why the dedupe key is marked AFTER success: marking before would lose the event if the process
+died inside the handler (at-most-once). Marking after leaves a window — the handler's effect is
+done, the mark is not — in which a crash makes the event run again. So handlers must make their
+effects idempotent (content-addressed object keys, upserts keyed by the event's entity, or
+``KeyValueStore.apply_once(event_id…)`` for counters); the dedupe key then only saves work in the
+common case. tests/integration/test_consumer_crash.py kills a real consumer inside that window.
+
+``stop()`` (any thread, e.g. SIGTERM) lets the in-flight record finish and commit, then leaves the
+group; records polled but not started are left uncommitted for the next owner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from riffloop.core._envelopes import decode_envelope, dlq_topic, load_generated, new_envelope
+from riffloop.core._errors import (
+    PermanentError,
+    RiffloopError,
+    TransientError,
+    ValidationError,
+)
+from riffloop.core._event_bus import EventBus, Message, Subscription, validate_group
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message as ProtoMessage
+
+    from riffloop.core._kv_store import KeyValueStore
+    from riffloop.core._settings import Settings
+    from riffloop.v1 import events_pb2
+
+log = logging.getLogger("riffloop.consumer")
+
+#: Errors a retry cannot fix: dead-letter on the first failure.
+NON_RETRYABLE: tuple[type[BaseException], ...] = (ValidationError, PermanentError)
+_MAX_ERROR_CHARS = 2000
+
+
+class Outcome(enum.StrEnum):
+    """Values of the ``outcome`` label of ``riffloop_kafka_messages_total``."""
+
+    HANDLED = "handled"
+    DUPLICATE = "duplicate"
+    FAILED = "failed"  # one failed attempt (the record may still succeed on a retry)
+    DEAD_LETTERED = "dead_lettered"
+
+
+@dataclasses.dataclass(frozen=True)
+class Delivery:
+    """What a handler gets: the record, its decoded envelope and the attempt number (1-based)."""
+
+    message: Message
+    envelope: events_pb2.Envelope
+    attempt: int
+
+    @property
+    def event_id(self) -> str:
+        return str(self.envelope.event_id)
+
+    @property
+    def payload(self) -> ProtoMessage:
+        field = self.envelope.WhichOneof("payload")
+        assert field is not None  # decode_envelope guarantees a payload
+        message: ProtoMessage = getattr(self.envelope, field)
+        return message
+
+
+Handler = Callable[[Delivery], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsumerHooks:
+    """Metric callbacks (the runtime wires them to Prometheus); each gets the topic first."""
+
+    on_outcome: Callable[[str, Outcome], None] | None = None
+    on_lag: Callable[[str, int], None] | None = None
+
+    def outcome(self, topic: str, outcome: Outcome) -> None:
+        if self.on_outcome is not None:
+            self.on_outcome(topic, outcome)
+
+    def lag(self, topic: str, lag: int) -> None:
+        if self.on_lag is not None:
+            self.on_lag(topic, lag)
+
+
+class _Rewind(Exception):
+    """Bookkeeping failed: leave the group and rejoin so uncommitted records come back."""
+
+
+class Consumer:
+    """Idempotent consumer loop over an EventBus subscription; see the module docstring."""
+
+    def __init__(
+        self,
+        bus: EventBus,
+        kv: KeyValueStore,
+        *,
+        group: str,
+        topics: Sequence[str],
+        handler: Handler,
+        max_attempts: int = 3,
+        dedupe_ttl_s: float = 7 * 24 * 3600,
+        retry_backoff_s: float = 0.2,
+        max_backoff_s: float = 10.0,
+        poll_timeout_s: float = 0.5,
+        max_records: int = 50,
+        lag_interval_s: float = 5.0,
+        hooks: ConsumerHooks | None = None,
+    ) -> None:
+        if max_attempts < 1:
+            raise ValidationError("max_attempts must be at least 1")
+        if not topics:
+            raise ValidationError("a consumer needs at least one topic")
+        self._bus = bus
+        self._kv = kv
+        self._group = validate_group(group)
+        self._topics = tuple(topics)
+        self._handler = handler
+        self._max_attempts = max_attempts
+        self._dedupe_ttl_s = dedupe_ttl_s
+        self._retry_backoff_s = retry_backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._poll_timeout_s = poll_timeout_s
+        self._max_records = max_records
+        self._lag_interval_s = lag_interval_s
+        self._hooks = hooks or ConsumerHooks()
+        self._stopping = threading.Event()
+        self._subscription: Subscription | None = None
+        self._last_lag = 0.0
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        bus: EventBus,
+        kv: KeyValueStore,
+        *,
+        topics: Sequence[str],
+        handler: Handler,
+        hooks: ConsumerHooks | None = None,
+    ) -> Consumer:
+        """The usual wiring: the consumer group is the service name."""
+        return cls(
+            bus,
+            kv,
+            group=settings.service_name,
+            topics=topics,
+            handler=handler,
+            max_attempts=settings.consumer_max_attempts,
+            dedupe_ttl_s=settings.dedupe_ttl_s,
+            retry_backoff_s=settings.consumer_retry_backoff_s,
+            poll_timeout_s=settings.consumer_poll_timeout_s,
+            hooks=hooks,
+        )
+
+    @property
+    def group(self) -> str:
+        return self._group
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Consume until :meth:`stop`; then commit the in-flight record and leave the group."""
+        try:
+            while not self._stopping.is_set():
+                self.run_once()
+        finally:
+            self.close()
+
+    def run_once(self, timeout_s: float | None = None) -> int:
+        """Poll once and process what came; returns how many records were finished."""
+        timeout = self._poll_timeout_s if timeout_s is None else timeout_s
+        try:
+            subscription = self._subscribe()
+            batch = subscription.poll(timeout, self._max_records)
+            self._report_lag(subscription)
+            done = 0
+            for message in batch:
+                if self._stopping.is_set():
+                    break  # left uncommitted: the next owner gets it
+                if self._process(subscription, message) is None:
+                    break  # stopped during a back-off
+                done += 1
+            return done
+        except (_Rewind, TransientError) as exc:
+            log.warning("consumer %s rejoins after: %s", self._group, exc)
+            self._leave()
+            self._stopping.wait(self._retry_backoff_s)
+            return 0
+
+    def stop(self) -> None:
+        """Ask the loop to finish the in-flight record and return (safe from any thread)."""
+        self._stopping.set()
+
+    def close(self) -> None:
+        self._leave()
+
+    def _subscribe(self) -> Subscription:
+        if self._subscription is None:
+            self._subscription = self._bus.subscribe(self._group, self._topics)
+        return self._subscription
+
+    def _leave(self) -> None:
+        subscription, self._subscription = self._subscription, None
+        if subscription is not None:
+            try:
+                subscription.close()
+            except RiffloopError as exc:
+                log.warning("consumer %s: closing the subscription failed: %s", self._group, exc)
+
+    def _report_lag(self, subscription: Subscription) -> None:
+        now = time.monotonic()
+        if self._hooks.on_lag is None or now - self._last_lag < self._lag_interval_s:
+            return
+        self._last_lag = now
+        for topic, lag in subscription.lag().items():
+            self._hooks.lag(topic, lag)
+
+    # -- one record ---------------------------------------------------------------------------
+
+    def _keys(self, event_id: str) -> tuple[str, str]:
+        return (
+            f"riffloop:dedupe:{self._group}:{event_id}",
+            f"riffloop:attempts:{self._group}:{event_id}",
+        )
+
+    def _process(self, subscription: Subscription, message: Message) -> Outcome | None:
+        try:
+            envelope = decode_envelope(message.value, message.topic)
+        except ValidationError as exc:
+            log.error("poison record %s[%d]@%d: %s", *_where(message), exc.reason)
+            self._dead_letter(message, None, exc, attempts=1)
+            return self._finish(subscription, message, Outcome.DEAD_LETTERED, None)
+
+        dedupe_key, attempts_key = self._keys(envelope.event_id)
+        if self._kv.get(dedupe_key) is not None:
+            return self._finish(subscription, message, Outcome.DUPLICATE, None)
+
+        # Tries made by earlier processes that died inside the handler count too.
+        previous = int(self._kv.get(attempts_key) or 0)
+        error: BaseException = TransientError(
+            f"the consumer process died while handling this event {previous} time(s)"
+        )
+        attempt = previous
+        while attempt < self._max_attempts:
+            attempt += 1
+            self._kv.set(attempts_key, str(attempt), ttl_s=self._dedupe_ttl_s)
+            try:
+                self._handler(Delivery(message, envelope, attempt))
+            except Exception as exc:
+                error = exc
+                self._hooks.outcome(message.topic, Outcome.FAILED)
+                log.warning(
+                    "handler failed on %s[%d]@%d (attempt %d/%d): %s: %s",
+                    *_where(message),
+                    attempt,
+                    self._max_attempts,
+                    type(exc).__name__,
+                    exc,
+                )
+                if isinstance(exc, NON_RETRYABLE):
+                    break
+                if attempt < self._max_attempts:
+                    backoff = min(self._max_backoff_s, self._retry_backoff_s * 2 ** (attempt - 1))
+                    if self._stopping.wait(backoff):
+                        return None  # stopping: leave it uncommitted for the next owner
+                continue
+            return self._finish(subscription, message, Outcome.HANDLED, envelope.event_id)
+
+        self._dead_letter(message, envelope, error, attempts=attempt)
+        return self._finish(subscription, message, Outcome.DEAD_LETTERED, envelope.event_id)
+
+    def _finish(
+        self, subscription: Subscription, message: Message, outcome: Outcome, event_id: str | None
+    ) -> Outcome:
+        if event_id is not None and outcome is not Outcome.DUPLICATE:
+            dedupe_key, attempts_key = self._keys(event_id)
+            self._kv.set_if_absent(dedupe_key, outcome.value, ttl_s=self._dedupe_ttl_s)
+            self._kv.delete(attempts_key)
+        try:
+            subscription.commit(message)
+        except TransientError as exc:
+            # The partition moved to another member; it will see the dedupe mark and skip.
+            raise _Rewind(str(exc)) from exc
+        self._hooks.outcome(message.topic, outcome)
+        return outcome
+
+    def _dead_letter(
+        self,
+        message: Message,
+        envelope: events_pb2.Envelope | None,
+        error: BaseException,
+        *,
+        attempts: int,
+    ) -> None:
+        events = load_generated("events_pb2")
+        text = (error.reason if isinstance(error, RiffloopError) else str(error)) or repr(error)
+        text = text[:_MAX_ERROR_CHARS]
+        dead = events.DeadLetter(
+            original_topic=message.topic,
+            original_partition=message.partition,
+            original_offset=message.offset,
+            original_key=message.key,
+            original_value=message.value,
+            original_event_id=envelope.event_id if envelope is not None else "",
+            error=text,
+            error_type=type(error).__name__,
+            attempts=attempts,
+            consumer_group=self._group,
+        )
+        headers = {
+            "riffloop-error": text.replace("\n", " ")[:500],
+            "riffloop-error-type": type(error).__name__,
+            "riffloop-attempts": str(attempts),
+            "riffloop-original-topic": message.topic,
+            "riffloop-original-partition": str(message.partition),
+            "riffloop-original-offset": str(message.offset),
+            "riffloop-consumer-group": self._group,
+        }
+        target = dlq_topic(message.topic)
+        self._bus.publish(target, message.key, new_envelope(self._group, dead), headers)
+        log.error(
+            "dead-lettered %s[%d]@%d to %s after %d attempt(s): %s",
+            *_where(message),
+            target,
+            attempts,
+            text,
+        )
+
+
+def _where(message: Message) -> tuple[str, int, int]:
+    return message.topic, message.partition, message.offset

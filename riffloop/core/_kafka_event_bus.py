@@ -1,0 +1,305 @@
+"""EventBus on Apache Kafka via kafka-python 3.x (imported lazily: ``riffloop.core`` stays light).
+
+- Producer: idempotent, ``acks=all``; ``publish`` waits for the broker's acknowledgement, so a
+  record is durable before the caller moves on (and before the consumer commits its input).
+- Consumers: ``enable_auto_commit=False``; offsets are committed only by ``commit(message)``, which
+  the Consumer loop calls after the handler succeeded; ``close`` never auto-commits.
+- Admin: ``ensure_topics`` creates topics (auto-create is off on our brokers) with the configured
+  partitions and replication factor; ``ensure_catalogue`` creates every topic plus its ``.dlq``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from riffloop.core._envelopes import all_topics
+from riffloop.core._errors import NotFoundError, TransientError, ValidationError
+from riffloop.core._event_bus import (
+    EventBus,
+    Message,
+    Published,
+    Subscription,
+    validate_group,
+    validate_headers,
+    validate_topic,
+)
+
+if TYPE_CHECKING:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    from riffloop.core._settings import Settings
+
+log = logging.getLogger("riffloop.kafka")
+T = TypeVar("T")
+
+
+def _kafka_call(what: str, action: Callable[[], T]) -> T:
+    from kafka.errors import KafkaError
+
+    try:
+        return action()
+    except KafkaError as exc:
+        raise TransientError(f"{what}: Kafka error {type(exc).__name__}: {exc}") from None
+    except OSError as exc:
+        raise TransientError(f"{what}: Kafka unreachable ({type(exc).__name__})") from None
+
+
+class KafkaEventBus(EventBus):
+    """Kafka adapter. One producer per bus (thread-safe); one KafkaConsumer per subscription."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        client_id: str = "riffloop",
+        partitions: int = 3,
+        replication_factor: int = 1,
+        request_timeout_s: float = 15.0,
+        session_timeout_ms: int = 10_000,
+    ) -> None:
+        if not bootstrap:
+            raise ValidationError("Kafka bootstrap servers must be given (host:port)")
+        self._bootstrap = [s.strip() for s in bootstrap.split(",") if s.strip()]
+        self._client_id = client_id
+        self._partitions = partitions
+        self._replication_factor = replication_factor
+        self._request_timeout_s = request_timeout_s
+        self._session_timeout_ms = session_timeout_ms
+        self._producer: KafkaProducer | None = None
+        self._known_topics: set[str] = set()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KafkaEventBus:
+        return cls(
+            settings.kafka_bootstrap,
+            client_id=settings.service_name,
+            partitions=settings.kafka_partitions,
+            replication_factor=settings.kafka_replication_factor,
+        )
+
+    # -- admin --------------------------------------------------------------------------------
+
+    def _admin_call(self, what: str, action: Callable[[Any], T]) -> T:
+        def run() -> T:
+            from kafka import KafkaAdminClient
+
+            admin = KafkaAdminClient(
+                bootstrap_servers=self._bootstrap,
+                client_id=f"{self._client_id}-admin",
+                request_timeout_ms=int(self._request_timeout_s * 1000),
+            )
+            try:
+                return action(admin)
+            finally:
+                admin.close()
+
+        return _kafka_call(what, run)
+
+    def ensure_topics(self, topics: Iterable[str], *, partitions: int | None = None) -> None:
+        from kafka.errors import TopicAlreadyExistsError
+
+        wanted = [validate_topic(t) for t in topics]
+        count = self._partitions if partitions is None else partitions
+        if count < 1:
+            raise ValidationError("a topic needs at least one partition")
+
+        def create(admin: Any) -> None:
+            existing = set(admin.list_topics())
+            missing = [t for t in wanted if t not in existing]
+            if missing:
+                spec = {
+                    t: {"num_partitions": count, "replication_factor": self._replication_factor}
+                    for t in missing
+                }
+                # Another process may create one between list and create: that is fine.
+                with contextlib.suppress(TopicAlreadyExistsError):
+                    admin.create_topics(
+                        spec,
+                        timeout_ms=int(self._request_timeout_s * 1000),
+                        wait_for_metadata=True,
+                    )
+                log.info("created topics %s with %d partitions", ", ".join(missing), count)
+
+        self._admin_call("create topics", create)
+        with self._lock:
+            self._known_topics.update(wanted)
+
+    def ensure_catalogue(self) -> None:
+        """Every topic of docs/ARCHITECTURE.md and its ``.dlq``."""
+        self.ensure_topics(all_topics(with_dlq=True))
+
+    def topic_exists(self, topic: str) -> bool:
+        validate_topic(topic)
+        with self._lock:
+            if topic in self._known_topics:
+                return True
+        names = self._admin_call("list topics", lambda admin: set(admin.list_topics()))
+        with self._lock:
+            self._known_topics.update(names)
+        return topic in names
+
+    def _require_topics(self, topics: Iterable[str]) -> None:
+        for topic in topics:
+            if not self.topic_exists(topic):
+                raise NotFoundError(f"topic {topic!r} does not exist; create it first")
+
+    # -- producing ----------------------------------------------------------------------------
+
+    def _get_producer(self) -> KafkaProducer:
+        with self._lock:
+            if self._producer is None:
+
+                def make() -> KafkaProducer:
+                    from kafka import KafkaProducer
+
+                    return KafkaProducer(
+                        bootstrap_servers=self._bootstrap,
+                        client_id=self._client_id,
+                        acks="all",
+                        enable_idempotence=True,
+                        linger_ms=2,
+                        max_block_ms=int(self._request_timeout_s * 1000),
+                        request_timeout_ms=int(self._request_timeout_s * 1000),
+                    )
+
+                self._producer = _kafka_call("connect producer", make)
+            return self._producer
+
+    def publish_raw(
+        self, topic: str, key: str, value: bytes, headers: Mapping[str, str] | None = None
+    ) -> Published:
+        if not isinstance(key, str) or not key:
+            raise ValidationError("a record needs a non-empty key (the entity id)")
+        clean = validate_headers(headers)
+        self._require_topics([topic])
+        producer = self._get_producer()
+
+        def send() -> Published:
+            future = producer.send(
+                topic,
+                value=bytes(value),
+                key=key.encode(),
+                headers=[(k, v.encode()) for k, v in clean.items()],
+            )
+            metadata = future.get(timeout=self._request_timeout_s)
+            return Published(topic, int(metadata.partition), int(metadata.offset))
+
+        return _kafka_call(f"publish to {topic}", send)
+
+    # -- consuming ----------------------------------------------------------------------------
+
+    def subscribe(self, group: str, topics: Sequence[str]) -> Subscription:
+        validate_group(group)
+        if not topics:
+            raise ValidationError("subscribe needs at least one topic")
+        self._require_topics(topics)
+
+        def make() -> KafkaConsumer:
+            from kafka import KafkaConsumer
+
+            consumer = KafkaConsumer(
+                bootstrap_servers=self._bootstrap,
+                client_id=f"{self._client_id}-{group}",
+                group_id=group,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                session_timeout_ms=self._session_timeout_ms,
+                heartbeat_interval_ms=max(500, self._session_timeout_ms // 5),
+                request_timeout_ms=max(
+                    int(self._request_timeout_s * 1000), self._session_timeout_ms + 5000
+                ),
+            )
+            consumer.subscribe(list(topics))
+            return consumer
+
+        return _KafkaSubscription(_kafka_call(f"subscribe {group}", make), tuple(topics))
+
+    def ping(self) -> None:
+        self._admin_call("list topics", lambda admin: admin.list_topics())
+
+    def close(self) -> None:
+        with self._lock:
+            producer, self._producer = self._producer, None
+        if producer is not None:
+            _kafka_call("close producer", lambda: producer.close(timeout=self._request_timeout_s))
+
+
+class _KafkaSubscription(Subscription):
+    def __init__(self, consumer: KafkaConsumer, topics: tuple[str, ...]) -> None:
+        self._consumer = consumer
+        self._topics = topics
+        self._closed = False
+
+    def poll(self, timeout_s: float, max_records: int = 100) -> list[Message]:
+        if self._closed:
+            raise ValidationError("poll on a closed subscription")
+        if max_records < 1:
+            raise ValidationError("max_records must be at least 1")
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while True:
+            # The first polls after joining only run the group protocol; keep polling until
+            # records arrive or the caller's timeout is spent.
+            left_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            batches = _kafka_call(
+                "poll",
+                lambda ms=left_ms: self._consumer.poll(timeout_ms=ms, max_records=max_records),
+            )
+            out: list[Message] = []
+            for records in batches.values():
+                for record in records:
+                    out.append(
+                        Message(
+                            topic=record.topic,
+                            partition=int(record.partition),
+                            offset=int(record.offset),
+                            key=(record.key or b"").decode("utf-8", "replace"),
+                            value=bytes(record.value or b""),
+                            headers={
+                                name: (raw or b"").decode("utf-8", "replace")
+                                for name, raw in (record.headers or [])
+                            },
+                            timestamp_ms=int(record.timestamp),
+                        )
+                    )
+            if out or time.monotonic() >= deadline:
+                out.sort(key=lambda m: (m.timestamp_ms, m.topic, m.partition, m.offset))
+                return out
+
+    def commit(self, message: Message) -> None:
+        from kafka import TopicPartition
+        from kafka.structs import OffsetAndMetadata
+
+        tp = TopicPartition(message.topic, message.partition)
+        if tp not in self._consumer.assignment():
+            raise TransientError(
+                f"cannot commit {message.topic}[{message.partition}]: partition was reassigned"
+            )
+        # Commit the NEXT offset to read (Kafka's convention); CommitFailedError (the group
+        # rebalanced under us) is a KafkaError and so surfaces as TransientError.
+        offsets = {tp: OffsetAndMetadata(message.offset + 1, "", -1)}
+        _kafka_call("commit", lambda: self._consumer.commit(offsets))
+
+    def lag(self) -> dict[str, int]:
+        def compute() -> dict[str, int]:
+            assigned = list(self._consumer.assignment())
+            out = {topic: 0 for topic in self._topics}
+            if not assigned:
+                return out
+            ends = self._consumer.end_offsets(assigned)
+            for tp in assigned:
+                committed = self._consumer.committed(tp) or 0
+                out[tp.topic] = out.get(tp.topic, 0) + max(0, int(ends[tp]) - int(committed))
+            return out
+
+        return _kafka_call("lag", compute)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            _kafka_call("close consumer", lambda: self._consumer.close(autocommit=False))

@@ -1,0 +1,232 @@
+"""The ``KeyValueStore`` port (Redis semantics) and its in-memory adapter.
+
+Values are text. Besides get/set/delete/incr and hashes, the port has two primitives the loop
+relies on:
+
+- ``set_if_absent(key, value, ttl_s)`` (Redis ``SET NX PX``): idempotency keys for event dedupe.
+- ``apply_once(dedupe_key, ttl_s, increments)``: in ONE atomic step, claim ``dedupe_key`` and, only
+  if it was free, apply every ``HINCRBYFLOAT`` in ``increments``. A rating aggregate updated this
+  way (Σ stars, Σ stars², n per track) counts a redelivered rating event exactly once even if the
+  consumer crashed after the update and before committing its offset.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping
+
+from riffloop.core._errors import ValidationError
+
+Increments = Mapping[str, Mapping[str, float]]
+
+
+def validate_kv_key(key: str) -> str:
+    if not isinstance(key, str) or not key or len(key) > 1024:
+        raise ValidationError("key-value keys must be non-empty strings of at most 1024 chars")
+    return key
+
+
+def validate_ttl(ttl_s: float | None) -> float | None:
+    if ttl_s is None:
+        return None
+    if not math.isfinite(ttl_s) or ttl_s <= 0:
+        raise ValidationError(f"TTL must be a positive number of seconds, got {ttl_s!r}")
+    return ttl_s
+
+
+def validate_increments(increments: Increments) -> None:
+    for key, fields in increments.items():
+        validate_kv_key(key)
+        for field, amount in fields.items():
+            if not isinstance(field, str) or not field:
+                raise ValidationError(f"hash field names of {key!r} must be non-empty strings")
+            if not math.isfinite(amount):
+                raise ValidationError(f"increment {key}.{field} must be finite, got {amount!r}")
+
+
+class KeyValueStore(abc.ABC):
+    """Port: a Redis-like store of text values and hashes. Adapters: memory, Redis."""
+
+    @abc.abstractmethod
+    def get(self, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    def set(self, key: str, value: str, *, ttl_s: float | None = None) -> None: ...
+
+    @abc.abstractmethod
+    def set_if_absent(self, key: str, value: str, *, ttl_s: float | None = None) -> bool:
+        """Set only if the key is absent; True if this call set it (Redis SET NX)."""
+
+    @abc.abstractmethod
+    def delete(self, key: str) -> bool:
+        """Remove a key (string or hash); True if it existed."""
+
+    @abc.abstractmethod
+    def incr(self, key: str, amount: int = 1) -> int:
+        """Add to an integer value (absent = 0); ValidationError if the value is not an integer."""
+
+    @abc.abstractmethod
+    def ttl(self, key: str) -> float | None:
+        """Seconds left before the key expires; None if it has no TTL or does not exist."""
+
+    @abc.abstractmethod
+    def hset(self, key: str, mapping: Mapping[str, str]) -> None: ...
+
+    @abc.abstractmethod
+    def hget(self, key: str, field: str) -> str | None: ...
+
+    @abc.abstractmethod
+    def hgetall(self, key: str) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def hincrbyfloat(self, key: str, field: str, amount: float) -> float: ...
+
+    @abc.abstractmethod
+    def apply_once(self, dedupe_key: str, ttl_s: float, increments: Increments) -> bool:
+        """Atomically claim ``dedupe_key`` (with TTL) and apply the hash increments.
+
+        Returns True if applied, False if the key was already claimed (nothing changed).
+        """
+
+    def ping(self) -> None:
+        """Raise TransientError if the store cannot be reached (readiness checks)."""
+        return None
+
+    def close(self) -> None:
+        """Release connections."""
+        return None
+
+
+@dataclasses.dataclass
+class _Entry:
+    value: str | dict[str, str]
+    expires_at: float | None
+
+
+class MemoryKeyValueStore(KeyValueStore):
+    """Thread-safe in-memory adapter; TTLs follow an injectable monotonic clock."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._data: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+
+    # Expired entries vanish lazily on access, like Redis's passive expiry.
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._data.get(validate_kv_key(key))
+        if entry is not None and entry.expires_at is not None and entry.expires_at <= self._clock():
+            del self._data[key]
+            return None
+        return entry
+
+    def _expiry(self, ttl_s: float | None) -> float | None:
+        ttl = validate_ttl(ttl_s)
+        return None if ttl is None else self._clock() + ttl
+
+    def _string(self, key: str) -> str | None:
+        entry = self._live(key)
+        if entry is None:
+            return None
+        if not isinstance(entry.value, str):
+            raise ValidationError(f"key {key!r} holds a hash, not a string")
+        return entry.value
+
+    def _hash(self, key: str, *, create: bool) -> dict[str, str] | None:
+        entry = self._live(key)
+        if entry is None:
+            if not create:
+                return None
+            entry = self._data[key] = _Entry({}, None)
+        if not isinstance(entry.value, dict):
+            raise ValidationError(f"key {key!r} holds a string, not a hash")
+        return entry.value
+
+    def get(self, key: str) -> str | None:
+        with self._lock:
+            return self._string(key)
+
+    def set(self, key: str, value: str, *, ttl_s: float | None = None) -> None:
+        with self._lock:
+            validate_kv_key(key)
+            self._data[key] = _Entry(str(value), self._expiry(ttl_s))
+
+    def set_if_absent(self, key: str, value: str, *, ttl_s: float | None = None) -> bool:
+        with self._lock:
+            if self._live(key) is not None:
+                return False
+            self._data[key] = _Entry(str(value), self._expiry(ttl_s))
+            return True
+
+    def delete(self, key: str) -> bool:
+        with self._lock:
+            if self._live(key) is None:
+                return False
+            del self._data[key]
+            return True
+
+    def incr(self, key: str, amount: int = 1) -> int:
+        with self._lock:
+            current = self._string(key)
+            try:
+                value = (0 if current is None else int(current)) + int(amount)
+            except ValueError:
+                raise ValidationError(f"key {key!r} does not hold an integer") from None
+            entry = self._data.get(key)
+            self._data[key] = _Entry(str(value), entry.expires_at if entry else None)
+            return value
+
+    def ttl(self, key: str) -> float | None:
+        with self._lock:
+            entry = self._live(key)
+            if entry is None or entry.expires_at is None:
+                return None
+            return entry.expires_at - self._clock()
+
+    def hset(self, key: str, mapping: Mapping[str, str]) -> None:
+        with self._lock:
+            target = self._hash(key, create=True)
+            assert target is not None
+            target.update({str(k): str(v) for k, v in mapping.items()})
+
+    def hget(self, key: str, field: str) -> str | None:
+        with self._lock:
+            target = self._hash(key, create=False)
+            return None if target is None else target.get(field)
+
+    def hgetall(self, key: str) -> dict[str, str]:
+        with self._lock:
+            return dict(self._hash(key, create=False) or {})
+
+    def _hincr(self, key: str, field: str, amount: float) -> float:
+        target = self._hash(key, create=True)
+        assert target is not None
+        try:
+            value = float(target.get(field, "0")) + float(amount)
+        except ValueError:
+            raise ValidationError(f"field {key}.{field} does not hold a number") from None
+        target[field] = repr(value)
+        return value
+
+    def hincrbyfloat(self, key: str, field: str, amount: float) -> float:
+        validate_increments({key: {field: amount}})
+        with self._lock:
+            return self._hincr(key, field, amount)
+
+    def apply_once(self, dedupe_key: str, ttl_s: float, increments: Increments) -> bool:
+        validate_kv_key(dedupe_key)
+        validate_ttl(ttl_s)
+        validate_increments(increments)
+        with self._lock:
+            # Type-check every target before changing anything, so the step stays all-or-nothing.
+            for key in increments:
+                self._hash(key, create=False)
+            if not self.set_if_absent(dedupe_key, "1", ttl_s=ttl_s):
+                return False
+            for key, fields in increments.items():
+                for field, amount in fields.items():
+                    self._hincr(key, field, amount)
+            return True

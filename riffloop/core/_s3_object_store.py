@@ -1,0 +1,184 @@
+"""ObjectStore on any S3-compatible server (MinIO in tests) through the minio SDK.
+
+The sha256 recorded at ``put`` travels as user metadata (``x-amz-meta-sha256``), so ``get`` can
+verify the bytes with the headers of the same response and ``stat`` is one HEAD request. Only
+generic S3 calls are used (no MinIO admin API), so production can point at any S3.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from riffloop.core._errors import NotFoundError, PermanentError, TransientError
+from riffloop.core._object_store import (
+    DEFAULT_CONTENT_TYPE,
+    ObjectRef,
+    ObjectStore,
+    check_bytes,
+    sha256_hex,
+    validate_bucket,
+    validate_key,
+)
+
+if TYPE_CHECKING:
+    from minio import Minio
+
+    from riffloop.core._settings import Settings
+
+_SHA_HEADER = "x-amz-meta-sha256"
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+T = TypeVar("T")
+
+
+class S3ObjectStore(ObjectStore):
+    """S3 adapter; the minio client is injected (see :meth:`from_settings` for the usual one)."""
+
+    def __init__(self, client: Minio) -> None:
+        self._client = client
+
+    @classmethod
+    def connect(
+        cls,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        *,
+        secure: bool = False,
+        region: str = "us-east-1",
+        timeout_s: float = 10.0,
+        retries: int = 2,
+    ) -> S3ObjectStore:
+        """A client with bounded timeouts and retries (the SDK default retries for minutes)."""
+        import urllib3
+        from minio import Minio
+
+        host = endpoint.split("://", 1)[1] if "://" in endpoint else endpoint
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=timeout_s, read=timeout_s),
+            retries=urllib3.Retry(total=retries, backoff_factor=0.2, status_forcelist=[502, 503]),
+            maxsize=8,
+        )
+        client = Minio(
+            host.rstrip("/"),
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure or endpoint.startswith("https://"),
+            region=region,
+            http_client=http,
+        )
+        return cls(client)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> S3ObjectStore:
+        return cls.connect(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            secure=settings.s3_uses_tls,
+            region=settings.s3_region,
+        )
+
+    # -- error mapping ------------------------------------------------------------------------
+
+    def _call(self, what: str, action: Callable[[], T]) -> T:
+        from minio.error import MinioException, S3Error
+        from urllib3.exceptions import HTTPError
+
+        try:
+            return action()
+        except S3Error as exc:
+            if exc.code in _NOT_FOUND_CODES:
+                raise NotFoundError(f"{what}: {exc.code}") from None
+            if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+                raise PermanentError(f"{what}: S3 refused the credentials ({exc.code})") from None
+            raise TransientError(f"{what}: S3 error {exc.code}") from None
+        except (MinioException, HTTPError, OSError) as exc:
+            raise TransientError(
+                f"{what}: S3 endpoint unreachable ({type(exc).__name__})"
+            ) from None
+
+    # -- primitives ---------------------------------------------------------------------------
+
+    def ensure_bucket(self, bucket: str) -> None:
+        from minio.error import S3Error
+
+        validate_bucket(bucket)
+
+        def create() -> None:
+            if self._client.bucket_exists(bucket):
+                return
+            try:
+                self._client.make_bucket(bucket)
+            except S3Error as exc:  # a concurrent creator won the race
+                if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise
+
+        self._call(f"create bucket {bucket}", create)
+
+    def put(
+        self, bucket: str, key: str, data: bytes, *, content_type: str = DEFAULT_CONTENT_TYPE
+    ) -> ObjectRef:
+        validate_bucket(bucket)
+        validate_key(key)
+        blob = bytes(data)
+        digest = sha256_hex(blob)
+        self._call(
+            f"put {bucket}/{key}",
+            lambda: self._client.put_object(
+                bucket,
+                key,
+                io.BytesIO(blob),
+                len(blob),
+                content_type=content_type,
+                metadata={"sha256": digest},
+            ),
+        )
+        return ObjectRef(bucket, key, digest, len(blob))
+
+    def get(self, bucket: str, key: str) -> bytes:
+        validate_bucket(bucket)
+        validate_key(key)
+
+        def read() -> tuple[bytes, Any]:
+            response = self._client.get_object(bucket, key)
+            try:
+                return response.read(), response.headers.get(_SHA_HEADER)
+            finally:
+                response.close()
+                response.release_conn()
+
+        blob, expected = self._call(f"get {bucket}/{key}", read)
+        if not expected:
+            raise PermanentError(f"object {bucket}/{key} has no recorded sha256")
+        return check_bytes(bucket, key, blob, str(expected))
+
+    def stat(self, bucket: str, key: str) -> ObjectRef:
+        validate_bucket(bucket)
+        validate_key(key)
+        info = self._call(f"stat {bucket}/{key}", lambda: self._client.stat_object(bucket, key))
+        metadata = info.metadata or {}
+        expected = metadata.get(_SHA_HEADER) or metadata.get(_SHA_HEADER.title())
+        if not expected:
+            raise PermanentError(f"object {bucket}/{key} has no recorded sha256")
+        return ObjectRef(bucket, key, str(expected), int(info.size or 0))
+
+    def list(self, bucket: str, prefix: str = "") -> list[str]:
+        validate_bucket(bucket)
+
+        def collect() -> list[str]:
+            if not self._client.bucket_exists(bucket):
+                raise NotFoundError(f"bucket {bucket!r} does not exist")
+            objects = self._client.list_objects(bucket, prefix=prefix or None, recursive=True)
+            return sorted(o.object_name for o in objects if o.object_name is not None)
+
+        return self._call(f"list {bucket}/{prefix}", collect)
+
+    def delete(self, bucket: str, key: str) -> None:
+        validate_bucket(bucket)
+        validate_key(key)
+        self._call(f"delete {bucket}/{key}", lambda: self._client.remove_object(bucket, key))
+
+    def ping(self) -> None:
+        self._call("list buckets", self._client.list_buckets)
