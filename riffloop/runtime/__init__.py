@@ -10,6 +10,11 @@ per-user rate limit), the shared rate limiter, bearer tokens, JSON logging, the 
 from riffloop.runtime import metrics
 from riffloop.runtime._auth import TokenSigner
 from riffloop.runtime._consumers import ConsumerWorker, EventRouter
+from riffloop.runtime._convert import (
+    provenance_from_proto,
+    provenance_to_proto,
+    track_scored_to_proto,
+)
 from riffloop.runtime._interceptors import (
     BearerAuthInterceptor,
     ObservabilityInterceptor,
@@ -44,6 +49,9 @@ __all__ = [
     "connect_ports",
     "current_user",
     "metrics",
+    "provenance_from_proto",
+    "provenance_to_proto",
     "remaining_seconds",
     "request_id_var",
+    "track_scored_to_proto",
 ]

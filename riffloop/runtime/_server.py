@@ -78,8 +78,12 @@ class LoopWorker:
 class Readiness:
     """Per-dependency readiness driving the gRPC health status and a gauge."""
 
-    def __init__(self, service: str, health_servicer: health.HealthServicer,
-                 service_names: Sequence[str] = ()) -> None:  # fmt: skip
+    def __init__(
+        self,
+        service: str,
+        health_servicer: health.HealthServicer,
+        service_names: Sequence[str] = (),
+    ) -> None:
         self.service = service
         self._health = health_servicer
         self._names = ["", *service_names]
@@ -192,8 +196,9 @@ class ServiceRuntime:
 
     # -- assembly -----------------------------------------------------------------------------
 
-    def add_service(self, register: Callable[[Any, grpc.Server], None], servicer: Any,
-                    full_name: str) -> None:  # fmt: skip
+    def add_service(
+        self, register: Callable[[Any, grpc.Server], None], servicer: Any, full_name: str
+    ) -> None:
         """``register`` is the generated ``add_XxxServicer_to_server``."""
         register(servicer, self.server)
         self._service_names.append(full_name)
@@ -205,14 +210,16 @@ class ServiceRuntime:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> int:
-        reflection.enable_server_reflection([*self._service_names, reflection.SERVICE_NAME],
-                                            self.server)  # fmt: skip
+        reflection.enable_server_reflection(
+            [*self._service_names, reflection.SERVICE_NAME], self.server
+        )
         self.port = self.server.add_insecure_port(f"{self._host}:{self._requested_port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {self._requested_port} on {self._host}")
         if self._metrics_port is not None:
-            self._metrics_http, _ = start_http_server(self._metrics_port, addr=self._host,
-                                                      registry=REGISTRY)  # fmt: skip
+            self._metrics_http, _ = start_http_server(
+                self._metrics_port, addr=self._host, registry=REGISTRY
+            )
             self.metrics_port = self._metrics_http.server_port
         self.readiness.refresh()
         self.server.start()
@@ -221,8 +228,14 @@ class ServiceRuntime:
         poller = LoopWorker(f"{self.service}-readiness", self._poll_readiness)
         poller.start()
         self._poller = poller
-        _log.info("serving", extra={"grpc_port": self.port, "metrics_port": self.metrics_port,
-                                    "services": self._service_names})  # fmt: skip
+        _log.info(
+            "serving",
+            extra={
+                "grpc_port": self.port,
+                "metrics_port": self.metrics_port,
+                "services": self._service_names,
+            },
+        )
         return self.port
 
     def _poll_readiness(self, stop: threading.Event) -> None:

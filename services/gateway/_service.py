@@ -175,8 +175,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             ref = objects.stat(SONGS_BUCKET, _song_key(data))
             existed = True
         except NotFoundError:
-            ref = objects.put_content_addressed(SONGS_BUCKET, data, content_type=content_type
-                                                or "application/octet-stream")  # fmt: skip
+            ref = objects.put_content_addressed(
+                SONGS_BUCKET, data, content_type=content_type or "application/octet-stream"
+            )
         song_id = ref.sha256
         proto_ref = ref.to_proto()
         if not existed:
@@ -189,8 +190,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 duration_seconds=duration,
             )
             self.ports.publish("songs.uploaded.v1", song_id, payload)
-        return pb.UploadSongResponse(song_id=song_id, audio=proto_ref, duration_seconds=duration,
-                                     already_existed=existed)  # fmt: skip
+        return pb.UploadSongResponse(
+            song_id=song_id, audio=proto_ref, duration_seconds=duration, already_existed=existed
+        )
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -216,8 +218,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 raise NotFoundError(f"song {song_id} was never uploaded")
         request_id = uuid.uuid4().hex
         track_id = self.dispatcher.track_id_for(request_id)
-        record = {"owner": current_user(), "status": "pending", "requested_at": time.time(),
-                  "request_id": request_id}  # fmt: skip
+        record = {
+            "owner": current_user(),
+            "status": "pending",
+            "requested_at": time.time(),
+            "request_id": request_id,
+        }
         self.ports.kv.set(f"gw:track:{track_id}", json.dumps(record))
         payload = events_pb2.GenerationRequested(
             request_id=request_id,
@@ -256,8 +262,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         for offset in range(0, total, chunk):
             if not context.is_active():
                 return
-            yield pb.StreamAudioResponse(offset=offset, chunk=data[offset : offset + chunk],
-                                         total_size_bytes=total)  # fmt: skip
+            yield pb.StreamAudioResponse(
+                offset=offset, chunk=data[offset : offset + chunk], total_size_bytes=total
+            )
 
     # -- feedback -----------------------------------------------------------------------------
 
@@ -384,12 +391,18 @@ class GatewayEvents:
         ready = envelope.track_ready
         key = f"gw:track:{ready.track_id}"
         raw = self.ports.kv.get(key)
-        record: dict[str, Any] = json.loads(raw) if raw else {
-            "owner": ready.user_id, "requested_at": time.time(),
-            "request_id": ready.provenance.request_id,
-        }  # fmt: skip
-        record.update(status="ready", audio=_ref_to_dict(ready.audio),
-                      duration=ready.duration_seconds)  # fmt: skip
+        record: dict[str, Any] = (
+            json.loads(raw)
+            if raw
+            else {
+                "owner": ready.user_id,
+                "requested_at": time.time(),
+                "request_id": ready.provenance.request_id,
+            }
+        )
+        record.update(
+            status="ready", audio=_ref_to_dict(ready.audio), duration=ready.duration_seconds
+        )
         self.ports.kv.set(key, json.dumps(record))
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:
@@ -398,8 +411,10 @@ class GatewayEvents:
             raise ValidationError(f"model.published for {event.version} names no action")
         known = self.ports.kv.hget("gw:models", event.version)
         if known is None:
-            info = {"parent": event.parent_version,
-                    "published_at": envelope.occurred_at.ToNanoseconds() / 1e9}  # fmt: skip
+            info = {
+                "parent": event.parent_version,
+                "published_at": envelope.occurred_at.ToNanoseconds() / 1e9,
+            }
             self.ports.kv.hset("gw:models", {event.version: json.dumps(info)})
         self.ports.kv.set("gw:models:current", event.version)
 

@@ -1,0 +1,43 @@
+"""Assemble the feedback process: rebuild the ledger, consume, score periodically, serve."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from riffloop.runtime import ConsumerWorker, EventRouter, LoopWorker, Ports, ServiceRuntime
+from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
+from services.feedback._service import FeedbackServicer, FeedbackSettings, FeedbackState
+
+_log = logging.getLogger("riffloop.feedback")
+
+
+def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, FeedbackState]:
+    ports.prepare(settings.kafka_partitions)
+    state = FeedbackState(ports)
+    rebuilt = state.rebuild()
+    _log.info("ledger rebuilt", extra={"ratings": rebuilt})
+    runtime = ServiceRuntime(
+        settings.service_name, grpc_port=settings.grpc_port, metrics_port=settings.metrics_port
+    )
+    runtime.add_service(
+        pb_grpc.add_FeedbackServiceServicer_to_server,
+        FeedbackServicer(state),
+        "riffloop.v1.FeedbackService",
+    )
+    for dependency, check in ports.readiness_checks().items():
+        runtime.readiness.add_check(dependency, check)
+    router = EventRouter(
+        {"tracks.ready.v1": state.on_track_ready, "feedback.received.v1": state.on_feedback}
+    )
+    runtime.add_worker(ConsumerWorker(settings, ports, router))
+
+    def score_loop(stop: threading.Event) -> None:
+        while not stop.wait(settings.score_interval_s):
+            try:
+                state.publish_scores()
+            except Exception:  # a failed pass retries on the next tick; the tracks stay dirty
+                _log.exception("scoring pass failed")
+
+    runtime.add_worker(LoopWorker("feedback-scorer", score_loop))
+    return runtime, state

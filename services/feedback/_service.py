@@ -1,0 +1,263 @@
+"""The feedback service: ratings and listens in, per-track scores (R, ω, n) out.
+
+Domain logic is riffloop.loop's: ``FeedbackLedger`` validates and records, ``SpamFilter`` finds
+spammers and rater reliability ρ, ``ConfidenceWeight`` gives R and ω. This shell only moves events:
+
+1. tracks.ready.v1 → register the track's provenance and mark it served to its user.
+2. feedback.received.v1 → ``ledger.rate`` / ``ledger.listen``; a duplicate (ConflictError) is
+   the same rating delivered again and is ignored, so every accepted rating counts exactly once.
+   Each accepted input is also written to the key-value store as an upsert keyed by
+   (track, rater), from which a restarted process rebuilds the ledger (kill -9 safe: the
+   rebuilt ledger plus Kafka's redelivery of uncommitted records gives the same state).
+3. Every ``score_interval_s`` the scorer re-scores (ω depends on all raters) and publishes
+   tracks.scored.v1 for the tracks whose feedback changed.
+
+Key-value layout: ``fb:tracks`` hash track → JSON {provenance, clip_seconds, served_to};
+``fb:ratings:<track>`` hash rater → JSON rating; ``fb:listens:<track>`` hash rater → JSON listen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from typing import Any
+
+from riffloop.core import (
+    ConfigurationError,
+    ConflictError,
+    NotFoundError,
+    Settings,
+    ValidationError,
+)
+from riffloop.loop import (
+    ConfidenceWeight,
+    FeedbackLedger,
+    ListenEvent,
+    Rating,
+    SpamFilter,
+    SpamReport,
+    TrackProvenance,
+    TrackScored,
+)
+from riffloop.runtime import metrics, provenance_from_proto, track_scored_to_proto
+from riffloop.v1 import events_pb2
+from riffloop.v1 import feedback_service_pb2 as pb
+from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
+
+_log = logging.getLogger("riffloop.feedback")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class FeedbackSettings(Settings):
+    service_name: str = "feedback"
+    grpc_port: int = 50054
+    metrics_port: int = 9104
+    # How often changed tracks are re-scored and tracks.scored.v1 published.
+    score_interval_s: float = 2.0
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.score_interval_s <= 0:
+            raise ConfigurationError("RIFFLOOP_SCORE_INTERVAL_S must be positive")
+
+
+class FeedbackState:
+    """The ledger, its key-value mirror and the latest scores; one lock guards them."""
+
+    def __init__(
+        self,
+        ports: Any,
+        *,
+        spam: SpamFilter | None = None,
+        confidence: ConfidenceWeight | None = None,
+    ) -> None:
+        self.ports = ports
+        self.lock = threading.Lock()
+        self.ledger = FeedbackLedger()
+        self.spam = spam or SpamFilter()
+        self.confidence = confidence or ConfidenceWeight()
+        self.scores: dict[str, TrackScored] = {}
+        self.report: SpamReport | None = None
+        self.dirty: set[str] = set()
+        self._caught_seen: set[tuple[str, str]] = set()
+
+    # -- rebuild ------------------------------------------------------------------------------
+
+    def rebuild(self) -> int:
+        """Reload every track, rating and listen from the key-value store; return ratings."""
+        kv = self.ports.kv
+        ratings = 0
+        with self.lock:
+            self.ledger = FeedbackLedger()
+            for raw in kv.hgetall("fb:tracks").values():
+                self._register(json.loads(raw))
+            for track_id in list(self._track_ids()):
+                for raw in kv.hgetall(f"fb:ratings:{track_id}").values():
+                    self._apply_rating(Rating(**json.loads(raw)))
+                    ratings += 1
+                for raw in kv.hgetall(f"fb:listens:{track_id}").values():
+                    self._apply_listen(ListenEvent(**json.loads(raw)))
+                self.dirty.add(track_id)
+        return ratings
+
+    def _track_ids(self) -> list[str]:
+        return [p.track_id for p in self.ledger.provenances()]
+
+    def _register(self, record: dict[str, Any]) -> None:
+        prov = TrackProvenance.from_json(record["provenance"])
+        self.ledger.register_track(prov, float(record["clip_seconds"]))
+        for user, served_at in record["served_to"].items():
+            self.ledger.mark_served(prov.track_id, user, float(served_at))
+
+    def _apply_rating(self, rating: Rating) -> bool:
+        try:
+            self.ledger.rate(rating)
+        except ConflictError:
+            return False
+        return True
+
+    def _apply_listen(self, event: ListenEvent) -> bool:
+        try:
+            self.ledger.listen(event)
+        except ConflictError:
+            return False
+        return True
+
+    # -- events -------------------------------------------------------------------------------
+
+    def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
+        ready = envelope.track_ready
+        prov = provenance_from_proto(ready.track_id, ready.provenance)
+        served_at = envelope.occurred_at.ToNanoseconds() / 1e9
+        record = {
+            "provenance": prov.to_json(),
+            "clip_seconds": ready.duration_seconds,
+            "served_to": {ready.user_id: served_at} if ready.user_id else {},
+        }
+        with self.lock:
+            self._register(record)
+        self.ports.kv.hset("fb:tracks", {ready.track_id: json.dumps(record)})
+
+    def on_feedback(self, envelope: events_pb2.Envelope) -> None:
+        event = envelope.feedback_received
+        submitted_at = envelope.occurred_at.ToNanoseconds() / 1e9
+        which = event.WhichOneof("feedback")
+        with self.lock:
+            # A rating can overtake its tracks.ready (other topic, other partition): the track
+            # is unknown yet, NotFoundError is retried by the consumer with back-off.
+            self.ledger.provenance(event.track_id)
+            if which == "rating":
+                rating = Rating(
+                    event.track_id, event.user_id, int(event.rating.stars), submitted_at
+                )
+                fresh = self._apply_rating(rating)
+                table, value = "ratings", dataclasses.asdict(rating)
+            elif which == "listen":
+                listen = ListenEvent(
+                    track_id=event.track_id,
+                    rater_id=event.user_id,
+                    seconds_listened=float(event.listen.seconds_listened),
+                    clip_seconds=float(event.listen.clip_seconds),
+                    completed=bool(event.listen.completed),
+                    skipped=not event.listen.completed,
+                    submitted_at=submitted_at,
+                )
+                fresh = self._apply_listen(listen)
+                table, value = "listens", dataclasses.asdict(listen)
+            else:
+                raise ValidationError(f"feedback event {envelope.event_id} carries no feedback")
+            self.dirty.add(event.track_id)
+        if fresh:
+            # Upsert keyed by (track, rater): writing it again after a crash changes nothing.
+            self.ports.kv.hset(f"fb:{table}:{event.track_id}", {event.user_id: json.dumps(value)})
+
+    # -- scoring ------------------------------------------------------------------------------
+
+    def score_changed(self) -> list[events_pb2.TrackScored]:
+        """Re-score everything (ω pools all raters); return the payloads of changed tracks."""
+        with self.lock:
+            if not self.dirty:
+                return []
+            changed, self.dirty = self.dirty, set()
+            observations = self.ledger.observations()
+            if not observations:
+                return []
+            report = self.spam.inspect(observations)
+            scores = self.confidence.score(observations, report)
+            self.scores, self.report = scores, report
+            listened: dict[str, list[float]] = {}
+            for o in observations:
+                listened.setdefault(o.track_id, []).append(o.listened_fraction)
+            out = []
+            for track_id in sorted(changed & scores.keys()):
+                fractions = listened.get(track_id, [0.0])
+                out.append(
+                    track_scored_to_proto(
+                        scores[track_id],
+                        self.ledger.provenance(track_id),
+                        sum(fractions) / len(fractions),
+                    )
+                )
+        for rater, reasons in report.caught.items():
+            for reason in reasons:
+                if (rater, str(reason)) not in self._caught_seen:
+                    self._caught_seen.add((rater, str(reason)))
+                    metrics.SPAM_CAUGHT.labels(str(reason)).inc()
+        return out
+
+    def publish_scores(self) -> int:
+        payloads = self.score_changed()
+        for payload in payloads:
+            self.ports.publish("tracks.scored.v1", payload.track_id, payload)
+        return len(payloads)
+
+
+class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
+    def __init__(self, state: FeedbackState) -> None:
+        self.state = state
+
+    def TrackScore(self, request: pb.TrackScoreRequest, context: Any) -> pb.TrackScoreResponse:
+        if not request.track_id:
+            raise ValidationError("track_id is required")
+        state = self.state
+        with state.lock:
+            try:
+                prov = state.ledger.provenance(request.track_id)
+            except NotFoundError:
+                raise NotFoundError(f"track {request.track_id} is unknown to feedback") from None
+            score = state.scores.get(request.track_id)
+            ratings = sum(1 for o in state.ledger.observations() if o.track_id == prov.track_id)
+        if score is None:
+            message = events_pb2.TrackScored(track_id=request.track_id, rating_count=ratings)
+        else:
+            message = track_scored_to_proto(score, prov)
+            # Ratings accepted since the last scoring pass count too.
+            message.rating_count = ratings
+        return pb.TrackScoreResponse(score=message)
+
+    def RaterReport(self, request: pb.RaterReportRequest, context: Any) -> Any:
+        if not request.user_id:
+            raise ValidationError("user_id is required")
+        state = self.state
+        with state.lock:
+            mine = [o for o in state.ledger.observations() if o.rater_id == request.user_id]
+            report = state.report
+        if not mine:
+            raise NotFoundError(f"rater {request.user_id} has no accepted ratings")
+        stars = [o.stars for o in mine]
+        mean = sum(stars) / len(stars)
+        std = (sum((x - mean) ** 2 for x in stars) / len(stars)) ** 0.5
+        reasons = [str(r) for r in (report.caught.get(request.user_id, ()) if report else ())]
+        reliability = report.reliability.get(request.user_id, 1.0) if report else 1.0
+        return pb.RaterReportResponse(
+            user_id=request.user_id,
+            accepted_ratings=len(mine),
+            rejected_ratings=0,
+            reliability=reliability,
+            flagged=bool(reasons),
+            reasons=reasons,
+            mean_stars=mean,
+            stddev_stars=std,
+        )
