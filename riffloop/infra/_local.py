@@ -207,6 +207,11 @@ class LocalInfra:
 
     @property
     def addresses(self) -> InfraAddresses:
+        """The stack's addresses as last recorded in infra.json (by this or another process)."""
+        self._reload()
+        return self._addresses()
+
+    def _addresses(self) -> InfraAddresses:
         missing = [name for name in SERVER_NAMES if name not in self._state.ports]
         if missing:
             raise InfraError(f"No ports recorded for {', '.join(missing)}; run `up` first.")
@@ -222,6 +227,7 @@ class LocalInfra:
 
     def start(self) -> InfraAddresses:
         """Bring every server up and ready, create topics and buckets; idempotent."""
+        self._reload()
         servers = [self.server(name) for name in SERVER_NAMES]
         for server in servers:  # 1.
             server.check_installed()
@@ -246,10 +252,11 @@ class LocalInfra:
             self._save()
             raise
         self._save(write_env=True)  # 6.
-        return self.addresses
+        return self._addresses()
 
     def stop(self) -> None:
         """Stop every recorded server (SIGTERM, then SIGKILL after a grace period)."""
+        self._reload()
         for name in SERVER_NAMES:
             self._stop_one(name, hard=False)
         self._save()
@@ -258,12 +265,14 @@ class LocalInfra:
     def kill(self, name: str) -> None:
         """SIGKILL one server, as a crash would (fault injection)."""
         self.server(name)
+        self._reload()
         self._stop_one(name, hard=True)
         self._save(write_env=True)
 
     def restart(self, name: str) -> None:
         """Stop one server if it runs, start it on the same ports and wait until it is ready."""
         self.server(name)
+        self._reload()
         self._stop_one(name, hard=False)
         self._launch(name)
         self._save()
@@ -278,6 +287,7 @@ class LocalInfra:
         self._state = _State.new()
 
     def status(self) -> list[ServerStatus]:
+        self._reload()
         statuses = []
         for name in SERVER_NAMES:
             server = self.server(name)
@@ -305,12 +315,16 @@ class LocalInfra:
     # Extra topics and buckets (tests use fresh names).
 
     def create_topics(self, names: Iterable[str], partitions: int = TOPIC_PARTITIONS) -> None:
-        create_topics(self.addresses.kafka_bootstrap, names, partitions)
+        create_topics(self._addresses().kafka_bootstrap, names, partitions)
 
     def create_buckets(self, names: Iterable[str]) -> None:
-        create_buckets(self.addresses, names)
+        create_buckets(self._addresses(), names)
 
     # Internals.
+
+    def _reload(self) -> None:
+        """Pick up what another process (the CLI, another `LocalInfra`) recorded meanwhile."""
+        self._state = _State.load(self.json_path) or self._state
 
     def _launch(self, name: str) -> None:
         taken = {port for ports in self._state.ports.values() for port in ports.values()}
@@ -377,17 +391,20 @@ class LocalInfra:
 
     def _stop_one(self, name: str, *, hard: bool) -> None:
         record = self._state.processes.pop(name, None)
+        handle = self._handles.pop(name, None)
+        if record is None and handle is not None:  # forgotten elsewhere (e.g. CLI `down`)
+            record = ProcessRecord(handle.pid, 0.0)
         if record is None:
             return
-        was_alive = is_alive(record)
-        stop(record, handle=self._handles.pop(name, None), hard=hard)
+        was_alive = is_alive(record) or (handle is not None and handle.poll() is None)
+        stop(record, handle=handle, hard=hard)
         if was_alive:
             self._progress(f"{name}: {'killed' if hard else 'stopped'} (pid {record.pid})")
 
     def _save(self, *, write_env: bool = False) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         try:
-            addresses = self.addresses.env()
+            addresses = self._addresses().env()
         except InfraError:
             addresses = {}
         _write_private(self.json_path, json.dumps(self._state.to_json(addresses), indent=2))

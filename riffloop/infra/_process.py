@@ -95,7 +95,9 @@ def stop(
     hard: bool = False,
 ) -> None:
     """SIGTERM (or SIGKILL when `hard`), wait up to `grace_s`, then SIGKILL; reaps our children."""
-    if is_alive(record):
+    # Our own child cannot have its pid recycled before we wait for it, so its handle decides.
+    alive = handle.poll() is None if handle is not None else is_alive(record)
+    if alive:
         _signal(record.pid, signal.SIGKILL if hard else signal.SIGTERM)
         if not _wait_gone(record, handle, grace_s):
             _signal(record.pid, signal.SIGKILL)
@@ -115,9 +117,10 @@ def _wait_gone(
 ) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if handle is not None and handle.poll() is not None:
-            return True
-        if not is_alive(record):
+        if handle is not None:
+            if handle.poll() is not None:
+                return True
+        elif not is_alive(record):
             return True
         time.sleep(0.05)
     return False

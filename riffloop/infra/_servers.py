@@ -230,6 +230,7 @@ _LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
     <Logger name="state.change.logger" level="WARN"/>
     <Logger name="kafka.request.logger" level="WARN"/>
     <Logger name="org.apache.kafka.storage.internals.log.LogLoader" level="WARN"/>
+    <Logger name="org.apache.kafka.common.config.AbstractConfig" level="WARN"/>
     <Root level="INFO"><AppenderRef ref="stdout"/></Root>
   </Loggers>
 </Configuration>
