@@ -28,6 +28,7 @@ from riffloop.runtime._logging import configure_logging, request_id_var
 from riffloop.runtime._ports import Ports, connect_ports
 from riffloop.runtime._ratelimit import SlidingWindowLimiter
 from riffloop.runtime._server import LoopWorker, MiB, Readiness, ServiceRuntime, Worker
+from riffloop.runtime._settings import ServiceSettings
 
 __all__ = [
     "BearerAuthInterceptor",
@@ -41,6 +42,7 @@ __all__ = [
     "RateLimiter",
     "Readiness",
     "ServiceRuntime",
+    "ServiceSettings",
     "SlidingWindowLimiter",
     "TokenSigner",
     "TokenVerifier",

@@ -194,6 +194,18 @@ class ServiceRuntime:
         self.port = 0
         self.metrics_port = 0
 
+    @classmethod
+    def from_settings(cls, settings: Any, **options: Any) -> ServiceRuntime:
+        """The usual wiring from a ``ServiceSettings``: name, ports, bind host, grace period."""
+        return cls(
+            settings.service_name,
+            grpc_port=settings.grpc_port,
+            metrics_port=settings.metrics_port,
+            host=settings.bind_host,
+            grace_s=settings.drain_grace_s,
+            **options,
+        )
+
     # -- assembly -----------------------------------------------------------------------------
 
     def add_service(

@@ -17,9 +17,7 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
     state = FeedbackState(ports)
     rebuilt = state.rebuild()
     _log.info("ledger rebuilt", extra={"ratings": rebuilt})
-    runtime = ServiceRuntime(
-        settings.service_name, grpc_port=settings.grpc_port, metrics_port=settings.metrics_port
-    )
+    runtime = ServiceRuntime.from_settings(settings)
     runtime.add_service(
         pb_grpc.add_FeedbackServiceServicer_to_server,
         FeedbackServicer(state),

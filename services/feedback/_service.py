@@ -28,7 +28,6 @@ from riffloop.core import (
     ConfigurationError,
     ConflictError,
     NotFoundError,
-    Settings,
     ValidationError,
 )
 from riffloop.loop import (
@@ -41,7 +40,7 @@ from riffloop.loop import (
     TrackProvenance,
     TrackScored,
 )
-from riffloop.runtime import metrics, provenance_from_proto, track_scored_to_proto
+from riffloop.runtime import ServiceSettings, metrics, provenance_from_proto, track_scored_to_proto
 from riffloop.v1 import events_pb2
 from riffloop.v1 import feedback_service_pb2 as pb
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
@@ -50,7 +49,7 @@ _log = logging.getLogger("riffloop.feedback")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class FeedbackSettings(Settings):
+class FeedbackSettings(ServiceSettings):
     service_name: str = "feedback"
     grpc_port: int = 50054
     metrics_port: int = 9104

@@ -42,10 +42,8 @@ def build(settings: GatewaySettings, ports: Ports, *, audio: Any = probe_audio) 
     limiter = SlidingWindowLimiter(
         ports.kv, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
     )
-    runtime = ServiceRuntime(
-        settings.service_name,
-        grpc_port=settings.grpc_port,
-        metrics_port=settings.metrics_port,
+    runtime = ServiceRuntime.from_settings(
+        settings,
         interceptors=[
             BearerAuthInterceptor(TokenSigner(settings.auth_secret)),
             RateLimitInterceptor(limiter),

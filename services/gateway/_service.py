@@ -35,10 +35,9 @@ from riffloop.core import (
     NotFoundError,
     PermanentError,
     PermissionDeniedError,
-    Settings,
     ValidationError,
 )
-from riffloop.runtime import current_user, metrics
+from riffloop.runtime import ServiceSettings, current_user, metrics
 from riffloop.v1 import (
     common_pb2,
     events_pb2,
@@ -68,7 +67,7 @@ _CONTENT_TYPES = {
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class GatewaySettings(Settings):
+class GatewaySettings(ServiceSettings):
     service_name: str = "gateway"
     grpc_port: int = 50051
     metrics_port: int = 9101

@@ -16,9 +16,7 @@ def build(settings: SelectorSettings, ports: Ports) -> tuple[ServiceRuntime, Sel
     ports.prepare(settings.kafka_partitions)
     state = SelectorState(ports, settings)
     state.rebuild()
-    runtime = ServiceRuntime(
-        settings.service_name, grpc_port=settings.grpc_port, metrics_port=settings.metrics_port
-    )
+    runtime = ServiceRuntime.from_settings(settings)
     runtime.add_service(
         pb_grpc.add_SelectorServiceServicer_to_server,
         SelectorServicer(state),

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from riffloop.core import ConfigurationError, NotFoundError, Settings, ValidationError
+from riffloop.core import ConfigurationError, NotFoundError, ValidationError
 from riffloop.loop import (
     GeneticSelector,
     PurgeCycle,
@@ -36,7 +36,7 @@ from riffloop.loop import (
     manifest_json,
     model_score_by_input,
 )
-from riffloop.runtime import provenance_from_proto, track_scored_to_proto
+from riffloop.runtime import ServiceSettings, provenance_from_proto, track_scored_to_proto
 from riffloop.v1 import events_pb2
 from riffloop.v1 import selector_service_pb2 as pb
 from riffloop.v1 import selector_service_pb2_grpc as pb_grpc
@@ -45,7 +45,7 @@ _log = logging.getLogger("riffloop.selector")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class SelectorSettings(Settings):
+class SelectorSettings(ServiceSettings):
     service_name: str = "selector"
     grpc_port: int = 50055
     metrics_port: int = 9105
