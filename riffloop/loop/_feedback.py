@@ -230,7 +230,8 @@ class RaterScale:
 class RaterNormaliser:
     """Per-rater z-scores, shrunk toward the population when a rater has few ratings.
 
-    With n_r ratings of mean m_r and variance v_r, population mean μ and variance σ²:
+    With n_r ratings of mean m_r and variance v_r, population mean μ and pooled within-rater
+    variance σ²:
         m̃_r = (n_r·m_r + k·μ) / (n_r + k)       a new rater is presumed typical
         s̃²_r = (n_r·v_r + k·σ²) / (n_r + k)     and equally spread
         x̂ = μ + σ·(x − m̃_r)/s̃_r                back on the star scale, bias removed
@@ -252,9 +253,13 @@ class RaterNormaliser:
             if weights is None or weights.get(o.rater_id, 1.0) > 0:
                 by_rater[o.rater_id].append(o.stars)
         all_stars = np.array([s for v in by_rater.values() for s in v], dtype=float)
-        if all_stars.size >= 2:
+        if all_stars.size:
             self.mu = float(all_stars.mean())
-            self.sigma = max(float(all_stars.std(ddof=1)), self.min_std)
+        # σ² = pooled within-rater variance: the spread of one rater's stars, leniency excluded
+        ss = sum(float(((np.asarray(v) - np.mean(v)) ** 2).sum()) for v in by_rater.values())
+        dof = sum(len(v) - 1 for v in by_rater.values())
+        if dof > 0:
+            self.sigma = max(math.sqrt(ss / dof), self.min_std)
         k = self.prior_strength
         self.scales = {}
         for rater, stars in by_rater.items():

@@ -12,8 +12,8 @@ physical constraint (nobody listens faster than real time). No threshold is fitt
   flagged when the Binomial(n, p0) tail P(X ≥ k) < α.
 - BURST — physical: a submission cannot follow the previous one sooner than the listening it
   claims (nor within 0.5 s); flagged at ≥ 2 impossible gaps (one clock glitch forgiven).
-- INCONSISTENT — null: repeats of one baseline sample differ like the median rater's repeats;
-  flagged by a one-sided z-test of the rater's mean |Δstars| above that median (α).
+- INCONSISTENT — null: a rater's |Δstars| between repeats of one baseline sample are drawn from
+  the pooled repeats of everyone; flagged when the exact tail P(Σ|Δ| ≥ observed) < α.
 """
 
 from __future__ import annotations
@@ -145,13 +145,17 @@ class SpamFilter:
             if diffs:
                 pair_diffs[r] = diffs
         if len(pair_diffs) >= 3:
-            d_med = float(np.median([np.mean(d) for d in pair_diffs.values()]))
-            sd = float(np.std([x for d in pair_diffs.values() for x in d], ddof=1)) or 1.0
+            # null pmf of one |Δ| ∈ {0..4}: the pooled repeats of all raters (mostly honest)
+            pooled = np.bincount([d for v in pair_diffs.values() for d in v], minlength=5)
+            pmf = pooled[:5] / pooled.sum()
             for r, diffs in pair_diffs.items():
                 if len(diffs) >= 3:
-                    z = (float(np.mean(diffs)) - d_med) / (sd / math.sqrt(len(diffs)))
-                    details[r]["z_inconsistent"] = z
-                    if z > z_crit:
+                    dist = np.array([1.0])
+                    for _ in diffs:  # exact n-fold convolution: the law of Σ|Δ| under the null
+                        dist = np.convolve(dist, pmf)
+                    p = float(dist[int(sum(diffs)) :].sum())
+                    details[r]["p_inconsistent"] = p
+                    if p < self.alpha:
                         caught[r].add(SpamReason.INCONSISTENT)
 
         # 5. RANDOM: agreement with the leave-one-out consensus of the raters still trusted.
@@ -160,7 +164,7 @@ class SpamFilter:
         n_shared: dict[str, int] = {}
         r_med = math.nan
         for _round in range(2):
-            trusted = {r for r in raters if r not in caught}
+            trusted = {r for r in raters if not caught.get(r)}
             agreement, n_shared = _loo_agreement(by_rater, observations, trusted)
             good = [
                 agreement[r] for r in trusted if n_shared[r] >= 8 and math.isfinite(agreement[r])
@@ -170,7 +174,7 @@ class SpamFilter:
             r_med = float(np.median(good))
             for r in raters:
                 n, a = n_shared[r], agreement[r]
-                if n < 8 or not math.isfinite(a) or SpamReason.CONSTANT in caught[r]:
+                if n < 8 or not math.isfinite(a) or SpamReason.CONSTANT in caught.get(r, ()):
                     continue
                 se = 1.0 / math.sqrt(n - 3)
                 z_a = math.atanh(max(min(a, 0.999), -0.999))
@@ -185,7 +189,7 @@ class SpamFilter:
         reliability: dict[str, float] = {}
         k = self.reliability_prior
         for r in raters:
-            if r in caught:
+            if caught.get(r):
                 reliability[r] = 0.0
                 continue
             a = agreement.get(r, math.nan)

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from riffloop.loop import ConfidenceWeight, SpamFilter, SpamReason, TrackKind
+from tests.loop.crowd import build_crowd
+
+pytestmark = pytest.mark.unit
+
+SPAM = {"constant": 3, "random": 3, "zero_listen": 3, "burst": 3, "inconsistent": 0}
+
+
+def test_each_spammer_kind_is_caught_for_its_reason() -> None:
+    crowd = build_crowd(seed=1, spam=SPAM)
+    report = SpamFilter().inspect(crowd.ledger.observations())
+    expected = {
+        "constant": SpamReason.CONSTANT,
+        "random": SpamReason.RANDOM,
+        "zero_listen": SpamReason.NO_LISTENING,
+        "burst": SpamReason.BURST,
+    }
+    for rater, kind in crowd.spammers.items():
+        assert rater in report.caught, (rater, report.details.get(rater))
+        assert expected[kind] in report.caught[rater]
+        assert report.reliability[rater] == 0.0
+    honest_caught = [r for r in report.caught if r not in crowd.spammers]
+    # α = 0.01 per test, five tests, 40 honest raters: a false alarm or two at most
+    assert len(honest_caught) <= 2
+    assert report.counts_by_reason()["burst"] >= 3
+    assert "caught" in report.summary()
+
+
+def test_inconsistent_raters_on_repeated_baselines_are_caught() -> None:
+    crowd = build_crowd(seed=2, spam={"inconsistent": 3}, repeats=10)
+    report = SpamFilter().inspect(crowd.ledger.observations())
+    caught = [r for r in crowd.spammers if SpamReason.INCONSISTENT in report.caught.get(r, ())]
+    assert len(caught) >= 2
+
+
+def test_disabled_filter_trusts_everyone() -> None:
+    crowd = build_crowd(seed=1, spam=SPAM)
+    report = SpamFilter(enabled=False).inspect(crowd.ledger.observations())
+    assert not report.caught
+    assert set(report.reliability.values()) == {1.0}
+
+
+def test_honest_reliability_is_high_and_shrinks_toward_one() -> None:
+    crowd = build_crowd(seed=3)
+    report = SpamFilter().inspect(crowd.ledger.observations())
+    rel = [report.reliability[r] for r in report.reliability if r not in report.caught]
+    assert np.median(rel) > 0.8
+    assert all(0.0 < x <= 1.0 for x in rel)
+
+
+def _track_quality_correlation(seed: int, spam_filter: SpamFilter, cw: ConfidenceWeight) -> float:
+    crowd = build_crowd(seed=seed, spam={"constant": 4, "random": 4, "zero_listen": 4})
+    obs = crowd.ledger.observations()
+    scores = cw.score(obs, spam_filter.inspect(obs))
+    ids = [t for t in scores if "probe" not in t]
+    return float(
+        stats.spearmanr([scores[t].score for t in ids], [crowd.quality[t] for t in ids])[0]
+    )
+
+
+def test_scores_track_hidden_quality_better_with_spam_control() -> None:
+    on = [_track_quality_correlation(s, SpamFilter(), ConfidenceWeight()) for s in range(3)]
+    off = [
+        _track_quality_correlation(s, SpamFilter(enabled=False), ConfidenceWeight())
+        for s in range(3)
+    ]
+    assert np.mean(on) > 0.7
+    assert np.mean(on) > np.mean(off)
+
+
+def test_omega_grows_with_ratings_listening_and_reliability() -> None:
+    crowd = build_crowd(seed=4)
+    obs = crowd.ledger.observations()
+    report = SpamFilter().inspect(obs)
+    cw = ConfidenceWeight()
+    scores = cw.score(obs, report)
+    assert 0.5 <= cw.kappa <= 20.0
+    for s in scores.values():
+        assert 0.0 <= s.omega < 1.0
+        assert s.omega == pytest.approx(s.effective_n / (s.effective_n + cw.kappa))
+    # more effective ratings → larger ω (ω is monotone in m_j)
+    ordered = sorted(scores.values(), key=lambda s: s.effective_n)
+    assert ordered[0].omega <= ordered[-1].omega
+    # an unreliable rater's ratings carry nothing
+    first = next(o for o in obs if report.reliability[o.rater_id] > 0 and o.seconds_listened > 0)
+    report.reliability[first.rater_id] = 0.0
+    again = cw.score(obs, report)
+    tid = first.track_id
+    assert again[tid].effective_n < scores[tid].effective_n
+
+
+def test_unheard_ratings_get_zero_weight_and_uniform_ablation_gives_one() -> None:
+    crowd = build_crowd(seed=5, spam={"zero_listen": 2})
+    obs = crowd.ledger.observations()
+    report = SpamFilter(enabled=False).inspect(obs)
+    cw = ConfidenceWeight()
+    assert all(cw.heard_weight(o) == 0.0 for o in obs if o.rater_id.startswith("zero"))
+    uniform = ConfidenceWeight(uniform=True).score(obs, report)
+    assert {s.omega for s in uniform.values()} == {1.0}
+    assert {s.kind for s in uniform.values()} == {TrackKind.BASELINE, TrackKind.GENERATED}

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from riffloop.core import ConflictError, NotFoundError, PermanentError
+from riffloop.loop import (
+    Canary,
+    CanaryDecision,
+    ModelRecord,
+    ModelRegistry,
+    OfflineGate,
+    VersionStatus,
+    welch_ci,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def _fd(a: np.ndarray, b: np.ndarray) -> float:
+    # a stand-in metric with FD's shape: squared mean distance + trace term on the diagonal
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + ((a.std(0) - b.std(0)) ** 2).sum())
+
+
+def _div(e: np.ndarray) -> float:
+    return float(np.mean(np.linalg.norm(e[:, None] - e[None], axis=-1)))
+
+
+def test_gate_rejects_drift_and_collapse_and_passes_a_similar_model() -> None:
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 8))
+    parent = rng.normal(size=(64, 8)) + 0.1
+    gate = OfflineGate(frechet=_fd, diversity=_div)
+    ok = gate.evaluate(ref, parent, rng.normal(size=(64, 8)) + 0.1)
+    assert ok.passed and not ok.reasons
+    drifted = gate.evaluate(ref, parent, rng.normal(size=(64, 8)) + 2.0)
+    assert not drifted.passed and "frechet_distance" in drifted.reasons
+    collapsed = gate.evaluate(ref, parent, 0.2 * rng.normal(size=(64, 8)) + 0.1)
+    assert not collapsed.passed and "diversity" in collapsed.reasons
+
+
+def test_canary_rolls_back_a_worse_model_and_promotes_a_better_one() -> None:
+    rng = np.random.default_rng(1)
+    worse = Canary("v1", "v2", share=0.2, min_ratings=20)
+    routed = [worse.route(f"r{i}") for i in range(2000)]
+    assert abs(routed.count("v2") / 2000 - 0.2) < 0.04
+    assert routed == [worse.route(f"r{i}") for i in range(2000)]
+    assert worse.decide().decision is CanaryDecision.CONTINUE
+    for _ in range(40):
+        worse.record("v1", float(np.clip(np.rint(rng.normal(3.5, 1)), 1, 5)))
+        worse.record("v2", float(np.clip(np.rint(rng.normal(2.5, 1)), 1, 5)))
+    v = worse.decide()
+    assert v.decision is CanaryDecision.ROLLBACK and v.p_worse < 0.05
+
+    better = Canary("v1", "v2", min_ratings=20)
+    for _ in range(40):
+        better.record("v1", float(np.clip(np.rint(rng.normal(3.0, 1)), 1, 5)))
+        better.record("v2", float(np.clip(np.rint(rng.normal(4.0, 1)), 1, 5)))
+    assert better.decide().decision is CanaryDecision.PROMOTE
+    with pytest.raises(NotFoundError):
+        better.record("v9", 3.0)
+
+
+def test_canary_false_rollback_rate_is_near_alpha() -> None:
+    rng = np.random.default_rng(2)
+    rollbacks = 0
+    for _ in range(200):
+        c = Canary("a", "b", alpha=0.05, min_ratings=30)
+        for _ in range(30):
+            c.record("a", float(rng.integers(1, 6)))
+            c.record("b", float(rng.integers(1, 6)))
+        rollbacks += c.decide().decision is CanaryDecision.ROLLBACK
+    assert rollbacks / 200 < 0.1  # α = 0.05, binomial sd 0.015
+
+
+def _registry() -> ModelRegistry:
+    from riffloop.core._memory_object_store import MemoryObjectStore
+
+    return ModelRegistry(MemoryObjectStore())
+
+
+def test_registry_lineage_gate_promote_and_rollback() -> None:
+    reg = _registry()
+    reg.register(ModelRecord("v0", None, None, VersionStatus.SERVING))
+    reg.register(ModelRecord("v1", "v0", "ts1", VersionStatus.CANDIDATE))
+    with pytest.raises(ConflictError):
+        reg.register(ModelRecord("v1", "v0", "ts1", VersionStatus.CANDIDATE))
+    with pytest.raises(NotFoundError):
+        reg.register(ModelRecord("v2", "nope", "ts", VersionStatus.CANDIDATE))
+    assert reg.serving() == "v0" and reg.lineage("v1") == ["v1", "v0"]
+
+    from riffloop.loop import GateReport
+
+    good = GateReport(True, 1.0, 1.1, 1.0, 1.0, 0.25, 0.15)
+    assert reg.gate("v1", good).status is VersionStatus.CANARY
+    reg.promote("v1")
+    assert reg.serving() == "v1" and reg.get("v0").status is VersionStatus.RETIRED
+    reg.roll_back("v1")
+    assert reg.serving() == "v0" and reg.get("v1").status is VersionStatus.ROLLED_BACK
+
+    reg.register(ModelRecord("v2", "v0", "ts2", VersionStatus.CANDIDATE))
+    bad = GateReport(False, 1.0, 2.0, 1.0, 1.0, 0.25, 0.15, ("frechet_distance",))
+    assert reg.gate("v2", bad).status is VersionStatus.REJECTED
+    with pytest.raises(PermanentError):
+        reg.promote("v2")
+    assert reg.get("v2").gate_report["reasons"] == ["frechet_distance"]
+
+
+def test_welch_ci_covers_the_true_difference() -> None:
+    rng = np.random.default_rng(3)
+    hits = 0
+    for _ in range(200):
+        d, lo, hi = welch_ci(rng.normal(1.0, 1, 30), rng.normal(0.5, 2, 20))
+        hits += lo <= 0.5 <= hi
+        assert lo <= d <= hi
+    assert hits / 200 > 0.9
