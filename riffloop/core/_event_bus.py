@@ -86,6 +86,10 @@ class Subscription(abc.ABC):
         """Commit the group's offset past ``message``. TransientError if the partition moved."""
 
     @abc.abstractmethod
+    def assignment(self) -> set[tuple[str, int]]:
+        """The (topic, partition) pairs this member owns right now (empty while joining)."""
+
+    @abc.abstractmethod
     def lag(self) -> dict[str, int]:
         """Per topic: records on the assigned partitions not yet committed by the group."""
 
@@ -285,6 +289,11 @@ class _MemorySubscription(Subscription):
                 )
             committed = self._bus._groups[self.group].committed
             committed[tp] = max(committed.get(tp, 0), message.offset + 1)
+
+    def assignment(self) -> set[tuple[str, int]]:
+        with self._bus._cond:
+            self._refresh()
+            return set(self._positions)
 
     def lag(self) -> dict[str, int]:
         with self._bus._cond:

@@ -285,6 +285,9 @@ class _KafkaSubscription(Subscription):
         offsets = {tp: OffsetAndMetadata(message.offset + 1, "", -1)}
         _kafka_call("commit", lambda: self._consumer.commit(offsets))
 
+    def assignment(self) -> set[tuple[str, int]]:
+        return {(tp.topic, int(tp.partition)) for tp in self._consumer.assignment()}
+
     def lag(self) -> dict[str, int]:
         def compute() -> dict[str, int]:
             assigned = list(self._consumer.assignment())

@@ -1,0 +1,159 @@
+"""The KeyValueStore contract, run against every adapter (memory, Redis)."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from riffloop.core import KeyValueStore, ValidationError
+
+pytestmark = pytest.mark.contract
+
+KV = tuple[KeyValueStore, Callable[[], str]]
+
+
+class TestKeyValueStoreContract:
+    def test_get_set_delete(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        assert store.get(k) is None
+        store.set(k, "hello")
+        assert store.get(k) == "hello"
+        assert store.ttl(k) is None
+        assert store.delete(k) is True
+        assert store.delete(k) is False
+        assert store.get(k) is None
+
+    def test_ttl_expires(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        store.set(k, "v", ttl_s=0.2)
+        remaining = store.ttl(k)
+        assert remaining is not None and 0 < remaining <= 0.2
+        deadline = time.monotonic() + 3
+        while store.get(k) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.get(k) is None
+
+    def test_set_if_absent_is_first_writer_wins(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        assert store.set_if_absent(k, "first", ttl_s=60) is True
+        assert store.set_if_absent(k, "second", ttl_s=60) is False
+        assert store.get(k) == "first"
+        remaining = store.ttl(k)
+        assert remaining is not None and 59 < remaining <= 60
+
+    def test_set_if_absent_under_contention_has_one_winner(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        wins: list[bool] = []
+        lock = threading.Lock()
+
+        def claim() -> None:
+            won = store.set_if_absent(k, "x", ttl_s=60)
+            with lock:
+                wins.append(won)
+
+        threads = [threading.Thread(target=claim) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(wins) == [False] * 7 + [True]
+
+    def test_incr(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        assert store.incr(k) == 1
+        assert store.incr(k, 5) == 6
+        assert store.incr(k, -2) == 4
+        assert store.get(k) == "4"
+        text = key()
+        store.set(text, "not a number")
+        with pytest.raises(ValidationError):
+            store.incr(text)
+
+    def test_hashes(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        assert store.hgetall(k) == {}
+        assert store.hget(k, "n") is None
+        store.hset(k, {"version": "v3", "parent": "v2"})
+        assert store.hincrbyfloat(k, "sum", 4.5) == pytest.approx(4.5)
+        assert store.hincrbyfloat(k, "sum", -1.25) == pytest.approx(3.25)
+        all_fields = store.hgetall(k)
+        assert all_fields["version"] == "v3"
+        assert float(all_fields["sum"]) == pytest.approx(3.25)
+        assert store.hget(k, "parent") == "v2"
+
+    def test_wrong_type_is_a_validation_error(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        store.set(k, "plain")
+        with pytest.raises(ValidationError):
+            store.hincrbyfloat(k, "f", 1.0)
+
+    def test_apply_once_counts_a_rating_exactly_once(self, kv_store: KV) -> None:
+        """Σ stars, Σ stars² and n per track, updated atomically with the dedupe claim."""
+        store, key = kv_store
+        aggregate, user_aggregate = key(), key()
+        event = key()
+        stars = 4.0
+        increments = {
+            aggregate: {"sum": stars, "sum_sq": stars**2, "n": 1.0},
+            user_aggregate: {"n": 1.0},
+        }
+        assert store.apply_once(event, 60, increments) is True
+        assert store.apply_once(event, 60, increments) is False  # a redelivery
+        assert store.apply_once(key(), 60, {aggregate: {"sum": 2.0, "n": 1.0}}) is True
+        totals = {f: float(v) for f, v in store.hgetall(aggregate).items()}
+        assert totals == {"sum": 6.0, "sum_sq": 16.0, "n": 2.0}
+        assert float(store.hgetall(user_aggregate)["n"]) == 1.0
+        remaining = store.ttl(event)
+        assert remaining is not None and 59 < remaining <= 60
+
+    def test_apply_once_under_contention_applies_once(self, kv_store: KV) -> None:
+        store, key = kv_store
+        aggregate, event = key(), key()
+        results: list[bool] = []
+        lock = threading.Lock()
+
+        def deliver() -> None:
+            applied = store.apply_once(event, 60, {aggregate: {"n": 1.0, "sum": 5.0}})
+            with lock:
+                results.append(applied)
+
+        threads = [threading.Thread(target=deliver) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count(True) == 1
+        assert float(store.hgetall(aggregate)["n"]) == 1.0
+
+    def test_apply_once_is_all_or_nothing_on_a_bad_target(self, kv_store: KV) -> None:
+        store, key = kv_store
+        good, bad, event = key(), key(), key()
+        store.set(bad, "a string, not a hash")
+        with pytest.raises(ValidationError):
+            store.apply_once(event, 60, {good: {"n": 1.0}, bad: {"n": 1.0}})
+        assert store.hgetall(good) == {}
+        assert store.get(event) is None  # the dedupe key was not claimed either
+
+    @pytest.mark.parametrize("ttl", [0.0, -1.0, math.inf, math.nan])
+    def test_bad_ttl_is_a_validation_error(self, kv_store: KV, ttl: float) -> None:
+        store, key = kv_store
+        with pytest.raises(ValidationError):
+            store.set(key(), "v", ttl_s=ttl)
+
+    def test_bad_increment_is_a_validation_error(self, kv_store: KV) -> None:
+        store, key = kv_store
+        with pytest.raises(ValidationError):
+            store.apply_once(key(), 60, {key(): {"n": math.nan}})
+        with pytest.raises(ValidationError):
+            store.get("")
