@@ -24,7 +24,9 @@ from riffloop.runtime._interceptors import (
     current_user,
     remaining_seconds,
 )
+from riffloop.runtime._latents import LatentRecord
 from riffloop.runtime._logging import configure_logging, request_id_var
+from riffloop.runtime._models import ModelStore, ServedModel
 from riffloop.runtime._ports import Ports, connect_ports
 from riffloop.runtime._ratelimit import SlidingWindowLimiter
 from riffloop.runtime._server import LoopWorker, MiB, Readiness, ServiceRuntime, Worker
@@ -33,14 +35,18 @@ from riffloop.runtime._settings import ServiceSettings
 __all__ = [
     "BearerAuthInterceptor",
     "ConsumerWorker",
+    "DeferredWorker",
     "EventRouter",
+    "LatentRecord",
     "LoopWorker",
     "MiB",
+    "ModelStore",
     "ObservabilityInterceptor",
     "Ports",
     "RateLimitInterceptor",
     "RateLimiter",
     "Readiness",
+    "ServedModel",
     "ServiceRuntime",
     "ServiceSettings",
     "SlidingWindowLimiter",

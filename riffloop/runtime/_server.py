@@ -75,6 +75,35 @@ class LoopWorker:
             self._thread.join(timeout_s)
 
 
+class DeferredWorker:
+    """Starts ``inner`` only once ``ready()`` holds (e.g. a consumer that needs a loaded model:
+    records are left in Kafka, not dead-lettered, while the process cannot handle them)."""
+
+    def __init__(self, inner: Worker, ready: Callable[[], bool], poll_s: float = 0.5) -> None:
+        self.name = f"{inner.name}-deferred"
+        self.inner = inner
+        self._ready = ready
+        self._poll_s = poll_s
+        self._started = False
+        self._gate = LoopWorker(self.name, self._wait)
+
+    def _wait(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            if self._ready():
+                self.inner.start()
+                self._started = True
+                return
+            stop.wait(self._poll_s)
+
+    def start(self) -> None:
+        self._gate.start()
+
+    def stop(self, timeout_s: float) -> None:
+        self._gate.stop(timeout_s)
+        if self._started:
+            self.inner.stop(timeout_s)
+
+
 class Readiness:
     """Per-dependency readiness driving the gRPC health status and a gauge."""
 

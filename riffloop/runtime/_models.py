@@ -1,0 +1,131 @@
+"""Model checkpoints in the object store (design.md §2): ``models/<version>/...`` in diffusers
+layout, one pointer per version (``models/<version>.json``, written after every part), and
+``models/CURRENT`` naming the served version, written last of all.
+
+``publish`` saves a ``riffloop.music.MusicDiffusion`` through ``ObjectStore.publish_artifact``
+(parts, verify, pointer); ``load`` follows a pointer, re-checks each part's sha256 and loads
+the folder with ``MusicDiffusion.from_pretrained``. torch and diffusers load lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from riffloop.core import NotFoundError, PermanentError
+from riffloop.runtime import metrics
+
+_log = logging.getLogger("riffloop.models")
+
+MODELS_BUCKET = "models"
+CURRENT_KEY = "CURRENT"
+
+
+class ModelStore:
+    def __init__(self, objects: Any) -> None:
+        self.objects = objects
+
+    @staticmethod
+    def pointer_key(version: str) -> str:
+        return f"{version}.json"
+
+    def publish(self, model: Any) -> Any:
+        """Write every file of the checkpoint, then its pointer; return the pointer's ObjectRef."""
+        with tempfile.TemporaryDirectory(prefix="riffloop-model-") as tmp:
+            folder = model.save_pretrained(Path(tmp) / "model")
+            parts = {
+                path.relative_to(folder).as_posix(): path.read_bytes()
+                for path in sorted(folder.rglob("*"))
+                if path.is_file()
+            }
+        self.objects.publish_artifact(
+            MODELS_BUCKET, model.version, parts, self.pointer_key(model.version)
+        )
+        return self.objects.stat(MODELS_BUCKET, self.pointer_key(model.version))
+
+    def exists(self, version: str) -> bool:
+        return bool(self.objects.exists(MODELS_BUCKET, self.pointer_key(version)))
+
+    def load(self, version: str) -> Any:
+        from riffloop.music import MusicDiffusion
+
+        if not self.exists(version):
+            raise NotFoundError(f"model {version} has no checkpoint in the object store")
+        parts = self.objects.read_artifact(MODELS_BUCKET, self.pointer_key(version))
+        with tempfile.TemporaryDirectory(prefix="riffloop-model-") as tmp:
+            root = Path(tmp) / version
+            for name, data in parts.items():
+                target = root / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            model = MusicDiffusion.from_pretrained(root)
+        model.version = version
+        return model
+
+    def checkpoint_ref(self, version: str) -> Any:
+        return self.objects.stat(MODELS_BUCKET, self.pointer_key(version))
+
+    def current(self) -> dict[str, Any] | None:
+        """``{"version", "parent", "history"}`` of the served model, or None before the first."""
+        try:
+            return dict(json.loads(self.objects.get(MODELS_BUCKET, CURRENT_KEY)))
+        except NotFoundError:
+            return None
+
+    def set_current(self, version: str, parent: str = "") -> None:
+        """Point ``models/CURRENT`` at ``version`` (written after its checkpoint is complete)."""
+        if not self.exists(version):
+            raise NotFoundError(f"model {version} has no checkpoint; CURRENT not moved")
+        previous = self.current() or {"history": []}
+        history = [*previous.get("history", []), version]
+        body = {"version": version, "parent": parent, "history": history}
+        self.objects.put(
+            MODELS_BUCKET, CURRENT_KEY, json.dumps(body).encode(), content_type="application/json"
+        )
+
+
+class ServedModel:
+    """The model a process serves, loaded from the store and hot-swapped: the new version is
+    loaded aside (requests keep using the old one), then the reference is swapped under a lock;
+    a request holds the reference it got for its whole run, so no request is dropped."""
+
+    def __init__(self, store: ModelStore, service: str) -> None:
+        self.store = store
+        self.service = service
+        self.lock = threading.Lock()
+        self.model: Any = None
+        self.loaded_at = 0.0
+
+    def get(self) -> Any:
+        with self.lock:
+            if self.model is None:
+                raise PermanentError("no model loaded yet; the trainer has not published one")
+            return self.model
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None
+
+    def load_current(self) -> bool:
+        """Load the version ``models/CURRENT`` names, if it is not the one held; True if held."""
+        current = self.store.current()
+        if current is None:
+            return False
+        if self.model is not None and self.model.version == current["version"]:
+            return True
+        return self.swap_to(str(current["version"]))
+
+    def swap_to(self, version: str) -> bool:
+        model = self.store.load(version)  # outside the lock: requests keep the old model
+        model.unet.eval()
+        with self.lock:
+            self.model = model
+            self.loaded_at = time.time()
+        metrics.set_current_model(self.service, version)
+        _log.info("model loaded", extra={"model_version": version})
+        return True

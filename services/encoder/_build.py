@@ -1,0 +1,61 @@
+"""Assemble the encoder process: model holder (waits for models/CURRENT), consumer, server."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from riffloop.runtime import (
+    ConsumerWorker,
+    DeferredWorker,
+    EventRouter,
+    LoopWorker,
+    ModelStore,
+    Ports,
+    ServedModel,
+    ServiceRuntime,
+)
+from riffloop.v1 import encoder_service_pb2_grpc as pb_grpc
+from services.encoder._service import Encoder, EncoderServicer, EncoderSettings
+
+_log = logging.getLogger("riffloop.encoder")
+
+
+def build(settings: EncoderSettings, ports: Ports) -> tuple[ServiceRuntime, Encoder]:
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    ports.prepare(settings.kafka_partitions)
+    models = ServedModel(ModelStore(ports.objects), settings.service_name)
+    encoder = Encoder(settings, ports, models)
+    runtime = ServiceRuntime.from_settings(settings, max_workers=4)
+    runtime.add_service(
+        pb_grpc.add_EncoderServiceServicer_to_server,
+        EncoderServicer(encoder),
+        "riffloop.v1.EncoderService",
+    )
+    for dependency, check in ports.readiness_checks().items():
+        runtime.readiness.add_check(dependency, check)
+    runtime.readiness.add_check("model", lambda: models.ready)
+
+    def await_model(stop: threading.Event) -> None:
+        # Until the first model exists the process is alive but not ready.
+        while not stop.is_set():
+            try:
+                if models.load_current():
+                    return
+            except Exception:
+                _log.exception("loading the current model failed; retrying")
+            stop.wait(2.0)
+
+    runtime.add_worker(LoopWorker("encoder-model", await_model))
+    router = EventRouter(
+        {
+            "songs.uploaded.v1": encoder.on_song_uploaded,
+            "model.published.v1": encoder.on_model_published,
+        }
+    )
+    runtime.add_worker(
+        DeferredWorker(ConsumerWorker(settings, ports, router), lambda: models.ready)
+    )
+    return runtime, encoder

@@ -1,0 +1,59 @@
+"""Assemble the generator process: served model, consumer (deferred until a model is loaded)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from riffloop.runtime import (
+    ConsumerWorker,
+    DeferredWorker,
+    EventRouter,
+    LoopWorker,
+    ModelStore,
+    Ports,
+    ServedModel,
+    ServiceRuntime,
+)
+from riffloop.v1 import generator_service_pb2_grpc as pb_grpc
+from services.generator._service import Generator, GeneratorServicer, GeneratorSettings
+
+_log = logging.getLogger("riffloop.generator")
+
+
+def build(settings: GeneratorSettings, ports: Ports) -> tuple[ServiceRuntime, Generator]:
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    ports.prepare(settings.kafka_partitions)
+    model = ServedModel(ModelStore(ports.objects), settings.service_name)
+    generator = Generator(settings, ports, model)
+    runtime = ServiceRuntime.from_settings(settings, max_workers=4)
+    runtime.add_service(
+        pb_grpc.add_GeneratorServiceServicer_to_server,
+        GeneratorServicer(generator),
+        "riffloop.v1.GeneratorService",
+    )
+    for dependency, check in ports.readiness_checks().items():
+        runtime.readiness.add_check(dependency, check)
+    runtime.readiness.add_check("model", lambda: model.ready)
+
+    def await_model(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                if model.load_current():
+                    return
+            except Exception:
+                _log.exception("loading the current model failed; retrying")
+            stop.wait(2.0)
+
+    runtime.add_worker(LoopWorker("generator-model", await_model))
+    router = EventRouter(
+        {
+            "generation.requested.v1": generator.on_generation_requested,
+            "model.published.v1": generator.on_model_published,
+            "songs.encoded.v1": generator.on_song_encoded,
+        }
+    )
+    runtime.add_worker(DeferredWorker(ConsumerWorker(settings, ports, router), lambda: model.ready))
+    return runtime, generator
