@@ -154,6 +154,7 @@ class Generator:
             image_from_uint8,
             inject_at_step,
             merge_latents,
+            to_uint8,
         )
 
         request = validate_request(self.settings, request)
@@ -223,6 +224,8 @@ class Generator:
             "clip_seconds": duration,
             "total_steps": plan.total_steps,
             "embedding": [float(v) for v in image[0, 0].mean(dim=-1)],
+            # The window itself (8-bit), the trainer's target when this track is selected.
+            "image_uint8": to_uint8(image)[0, 0].tolist(),
         }
         self.ports.objects.put(
             "tracks",
@@ -309,7 +312,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             version=model.version,
             parent_version=model.parent or "",
             checkpoint=served.store.checkpoint_ref(model.version).to_proto(),
-            parameter_count=int(model.num_parameters),
+            parameter_count=int(model.num_parameters()),
         )
         response.loaded_at.FromNanoseconds(int(served.loaded_at * 1e9))
         return response

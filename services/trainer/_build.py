@@ -1,0 +1,64 @@
+"""Assemble the trainer process: bootstrap the base model, consume training sets, serve."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from riffloop.runtime import (
+    ConsumerWorker,
+    DeferredWorker,
+    EventRouter,
+    LoopWorker,
+    Ports,
+    ServiceRuntime,
+)
+from riffloop.v1 import trainer_service_pb2_grpc as pb_grpc
+from services.trainer._service import TrainerCore, TrainerServicer, TrainerSettings
+
+_log = logging.getLogger("riffloop.trainer")
+
+
+def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, TrainerCore]:
+    import torch
+
+    torch.set_num_threads(settings.torch_threads)
+    ports.prepare(settings.kafka_partitions)
+    core = TrainerCore(settings, ports)
+    runtime = ServiceRuntime.from_settings(settings, max_workers=4)
+    runtime.add_service(
+        pb_grpc.add_TrainerServiceServicer_to_server,
+        TrainerServicer(core),
+        "riffloop.v1.TrainerService",
+    )
+    for dependency, check in ports.readiness_checks().items():
+        runtime.readiness.add_check(dependency, check)
+    base_ready = threading.Event()
+    runtime.readiness.add_check("model", base_ready.is_set)
+
+    def bootstrap(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                core.ensure_base()
+                base_ready.set()
+                return
+            except Exception:
+                _log.exception("publishing the base model failed; retrying")
+            stop.wait(2.0)
+
+    runtime.add_worker(LoopWorker("trainer-bootstrap", bootstrap))
+    router = EventRouter({"trainset.published.v1": core.on_trainset_published})
+    consumer = ConsumerWorker(settings, ports, router)
+    runtime.add_worker(DeferredWorker(consumer, base_ready.is_set))
+
+    class _StopTraining:
+        name = "trainer-stop"
+
+        def start(self) -> None:
+            pass
+
+        def stop(self, timeout_s: float) -> None:
+            core.stopping.set()
+
+    runtime.add_worker(_StopTraining())
+    return runtime, core

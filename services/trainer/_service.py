@@ -1,0 +1,399 @@
+"""The trainer: training sets in, gated model versions out (design.md §3 "Versioning").
+
+On trainset.published.v1:
+
+1. Read the manifest (``trainsets/<id>.json``: (input, target track, ω) pairs) and each target's
+   mel window from its provenance object (``tracks/<id>.json``, written by the generator).
+2. Fine-tune the served model with ``riffloop.music.Trainer`` (ω-weighted, v-prediction + Min-SNR,
+   EMA), replaying the encoded songs' real windows so the model does not forget; a few steps at a
+   time so SIGTERM is honoured between chunks.
+3. Gate the EMA candidate with ``riffloop.loop.OfflineGate`` (Fréchet distance and diversity of
+   samples from the same x_T vs the real windows) unless ``gate_mode=skip``.
+4. Publish: checkpoint parts, then its pointer, then the registry record, then ``models/CURRENT``
+   (written last), then model.published.v1 (PROMOTE). A failed gate registers a REJECTED version.
+
+Promote/Rollback RPCs move the registry and ``models/CURRENT`` and publish model.published.v1.
+At start-up, with no model at all, the trainer publishes the base model (``base_model_dir``, else
+a fresh ``base_preset`` model: tiny configurations for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from riffloop.core import ConfigurationError, NotFoundError, PermanentError, ValidationError
+from riffloop.loop import GateReport, ModelRecord, ModelRegistry, OfflineGate, VersionStatus
+from riffloop.runtime import LatentRecord, ModelStore, ServiceSettings, metrics
+from riffloop.v1 import common_pb2, events_pb2
+from riffloop.v1 import trainer_service_pb2 as pb
+from riffloop.v1 import trainer_service_pb2_grpc as pb_grpc
+
+_log = logging.getLogger("riffloop.trainer")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class TrainerSettings(ServiceSettings):
+    service_name: str = "trainer"
+    grpc_port: int = 50056
+    metrics_port: int = 9106
+    # Bootstrap: a MusicDiffusion folder (the trained base model), else a fresh preset model.
+    base_model_dir: str = ""
+    base_preset: str = "cpu_small"
+    finetune_steps: int = 120
+    batch_size: int = 8
+    learning_rate: float = 5e-5
+    replay_ratio: float = 0.5
+    steps_per_chunk: int = 10
+    gate_mode: str = "offline"  # "offline" or "skip"
+    gate_samples: int = 16
+    gate_steps: int = 20
+    torch_threads: int = 1
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.finetune_steps < 1 or self.batch_size < 2 or self.steps_per_chunk < 1:
+            raise ConfigurationError(
+                "RIFFLOOP_FINETUNE_STEPS ≥ 1, RIFFLOOP_BATCH_SIZE ≥ 2, _STEPS_PER_CHUNK ≥ 1"
+            )
+        if self.gate_mode not in ("offline", "skip"):
+            raise ConfigurationError("RIFFLOOP_GATE_MODE must be offline or skip")
+        if not 0 <= self.replay_ratio < 1:
+            raise ConfigurationError("RIFFLOOP_REPLAY_RATIO must lie in [0, 1)")
+        if self.base_model_dir and not Path(self.base_model_dir).is_dir():
+            raise ConfigurationError(f"RIFFLOOP_BASE_MODEL_DIR {self.base_model_dir} is no folder")
+
+
+@dataclasses.dataclass
+class Status:
+    state: int = pb.TRAINER_STATE_IDLE
+    candidate: str = ""
+    trainset_id: str = ""
+    step: int = 0
+    total_steps: int = 0
+    last_loss: float = 0.0
+    gate: common_pb2.GateReportSummary = dataclasses.field(
+        default_factory=common_pb2.GateReportSummary
+    )
+    updated_at: float = dataclasses.field(default_factory=time.time)
+
+
+def _embed(images: Any) -> Any:
+    """Per-mel-bin mean over time of [N, 1, H, W] images → [N, H] (the gate's embedding)."""
+    return images[:, 0].mean(dim=-1).double().numpy()
+
+
+class TrainerCore:
+    def __init__(self, settings: TrainerSettings, ports: Any) -> None:
+        self.settings = settings
+        self.ports = ports
+        self.store = ModelStore(ports.objects)
+        self.registry = ModelRegistry(ports.objects)
+        self.lock = threading.Lock()
+        self.status = Status()
+        self.stopping = threading.Event()
+
+    def _set(self, **changes: Any) -> None:
+        with self.lock:
+            for key, value in changes.items():
+                setattr(self.status, key, value)
+            self.status.updated_at = time.time()
+
+    # -- bootstrap ----------------------------------------------------------------------------
+
+    def ensure_base(self) -> str:
+        """Publish the base model if no model is served yet; return the served version."""
+        current = self.store.current()
+        if current is not None:
+            return str(current["version"])
+        from riffloop.music import ModelConfig, MusicDiffusion
+
+        if self.settings.base_model_dir:
+            model = MusicDiffusion.from_pretrained(self.settings.base_model_dir)
+            model.version = "v0001"
+        else:
+            model = MusicDiffusion.create(
+                ModelConfig.preset(self.settings.base_preset), version="v0001"
+            )
+        model.parent = None
+        self._publish(model, trainset_id="", gate=None, action=common_pb2.MODEL_ACTION_PROMOTE)
+        return model.version
+
+    def _publish(
+        self, model: Any, *, trainset_id: str, gate: Any, action: int, report: Any = None
+    ) -> str:
+        self._set(state=pb.TRAINER_STATE_PUBLISHING)
+        checkpoint = self.store.publish(model)
+        if model.version not in self.registry.versions():
+            self.registry.register(
+                ModelRecord(
+                    version=model.version,
+                    parent=model.parent,
+                    trainset_id=trainset_id or None,
+                    status=VersionStatus.CANDIDATE if model.parent else VersionStatus.SERVING,
+                    checkpoint_key=self.store.pointer_key(model.version),
+                )
+            )
+        if model.parent:
+            if report is not None:
+                self.registry.gate(model.version, report)
+            self.registry.promote(model.version)
+        self.store.set_current(model.version, model.parent or "")
+        return self._announce(
+            model.version, model.parent or "", trainset_id, gate, action, checkpoint
+        )
+
+    def _announce(
+        self,
+        version: str,
+        parent: str,
+        trainset_id: str,
+        gate: Any,
+        action: int,
+        checkpoint: Any = None,
+    ) -> str:
+        checkpoint = checkpoint or self.store.checkpoint_ref(version)
+        event = events_pb2.ModelPublished(
+            version=version,
+            parent_version=parent,
+            checkpoint=checkpoint.to_proto(),
+            trainset_id=trainset_id,
+            action=action,
+        )
+        if gate is not None:
+            event.gate_report.CopyFrom(gate)
+        event_id = self.ports.publish("model.published.v1", version, event)
+        metrics.set_current_model("trainer", version)
+        self._set(state=pb.TRAINER_STATE_IDLE, candidate="")
+        _log.info("model published", extra={"model_version": version, "action": action})
+        return event_id
+
+    # -- fine-tuning --------------------------------------------------------------------------
+
+    def _replay_images(self) -> Any:
+        import torch
+
+        from riffloop.music import image_from_uint8
+
+        images = []
+        for key in self.ports.objects.list("latents"):
+            record = LatentRecord.from_bytes(self.ports.objects.get("latents", key))
+            images.append(image_from_uint8(record.images))
+        return torch.cat(images) if images else None
+
+    def _latents(self, limit: int) -> Any:
+        import torch
+
+        rows = []
+        for key in self.ports.objects.list("latents"):
+            rows.append(LatentRecord.from_bytes(self.ports.objects.get("latents", key)).latents)
+        return torch.cat(rows)[:limit] if rows else None
+
+    def on_trainset_published(self, envelope: events_pb2.Envelope) -> None:
+        import torch
+
+        from riffloop.music import MelDataset, Trainer, TrainingConfig, image_from_uint8
+
+        event = envelope.trainset_published
+        for version in self.registry.versions():
+            if self.registry.get(version).trainset_id == event.trainset_id:
+                return  # already trained on this set (a redelivery)
+        manifest = json.loads(self.ports.objects.get(event.manifest.bucket, event.manifest.key))
+        pairs = manifest.get("pairs", [])
+        if not pairs:
+            raise ValidationError(f"training set {event.trainset_id} has no pairs")
+        images, weights = [], []
+        for pair in pairs:
+            sidecar = json.loads(
+                self.ports.objects.get("tracks", f"{pair['target_track_id']}.json")
+            )
+            grid = torch.tensor(sidecar["image_uint8"], dtype=torch.uint8)
+            images.append(image_from_uint8(grid)[None, None])
+            weights.append(float(pair["weight"]))
+        current = self.ensure_base()
+        model = self.store.load(current)
+        version = f"v{len(self.registry.versions()) + 1:04d}"
+        replay_images = self._replay_images()
+        replay = MelDataset.from_images(replay_images) if replay_images is not None else None
+        settings = self.settings
+        config = TrainingConfig(
+            total_steps=settings.finetune_steps,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            replay_ratio=settings.replay_ratio if replay is not None else 0.0,
+            seed=int(event.iteration),
+        )
+        data = MelDataset.from_images(
+            torch.cat(images),
+            torch.tensor(weights),
+            {"trainset_id": event.trainset_id, "pairs": len(pairs)},
+        )
+        self._set(
+            state=pb.TRAINER_STATE_TRAINING,
+            candidate=version,
+            trainset_id=event.trainset_id,
+            step=0,
+            total_steps=settings.finetune_steps,
+        )
+        try:
+            trainer = Trainer(model, data, config, replay)
+            while trainer.step_count < config.total_steps:
+                if self.stopping.is_set():
+                    raise PermanentError("trainer stopping; the training set will be redelivered")
+                before = trainer.step_count
+                report = trainer.train(settings.steps_per_chunk, progress=False)
+                metrics.TRAINING_STEPS.inc(trainer.step_count - before)
+                loss = report.losses[-1][1] if report.losses else self.status.last_loss
+                self._set(step=trainer.step_count, last_loss=loss)
+        except Exception:
+            metrics.TRAINING_FAILURES.inc()
+            self._set(state=pb.TRAINER_STATE_IDLE, candidate="")
+            raise
+        candidate = trainer.ema_model(version)
+        candidate.parent = current
+        gate, report = self._gate(model, candidate, replay_images)
+        if not gate.passed:
+            self.store.publish(candidate)
+            self.registry.register(
+                ModelRecord(
+                    version,
+                    current,
+                    event.trainset_id,
+                    VersionStatus.CANDIDATE,
+                    self.store.pointer_key(version),
+                )
+            )
+            self.registry.gate(version, report)
+            self._set(state=pb.TRAINER_STATE_IDLE, candidate="", gate=gate)
+            _log.info("candidate rejected", extra={"model_version": version, "why": gate.summary})
+            return
+        self._set(gate=gate)
+        self._publish(
+            candidate,
+            trainset_id=event.trainset_id,
+            gate=gate,
+            action=common_pb2.MODEL_ACTION_PROMOTE,
+            report=report,
+        )
+
+    def _gate(self, parent: Any, candidate: Any, reference: Any) -> tuple[Any, GateReport]:
+        """The offline gate's verdict as the event's summary and as the registry's report."""
+        self._set(state=pb.TRAINER_STATE_GATING)
+        if self.settings.gate_mode == "skip":
+            skipped = GateReport(True, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+            summary = common_pb2.GateReportSummary(
+                passed=True, metric="none", p_value=1.0, summary="gate skipped by settings"
+            )
+            return summary, skipped
+        from riffloop.music import generate
+
+        x_t = self._latents(self.settings.gate_samples)
+        if x_t is None or reference is None:
+            raise PermanentError("the gate needs encoded songs (reference windows and x_T)")
+        parent_images = generate(parent, x_t, self.settings.gate_steps)
+        candidate_images = generate(candidate, x_t, self.settings.gate_steps)
+        report = OfflineGate().evaluate(
+            _embed(reference), _embed(parent_images), _embed(candidate_images)
+        )
+        summary = common_pb2.GateReportSummary(
+            passed=report.passed,
+            metric="frechet_distance",
+            current_value=report.fd_parent,
+            candidate_value=report.fd_candidate,
+            p_value=1.0,
+            sample_count=int(x_t.shape[0]),
+            summary=("passed" if report.passed else "failed: " + ", ".join(report.reasons)),
+        )
+        return summary, report
+
+    # -- control ------------------------------------------------------------------------------
+
+    def promote(self, version: str) -> str:
+        record = self.registry.get(version)  # NotFoundError for an unknown version
+        if record.status not in (
+            VersionStatus.CANARY,
+            VersionStatus.CANDIDATE,
+            VersionStatus.RETIRED,
+        ):
+            raise PermanentError(f"model {version} is {record.status}; it cannot be promoted")
+        self.registry.promote(version)
+        self.store.set_current(version, record.parent or "")
+        return self._announce(
+            version,
+            record.parent or "",
+            record.trainset_id or "",
+            None,
+            common_pb2.MODEL_ACTION_PROMOTE,
+        )
+
+    def rollback(self, version: str) -> tuple[str, str, str]:
+        current = self.store.current()
+        if current is None:
+            raise PermanentError("no model is served yet")
+        serving = str(current["version"])
+        record = self.registry.get(serving)
+        target = version or (record.parent or "")
+        if not target:
+            raise PermanentError(f"model {serving} is the base model; nothing to roll back to")
+        if target == serving:
+            raise ValidationError(f"model {target} is already served")
+        if target not in self.registry.lineage(serving):
+            raise ValidationError(f"model {target} is not an ancestor of {serving}")
+        if target == record.parent:
+            self.registry.roll_back(serving)
+        else:
+            self.registry.promote(target)
+        self.store.set_current(target, self.registry.get(target).parent or "")
+        metrics.MODEL_ROLLBACKS.inc()
+        event_id = self._announce(
+            target,
+            self.registry.get(target).parent or "",
+            "",
+            None,
+            common_pb2.MODEL_ACTION_ROLLBACK,
+        )
+        return target, serving, event_id
+
+
+class TrainerServicer(pb_grpc.TrainerServiceServicer):
+    def __init__(self, core: TrainerCore) -> None:
+        self.core = core
+
+    def TrainStatus(self, request: Any, context: Any) -> pb.TrainStatusResponse:
+        core = self.core
+        current = core.store.current() or {}
+        with core.lock:
+            s = dataclasses.replace(core.status)
+        response = pb.TrainStatusResponse(
+            state=s.state,
+            current_version=str(current.get("version", "")),
+            candidate_version=s.candidate,
+            trainset_id=s.trainset_id,
+            step=s.step,
+            total_steps=s.total_steps,
+            last_loss=s.last_loss,
+            last_gate_report=s.gate,
+            versions=core.registry.versions(),
+        )
+        response.updated_at.FromNanoseconds(int(s.updated_at * 1e9))
+        return response
+
+    def Promote(self, request: pb.PromoteRequest, context: Any) -> pb.PromoteResponse:
+        if not request.version:
+            raise ValidationError("version is required")
+        try:
+            event_id = self.core.promote(request.version)
+        except NotFoundError:
+            raise NotFoundError(f"model version {request.version} is not registered") from None
+        return pb.PromoteResponse(version=request.version, event_id=event_id)
+
+    def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.RollbackResponse:
+        if request.version and request.version not in self.core.registry.versions():
+            raise NotFoundError(f"model version {request.version} is not registered")
+        target, previous, event_id = self.core.rollback(request.version)
+        return pb.RollbackResponse(version=target, previous_version=previous, event_id=event_id)
