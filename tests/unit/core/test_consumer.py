@@ -1,0 +1,375 @@
+"""The Consumer loop on the in-process bus: dedupe, retries, DLQ, crash recovery, graceful stop."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+
+from riffloop.core import (
+    Consumer,
+    ConsumerHooks,
+    Delivery,
+    KeyValueStore,
+    MemoryEventBus,
+    MemoryKeyValueStore,
+    Outcome,
+    PermanentError,
+    Topic,
+    TransientError,
+    ValidationError,
+    decode_envelope,
+    dlq_topic,
+    new_envelope,
+)
+from riffloop.v1 import events_pb2
+
+pytestmark = pytest.mark.unit
+
+TOPIC = Topic.FEEDBACK_RECEIVED.value
+
+
+class ProcessDied(BaseException):
+    """Stands in for kill -9: not an Exception, so nothing in the loop catches it."""
+
+
+def rating(track_id: str, stars: int, user: str = "u1") -> events_pb2.Envelope:
+    return new_envelope(
+        "gateway",
+        events_pb2.FeedbackReceived(
+            user_id=user, track_id=track_id, rating=events_pb2.TrackRating(stars=stars)
+        ),
+    )
+
+
+def count_rating(kv: KeyValueStore) -> Callable[[Delivery], None]:
+    """An idempotent effect: Σ stars and n per track, applied once per event_id."""
+
+    def handle(delivery: Delivery) -> None:
+        feedback = delivery.envelope.feedback_received
+        kv.apply_once(
+            f"applied:{delivery.event_id}",
+            3600,
+            {f"track:{feedback.track_id}": {"sum": feedback.rating.stars, "n": 1}},
+        )
+
+    return handle
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.outcomes: Counter[tuple[str, str]] = Counter()
+        self.lags: list[tuple[str, int]] = []
+        self.hooks = ConsumerHooks(
+            on_outcome=lambda topic, outcome: self.outcomes.update([(topic, outcome.value)]),
+            on_lag=lambda topic, lag: self.lags.append((topic, lag)),
+        )
+
+
+@pytest.fixture
+def bus() -> MemoryEventBus:
+    bus = MemoryEventBus()
+    bus.ensure_topics([TOPIC, dlq_topic(TOPIC)])
+    return bus
+
+
+@pytest.fixture
+def kv() -> MemoryKeyValueStore:
+    return MemoryKeyValueStore()
+
+
+def make(
+    bus: MemoryEventBus,
+    kv: KeyValueStore,
+    handler: Callable[[Delivery], None],
+    recorder: Recorder | None = None,
+    **options: float,
+) -> Consumer:
+    return Consumer(
+        bus,
+        kv,
+        group="feedback",
+        topics=[TOPIC],
+        handler=handler,
+        max_attempts=int(options.pop("max_attempts", 3)),
+        retry_backoff_s=options.pop("retry_backoff_s", 0.0),
+        poll_timeout_s=0.01,
+        lag_interval_s=0.0,
+        hooks=recorder.hooks if recorder else None,
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def dead_letters(bus: MemoryEventBus) -> list[events_pb2.DeadLetter]:
+    subscription = bus.subscribe("dlq-reader", [dlq_topic(TOPIC)])
+    try:
+        return [
+            decode_envelope(m.value, dlq_topic(TOPIC)).dead_letter
+            for m in subscription.poll(0.01, 100)
+        ]
+    finally:
+        subscription.close()
+
+
+def test_handles_commits_and_reports(bus: MemoryEventBus, kv: MemoryKeyValueStore) -> None:
+    seen: list[Delivery] = []
+    recorder = Recorder()
+    consumer = make(bus, kv, seen.append, recorder)
+    envelope = rating("t1", 5)
+    bus.publish(TOPIC, "t1", envelope)
+    assert consumer.run_once() == 1
+    assert [d.envelope for d in seen] == [envelope]
+    assert seen[0].attempt == 1
+    assert seen[0].payload == envelope.feedback_received
+    assert recorder.outcomes == {(TOPIC, "handled"): 1}
+    assert (TOPIC, 1) in recorder.lags  # lag reported after the poll, before the commit
+    consumer.close()
+    again = make(bus, kv, seen.append)
+    assert again.run_once() == 0  # committed: a new member gets nothing
+    assert len(seen) == 1
+
+
+def test_a_redelivered_event_is_a_duplicate(bus: MemoryEventBus, kv: MemoryKeyValueStore) -> None:
+    seen: list[Delivery] = []
+    recorder = Recorder()
+    consumer = make(bus, kv, seen.append, recorder)
+    envelope = rating("t1", 4)
+    bus.publish(TOPIC, "t1", envelope)
+    bus.publish(TOPIC, "t1", envelope)  # the producer retried: same event_id, new offset
+    assert consumer.run_once() == 2
+    assert len(seen) == 1
+    assert recorder.outcomes == {(TOPIC, "handled"): 1, (TOPIC, "duplicate"): 1}
+
+
+def test_transient_failure_is_retried(bus: MemoryEventBus, kv: MemoryKeyValueStore) -> None:
+    attempts: list[int] = []
+
+    def flaky(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.attempt == 1:
+            raise TransientError("redis blinked")
+
+    recorder = Recorder()
+    consumer = make(bus, kv, flaky, recorder)
+    bus.publish(TOPIC, "t1", rating("t1", 3))
+    consumer.run_once()
+    assert attempts == [1, 2]
+    assert recorder.outcomes == {(TOPIC, "failed"): 1, (TOPIC, "handled"): 1}
+    assert dead_letters(bus) == []
+
+
+def test_a_failing_event_goes_to_the_dlq_and_the_loop_goes_on(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    handled: list[str] = []
+
+    def handler(delivery: Delivery) -> None:
+        if delivery.envelope.feedback_received.track_id == "poison":
+            raise RuntimeError("division by zero in ω")
+        handled.append(delivery.envelope.feedback_received.track_id)
+
+    recorder = Recorder()
+    consumer = make(bus, kv, handler, recorder, max_attempts=3)
+    poison = rating("poison", 1)
+    published = bus.publish(TOPIC, "poison", poison)
+    bus.publish(TOPIC, "poison", rating("poison-neighbour", 2))  # same key, same partition
+    bus.publish(TOPIC, "t2", rating("t2", 5))
+    consumer.run_once()
+    assert sorted(handled) == ["poison-neighbour", "t2"]
+    (dead,) = dead_letters(bus)
+    assert dead.original_topic == TOPIC
+    assert (dead.original_partition, dead.original_offset) == (
+        published.partition,
+        published.offset,
+    )
+    assert dead.original_key == "poison"
+    assert dead.original_event_id == poison.event_id
+    assert decode_envelope(dead.original_value) == poison
+    assert dead.error == "division by zero in ω"
+    assert dead.error_type == "RuntimeError"
+    assert dead.attempts == 3
+    assert dead.consumer_group == "feedback"
+    assert recorder.outcomes[(TOPIC, "failed")] == 3
+    assert recorder.outcomes[(TOPIC, "dead_lettered")] == 1
+    # the DLQ record also carries the story in headers, for tools that do not parse protobuf
+    reader = bus.subscribe("dlq-headers", [dlq_topic(TOPIC)])
+    (record,) = reader.poll(0.01)
+    assert record.headers["riffloop-attempts"] == "3"
+    assert record.headers["riffloop-original-offset"] == str(published.offset)
+    assert "division by zero" in record.headers["riffloop-error"]
+
+
+@pytest.mark.parametrize("error", [ValidationError("stars out of range"), PermanentError("gone")])
+def test_non_retryable_errors_are_dead_lettered_at_once(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore, error: Exception
+) -> None:
+    calls: list[int] = []
+
+    def handler(delivery: Delivery) -> None:
+        calls.append(delivery.attempt)
+        raise error
+
+    consumer = make(bus, kv, handler, max_attempts=5)
+    bus.publish(TOPIC, "t1", rating("t1", 9))
+    consumer.run_once()
+    assert calls == [1]
+    (dead,) = dead_letters(bus)
+    assert dead.attempts == 1
+    assert dead.error == error.args[0]
+
+
+def test_bytes_that_are_not_an_envelope_are_dead_lettered(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    calls: list[Delivery] = []
+    recorder = Recorder()
+    consumer = make(bus, kv, calls.append, recorder)
+    bus.publish_raw(TOPIC, "t1", b"\xff\xfe definitely not protobuf")
+    bus.publish(TOPIC, "t9", new_envelope("gateway", events_pb2.TrackScored(track_id="t9")))
+    bus.publish(TOPIC, "t2", rating("t2", 4))
+    assert consumer.run_once() == 3
+    assert [d.envelope.feedback_received.track_id for d in calls] == ["t2"]
+    first, second = dead_letters(bus)
+    assert first.original_value == b"\xff\xfe definitely not protobuf"
+    assert "not a riffloop.v1.Envelope" in first.error
+    assert "expected feedback_received" in second.error  # a payload on the wrong topic
+    assert recorder.outcomes[(TOPIC, "dead_lettered")] == 2
+
+
+def test_crash_after_the_effect_redelivers_and_counts_once(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    """Process 1 applies the rating, then dies before marking or committing; process 2 re-runs
+    the handler (at-least-once) and apply_once keeps the aggregate exact."""
+    effect = count_rating(kv)
+    calls: list[int] = []
+
+    def dies_after_effect(delivery: Delivery) -> None:
+        calls.append(1)
+        effect(delivery)
+        raise ProcessDied
+
+    bus.publish(TOPIC, "t1", rating("t1", 4))
+    first = make(bus, kv, dies_after_effect)
+    with pytest.raises(ProcessDied):
+        first.run_once()
+    first.close()  # the dead process's session ends; nothing was committed
+
+    def counting(delivery: Delivery) -> None:
+        calls.append(2)
+        effect(delivery)
+
+    second = make(bus, kv, counting)
+    assert second.run_once() == 1
+    assert calls == [1, 2]  # delivered again
+    assert kv.hgetall("track:t1") == {"sum": "4.0", "n": "1.0"}  # counted once
+    assert make(bus, kv, counting).run_once() == 0  # and now committed
+
+
+def test_an_event_that_kills_every_process_is_dead_lettered(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    def crash(delivery: Delivery) -> None:
+        raise ProcessDied
+
+    bus.publish(TOPIC, "t1", rating("t1", 4))
+    for _ in range(3):
+        process = make(bus, kv, crash, max_attempts=3)
+        with pytest.raises(ProcessDied):
+            process.run_once()
+        process.close()
+    calls: list[Delivery] = []
+    survivor = make(bus, kv, calls.append, max_attempts=3)
+    assert survivor.run_once() == 1
+    assert calls == []  # not tried a fourth time
+    (dead,) = dead_letters(bus)
+    assert dead.attempts == 3
+    assert "died while handling" in dead.error
+
+
+def test_stop_finishes_the_in_flight_event_and_commits_it(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    started, release = threading.Event(), threading.Event()
+    handled: list[str] = []
+
+    def slow(delivery: Delivery) -> None:
+        started.set()
+        release.wait(10)
+        handled.append(delivery.envelope.feedback_received.track_id)
+
+    for track in ("t1", "t2", "t3"):
+        bus.publish(TOPIC, "same-key", rating(track, 3))
+    consumer = make(bus, kv, slow)
+    runner = threading.Thread(target=consumer.run)
+    runner.start()
+    assert started.wait(10)
+    consumer.stop()
+    release.set()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert handled == ["t1"]  # the in-flight one finished; the rest were not started
+    rest: list[str] = []
+    successor = make(bus, kv, lambda d: rest.append(d.envelope.feedback_received.track_id))
+    successor.run_once()
+    assert rest == ["t2", "t3"]  # t1 was committed; t2, t3 were handed on
+
+
+def test_stop_during_back_off_leaves_the_event_for_the_next_owner(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    failing = threading.Event()
+
+    def fails(delivery: Delivery) -> None:
+        failing.set()
+        raise TransientError("s3 down")
+
+    consumer = make(bus, kv, fails, retry_backoff_s=30.0)
+    bus.publish(TOPIC, "t1", rating("t1", 2))
+    runner = threading.Thread(target=consumer.run)
+    runner.start()
+    assert failing.wait(10)
+    consumer.stop()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert dead_letters(bus) == []
+    later: list[Delivery] = []
+    make(bus, kv, later.append).run_once()
+    assert [d.attempt for d in later] == [2]  # the earlier try still counts
+
+
+def test_bookkeeping_outage_rewinds_instead_of_skipping(bus: MemoryEventBus) -> None:
+    """If Redis fails mid-record, the consumer rejoins and gets the same record again."""
+
+    class FlakyKV(MemoryKeyValueStore):
+        failures = 1
+
+        def set(self, key: str, value: str, *, ttl_s: float | None = None) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise TransientError("redis: connection reset")
+            super().set(key, value, ttl_s=ttl_s)
+
+    handled: list[str] = []
+    consumer = make(bus, FlakyKV(), lambda d: handled.append(d.event_id))
+    envelope = rating("t1", 5)
+    bus.publish(TOPIC, "t1", envelope)
+    assert consumer.run_once() == 0  # the outage: nothing finished
+    assert consumer.run_once() == 1
+    assert handled == [envelope.event_id]
+
+
+def test_constructor_validates() -> None:
+    bus, kv = MemoryEventBus(), MemoryKeyValueStore()
+    with pytest.raises(ValidationError):
+        Consumer(bus, kv, group="g", topics=[], handler=lambda d: None)
+    with pytest.raises(ValidationError):
+        Consumer(bus, kv, group="g", topics=[TOPIC], handler=lambda d: None, max_attempts=0)
+    with pytest.raises(ValidationError):
+        Consumer(bus, kv, group="bad group", topics=[TOPIC], handler=lambda d: None)
+
+
+def test_outcome_values_match_the_metric_labels() -> None:
+    assert {o.value for o in Outcome} == {"handled", "duplicate", "failed", "dead_lettered"}
