@@ -13,6 +13,8 @@ address files.
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -20,16 +22,10 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from kafka import KafkaAdminClient
-from kafka.errors import KafkaError
-from minio import Minio
-from minio.error import S3Error
-from urllib3.exceptions import HTTPError as Urllib3Error
 
 from riffloop.infra._catalog import BUCKETS, TOPIC_PARTITIONS, all_topics
 from riffloop.infra._install import Progress
@@ -180,6 +176,7 @@ class LocalInfra:
         self._progress = progress or (lambda message: None)
         self._tie_to_parent = tie_to_parent
         self._handles: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock_depth = 0
         self._state = _State.load(self.json_path) or _State.new()
 
     # Paths and addresses.
@@ -227,7 +224,10 @@ class LocalInfra:
 
     def start(self) -> InfraAddresses:
         """Bring every server up and ready, create topics and buckets; idempotent."""
-        self._reload()
+        with self._exclusive():
+            return self._start()
+
+    def _start(self) -> InfraAddresses:
         servers = [self.server(name) for name in SERVER_NAMES]
         for server in servers:  # 1.
             server.check_installed()
@@ -256,35 +256,36 @@ class LocalInfra:
 
     def stop(self) -> None:
         """Stop every recorded server (SIGTERM, then SIGKILL after a grace period)."""
-        self._reload()
-        for name in SERVER_NAMES:
-            self._stop_one(name, hard=False)
-        self._save()
-        self.env_path.unlink(missing_ok=True)
+        with self._exclusive():
+            for name in SERVER_NAMES:
+                self._stop_one(name, hard=False)
+            self._save()
+            self.env_path.unlink(missing_ok=True)
 
     def kill(self, name: str) -> None:
         """SIGKILL one server, as a crash would (fault injection)."""
         self.server(name)
-        self._reload()
-        self._stop_one(name, hard=True)
-        self._save(write_env=True)
+        with self._exclusive():
+            self._stop_one(name, hard=True)
+            self._save(write_env=True)
 
     def restart(self, name: str) -> None:
         """Stop one server if it runs, start it on the same ports and wait until it is ready."""
         self.server(name)
-        self._reload()
-        self._stop_one(name, hard=False)
-        self._launch(name)
-        self._save()
-        self._wait_ready(name)
-        self._save(write_env=True)
+        with self._exclusive():
+            self._stop_one(name, hard=False)
+            self._launch(name)
+            self._save()
+            self._wait_ready(name)
+            self._save(write_env=True)
 
     def purge(self) -> None:
         """Stop everything and delete the state folder (data, logs, addresses)."""
-        self.stop()
-        if self.state_dir.exists():
-            shutil.rmtree(self.state_dir)
-        self._state = _State.new()
+        with self._exclusive():
+            self.stop()
+            if self.state_dir.exists():
+                shutil.rmtree(self.state_dir)
+            self._state = _State.new()
 
     def status(self) -> list[ServerStatus]:
         self._reload()
@@ -321,6 +322,27 @@ class LocalInfra:
         create_buckets(self._addresses(), names)
 
     # Internals.
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One process at a time changes a stack (two `up`s in two shells must not race)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".lock", "w", encoding="utf-8") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            self._lock_depth = 1
+            try:
+                self._reload()
+                yield
+            finally:
+                self._lock_depth = 0
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _reload(self) -> None:
         """Pick up what another process (the CLI, another `LocalInfra`) recorded meanwhile."""
@@ -428,6 +450,9 @@ def _write_private(path: Path, text: str) -> None:
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int = TOPIC_PARTITIONS) -> None:
     """Create the missing topics (replication 1) and wait until each has a leader."""
+    from kafka import KafkaAdminClient  # clients load on first use: `install` needs none
+    from kafka.errors import KafkaError
+
     wanted = list(dict.fromkeys(names))
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="riffloop-infra")
@@ -456,6 +481,10 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int = TOPIC_
 
 def create_buckets(addresses: InfraAddresses, names: Iterable[str]) -> None:
     """Create the missing buckets."""
+    from minio import Minio
+    from minio.error import S3Error
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
     endpoint = addresses.s3_endpoint.removeprefix("http://")
     client = Minio(
         endpoint, access_key=addresses.s3_access_key, secret_key=addresses.s3_secret_key,
