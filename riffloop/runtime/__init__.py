@@ -29,7 +29,14 @@ from riffloop.runtime._logging import configure_logging, request_id_var
 from riffloop.runtime._models import ModelStore, ServedModel
 from riffloop.runtime._ports import Ports, connect_ports
 from riffloop.runtime._ratelimit import SlidingWindowLimiter
-from riffloop.runtime._server import LoopWorker, MiB, Readiness, ServiceRuntime, Worker
+from riffloop.runtime._server import (
+    DeferredWorker,
+    LoopWorker,
+    MiB,
+    Readiness,
+    ServiceRuntime,
+    Worker,
+)
 from riffloop.runtime._settings import ServiceSettings
 
 __all__ = [

@@ -50,6 +50,7 @@ class ConsumerWorker:
         def on_lag(topic: str, lag: int) -> None:
             metrics.KAFKA_CONSUMER_LAG.labels(service, topic).set(lag)
 
+        metrics.init_consumer_series(service, router.topics)
         self.consumer = Consumer.from_settings(
             settings,
             ports.bus,

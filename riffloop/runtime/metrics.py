@@ -116,6 +116,26 @@ METRIC_NAMES: tuple[str, ...] = (
 )
 
 
+# Known label values start at 0, so rates and alerts see a series before the first event.
+for _outcome in ("accepted", "rejected"):
+    RATINGS.labels(_outcome)
+for _kind in ("generated", "baseline"):
+    TRACKS_GENERATED.labels(_kind)
+for _reason in ("constant", "random", "no_listening", "burst", "inconsistent"):
+    SPAM_CAUGHT.labels(_reason)
+
+CONSUMER_OUTCOMES = ("handled", "duplicate", "failed", "dead_lettered")
+
+
+def init_consumer_series(service: str, topics: list[str]) -> None:
+    """Create the zero series of a consumer's topics (lag, every outcome, DLQ)."""
+    for topic in topics:
+        KAFKA_CONSUMER_LAG.labels(service, topic).set(0)
+        DLQ_MESSAGES.labels(service, topic)
+        for outcome in CONSUMER_OUTCOMES:
+            KAFKA_MESSAGES.labels(service, topic, outcome)
+
+
 def set_current_model(service: str, version: str) -> None:
     """Mark ``version`` as the one ``service`` serves (1) and every earlier one as 0."""
     for labels in list(_served_versions.get(service, ())):
@@ -143,5 +163,6 @@ __all__ = [
     "TRACKS_GENERATED",
     "TRAINING_FAILURES",
     "TRAINING_STEPS",
+    "init_consumer_series",
     "set_current_model",
 ]

@@ -111,15 +111,15 @@ class TrainerCore:
         current = self.store.current()
         if current is not None:
             return str(current["version"])
-        from riffloop.music import ModelConfig, MusicDiffusion
+        from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
 
         if self.settings.base_model_dir:
             model = MusicDiffusion.from_pretrained(self.settings.base_model_dir)
             model.version = "v0001"
         else:
-            model = MusicDiffusion.create(
-                ModelConfig.preset(self.settings.base_preset), version="v0001"
-            )
+            config = ModelConfig.preset(self.settings.base_preset)
+            mel = MelConfig(n_mels=config.resolution, x_res=config.resolution)
+            model = MusicDiffusion.create(config, mel, version="v0001")
         model.parent = None
         self._publish(model, trainset_id="", gate=None, action=common_pb2.MODEL_ACTION_PROMOTE)
         return model.version
