@@ -246,10 +246,11 @@ class _KafkaSubscription(Subscription):
             # The first polls after joining only run the group protocol; keep polling until
             # records arrive or the caller's timeout is spent.
             left_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            batches = _kafka_call(
-                "poll",
-                lambda ms=left_ms: self._consumer.poll(timeout_ms=ms, max_records=max_records),
-            )
+
+            def fetch(ms: int = left_ms) -> Any:
+                return self._consumer.poll(timeout_ms=ms, max_records=max_records)
+
+            batches = _kafka_call("poll", fetch)
             out: list[Message] = []
             for records in batches.values():
                 for record in records:

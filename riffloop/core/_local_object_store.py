@@ -17,8 +17,9 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-from riffloop.core._errors import NotFoundError, TransientError
+from riffloop.core._errors import NotFoundError, PermanentError, TransientError
 from riffloop.core._object_store import (
     DEFAULT_CONTENT_TYPE,
     ObjectRef,
@@ -96,14 +97,14 @@ class LocalDirObjectStore(ObjectStore):
             ) from None
         return ref
 
-    def _meta(self, bucket: str, key: str) -> tuple[Path, dict[str, object]]:
+    def _meta(self, bucket: str, key: str) -> tuple[Path, dict[str, Any]]:
         data_path, meta_path = self._paths(bucket, key)
         try:
             meta = json.loads(meta_path.read_bytes())
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFoundError(f"object {bucket}/{key} does not exist") from None
         except ValueError:
-            raise TransientError(f"metadata of {bucket}/{key} is unreadable") from None
+            raise PermanentError(f"metadata of {bucket}/{key} is corrupt") from None
         return data_path, meta
 
     def get(self, bucket: str, key: str) -> bytes:
@@ -116,8 +117,7 @@ class LocalDirObjectStore(ObjectStore):
 
     def stat(self, bucket: str, key: str) -> ObjectRef:
         _, meta = self._meta(bucket, key)
-        size = meta["size_bytes"]
-        return ObjectRef(bucket, key, str(meta["sha256"]), int(size) if size is not None else 0)
+        return ObjectRef(bucket, key, str(meta["sha256"]), int(meta["size_bytes"]))
 
     def list(self, bucket: str, prefix: str = "") -> list[str]:
         self._bucket_dir(bucket)

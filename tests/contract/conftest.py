@@ -69,7 +69,7 @@ def object_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sto
                 key,
                 io.BytesIO(data),
                 len(data),
-                metadata={"sha256": stat.metadata["x-amz-meta-sha256"]},
+                metadata={"sha256": str((stat.metadata or {})["x-amz-meta-sha256"])},
             )
 
         store, tamper = s3, tamper_s3

@@ -21,6 +21,7 @@ import pytest
 
 from riffloop.core import (
     KafkaEventBus,
+    Message,
     RedisKeyValueStore,
     decode_envelope,
     dlq_topic,
@@ -168,7 +169,7 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(harness: Harness) -> 
     reader = harness.bus.subscribe(harness.group + "-dlq", [dlq_topic(harness.topic)])
     try:
         deadline = time.monotonic() + 30
-        records = []
+        records: list[Message] = []
         while not records and time.monotonic() < deadline:
             records = reader.poll(0.5)
     finally:
