@@ -162,6 +162,12 @@ class Settings:
                 out[f.name] = str(value)
         return out
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # A subclass decorated with plain @dataclass would get a generated __repr__ that prints
+        # secrets; dataclasses never replace a __repr__ the class defines itself, so define ours.
+        super().__init_subclass__(**kwargs)
+        cls.__repr__ = Settings.__repr__  # type: ignore[method-assign]
+
     def __repr__(self) -> str:
         shown = self.describe()
         inner = ", ".join(

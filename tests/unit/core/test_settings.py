@@ -100,6 +100,17 @@ def test_secrets_are_masked_in_repr_and_describe() -> None:
     assert "127.0.0.1:6379" in settings.describe()["redis_url"]
 
 
+def test_subclass_secrets_stay_masked_even_with_a_generated_repr() -> None:
+    @dataclasses.dataclass(frozen=True)  # repr=True: dataclasses would print every field
+    class GatewaySettings(Settings):
+        auth_secret: str = dataclasses.field(default="", metadata={"secret": True})
+
+    settings = GatewaySettings.from_env({**REAL, "RIFFLOOP_AUTH_SECRET": "hunter2"})
+    assert "hunter2" not in repr(settings)
+    assert "very-secret-key" not in repr(settings)
+    assert settings.describe()["auth_secret"] == "****"
+
+
 def test_direct_construction_validates_too() -> None:
     with pytest.raises(ConfigurationError, match="RIFFLOOP_METRICS_PORT"):
         Settings(metrics_port=-1)
