@@ -509,7 +509,7 @@ def test_referenced_configmaps_and_secrets_exist(overlay: str, docs: list[dict[s
         assert missing_secrets == set(), "dev must run without hand-made Secrets"
     else:
         assert missing_secrets == EXTERNAL_SECRETS, "production Secrets are created by the platform"
-        deploy_doc = (REPO / "docs" / "DEPLOY.md").read_text()
+        deploy_doc = (REPO / "docs" / "DEPLOY.md").read_text(encoding="utf-8")
         for secret in missing_secrets:
             assert secret in deploy_doc, f"docs/DEPLOY.md must say how to create Secret {secret}"
     # No credentials in ConfigMaps.

@@ -40,7 +40,7 @@ _LiteralDumper.add_representer(str, _str_representer)
 
 
 def render(rules_path: Path = RULES) -> str:
-    rules = yaml.safe_load(rules_path.read_text())
+    rules = yaml.safe_load(rules_path.read_text(encoding="utf-8"))
     document = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     options = parser.parse_args(argv)
     text = render()
     if options.check:
-        if not OUTPUT.is_file() or OUTPUT.read_text() != text:
+        if not OUTPUT.is_file() or OUTPUT.read_text(encoding="utf-8") != text:
             print(f"{OUTPUT.name} is stale: run {Path(__file__).name}", file=sys.stderr)
             return 1
         return 0
-    OUTPUT.write_text(text)
+    OUTPUT.write_text(text, encoding="utf-8")
     return 0
 
 
