@@ -61,7 +61,7 @@ def start_service(name: str, ports: Ports, **overrides: Any) -> Running:
         from services.gateway import GatewaySettings, build
 
         settings = GatewaySettings(**common, auth_secret=SECRET, **overrides)
-        runtime = build(settings, own)
+        runtime, state = build(settings, own), own
     elif name == "feedback":
         from services.feedback import FeedbackSettings
         from services.feedback import build as build_feedback

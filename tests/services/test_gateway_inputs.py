@@ -1,0 +1,300 @@
+"""Every malformed gateway call gets the right status code and a reason; the gateway keeps serving.
+
+Runs the gateway alone on in-memory ports; a ready track is made by publishing a TrackReady on
+the bus (the path the generator takes), so the consumer side is exercised too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import grpc
+import pytest
+
+from riffloop.core import new_envelope
+from riffloop.v1 import common_pb2, events_pb2
+from riffloop.v1 import gateway_service_pb2 as pb
+from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
+from tests.services.conftest import Running, shared_ports, start_service, wait_for, wav_bytes
+
+pytestmark = pytest.mark.contract
+
+Auth = Callable[[str], tuple[tuple[str, str], ...]]
+MAX_UPLOAD = 64 * 1024
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Running]:
+    running = start_service(
+        "gateway",
+        shared_ports(),
+        max_upload_bytes=MAX_UPLOAD,
+        rate_limit_per_s=10.0,
+        rate_limit_burst=40,
+    )
+    yield running
+    running.channel.close()
+    running.runtime.stop()
+
+
+@pytest.fixture
+def stub(gateway: Running) -> pb_grpc.GatewayServiceStub:
+    return pb_grpc.GatewayServiceStub(gateway.channel)
+
+
+def upload(
+    data: bytes,
+    content_type: str = "audio/wav",
+    chunk: int = 16 * 1024,
+    metadata_first: bool = True,
+) -> Iterator[pb.UploadSongRequest]:
+    meta = pb.UploadSongRequest(
+        metadata=pb.UploadSongMetadata(title="t", content_type=content_type)
+    )
+    if metadata_first:
+        yield meta
+    for i in range(0, len(data), chunk):
+        yield pb.UploadSongRequest(chunk=data[i : i + chunk])
+    if not metadata_first:
+        yield meta
+
+
+def expect(code: grpc.StatusCode, call: Callable[[], object], reason: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    assert info.value.code() is code, info.value.details()
+    assert reason in (info.value.details() or ""), info.value.details()
+    assert "Traceback" not in (info.value.details() or "")
+
+
+def make_ready_track(
+    gateway: Running, stub: pb_grpc.GatewayServiceStub, auth: Auth, user: str
+) -> str:
+    song = stub.UploadSong(upload(wav_bytes(1.0, 330.0)), metadata=auth(user), timeout=10)
+    response = stub.Generate(
+        pb.GenerateRequest(song_ids=[song.song_id], similarity=0.5), metadata=auth(user), timeout=10
+    )
+    audio = wav_bytes(0.5)
+    bus_ports = gateway.state  # the gateway's ports (shared in-memory adapters)
+    ref = bus_ports.objects.put("tracks", f"{response.track_id}.wav", audio)
+    ready = events_pb2.TrackReady(
+        track_id=response.track_id,
+        audio=ref.to_proto(),
+        provenance=common_pb2.TrackProvenance(
+            kind=common_pb2.TRACK_KIND_GENERATED,
+            model_version="v0001",
+            input_song_ids=[song.song_id],
+        ),
+        user_id=user,
+        duration_seconds=0.5,
+    )
+    bus_ports.bus.publish("tracks.ready.v1", response.track_id, new_envelope("test", ready))
+    key = f"gw:track:{response.track_id}"
+    wait_for(lambda: '"ready"' in (bus_ports.kv.get(key) or ""), 10, "track ready")
+    return response.track_id
+
+
+def test_upload_generate_and_stream_round_trip(gateway: Running, stub, auth: Auth) -> None:
+    data = wav_bytes(1.0)
+    song = stub.UploadSong(upload(data), metadata=auth("alice"), timeout=10)
+    assert len(song.song_id) == 64 and song.duration_seconds == pytest.approx(1.0, abs=0.01)
+    again = stub.UploadSong(upload(data), metadata=auth("alice"), timeout=10)
+    assert again.song_id == song.song_id and again.already_existed
+    track_id = make_ready_track(gateway, stub, auth, "alice")
+    chunks = list(
+        stub.StreamAudio(
+            pb.StreamAudioRequest(track_id=track_id, chunk_size=4096),
+            metadata=auth("alice"),
+            timeout=10,
+        )
+    )
+    body = b"".join(c.chunk for c in chunks)
+    assert len(body) == chunks[0].total_size_bytes and body[:4] == b"RIFF"
+    rated = stub.Rate(pb.RateRequest(track_id=track_id, stars=4), metadata=auth("alice"))
+    assert rated.event_id
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "reason"),
+    [
+        ("no-metadata", grpc.StatusCode.INVALID_ARGUMENT, "metadata must be the first message"),
+        ("empty", grpc.StatusCode.INVALID_ARGUMENT, "no audio bytes"),
+        ("oversized", grpc.StatusCode.INVALID_ARGUMENT, f"limit of {MAX_UPLOAD} bytes"),
+        ("corrupt", grpc.StatusCode.INVALID_ARGUMENT, "audio does not decode"),
+        ("content-type", grpc.StatusCode.INVALID_ARGUMENT, "is not supported"),
+    ],
+)
+def test_bad_uploads_are_refused_with_a_reason(
+    stub, auth: Auth, case: str, code: grpc.StatusCode, reason: str
+) -> None:
+    requests = {
+        "no-metadata": lambda: upload(wav_bytes(0.5), metadata_first=False),
+        "empty": lambda: upload(b""),
+        "oversized": lambda: upload(b"\0" * (MAX_UPLOAD + 1)),
+        "corrupt": lambda: upload(b"RIFF" + b"\x13" * 5000),
+        "content-type": lambda: upload(wav_bytes(0.5), content_type="text/html"),
+    }[case]
+    expect(code, lambda: stub.UploadSong(requests(), metadata=auth("bob"), timeout=10), reason)
+
+
+@pytest.mark.parametrize(
+    ("request_", "code", "reason"),
+    [
+        (pb.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "1 to 3 songs"),
+        (pb.GenerateRequest(song_ids=["a"] * 4), grpc.StatusCode.INVALID_ARGUMENT, "1 to 3"),
+        (pb.GenerateRequest(song_ids=["../etc"]), grpc.StatusCode.INVALID_ARGUMENT, "sha256"),
+        (
+            pb.GenerateRequest(song_ids=["a" * 64], similarity=1.0),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "similarity",
+        ),
+        (
+            pb.GenerateRequest(song_ids=["a" * 64], similarity=float("nan")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "similarity",
+        ),
+        (
+            pb.GenerateRequest(song_ids=["a" * 64], quality=5000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "quality",
+        ),
+        (pb.GenerateRequest(song_ids=["a" * 64]), grpc.StatusCode.NOT_FOUND, "never uploaded"),
+    ],
+)
+def test_bad_generation_requests(stub, auth: Auth, request_, code, reason) -> None:
+    expect(code, lambda: stub.Generate(request_, metadata=auth("carol"), timeout=5), reason)
+
+
+def test_track_and_feedback_errors(gateway: Running, stub, auth: Auth) -> None:
+    track_id = make_ready_track(gateway, stub, auth, "dave")
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.GetTrack(pb.GetTrackRequest(), metadata=auth("dave")),
+        "required",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.GetTrack(pb.GetTrackRequest(track_id="x" * 65), metadata=auth("dave")),
+        "track_id",
+    )
+    expect(
+        grpc.StatusCode.NOT_FOUND,
+        lambda: stub.GetTrack(pb.GetTrackRequest(track_id="nope"), metadata=auth("dave")),
+        "does not exist",
+    )
+    expect(
+        grpc.StatusCode.PERMISSION_DENIED,
+        lambda: stub.Rate(pb.RateRequest(track_id=track_id, stars=3), metadata=auth("eve")),
+        "not served to you",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.Rate(pb.RateRequest(track_id=track_id, stars=6), metadata=auth("dave")),
+        "stars must be 1–5",
+    )
+    stub.Rate(pb.RateRequest(track_id=track_id, stars=2), metadata=auth("dave"))
+    expect(
+        grpc.StatusCode.ALREADY_EXISTS,
+        lambda: stub.Rate(pb.RateRequest(track_id=track_id, stars=5), metadata=auth("dave")),
+        "already rated",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.ReportListen(
+            pb.ReportListenRequest(track_id=track_id, seconds_listened=-1), metadata=auth("dave")
+        ),
+        "seconds_listened",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.StreamAudio(
+            pb.StreamAudioRequest(track_id=track_id, chunk_size=10), metadata=auth("dave")
+        ).next(),
+        "chunk_size",
+    )
+
+
+def test_pending_track_cannot_be_streamed_or_rated(stub, auth: Auth) -> None:
+    song = stub.UploadSong(upload(wav_bytes(0.7, 550.0)), metadata=auth("fay"), timeout=10)
+    response = stub.Generate(pb.GenerateRequest(song_ids=[song.song_id]), metadata=auth("fay"))
+    track = stub.GetTrack(pb.GetTrackRequest(track_id=response.track_id), metadata=auth("fay"))
+    assert track.track.status == pb.TRACK_STATUS_PENDING
+    expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        lambda: stub.Rate(
+            pb.RateRequest(track_id=response.track_id, stars=3), metadata=auth("fay")
+        ),
+        "not ready",
+    )
+
+
+@pytest.mark.parametrize(
+    ("metadata", "reason"),
+    [
+        ((), "missing authorization"),
+        ((("authorization", "Basic abc"),), "Bearer <token>"),
+        ((("authorization", "Bearer nonsense"),), "malformed bearer token"),
+        ((("authorization", "Bearer mallory.9999999999.AAAA"),), "signature does not match"),
+    ],
+)
+def test_unauthenticated_calls_are_refused(stub, metadata, reason) -> None:
+    expect(
+        grpc.StatusCode.UNAUTHENTICATED,
+        lambda: stub.ListModels(pb.ListModelsRequest(), metadata=metadata, timeout=5),
+        reason,
+    )
+
+
+def test_expired_token_is_refused(stub) -> None:
+    from riffloop.runtime import TokenSigner
+    from tests.services.conftest import SECRET
+
+    token = TokenSigner(SECRET, clock=lambda: 1_000.0).issue("old", ttl_s=1)
+    expect(
+        grpc.StatusCode.UNAUTHENTICATED,
+        lambda: stub.ListModels(
+            pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {token}"),)
+        ),
+        "expired",
+    )
+
+
+def test_rate_limit_is_per_user_and_the_gateway_keeps_serving(stub, auth: Auth) -> None:
+    codes = []
+    for _ in range(60):
+        try:
+            stub.ListModels(pb.ListModelsRequest(), metadata=auth("greedy"), timeout=5)
+            codes.append("OK")
+        except grpc.RpcError as error:
+            assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "rate limit exceeded" in (error.details() or "")
+            codes.append("LIMITED")
+    assert 38 <= codes.count("OK") <= 48, codes  # burst 40 (+ refill at 10/s meanwhile)
+    assert codes[-1] == "LIMITED"
+    # Another user is unaffected, and so is the health probe.
+    stub.ListModels(pb.ListModelsRequest(), metadata=auth("patient"), timeout=5)
+
+
+def test_list_models_reports_published_versions_and_mean_ratings(
+    gateway: Running, stub, auth: Auth
+) -> None:
+    ports = gateway.state
+    published = events_pb2.ModelPublished(version="v0001", action=common_pb2.MODEL_ACTION_PROMOTE)
+    ports.bus.publish("model.published.v1", "v0001", new_envelope("trainer", published))
+    prov = common_pb2.TrackProvenance(kind=common_pb2.TRACK_KIND_GENERATED, model_version="v0001")
+    for track, mean, n in (("t1", 4.0, 3), ("t2", 2.0, 1)):
+        scored = events_pb2.TrackScored(
+            track_id=track, mean_rating=mean, rating_count=n, provenance=prov
+        )
+        ports.bus.publish("tracks.scored.v1", track, new_envelope("feedback", scored))
+
+    def listed() -> bool:
+        models = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
+        return bool(models) and models[0].rating_count == 4
+
+    wait_for(listed, 10, "scores in ListModels")
+    (model,) = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
+    assert model.version == "v0001" and model.current
+    assert model.mean_rating == pytest.approx((4.0 * 3 + 2.0) / 4)
+    assert json.loads(ports.kv.hget("gw:models", "v0001"))["parent"] == ""
