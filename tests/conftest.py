@@ -1,11 +1,15 @@
 """Fixtures shared by every test folder: real servers on demand, fresh names.
 
-- `real_infra` (session): Kafka + MinIO + Redis started once per session on free loopback ports in
-  a temporary folder, only when a test asks for it (unit runs stay server-free), stopped at the
-  end even when tests fail. With `RIFFLOOP_TEST_INFRA_ENV=<state>/infra.env` (written by
-  `python -m riffloop.infra up`) the tests use that running stack instead.
-- `unique_name` (per test): `unique_name("songs")` → a fresh name valid as a Kafka topic and as
-  an S3 bucket, so tests sharing one stack never see each other's data.
+- `real_infra` (session): the addresses (`InfraAddresses`, `.env()` → RIFFLOOP_* settings) of
+  Kafka + MinIO + Redis started once per session on free loopback ports in a temporary folder,
+  only when a test asks for them (unit runs stay server-free), stopped at the end even when tests
+  fail. With `RIFFLOOP_TEST_INFRA_ENV=<state>/infra.env` (written by `python -m riffloop.infra up`)
+  the tests use that running stack instead and leave it running.
+- `local_infra` (session): the `LocalInfra` behind `real_infra`, for fault injection
+  (`local_infra.kill("kafka")`, `.restart("kafka")`). The stack is shared: a test that kills a
+  server restarts it before it ends.
+- `unique_name` (per test): `unique_name("songs")` → a fresh name valid as a Kafka topic, a
+  consumer group and an S3 bucket, so tests sharing one stack never see each other's data.
 """
 
 from __future__ import annotations
@@ -20,44 +24,61 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from riffloop.infra import InfraAddresses
+    from riffloop.infra import InfraAddresses, LocalInfra
 
 INFRA_ENV_VARIABLE = "RIFFLOOP_TEST_INFRA_ENV"
 
 
 @pytest.fixture(scope="session")
-def real_infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfraAddresses]:
+def local_infra(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
     # Imported here so that runs which never ask for servers never import Kafka/MinIO clients.
-    from riffloop.infra import InfraAddresses, InfraError, LocalInfra
+    from riffloop.infra import InfraError, LocalInfra
 
     env_file = os.environ.get(INFRA_ENV_VARIABLE)
     if env_file:
-        try:
-            addresses = InfraAddresses.from_env_file(Path(env_file))
-        except InfraError as error:
-            pytest.fail(f"{INFRA_ENV_VARIABLE}: {error.reason}", pytrace=False)
-        yield addresses
+        state_dir = Path(env_file).parent
+        if not (state_dir / "infra.json").is_file():
+            pytest.fail(
+                f"{INFRA_ENV_VARIABLE}={env_file} has no infra.json beside it, so its servers "
+                "cannot be killed or restarted; point it at a stack started with "
+                "`python -m riffloop.infra up`.",
+                pytrace=False,
+            )
+        yield LocalInfra(state_dir)  # not ours: left running
         return
-    # Servers die with this process even if it is killed hard (PR_SET_PDEATHSIG).
+    # tie_to_parent: the servers die with this process even if it is killed hard.
     infra = LocalInfra(tmp_path_factory.mktemp("infra"), tie_to_parent=True)
     try:
-        addresses = infra.start()
+        infra.start()
     except InfraError as error:
         pytest.fail(error.reason, pytrace=False)
     try:
-        yield addresses
+        yield infra
     finally:
         infra.stop()
 
 
+@pytest.fixture(scope="session")
+def real_infra(request: pytest.FixtureRequest) -> InfraAddresses:
+    from riffloop.infra import InfraAddresses, InfraError
+
+    env_file = os.environ.get(INFRA_ENV_VARIABLE)
+    if not env_file:
+        infra: LocalInfra = request.getfixturevalue("local_infra")
+        return infra.addresses
+    try:
+        return InfraAddresses.from_env_file(Path(env_file))
+    except InfraError as error:
+        pytest.fail(f"{INFRA_ENV_VARIABLE}: {error.reason}", pytrace=False)
+
+
 @pytest.fixture
 def unique_name(request: pytest.FixtureRequest) -> Callable[[str], str]:
-    """`unique_name(prefix)`: lowercase letters, digits and hyphens, ≤ 63 characters."""
-    test = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:24]
+    """`unique_name(prefix)`: lowercase letters, digits and hyphens, at most 60 characters."""
+    test = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:24].strip("-")
 
     def make(prefix: str = "t") -> str:
-        stem = re.sub(r"[^a-z0-9]+", "-", prefix.lower()).strip("-") or "t"
-        suffix = uuid.uuid4().hex[:10]
-        return "-".join(part for part in (stem[:24].strip("-"), test, suffix) if part)
+        stem = re.sub(r"[^a-z0-9]+", "-", prefix.lower()).strip("-")[:24].strip("-") or "t"
+        return "-".join(part for part in (stem, test, uuid.uuid4().hex[:10]) if part)
 
     return make

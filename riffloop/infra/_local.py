@@ -368,7 +368,8 @@ class LocalInfra:
             env=server.env(),
             tie_to_parent=self._tie_to_parent,
         )
-        self._handles[name] = handle
+        if handle is not None:
+            self._handles[name] = handle
         self._state.processes[name] = record
 
     def _format_kafka(self, server: KafkaServer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -14,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from riffloop.infra._layout import InfraError
 
 _PR_SET_PDEATHSIG = 1
 
@@ -40,28 +43,47 @@ def spawn(
     cwd: Path,
     env: dict[str, str],
     tie_to_parent: bool,
-) -> tuple[subprocess.Popen[bytes], ProcessRecord]:
+) -> tuple[subprocess.Popen[bytes] | None, ProcessRecord]:
     """Start `argv` in its own session with stdout+stderr appended to `log_path`.
 
-    `tie_to_parent` asks the kernel to SIGKILL the server when the spawning process dies (Linux
-    PR_SET_PDEATHSIG), so a test run killed hard leaves no server behind; `up` leaves it off so its
-    servers outlive the command.
+    `tie_to_parent=True` (tests): the server is our child, and the kernel SIGKILLs it when we die
+    (Linux PR_SET_PDEATHSIG), so a test run killed hard leaves no server behind; the handle is
+    returned so `stop` can reap it. `False` (`up`): the server is started through a shell that exits
+    at once, so init adopts it, it outlives this process, and no handle is returned.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(argv)}\n".encode())
+        log.write(f"\n--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {shlex.join(argv)}\n".encode())
         log.flush()
-        process = subprocess.Popen(
-            argv,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
+        if tie_to_parent:
+            process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=cwd,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+            return process, ProcessRecord(process.pid, _create_time(process.pid))
+        launcher = subprocess.run(
+            ["/bin/sh", "-c", _DETACH, "riffloop-infra", str(log_path), *argv],
+            stdout=subprocess.PIPE,
+            stderr=log,
             cwd=cwd,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent if tie_to_parent else None,
+            check=False,
         )
-    return process, ProcessRecord(process.pid, _create_time(process.pid))
+    pid = launcher.stdout.decode().strip()
+    if launcher.returncode != 0 or not pid.isdigit():
+        raise InfraError(f"Could not start {argv[0]}; see {log_path}.")
+    return None, ProcessRecord(int(pid), _create_time(int(pid)))
+
+
+# $1 is the log, the rest the server's argv; prints the server's pid and exits at once.
+_DETACH = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
 
 
 def _die_with_parent() -> None:

@@ -146,21 +146,8 @@ def test_real_infra_carries_a_message_an_object_and_a_key(
     create_topics(real_infra.kafka_bootstrap, [topic], partitions=1)
     create_buckets(real_infra, [bucket])
 
-    producer = KafkaProducer(bootstrap_servers=real_infra.kafka_bootstrap)
-    producer.send(topic, key=b"song-1", value=b"hello").get(timeout=30)
-    producer.close()
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=real_infra.kafka_bootstrap,
-        group_id=unique_name("group"),
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=30_000,
-    )
-    try:
-        first = next(iter(consumer))
-    finally:
-        consumer.close()
-    assert (first.key, first.value) == (b"song-1", b"hello")
+    _produce(real_infra, topic, b"song-1", b"hello")
+    assert _first_message(real_infra, topic, unique_name("group")) == (b"song-1", b"hello")
 
     s3 = _s3(real_infra)
     payload = os.urandom(1024)
@@ -178,6 +165,51 @@ def test_real_infra_carries_a_message_an_object_and_a_key(
         assert client.get(key) == b"v"
     finally:
         client.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_kafka_keeps_its_data_across_kill_9(
+    local_infra: LocalInfra, real_infra: InfraAddresses, unique_name: Callable[[str], str]
+) -> None:
+    topic = unique_name("topic")
+    create_topics(real_infra.kafka_bootstrap, [topic], partitions=1)
+    _produce(real_infra, topic, b"track-7", b"before the crash")
+
+    local_infra.kill("kafka")
+    try:
+        assert not {status.name: status for status in local_infra.status()}["kafka"].alive
+    finally:
+        local_infra.restart("kafka")  # the stack is shared by the whole session
+
+    assert local_infra.addresses == real_infra
+    assert _first_message(real_infra, topic, unique_name("group")) == (
+        b"track-7",
+        b"before the crash",
+    )
+
+
+def _produce(addresses: InfraAddresses, topic: str, key: bytes, value: bytes) -> None:
+    producer = KafkaProducer(bootstrap_servers=addresses.kafka_bootstrap, acks="all")
+    try:
+        producer.send(topic, key=key, value=value).get(timeout=30)
+    finally:
+        producer.close()
+
+
+def _first_message(addresses: InfraAddresses, topic: str, group: str) -> tuple[bytes, bytes]:
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=addresses.kafka_bootstrap,
+        group_id=group,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=30_000,
+    )
+    try:
+        first = next(iter(consumer))
+    finally:
+        consumer.close()
+    return first.key, first.value
 
 
 class _Reader:
