@@ -241,7 +241,12 @@ class Consumer:
         if self._hooks.on_lag is None or now - self._last_lag < self._lag_interval_s:
             return
         self._last_lag = now
-        for topic, lag in subscription.lag().items():
+        try:
+            lags = subscription.lag()
+        except TransientError as exc:  # a metric, not a reason to rejoin the group
+            log.info("consumer %s: lag not available: %s", self._group, exc)
+            return
+        for topic, lag in lags.items():
             self._hooks.lag(topic, lag)
 
     # -- one record ---------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from riffloop.core._errors import NotFoundError, PermanentError, TransientError
+from riffloop.core._errors import ConflictError, NotFoundError, PermanentError, TransientError
 from riffloop.core._object_store import (
     DEFAULT_CONTENT_TYPE,
     ObjectRef,
@@ -91,8 +91,9 @@ class LocalDirObjectStore(ObjectStore):
         try:
             _atomic_write(data_path, blob)
             _atomic_write(meta_path, json.dumps(meta).encode())
-        except (NotADirectoryError, IsADirectoryError):
-            raise NotFoundError(
+        except (NotADirectoryError, IsADirectoryError, FileExistsError):
+            # S3 allows both "a" and "a/b"; a directory tree cannot hold both.
+            raise ConflictError(
                 f"object key {key!r} clashes with an existing object or prefix in {bucket!r}"
             ) from None
         return ref

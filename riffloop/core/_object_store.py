@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from riffloop.core._errors import ChecksumMismatchError, ValidationError
+from riffloop.core._errors import ChecksumMismatchError, NotFoundError, ValidationError
 
 if TYPE_CHECKING:
     from riffloop.v1 import common_pb2
@@ -186,8 +186,6 @@ class ObjectStore(abc.ABC):
     # -- derived operations -------------------------------------------------------------------
 
     def exists(self, bucket: str, key: str) -> bool:
-        from riffloop.core._errors import NotFoundError
-
         try:
             self.stat(bucket, key)
         except NotFoundError:
@@ -208,8 +206,6 @@ class ObjectStore(abc.ABC):
             raise ValidationError(f"suffix {suffix!r} must look like '.wav' (no '/')")
         digest = sha256_hex(data)
         key = validate_key(f"{prefix}{digest}{suffix}")
-        from riffloop.core._errors import NotFoundError
-
         try:
             existing = self.stat(bucket, key)
         except NotFoundError:

@@ -71,6 +71,12 @@ class Settings:
     log_level: LogLevel = "INFO"
 
     _REQUIRED_FOR_REAL: ClassVar[tuple[str, ...]] = ("kafka_bootstrap", "s3_endpoint", "redis_url")
+    # RIFFLOOP_* variables of the tooling, not of a process: bin/riffloop's interpreter choice and
+    # the test suite's shared-servers file. Exported in a developer's shell, they reach every
+    # process started from it, so they are tolerated rather than rejected.
+    TOOLING_VARIABLES: ClassVar[frozenset[str]] = frozenset(
+        {"RIFFLOOP_PYTHON", "RIFFLOOP_TEST_INFRA_ENV"}
+    )
 
     # -- construction -------------------------------------------------------------------------
 
@@ -80,7 +86,11 @@ class Settings:
         env = os.environ if environ is None else environ
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         known = {env_name(name) for name in fields}
-        unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+        unknown = sorted(
+            k
+            for k in env
+            if k.startswith(PREFIX) and k not in known and k not in cls.TOOLING_VARIABLES
+        )
         if unknown:
             raise ConfigurationError(
                 f"unknown setting {unknown[0]}; known settings are {', '.join(sorted(known))}"

@@ -9,6 +9,7 @@ import pytest
 
 from riffloop.core import (
     ChecksumMismatchError,
+    ConflictError,
     LocalDirObjectStore,
     MemoryObjectStore,
     NotFoundError,
@@ -108,6 +109,18 @@ def test_local_data_without_meta_does_not_exist(tmp_path: Path) -> None:
     assert store.list("songs") == []
     with pytest.raises(NotFoundError):
         store.get("songs", "orphan.wav")
+
+
+def test_local_key_that_clashes_with_a_prefix_is_a_conflict(tmp_path: Path) -> None:
+    store = LocalDirObjectStore(tmp_path)
+    store.ensure_bucket("models")
+    store.put("models", "v1", b"a file")
+    with pytest.raises(ConflictError):
+        store.put("models", "v1/unet.bin", b"under a file")
+    store.put("models", "v2/unet.bin", b"a prefix")
+    with pytest.raises(ConflictError):
+        store.put("models", "v2", b"over a directory")
+    assert store.list("models") == ["v1", "v2/unet.bin"]
 
 
 def test_local_store_survives_a_new_instance(tmp_path: Path) -> None:

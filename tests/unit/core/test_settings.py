@@ -64,6 +64,13 @@ def test_unknown_variable_is_named() -> None:
     assert "\n" not in info.value.reason
 
 
+def test_tooling_variables_are_not_settings_but_tolerated() -> None:
+    settings = Settings.from_env(
+        {"RIFFLOOP_TEST_INFRA_ENV": "/tmp/infra.env", "RIFFLOOP_PYTHON": "x"}
+    )
+    assert settings == Settings()
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
