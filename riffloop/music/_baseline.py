@@ -141,7 +141,7 @@ class BaselineIndex:
             raise ValidationError("chunk_rows must be at least 1")
         self.chunk_rows = chunk_rows
         self.dim = 0
-        self._rows = torch.empty(0, 0, dtype=self.dtype)
+        self._blocks: list[Tensor] = []
         self._ids: list[str] = []
         self._id_set: set[str] = set()
         self.extend(latents, ids)
@@ -168,15 +168,13 @@ class BaselineIndex:
         parts = []
         for start in range(0, flat.shape[0], self.chunk_rows):
             chunk = flat[start : start + self.chunk_rows].to("cpu", torch.float32)
-            if not bool(torch.isfinite(chunk).all()):
-                raise ValidationError("latents contain NaN or infinite values")
+            # One pass: a NaN/inf anywhere makes its row norm non-finite (cheaper than isfinite).
+            if not bool(torch.isfinite(torch.linalg.vector_norm(chunk, dim=1)).all()):
+                raise ValidationError("latents contain NaN or infinite (or huge) values")
             parts.append(self.similarity.row_features(chunk).to(self.dtype))
-        new_rows = torch.cat(parts)
-        if self._ids:
-            self._rows = torch.cat([self._rows, new_rows])
-        else:
-            self.dim = flat.shape[1]
-            self._rows = new_rows
+        # Rows stay in chunk-sized blocks: extending never copies what is already stored.
+        self._blocks.extend(parts)
+        self.dim = flat.shape[1]
         self._ids.extend(ids)
         self._id_set.update(ids)
 
@@ -189,7 +187,7 @@ class BaselineIndex:
 
     @property
     def nbytes(self) -> int:
-        return self._rows.numel() * self._rows.element_size()
+        return sum(b.numel() * b.element_size() for b in self._blocks)
 
     # -- search -----------------------------------------------------------------------------
 
@@ -210,15 +208,17 @@ class BaselineIndex:
         feats = self.similarity.query_features(q).to(self.dtype)
         best_scores = torch.full((q.shape[0], 0), float("-inf"))
         best_rows = torch.zeros((q.shape[0], 0), dtype=torch.long)
-        # 1. score one chunk of rows, 2. merge with the running top-k, 3. next chunk.
-        for start in range(0, len(self), self.chunk_rows):
-            scores = (feats @ self._rows[start : start + self.chunk_rows].T).to(torch.float32)
+        # 1. score one block of rows, 2. merge with the running top-k, 3. next block.
+        start = 0
+        for block in self._blocks:
+            scores = (feats @ block.T).to(torch.float32)
             top = torch.topk(scores, min(k, scores.shape[1]), dim=1)
             cand_scores = torch.cat([best_scores, top.values], dim=1)
             cand_rows = torch.cat([best_rows, top.indices + start], dim=1)
             keep = torch.topk(cand_scores, min(k, cand_scores.shape[1]), dim=1)
             best_scores = keep.values
             best_rows = torch.gather(cand_rows, 1, keep.indices)
+            start += block.shape[0]
         return [
             [
                 Neighbour(self._ids[int(r)], int(r), float(s))
@@ -236,7 +236,7 @@ class BaselineIndex:
             "dim": str(self.dim),
             "ids": json.dumps(self._ids),
         }
-        return st_save({"rows": self._rows.contiguous()}, metadata=metadata)
+        return st_save({"rows": torch.cat(self._blocks).contiguous()}, metadata=metadata)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> BaselineIndex:
@@ -261,7 +261,7 @@ class BaselineIndex:
         index.dtype = rows.dtype
         index.chunk_rows = chunk_rows
         index.dim = dim
-        index._rows = rows
+        index._blocks = list(torch.split(rows, chunk_rows))
         index._ids = list(ids)
         index._id_set = set(ids)
         return index
