@@ -1,0 +1,191 @@
+"""A typed Python client of the gateway (what listeners, the simulator and tools use).
+
+Every call carries the bearer token and a deadline; gRPC errors come back as the matching
+``riffloop.core`` error (``grpc_code`` → class), so callers handle one hierarchy on both sides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from riffloop.core import (
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    PermissionDeniedError,
+    RateLimitedError,
+    RiffloopError,
+    TransientError,
+    UnauthenticatedError,
+    ValidationError,
+)
+from riffloop.v1 import gateway_service_pb2 as pb
+from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
+
+_ERRORS: dict[grpc.StatusCode, type[RiffloopError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: ValidationError,
+    grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: ConflictError,
+    grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: RateLimitedError,
+    grpc.StatusCode.UNAVAILABLE: TransientError,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TransientError,
+    grpc.StatusCode.FAILED_PRECONDITION: PermanentError,
+}
+UPLOAD_CHUNK = 256 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadedSong:
+    song_id: str
+    duration_seconds: float
+    already_existed: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackInfo:
+    track_id: str
+    status: str  # "pending", "ready" or "failed"
+    duration_seconds: float
+    size_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    version: str
+    parent_version: str
+    current: bool
+    mean_rating: float
+    rating_count: int
+    baseline_mean_rating: float
+    baseline_rating_count: int
+
+
+def _translate(error: grpc.RpcError) -> RiffloopError:
+    code = error.code()
+    cls = _ERRORS.get(code, RiffloopError)
+    return cls(f"{code.name}: {error.details() or ''}")
+
+
+class GatewayClient:
+    """``GatewayClient("127.0.0.1:50051", token)``; use as a context manager or call close()."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str,
+        *,
+        timeout_s: float = 10.0,
+        channel: grpc.Channel | None = None,
+    ) -> None:
+        self._channel = channel or grpc.insecure_channel(
+            target, options=[("grpc.max_send_message_length", 2 * 1024 * 1024)]
+        )
+        self._stub = pb_grpc.GatewayServiceStub(self._channel)
+        self._metadata = (("authorization", f"Bearer {token}"),)
+        self.timeout_s = timeout_s
+
+    def __enter__(self) -> GatewayClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout_s: float | None = None) -> Any:
+        try:
+            return method(request, metadata=self._metadata, timeout=timeout_s or self.timeout_s)
+        except grpc.RpcError as error:
+            raise _translate(error) from None
+
+    # -- songs and tracks -----------------------------------------------------------------------
+
+    def upload_song(
+        self, audio: bytes | Path, *, title: str = "", content_type: str = "audio/wav"
+    ) -> UploadedSong:
+        data = audio.read_bytes() if isinstance(audio, Path) else audio
+
+        def parts() -> Iterator[pb.UploadSongRequest]:
+            yield pb.UploadSongRequest(
+                metadata=pb.UploadSongMetadata(title=title, content_type=content_type)
+            )
+            for offset in range(0, len(data), UPLOAD_CHUNK):
+                yield pb.UploadSongRequest(chunk=data[offset : offset + UPLOAD_CHUNK])
+
+        response = self._call(self._stub.UploadSong, parts(), timeout_s=max(self.timeout_s, 60))
+        return UploadedSong(response.song_id, response.duration_seconds, response.already_existed)
+
+    def generate(
+        self, song_ids: list[str], *, similarity: float = 0.5, quality: int = 0, seed: int = 0
+    ) -> str:
+        """Ask for a track; returns its id (pending until the generator publishes it)."""
+        request = pb.GenerateRequest(
+            song_ids=song_ids, similarity=similarity, quality=quality, seed=seed
+        )
+        return str(self._call(self._stub.Generate, request).track_id)
+
+    def get_track(self, track_id: str) -> TrackInfo:
+        track = self._call(self._stub.GetTrack, pb.GetTrackRequest(track_id=track_id)).track
+        status = pb.TrackStatus.Name(track.status).removeprefix("TRACK_STATUS_").lower()
+        return TrackInfo(track.track_id, status, track.duration_seconds, track.size_bytes)
+
+    def wait_ready(
+        self, track_id: str, *, timeout_s: float = 120.0, poll_s: float = 0.25
+    ) -> TrackInfo:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            info = self.get_track(track_id)
+            if info.status == "ready":
+                return info
+            if info.status == "failed":
+                raise PermanentError(f"track {track_id} failed")
+            if time.monotonic() >= deadline:
+                raise TransientError(f"track {track_id} not ready after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+
+    def audio(self, track_id: str, *, chunk_size: int = 0) -> bytes:
+        request = pb.StreamAudioRequest(track_id=track_id, chunk_size=chunk_size)
+        try:
+            stream = self._stub.StreamAudio(
+                request, metadata=self._metadata, timeout=self.timeout_s
+            )
+            return b"".join(message.chunk for message in stream)
+        except grpc.RpcError as error:
+            raise _translate(error) from None
+
+    # -- feedback and models --------------------------------------------------------------------
+
+    def rate(self, track_id: str, stars: int) -> str:
+        return str(
+            self._call(self._stub.Rate, pb.RateRequest(track_id=track_id, stars=stars)).event_id
+        )
+
+    def report_listen(self, track_id: str, seconds: float, *, completed: bool = False) -> str:
+        request = pb.ReportListenRequest(
+            track_id=track_id, seconds_listened=seconds, completed=completed
+        )
+        return str(self._call(self._stub.ReportListen, request).event_id)
+
+    def list_models(self) -> list[ModelInfo]:
+        models = self._call(self._stub.ListModels, pb.ListModelsRequest()).models
+        return [
+            ModelInfo(
+                m.version,
+                m.parent_version,
+                m.current,
+                m.mean_rating,
+                m.rating_count,
+                m.baseline_mean_rating,
+                m.baseline_rating_count,
+            )
+            for m in models
+        ]
