@@ -128,8 +128,12 @@ class TasteListener:
         self._heard = 0
 
     def utility(self, audio: np.ndarray, sample_rate: int, learn: bool = False) -> float:
-        """The hidden liking u (for evaluation only; the loop never calls it)."""
-        f = audio_features(audio, sample_rate).vector()
+        """The hidden liking u of a clip (``learn``: let it move the listener's anchor)."""
+        return self.liking(audio_features(audio, sample_rate), learn=learn)
+
+    def liking(self, features: AudioFeatures, learn: bool = False) -> float:
+        """u from precomputed features (the demo's evaluation uses it; the loop never does)."""
+        f = features.vector()
         if learn and self._heard < self.calibration_clips:
             self._heard += 1
             self._n += 1

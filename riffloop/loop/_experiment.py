@@ -1,0 +1,650 @@
+"""The embedded demo: the whole loop in one process, a SELECTED arm against a random CONTROL arm.
+
+Per iteration k = 0 … K, for each arm (iteration 0 is shared: both arms start from the base model):
+
+1. Requests: every input merge (a pair of held-out clips) gets ``requests_per_merge`` requests; the
+   ``Dispatcher`` answers each blind with the baseline z0 = argmax_z Γ(z_agg, z) over the training
+   pool (p = 0.25) or a generation by ``inject_at_step`` (s, q) with a per-request seed. Request ids
+   and seeds are the same in both arms (common random numbers).
+2. Listeners (a plug-in population, 20 % bots) hear a random subset of the tracks plus repeated
+   baselines (consistency probes); ratings and listen events go through the ``FeedbackLedger``.
+3. ``SpamFilter`` → ρ, ``ConfidenceWeight`` → R, ω per track; the paper's table row.
+4. Selection: SELECTED keeps generations with R > R_b(input) (``GeneticSelector``, ω as loss
+   weight, purge at the boundary); CONTROL draws the same number of its own generations at random
+   (ω = 1). Both fine-tune with the same budget, seed, replay data and LoRA settings.
+5. The next iteration's generations pass the offline gate (FD and diversity against the parent's);
+   a rejected candidate is replaced by its parent, and the canary compares the candidate's
+   scores with the parent's on the same requests (Mann-Whitney, one-sided) before promotion.
+
+Nothing here sees the listeners' hidden tastes except the evaluation column "hidden liking"
+(mean u over honest listeners), which is what the ratings are supposed to move.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from riffloop.core import PermanentError
+from riffloop.loop._confidence import ConfidenceWeight, TrackScored
+from riffloop.loop._dispatch import Dispatcher
+from riffloop.loop._feedback import FeedbackLedger, ListenEvent, Observation, Rating
+from riffloop.loop._listeners import (
+    Listener,
+    ListenerFactory,
+    TasteListener,
+    audio_features,
+    load_listener_factory,
+)
+from riffloop.loop._provenance import TrackKind, TrackProvenance
+from riffloop.loop._release import (
+    Canary,
+    CanaryDecision,
+    GateReport,
+    ModelRecord,
+    ModelRegistry,
+    OfflineGate,
+    VersionStatus,
+    welch_ci,
+)
+from riffloop.loop._selection import (
+    GeneticSelector,
+    PurgeCycle,
+    RandomSelector,
+    TrainingPair,
+    auto_near_duplicate,
+    baseline_scores,
+    model_score_by_input,
+)
+from riffloop.loop._spam import SpamFilter, SpamReport
+
+Progress = Callable[[str], None]
+DEFAULT_MODEL_DIR = Path("assets/base-model")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Demo parameters. Defaults aim at ≤ 20 min on 2 CPU cores with the 64 × 64 model."""
+
+    iterations: int = 2  # fine-tuning rounds; the table has iterations + 1 rows per arm
+    n_listeners: int = 50
+    spam_share: float = 0.2
+    listeners: str = "riffloop.loop:bright_dense_listeners"
+    seed: int = 0
+    n_inputs: int = 16  # held-out clips in the input pool
+    n_merges: int = 16  # input merges (pairs of clips)
+    requests_per_merge: int = 6
+    ratings_per_listener: int = 24  # tracks each listener hears per iteration
+    probes_per_listener: int = 2  # re-served baselines (consistency checks)
+    baseline_share: float = 0.25
+    similarity: float = 0.5
+    quality: int = 20
+    invert_steps: int = 20
+    baseline_pool: int = 256  # training windows indexed for z0
+    replay_pool: int = 512
+    finetune_steps: int = 60
+    finetune_batch: int = 8
+    learning_rate: float = 5e-4
+    lora_rank: int = 8
+    replay_ratio: float = 0.5
+    spam_filter: bool = True
+    uniform_omega: bool = False
+    purge: bool = True
+    canary_alpha: float = 0.05
+    gate_fd_increase: float = 0.25
+    gate_diversity_drop: float = 0.15
+    torch_threads: int = 2
+
+
+@dataclass
+class LoopWorld:
+    """What the loop needs from the ML side: a model and clips (mel images in [−1, 1])."""
+
+    model: Any  # riffloop.music.MusicDiffusion
+    inputs: torch.Tensor  # held-out clips [N, 1, H, W]
+    train_images: torch.Tensor  # training windows [M, 1, H, W] (baseline pool + replay)
+    reference: torch.Tensor  # held-out clips for the gate's reference statistics
+
+
+@dataclass(frozen=True)
+class IterationRow:
+    """One row of the paper's table."""
+
+    arm: str
+    iteration: int
+    model_version: str
+    ratings_used: int
+    mean_generated: float
+    mean_baseline: float
+    delta: float
+    delta_lo: float
+    delta_hi: float
+    diversity: float
+    spam_caught: int
+    spammers: int
+    false_alarms: int
+    hidden_generated: float  # mean hidden liking u of generations (honest listeners)
+    hidden_baseline: float
+    train_pairs: int
+    gate: str
+    canary: str
+    seconds: float
+
+
+@dataclass
+class LoopResult:
+    config: LoopConfig
+    rows: list[IterationRow] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    registry_versions: list[dict[str, Any]] = field(default_factory=list)
+
+    def final(self, arm: str) -> IterationRow:
+        return [r for r in self.rows if r.arm == arm][-1]
+
+
+# -- quality functions (the ML core's when present) ----------------------------------------------
+def _quality() -> tuple[
+    Callable[[torch.Tensor], np.ndarray], Callable[..., float], Callable[..., float]
+]:
+    """(embed(images) → [N, D], frechet(a, b), diversity(e)). The ML core's ``AudioEmbedding``,
+    ``frechet_distance`` and ``diversity`` when ``riffloop.music`` exports them; otherwise the
+    coarse mel statistics of design.md §7 (per-bin mean and std of the dB mel) with the exact
+    Fréchet formula and mean pairwise distance."""
+    try:
+        from riffloop.music import (  # type: ignore[attr-defined]
+            AudioEmbedding,
+            diversity,
+            frechet_distance,
+        )
+
+        embedder = AudioEmbedding()
+
+        def embed(images: torch.Tensor) -> np.ndarray:
+            return np.asarray(embedder.embed_images(images), dtype=np.float64)
+
+        return embed, frechet_distance, diversity
+    except (ImportError, AttributeError, TypeError):
+        return _mel_stats_embedding, _frechet, _mean_pairwise_distance
+
+
+def _mel_stats_embedding(images: torch.Tensor) -> np.ndarray:
+    x = images.detach().to(torch.float32).squeeze(1)  # [N, mels, time]
+    return torch.cat([x.mean(dim=2), x.std(dim=2)], dim=1).numpy().astype(np.float64)
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean = linalg.sqrtm(ca @ cb)
+    if np.iscomplexobj(covmean):
+        covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
+
+
+def _mean_pairwise_distance(e: np.ndarray) -> float:
+    e = np.asarray(e, dtype=np.float64)
+    if len(e) < 2:
+        return 0.0
+    d = np.sqrt(((e[:, None, :] - e[None, :, :]) ** 2).sum(-1))
+    return float(d[np.triu_indices(len(e), 1)].mean())
+
+
+# -- the world ----------------------------------------------------------------------------------
+def load_world(config: LoopConfig, model_dir: Path = DEFAULT_MODEL_DIR) -> LoopWorld:
+    """The base model and held-out / training clips of the corpus it was trained on."""
+    from riffloop.music import MusicDiffusion
+    from riffloop.music._corpus import corpus_dir, load_corpus
+
+    if not (Path(model_dir) / "model_index.json").exists() and not any(Path(model_dir).glob("*")):
+        raise PermanentError(
+            f"no base model at {model_dir}: train one (`python -m riffloop.music train`) or pass "
+            "--model PATH"
+        )
+    model = MusicDiffusion.from_pretrained(model_dir)
+    model.unet.eval()
+    res = model.image_shape[1]
+    mel_dir = corpus_dir() / f"mel-{res}x{res}"
+    heldout = load_corpus(mel_dir, "heldout")
+    train = load_corpus(mel_dir, "train")
+    rng = np.random.default_rng(config.seed)
+    # inputs: one window per distinct held-out piece where possible (spread over pieces)
+    order = rng.permutation(len(heldout))
+    seen: set[int] = set()
+    picks: list[int] = []
+    for i in order:
+        piece = int(heldout.pieces[i])
+        if piece not in seen or len(seen) >= len(heldout.piece_ids):
+            seen.add(piece)
+            picks.append(int(i))
+        if len(picks) == config.n_inputs:
+            break
+    rest = [int(i) for i in order if int(i) not in set(picks)][:256]
+    n_train = min(len(train), config.baseline_pool + config.replay_pool)
+    train_idx = rng.choice(len(train), size=n_train, replace=False)
+    return LoopWorld(
+        model=model,
+        inputs=heldout.images[picks],
+        train_images=train.images[train_idx],
+        reference=heldout.images[rest],
+    )
+
+
+# -- one arm's state ------------------------------------------------------------------------------
+@dataclass
+class _Arm:
+    name: str
+    model: Any
+    listeners: list[Listener]
+    ledger: FeedbackLedger
+    pairs: list[TrainingPair] = field(default_factory=list)
+    parent_embeddings: np.ndarray | None = None
+    parent_scores: dict[str, float] = field(default_factory=dict)  # request → R of parent
+    clock: dict[str, float] = field(default_factory=dict)
+
+
+class LoopExperiment:
+    """Runs the demo; ``run()`` returns a ``LoopResult`` (printed as the paper's table)."""
+
+    def __init__(
+        self,
+        config: LoopConfig,
+        world: LoopWorld,
+        factory: ListenerFactory | None = None,
+        progress: Progress = print,
+    ) -> None:
+        self.cfg = config
+        self.world = world
+        self.factory = factory or load_listener_factory(config.listeners)
+        self.progress = progress
+        self.embed, self.frechet, self.diversity = _quality()
+        self.dispatcher = Dispatcher(config.baseline_share, seed=config.seed)
+        from riffloop.core._memory_object_store import MemoryObjectStore
+
+        self.registry = ModelRegistry(MemoryObjectStore())
+        self.images: dict[str, torch.Tensor] = {}
+        self.audio: dict[str, np.ndarray] = {}
+        self.embeddings: dict[str, np.ndarray] = {}
+        self.features: dict[str, Any] = {}
+        self.provenance: dict[str, TrackProvenance] = {}
+
+    # 1. set-up ---------------------------------------------------------------------------------
+    def _prepare(self) -> None:
+        from riffloop.loop._ml import BaselineIndex, MelCodec, invert
+
+        cfg, world = self.cfg, self.world
+        self.codec = MelCodec(world.model.mel)
+        self.sr = world.model.mel.sample_rate
+        t0 = time.monotonic()
+        pool = world.train_images[: cfg.baseline_pool]
+        self.replay = world.train_images[cfg.baseline_pool :]
+        if len(self.replay) == 0:
+            self.replay = pool
+        self.pool_images = pool
+        # Γ is computed on the base model's latents: the baseline of an input merge is a fixed
+        # training sample, the same in every iteration and arm.
+        self.pool_latents = invert(world.model, pool, cfg.invert_steps)
+        self.baseline_index = BaselineIndex(
+            self.pool_latents.flatten(1), [f"train-{i:04d}" for i in range(len(pool))]
+        )
+        self.input_latents = invert(world.model, world.inputs, cfg.invert_steps)
+        rng = np.random.default_rng(cfg.seed + 1)
+        n = len(world.inputs)
+        merges: set[tuple[int, int]] = set()
+        while len(merges) < min(cfg.n_merges, n * (n - 1) // 2):
+            a, b = sorted(int(x) for x in rng.choice(n, size=2, replace=False))
+            merges.add((a, b))
+        self.merges = sorted(merges)
+        self.reference_embeddings = self.embed(world.reference)
+        self.timings["prepare"] = time.monotonic() - t0
+        self.progress(
+            f"prepared: {len(pool)} training latents indexed, {n} inputs inverted, "
+            f"{len(self.merges)} merges ({self.timings['prepare']:.0f} s)"
+        )
+
+    def _z_agg(self, merge: tuple[int, int]) -> torch.Tensor:
+        from riffloop.loop._ml import merge_latents
+
+        return merge_latents(self.input_latents[list(merge)]).unsqueeze(0)  # z_agg [1, C, h, w]
+
+    # 2. serving one iteration -------------------------------------------------------------------
+    def _serve(self, arm: _Arm, iteration: int) -> list[str]:
+        from riffloop.loop._ml import InjectionPlan, decode_latents, inject_at_step
+
+        cfg = self.cfg
+        plan = InjectionPlan.from_similarity(cfg.similarity, cfg.quality)
+        track_ids: list[str] = []
+        for m, merge in enumerate(self.merges):
+            z_agg = self._z_agg(merge)
+            sample_id = self.baseline_index.nearest(z_agg)[0].id  # z0 = argmax_z Γ(z_agg, z)
+            merged_image: torch.Tensor | None = None
+            for r in range(cfg.requests_per_merge):
+                request_id = f"it{iteration}-m{m}-r{r}"
+                prov = self.dispatcher.dispatch(
+                    request_id,
+                    [f"in{merge[0]}", f"in{merge[1]}"],
+                    cfg.similarity,
+                    cfg.quality,
+                    arm.model.version,
+                    plan.start_step,
+                    lambda sample_id=sample_id: sample_id,
+                )
+                # the same request in two arms must not collide: the arm is part of the track id
+                prov = replace(prov, track_id=f"{arm.name[0]}{iteration}-{prov.track_id[:12]}")
+                if prov.kind is TrackKind.BASELINE:
+                    image = self.pool_images[int(sample_id.split("-")[1])].unsqueeze(0)
+                else:
+                    if merged_image is None:
+                        merged_image = decode_latents(arm.model, z_agg, cfg.invert_steps)
+                    gen = torch.Generator().manual_seed(prov.seed)
+                    image = inject_at_step(arm.model, merged_image, plan, gen)
+                self._add_track(arm, prov, image)
+                track_ids.append(prov.track_id)
+        return track_ids
+
+    def _add_track(self, arm: _Arm, prov: TrackProvenance, image: torch.Tensor) -> None:
+        self.provenance[prov.track_id] = prov
+        self.images[prov.track_id] = image[0]
+        audio = self.codec.images_to_audio(image)[0].astype(np.float32)
+        self.audio[prov.track_id] = audio
+        self.features[prov.track_id] = audio_features(audio, self.sr)
+        self.embeddings[prov.track_id] = self.embed(image)[0]
+        arm.ledger.register_track(prov, audio.size / self.sr)
+
+    # 3. listening ---------------------------------------------------------------------------------
+    def _listen(self, arm: _Arm, iteration: int, track_ids: list[str]) -> None:
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, iteration, 99])  # same draws in both arms
+        baselines = [t for t in track_ids if self.provenance[t].kind is TrackKind.BASELINE]
+        for li, listener in enumerate(arm.listeners):
+            lid = listener.listener_id
+            k = min(cfg.ratings_per_listener, len(track_ids))
+            chosen = [track_ids[int(i)] for i in rng.choice(len(track_ids), size=k, replace=False)]
+            for p in range(min(cfg.probes_per_listener, len(baselines))):
+                original = self.provenance[baselines[int(rng.integers(len(baselines)))]]
+                probe = replace(original, track_id=f"{original.track_id}-p{li}-{p}")
+                self.provenance[probe.track_id] = probe
+                self.audio[probe.track_id] = self.audio[original.track_id]
+                arm.ledger.register_track(probe, self.audio[probe.track_id].size / self.sr)
+                chosen.insert(int(rng.integers(len(chosen) + 1)), probe.track_id)
+            t = arm.clock.get(lid, float(rng.uniform(0, 60)))
+            for tid in chosen:
+                audio = self.audio[tid]
+                clip = audio.size / self.sr
+                arm.ledger.mark_served(tid, lid, t)
+                out = listener.listen(tid, audio, self.sr)
+                t += max(out.elapsed_seconds, 0.0)
+                seconds = float(min(max(out.seconds_listened, 0.0), clip))
+                arm.ledger.listen(
+                    ListenEvent(tid, lid, seconds, clip, seconds >= clip, seconds < clip, t)
+                )
+                if out.rating is not None:
+                    arm.ledger.rate(Rating(tid, lid, int(out.rating), t))
+            arm.clock[lid] = t + 3600.0  # an hour between sessions
+
+    # 4. scoring and the table row ---------------------------------------------------------------
+    def _score(
+        self, arm: _Arm, track_ids: list[str]
+    ) -> tuple[dict[str, TrackScored], SpamReport, list[Observation]]:
+        observations = arm.ledger.observations()
+        report = SpamFilter(enabled=self.cfg.spam_filter).inspect(observations)
+        current = set(track_ids) | {
+            t for t in self.provenance if any(t.startswith(f"{x}-p") for x in track_ids)
+        }
+        now = [o for o in observations if o.track_id in current]
+        scores = ConfidenceWeight(uniform=self.cfg.uniform_omega).score(now, report)
+        return scores, report, now
+
+    def _hidden(self, listeners: Sequence[Listener], track_ids: Sequence[str]) -> float:
+        honest = [x for x in listeners if isinstance(x, TasteListener)]
+        if not honest or not track_ids:
+            return math.nan
+        return float(np.mean([[x.liking(self.features[t]) for x in honest] for t in track_ids]))
+
+    def _row(
+        self,
+        arm: _Arm,
+        iteration: int,
+        track_ids: list[str],
+        scores: dict[str, TrackScored],
+        report: SpamReport,
+        now: list[Observation],
+        extra: dict[str, Any],
+    ) -> IterationRow:
+        trusted = [o for o in now if report.reliability.get(o.rater_id, 1.0) > 0]
+        gen = [o.stars for o in trusted if o.kind is TrackKind.GENERATED]
+        base = [o.stars for o in trusted if o.kind is TrackKind.BASELINE]
+        delta, lo, hi = welch_ci(gen, base)
+        gen_ids = [t for t in track_ids if self.provenance[t].kind is TrackKind.GENERATED]
+        base_ids = [t for t in track_ids if self.provenance[t].kind is TrackKind.BASELINE]
+        kinds = {x.listener_id: getattr(x, "kind", "unknown") for x in arm.listeners}
+        spammers = {k for k, v in kinds.items() if v not in ("honest", "unknown")}
+        caught = set(report.caught)
+        return IterationRow(
+            arm=arm.name,
+            iteration=iteration,
+            model_version=arm.model.version,
+            ratings_used=len(trusted),
+            mean_generated=float(np.mean(gen)) if gen else math.nan,
+            mean_baseline=float(np.mean(base)) if base else math.nan,
+            delta=delta,
+            delta_lo=lo,
+            delta_hi=hi,
+            diversity=float(self.diversity(np.stack([self.embeddings[t] for t in gen_ids]))),
+            spam_caught=len(caught & spammers),
+            spammers=len(spammers),
+            false_alarms=len(caught - spammers),
+            hidden_generated=self._hidden(arm.listeners, gen_ids),
+            hidden_baseline=self._hidden(arm.listeners, base_ids),
+            train_pairs=len(arm.pairs),
+            gate=str(extra.get("gate", "—")),
+            canary=str(extra.get("canary", "—")),
+            seconds=float(extra.get("seconds", 0.0)),
+        )
+
+    # 5. fine-tuning -------------------------------------------------------------------------------
+    def _finetune(self, arm: _Arm, pairs: list[TrainingPair], iteration: int) -> Any:
+        from riffloop.loop._ml import LoraSettings, MelDataset, Trainer, TrainingConfig
+
+        cfg = self.cfg
+        images = torch.stack([self.images[p.target_track_id] for p in pairs])
+        weights = torch.tensor([p.weight for p in pairs], dtype=torch.float32)
+        data = MelDataset.from_images(
+            images, weights, {"trainset": f"{arm.name}-it{iteration}", "pairs": len(pairs)}
+        )
+        replay = MelDataset.from_images(self.replay, manifest={"replay": "base corpus"})
+        config = TrainingConfig(
+            total_steps=cfg.finetune_steps,
+            batch_size=cfg.finetune_batch,
+            learning_rate=cfg.learning_rate,
+            warmup_fraction=0.1,
+            ema_decay=0.0,  # a short fine-tune: keep the final weights
+            replay_ratio=cfg.replay_ratio,
+            lora=LoraSettings(rank=cfg.lora_rank, alpha=cfg.lora_rank),
+            seed=cfg.seed * 1000 + iteration,  # the same in both arms
+            log_every=max(1, cfg.finetune_steps // 4),
+        )
+        model = copy.deepcopy(arm.model)
+        trainer = Trainer(model, data, config, replay=replay)
+        trainer.train(progress=False)
+        version = f"{arm.name}-v{iteration + 1}"
+        tuned = trainer.ema_model(version=version)
+        tuned.parent = arm.model.version
+        return tuned
+
+    # 6. the loop --------------------------------------------------------------------------------
+    def run(self) -> LoopResult:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.torch_threads)
+        result = LoopResult(cfg)
+        self.timings = result.timings
+        started = time.monotonic()
+        self._prepare()
+        base = self.world.model
+        self.registry.register(ModelRecord(base.version, None, None, VersionStatus.SERVING))
+        listeners = self.factory(cfg.n_listeners, cfg.spam_share, cfg.seed)
+        shared = _Arm("selected", base, listeners, FeedbackLedger())
+
+        # iteration 0, shared by both arms
+        t0 = time.monotonic()
+        tracks0 = self._serve(shared, 0)
+        self._listen(shared, 0, tracks0)
+        scores0, report0, now0 = self._score(shared, tracks0)
+        self.timings["iteration0"] = time.monotonic() - t0
+        arms = {
+            "selected": shared,
+            "control": _Arm(
+                "control",
+                base,
+                copy.deepcopy(listeners),
+                FeedbackLedger.restore(shared.ledger.snapshot()),
+                clock=dict(shared.clock),
+            ),
+        }
+        state = {name: (tracks0, scores0, report0, now0) for name in arms}
+        for name, arm in arms.items():
+            row = self._row(arm, 0, tracks0, scores0, report0, now0, {"seconds": 0.0})
+            result.rows.append(replace(row, arm=name))
+        self.progress(_progress_line(result.rows[0], "base model, shared by both arms"))
+
+        for iteration in range(1, cfg.iterations + 1):
+            budget = None
+            for name in ("selected", "control"):
+                arm = arms[name]
+                t1 = time.monotonic()
+                tracks, scores, _, _ = state[name]
+                gen_ids = [t for t in tracks if self.provenance[t].kind is TrackKind.GENERATED]
+                # 4. selection → training set
+                if name == "selected":
+                    selector = GeneticSelector(cap_per_input=3)
+                    sel = selector.select(
+                        scores,
+                        {t: self.provenance[t] for t in scores},
+                        self.embeddings,
+                        iteration,
+                    )
+                    candidates = arm.pairs + sel.pairs
+                    if cfg.purge:
+                        delta = auto_near_duplicate([self.embeddings[t] for t in gen_ids])
+                        current = model_score_by_input(scores, arm.model.version, self.provenance)
+                        arm.pairs = (
+                            PurgeCycle(max_age=2, near_duplicate=delta, cap_per_input=3)
+                            .apply(candidates, iteration, current)
+                            .kept
+                        )
+                    else:
+                        arm.pairs = candidates
+                    budget = max(len(arm.pairs), 1)
+                else:
+                    arm.pairs = RandomSelector(cfg.seed * 1000 + iteration).select(
+                        [self.provenance[t] for t in gen_ids],
+                        self.embeddings,
+                        budget or 1,
+                        iteration,
+                    )
+                if not arm.pairs:
+                    self.progress(f"{name}: no generation beat its baseline; keeping the model")
+                    tuned = arm.model
+                else:
+                    tuned = self._finetune(arm, arm.pairs, iteration - 1)
+                    self.registry.register(
+                        ModelRecord(
+                            tuned.version,
+                            arm.model.version,
+                            f"{name}-it{iteration - 1}",
+                            VersionStatus.CANDIDATE,
+                        )
+                    )
+                t_ft = time.monotonic() - t1
+                # 5. generate with the candidate, gate against the parent's generations
+                parent, parent_tracks = arm.model, tracks
+                arm.model = tuned
+                new_tracks = self._serve(arm, iteration)
+                gate_note = "—"
+                if tuned is not parent:
+                    report_g = self._gate(parent_tracks, new_tracks)
+                    self.registry.gate(tuned.version, report_g)
+                    gate_note = (
+                        "pass" if report_g.passed else "reject:" + ",".join(report_g.reasons)
+                    )
+                    if not report_g.passed:
+                        arm.model = parent
+                        new_tracks = self._serve(arm, iteration)
+                self._listen(arm, iteration, new_tracks)
+                scores_n, report_n, now_n = self._score(arm, new_tracks)
+                canary_note = "—"
+                if arm.model is tuned and tuned is not parent:
+                    verdict = self._canary(parent.version, tuned.version, state[name][1], scores_n)
+                    canary_note = f"{verdict.decision.value} (p_worse={verdict.p_worse:.2f})"
+                    if verdict.decision is CanaryDecision.ROLLBACK:
+                        self.registry.roll_back(tuned.version, verdict)
+                    else:
+                        self.registry.promote(tuned.version, verdict)
+                state[name] = (new_tracks, scores_n, report_n, now_n)
+                row = self._row(
+                    arm,
+                    iteration,
+                    new_tracks,
+                    scores_n,
+                    report_n,
+                    now_n,
+                    {"gate": gate_note, "canary": canary_note, "seconds": time.monotonic() - t1},
+                )
+                result.rows.append(row)
+                self.timings[f"{name}-finetune-{iteration}"] = t_ft
+                self.progress(_progress_line(row, f"fine-tune {t_ft:.0f} s"))
+        result.timings["total"] = time.monotonic() - started
+        result.registry_versions = [asdict(self.registry.get(v)) for v in self.registry.versions()]
+        return result
+
+    def _gate(self, parent_tracks: list[str], new_tracks: list[str]) -> GateReport:
+        gate = OfflineGate(
+            self.cfg.gate_fd_increase,
+            self.cfg.gate_diversity_drop,
+            frechet=self.frechet,
+            diversity=self.diversity,
+        )
+
+        def gens(ids: list[str]) -> np.ndarray:
+            return np.stack(
+                [self.embeddings[t] for t in ids if self.provenance[t].kind is TrackKind.GENERATED]
+            )
+
+        return gate.evaluate(self.reference_embeddings, gens(parent_tracks), gens(new_tracks))
+
+    def _canary(
+        self,
+        parent: str,
+        candidate: str,
+        parent_scores: dict[str, TrackScored],
+        candidate_scores: dict[str, TrackScored],
+    ) -> Any:
+        """Candidate vs parent on the same requests and listeners. Each model's generations are
+        compared through their margins R − R_b(input) over the baselines rated in the same
+        session, so a drift of the listeners' scale between sessions cancels."""
+        canary = Canary(parent, candidate, alpha=self.cfg.canary_alpha, min_ratings=10)
+        canary.max_ratings = 10  # the demo decides after one round of ratings
+        for version, scores in ((parent, parent_scores), (candidate, candidate_scores)):
+            r_b = baseline_scores(scores)
+            pooled = float(np.mean(list(r_b.values()))) if r_b else 3.0
+            for s in scores.values():
+                if s.kind is TrackKind.GENERATED:
+                    canary.record(version, s.score - r_b.get(s.input_key, pooled))
+        return canary.decide()
+
+
+def _progress_line(row: IterationRow, note: str) -> str:
+    return (
+        f"[{row.arm} it{row.iteration}] {row.model_version}: gen {row.mean_generated:.2f} vs "
+        f"base {row.mean_baseline:.2f} (Δ {row.delta:+.2f}), spam {row.spam_caught}/"
+        f"{row.spammers}, pairs {row.train_pairs}, gate {row.gate}, canary {row.canary} — {note}"
+    )
