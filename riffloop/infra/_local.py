@@ -274,7 +274,7 @@ class LocalInfra:
         self.server(name)
         with self._exclusive():
             self._stop_one(name, hard=False)
-            self._launch(name)
+            self._launch(name, same_ports=True)
             self._save()
             self._wait_ready(name)
             self._save(write_env=True)
@@ -348,11 +348,16 @@ class LocalInfra:
         """Pick up what another process (the CLI, another `LocalInfra`) recorded meanwhile."""
         self._state = _State.load(self.json_path) or self._state
 
-    def _launch(self, name: str) -> None:
+    def _launch(self, name: str, *, same_ports: bool = False) -> None:
+        """Spawn one server: on its recorded ports when they are free (always, if `same_ports`:
+        clients of a restarted server keep their addresses), else on new free ones."""
         taken = {port for ports in self._state.ports.values() for port in ports.values()}
         recorded = self._state.ports.get(name, {})
         server = self.server(name)
-        if set(recorded) != set(server.port_names) or not all(
+        if same_ports and set(recorded) == set(server.port_names):
+            for port in recorded.values():
+                self._wait_port_free(name, port)
+        elif set(recorded) != set(server.port_names) or not all(
             port_is_free(port) for port in recorded.values()
         ):
             self._state.ports[name] = {key: free_port(taken) for key in server.port_names}
@@ -371,6 +376,17 @@ class LocalInfra:
         if handle is not None:
             self._handles[name] = handle
         self._state.processes[name] = record
+
+    def _wait_port_free(self, name: str, port: int, timeout_s: float = 30.0) -> None:
+        """Sockets of a just-killed server can hold its port for a moment after it exits."""
+        deadline = time.monotonic() + timeout_s
+        while not port_is_free(port):
+            if time.monotonic() >= deadline:
+                raise InfraError(
+                    f"Port {port} of {name} is still taken {timeout_s:.0f} s after it stopped; "
+                    f"find the holder with `ss -tlnp | grep {port}` and stop it."
+                )
+            time.sleep(0.2)
 
     def _format_kafka(self, server: KafkaServer) -> None:
         with open(server.log_path, "ab") as log:

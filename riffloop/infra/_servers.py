@@ -148,6 +148,10 @@ class KafkaServer(Server):
             "share.coordinator.state.topic.min.isr": "1",
             "share.coordinator.state.topic.num.partitions": "3",
             "group.initial.rebalance.delay.ms": "0",
+            # After kill -9 the restarted broker is refused (DUPLICATE_BROKER_REGISTRATION) until
+            # its old session expires: 4 s instead of the default 9 s, still far above a GC pause.
+            "broker.session.timeout.ms": "4000",
+            "broker.heartbeat.interval.ms": "1000",
             # A shared 2-core machine: few threads.
             "num.network.threads": "2",
             "num.io.threads": "2",
