@@ -163,7 +163,7 @@ class KafkaEventBus(EventBus):
                         client_id=self._client_id,
                         acks="all",
                         enable_idempotence=True,
-                        linger_ms=2,
+                        linger_ms=0,  # publish waits for each ack; batching would only delay
                         max_block_ms=int(self._request_timeout_s * 1000),
                         request_timeout_ms=int(self._request_timeout_s * 1000),
                     )

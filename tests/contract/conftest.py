@@ -105,7 +105,7 @@ def event_bus(request: pytest.FixtureRequest) -> Iterator[BusUnderTest]:
         bootstrap = request.getfixturevalue("real_infra").kafka_bootstrap
 
         def make() -> EventBus:
-            bus = KafkaEventBus(bootstrap, client_id="contract", session_timeout_ms=6000)
+            bus = KafkaEventBus(bootstrap, client_id="contract", session_timeout_ms=10_000)
             made.append(bus)
             return bus
 

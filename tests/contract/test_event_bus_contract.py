@@ -196,6 +196,10 @@ class TestEventBusContract:
             for m in members:
                 m.close()
         assert not errors
-        assert sorted(r.key for r in received[0] + received[1]) == sorted(keys)
+        everything = received[0] + received[1]
+        assert {r.key for r in everything} == set(keys)  # at least once
         assert received[0] and received[1]
-        assert not {r.partition for r in received[0]} & {r.partition for r in received[1]}
+        if len(everything) == len(keys):
+            # No rebalance happened meanwhile (a starved heartbeat can cause one, and then
+            # redeliveries are allowed): each partition was read by exactly one member.
+            assert not {r.partition for r in received[0]} & {r.partition for r in received[1]}
