@@ -64,18 +64,18 @@ class ServiceProcess:
         return f"127.0.0.1:{self.grpc_port}"
 
     def alive(self) -> bool:
+        """Whether the pid runs (a zombie counts as dead)."""
         try:
             os.kill(self.pid, 0)
         except ProcessLookupError:
             return False
         except PermissionError:
             return True
-        # A zombie child of this process counts as dead.
-        with contextlib.suppress(ChildProcessError):
-            done, _ = os.waitpid(self.pid, os.WNOHANG)
-            if done == self.pid:
-                return False
-        return True
+        try:  # field 3 of /proc/<pid>/stat is the state; Z = exited, not yet reaped
+            state = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        return state != "Z"
 
     def health(self, timeout_s: float = 1.0) -> str:
         """SERVING / NOT_SERVING / UNREACHABLE."""
@@ -128,6 +128,8 @@ class ServiceProcesses:
         self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
         self.state_path = state_dir / "state.json"
         self.state = StackState.load(self.state_path) or StackState(secrets.token_urlsafe(24))
+        # Children started by this object, kept so they can be reaped (others: by pid only).
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     def _env(self, name: str, process: ServiceProcess) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RIFFLOOP_")}
@@ -162,6 +164,7 @@ class ServiceProcesses:
                 start_new_session=True,
             )
         process = ServiceProcess(name, child.pid, grpc_port, metrics_port, str(log))
+        self._children[child.pid] = child
         self.state.processes[name] = process
         self.state.save(self.state_path)
         return process
@@ -212,8 +215,15 @@ class ServiceProcesses:
             status = self._reap(process, 5.0)
         return status
 
-    @staticmethod
-    def _reap(process: ServiceProcess, timeout_s: float) -> int | None:
+    def _reap(self, process: ServiceProcess, timeout_s: float) -> int | None:
+        child = self._children.get(process.pid)
+        if child is not None:
+            try:
+                code = child.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                return None
+            self._children.pop(process.pid, None)
+            return code
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             try:
