@@ -5,8 +5,17 @@ gate → canary → registry. No transport here: services call these objects fro
 state goes through ``riffloop.core`` ports, and the demo runs everything in one process.
 """
 
+from riffloop.loop._cli import demo, evidence
 from riffloop.loop._confidence import ConfidenceWeight, TrackScored
 from riffloop.loop._dispatch import Dispatcher
+from riffloop.loop._experiment import (
+    IterationRow,
+    LoopConfig,
+    LoopExperiment,
+    LoopResult,
+    LoopWorld,
+    load_world,
+)
 from riffloop.loop._feedback import (
     FeedbackLedger,
     ListenEvent,
@@ -45,6 +54,7 @@ from riffloop.loop._release import (
     VersionStatus,
     welch_ci,
 )
+from riffloop.loop._report import format_table, paired_interval
 from riffloop.loop._selection import (
     GeneticSelector,
     PurgeCycle,
@@ -75,10 +85,15 @@ __all__ = [
     "FeedbackLedger",
     "GateReport",
     "GeneticSelector",
+    "IterationRow",
     "ListenEvent",
     "ListenOutcome",
     "Listener",
     "ListenerFactory",
+    "LoopConfig",
+    "LoopExperiment",
+    "LoopResult",
+    "LoopWorld",
     "ModelRecord",
     "ModelRegistry",
     "Observation",
@@ -107,10 +122,15 @@ __all__ = [
     "bright_dense_listeners",
     "cosine_distance",
     "dark_sparse_listeners",
+    "demo",
     "diversity_guard",
+    "evidence",
+    "format_table",
     "load_listener_factory",
+    "load_world",
     "manifest_json",
     "model_score_by_input",
+    "paired_interval",
     "taste_population",
     "welch_ci",
 ]

@@ -205,7 +205,7 @@ def load_world(config: LoopConfig, model_dir: Path = DEFAULT_MODEL_DIR) -> LoopW
     from riffloop.music import MusicDiffusion
     from riffloop.music._corpus import corpus_dir, load_corpus
 
-    if not (Path(model_dir) / "model_index.json").exists() and not any(Path(model_dir).glob("*")):
+    if not Path(model_dir).is_dir() or not any(Path(model_dir).iterdir()):
         raise PermanentError(
             f"no base model at {model_dir}: train one (`python -m riffloop.music train`) or pass "
             "--model PATH"

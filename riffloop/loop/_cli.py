@@ -1,0 +1,95 @@
+"""The command line: ``demo`` and ``evidence`` (``python -m riffloop.loop``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+from riffloop.core import RiffloopError
+from riffloop.loop._experiment import DEFAULT_MODEL_DIR, LoopConfig, LoopExperiment, load_world
+from riffloop.loop._report import format_table, write_evidence, write_result
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="base model folder")
+    p.add_argument("--out", type=Path, default=Path("docs/results"), help="output folder")
+    for f in fields(LoopConfig):
+        if f.name in ("seed",):
+            continue
+        kind = type(f.default)
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            p.add_argument(
+                flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default
+            )
+        else:
+            p.add_argument(flag, type=kind, default=f.default)
+
+
+def _config(ns: argparse.Namespace, seed: int) -> LoopConfig:
+    values = {f.name: getattr(ns, f.name) for f in fields(LoopConfig) if f.name != "seed"}
+    return LoopConfig(seed=seed, **values)
+
+
+def demo(argv: list[str] | None = None) -> int:
+    """The demo as a function (the top-level ``./riffloop demo`` calls it)."""
+    p = argparse.ArgumentParser(prog="python -m riffloop.loop demo")
+    _config_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    ns = p.parse_args(argv)
+    config = _config(ns, ns.seed)
+    try:
+        world = load_world(config, ns.model)
+        print(
+            f"model {world.model.version} from {ns.model}; {len(world.inputs)} inputs", flush=True
+        )
+        result = LoopExperiment(config, world, progress=lambda s: print(s, flush=True)).run()
+    except RiffloopError as exc:
+        print(f"demo: {exc.reason}", file=sys.stderr)
+        return 2
+    print()
+    print(format_table(result))
+    paths = write_result(result, ns.out, stem=f"demo-seed{ns.seed}")
+    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    print(f"total {result.timings['total']:.0f} s")
+    return 0
+
+
+def evidence(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m riffloop.loop evidence")
+    _config_args(p)
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument(
+        "--families",
+        default="riffloop.loop:bright_dense_listeners,riffloop.loop:dark_sparse_listeners",
+        help="comma-separated listener factories",
+    )
+    ns = p.parse_args(argv)
+    results = {}
+    try:
+        for spec in ns.families.split(","):
+            family = spec.split(":")[-1].removesuffix("_listeners")
+            for seed in range(ns.seeds):
+                config = replace(_config(ns, seed), listeners=spec)
+                world = load_world(config, ns.model)
+                print(f"== {family} seed {seed}", flush=True)
+                res = LoopExperiment(config, world, progress=lambda s: print(s, flush=True)).run()
+                write_result(res, ns.out / "runs", stem=f"{family}-seed{seed}")
+                results[(family, seed)] = res
+    except RiffloopError as exc:
+        print(f"evidence: {exc.reason}", file=sys.stderr)
+        return 2
+    md = write_evidence(results, ns.out)
+    print(md.read_text())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"demo": demo, "evidence": evidence}
+    if not argv or argv[0] not in commands:
+        print("usage: python -m riffloop.loop {demo|evidence} [options]  (--help per command)")
+        return 2
+    return commands[argv[0]](argv[1:])

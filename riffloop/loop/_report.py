@@ -1,0 +1,174 @@
+"""The paper's table, the demo plot, and the evidence over seeds (markdown + CSV + PNG)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from riffloop.loop._experiment import IterationRow, LoopResult
+
+
+def _f(x: float, digits: int = 2, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def format_table(result: LoopResult) -> str:
+    """Markdown table, one row per (arm, iteration), in the paper's columns plus the truth."""
+    head = (
+        "| arm | it | model version | ratings used | mean generated | mean baseline | "
+        "Δ [95 % CI] | diversity | spam caught | false alarms | hidden liking Δ | train pairs |"
+        " gate | canary |\n|" + "---|" * 14
+    )
+    lines = [head]
+    for r in result.rows:
+        lines.append(
+            f"| {r.arm} | {r.iteration} | {r.model_version} | {r.ratings_used} | "
+            f"{_f(r.mean_generated)} | {_f(r.mean_baseline)} | {_f(r.delta, sign=True)} "
+            f"[{_f(r.delta_lo, sign=True)}, {_f(r.delta_hi, sign=True)}] | {_f(r.diversity, 3)} | "
+            f"{r.spam_caught}/{r.spammers} | {r.false_alarms} | "
+            f"{_f(r.hidden_generated - r.hidden_baseline, sign=True)} | {r.train_pairs} | "
+            f"{r.gate} | {r.canary} |"
+        )
+    sel, ctl = result.final("selected"), result.final("control")
+    lines.append("")
+    lines.append(
+        f"Final iteration, selected − control: Δ rating {_f(sel.delta - ctl.delta, sign=True)}, "
+        f"hidden liking of generations {_f(sel.hidden_generated - ctl.hidden_generated, 3, True)} "
+        f"(one seed: see `evidence` for the paired interval over seeds)."
+    )
+    return "\n".join(lines)
+
+
+def plot_result(result: LoopResult, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, colour in (("selected", "tab:blue"), ("control", "tab:orange")):
+        rows = [r for r in result.rows if r.arm == arm]
+        it = np.array([r.iteration for r in rows]) + (0.05 if arm == "control" else 0.0)
+        d = np.array([r.delta for r in rows])
+        err = np.array([[r.delta - r.delta_lo for r in rows], [r.delta_hi - r.delta for r in rows]])
+        ax1.errorbar(it, d, yerr=np.nan_to_num(err), marker="o", capsize=3, label=arm, color=colour)
+        ax2.plot(
+            it,
+            [r.hidden_generated - r.hidden_baseline for r in rows],
+            marker="o",
+            label=arm,
+            color=colour,
+        )
+    ax1.axhline(0, color="grey", lw=0.8)
+    ax2.axhline(0, color="grey", lw=0.8)
+    ax1.set(xlabel="iteration", ylabel="mean rating: generated − baseline (95 % CI)")
+    ax2.set(xlabel="iteration", ylabel="hidden liking: generated − baseline")
+    ax1.legend()
+    fig.suptitle(f"Riffloop demo ({result.config.listeners}, seed {result.config.seed})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_result(result: LoopResult, out_dir: Path, stem: str = "demo") -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md = out_dir / f"{stem}.md"
+    md.write_text(
+        format_table(result)
+        + "\n\nTimings (s): "
+        + json.dumps({k: round(v, 1) for k, v in result.timings.items()})
+        + "\n"
+    )
+    csv_path = out_dir / f"{stem}.csv"
+    write_rows(result.rows, csv_path)
+    return {"markdown": md, "csv": csv_path, "plot": plot_result(result, out_dir / f"{stem}.png")}
+
+
+def write_rows(rows: Sequence[IterationRow], path: Path, extra: dict[str, object] | None = None):
+    names = [f.name for f in fields(IterationRow)]
+    extra = extra or {}
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=[*extra.keys(), *names])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**extra, **asdict(r)})
+
+
+def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of per-seed differences (selected − control) with its t interval."""
+    d = np.asarray([x for x in diffs if math.isfinite(x)], dtype=float)
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    if d.size == 1:
+        return float(d[0]), math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / math.sqrt(d.size))
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
+def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) -> Path:
+    """results[(family, seed)] → docs/results/evidence.{md,csv,png}."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "evidence.csv").open("w", newline="") as fh:
+        names = [f.name for f in fields(IterationRow)]
+        w = csv.DictWriter(fh, fieldnames=["family", "seed", *names])
+        w.writeheader()
+        for (family, seed), res in sorted(results.items()):
+            for r in res.rows:
+                w.writerow({"family": family, "seed": seed, **asdict(r)})
+    lines = [
+        "# Evidence: selected vs random control (same budget, same seeds)",
+        "",
+        "Per seed, the final iteration's selected − control difference (paired by seed: both arms",
+        "share iteration 0, the fine-tuning seed, the replay data and the generation seeds).",
+        "",
+        "| family | seeds | Δrating sel − ctl [95 % CI] | hidden liking sel − ctl [95 % CI] | "
+        "per-seed hidden differences |",
+        "|---|---|---|---|---|",
+    ]
+    families = sorted({f for f, _ in results})
+    fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
+    for ax, family in zip(axes[0], families, strict=True):
+        seeds = sorted(s for f, s in results if f == family)
+        d_rating = [
+            results[(family, s)].final("selected").delta
+            - results[(family, s)].final("control").delta
+            for s in seeds
+        ]
+        d_hidden = [
+            results[(family, s)].final("selected").hidden_generated
+            - results[(family, s)].final("control").hidden_generated
+            for s in seeds
+        ]
+        m1, lo1, hi1 = paired_interval(d_rating)
+        m2, lo2, hi2 = paired_interval(d_hidden)
+        lines.append(
+            f"| {family} | {len(seeds)} | {_f(m1, sign=True)} [{_f(lo1, sign=True)}, "
+            f"{_f(hi1, sign=True)}] | {_f(m2, 3, True)} [{_f(lo2, 3, True)}, {_f(hi2, 3, True)}]"
+            f" | {', '.join(_f(x, 3, True) for x in d_hidden)} |"
+        )
+        ax.bar(range(len(seeds)), d_hidden, color="tab:blue")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(title=family, xlabel="seed", ylabel="hidden liking: selected − control")
+        ax.set_xticks(range(len(seeds)), [str(s) for s in seeds])
+    fig.tight_layout()
+    fig.savefig(out_dir / "evidence.png", dpi=110)
+    plt.close(fig)
+    md = out_dir / "evidence.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
