@@ -48,7 +48,7 @@ REQUIRED_ALERTS = {
 # Labels Prometheus attaches to every scraped series (target labels), usable in any query.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint"}
 # Series that Prometheus itself writes, not the code.
-PROMETHEUS_SERIES = {"up": set()}
+PROMETHEUS_SERIES: dict[str, set[str]] = {"up": set()}
 
 
 def rules() -> dict[str, Any]:
@@ -96,9 +96,10 @@ def test_unit_tests_fail_when_an_alert_never_fires(alert: str, tmp_path: Path) -
     tests["rule_files"] = ["rules.yml"]
     # Only the cases where this alert is expected to fire (keeps each run short).
     tests["tests"] = [
-        case for case in tests["tests"]
+        case
+        for case in tests["tests"]
         if any(c["alertname"] == alert and c["exp_alerts"] for c in case.get("alert_rule_test", []))
-    ]  # fmt: skip
+    ]
     assert tests["tests"], f"no promtool test expects {alert} to fire"
     (tmp_path / "tests.yml").write_text(yaml.safe_dump(tests))
     result = run([promtool, "test", "rules", "tests.yml"], cwd=tmp_path)
@@ -128,7 +129,10 @@ def github_anchor(heading: str) -> str:
 def runbook_anchors() -> set[str]:
     if not RUNBOOK.is_file():
         return set()
-    return {github_anchor(m.group(1)) for m in re.finditer(r"^#{1,6} (.+)$", RUNBOOK.read_text(encoding="utf-8"), re.M)}
+    return {
+        github_anchor(m.group(1))
+        for m in re.finditer(r"^#{1,6} (.+)$", RUNBOOK.read_text(encoding="utf-8"), re.M)
+    }
 
 
 def test_required_alerts_exist() -> None:
@@ -161,12 +165,16 @@ def test_runbook_sections_say_what_how_and_what_to_do() -> None:
 def test_prometheusrule_is_the_rule_file_rendered() -> None:
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("render_prometheusrule", MONITORING / "render_prometheusrule.py")
+    spec = importlib.util.spec_from_file_location(
+        "render_prometheusrule", MONITORING / "render_prometheusrule.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     committed = (MONITORING / "prometheusrule.yaml").read_text(encoding="utf-8")
-    assert committed == module.render(), "prometheusrule.yaml is stale: run render_prometheusrule.py"
+    assert committed == module.render(), (
+        "prometheusrule.yaml is stale: run render_prometheusrule.py"
+    )
     (rule_object,) = of_kind(render("production"), "PrometheusRule")
     assert rule_object["spec"]["groups"] == rules()["groups"]
 
@@ -174,9 +182,21 @@ def test_prometheusrule_is_the_rule_file_rendered() -> None:
 # -- metric names: every name in deploy/k8s is exported by the code ----------------------------
 
 _KEYWORDS = {
-    "and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
-    "offset", "bool", "inf", "nan", "atan2",
-}  # fmt: skip
+    "and",
+    "or",
+    "unless",
+    "by",
+    "without",
+    "on",
+    "ignoring",
+    "group_left",
+    "group_right",
+    "offset",
+    "bool",
+    "inf",
+    "nan",
+    "atan2",
+}
 _IDENT = r"(?<![A-Za-z0-9_.:$])([A-Za-z_:][A-Za-z0-9_:]*)"
 
 
@@ -207,7 +227,9 @@ def promql_selectors(expr: str) -> list[tuple[str, set[str]]]:
         # Read the matcher body from the original text (the strings are needed to find '}').
         start = match.end()
         body = original[start : original.index("}", start)]
-        labels = set(re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", _without_strings(body)))
+        labels = set(
+            re.findall(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", _without_strings(body))
+        )
         out.append((match.group(1), labels))
     return out
 
@@ -215,7 +237,9 @@ def promql_selectors(expr: str) -> list[tuple[str, set[str]]]:
 def promql_grouping_labels(expr: str) -> set[str]:
     text = _without_strings(expr)
     labels: set[str] = set()
-    for match in re.finditer(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", text):
+    for match in re.finditer(
+        r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", text
+    ):
         labels |= {label.strip() for label in match.group(1).split(",") if label.strip()}
     return labels
 
@@ -228,7 +252,12 @@ def test_promql_name_extraction() -> None:
         '(riffloop_y_info == 1), "model_version", "$1", "version", "(.+)") or up offset 1h '
         "or riffloop:z:ratio_rate10m"
     )
-    assert promql_names(expr) == {"riffloop_x_bucket", "riffloop_y_info", "up", "riffloop:z:ratio_rate10m"}
+    assert promql_names(expr) == {
+        "riffloop_x_bucket",
+        "riffloop_y_info",
+        "up",
+        "riffloop:z:ratio_rate10m",
+    }
     assert promql_selectors(expr) == [("riffloop_x_bucket", {"service", "method"})]
     assert promql_grouping_labels(expr) == {"le", "model_version", "version"}
 
@@ -243,7 +272,7 @@ def exported_series() -> dict[str, set[str]]:
     from prometheus_client.metrics import MetricWrapperBase
 
     labelnames = {
-        obj.describe()[0].name: set(obj._labelnames)
+        next(iter(obj.describe())).name: set(obj._labelnames)
         for obj in vars(metrics).values()
         if isinstance(obj, MetricWrapperBase)
     }
@@ -335,8 +364,11 @@ def test_dashboard_shows_what_the_sres_asked_for() -> None:
 
 
 def test_dashboard_is_shipped_to_grafana() -> None:
-    configmaps = [c for c in of_kind(render("production"), "ConfigMap")
-                  if c["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]  # fmt: skip
+    configmaps = [
+        c
+        for c in of_kind(render("production"), "ConfigMap")
+        if c["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
     assert len(configmaps) == 1
     (content,) = configmaps[0]["data"].values()
     assert json.loads(content) == json.loads(DASHBOARD.read_text(encoding="utf-8"))

@@ -142,8 +142,15 @@ def test_copy_sources_exist_and_reach_the_build_context(path: Path) -> None:
 
 
 def test_dockerignore_keeps_generated_code_and_vcs_out() -> None:
-    for path in (".git", ".venv", "riffloop/v1/events_pb2.py", "tests/conftest.py", "docs/DEPLOY.md",
-                 "riffloop/core/__pycache__/x.pyc", ".riffloop/data"):  # fmt: skip
+    for path in (
+        ".git",
+        ".venv",
+        "riffloop/v1/events_pb2.py",
+        "tests/conftest.py",
+        "docs/DEPLOY.md",
+        "riffloop/core/__pycache__/x.pyc",
+        ".riffloop/data",
+    ):
         assert ignored(path), f".dockerignore should exclude {path}"
     for path in ("requirements.lock", "riffloop/core/__init__.py", "services/gateway/__main__.py"):
         assert not ignored(path), f".dockerignore must keep {path}"
@@ -193,7 +200,9 @@ def test_cmd_module_exists(service: str) -> None:
 
 def test_every_service_folder_has_an_image() -> None:
     folders = {p.parent.name for p in (REPO / "services").glob("*/__main__.py")}
-    assert folders <= set(SERVICES), f"services without a Dockerfile/Deployment: {folders - set(SERVICES)}"
+    assert folders <= set(SERVICES), (
+        f"services without a Dockerfile/Deployment: {folders - set(SERVICES)}"
+    )
 
 
 def test_lint_catches_a_bad_dockerfile(tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """The health contract the kubelet probes rely on (deploy/k8s/base/*/deployment.yaml, DEPLOY.md).
 
-- startup and liveness probes ask ``grpc.health.v1.Health/Check`` for the entry ``liveness``: it must
-  be SERVING while the process serves, even when Kafka, S3 or Redis are down (or a broker outage
-  would restart every pod at once);
-- the readiness probe asks for the overall entry ``""``: NOT_SERVING until every dependency is ready.
+- startup and liveness probes ask ``grpc.health.v1.Health/Check`` for the entry ``liveness``: it
+  must be SERVING while the process serves, even when Kafka, S3 or Redis are down (or a broker
+  outage would restart every pod at once);
+- the readiness probe asks for the overall entry ``""``: NOT_SERVING until every dependency is
+  ready.
 
 Runs one in-process ``ServiceRuntime`` on a free loopback port with a dependency that is down.
 """
@@ -38,7 +39,9 @@ def test_liveness_serves_while_a_dependency_is_down() -> None:
                     )
                 return response.status
 
-            assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING, "readiness ignores Kafka"
+            assert status("") == health_pb2.HealthCheckResponse.NOT_SERVING, (
+                "readiness ignores Kafka"
+            )
             assert status("liveness") == health_pb2.HealthCheckResponse.SERVING, (
                 "liveness must not depend on Kafka/S3/Redis"
             )

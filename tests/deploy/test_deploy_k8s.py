@@ -50,7 +50,9 @@ GPU = "nvidia.com/gpu"
 
 def deployments(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Deployments by service name (label app.kubernetes.io/name)."""
-    return {d["metadata"]["labels"]["app.kubernetes.io/name"]: d for d in of_kind(docs, "Deployment")}
+    return {
+        d["metadata"]["labels"]["app.kubernetes.io/name"]: d for d in of_kind(docs, "Deployment")
+    }
 
 
 def pod_spec(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -107,9 +109,7 @@ def container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dict
 
 @pytest.mark.parametrize("overlay_name", OVERLAYS)
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_core_resources_validate_strictly(
-    overlay_name: str, version: str, tmp_path: Path
-) -> None:
+def test_core_resources_validate_strictly(overlay_name: str, version: str, tmp_path: Path) -> None:
     validator = require_tool("kubernetes-validate")
     core = [d for d in render(overlay_name) if not d["apiVersion"].startswith(CRD_GROUP)]
     path = tmp_path / f"{overlay_name}.yaml"
@@ -117,7 +117,7 @@ def test_core_resources_validate_strictly(
     result = run([validator, "--strict", "--kubernetes-version", version, str(path)])
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    # kubernetes-validate only warns about kinds it has no schema for: a core kind must never be one.
+    # kubernetes-validate only warns about kinds it has no schema for; no core kind may be one.
     assert "Couldn't find schema" not in output, output
     assert output.count(" passed for resource ") == len(core), output
 
@@ -137,7 +137,10 @@ def test_strict_validation_rejects_an_unknown_field(tmp_path: Path) -> None:
 # additionalProperties: false everywhere, so a misspelt field fails like --strict would.
 _DURATION = {
     "type": "string",
-    "pattern": r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+    "pattern": (
+        r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?"
+        r"(([0-9]+)ms)?)$"
+    ),
 }
 _STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
 _LABEL_SELECTOR = {
@@ -278,7 +281,10 @@ def crd_errors(document: dict[str, Any]) -> list[str]:
     if schema is None:
         return [f"no schema for {document['apiVersion']} {document['kind']}"]
     validator = jsonschema.Draft202012Validator(schema)
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(document)
+    ]
 
 
 def test_monitoring_objects_pass_their_schemas() -> None:
@@ -314,7 +320,9 @@ def test_every_service_is_deployed(docs: list[dict[str, Any]]) -> None:
         assert {f"riffloop-{s}" for s in SERVICES} <= names, kind
 
 
-def test_namespace_enforces_restricted_pod_security(overlay: str, docs: list[dict[str, Any]]) -> None:
+def test_namespace_enforces_restricted_pod_security(
+    overlay: str, docs: list[dict[str, Any]]
+) -> None:
     (namespace,) = of_kind(docs, "Namespace")
     assert namespace["metadata"]["name"] == NAMESPACES[overlay]
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -383,14 +391,18 @@ def test_resources_have_requests_and_limits(docs: list[dict[str, Any]]) -> None:
             assert _memory(requests["memory"]) <= _memory(limits["memory"]), name
 
 
-def test_gpu_only_in_the_trainers_limits_in_production(overlay: str, docs: list[dict[str, Any]]) -> None:
+def test_gpu_only_in_the_trainers_limits_in_production(
+    overlay: str, docs: list[dict[str, Any]]
+) -> None:
     for name, deployment in deployments(docs).items():
         for container in all_containers(deployment):
             resources = container.get("resources", {})
             assert GPU not in resources.get("requests", {}), f"{name}: {GPU} belongs in limits only"
             has_gpu = GPU in resources.get("limits", {})
             expected = overlay == "production" and name == "trainer"
-            assert has_gpu == expected, f"{name} in {overlay}: GPU {'missing' if expected else 'not allowed'}"
+            assert has_gpu == expected, (
+                f"{name} in {overlay}: GPU {'missing' if expected else 'not allowed'}"
+            )
             if expected:
                 assert int(resources["limits"][GPU]) == 1
         spec = pod_spec(deployment)
@@ -438,10 +450,13 @@ def test_services_target_existing_ports(docs: list[dict[str, Any]]) -> None:
     pods = deployments(docs)
     for service in of_kind(docs, "Service"):
         targets = [
-            d for d in pods.values()
-            if selector_matches({"matchLabels": service["spec"]["selector"]},
-                                d["spec"]["template"]["metadata"]["labels"])
-        ]  # fmt: skip
+            d
+            for d in pods.values()
+            if selector_matches(
+                {"matchLabels": service["spec"]["selector"]},
+                d["spec"]["template"]["metadata"]["labels"],
+            )
+        ]
         assert len(targets) == 1, service["metadata"]["name"]
         (container,) = pod_spec(targets[0])["containers"]
         names = {p["name"] for p in container["ports"]}
@@ -468,8 +483,10 @@ def test_autoscalers(overlay: str, docs: list[dict[str, Any]]) -> None:
 def test_production_has_more_replicas_than_dev() -> None:
     def capacity(overlay: str) -> dict[str, int]:
         docs = render(overlay)
-        hpa_min = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["minReplicas"]
-                   for h in of_kind(docs, "HorizontalPodAutoscaler")}  # fmt: skip
+        hpa_min = {
+            h["spec"]["scaleTargetRef"]["name"]: h["spec"]["minReplicas"]
+            for h in of_kind(docs, "HorizontalPodAutoscaler")
+        }
         return {
             n: d["spec"].get("replicas", hpa_min.get(n, 1))
             for n, d in by_name(docs, "Deployment").items()
@@ -529,19 +546,22 @@ def test_drain_fits_in_the_termination_grace_period(docs: list[dict[str, Any]]) 
         assert 2 * drain <= grace, f"{name}: drain {drain}s x2 exceeds the grace period {grace}s"
 
 
-def _settings_class(service: str) -> type:
+def _settings_class(service: str) -> Any:
     try:
         module = importlib.import_module(f"services.{service}")
     except ModuleNotFoundError as error:
         if error.name in (f"services.{service}", "services"):
-            pytest.skip(f"services/{service} is not in the tree yet; its settings cannot be checked")
+            pytest.skip(
+                f"services/{service} is not in the tree yet; its settings cannot be checked"
+            )
         raise
     from riffloop.core import Settings
 
     classes = {
-        obj for obj in vars(module).values()
+        obj
+        for obj in vars(module).values()
         if isinstance(obj, type) and issubclass(obj, Settings) and obj is not Settings
-    }  # fmt: skip
+    }
     assert len(classes) == 1, f"services.{service} should export one Settings class: {classes}"
     return classes.pop()
 
@@ -565,17 +585,19 @@ def test_each_service_accepts_its_settings(overlay_name: str, service: str) -> N
 # -- NetworkPolicies: only the flows of design.md §1 ------------------------------------------
 
 # (protocol, port, endPort) that each overlay's pods may reach besides DNS.
-BACKEND_EGRESS = {
+BACKEND_EGRESS: dict[str, set[tuple[str, int, int | None]]] = {
     "dev": {("TCP", 9092, None), ("TCP", 9000, None), ("TCP", 6379, None)},
     "production": {("TCP", 9092, 9096), ("TCP", 443, None), ("TCP", 6379, 6380)},
 }
-DNS = {("UDP", 53, None), ("TCP", 53, None)}
+DNS: set[tuple[str, int, int | None]] = {("UDP", 53, None), ("TCP", 53, None)}
 
 
 def _policies_for(docs: list[dict[str, Any]], labels: dict[str, str]) -> list[dict[str, Any]]:
-    return [p for p in of_kind(docs, "NetworkPolicy")
-            if selector_matches(p["spec"]["podSelector"], labels)
-            or p["spec"]["podSelector"] == {}]  # fmt: skip
+    return [
+        p
+        for p in of_kind(docs, "NetworkPolicy")
+        if selector_matches(p["spec"]["podSelector"], labels) or p["spec"]["podSelector"] == {}
+    ]
 
 
 def _ports(rule: dict[str, Any]) -> set[tuple[str, int, int | None]]:
@@ -587,14 +609,18 @@ def test_default_deny_covers_every_pod(docs: list[dict[str, Any]]) -> None:
     for name, deployment in deployments(docs).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         deny = [
-            p for p in _policies_for(docs, labels)
+            p
+            for p in _policies_for(docs, labels)
             if set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
-            and not p["spec"].get("ingress") and not p["spec"].get("egress")
-        ]  # fmt: skip
+            and not p["spec"].get("ingress")
+            and not p["spec"].get("egress")
+        ]
         assert deny, f"{name} is not under a default-deny policy"
 
 
-def test_ingress_only_clients_to_gateway_and_prometheus_to_metrics(docs: list[dict[str, Any]]) -> None:
+def test_ingress_only_clients_to_gateway_and_prometheus_to_metrics(
+    docs: list[dict[str, Any]],
+) -> None:
     for name, deployment in deployments(docs).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         allowed: dict[tuple[str, int, int | None], list[Any]] = {}
@@ -624,7 +650,9 @@ def test_egress_only_dns_and_backends(overlay: str, docs: list[dict[str, Any]]) 
                 ports = _ports(rule)
                 if ports & DNS:
                     peers = rule["to"]
-                    assert all(p["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"} for p in peers)
+                    assert all(
+                        p["podSelector"]["matchLabels"] == {"k8s-app": "kube-dns"} for p in peers
+                    )
                 allowed |= ports
         assert allowed == DNS | BACKEND_EGRESS[overlay], f"{name} may reach {sorted(allowed)}"
 
@@ -633,8 +661,10 @@ def _reachable(port: int, allowed: set[tuple[str, int, int | None]]) -> bool:
     return any(proto == "TCP" and lo <= port <= (hi or lo) for proto, lo, hi in allowed)
 
 
-def test_backend_addresses_are_reachable_through_the_policies(overlay: str, docs: list[dict[str, Any]]) -> None:
-    """The ports in the settings (Kafka bootstrap, S3 endpoint, Redis URL) are ones egress allows."""
+def test_backend_addresses_are_reachable_through_the_policies(
+    overlay: str, docs: list[dict[str, Any]]
+) -> None:
+    """The Kafka, S3 and Redis ports in the settings are ports the egress policies allow."""
     allowed = BACKEND_EGRESS[overlay]
     deployment = deployments(docs)["gateway"]
     (container,) = pod_spec(deployment)["containers"]
@@ -653,8 +683,11 @@ def test_service_monitors_select_existing_metrics_ports() -> None:
     monitors = of_kind(docs, "ServiceMonitor")
     assert len(monitors) == len(SERVICES)
     for monitor in monitors:
-        selected = [s for s in services if selector_matches(monitor["spec"]["selector"],
-                                                            s["metadata"].get("labels", {}))]  # fmt: skip
+        selected = [
+            s
+            for s in services
+            if selector_matches(monitor["spec"]["selector"], s["metadata"].get("labels", {}))
+        ]
         assert len(selected) == 1, monitor["metadata"]["name"]
         port_names = {p["name"] for p in selected[0]["spec"]["ports"]}
         for endpoint in monitor["spec"]["endpoints"]:

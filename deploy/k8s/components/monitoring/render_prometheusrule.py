@@ -56,7 +56,9 @@ def render(rules_path: Path = RULES) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if prometheusrule.yaml is stale")
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if prometheusrule.yaml is stale"
+    )
     options = parser.parse_args(argv)
     text = render()
     if options.check:
