@@ -295,6 +295,16 @@ def exported_series() -> dict[str, set[str]]:
     return series
 
 
+def test_exported_series_follow_the_client_suffixes() -> None:
+    """Control: counters are exposed as *_total, histograms as *_bucket/_sum/_count only."""
+    exported = exported_series()
+    assert "riffloop_ratings_total" in exported and "riffloop_ratings" not in exported
+    assert "riffloop_generation_seconds_bucket" in exported
+    assert "riffloop_generation_seconds" not in exported
+    assert "le" in exported["riffloop_grpc_request_seconds_bucket"]
+    assert exported["riffloop_kafka_consumer_lag"] == {"service", "topic"}
+
+
 def dashboard_exprs() -> list[str]:
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
     return [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]

@@ -218,3 +218,18 @@ def test_lint_catches_a_bad_dockerfile(tmp_path: Path) -> None:
     assert args_of(instructions, "ADD") == ["https://example.org/model.bin /app/"]
     assert final_user(instructions, inherited="10001:10001") == "root"
     assert [i.keyword for i in instructions].count("RUN") == 1
+
+
+def test_the_lock_pins_every_package() -> None:
+    """The base image installs requirements.lock as it is: every line must be name==version."""
+    lock = REPO / "requirements.lock"
+    if not lock.is_file():
+        pytest.skip("requirements.lock is not in the tree yet (bin/riffloop lock writes it)")
+    lines = [
+        line.split("#", 1)[0].strip()
+        for line in lock.read_text(encoding="utf-8").splitlines()
+        if line.split("#", 1)[0].strip()
+    ]
+    assert lines
+    loose = [line for line in lines if not re.fullmatch(r"[A-Za-z0-9_.\-\[\],]+==[\w.!+\-]+", line)]
+    assert not loose, f"unpinned lines in requirements.lock: {loose}"
