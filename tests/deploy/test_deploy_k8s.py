@@ -546,6 +546,15 @@ def test_drain_fits_in_the_termination_grace_period(docs: list[dict[str, Any]]) 
         assert 2 * drain <= grace, f"{name}: drain {drain}s x2 exceeds the grace period {grace}s"
 
 
+def test_torch_threads_match_the_cpu_limit(docs: list[dict[str, Any]]) -> None:
+    """torch services run as many intra-op threads as the CPU limit allows, no more, no fewer."""
+    for name in ("encoder", "generator", "trainer"):
+        (container,) = pod_spec(deployments(docs)[name])["containers"]
+        threads = container_env(docs, container).get("RIFFLOOP_TORCH_THREADS")
+        assert threads is not None, f"{name}: set RIFFLOOP_TORCH_THREADS (the default is 1)"
+        assert int(threads) == _cpu(container["resources"]["limits"]["cpu"]), name
+
+
 def _settings_class(service: str) -> Any:
     try:
         module = importlib.import_module(f"services.{service}")
