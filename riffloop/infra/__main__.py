@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -74,15 +75,26 @@ def _run(args: argparse.Namespace) -> int:
     return 0 if all(status.ready for status in statuses) else 1
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so a build in progress is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return _run(args)
     except InfraError as error:
         print(f"riffloop.infra: {error.reason}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("riffloop.infra: interrupted; run `down` to stop anything left.", file=sys.stderr)
+        advice = (
+            "the unfinished step starts over next time"
+            if args.command == "install"
+            else "run `down` to stop anything it left running"
+        )
+        print(f"riffloop.infra: interrupted; {advice}.", file=sys.stderr)
         return 130
     except Exception as error:
         if args.debug:

@@ -11,6 +11,7 @@ import fcntl
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -370,7 +371,7 @@ def _run_logged(
         try:
             process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                cwd=cwd, env=env,
+                cwd=cwd, env=env, start_new_session=True,  # one group: go and its compilers
             )  # fmt: skip
         except OSError as error:
             raise InfraError(f"Could not run {command[0]} ({error}); check its install.") from None
@@ -385,8 +386,9 @@ def _run_logged(
                         f"{label}: still running ({elapsed / 60:.1f} min; "
                         f"last: {_last_line(log_path)})"
                     )
-        except BaseException:
-            process.kill()
+        except BaseException:  # Ctrl-C or SIGTERM: leave no half-finished build running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             raise
         log.write(f"done {rc}\n".encode())

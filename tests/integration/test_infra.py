@@ -7,6 +7,7 @@ shared `real_infra` fixture carries a message, an object and a key end to end.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -151,7 +152,7 @@ def test_real_infra_carries_a_message_an_object_and_a_key(
 
     s3 = _s3(real_infra)
     payload = os.urandom(1024)
-    s3.put_object(bucket, "a/b.bin", _Reader(payload), length=len(payload))
+    s3.put_object(bucket, "a/b.bin", io.BytesIO(payload), length=len(payload))
     response = s3.get_object(bucket, "a/b.bin")
     try:
         assert response.read() == payload
@@ -210,18 +211,6 @@ def _first_message(addresses: InfraAddresses, topic: str, group: str) -> tuple[b
     finally:
         consumer.close()
     return first.key, first.value
-
-
-class _Reader:
-    """The minimal readable object `Minio.put_object` asks for."""
-
-    def __init__(self, data: bytes) -> None:
-        self._data = data
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._data if size < 0 else self._data[:size]
-        self._data = self._data[len(chunk) :]
-        return chunk
 
 
 @pytest.mark.unit
