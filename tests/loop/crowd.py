@@ -39,9 +39,13 @@ def build_crowd(
     ratings_per_rater: int = 24,
     noise: float = 0.7,
     repeats: int = 3,
+    spam_ratings: int | None = None,
+    noise_spread: float = 0.0,
 ) -> Crowd:
     """Each input gets ``gens_per_input`` generations and one baseline; each rater rates a random
-    subset and, as a consistency probe, ``repeats`` re-served copies of baselines."""
+    subset and, as a consistency probe, ``repeats`` re-served copies of baselines. Bots rate
+    ``spam_ratings`` tracks each (default: as many as an honest rater; bots are often prolific).
+    ``noise_spread`` > 0 gives honest raters unequal care: noise × lognormal(0, noise_spread)."""
     rng = np.random.default_rng(seed)
     spam = spam or {}
     ledger = FeedbackLedger()
@@ -75,7 +79,9 @@ def build_crowd(
     spammers = {r: kind for r, kind in raters if kind != "honest"}
     for r, kind in raters:
         bias = rng.normal(0, 0.4)
-        chosen = list(rng.choice(tracks, size=ratings_per_rater, replace=False))
+        care = float(np.exp(rng.normal(0, noise_spread))) if noise_spread > 0 else 1.0
+        count = ratings_per_rater if kind == "honest" else (spam_ratings or ratings_per_rater)
+        chosen = list(rng.choice(tracks, size=count, replace=False))
         # consistency probes: copies of baselines re-served under new track ids
         for b in rng.choice(baselines, size=repeats, replace=False):
             for c in range(2):
@@ -98,7 +104,7 @@ def build_crowd(
             ledger.mark_served(tid, r, t)
             q = quality[tid]
             listened = CLIP * float(np.clip(0.6 + 0.3 * q + rng.normal(0, 0.1), 0.3, 1.0))
-            stars = int(np.clip(np.rint(3 + 1.0 * q + bias + rng.normal(0, noise)), 1, 5))
+            stars = int(np.clip(np.rint(3 + 1.0 * q + bias + rng.normal(0, noise * care)), 1, 5))
             gap = listened + rng.uniform(1.0, 4.0)
             if kind == "constant":
                 stars = 4
