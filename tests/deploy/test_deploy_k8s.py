@@ -480,6 +480,21 @@ def test_autoscalers(overlay: str, docs: list[dict[str, Any]]) -> None:
         assert by_name(docs, "Deployment")[hpa["spec"]["scaleTargetRef"]["name"]]
 
 
+def test_consumers_do_not_outnumber_the_partitions(docs: list[dict[str, Any]]) -> None:
+    """Replicas of a consumer group beyond the topic's partition count would sit idle."""
+    hpa_max = {
+        h["spec"]["scaleTargetRef"]["name"]: h["spec"]["maxReplicas"]
+        for h in of_kind(docs, "HorizontalPodAutoscaler")
+    }
+    for name, deployment in deployments(docs).items():
+        if name == "gateway":
+            continue  # serves gRPC; its consumers are a side job
+        (container,) = pod_spec(deployment)["containers"]
+        partitions = int(container_env(docs, container).get("RIFFLOOP_KAFKA_PARTITIONS", "3"))
+        most = hpa_max.get(deployment["metadata"]["name"], deployment["spec"].get("replicas", 1))
+        assert most <= partitions, f"{name}: up to {most} replicas, {partitions} partitions"
+
+
 def test_production_has_more_replicas_than_dev() -> None:
     def capacity(overlay: str) -> dict[str, int]:
         docs = render(overlay)
