@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from riffloop.core import PermanentError
+from riffloop.core import MemoryObjectStore, PermanentError
 from riffloop.loop._confidence import ConfidenceWeight, TrackScored
 from riffloop.loop._dispatch import Dispatcher
 from riffloop.loop._feedback import FeedbackLedger, ListenEvent, Observation, Rating
@@ -268,8 +268,6 @@ class LoopExperiment:
         self.progress = progress
         self.embed, self.frechet, self.diversity = _quality()
         self.dispatcher = Dispatcher(config.baseline_share, seed=config.seed)
-        from riffloop.core._memory_object_store import MemoryObjectStore
-
         self.registry = ModelRegistry(MemoryObjectStore())
         self.images: dict[str, torch.Tensor] = {}
         self.audio: dict[str, np.ndarray] = {}

@@ -18,6 +18,7 @@ import numpy as np
 
 from riffloop.core import (
     ConflictError,
+    KeyValueStore,
     NotFoundError,
     PermissionDeniedError,
     ValidationError,
@@ -203,6 +204,16 @@ class FeedbackLedger:
             },
             sort_keys=True,
         ).encode()
+
+    def save(self, store: KeyValueStore, key: str = "loop:feedback-ledger") -> None:
+        """Cache the snapshot in the key-value port (Redis in production)."""
+        store.set(key, self.snapshot().decode())
+
+    @classmethod
+    def load(cls, store: KeyValueStore, key: str = "loop:feedback-ledger") -> FeedbackLedger:
+        """The cached ledger, or an empty one when nothing is cached (rebuild from the log)."""
+        data = store.get(key)
+        return cls() if data is None else cls.restore(data.encode())
 
     @classmethod
     def restore(cls, data: bytes) -> FeedbackLedger:

@@ -9,12 +9,18 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from scipy import stats
 
-from riffloop.core import ConflictError, NotFoundError, PermanentError, ValidationError
+from riffloop.core import (
+    ConflictError,
+    NotFoundError,
+    ObjectStore,
+    PermanentError,
+    ValidationError,
+)
 
 EmbeddingMetric = Callable[..., float]
 
@@ -208,15 +214,6 @@ class ModelRecord:
         return cls(**raw)
 
 
-class _BlobStore(Protocol):
-    """The part of ``riffloop.core``'s ObjectStore port the registry uses."""
-
-    def ensure_bucket(self, bucket: str) -> None: ...
-    def put(self, bucket: str, key: str, data: bytes, *, content_type: str = ...) -> Any: ...
-    def get(self, bucket: str, key: str) -> bytes: ...
-    def list(self, bucket: str, prefix: str = "") -> list[str]: ...
-
-
 _ALLOWED: dict[VersionStatus, set[VersionStatus]] = {
     VersionStatus.CANDIDATE: {VersionStatus.REJECTED, VersionStatus.CANARY, VersionStatus.SERVING},
     VersionStatus.CANARY: {VersionStatus.SERVING, VersionStatus.ROLLED_BACK},
@@ -234,7 +231,7 @@ class ModelRegistry:
 
     PREFIX = "registry/"
 
-    def __init__(self, store: _BlobStore, bucket: str = "models") -> None:
+    def __init__(self, store: ObjectStore, bucket: str = "models") -> None:
         self.store = store
         self.bucket = bucket
         store.ensure_bucket(bucket)

@@ -138,6 +138,19 @@ def test_snapshot_round_trip(ledger: FeedbackLedger) -> None:
     assert again.snapshot() == ledger.snapshot()
 
 
+def test_ledger_round_trips_through_the_key_value_port(ledger: FeedbackLedger) -> None:
+    from riffloop.core import MemoryKeyValueStore
+
+    kv = MemoryKeyValueStore()
+    assert FeedbackLedger.load(kv).observations() == []
+    ledger.rate(Rating("t1", "alice", 4, 1.0))
+    ledger.save(kv)
+    again = FeedbackLedger.load(kv)
+    assert again.observations() == ledger.observations()
+    with pytest.raises(ConflictError):  # the restored ledger still rejects the duplicate
+        again.rate(Rating("t1", "alice", 1, 2.0))
+
+
 def test_register_track_is_idempotent_but_rejects_a_different_provenance() -> None:
     led = FeedbackLedger()
     led.register_track(_prov("t1"), 1.5)

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from riffloop.core import ConflictError, NotFoundError, PermanentError
+from riffloop.core import ConflictError, MemoryObjectStore, NotFoundError, PermanentError
 from riffloop.loop import (
     Canary,
     CanaryDecision,
@@ -74,8 +74,6 @@ def test_canary_false_rollback_rate_is_near_alpha() -> None:
 
 
 def _registry() -> ModelRegistry:
-    from riffloop.core._memory_object_store import MemoryObjectStore
-
     return ModelRegistry(MemoryObjectStore())
 
 
