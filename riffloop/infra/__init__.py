@@ -7,7 +7,7 @@
 the `RIFFLOOP_*` settings to `<state>/infra.env`. From Python: `LocalInfra(state_dir).start()`.
 """
 
-from riffloop.infra._catalog import BUCKETS, DEAD_LETTER_SUFFIX, EVENT_TOPICS, all_topics
+from riffloop.infra._catalog import BUCKETS, EVENT_TOPICS, all_topics
 from riffloop.infra._install import COMPONENTS, install
 from riffloop.infra._layout import CacheLayout, InfraError, cache_dir, default_state_dir
 from riffloop.infra._local import (
@@ -22,7 +22,6 @@ from riffloop.infra._local import (
 __all__ = [
     "BUCKETS",
     "COMPONENTS",
-    "DEAD_LETTER_SUFFIX",
     "EVENT_TOPICS",
     "SERVER_NAMES",
     "CacheLayout",
