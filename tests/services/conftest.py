@@ -115,6 +115,14 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 30.0, what: str =
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what or predicate}")
 
 
+# Fast loop settings for the in-process tests (the tiny model makes each step cheap).
+LOOP_OVERRIDES: dict[str, dict[str, Any]] = {
+    "gateway": {"rate_limit_burst": 200, "rate_limit_per_s": 100.0},
+    "feedback": {"score_interval_s": 0.3},
+    "selector": {"select_interval_s": 0.3, "min_new_scores": 2},
+}
+
+
 @pytest.fixture(scope="session")
 def signer() -> TokenSigner:
     return TokenSigner(SECRET)
@@ -139,9 +147,7 @@ def all_services() -> Iterator[dict[str, Running]]:
     try:
         # The trainer first: it publishes the base model the encoder and generator wait for.
         for name in ("trainer", "gateway", "encoder", "generator", "feedback", "selector"):
-            started[name] = start_service(
-                name, ports, **({"rate_limit_burst": 20} if name == "gateway" else {})
-            )
+            started[name] = start_service(name, ports, **LOOP_OVERRIDES.get(name, {}))
         yield started
     finally:
         for running in started.values():
