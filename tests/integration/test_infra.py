@@ -95,6 +95,13 @@ def test_up_kill_restart_down(own_stack: LocalInfra) -> None:
     assert set(pids) == set(SERVER_NAMES)
     assert all(_running(pid) for pid in pids.values())
 
+    # A second `up` adopts the running servers: same processes, same addresses.
+    again = _cli("up", "--state-dir", str(state))
+    assert again.returncode == 0, again.stderr
+    assert again.stderr.count("already running") == 3
+    assert _recorded_pids(own_stack) == pids
+    assert InfraAddresses.from_env_file(state / "infra.env") == addresses
+
     # 2. The topics of docs/ARCHITECTURE.md (and their .dlq twins), 3 partitions; the buckets.
     admin = KafkaAdminClient(bootstrap_servers=addresses.kafka_bootstrap)
     try:
