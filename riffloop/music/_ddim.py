@@ -42,6 +42,8 @@ not copy that off-by-one.) start = 0 (s = 0) means no injection: denoise fresh n
 All entry points are batched (``batch_size`` chunks), run under ``torch.inference_mode`` on the
 UNet's device (CPU or CUDA), and never mutate the model's own scheduler (each call builds a private
 ``DDIMScheduler`` from its config, so concurrent requests cannot race on ``set_timesteps``).
+``MusicGenerator`` strings it together for the services: song audio → mel windows → z_i
+(``encode_audio``), and batches of ``TrackRequest`` → merged inputs → injected images → audio.
 Latent models (``model.vqvae`` set) invert/generate in the VAE's latent space: images are encoded
 with the posterior mean (deterministic) times ``scaling_factor`` and decoded back at the end.
 """
@@ -50,17 +52,26 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
 from torch import Tensor
 
 from riffloop.core import ValidationError
+from riffloop.music._mel import MelCodec
+from riffloop.music._merge import merge_latents
+
+if TYPE_CHECKING:
+    from riffloop.music._model import MusicDiffusion
 
 __all__ = [
     "DenoisingModel",
+    "GeneratedTrack",
     "InjectionPlan",
+    "MusicGenerator",
+    "TrackRequest",
     "decode_latents",
     "generate",
     "inject_at_step",
@@ -286,20 +297,29 @@ def inject_at_step(
     plan: InjectionPlan,
     generator: torch.Generator | None = None,
     *,
+    noise: Tensor | None = None,
     batch_size: int = DEFAULT_BATCH,
 ) -> Tensor:
     """Noise the merged input images ``[B, 1, H, W]`` to t* = timesteps[start−1] and denoise the
     rest of the ``plan.total_steps`` DDIM trajectory. ε is drawn on the CPU from ``generator`` (so a
-    seed gives the same track on CPU and CUDA), one [C, h, w] draw per image in batch order."""
+    seed gives the same track on CPU and CUDA), one [C, h, w] draw per image in batch order, or
+    taken from ``noise`` (shape of the UNet's input batch) when the caller seeds per request."""
     if not isinstance(plan, InjectionPlan):
         raise ValidationError("plan must be an InjectionPlan")
     _check_batch(model, merged_image, "merged_image", pixel=True)
+    if noise is not None:
+        _check_batch(model, noise, "noise", pixel=False)
+        if noise.shape[0] != merged_image.shape[0]:
+            raise ValidationError("noise needs one draw per merged image")
     device, dtype = _device_dtype(model)
     scheduler = _scheduler(model, plan.total_steps, device)
     outs = []
     for part in _chunks(merged_image.shape[0], batch_size):
         x0 = _encode(model, merged_image[part].to(device=device, dtype=dtype))
-        eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device, dtype)
+        if noise is not None:
+            eps = noise[part].to(device, dtype)
+        else:
+            eps = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device, dtype)
         if plan.start_step == 0:
             x = eps
         else:
@@ -309,3 +329,95 @@ def inject_at_step(
         x = _denoise(model, scheduler, x, plan.first_index, 0.0, None)
         outs.append(_decode(model, x).to(device=merged_image.device, dtype=torch.float32))
     return torch.cat(outs)
+
+
+# -- the facade: songs → latents → merge → injected tracks → audio ----------------------------
+
+
+@dataclass(frozen=True)
+class TrackRequest:
+    """One generation: the latents z_i ``[k, C, h, w]`` of its 1–3 input songs (one window each),
+    optional merge weights, the injection plan and the seed of its noise ε."""
+
+    latents: Tensor
+    plan: InjectionPlan
+    seed: int
+    weights: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class GeneratedTrack:
+    image: Tensor  # [1, H, W] mel image in [−1, 1]
+    audio: np.ndarray  # float32 [slice_samples] at the mel config's sample rate
+    merged_input: Tensor  # [1, H, W] x̂_0(z_agg), what was injected
+    z_agg: Tensor  # [C, h, w]
+    seed: int
+    plan: InjectionPlan
+
+
+class MusicGenerator:
+    """Model + MelCodec: encode songs to latents, and turn requests into tracks in batches.
+
+    ``generate`` works in three batched passes over all requests: (1) merge each request's z_i on
+    the sphere (``merge_latents``) and decode every z_agg into its merged input x̂_0(z_agg) in one
+    DDIM call; (2) inject, one batched ``inject_at_step`` per distinct plan, with ε drawn per
+    request from ``torch.Generator().manual_seed(seed)`` (so a track's image does not depend on
+    what it was batched with); (3) one batched Griffin-Lim over all images. Griffin-Lim's random
+    initial phases come from the global RNG, seeded here from the first request's seed: the audio
+    of a request can differ in phase detail with its batch, never its mel image."""
+
+    def __init__(
+        self,
+        model: MusicDiffusion,
+        codec: MelCodec | None = None,
+        *,
+        steps: int = 50,
+        batch_size: int = DEFAULT_BATCH,
+    ) -> None:
+        self.model = model
+        self.codec = codec or MelCodec(model.mel)
+        self.steps = steps
+        self.batch_size = batch_size
+
+    def encode_images(self, images: Tensor) -> Tensor:
+        return invert(self.model, images, self.steps, batch_size=self.batch_size)
+
+    def encode_audio(self, samples: np.ndarray) -> Tensor:
+        """Mono samples at the mel config's rate → the latents of each whole window."""
+        images = self.codec.audio_to_images(samples)
+        if images.shape[0] == 0:
+            raise ValidationError(
+                f"audio shorter than one {self.model.mel.slice_seconds:.2f} s window"
+            )
+        return self.encode_images(images)
+
+    def generate(self, requests: list[TrackRequest]) -> list[GeneratedTrack]:
+        if not requests:
+            return []
+        shape = tuple(self.model.image_shape)
+        for r in requests:
+            if r.latents.ndim != 4 or tuple(r.latents.shape[1:]) != shape:
+                raise ValidationError(f"request latents must be [k, {shape}]")
+            if not 1 <= r.latents.shape[0] <= 3:
+                raise ValidationError("a request merges 1 to 3 songs")
+        # 1. z_agg and the merged inputs x̂_0(z_agg)
+        z_agg = torch.stack([merge_latents(r.latents, r.weights) for r in requests])
+        merged = generate(self.model, z_agg, self.steps, batch_size=self.batch_size)
+        # 2. injection, batched per plan, ε seeded per request
+        noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(r.seed)) for r in requests]
+        )
+        images = torch.empty_like(merged)
+        for plan in dict.fromkeys(r.plan for r in requests):
+            idx = torch.tensor([i for i, r in enumerate(requests) if r.plan == plan])
+            images[idx] = inject_at_step(
+                self.model, merged[idx], plan, noise=noise[idx], batch_size=self.batch_size
+            )
+        # 3. audio, one batched Griffin-Lim
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(requests[0].seed)
+            audio = self.codec.images_to_audio(images)
+        return [
+            GeneratedTrack(images[i], audio[i], merged[i], z_agg[i], r.seed, r.plan)
+            for i, r in enumerate(requests)
+        ]

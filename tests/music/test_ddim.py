@@ -16,6 +16,8 @@ from riffloop.core import ValidationError
 from riffloop.music import MelCodec, MelConfig, ModelConfig, MusicDiffusion
 from riffloop.music._ddim import (
     InjectionPlan,
+    MusicGenerator,
+    TrackRequest,
     decode_latents,
     generate,
     inject_at_step,
@@ -250,6 +252,40 @@ def test_bad_tensors_are_validation_errors() -> None:
         generate(model, torch.zeros(1, 1, 16, 16), steps=0)
     with pytest.raises(ValidationError):
         generate(model, torch.zeros(16, 16))
+
+
+@pytest.mark.unit
+def test_music_generator_end_to_end_batches_without_changing_tracks() -> None:
+    model = tiny_model()
+    gen = MusicGenerator(model, steps=10, batch_size=4)
+    t = np.arange(model.mel.slice_samples * 3) / model.mel.sample_rate
+    song_a = (0.3 * np.sin(2 * np.pi * 330 * t)).astype(np.float32)
+    song_b = (0.3 * np.sin(2 * np.pi * 1200 * t)).astype(np.float32)
+    z_a, z_b = gen.encode_audio(song_a), gen.encode_audio(song_b)
+    assert z_a.shape == (3, 1, 16, 16)
+    plan_a, plan_b = InjectionPlan.from_similarity(0.5, 5), InjectionPlan.from_similarity(0.8, 4)
+    requests = [
+        TrackRequest(torch.stack([z_a[0], z_b[0]]), plan_a, seed=1),
+        TrackRequest(z_a[1:2], plan_b, seed=2),
+        TrackRequest(torch.stack([z_a[2], z_b[1], z_b[2]]), plan_a, seed=3, weights=(2, 1, 1)),
+    ]
+    tracks = gen.generate(requests)
+    assert len(tracks) == 3
+    for track in tracks:
+        assert track.image.shape == (1, 16, 16) and bool(torch.isfinite(track.image).all())
+        assert track.audio.shape == (model.mel.slice_samples,) and track.audio.dtype == np.float32
+    # a request's image does not depend on its batch
+    alone = gen.generate([requests[2]])[0]
+    torch.testing.assert_close(alone.image, tracks[2].image, rtol=1e-4, atol=1e-4)
+    # one song alone: the merged input is that song's own reconstruction
+    single = tracks[1].merged_input
+    assert float((single - model_images_of(gen, song_a)[1]).abs().mean()) < 0.1
+    with pytest.raises(ValidationError):
+        gen.generate([TrackRequest(torch.cat([z_a, z_b]), plan_a, seed=0)])  # 6 songs
+
+
+def model_images_of(gen: MusicGenerator, samples: np.ndarray) -> torch.Tensor:
+    return gen.codec.audio_to_images(samples)
 
 
 # -- the trained base model ----------------------------------------------------------------------
