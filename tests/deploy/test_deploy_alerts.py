@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import (
+from deploy_support import (
     DASHBOARD,
     MONITORING,
     PROMTOOL_TESTS,

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SERVICES
+from deploy_support import REPO, SERVICES
 
 pytestmark = pytest.mark.unit
 

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 import jsonschema
 import pytest
 import yaml
-from conftest import (
+from deploy_support import (
     OVERLAYS,
     REPO,
     SERVICES,
