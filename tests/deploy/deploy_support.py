@@ -62,6 +62,8 @@ def render(overlay: str) -> list[dict[str, Any]]:
         kubectl = require_tool("kubectl")
         result = run([kubectl, "kustomize", str(K8S / "overlays" / overlay)])
         assert result.returncode == 0, f"kustomize {overlay} failed:\n{result.stderr}"
+        # kustomize warns about deprecated fields (e.g. commonLabels, patchesStrategicMerge).
+        assert "warning" not in result.stderr.lower(), result.stderr
         docs = [d for d in yaml.safe_load_all(result.stdout) if d]
         assert docs, f"overlay {overlay} rendered nothing"
         _rendered[overlay] = docs
