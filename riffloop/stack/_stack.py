@@ -138,7 +138,9 @@ class ServiceProcesses:
             RIFFLOOP_SERVICE_NAME=name,
             RIFFLOOP_GRPC_PORT=str(process.grpc_port),
             RIFFLOOP_METRICS_PORT=str(process.metrics_port),
-            PYTHONPATH=str(REPO_ROOT),
+            PYTHONPATH=os.pathsep.join(
+                p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+            ),
             OMP_NUM_THREADS="1",
         )
         if name == "gateway":

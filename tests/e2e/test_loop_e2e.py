@@ -1,0 +1,105 @@
+"""The loop across six service processes on real Kafka, MinIO and Redis (tiny model):
+
+upload three songs through the gateway, request generations until both generations and
+baselines have been served, rate them as simulated listeners (who like generations), the
+selector publishes a training set, the trainer publishes a new model, the generator serves it.
+"""
+
+from __future__ import annotations
+
+import random
+import urllib.request
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from riffloop.client import GatewayClient
+from riffloop.runtime import TokenSigner
+from riffloop.v1 import generator_service_pb2 as gen_pb
+from riffloop.v1 import generator_service_pb2_grpc as gen_grpc
+from riffloop.v1 import selector_service_pb2 as sel_pb
+from riffloop.v1 import selector_service_pb2_grpc as sel_grpc
+from riffloop.v1 import trainer_service_pb2 as tr_pb
+from riffloop.v1 import trainer_service_pb2_grpc as tr_grpc
+from tests.services.conftest import wait_for, wav_bytes
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+ALL = ("trainer", "encoder", "generator", "feedback", "selector", "gateway")
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def test_six_processes_close_the_loop(service_stack) -> None:
+    stack = service_stack(ALL)
+    procs = stack.state.processes
+    signer = TokenSigner(stack.state.auth_secret)
+    users = [GatewayClient(procs["gateway"].target, signer.issue(f"e2e-{i}")) for i in range(4)]
+    rng = random.Random(11)
+    freqs = [rng.uniform(200, 800) for _ in range(3)]  # fresh songs: no cross-test dedupe
+    songs = [users[0].upload_song(wav_bytes(2.0, f)).song_id for f in freqs]
+
+    kinds: dict[str, str] = {}
+    gen_url = f"http://127.0.0.1:{procs['generator'].metrics_port}/metrics"
+    for round_ in range(40):
+        user = users[round_ % len(users)]
+        pair = [songs[round_ % 3], songs[(round_ + 1) % 3]]
+        before_baseline = _metric(gen_url, "riffloop_tracks_generated_total", kind="baseline")
+        track_id = user.generate(pair, similarity=0.5, quality=5)
+        info = user.wait_ready(track_id, timeout_s=180)
+        assert user.audio(track_id)[:4] == b"RIFF"
+        after_baseline = _metric(gen_url, "riffloop_tracks_generated_total", kind="baseline")
+        kind = "baseline" if after_baseline > before_baseline else "generated"
+        kinds[track_id] = kind
+        user.report_listen(track_id, info.duration_seconds, completed=True)
+        user.rate(track_id, rng.choice((4, 5)) if kind == "generated" else rng.choice((1, 2)))
+        if round_ >= 11 and {"generated", "baseline"} <= set(kinds.values()):
+            break
+    assert {"generated", "baseline"} <= set(kinds.values()), kinds
+
+    selector = sel_grpc.SelectorServiceStub(grpc.insecure_channel(procs["selector"].target))
+    wait_for(
+        lambda: (
+            selector.CurrentTrainset(sel_pb.CurrentTrainsetRequest(), timeout=5).trainset.pair_count
+            > 0
+        ),
+        120,
+        "a published training set",
+    )
+    trainer = tr_grpc.TrainerServiceStub(grpc.insecure_channel(procs["trainer"].target))
+    wait_for(
+        lambda: "v0002" in trainer.TrainStatus(tr_pb.TrainStatusRequest(), timeout=5).versions,
+        240,
+        "the trainer publishing v0002",
+    )
+    generator = gen_grpc.GeneratorServiceStub(grpc.insecure_channel(procs["generator"].target))
+    wait_for(
+        lambda: generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version >= "v0002",
+        120,
+        "the generator serving the new model",
+    )
+    track_id = users[1].generate(songs[:2], similarity=0.4, quality=5)
+    users[1].wait_ready(track_id, timeout_s=180)
+    models = {m.version: m for m in users[1].list_models()}
+    assert models["v0002"].parent_version == "v0001"
+    # Every process exports the shared metrics; the trainer counted its steps.
+    for process in procs.values():
+        url = f"http://127.0.0.1:{process.metrics_port}/metrics"
+        assert _metric(url, "riffloop_dependency_ready", dependency="kafka") == 1
+    trainer_url = f"http://127.0.0.1:{procs['trainer'].metrics_port}/metrics"
+    assert _metric(trainer_url, "riffloop_training_steps_total") >= 4
+    # SIGTERM drains: every service exits 0.
+    codes = stack.down(grace_s=30.0)
+    assert codes == dict.fromkeys(reversed(ALL), 0), codes
+    for user in users:
+        user.close()
