@@ -181,24 +181,25 @@ class FeedbackState:
                 return []
             changed, self.dirty = self.dirty, set()
             observations = self.ledger.observations()
-            if not observations:
-                return []
-            report = self.spam.inspect(observations)
-            scores = self.confidence.score(observations, report)
+            provenance = {t: self.ledger.provenance(t) for t in changed}
+        if not observations:
+            return []
+        # The O(N) statistics run outside the lock, so the consumer keeps recording meanwhile.
+        report = self.spam.inspect(observations)
+        scores = self.confidence.score(observations, report)
+        with self.lock:
             self.scores, self.report = scores, report
-            listened: dict[str, list[float]] = {}
-            for o in observations:
-                listened.setdefault(o.track_id, []).append(o.listened_fraction)
-            out = []
-            for track_id in sorted(changed & scores.keys()):
-                fractions = listened.get(track_id, [0.0])
-                out.append(
-                    track_scored_to_proto(
-                        scores[track_id],
-                        self.ledger.provenance(track_id),
-                        sum(fractions) / len(fractions),
-                    )
+        listened: dict[str, list[float]] = {}
+        for o in observations:
+            listened.setdefault(o.track_id, []).append(o.listened_fraction)
+        out = []
+        for track_id in sorted(changed & scores.keys()):
+            fractions = listened.get(track_id, [0.0])
+            out.append(
+                track_scored_to_proto(
+                    scores[track_id], provenance[track_id], sum(fractions) / len(fractions)
                 )
+            )
         for rater, reasons in report.caught.items():
             for reason in reasons:
                 if (rater, str(reason)) not in self._caught_seen:

@@ -50,7 +50,7 @@ def build(settings: GatewaySettings, ports: Ports, *, audio: Any = probe_audio) 
         ],
         # One upload chunk per message: a little above the chunk size clients use (1 MiB).
         max_message_bytes=2 * MiB,
-        max_workers=32,
+        max_workers=64,
     )
     servicer = GatewayServicer(settings, ports, audio, Dispatcher(seed=settings.dispatch_seed))
     runtime.add_service(

@@ -1,0 +1,210 @@
+"""Ratings throughput: client → gateway → Kafka → feedback aggregate, on real local servers.
+
+    nice .venv/bin/python -m bench.bench_ratings [--ratings 4000] [--concurrency 64]
+        [--users 200] [--infra-env .riffloop/infra/infra.env]
+
+Starts Kafka, MinIO and Redis (``riffloop.infra``; or uses a running stack's ``infra.env``) and
+the gateway and feedback services as separate processes (``riffloop.stack``), makes ``--ratings``
+tracks ready (TrackReady events, as the generator publishes them; one track per rating, each
+served to the user who rates it), then sends every rating through the gateway with
+``--concurrency`` calls in flight (grpc.aio, closed loop) and reports:
+
+- gateway: accepted ratings/s while sending, latency p50 / p99 / max at that rate;
+- end to end: ratings/s until the feedback service's consumer has handled every rating
+  (``riffloop_kafka_messages_total{topic="feedback.received.v1", outcome="handled"}``);
+- the target it is judged against (design: ≥ 5,000 ratings/s, p99 < 50 ms).
+
+The load generator shares the machine's cores with the servers, so the figures are a floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import soundfile
+from prometheus_client.parser import text_string_to_metric_families
+
+from riffloop.core import KafkaEventBus, S3ObjectStore, Settings, new_envelope
+from riffloop.infra import InfraAddresses, LocalInfra
+from riffloop.runtime import TokenSigner
+from riffloop.stack import ServiceProcesses
+from riffloop.v1 import common_pb2, events_pb2
+from riffloop.v1 import gateway_service_pb2 as pb
+from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
+
+TARGET_RATE = 5000.0
+TARGET_P99_MS = 50.0
+
+
+async def _send(
+    target: str, jobs: list[tuple[str, str, int]], concurrency: int, signer: TokenSigner
+) -> tuple[list[float], float, int]:
+    channel = grpc.aio.insecure_channel(target)
+    stub = pb_grpc.GatewayServiceStub(channel)
+    tokens: dict[str, str] = {}
+    latencies: list[float] = []
+    failures = 0
+    queue: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        nonlocal failures
+        while not queue.empty():
+            track_id, user, stars = queue.get_nowait()
+            token = tokens.setdefault(user, signer.issue(user))
+            metadata = (("authorization", f"Bearer {token}"),)
+            started = time.perf_counter()
+            try:
+                await stub.Rate(
+                    pb.RateRequest(track_id=track_id, stars=stars), metadata=metadata, timeout=10
+                )
+                latencies.append(time.perf_counter() - started)
+            except grpc.aio.AioRpcError:
+                failures += 1
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    await channel.close()
+    return latencies, elapsed, failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ratings", type=int, default=4000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--users", type=int, default=200)
+    parser.add_argument("--infra-env", type=Path, default=None)
+    options = parser.parse_args(argv)
+
+    infra: LocalInfra | None = None
+    tmp = Path(tempfile.mkdtemp(prefix="riffloop-bench-"))
+    if options.infra_env:
+        addresses = InfraAddresses.from_env_file(options.infra_env)
+    else:
+        infra = LocalInfra(tmp / "infra")
+        addresses = infra.start()
+    env = addresses.env()
+    env["RIFFLOOP_REDIS_URL"] = env["RIFFLOOP_REDIS_URL"].rstrip("/") + "/9"
+    run = uuid.uuid4().hex[:8]
+    overrides = {
+        "gateway": {
+            "RIFFLOOP_SERVICE_NAME": f"gateway-b{run}",
+            "RIFFLOOP_RATE_LIMIT_PER_S": "100000",
+            "RIFFLOOP_RATE_LIMIT_BURST": "100000",
+        },
+        "feedback": {"RIFFLOOP_SERVICE_NAME": f"feedback-b{run}", "RIFFLOOP_SCORE_INTERVAL_S": "5"},
+    }
+    stack = ServiceProcesses(tmp / "stack", env, overrides=overrides)
+    try:
+        stack.up(("feedback", "gateway"))
+        settings = Settings.from_env(addresses.env())
+        bus = KafkaEventBus.from_settings(settings)
+        objects = S3ObjectStore.from_settings(settings)
+        wav = io.BytesIO()
+        soundfile.write(wav, np.zeros(11025, dtype="float32"), 22050, format="WAV")
+        ref = objects.put("tracks", f"bench-{run}.wav", wav.getvalue())
+        rng = np.random.default_rng(0)
+        jobs = []
+        t0 = time.perf_counter()
+        ready_events = []
+        for i in range(options.ratings):
+            user = f"bench-{run}-{i % options.users}"
+            track_id = f"b{run}-{i}"
+            ready = events_pb2.TrackReady(
+                track_id=track_id,
+                audio=ref.to_proto(),
+                user_id=user,
+                duration_seconds=0.5,
+                provenance=common_pb2.TrackProvenance(
+                    kind=common_pb2.TRACK_KIND_GENERATED,
+                    model_version="v0001",
+                    input_song_ids=["a" * 64],
+                    similarity=0.5,
+                    quality=5,
+                ),
+            )
+            ready_events.append((track_id, new_envelope("bench", ready)))
+            jobs.append((track_id, user, int(rng.integers(1, 6))))
+        with ThreadPoolExecutor(32) as pool:
+            list(pool.map(lambda e: bus.publish("tracks.ready.v1", *e), ready_events))
+        print(
+            f"published {options.ratings} TrackReady in {time.perf_counter() - t0:.1f} s; "
+            "waiting for the gateway to consume them",
+            file=sys.stderr,
+        )
+        gateway = stack.state.processes["gateway"]
+        feedback = stack.state.processes["feedback"]
+        gw_metrics = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
+        fb_metrics = f"http://127.0.0.1:{feedback.metrics_port}/metrics"
+
+        def consumed(url: str, topic: str) -> float:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            return sum(
+                s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "riffloop_kafka_messages_total"
+                and s.labels.get("topic") == topic
+                and s.labels.get("outcome") == "handled"
+            )
+
+        while consumed(gw_metrics, "tracks.ready.v1") < options.ratings:
+            time.sleep(0.5)
+        while consumed(fb_metrics, "tracks.ready.v1") < options.ratings:
+            time.sleep(0.5)
+        signer = TokenSigner(stack.state.auth_secret)
+        started = time.perf_counter()
+        latencies, elapsed, failures = asyncio.run(
+            _send(gateway.target, jobs, options.concurrency, signer)
+        )
+        while consumed(fb_metrics, "feedback.received.v1") < len(latencies):
+            if time.perf_counter() - started > 600:
+                break
+            time.sleep(0.1)
+        end_to_end = time.perf_counter() - started
+        counted = consumed(fb_metrics, "feedback.received.v1")
+        bus.close()
+    finally:
+        stack.down()
+        if infra is not None:
+            infra.stop()
+    ms = sorted(x * 1000 for x in latencies)
+    rate = len(latencies) / elapsed
+    p50 = statistics.median(ms)
+    p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
+    print(
+        f"ratings sent          {options.ratings} ({failures} failed), "
+        f"concurrency {options.concurrency}"
+    )
+    print(
+        f"gateway accepted      {rate:,.0f} ratings/s  (target {TARGET_RATE:,.0f}: "
+        f"{rate / TARGET_RATE:.2f}×)"
+    )
+    print(
+        f"gateway latency       p50 {p50:.1f} ms  p99 {p99:.1f} ms  max {ms[-1]:.1f} ms  "
+        f"(target p99 < {TARGET_P99_MS:.0f} ms)"
+    )
+    print(
+        f"end to end            {counted:,.0f} counted by feedback in {end_to_end:.1f} s = "
+        f"{counted / end_to_end:,.0f} ratings/s"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
