@@ -44,9 +44,36 @@ def _kafka_call(what: str, action: Callable[[], T]) -> T:
     try:
         return action()
     except KafkaError as exc:
-        raise TransientError(f"{what}: Kafka error {type(exc).__name__}: {exc}") from None
+        raise TransientError(f"{what}: Kafka error {exc}") from None
     except OSError as exc:
         raise TransientError(f"{what}: Kafka unreachable ({type(exc).__name__})") from None
+
+
+def _construct(client_class: Any, **config: Any) -> Any:
+    """Build a kafka-python client; if it fails (broker down), stop what it already started.
+
+    kafka-python 3.0.12 starts a network IO thread before bootstrapping and, when bootstrap times
+    out, raises from the constructor without stopping it: every failed attempt (a readiness ping
+    every few seconds during an outage) would leak a thread and its sockets. Tracking the inner
+    client through the documented ``kafka_client`` factory option lets us close it.
+    """
+    created: list[Any] = []
+    default_factory = client_class.DEFAULT_CONFIG["kafka_client"]
+
+    def tracking_factory(**kwargs: Any) -> Any:
+        client = default_factory(**kwargs)
+        created.append(client)
+        return client
+
+    try:
+        return client_class(kafka_client=tracking_factory, **config)
+    except BaseException:
+        for client in created:
+            with contextlib.suppress(Exception):
+                client.close()
+            with contextlib.suppress(Exception):
+                client._manager._net.stop()
+        raise
 
 
 class KafkaEventBus(EventBus):
@@ -89,10 +116,12 @@ class KafkaEventBus(EventBus):
         def run() -> T:
             from kafka import KafkaAdminClient
 
-            admin = KafkaAdminClient(
+            admin = _construct(
+                KafkaAdminClient,
                 bootstrap_servers=self._bootstrap,
                 client_id=f"{self._client_id}-admin",
                 request_timeout_ms=int(self._request_timeout_s * 1000),
+                bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
             )
             try:
                 return action(admin)
@@ -158,15 +187,18 @@ class KafkaEventBus(EventBus):
                 def make() -> KafkaProducer:
                     from kafka import KafkaProducer
 
-                    return KafkaProducer(
+                    producer: KafkaProducer = _construct(
+                        KafkaProducer,
                         bootstrap_servers=self._bootstrap,
                         client_id=self._client_id,
                         acks="all",
                         enable_idempotence=True,
                         linger_ms=0,  # publish waits for each ack; batching would only delay
                         max_block_ms=int(self._request_timeout_s * 1000),
+                        bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
                         request_timeout_ms=int(self._request_timeout_s * 1000),
                     )
+                    return producer
 
                 self._producer = _kafka_call("connect producer", make)
             return self._producer
@@ -203,12 +235,14 @@ class KafkaEventBus(EventBus):
         def make() -> KafkaConsumer:
             from kafka import KafkaConsumer
 
-            consumer = KafkaConsumer(
+            consumer: KafkaConsumer = _construct(
+                KafkaConsumer,
                 bootstrap_servers=self._bootstrap,
                 client_id=f"{self._client_id}-{group}",
                 group_id=group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
+                bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
                 session_timeout_ms=self._session_timeout_ms,
                 heartbeat_interval_ms=max(500, self._session_timeout_ms // 5),
                 request_timeout_ms=max(
