@@ -151,44 +151,38 @@ class LoopResult:
 
 
 # -- quality functions (the ML core's when present) ----------------------------------------------
-def _quality() -> tuple[
-    Callable[[torch.Tensor], np.ndarray], Callable[..., float], Callable[..., float]
-]:
-    """(embed(images) → [N, D], frechet(a, b), diversity(e)). The ML core's ``AudioEmbedding``,
-    ``frechet_distance`` and ``diversity`` when ``riffloop.music`` exports them; otherwise the
-    coarse mel statistics of design.md §7 (per-bin mean and std of the dB mel) with the exact
-    Fréchet formula and mean pairwise distance."""
-    try:
-        from riffloop.music import (  # type: ignore[attr-defined]
-            AudioEmbedding,
-            diversity,
-            frechet_distance,
-        )
+def _quality(
+    image_size: tuple[int, int],
+) -> tuple[Callable[[torch.Tensor], np.ndarray], Callable[..., float], Callable[..., float], str]:
+    """(embed(images) → [N, D], frechet(a, b), diversity(e), name).
 
-        embedder = AudioEmbedding()
+    The ML core's trained ``AudioEmbedding`` (assets/quality-embedding) with its
+    ``frechet_distance``; diversity is its definition (mean pairwise Euclidean distance of the
+    embeddings) applied to embeddings already computed. When no embedding was trained for this
+    image size, the coarse mel statistics of design.md §7 (per-bin mean and std of the image)
+    stand in, with the exact Fréchet formula — the name says which was used."""
+    from riffloop.core import NotFoundError
+    from riffloop.music import AudioEmbedding, frechet_distance
+
+    def frechet(a: np.ndarray, b: np.ndarray) -> float:
+        return float(frechet_distance(torch.as_tensor(a), torch.as_tensor(b)))
+
+    try:
+        embedder = AudioEmbedding.load()
+    except NotFoundError:
+        embedder = None
+    if embedder is not None and tuple(embedder.image_size) == tuple(image_size):
 
         def embed(images: torch.Tensor) -> np.ndarray:
-            return np.asarray(embedder.embed_images(images), dtype=np.float64)
+            return embedder.embed(images).numpy()
 
-        return embed, frechet_distance, diversity
-    except (ImportError, AttributeError, TypeError):
-        return _mel_stats_embedding, _frechet, _mean_pairwise_distance
+        return embed, frechet, _mean_pairwise_distance, "AudioEmbedding (instrument CNN)"
+    return _mel_stats_embedding, frechet, _mean_pairwise_distance, "mel statistics (fallback)"
 
 
 def _mel_stats_embedding(images: torch.Tensor) -> np.ndarray:
     x = images.detach().to(torch.float32).squeeze(1)  # [N, mels, time]
     return torch.cat([x.mean(dim=2), x.std(dim=2)], dim=1).numpy().astype(np.float64)
-
-
-def _frechet(a: np.ndarray, b: np.ndarray) -> float:
-    from scipy import linalg
-
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    ca, cb = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean = linalg.sqrtm(ca @ cb)
-    if np.iscomplexobj(covmean):
-        covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(ca + cb - 2 * covmean))
 
 
 def _mean_pairwise_distance(e: np.ndarray) -> float:
@@ -266,7 +260,8 @@ class LoopExperiment:
         self.world = world
         self.factory = factory or load_listener_factory(config.listeners)
         self.progress = progress
-        self.embed, self.frechet, self.diversity = _quality()
+        shape = tuple(world.inputs.shape[-2:])
+        self.embed, self.frechet, self.diversity, self.embedding_name = _quality(shape)
         self.dispatcher = Dispatcher(config.baseline_share, seed=config.seed)
         self.registry = ModelRegistry(MemoryObjectStore())
         self.images: dict[str, torch.Tensor] = {}
@@ -303,6 +298,7 @@ class LoopExperiment:
             merges.add((a, b))
         self.merges = sorted(merges)
         self.reference_embeddings = self.embed(world.reference)
+        self.progress(f"quality embedding: {self.embedding_name}")
         self.timings["prepare"] = time.monotonic() - t0
         self.progress(
             f"prepared: {len(pool)} training latents indexed, {n} inputs inverted, "

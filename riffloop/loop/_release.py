@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 import numpy as np
+import torch
 from scipy import stats
 
 from riffloop.core import (
@@ -52,7 +53,8 @@ class OfflineGate:
     Tolerances are relative because FD's scale depends on the embedding; 25 % sits above the
     run-to-run noise of FD at the sample sizes the demo uses (the base-training floor measured
     1,500 ± 525, i.e. ±35 % at one σ for 32 clips; use more clips for a tighter gate).
-    ``frechet`` and ``diversity`` default to the ML core's ``frechet_distance`` and ``diversity``.
+    ``frechet`` defaults to the ML core's ``frechet_distance``; ``diversity`` to the ML core's
+    definition (mean pairwise Euclidean distance) on the given embeddings.
     """
 
     def __init__(
@@ -64,12 +66,18 @@ class OfflineGate:
     ) -> None:
         self.max_fd_increase = max_fd_increase
         self.max_diversity_drop = max_diversity_drop
-        if frechet is None or diversity is None:
-            from riffloop.music import diversity as music_diversity
+        if frechet is None:
             from riffloop.music import frechet_distance
 
-            frechet = frechet or frechet_distance
-            diversity = diversity or music_diversity
+            def frechet(a: np.ndarray, b: np.ndarray) -> float:
+                return float(frechet_distance(torch.as_tensor(a), torch.as_tensor(b)))
+
+        if diversity is None:
+
+            def diversity(e: np.ndarray) -> float:
+                # riffloop.music.diversity's definition, on embeddings already computed
+                return float(torch.pdist(torch.as_tensor(e, dtype=torch.float64)).mean())
+
         self._frechet = frechet
         self._diversity = diversity
 

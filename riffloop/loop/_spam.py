@@ -133,27 +133,27 @@ class SpamFilter:
                 caught[r].add(SpamReason.BURST)
 
         # 4. INCONSISTENT: repeated baseline samples, mean |Δstars| against the median rater.
-        pair_diffs: dict[str, list[float]] = {}
+        pair_diffs: dict[str, list[int]] = {}
         for r in raters:
             groups: dict[str, list[int]] = defaultdict(list)
             for o in by_rater[r]:
                 if o.kind is TrackKind.BASELINE and o.baseline_sample_id is not None:
                     groups[o.baseline_sample_id].append(o.stars)
-            diffs = [
+            repeat_diffs = [
                 abs(a - b) for g in groups.values() for i, a in enumerate(g) for b in g[i + 1 :]
             ]
-            if diffs:
-                pair_diffs[r] = diffs
+            if repeat_diffs:
+                pair_diffs[r] = repeat_diffs
         if len(pair_diffs) >= 3:
             # null pmf of one |Δ| ∈ {0..4}: the pooled repeats of all raters (mostly honest)
             pooled = np.bincount([d for v in pair_diffs.values() for d in v], minlength=5)
             pmf = pooled[:5] / pooled.sum()
-            for r, diffs in pair_diffs.items():
-                if len(diffs) >= 3:
+            for r, repeats in pair_diffs.items():
+                if len(repeats) >= 3:
                     dist = np.array([1.0])
-                    for _ in diffs:  # exact n-fold convolution: the law of Σ|Δ| under the null
+                    for _ in repeats:  # exact n-fold convolution: the law of Σ|Δ| under the null
                         dist = np.convolve(dist, pmf)
-                    p = float(dist[int(sum(diffs)) :].sum())
+                    p = float(dist[int(sum(repeats)) :].sum())
                     details[r]["p_inconsistent"] = p
                     if p < self.alpha:
                         caught[r].add(SpamReason.INCONSISTENT)

@@ -126,7 +126,7 @@ def test_without_purge_the_training_set_fills_with_near_duplicates() -> None:
 
 
 def test_a_deliberately_bad_model_is_rejected_by_the_gate_and_rolled_back_by_the_canary() -> None:
-    from riffloop.loop._experiment import _frechet, _mean_pairwise_distance, _mel_stats_embedding
+    from riffloop.loop._experiment import _mean_pairwise_distance, _mel_stats_embedding
     from riffloop.loop._ml import InjectionPlan, inject_at_step
     from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
 
@@ -147,7 +147,7 @@ def test_a_deliberately_bad_model_is_rejected_by_the_gate_and_rolled_back_by_the
         return _mel_stats_embedding(images)
 
     reference = _mel_stats_embedding(inputs)
-    gate = OfflineGate(frechet=_frechet, diversity=_mean_pairwise_distance)
+    gate = OfflineGate(diversity=_mean_pairwise_distance)  # FD: the ML core's frechet_distance
     report = gate.evaluate(reference, samples(parent), samples(bad))
     assert not report.passed
     same = gate.evaluate(reference, samples(parent), samples(parent))
