@@ -28,6 +28,7 @@ of span{u_i} — a deterministic, order-independent choice at angle π/2 from ev
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -122,7 +123,7 @@ def _check_latents(latents: Tensor) -> None:
         raise ValidationError("latents contain NaN or infinite values")
 
 
-def _check_weights(weights: Tensor | list[float] | None, n: int) -> Tensor:
+def _check_weights(weights: Tensor | Sequence[float] | None, n: int) -> Tensor:
     if weights is None:
         return torch.full((n,), 1.0 / n, dtype=torch.float64)
     w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
@@ -135,7 +136,7 @@ def _check_weights(weights: Tensor | list[float] | None, n: int) -> Tensor:
 
 def merge_latents(
     latents: Tensor,
-    weights: Tensor | list[float] | None = None,
+    weights: Tensor | Sequence[float] | None = None,
     *,
     norm: Literal["inputs", "gaussian"] = "inputs",
 ) -> Tensor:
