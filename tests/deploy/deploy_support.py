@@ -7,9 +7,13 @@ Everything here runs without a cluster, a container engine or the network: ``kub
 
 from __future__ import annotations
 
+import fnmatch
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +105,98 @@ def selector_matches(selector: dict[str, Any] | None, labels: dict[str, str]) ->
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+# -- Dockerfiles (no container engine here: they are parsed, not built) --------------------------
+
+BASE_DOCKERFILE = REPO / "deploy" / "docker" / "Dockerfile.base"
+ROOT_USERS = {"root", "0", "0:0", "root:root"}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+
+def parse(path: Path) -> list[Instruction]:
+    """Instructions with continuation lines joined and comments (and parser directives) dropped."""
+    out: list[Instruction] = []
+    pending, start = "", 0
+    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        stripped = raw.strip()
+        if not pending and (not stripped or stripped.startswith("#")):
+            continue
+        if pending and stripped.startswith("#"):
+            continue  # comment lines inside a continued instruction
+        if not pending:
+            start = number
+        if stripped.endswith("\\"):
+            pending += stripped[:-1] + " "
+            continue
+        text = pending + stripped
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip(), start))
+    assert not pending, f"{path}: dangling line continuation"
+    return out
+
+
+def args_of(instructions: list[Instruction], keyword: str) -> list[str]:
+    return [i.args for i in instructions if i.keyword == keyword]
+
+
+def copy_sources(instruction: Instruction) -> list[str]:
+    """Source paths of a COPY (flags and the destination dropped); none for COPY --from=stage."""
+    words = shlex.split(instruction.args)
+    if any(w.startswith("--from") for w in words):
+        return []
+    words = [w for w in words if not w.startswith("--")]
+    return words[:-1]
+
+
+def final_user(instructions: list[Instruction], inherited: str | None = None) -> str | None:
+    """The USER in effect in the last stage (inherited from the parent image if it sets none)."""
+    user = inherited
+    for instruction in instructions:
+        if instruction.keyword == "FROM":
+            user = inherited if "riffloop-base" in resolve_from(instructions, instruction) else None
+        elif instruction.keyword == "USER":
+            user = instruction.args
+    return user
+
+
+def resolve_from(instructions: list[Instruction], instruction: Instruction) -> str:
+    """FROM's image with ${ARG} replaced by the default of a preceding ARG."""
+    defaults = {}
+    for item in instructions:
+        if item is instruction:
+            break
+        if item.keyword == "ARG" and "=" in item.args:
+            name, _, value = item.args.partition("=")
+            defaults[name.strip()] = value.strip()
+    image = instruction.args.split()[0]
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), m.group(0)), image)
+
+
+def dockerignore_patterns() -> list[tuple[bool, str]]:
+    patterns = []
+    for line in (REPO / ".dockerignore").read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negate = line.startswith("!")
+            patterns.append((negate, line.lstrip("!").rstrip("/")))
+    return patterns
+
+
+def ignored(path: str) -> bool:
+    """Docker's rule: the last matching pattern wins; a pattern also matches a path's parents."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    result = False
+    for negate, pattern in dockerignore_patterns():
+        regex = fnmatch.translate(pattern).replace(".*.*", ".*")
+        if pattern == "**" or any(re.match(regex, p) for p in prefixes):
+            result = not negate
+    return result
