@@ -420,6 +420,9 @@ def test_pods_are_non_root_with_read_only_root(docs: list[dict[str, Any]]) -> No
         assert pod_security["runAsUser"] != 0 and pod_security["runAsGroup"] != 0, name
         assert pod_security["seccompProfile"]["type"] == "RuntimeDefault", name
         assert spec.get("automountServiceAccountToken") is False, name
+        # Service links would inject RIFFLOOP_GATEWAY_SERVICE_HOST & co. (from the Service names
+        # riffloop-*): unknown RIFFLOOP_* settings, which stop every process with exit code 2.
+        assert spec.get("enableServiceLinks") is False, name
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for container in all_containers(deployment):
             security = container["securityContext"]
