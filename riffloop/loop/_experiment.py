@@ -205,8 +205,7 @@ def load_world(config: LoopConfig, model_dir: Path = DEFAULT_MODEL_DIR) -> LoopW
             "--model PATH"
         )
     model = MusicDiffusion.from_pretrained(model_dir)
-    model.unet.eval()
-    res = model.image_shape[1]
+    res = model.image_shape[1]  # from_pretrained returns the UNet in eval mode
     mel_dir = corpus_dir() / f"mel-{res}x{res}"
     heldout = load_corpus(mel_dir, "heldout")
     train = load_corpus(mel_dir, "train")
@@ -260,7 +259,7 @@ class LoopExperiment:
         self.world = world
         self.factory = factory or load_listener_factory(config.listeners)
         self.progress = progress
-        shape = tuple(world.inputs.shape[-2:])
+        shape = (int(world.inputs.shape[-2]), int(world.inputs.shape[-1]))
         self.embed, self.frechet, self.diversity, self.embedding_name = _quality(shape)
         self.dispatcher = Dispatcher(config.baseline_share, seed=config.seed)
         self.registry = ModelRegistry(MemoryObjectStore())
@@ -330,7 +329,7 @@ class LoopExperiment:
                     cfg.quality,
                     arm.model.version,
                     plan.start_step,
-                    lambda sample_id=sample_id: sample_id,
+                    _constant(sample_id),
                 )
                 # the same request in two arms must not collide: the arm is part of the track id
                 prov = replace(prov, track_id=f"{arm.name[0]}{iteration}-{prov.track_id[:12]}")
@@ -634,6 +633,10 @@ class LoopExperiment:
                 if s.kind is TrackKind.GENERATED:
                     canary.record(version, s.score - r_b.get(s.input_key, pooled))
         return canary.decide()
+
+
+def _constant(value: str) -> Callable[[], str]:
+    return lambda: value
 
 
 def _progress_line(row: IterationRow, note: str) -> str:

@@ -187,7 +187,7 @@ class SpamFilter:
         # 6. Reliability: 0 if caught; else relative agreement q_r = r_r/r_med ∈ [0, 1], shrunk
         #    toward 1 with ``reliability_prior`` pseudo-ratings (few ratings → presumed honest).
         reliability: dict[str, float] = {}
-        k = self.reliability_prior
+        prior = self.reliability_prior
         for r in raters:
             if caught.get(r):
                 reliability[r] = 0.0
@@ -196,8 +196,8 @@ class SpamFilter:
             q = 1.0
             if math.isfinite(a) and math.isfinite(r_med) and r_med > 0:
                 q = min(max(a / r_med, 0.0), 1.0)
-            n = n_shared.get(r, 0)
-            reliability[r] = (n * q + k) / (n + k)
+            n_r = n_shared.get(r, 0)
+            reliability[r] = (n_r * q + prior) / (n_r + prior)
         return SpamReport(
             caught={r: tuple(sorted(v)) for r, v in caught.items() if v},
             reliability=reliability,
