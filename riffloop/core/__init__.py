@@ -10,7 +10,14 @@ The Kafka, S3 and Redis client libraries are imported only when an adapter is us
 this package stays light (checked by tests/unit/core/test_public_surface.py).
 """
 
-from riffloop.core._consumer import Consumer, ConsumerHooks, Delivery, Handler, Outcome
+from riffloop.core._consumer import (
+    Consumer,
+    ConsumerHooks,
+    Delivery,
+    Handler,
+    Outcome,
+    replay_dead_letters,
+)
 from riffloop.core._envelopes import (
     Topic,
     all_topics,
@@ -89,6 +96,7 @@ __all__ = [
     "new_envelope",
     "partition_for",
     "payload_of",
+    "replay_dead_letters",
     "run_main",
     "sha256_hex",
 ]

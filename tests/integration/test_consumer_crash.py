@@ -26,6 +26,7 @@ from riffloop.core import (
     decode_envelope,
     dlq_topic,
     new_envelope,
+    replay_dead_letters,
 )
 from riffloop.v1 import events_pb2
 
@@ -185,3 +186,27 @@ def test_poison_goes_to_the_dlq_and_the_worker_keeps_going(harness: Harness) -> 
     assert dead.attempts == 2
     assert decode_envelope(dead.original_value) == poison
     assert record.headers["riffloop-error-type"] == "RuntimeError"
+
+
+def test_dead_letters_replay_to_their_topic(harness: Harness) -> None:
+    poison = rating("poison", 2)
+    harness.bus.publish(harness.topic, "poison", poison)
+    worker = harness.start("run", max_attempts=1)
+    harness.wait_for("the dead letter", lambda: harness.count("outcome:dead_lettered") == 1)
+    assert harness.terminate(worker) == 0
+
+    group = harness.group + "-replay"
+    assert replay_dead_letters(harness.bus, harness.topic, group=group, idle_timeout_s=5) == 1
+    assert replay_dead_letters(harness.bus, harness.topic, group=group, idle_timeout_s=3) == 0
+    reader = harness.bus.subscribe(harness.group + "-check", [harness.topic])
+    try:
+        seen: list[Message] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < 2 and time.monotonic() < deadline:
+            seen.extend(reader.poll(0.5))
+    finally:
+        reader.close()
+    original, replayed = sorted(seen, key=lambda m: m.offset)
+    assert replayed.value == original.value == poison.SerializeToString()
+    assert replayed.key == "poison"
+    assert replayed.headers["riffloop-replayed-from"].startswith(dlq_topic(harness.topic))

@@ -23,6 +23,7 @@ from riffloop.core import (
     decode_envelope,
     dlq_topic,
     new_envelope,
+    replay_dead_letters,
 )
 from riffloop.v1 import events_pb2
 
@@ -373,3 +374,51 @@ def test_constructor_validates() -> None:
 
 def test_outcome_values_match_the_metric_labels() -> None:
     assert {o.value for o in Outcome} == {"handled", "duplicate", "failed", "dead_lettered"}
+
+
+def test_dead_letters_replay_after_the_fix(bus: MemoryEventBus, kv: MemoryKeyValueStore) -> None:
+    """The runbook's replay: fix the cause, republish the DLQ, each event is handled once."""
+    fixed = threading.Event()
+    effect = count_rating(kv)
+
+    def handler(delivery: Delivery) -> None:
+        if delivery.envelope.feedback_received.track_id == "t1" and not fixed.is_set():
+            raise RuntimeError("bug in release 1.2")
+        effect(delivery)
+
+    recorder = Recorder()
+    consumer = make(bus, kv, handler, recorder, max_attempts=2)
+    lost = rating("t1", 5)
+    bus.publish(TOPIC, "t1", lost)
+    bus.publish(TOPIC, "t2", rating("t2", 3))
+    consumer.run_once()
+    assert kv.hgetall("track:t1") == {}
+    assert recorder.outcomes[(TOPIC, "dead_lettered")] == 1
+
+    fixed.set()  # the fix is deployed
+    assert replay_dead_letters(bus, TOPIC, idle_timeout_s=0.01) == 1
+    assert replay_dead_letters(bus, TOPIC, idle_timeout_s=0.01) == 0  # the replay committed
+    consumer.run_once()
+    assert kv.hgetall("track:t1") == {"sum": "5.0", "n": "1.0"}
+    assert kv.hgetall("track:t2") == {"sum": "3.0", "n": "1.0"}
+    assert recorder.outcomes[(TOPIC, "handled")] == 2
+
+
+def test_replaying_an_already_handled_event_is_a_duplicate(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    seen: list[Delivery] = []
+    recorder = Recorder()
+    consumer = make(bus, kv, seen.append, recorder)
+    handled = rating("t1", 4)
+    bus.publish(TOPIC, "t1", handled)
+    consumer.run_once()
+    # a dead letter of the same event (e.g. written by a second, crashed consumer group member)
+    dead = events_pb2.DeadLetter(
+        original_topic=TOPIC, original_key="t1", original_value=handled.SerializeToString()
+    )
+    bus.publish(dlq_topic(TOPIC), "t1", new_envelope("feedback", dead))
+    assert replay_dead_letters(bus, TOPIC, idle_timeout_s=0.01) == 1
+    consumer.run_once()
+    assert len(seen) == 1
+    assert recorder.outcomes[(TOPIC, "duplicate")] == 1
