@@ -11,6 +11,7 @@ that need more settings subclass :class:`Settings` with extra fields; ``from_env
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import sys
 import typing
@@ -92,9 +93,13 @@ class Settings:
             if k.startswith(PREFIX) and k not in known and k not in cls.TOOLING_VARIABLES
         )
         if unknown:
-            raise ConfigurationError(
-                f"unknown setting {unknown[0]}; known settings are {', '.join(sorted(known))}"
+            close = difflib.get_close_matches(unknown[0], sorted(known), n=1, cutoff=0.8)
+            hint = (
+                f"did you mean {close[0]}?"
+                if close
+                else f"known settings are {', '.join(sorted(known))}"
             )
+            raise ConfigurationError(f"unknown setting {unknown[0]}; {hint}")
         hints = typing.get_type_hints(cls)
         values: dict[str, Any] = {}
         for name in fields:

@@ -62,6 +62,9 @@ def test_unknown_variable_is_named() -> None:
     with pytest.raises(ConfigurationError, match="RIFFLOOP_GRPC_PROT") as info:
         Settings.from_env({"RIFFLOOP_GRPC_PROT": "6000"})
     assert "\n" not in info.value.reason
+    assert info.value.reason.endswith("did you mean RIFFLOOP_GRPC_PORT?")
+    with pytest.raises(ConfigurationError, match=r"known settings are .*RIFFLOOP_REDIS_URL"):
+        Settings.from_env({"RIFFLOOP_FAVOURITE_COLOUR": "blue"})
 
 
 def test_tooling_variables_are_not_settings_but_tolerated() -> None:
