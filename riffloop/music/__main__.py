@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import sys
+import time
 from pathlib import Path
 
-from riffloop.core import RiffloopError
-from riffloop.music._corpus import build_corpus, default_cache_dir
+import torch
+
+from riffloop.core import RiffloopError, ValidationError
+from riffloop.music._corpus import build_corpus, corpus_dir, default_cache_dir, load_corpus
 from riffloop.music._mel import MelConfig
+from riffloop.music._model import ModelConfig, MusicDiffusion
+from riffloop.music._train import (
+    CHECKPOINT_FILE,
+    MelDataset,
+    Trainer,
+    TrainingConfig,
+    export_checkpoint,
+)
 
 
 def _corpus(args: argparse.Namespace) -> int:
@@ -25,6 +38,114 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _corpus_dataset(args: argparse.Namespace, resolution: int) -> MelDataset:
+    mel = MelConfig.preset(resolution)
+    mel_dir = (
+        Path(args.corpus)
+        if args.corpus
+        else corpus_dir(Path(args.cache) if args.cache else None) / f"mel-{resolution}x{resolution}"
+    )
+    split = load_corpus(mel_dir, "train")
+    if split.mel != mel:
+        raise ValidationError(f"corpus at {mel_dir} was made with another mel config")
+    manifest = json.loads((mel_dir / "manifest.json").read_text())
+    return MelDataset.from_images(
+        split.images,
+        manifest={
+            "source": "corpus",
+            "corpus": manifest["version"],
+            "split": "train",
+            "corpus_fingerprint": manifest["fingerprint"],
+        },
+    )
+
+
+def _steps_per_second(model: MusicDiffusion, data: MelDataset, config: TrainingConfig) -> float:
+    """Time a few steps of a throw-away copy (the real run's RNG streams are untouched)."""
+    probe = Trainer(
+        copy.deepcopy(model),
+        data,
+        TrainingConfig(total_steps=100, seed=12345, batch_size=config.batch_size, lora=config.lora),
+    )
+    probe.step()  # warm-up (allocator, kernels)
+    started = time.monotonic()
+    n = 4
+    for _ in range(n):
+        probe.step()
+    return n / (time.monotonic() - started)
+
+
+def _train(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    started = time.monotonic()
+    deadline = started + args.minutes * 60.0 if args.minutes else None
+    out = Path(args.out)
+    resume_dir = Path(args.resume) if args.resume else out
+    resolution = ModelConfig.preset(args.config).resolution
+    data = _corpus_dataset(args, resolution)
+    if (resume_dir / CHECKPOINT_FILE).exists():
+        trainer = Trainer.resume(resume_dir, data)
+        print(
+            f"resumed {resume_dir} at step {trainer.step_count}/{trainer.config.total_steps}",
+            flush=True,
+        )
+    else:
+        if args.resume:
+            raise ValidationError(f"--resume {resume_dir} holds no checkpoint")
+        if args.init:
+            model = MusicDiffusion.from_pretrained(args.init)
+        else:
+            model = MusicDiffusion.create(
+                ModelConfig.preset(args.config), seed=args.seed, version=args.version
+            )
+        config = TrainingConfig(
+            total_steps=args.steps or 1,
+            batch_size=args.batch_size,
+            learning_rate=args.lr,
+            seed=args.seed,
+        )
+        if not args.steps:
+            if not args.minutes:
+                raise ValidationError("give --steps, --minutes or both")
+            rate = _steps_per_second(model, data, config)
+            steps = max(1, int(rate * (args.minutes * 60.0 - (time.monotonic() - started))))
+            print(f"measured {rate:.3f} steps/s → schedule of {steps} steps", flush=True)
+            config = TrainingConfig(
+                total_steps=steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+            )
+        trainer = Trainer(model, data, config)
+        print(
+            f"new run: {model.num_parameters():,} parameters, {len(data)} windows, "
+            f"{config.total_steps} steps",
+            flush=True,
+        )
+    report = trainer.train(
+        deadline=deadline,
+        checkpoint_dir=out,
+        checkpoint_every_s=args.checkpoint_minutes * 60.0,
+        progress=True,
+    )
+    print(
+        f"steps {report.start_step}→{report.end_step} in {report.seconds / 60:.1f} min "
+        f"({report.steps_per_second:.3f} steps/s), stopped by {report.stopped_by}, "
+        f"last loss {report.losses[-1][1] if report.losses else float('nan'):.4f}",
+        flush=True,
+    )
+    if args.export:
+        export_checkpoint(out, args.export, args.version)
+        print(f"exported EMA weights to {args.export}", flush=True)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    model = export_checkpoint(args.checkpoint, args.out, args.version)
+    print(
+        f"exported {model.version} (parent {model.parent}, "
+        f"{model.card['training']['steps']} steps) to {args.out}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m riffloop.music", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +157,30 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--seed", type=int, default=0)
     corpus.add_argument("--limit", type=int, help="only the first N pieces (smoke tests)")
     corpus.set_defaults(handler=_corpus)
+
+    train = sub.add_parser("train", help="train (or resume training) on the corpus")
+    train.add_argument("--config", default="cpu_small", choices=ModelConfig.PRESET_NAMES)
+    train.add_argument("--out", required=True, help="checkpoint folder (resumed if it holds one)")
+    train.add_argument("--resume", help="resume from this checkpoint folder, write to --out")
+    train.add_argument("--init", help="warm-start from a MusicDiffusion folder (fine-tuning)")
+    train.add_argument("--steps", type=int, help="schedule length (default: fit --minutes)")
+    train.add_argument("--minutes", type=float, help="wall-clock budget; checkpoint and stop")
+    train.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    train.add_argument("--batch-size", type=int, default=32)
+    train.add_argument("--lr", type=float, default=3e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--threads", type=int, default=2)
+    train.add_argument("--version", default="base-v1", help="version of the exported model")
+    train.add_argument("--export", help="after training, export EMA weights to this folder")
+    train.add_argument("--corpus", help="corpus mel folder (default: the cache's)")
+    train.add_argument("--cache", help="cache folder (default: RIFFLOOP_CACHE or ~/.cache)")
+    train.set_defaults(handler=_train)
+
+    export = sub.add_parser("export", help="write a checkpoint's EMA weights as a model folder")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--version", required=True)
+    export.set_defaults(handler=_export)
     return parser
 
 

@@ -93,6 +93,8 @@ _MAX_RENDER_SECONDS = 75.0
 _RENDER_TIMEOUT_S = 120.0
 # A window whose RMS is below this (≈ −60 dBFS) is silence, not music.
 _SILENCE_RMS = 1e-3
+_MAX_COMPACT_BYTES = 24_000
+_MAX_XML_BYTES = 640_000
 _SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn", ".mid", ".midi", ".abc", ".rntxt")
 
 Progress = Callable[[str], None]
@@ -142,12 +144,21 @@ class CorpusSplit:
         return int(self.images.shape[0])
 
 
+def _parse_is_cheap(path: Path) -> bool:
+    """music21 needs about a minute to parse a 40 KB .mxl string quartet movement on this
+    machine; the corpus keeps scores below these sizes (plain MusicXML vs the compact formats:
+    compressed .mxl, Humdrum, ABC)."""
+    limit = _MAX_XML_BYTES if path.suffix in (".xml", ".musicxml") else _MAX_COMPACT_BYTES
+    return path.stat().st_size <= limit
+
+
 def select_pieces(seed: int = 0) -> list[CorpusPiece]:
     """The corpus's pieces, their split and instruments — a pure function of ``seed`` and the
     music21 corpus contents."""
     from music21 import corpus as m21corpus
 
     rng = random.Random(seed)
+    m21root = Path(m21corpus.__file__).parent
     by_composer: dict[str, list[str]] = {}
     for path in m21corpus.getPaths():
         rel = str(path).split("/corpus/", 1)[1]
@@ -161,7 +172,8 @@ def select_pieces(seed: int = 0) -> list[CorpusPiece]:
     for composer, count in _COMPOSERS.items():
         candidates = sorted(by_composer.get(composer, []))
         rng.shuffle(candidates)
-        chosen.extend((composer, rel) for rel in candidates[:count])
+        small = [rel for rel in candidates if _parse_is_cheap(m21root / rel)]
+        chosen.extend((composer, rel) for rel in small[:count])
     # Held-out pieces: a seeded fraction of every composer with ≥ 4 pieces, so both splits span
     # the styles; composers with fewer pieces stay in training.
     heldout: set[str] = set()

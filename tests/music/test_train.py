@@ -1,0 +1,300 @@
+"""Trainer: the ω-weighted Min-SNR loss, schedules, replay, LoRA and bit-exact resume."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from riffloop.core import ConflictError, NotFoundError, ValidationError
+from riffloop.music import (
+    LoraSettings,
+    MelConfig,
+    MelDataset,
+    ModelConfig,
+    MusicDiffusion,
+    Trainer,
+    TrainingConfig,
+    export_checkpoint,
+    min_snr_weights,
+    weighted_diffusion_loss,
+)
+
+pytestmark = pytest.mark.unit
+
+TINY_MEL = MelConfig(n_mels=16, x_res=16, n_fft=256, hop_length=64)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _data(n: int = 12, seed: int = 0, value: float | None = None) -> MelDataset:
+    if value is not None:
+        images = torch.full((n, 1, 16, 16), value)
+    else:
+        images = torch.rand((n, 1, 16, 16), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return MelDataset.from_images(images, manifest={"source": "test", "seed": seed})
+
+
+def _model(seed: int = 3) -> MusicDiffusion:
+    return MusicDiffusion.create(ModelConfig.preset("tiny"), TINY_MEL, seed=seed)
+
+
+def _state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model.unet.state_dict().items()}
+
+
+# -- loss ------------------------------------------------------------------------------------
+
+
+def test_a_zero_weight_sample_contributes_nothing() -> None:
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 1, 4, 4, generator=g)
+    prediction = torch.randn(3, 1, 4, 4, generator=g).requires_grad_(True)
+    w = torch.tensor([0.5, 1.0, 0.2])
+    omega = torch.tensor([1.0, 2.0, 0.0])
+    loss = weighted_diffusion_loss(prediction, target, w, omega)
+    loss.backward()
+    assert prediction.grad is not None
+    assert torch.count_nonzero(prediction.grad[2]) == 0
+    assert torch.count_nonzero(prediction.grad[:2]) > 0
+    # Equals the loss of the first two samples alone.
+    alone = weighted_diffusion_loss(prediction[:2], target[:2], w[:2], omega[:2])
+    assert loss.item() == pytest.approx(alone.item(), rel=1e-6)
+    # …and the third sample's error does not matter at all.
+    worse = prediction.detach().clone()
+    worse[2] += 100.0
+    assert weighted_diffusion_loss(worse, target, w, omega).item() == pytest.approx(loss.item())
+
+
+def test_loss_is_invariant_to_scaling_omega_and_is_a_weighted_mean() -> None:
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(4, 1, 4, 4, generator=g)
+    prediction = torch.randn(4, 1, 4, 4, generator=g)
+    w = torch.rand(4, generator=g)
+    omega = torch.tensor([0.3, 1.0, 2.5, 0.7])
+    base = weighted_diffusion_loss(prediction, target, w, omega).item()
+    for c in (1e-3, 7.0, 1e4):
+        assert weighted_diffusion_loss(prediction, target, w, c * omega).item() == pytest.approx(
+            base, rel=1e-5
+        )
+    per_sample = ((prediction - target) ** 2).mean(dim=(1, 2, 3))
+    expected = float((omega * w * per_sample).sum() / omega.sum())
+    assert base == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValidationError):
+        weighted_diffusion_loss(prediction, target, w, torch.zeros(4))
+
+
+def test_min_snr_weights() -> None:
+    alphas = _model().scheduler.alphas_cumprod
+    t = torch.tensor([0, 50, 200, 999])
+    snr = alphas[t] / (1 - alphas[t])
+    v = min_snr_weights(alphas, t, 5.0, "v_prediction")
+    eps = min_snr_weights(alphas, t, 5.0, "epsilon")
+    assert torch.allclose(v, torch.clamp(snr, max=5.0) / (snr + 1), rtol=1e-5)
+    assert torch.allclose(eps, torch.clamp(snr, max=5.0) / snr, rtol=1e-5)
+    # Low-noise (high-SNR) steps are down-weighted; at high noise ε-weights are 1.
+    assert float(v[0]) < 0.01 and float(eps[-1]) == pytest.approx(1.0)
+    assert torch.equal(min_snr_weights(alphas, t, None, "epsilon"), torch.ones(4))
+
+
+# -- configuration and data ------------------------------------------------------------------
+
+
+def test_warmup_is_relative_to_the_run_length() -> None:
+    config = TrainingConfig(total_steps=120, warmup_fraction=0.05)
+    assert config.warmup_steps == 6
+    factors = [config.lr_factor(s) for s in range(120)]
+    assert factors[0] == pytest.approx(1 / 6)
+    assert factors[5] == pytest.approx(1.0)
+    assert max(factors) == pytest.approx(1.0)
+    assert factors[-1] < 0.01
+    assert all(a >= b for a, b in itertools.pairwise(factors[5:]))
+    long = TrainingConfig(total_steps=10_000)
+    assert long.warmup_steps == 500 and long.lr_factor(499) == pytest.approx(1.0)
+
+
+def test_config_validation_and_dict_round_trip() -> None:
+    config = TrainingConfig(total_steps=10, lora=LoraSettings(rank=4), replay_ratio=0.5)
+    assert TrainingConfig.from_dict(config.to_dict()) == config
+    for bad in (
+        {"total_steps": 0},
+        {"total_steps": 5, "warmup_fraction": 1.0},
+        {"total_steps": 5, "replay_ratio": 1.0},
+        {"total_steps": 5, "ema_decay": 1.0},
+        {"total_steps": 5, "min_snr_gamma": 0.0},
+    ):
+        with pytest.raises(ValidationError):
+            TrainingConfig(**bad)
+    with pytest.raises(ValidationError, match="unknown training config keys"):
+        TrainingConfig.from_dict({"total_steps": 5, "lr": 1e-3})
+
+
+def test_dataset_validation() -> None:
+    images = torch.zeros(3, 1, 16, 16)
+    with pytest.raises(ValidationError):
+        MelDataset.from_images(images, torch.tensor([1.0, -1.0, 1.0]))
+    with pytest.raises(ValidationError):
+        MelDataset.from_images(images, torch.zeros(3))
+    with pytest.raises(ValidationError):
+        MelDataset.from_images(images, torch.ones(2))
+    with pytest.raises(ValidationError):
+        MelDataset.from_images(torch.zeros(3, 16, 16))
+    with pytest.raises(ValidationError, match="model needs"):
+        Trainer(_model(), MelDataset.from_images(torch.zeros(3, 1, 8, 8)), TrainingConfig(5))
+
+
+def test_every_window_is_seen_once_per_epoch_and_replay_is_mixed_in() -> None:
+    data = _data(10, value=1.0)
+    replay = _data(6, value=-1.0)
+    config = TrainingConfig(total_steps=10, batch_size=4, replay_ratio=0.5, replay_weight=0.25)
+    trainer = Trainer(_model(), data, config, replay=replay)
+    for _ in range(5):
+        x0, omega = trainer.next_batch()
+        assert x0.shape == (4, 1, 16, 16)
+        # Two training windows (ω = 1) and two replayed base windows (ω = replay_weight).
+        assert torch.equal(x0[:, 0, 0, 0], torch.tensor([1.0, 1.0, -1.0, -1.0]))
+        assert torch.equal(omega, torch.tensor([1.0, 1.0, 0.25, 0.25]))
+    # The data order is a permutation per epoch: indices of the first epoch are all distinct.
+    fresh = Trainer(_model(), _data(10), TrainingConfig(total_steps=10, batch_size=5))
+    first_epoch = torch.cat([fresh.next_batch()[0] for _ in range(2)])
+    assert sorted(first_epoch[:, 0, 0, 0].tolist()) == sorted(
+        fresh.data.images[:, 0, 0, 0].tolist()
+    )
+    with pytest.raises(ValidationError, match="replay data"):
+        Trainer(_model(), data, config)
+
+
+# -- training --------------------------------------------------------------------------------
+
+
+def test_training_lowers_the_loss_on_a_learnable_set() -> None:
+    data = _data(8, value=0.5)
+    config = TrainingConfig(total_steps=60, batch_size=8, learning_rate=3e-3, log_every=10)
+    trainer = Trainer(_model(), data, config)
+    x0, omega = data.images, data.weights
+
+    def held_loss() -> float:
+        with torch.no_grad():
+            return trainer.compute_loss(x0, omega, torch.Generator().manual_seed(99)).item()
+
+    before = held_loss()
+    report = trainer.train(progress=False)
+    after = held_loss()
+    assert report.end_step == 60 and report.stopped_by == "total_steps"
+    assert [s for s, _ in report.losses] == [10, 20, 30, 40, 50, 60]
+    assert after < 0.5 * before
+    with pytest.raises(ConflictError):
+        trainer.step()
+
+
+def test_resume_is_bit_exact(tmp_path: Path) -> None:
+    data = _data(10)
+    replay = _data(7, seed=5)
+    config = TrainingConfig(total_steps=9, batch_size=4, replay_ratio=0.25, log_every=2)
+
+    uninterrupted = Trainer(_model(), data, config, replay=replay)
+    uninterrupted.train(progress=False)
+
+    interrupted = Trainer(_model(), data, config, replay=replay)
+    interrupted.train(4, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    # Disturb every RNG the process has: resume must restore them.
+    torch.manual_seed(12345)
+    del interrupted
+    resumed = Trainer.resume(tmp_path / "ckpt", data, replay=replay)
+    assert resumed.step_count == 4
+    resumed.train(progress=False)
+
+    assert resumed.step_count == uninterrupted.step_count == 9
+    expected = _state(uninterrupted)
+    for name, tensor in _state(resumed).items():
+        assert torch.equal(tensor, expected[name]), name
+    for name, tensor in resumed.ema.items():
+        assert torch.equal(tensor, uninterrupted.ema[name]), name
+    opt_a = uninterrupted.optimizer.state_dict()["state"]
+    opt_b = resumed.optimizer.state_dict()["state"]
+    for key in opt_a:
+        assert torch.equal(opt_a[key]["exp_avg_sq"], opt_b[key]["exp_avg_sq"])
+    assert resumed.lr_scheduler.get_last_lr() == uninterrupted.lr_scheduler.get_last_lr()
+
+
+def test_resume_refuses_other_data_or_config(tmp_path: Path) -> None:
+    data = _data(10)
+    config = TrainingConfig(total_steps=5, batch_size=4)
+    Trainer(_model(), data, config).train(2, progress=False, checkpoint_dir=tmp_path)
+    with pytest.raises(ConflictError, match="data"):
+        Trainer.resume(tmp_path, _data(10, seed=1))
+    with pytest.raises(ConflictError, match="config"):
+        Trainer.resume(tmp_path, data, config=TrainingConfig(total_steps=6, batch_size=4))
+    with pytest.raises(NotFoundError):
+        Trainer.resume(tmp_path / "missing", data)
+
+
+def test_lora_changes_only_adapter_parameters(tmp_path: Path) -> None:
+    model = _model()
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    config = TrainingConfig(
+        total_steps=6, batch_size=4, learning_rate=1e-2, lora=LoraSettings(rank=2, alpha=2)
+    )
+    trainer = Trainer(model, _data(8), config)
+    trainable = [n for n, p in model.unet.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".to_q." in n for n in trainable) and any(".conv1." in n for n in trainable)
+    trainer.train(progress=False, checkpoint_dir=tmp_path / "ckpt")
+
+    after = model.unet.state_dict()
+    for name, tensor in after.items():
+        if "lora_" in name:
+            continue
+        original = name.replace(".base_layer", "")
+        assert torch.equal(tensor, base[original]), name
+    assert any(torch.count_nonzero(t) > 0 for n, t in after.items() if "lora_B" in n), (
+        "adapters did not train"
+    )
+
+    merged = trainer.ema_model("ft-1")
+    assert set(merged.unet.state_dict()) == set(base)  # plain UNet, adapters merged in
+    changed = [k for k in base if not torch.equal(base[k], merged.unet.state_dict()[k])]
+    assert changed and all(
+        k.endswith(
+            (
+                "to_q.weight",
+                "to_k.weight",
+                "to_v.weight",
+                "to_out.0.weight",
+                "conv1.weight",
+                "conv2.weight",
+            )
+        )
+        for k in changed
+    )
+    exported = export_checkpoint(tmp_path / "ckpt", tmp_path / "model", "ft-1")
+    for name, tensor in exported.unet.state_dict().items():
+        assert torch.allclose(tensor, merged.unet.state_dict()[name], atol=1e-6), name
+
+
+def test_export_writes_the_ema_weights_and_lineage(tmp_path: Path) -> None:
+    parent = _model()
+    parent.version = "base-v1"
+    data = _data(8)
+    config = TrainingConfig(total_steps=4, batch_size=4, log_every=2)
+    trainer = Trainer(parent, data, config)
+    trainer.train(progress=False, checkpoint_dir=tmp_path / "ckpt")
+    exported = export_checkpoint(tmp_path / "ckpt", tmp_path / "model", "ft-1")
+    loaded = MusicDiffusion.from_pretrained(tmp_path / "model")
+    assert (loaded.version, loaded.parent) == ("ft-1", "base-v1")
+    training = loaded.card["training"]
+    assert training["steps"] == 4 and training["data"]["source"] == "test"
+    assert training["loss_curve"][-1][0] == 4 and math.isfinite(training["final_loss"])
+    params = dict(loaded.unet.named_parameters())
+    for name, tensor in trainer.ema.items():
+        assert torch.equal(params[name], tensor), name
+    assert not all(torch.equal(params[n], p) for n, p in trainer.model.unet.named_parameters()), (
+        "EMA weights should differ from the raw weights"
+    )
+    assert set(exported.unet.state_dict()) == set(loaded.unet.state_dict())
