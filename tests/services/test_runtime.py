@@ -1,0 +1,159 @@
+"""The shared runtime: error mapping, request ids, deadlines, drain, limiter, tokens, settings."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from riffloop.core import (
+    ConfigurationError,
+    MemoryKeyValueStore,
+    NotFoundError,
+    UnauthenticatedError,
+    ValidationError,
+)
+from riffloop.runtime import ServiceRuntime, ServiceSettings, SlidingWindowLimiter, TokenSigner
+
+pytestmark = pytest.mark.unit
+
+release = threading.Event()
+
+
+def _boom(request: bytes, context: grpc.ServicerContext) -> bytes:
+    raise RuntimeError("secret internals /etc/passwd")
+
+
+def _missing(request: bytes, context: grpc.ServicerContext) -> bytes:
+    raise NotFoundError("track t1 does not exist")
+
+
+def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
+    release.wait(10)
+    return b"done"
+
+
+@pytest.fixture
+def runtime() -> Iterator[ServiceRuntime]:
+    rt = ServiceRuntime("testsvc", grpc_port=0, metrics_port=None, grace_s=5.0)
+    handlers = {
+        "Boom": grpc.unary_unary_rpc_method_handler(_boom),
+        "Missing": grpc.unary_unary_rpc_method_handler(_missing),
+        "Slow": grpc.unary_unary_rpc_method_handler(_slow),
+    }
+    rt.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Svc", handlers),))
+    rt.readiness.add_check("kafka", lambda: True)
+    rt.start()
+    yield rt
+    release.set()
+    rt.stop()
+
+
+def _call(rt: ServiceRuntime, method: str, **kwargs: object) -> object:
+    with grpc.insecure_channel(f"127.0.0.1:{rt.port}") as channel:
+        return channel.unary_unary(f"/t.Svc/{method}")(b"", **kwargs)
+
+
+def test_unexpected_exception_is_internal_with_request_id_and_no_traceback(runtime) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _call(runtime, "Boom", timeout=5, metadata=(("x-request-id", "req-42"),))
+    assert info.value.code() is grpc.StatusCode.INTERNAL
+    assert info.value.details() == "internal error (request id req-42)"
+    assert ("x-request-id", "req-42") in tuple(info.value.trailing_metadata() or ())
+
+
+def test_riffloop_error_maps_to_its_code_with_the_reason(runtime) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _call(runtime, "Missing", timeout=5)
+    assert info.value.code() is grpc.StatusCode.NOT_FOUND
+    assert info.value.details() == "track t1 does not exist"
+
+
+def test_drain_finishes_in_flight_calls_and_refuses_new_ones(runtime) -> None:
+    release.clear()
+    result: dict[str, object] = {}
+
+    def slow_call() -> None:
+        result["value"] = _call(runtime, "Slow", timeout=10)
+
+    caller = threading.Thread(target=slow_call)
+    caller.start()
+    time.sleep(0.3)  # the call is in flight
+    stopper = threading.Thread(target=runtime.stop)
+    stopper.start()
+    time.sleep(0.3)
+    assert runtime.readiness.ready is False  # NOT_SERVING while draining
+    with pytest.raises(grpc.RpcError):
+        _call(runtime, "Missing", timeout=2)
+    release.set()
+    caller.join(10)
+    stopper.join(10)
+    assert result["value"] == b"done"
+
+
+def test_health_follows_the_dependency_checks() -> None:
+    up = {"redis": False}
+    rt = ServiceRuntime("healthsvc", grpc_port=0, metrics_port=None, readiness_interval_s=0.05)
+    rt.readiness.add_check("redis", lambda: up["redis"])
+    rt.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{rt.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def status() -> int:
+                return int(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+
+            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+            up["redis"] = True
+            deadline = time.monotonic() + 5
+            while status() != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+    finally:
+        rt.stop()
+
+
+def test_sliding_window_limiter_allows_the_burst_then_refills_at_the_rate() -> None:
+    now = [1000.0]
+    limiter = SlidingWindowLimiter(
+        MemoryKeyValueStore(clock=lambda: now[0]), rate_per_s=10, burst=5, clock=lambda: now[0]
+    )
+    assert [limiter.try_acquire("u") for _ in range(5)] == [0.0] * 5
+    wait = limiter.try_acquire("u")
+    assert wait > 0
+    assert limiter.try_acquire("other") == 0.0  # per key
+    now[0] += 1.0  # two windows later everything has refilled
+    assert limiter.try_acquire("u") == 0.0
+
+
+def test_tokens_verify_and_refuse_tampering_and_expiry() -> None:
+    signer = TokenSigner("s" * 20, clock=lambda: 100.0)
+    token = signer.issue("alice", ttl_s=10)
+    assert signer.verify(token) == "alice"
+    with pytest.raises(UnauthenticatedError, match="signature"):
+        signer.verify(token.replace("alice", "mallory"))
+    with pytest.raises(UnauthenticatedError, match="expired"):
+        TokenSigner("s" * 20, clock=lambda: 200.0).verify(token)
+    with pytest.raises(UnauthenticatedError, match="signature"):
+        TokenSigner("t" * 20).verify(token)
+    with pytest.raises(ValidationError):
+        signer.issue("bad user")
+    with pytest.raises(ValidationError):
+        TokenSigner("short")
+
+
+def test_service_settings_fail_fast() -> None:
+    from services.gateway import GatewaySettings
+
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_AUTH_SECRET"):
+        GatewaySettings.from_env({})
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_BIND_HOST"):
+        ServiceSettings.from_env({"RIFFLOOP_BIND_HOST": "not a host"})
+    with pytest.raises(ConfigurationError, match="unknown setting"):
+        GatewaySettings.from_env({"RIFFLOOP_AUTH_SECRET": "x" * 20, "RIFFLOOP_RATE_LIMT": "1"})
+    settings = GatewaySettings.from_env({"RIFFLOOP_AUTH_SECRET": "x" * 20})
+    assert "x" * 20 not in repr(settings)
