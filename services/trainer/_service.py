@@ -71,7 +71,7 @@ class TrainerSettings(ServiceSettings):
 
 @dataclasses.dataclass
 class Status:
-    state: int = pb.TRAINER_STATE_IDLE
+    state: Any = pb.TRAINER_STATE_IDLE
     candidate: str = ""
     trainset_id: str = ""
     step: int = 0
@@ -125,7 +125,7 @@ class TrainerCore:
         return model.version
 
     def _publish(
-        self, model: Any, *, trainset_id: str, gate: Any, action: int, report: Any = None
+        self, model: Any, *, trainset_id: str, gate: Any, action: Any, report: Any = None
     ) -> str:
         self._set(state=pb.TRAINER_STATE_PUBLISHING)
         checkpoint = self.store.publish(model)
@@ -154,7 +154,7 @@ class TrainerCore:
         parent: str,
         trainset_id: str,
         gate: Any,
-        action: int,
+        action: Any,
         checkpoint: Any = None,
     ) -> str:
         checkpoint = checkpoint or self.store.checkpoint_ref(version)
@@ -246,9 +246,9 @@ class TrainerCore:
                 if self.stopping.is_set():
                     raise PermanentError("trainer stopping; the training set will be redelivered")
                 before = trainer.step_count
-                report = trainer.train(settings.steps_per_chunk, progress=False)
+                progress = trainer.train(settings.steps_per_chunk, progress=False)
                 metrics.TRAINING_STEPS.inc(trainer.step_count - before)
-                loss = report.losses[-1][1] if report.losses else self.status.last_loss
+                loss = progress.losses[-1][1] if progress.losses else self.status.last_loss
                 self._set(step=trainer.step_count, last_loss=loss)
         except Exception:
             metrics.TRAINING_FAILURES.inc()
