@@ -268,6 +268,7 @@ class LoopExperiment:
         self.embeddings: dict[str, np.ndarray] = {}
         self.features: dict[str, Any] = {}
         self.provenance: dict[str, TrackProvenance] = {}
+        self._merged_images: dict[str, torch.Tensor] = {}
 
     # 1. set-up ---------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -316,10 +317,15 @@ class LoopExperiment:
         cfg = self.cfg
         plan = InjectionPlan.from_similarity(cfg.similarity, cfg.quality)
         track_ids: list[str] = []
+        z_aggs = torch.cat([self._z_agg(merge) for merge in self.merges])
+        # x̂_0(z_agg) of every merge in one deterministic (η = 0) batch, once per model version
+        key = arm.model.version
+        if key not in self._merged_images:
+            self._merged_images[key] = decode_latents(arm.model, z_aggs, cfg.invert_steps)
+        merged = self._merged_images[key]
         for m, merge in enumerate(self.merges):
-            z_agg = self._z_agg(merge)
+            z_agg = z_aggs[m : m + 1]
             sample_id = self.baseline_index.nearest(z_agg)[0].id  # z0 = argmax_z Γ(z_agg, z)
-            merged_image: torch.Tensor | None = None
             for r in range(cfg.requests_per_merge):
                 request_id = f"it{iteration}-m{m}-r{r}"
                 prov = self.dispatcher.dispatch(
@@ -336,10 +342,8 @@ class LoopExperiment:
                 if prov.kind is TrackKind.BASELINE:
                     image = self.pool_images[int(sample_id.split("-")[1])].unsqueeze(0)
                 else:
-                    if merged_image is None:
-                        merged_image = decode_latents(arm.model, z_agg, cfg.invert_steps)
                     gen = torch.Generator().manual_seed(prov.seed)
-                    image = inject_at_step(arm.model, merged_image, plan, gen)
+                    image = inject_at_step(arm.model, merged[m : m + 1], plan, gen)
                 self._add_track(arm, prov, image)
                 track_ids.append(prov.track_id)
         return track_ids

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from riffloop.loop import IterationRow, LoopConfig, LoopResult, format_table, paired_interval
+from riffloop.loop._cli import main
+from riffloop.loop._report import write_evidence
+
+pytestmark = pytest.mark.unit
+
+
+def test_cli_usage_and_missing_model_exit_2(tmp_path: Path, capsys) -> None:
+    assert main([]) == 2
+    assert main(["nonsense"]) == 2
+    assert main(["demo", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path)]) == 2
+    assert "no base model" in capsys.readouterr().err
+
+
+def _row(arm: str, it: int, delta: float, hidden: float) -> IterationRow:
+    return IterationRow(
+        arm,
+        it,
+        f"{arm}-v{it}",
+        100,
+        3.0 + delta,
+        3.0,
+        delta,
+        delta - 0.2,
+        delta + 0.2,
+        1.0,
+        9,
+        10,
+        0,
+        hidden,
+        0.0,
+        4,
+        "pass",
+        "promote",
+        1.0,
+    )
+
+
+def _result(seed: int, sel: float, ctl: float) -> LoopResult:
+    rows = [_row("selected", 0, 0.0, 0.0), _row("control", 0, 0.0, 0.0)]
+    rows += [_row("selected", 1, sel, sel), _row("control", 1, ctl, ctl)]
+    return LoopResult(LoopConfig(seed=seed), rows)
+
+
+def test_table_and_paired_evidence(tmp_path: Path) -> None:
+    res = _result(0, 0.3, 0.1)
+    table = format_table(res)
+    assert "| selected | 1 | selected-v1 | 100 |" in table
+    assert "selected − control: Δ rating +0.20" in table
+    m, lo, hi = paired_interval([0.2, 0.4, 0.3])
+    assert m == pytest.approx(0.3) and lo < 0.3 < hi
+    assert np.isnan(paired_interval([0.2])[1])
+    results = {("bright", s): _result(s, 0.3 + 0.1 * s, 0.1) for s in range(3)}
+    md = write_evidence(results, tmp_path)
+    assert "| bright | 3 | +0.30" in md.read_text()
+    assert (tmp_path / "evidence.csv").read_text().count("\n") == 1 + 3 * 4
+    assert (tmp_path / "evidence.png").stat().st_size > 1000
