@@ -83,6 +83,7 @@ def _train_embedding(args: argparse.Namespace) -> int:
         train.instruments,
         train.instrument_names,
         epochs=args.epochs,
+        samples_per_epoch=args.samples_per_epoch,
         seed=args.seed,
         max_seconds=args.max_seconds,
         progress=lambda line: print(line, flush=True),
@@ -210,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--corpus", help="mel folder (default: the cache's corpus mel-64x64)")
     t.add_argument("--out", default=str(DEFAULT_EMBEDDING_DIR))
     t.add_argument("--epochs", type=int, default=6)
+    t.add_argument("--samples-per-epoch", type=int, default=4096)
     t.add_argument("--max-seconds", type=float, default=None)
     t.add_argument("--draws", type=int, default=20)
     t.add_argument("--seed", type=int, default=0)
