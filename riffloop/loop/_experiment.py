@@ -88,7 +88,7 @@ class LoopConfig:
     similarity: float = 0.5
     quality: int = 20
     invert_steps: int = 20
-    baseline_pool: int = 256  # training windows indexed for z0
+    baseline_pool: int = 128  # training windows indexed for z0
     replay_pool: int = 512
     finetune_steps: int = 60
     finetune_batch: int = 8
@@ -243,6 +243,8 @@ class _Arm:
     parent_embeddings: np.ndarray | None = None
     parent_scores: dict[str, float] = field(default_factory=dict)  # request → R of parent
     clock: dict[str, float] = field(default_factory=dict)
+    # one registry per arm: each arm is its own lineage with its own serving version
+    registry: ModelRegistry = field(default_factory=lambda: ModelRegistry(MemoryObjectStore()))
 
 
 class LoopExperiment:
@@ -262,7 +264,6 @@ class LoopExperiment:
         shape = (int(world.inputs.shape[-2]), int(world.inputs.shape[-1]))
         self.embed, self.frechet, self.diversity, self.embedding_name = _quality(shape)
         self.dispatcher = Dispatcher(config.baseline_share, seed=config.seed)
-        self.registry = ModelRegistry(MemoryObjectStore())
         self.images: dict[str, torch.Tensor] = {}
         self.audio: dict[str, np.ndarray] = {}
         self.embeddings: dict[str, np.ndarray] = {}
@@ -487,7 +488,6 @@ class LoopExperiment:
         started = time.monotonic()
         self._prepare()
         base = self.world.model
-        self.registry.register(ModelRecord(base.version, None, None, VersionStatus.SERVING))
         listeners = self.factory(cfg.n_listeners, cfg.spam_share, cfg.seed)
         shared = _Arm("selected", base, listeners, FeedbackLedger())
 
@@ -507,6 +507,8 @@ class LoopExperiment:
                 clock=dict(shared.clock),
             ),
         }
+        for arm in arms.values():
+            arm.registry.register(ModelRecord(base.version, None, None, VersionStatus.SERVING))
         state = {name: (tracks0, scores0, report0, now0) for name in arms}
         for name, arm in arms.items():
             row = self._row(arm, 0, tracks0, scores0, report0, now0, {"seconds": 0.0})
@@ -553,7 +555,7 @@ class LoopExperiment:
                     tuned = arm.model
                 else:
                     tuned = self._finetune(arm, arm.pairs, iteration - 1)
-                    self.registry.register(
+                    arm.registry.register(
                         ModelRecord(
                             tuned.version,
                             arm.model.version,
@@ -569,7 +571,7 @@ class LoopExperiment:
                 gate_note = "—"
                 if tuned is not parent:
                     report_g = self._gate(parent_tracks, new_tracks)
-                    self.registry.gate(tuned.version, report_g)
+                    arm.registry.gate(tuned.version, report_g)
                     gate_note = (
                         "pass" if report_g.passed else "reject:" + ",".join(report_g.reasons)
                     )
@@ -579,13 +581,15 @@ class LoopExperiment:
                 self._listen(arm, iteration, new_tracks)
                 scores_n, report_n, now_n = self._score(arm, new_tracks)
                 canary_note = "—"
+                rolled_back = None
                 if arm.model is tuned and tuned is not parent:
                     verdict = self._canary(parent.version, tuned.version, state[name][1], scores_n)
                     canary_note = f"{verdict.decision.value} (p_worse={verdict.p_worse:.2f})"
                     if verdict.decision is CanaryDecision.ROLLBACK:
-                        self.registry.roll_back(tuned.version, verdict)
+                        arm.registry.roll_back(tuned.version, verdict)
+                        rolled_back = parent  # the next iteration starts from the parent again
                     else:
-                        self.registry.promote(tuned.version, verdict)
+                        arm.registry.promote(tuned.version, verdict)
                 state[name] = (new_tracks, scores_n, report_n, now_n)
                 row = self._row(
                     arm,
@@ -597,10 +601,16 @@ class LoopExperiment:
                     {"gate": gate_note, "canary": canary_note, "seconds": time.monotonic() - t1},
                 )
                 result.rows.append(row)
+                if rolled_back is not None:
+                    arm.model = rolled_back
                 self.timings[f"{name}-finetune-{iteration}"] = t_ft
                 self.progress(_progress_line(row, f"fine-tune {t_ft:.0f} s"))
         result.timings["total"] = time.monotonic() - started
-        result.registry_versions = [asdict(self.registry.get(v)) for v in self.registry.versions()]
+        result.registry_versions = [
+            {"arm": name, **asdict(arm.registry.get(v))}
+            for name, arm in arms.items()
+            for v in arm.registry.versions()
+        ]
         return result
 
     def _gate(self, parent_tracks: list[str], new_tracks: list[str]) -> GateReport:
