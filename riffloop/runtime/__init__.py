@@ -26,7 +26,7 @@ from riffloop.runtime._interceptors import (
 )
 from riffloop.runtime._latents import LatentRecord
 from riffloop.runtime._logging import configure_logging, request_id_var
-from riffloop.runtime._models import ModelStore, ServedModel
+from riffloop.runtime._models import MODEL_CONSTRUCTION_LOCK, ModelStore, ServedModel
 from riffloop.runtime._ports import Ports, connect_ports
 from riffloop.runtime._ratelimit import SlidingWindowLimiter
 from riffloop.runtime._server import (
@@ -40,6 +40,7 @@ from riffloop.runtime._server import (
 from riffloop.runtime._settings import ServiceSettings
 
 __all__ = [
+    "MODEL_CONSTRUCTION_LOCK",
     "BearerAuthInterceptor",
     "ConsumerWorker",
     "DeferredWorker",

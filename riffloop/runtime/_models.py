@@ -22,6 +22,11 @@ from riffloop.runtime import metrics
 
 _log = logging.getLogger("riffloop.models")
 
+# diffusers' from_pretrained builds modules under accelerate's init_empty_weights, which patches
+# torch.nn.Module globally: a model created or copied in another thread meanwhile lands on the
+# meta device. Every construction in a process goes through this lock.
+MODEL_CONSTRUCTION_LOCK = threading.RLock()
+
 MODELS_BUCKET = "models"
 CURRENT_KEY = "CURRENT"
 
@@ -36,7 +41,7 @@ class ModelStore:
 
     def publish(self, model: Any) -> Any:
         """Write every file of the checkpoint, then its pointer; return the pointer's ObjectRef."""
-        with tempfile.TemporaryDirectory(prefix="riffloop-model-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="riffloop-model-") as tmp, MODEL_CONSTRUCTION_LOCK:
             folder = model.save_pretrained(Path(tmp) / "model")
             parts = {
                 path.relative_to(folder).as_posix(): path.read_bytes()
@@ -63,7 +68,8 @@ class ModelStore:
                 target = root / name
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(data)
-            model = MusicDiffusion.from_pretrained(root)
+            with MODEL_CONSTRUCTION_LOCK:
+                model = MusicDiffusion.from_pretrained(root)
         model.version = version
         return model
 

@@ -10,7 +10,6 @@ already encoded is answered from the store.
 from __future__ import annotations
 
 import dataclasses
-import io
 import logging
 import threading
 from typing import Any
@@ -48,20 +47,17 @@ class EncoderSettings(ServiceSettings):
 
 
 def decode_mono(data: bytes, sample_rate: int) -> Any:
-    """Audio bytes → mono float32 samples at ``sample_rate`` (ValidationError if unreadable)."""
-    import soundfile
+    """Audio bytes → mono float32 samples at ``sample_rate`` (``riffloop.music.decode_audio``)."""
     import torch
     import torchaudio.functional as audio_f
 
-    try:
-        samples, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-    except (RuntimeError, soundfile.LibsndfileError, ValueError, TypeError) as exc:
-        detail = str(exc).rsplit(": ", 1)[-1].strip().rstrip(".").lower()[:120]
-        raise ValidationError(f"audio does not decode ({detail})") from None
-    mono = torch.from_numpy(samples.mean(axis=1).copy())
-    if rate != sample_rate:
-        mono = audio_f.resample(mono, rate, sample_rate)
-    return mono
+    from riffloop.music import AudioLimits, decode_audio
+
+    decoded = decode_audio(data, AudioLimits(min_seconds=0.0))
+    samples = torch.from_numpy(decoded.samples)
+    if decoded.sample_rate != sample_rate:
+        samples = audio_f.resample(samples, decoded.sample_rate, sample_rate)
+    return samples
 
 
 class Encoder:

@@ -1,6 +1,6 @@
 """The gateway service: Riffloop's public gRPC API (``python -m services.gateway``)."""
 
-from services.gateway._build import build, probe_audio
+from services.gateway._build import audio_probe, build
 from services.gateway._service import GatewayEvents, GatewayServicer, GatewaySettings
 
-__all__ = ["GatewayEvents", "GatewayServicer", "GatewaySettings", "build", "probe_audio"]
+__all__ = ["GatewayEvents", "GatewayServicer", "GatewaySettings", "audio_probe", "build"]

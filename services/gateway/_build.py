@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import io
-from typing import Any
+from collections.abc import Callable
 
-from riffloop.core import ValidationError
 from riffloop.loop import Dispatcher
 from riffloop.runtime import (
     BearerAuthInterceptor,
@@ -22,22 +20,25 @@ from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.gateway._service import GatewayEvents, GatewayServicer, GatewaySettings
 
 
-def probe_audio(data: bytes) -> float:
-    """Decode the upload's header and frames; return its duration or refuse it with a reason."""
-    import soundfile
+def audio_probe(settings: GatewaySettings) -> Callable[[bytes], float]:
+    """``riffloop.music.decode_audio`` with this gateway's limits; returns the duration."""
+    from riffloop.music import AudioLimits, decode_audio
 
-    try:
-        info = soundfile.info(io.BytesIO(data))
-        frames, _ = soundfile.read(io.BytesIO(data), dtype="float32", frames=1024)
-    except (RuntimeError, soundfile.LibsndfileError, ValueError, TypeError) as exc:
-        detail = str(exc).rsplit(": ", 1)[-1].strip().rstrip(".").lower()[:120]
-        raise ValidationError(f"audio does not decode ({detail})") from None
-    if info.frames <= 0 or info.samplerate <= 0 or len(frames) == 0:
-        raise ValidationError("audio decodes to no samples")
-    return float(info.frames) / float(info.samplerate)
+    limits = AudioLimits(
+        max_bytes=settings.max_upload_bytes,
+        max_seconds=settings.max_audio_seconds,
+        min_seconds=settings.min_audio_seconds,
+    )
+
+    def probe(data: bytes) -> float:
+        return float(decode_audio(data, limits).duration_s)
+
+    return probe
 
 
-def build(settings: GatewaySettings, ports: Ports, *, audio: Any = probe_audio) -> ServiceRuntime:
+def build(
+    settings: GatewaySettings, ports: Ports, *, audio: Callable[[bytes], float] | None = None
+) -> ServiceRuntime:
     ports.prepare(settings.kafka_partitions)
     limiter = SlidingWindowLimiter(
         ports.kv, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
@@ -52,7 +53,8 @@ def build(settings: GatewaySettings, ports: Ports, *, audio: Any = probe_audio) 
         max_message_bytes=2 * MiB,
         max_workers=64,
     )
-    servicer = GatewayServicer(settings, ports, audio, Dispatcher(seed=settings.dispatch_seed))
+    probe = audio or audio_probe(settings)
+    servicer = GatewayServicer(settings, ports, probe, Dispatcher(seed=settings.dispatch_seed))
     runtime.add_service(
         pb_grpc.add_GatewayServiceServicer_to_server, servicer, "riffloop.v1.GatewayService"
     )

@@ -74,6 +74,8 @@ class GatewaySettings(ServiceSettings):
     # Uploads: whole-file cap (sum of chunks) and the longest audio accepted.
     max_upload_bytes: int = 20 * 1024 * 1024
     max_audio_seconds: float = 600.0
+    # Shorter uploads hold no full mel window of the larger models.
+    min_audio_seconds: float = 1.5
     # Bearer tokens are HMAC-signed with this secret (riffloop.runtime.TokenSigner).
     auth_secret: str = dataclasses.field(default="", metadata={"secret": True})
     # Per-user rate limit: sustained calls per second and the burst allowed on top.
@@ -164,10 +166,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if not data:
             raise ValidationError("the upload carries no audio bytes")
         duration = self.audio(data)  # raises ValidationError (InvalidAudio) with a reason
-        if duration > self.settings.max_audio_seconds:
-            raise ValidationError(
-                f"audio lasts {duration:.1f} s, longer than {self.settings.max_audio_seconds:.0f} s"
-            )
         objects = self.ports.objects
         existed = False
         try:

@@ -29,7 +29,13 @@ from typing import Any
 
 from riffloop.core import ConfigurationError, NotFoundError, PermanentError, ValidationError
 from riffloop.loop import GateReport, ModelRecord, ModelRegistry, OfflineGate, VersionStatus
-from riffloop.runtime import LatentRecord, ModelStore, ServiceSettings, metrics
+from riffloop.runtime import (
+    MODEL_CONSTRUCTION_LOCK,
+    LatentRecord,
+    ModelStore,
+    ServiceSettings,
+    metrics,
+)
 from riffloop.v1 import common_pb2, events_pb2
 from riffloop.v1 import trainer_service_pb2 as pb
 from riffloop.v1 import trainer_service_pb2_grpc as pb_grpc
@@ -113,13 +119,14 @@ class TrainerCore:
             return str(current["version"])
         from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
 
-        if self.settings.base_model_dir:
-            model = MusicDiffusion.from_pretrained(self.settings.base_model_dir)
-            model.version = "v0001"
-        else:
-            config = ModelConfig.preset(self.settings.base_preset)
-            mel = MelConfig(n_mels=config.resolution, x_res=config.resolution)
-            model = MusicDiffusion.create(config, mel, version="v0001")
+        with MODEL_CONSTRUCTION_LOCK:
+            if self.settings.base_model_dir:
+                model = MusicDiffusion.from_pretrained(self.settings.base_model_dir)
+                model.version = "v0001"
+            else:
+                config = ModelConfig.preset(self.settings.base_preset)
+                mel = MelConfig(n_mels=config.resolution, x_res=config.resolution)
+                model = MusicDiffusion.create(config, mel, version="v0001")
         model.parent = None
         self._publish(model, trainset_id="", gate=None, action=common_pb2.MODEL_ACTION_PROMOTE)
         return model.version
@@ -241,7 +248,8 @@ class TrainerCore:
             total_steps=settings.finetune_steps,
         )
         try:
-            trainer = Trainer(model, data, config, replay)
+            with MODEL_CONSTRUCTION_LOCK:
+                trainer = Trainer(model, data, config, replay)
             while trainer.step_count < config.total_steps:
                 if self.stopping.is_set():
                     raise PermanentError("trainer stopping; the training set will be redelivered")
@@ -254,7 +262,8 @@ class TrainerCore:
             metrics.TRAINING_FAILURES.inc()
             self._set(state=pb.TRAINER_STATE_IDLE, candidate="")
             raise
-        candidate = trainer.ema_model(version)
+        with MODEL_CONSTRUCTION_LOCK:
+            candidate = trainer.ema_model(version)
         candidate.parent = current
         gate, report = self._gate(model, candidate, replay_images)
         if not gate.passed:

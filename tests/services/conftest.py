@@ -24,9 +24,11 @@ from riffloop.runtime import Ports, ServiceRuntime, TokenSigner
 SECRET = "test-secret-0123456789"
 
 
-def wav_bytes(seconds: float = 2.0, freq: float = 440.0, rate: int = 22050) -> bytes:
+def wav_bytes(
+    seconds: float = 2.0, freq: float = 440.0, rate: int = 22050, amplitude: float = 0.3
+) -> bytes:
     t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * freq * t)).astype("float32")
+    samples = (amplitude * np.sin(2 * np.pi * freq * t)).astype("float32")
     buffer = io.BytesIO()
     soundfile.write(buffer, samples, rate, format="WAV", subtype="PCM_16")
     return buffer.getvalue()

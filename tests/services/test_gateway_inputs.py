@@ -21,7 +21,7 @@ from tests.services.conftest import Running, shared_ports, start_service, wait_f
 pytestmark = pytest.mark.contract
 
 Auth = Callable[[str], tuple[tuple[str, str], ...]]
-MAX_UPLOAD = 64 * 1024
+MAX_UPLOAD = 256 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def expect(code: grpc.StatusCode, call: Callable[[], object], reason: str) -> No
 def make_ready_track(
     gateway: Running, stub: pb_grpc.GatewayServiceStub, auth: Auth, user: str
 ) -> str:
-    song = stub.UploadSong(upload(wav_bytes(1.0, 330.0)), metadata=auth(user), timeout=10)
+    song = stub.UploadSong(upload(wav_bytes(2.0, 330.0)), metadata=auth(user), timeout=10)
     response = stub.Generate(
         pb.GenerateRequest(song_ids=[song.song_id], similarity=0.5), metadata=auth(user), timeout=10
     )
@@ -96,9 +96,9 @@ def make_ready_track(
 
 
 def test_upload_generate_and_stream_round_trip(gateway: Running, stub, auth: Auth) -> None:
-    data = wav_bytes(1.0)
+    data = wav_bytes(2.0)
     song = stub.UploadSong(upload(data), metadata=auth("alice"), timeout=10)
-    assert len(song.song_id) == 64 and song.duration_seconds == pytest.approx(1.0, abs=0.01)
+    assert len(song.song_id) == 64 and song.duration_seconds == pytest.approx(2.0, abs=0.01)
     again = stub.UploadSong(upload(data), metadata=auth("alice"), timeout=10)
     assert again.song_id == song.song_id and again.already_existed
     track_id = make_ready_track(gateway, stub, auth, "alice")
@@ -121,7 +121,9 @@ def test_upload_generate_and_stream_round_trip(gateway: Running, stub, auth: Aut
         ("no-metadata", grpc.StatusCode.INVALID_ARGUMENT, "metadata must be the first message"),
         ("empty", grpc.StatusCode.INVALID_ARGUMENT, "no audio bytes"),
         ("oversized", grpc.StatusCode.INVALID_ARGUMENT, f"limit of {MAX_UPLOAD} bytes"),
-        ("corrupt", grpc.StatusCode.INVALID_ARGUMENT, "audio does not decode"),
+        ("corrupt", grpc.StatusCode.INVALID_ARGUMENT, "not a recognised audio file"),
+        ("too-short", grpc.StatusCode.INVALID_ARGUMENT, "at least 1.5 s"),
+        ("silent", grpc.StatusCode.INVALID_ARGUMENT, "silent"),
         ("content-type", grpc.StatusCode.INVALID_ARGUMENT, "is not supported"),
     ],
 )
@@ -129,11 +131,13 @@ def test_bad_uploads_are_refused_with_a_reason(
     stub, auth: Auth, case: str, code: grpc.StatusCode, reason: str
 ) -> None:
     requests = {
-        "no-metadata": lambda: upload(wav_bytes(0.5), metadata_first=False),
+        "no-metadata": lambda: upload(wav_bytes(2.0), metadata_first=False),
         "empty": lambda: upload(b""),
         "oversized": lambda: upload(b"\0" * (MAX_UPLOAD + 1)),
         "corrupt": lambda: upload(b"RIFF" + b"\x13" * 5000),
-        "content-type": lambda: upload(wav_bytes(0.5), content_type="text/html"),
+        "content-type": lambda: upload(wav_bytes(2.0), content_type="text/html"),
+        "too-short": lambda: upload(wav_bytes(0.5)),
+        "silent": lambda: upload(wav_bytes(2.0, amplitude=0.0)),
     }[case]
     expect(code, lambda: stub.UploadSong(requests(), metadata=auth("bob"), timeout=10), reason)
 
@@ -216,7 +220,7 @@ def test_track_and_feedback_errors(gateway: Running, stub, auth: Auth) -> None:
 
 
 def test_pending_track_cannot_be_streamed_or_rated(stub, auth: Auth) -> None:
-    song = stub.UploadSong(upload(wav_bytes(0.7, 550.0)), metadata=auth("fay"), timeout=10)
+    song = stub.UploadSong(upload(wav_bytes(2.0, 550.0)), metadata=auth("fay"), timeout=10)
     response = stub.Generate(pb.GenerateRequest(song_ids=[song.song_id]), metadata=auth("fay"))
     track = stub.GetTrack(pb.GetTrackRequest(track_id=response.track_id), metadata=auth("fay"))
     assert track.track.status == pb.TRACK_STATUS_PENDING
