@@ -95,5 +95,20 @@ def test_loop_publishes_a_new_model_that_the_generator_serves(
             gen_pb.GeneratorServiceGenerateRequest(song_ids=songs[:1], similarity=1.0), timeout=10
         )
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    # Rollback: the trainer moves CURRENT back to the parent and the generator obeys.
+    from riffloop.v1 import trainer_service_pb2 as tr_pb
+    from riffloop.v1 import trainer_service_pb2_grpc as tr_grpc
+
+    trainer = tr_grpc.TrainerServiceStub(all_services["trainer"].channel)
+    rolled = trainer.Rollback(tr_pb.RollbackRequest(), timeout=30)
+    assert rolled.previous_version >= "v0002" and rolled.version < rolled.previous_version
+    wait_for(
+        lambda: (
+            generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version
+            == rolled.version
+        ),
+        60,
+        "the generator rolling back",
+    )
     for user in users:
         user.close()
