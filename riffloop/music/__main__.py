@@ -95,9 +95,7 @@ def _train(args: argparse.Namespace) -> int:
         if args.init:
             model = MusicDiffusion.from_pretrained(args.init)
         else:
-            model = MusicDiffusion.create(
-                ModelConfig.preset(args.config), seed=args.seed, version=args.version
-            )
+            model = MusicDiffusion.create(ModelConfig.preset(args.config), seed=args.seed)
         config = TrainingConfig(
             total_steps=args.steps or 1,
             batch_size=args.batch_size,
@@ -138,11 +136,95 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    model = export_checkpoint(args.checkpoint, args.out, args.version)
+    if args.parent is None:
+        model = export_checkpoint(args.checkpoint, args.out, args.version)
+    else:
+        parent = None if args.parent == "none" else args.parent
+        model = export_checkpoint(args.checkpoint, args.out, args.version, parent=parent)
     print(
         f"exported {model.version} (parent {model.parent}, "
         f"{model.card['training']['steps']} steps) to {args.out}"
     )
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    """Unconditional DDIM samples from seeded noise vs held-out corpus windows: spectral flatness
+    of the mel images (and Fréchet distance in the quality embedding when one is available),
+    plus a PNG of the samples above held-out windows."""
+    import tempfile
+
+    from riffloop.music._ddim import generate
+    from riffloop.music._quality import (
+        DEFAULT_EMBEDDING_DIR,
+        AudioEmbedding,
+        frechet_distance,
+        spectral_flatness,
+    )
+
+    torch.set_num_threads(args.threads)
+    if args.checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = export_checkpoint(args.checkpoint, Path(tmp) / "m", "evaluated")
+    else:
+        model = MusicDiffusion.from_pretrained(args.model)
+    model.unet.eval()
+    resolution = model.mel.n_mels
+    mel_dir = (
+        Path(args.corpus)
+        if args.corpus
+        else corpus_dir(Path(args.cache) if args.cache else None) / f"mel-{resolution}x{resolution}"
+    )
+    heldout = load_corpus(mel_dir, "heldout")
+    started = time.monotonic()
+    x_T = torch.randn(
+        (args.n, *model.image_shape), generator=torch.Generator().manual_seed(args.seed)
+    )
+    samples = generate(model, x_T, steps=args.steps)
+    seconds = time.monotonic() - started
+    top_db = model.mel.top_db
+    result: dict[str, object] = {
+        "model": model.version,
+        "steps_trained": model.card.get("training", {}).get("steps"),
+        "samples": args.n,
+        "ddim_steps": args.steps,
+        "sampling_seconds": round(seconds, 1),
+        "flatness_samples": round(float(spectral_flatness(samples, top_db=top_db).mean()), 4),
+        "flatness_heldout": round(
+            float(spectral_flatness(heldout.images, top_db=top_db).mean()), 4
+        ),
+    }
+    embedding_dir = Path(args.embedding) if args.embedding else DEFAULT_EMBEDDING_DIR
+    if embedding_dir.exists():
+        embedding = AudioEmbedding.load(embedding_dir)
+        pick = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(1))
+        reference = heldout.images[pick[: max(args.n, 256)]]
+        result["fd_embedding"] = round(
+            frechet_distance(embedding.embed(samples), embedding.embed(reference)), 3
+        )
+    print(json.dumps(result))
+    if args.png:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        cols = 8
+        rows = (args.n + cols - 1) // cols + 1
+        fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.3, rows * 1.3))
+        reference = heldout.images[
+            torch.randperm(len(heldout), generator=torch.Generator().manual_seed(2))[:cols]
+        ]
+        tiles = [*samples, *[None] * ((rows - 1) * cols - args.n), *reference]
+        for ax, tile in zip(axes.flat, tiles, strict=True):
+            ax.axis("off")
+            if tile is not None:
+                ax.imshow(tile[0].numpy(), origin="lower", cmap="magma", vmin=-1, vmax=1)
+        fig.suptitle(
+            f"{model.version}: {args.n} samples ({args.steps} DDIM steps); last row held-out"
+        )
+        fig.savefig(args.png, dpi=80)
+        plt.close(fig)
     return 0
 
 
@@ -180,7 +262,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
     export.add_argument("--version", required=True)
+    export.add_argument("--parent", help="override the recorded parent version ('none': no parent)")
     export.set_defaults(handler=_export)
+
+    evaluate = sub.add_parser("evaluate", help="sample unconditionally and compare to held-out")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="MusicDiffusion folder")
+    source.add_argument("--checkpoint", help="training checkpoint folder (EMA weights)")
+    evaluate.add_argument("--n", type=int, default=16)
+    evaluate.add_argument("--steps", type=int, default=50)
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--threads", type=int, default=1)
+    evaluate.add_argument("--png", help="write a picture of the samples here")
+    evaluate.add_argument("--embedding", help="quality embedding folder (default: assets/)")
+    evaluate.add_argument("--corpus", help="corpus mel folder (default: the cache's)")
+    evaluate.add_argument("--cache", help="cache folder (default: RIFFLOOP_CACHE or ~/.cache)")
+    evaluate.set_defaults(handler=_evaluate)
     return parser
 
 

@@ -30,6 +30,7 @@ data differ from what it is given.
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -111,7 +112,11 @@ class MelDataset:
         return int(self.images.shape[0])
 
     def fingerprint(self) -> str:
-        """sha256 of the images and weights (resume refuses different data)."""
+        """sha256 of the images and weights (resume refuses different data); computed once."""
+        return self._fingerprint
+
+    @functools.cached_property
+    def _fingerprint(self) -> str:
         digest = hashlib.sha256()
         digest.update(str(tuple(self.images.shape)).encode())
         digest.update(self.images.contiguous().numpy().tobytes())
@@ -685,6 +690,13 @@ class Trainer:
         return replace(self.config, **changes)
 
 
+class _Saved:
+    """Marker: keep what the checkpoint recorded."""
+
+
+SAVED = _Saved()
+
+
 def _model_from_state(state: dict[str, Any]) -> MusicDiffusion:
     """The (untrained) model a checkpoint was made with: preset config or saved architecture,
     saved mel and scheduler configs, version and card."""
@@ -710,11 +722,16 @@ def load_checkpoint_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def export_checkpoint(
-    directory: str | os.PathLike[str], out: str | os.PathLike[str], version: str
+    directory: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    version: str,
+    *,
+    parent: str | _Saved | None = SAVED,
 ) -> MusicDiffusion:
     """Write the EMA weights of a checkpoint as a MusicDiffusion folder (LoRA merged), without
-    needing the training data."""
+    needing the training data. ``parent`` overrides the lineage the checkpoint recorded."""
     state = load_checkpoint_state(directory)
+    lineage = state["parent"] if isinstance(parent, _Saved) else parent
     identity = json.loads(state["identity"])
     config = TrainingConfig.from_dict(identity["config"])
     model = _model_from_state(state)
@@ -733,7 +750,7 @@ def export_checkpoint(
         "config": identity["config"],
         "data": json.loads(state["data_manifest"]),
         "replay": json.loads(state["replay_manifest"]),
-        "parent": state["parent"],
+        "parent": lineage,
         "final_loss": losses[-1][1] if losses else None,
         "loss_curve": [[s, round(v, 5)] for s, v in losses],
         "ema": {"decay": config.ema_decay, "updates": int(state["ema_updates"])},
@@ -743,7 +760,7 @@ def export_checkpoint(
         scheduler=model.scheduler,
         mel=model.mel,
         version=version,
-        parent=state["parent"],
+        parent=lineage,
         card=card,
     )
     exported.save_pretrained(out)

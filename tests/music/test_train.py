@@ -173,6 +173,7 @@ def test_every_window_is_seen_once_per_epoch_and_replay_is_mixed_in() -> None:
 # -- training --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss_on_a_learnable_set() -> None:
     data = _data(8, value=0.5)
     config = TrainingConfig(total_steps=60, batch_size=8, learning_rate=3e-3, log_every=10)
@@ -193,6 +194,7 @@ def test_training_lowers_the_loss_on_a_learnable_set() -> None:
         trainer.step()
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path: Path) -> None:
     data = _data(10)
     replay = _data(7, seed=5)
@@ -235,6 +237,7 @@ def test_resume_refuses_other_data_or_config(tmp_path: Path) -> None:
         Trainer.resume(tmp_path / "missing", data)
 
 
+@pytest.mark.slow
 def test_lora_changes_only_adapter_parameters(tmp_path: Path) -> None:
     model = _model()
     base = {k: v.clone() for k, v in model.unet.state_dict().items()}
@@ -288,6 +291,8 @@ def test_export_writes_the_ema_weights_and_lineage(tmp_path: Path) -> None:
     exported = export_checkpoint(tmp_path / "ckpt", tmp_path / "model", "ft-1")
     loaded = MusicDiffusion.from_pretrained(tmp_path / "model")
     assert (loaded.version, loaded.parent) == ("ft-1", "base-v1")
+    relabelled = export_checkpoint(tmp_path / "ckpt", tmp_path / "m2", "base-v0", parent=None)
+    assert relabelled.parent is None and relabelled.card["training"]["parent"] is None
     training = loaded.card["training"]
     assert training["steps"] == 4 and training["data"]["source"] == "test"
     assert training["loss_curve"][-1][0] == 4 and math.isfinite(training["final_loss"])
