@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tiny", action="store_true", help="tiny model and few steps (tests, demos on a laptop)"
     )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for every service to be SERVING",
+    )
     options = parser.parse_args(argv)
     infra = LocalInfra(default_state_dir())
     try:
@@ -31,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
             processes = ServiceProcesses(
                 options.state_dir, addresses.env(), overrides=TINY if options.tiny else None
             )
-            processes.up()
+            processes.up(timeout_s=options.timeout)
             gateway = processes.state.processes["gateway"]
             token = TokenSigner(processes.state.auth_secret).issue("demo")
             print(f"gateway {gateway.target}\ntoken (user demo) {token}")
@@ -43,11 +49,17 @@ def main(argv: list[str] | None = None) -> int:
             for name, line in processes.status().items():
                 print(f"{name:10} {line}")
             for server in infra.status():
-                print(f"{server}")
+                state = "ready" if server.ready else ("alive" if server.alive else "stopped")
+                print(f"{server.name:10} {state} {server.address or ''} ({server.description})")
             return 0
         codes = processes.down()
         infra.stop()
-        print("down: " + ", ".join(f"{n} exit {c}" for n, c in codes.items()))
+        print(
+            "down: "
+            + ", ".join(
+                f"{n} " + (f"exit {c}" if c is not None else "stopped") for n, c in codes.items()
+            )
+        )
         return 0
     except RiffloopError as error:
         print(f"riffloop.stack: {error.reason}", file=sys.stderr)
