@@ -47,7 +47,12 @@ def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, Trai
             stop.wait(2.0)
 
     runtime.add_worker(LoopWorker("trainer-bootstrap", bootstrap))
-    router = EventRouter({"trainset.published.v1": core.on_trainset_published})
+    router = EventRouter(
+        {
+            "trainset.published.v1": core.on_trainset_published,
+            "tracks.scored.v1": core.on_track_scored,
+        }
+    )
     consumer = ConsumerWorker(settings, ports, router)
     runtime.add_worker(DeferredWorker(consumer, base_ready.is_set))
 

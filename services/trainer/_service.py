@@ -28,7 +28,15 @@ from pathlib import Path
 from typing import Any
 
 from riffloop.core import ConfigurationError, NotFoundError, PermanentError, ValidationError
-from riffloop.loop import GateReport, ModelRecord, ModelRegistry, OfflineGate, VersionStatus
+from riffloop.loop import (
+    Canary,
+    CanaryDecision,
+    GateReport,
+    ModelRecord,
+    ModelRegistry,
+    OfflineGate,
+    VersionStatus,
+)
 from riffloop.runtime import (
     MODEL_CONSTRUCTION_LOCK,
     LatentRecord,
@@ -59,6 +67,11 @@ class TrainerSettings(ServiceSettings):
     gate_mode: str = "offline"  # "offline" or "skip"
     gate_samples: int = 16
     gate_steps: int = 20
+    # Watch after promotion (riffloop.loop.Canary statistics on the ratings of each version's
+    # generations): roll back when the new version is significantly worse than its parent.
+    canary_min_ratings: int = 20
+    canary_max_ratings: int = 200
+    canary_alpha: float = 0.05
     torch_threads: int = 1
 
     def _validate(self) -> None:
@@ -69,6 +82,8 @@ class TrainerSettings(ServiceSettings):
             )
         if self.gate_mode not in ("offline", "skip"):
             raise ConfigurationError("RIFFLOOP_GATE_MODE must be offline or skip")
+        if self.canary_min_ratings < 2 or not 0 < self.canary_alpha < 1:
+            raise ConfigurationError("RIFFLOOP_CANARY_MIN_RATINGS ≥ 2, 0 < _CANARY_ALPHA < 1")
         if not 0 <= self.replay_ratio < 1:
             raise ConfigurationError("RIFFLOOP_REPLAY_RATIO must lie in [0, 1)")
         if self.base_model_dir and not Path(self.base_model_dir).is_dir():
@@ -103,6 +118,10 @@ class TrainerCore:
         self.lock = threading.Lock()
         self.status = Status()
         self.stopping = threading.Event()
+        # (parent, candidate) under watch since the candidate's promotion, and the latest score
+        # of every generated track of either: track → (version, R).
+        self.watch: tuple[str, str] | None = None
+        self.watch_scores: dict[str, tuple[str, float]] = {}
 
     def _set(self, **changes: Any) -> None:
         with self.lock:
@@ -128,10 +147,12 @@ class TrainerCore:
                 mel = MelConfig(n_mels=config.resolution, x_res=config.resolution)
                 model = MusicDiffusion.create(config, mel, version="v0001")
         model.parent = None
-        self._publish(model, trainset_id="", gate=None, action=common_pb2.MODEL_ACTION_PROMOTE)
+        self.publish_version(
+            model, trainset_id="", gate=None, action=common_pb2.MODEL_ACTION_PROMOTE
+        )
         return model.version
 
-    def _publish(
+    def publish_version(
         self, model: Any, *, trainset_id: str, gate: Any, action: Any, report: Any = None
     ) -> str:
         self._set(state=pb.TRAINER_STATE_PUBLISHING)
@@ -150,6 +171,8 @@ class TrainerCore:
             if report is not None:
                 self.registry.gate(model.version, report)
             self.registry.promote(model.version)
+            with self.lock:
+                self.watch, self.watch_scores = (model.parent, model.version), {}
         self.store.set_current(model.version, model.parent or "")
         return self._announce(
             model.version, model.parent or "", trainset_id, gate, action, checkpoint
@@ -282,7 +305,7 @@ class TrainerCore:
             _log.info("candidate rejected", extra={"model_version": version, "why": gate.summary})
             return
         self._set(gate=gate)
-        self._publish(
+        self.publish_version(
             candidate,
             trainset_id=event.trainset_id,
             gate=gate,
@@ -322,6 +345,50 @@ class TrainerCore:
 
     # -- control ------------------------------------------------------------------------------
 
+    def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
+        """Canary watch: compare the new version's generations with its parent's, roll back a
+        significantly worse one (one-sided Mann-Whitney on per-track R, ``Canary.decide``)."""
+        scored = envelope.track_scored
+        prov = scored.provenance
+        with self.lock:
+            watch = self.watch
+            if watch is None or prov.kind != common_pb2.TRACK_KIND_GENERATED:
+                return
+            if prov.model_version not in watch or scored.rating_count < 1:
+                return
+            self.watch_scores[scored.track_id] = (prov.model_version, float(scored.mean_rating))
+            parent, candidate = watch
+            canary = Canary(
+                parent,
+                candidate,
+                alpha=self.settings.canary_alpha,
+                min_ratings=self.settings.canary_min_ratings,
+                max_ratings=self.settings.canary_max_ratings,
+            )
+            for version, score in self.watch_scores.values():
+                canary.record(version, score)
+        verdict = canary.decide()
+        if verdict.decision is CanaryDecision.CONTINUE:
+            return
+        with self.lock:
+            if self.watch != watch:
+                return  # another decision or promotion happened meanwhile
+            self.watch = None
+        _log.info(
+            "canary decided",
+            extra={
+                "decision": str(verdict.decision),
+                "model_version": candidate,
+                "p_worse": verdict.p_worse,
+                "mean_candidate": verdict.mean_candidate,
+                "mean_current": verdict.mean_current,
+            },
+        )
+        if verdict.decision is CanaryDecision.ROLLBACK:
+            current = self.store.current() or {}
+            if current.get("version") == candidate:
+                self.rollback(parent)
+
     def promote(self, version: str) -> str:
         record = self.registry.get(version)  # NotFoundError for an unknown version
         if record.status not in (
@@ -359,6 +426,8 @@ class TrainerCore:
             self.registry.promote(target)
         self.store.set_current(target, self.registry.get(target).parent or "")
         metrics.MODEL_ROLLBACKS.inc()
+        with self.lock:
+            self.watch = None
         event_id = self._announce(
             target,
             self.registry.get(target).parent or "",
