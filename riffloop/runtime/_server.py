@@ -104,8 +104,17 @@ class DeferredWorker:
             self.inner.stop(timeout_s)
 
 
+LIVENESS = "liveness"
+"""Health entry for startup and liveness probes: SERVING while the process serves, whatever its
+dependencies say, so a Kafka outage marks pods unready instead of restarting all of them at once."""
+
+
 class Readiness:
-    """Per-dependency readiness driving the gRPC health status and a gauge."""
+    """Per-dependency readiness driving the gRPC health status and a gauge.
+
+    The overall entry ``""`` (and each service name) is SERVING only when every dependency check
+    passes and the process is not draining; the ``liveness`` entry stays SERVING throughout.
+    """
 
     def __init__(
         self,
@@ -120,6 +129,7 @@ class Readiness:
         self._state: dict[str, bool] = {}
         self._draining = False
         self._lock = threading.Lock()
+        health_servicer.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         self._publish()
 
     def add_check(self, dependency: str, check: Callable[[], bool]) -> None:
