@@ -58,6 +58,7 @@ __all__ = [
     "Trainer",
     "TrainingConfig",
     "TrainingReport",
+    "apply_adapter",
     "export_checkpoint",
     "min_snr_weights",
     "weighted_diffusion_loss",
@@ -65,6 +66,7 @@ __all__ = [
 
 CHECKPOINT_FILE = "trainer_state.pt"
 CHECKPOINT_FORMAT = 1
+ADAPTER_CARD_FILE = "adapter_card.json"
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -686,8 +688,53 @@ class Trainer:
         """Save the EMA model as a MusicDiffusion folder."""
         return self.ema_model(version).save_pretrained(directory)
 
+    def save_adapter(self, directory: str | os.PathLike[str]) -> Path:
+        """LoRA runs: save only the EMA adapter weights in peft's layout
+        (``adapter_config.json`` + ``adapter_model.safetensors``, a few hundred kB) and an
+        ``adapter_card.json`` with the lineage; :func:`apply_adapter` merges it into its parent."""
+        if self._peft is None:
+            raise ConflictError("save_adapter needs a LoRA run (TrainingConfig.lora)")
+        wrapper = copy.deepcopy(self._peft)
+        params = dict(wrapper.named_parameters())
+        with torch.no_grad():
+            for name, tensor in self.ema.items():
+                params["base_model.model." + name].copy_(tensor)
+        folder = Path(directory)
+        wrapper.save_pretrained(folder)
+        card = {"parent": self.parent, "training": self.manifest()}
+        (folder / ADAPTER_CARD_FILE).write_text(json.dumps(card, indent=1, sort_keys=True) + "\n")
+        return folder
+
     def with_config(self, **changes: Any) -> TrainingConfig:
         return replace(self.config, **changes)
+
+
+def apply_adapter(
+    model: MusicDiffusion, directory: str | os.PathLike[str], version: str
+) -> MusicDiffusion:
+    """Merge a saved LoRA adapter into a copy of its parent model (W ← W + (α/r)·B·A)."""
+    from peft import PeftModel
+
+    folder = Path(directory)
+    card_path = folder / ADAPTER_CARD_FILE
+    if not card_path.exists():
+        raise NotFoundError(f"no adapter at {folder}")
+    card = json.loads(card_path.read_text())
+    if card.get("parent") != model.version:
+        raise ConflictError(
+            f"adapter was trained on {card.get('parent')!r}, not on {model.version!r}"
+        )
+    wrapper = PeftModel.from_pretrained(copy.deepcopy(model.unet), folder)
+    unet = wrapper.merge_and_unload()
+    unet.eval()
+    return MusicDiffusion(
+        unet=unet,
+        scheduler=copy.deepcopy(model.scheduler),
+        mel=model.mel,
+        version=version,
+        parent=model.version,
+        card={**model.card, "training": card["training"]},
+    )
 
 
 class _Saved:

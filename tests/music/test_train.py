@@ -18,6 +18,7 @@ from riffloop.music import (
     MusicDiffusion,
     Trainer,
     TrainingConfig,
+    apply_adapter,
     export_checkpoint,
     min_snr_weights,
     weighted_diffusion_loss,
@@ -240,6 +241,9 @@ def test_resume_refuses_other_data_or_config(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_lora_changes_only_adapter_parameters(tmp_path: Path) -> None:
     model = _model()
+    model.version = "base-v1"
+    parent = MusicDiffusion.create(ModelConfig.preset("tiny"), TINY_MEL, seed=3)
+    parent.version = "base-v1"
     base = {k: v.clone() for k, v in model.unet.state_dict().items()}
     config = TrainingConfig(
         total_steps=6, batch_size=4, learning_rate=1e-2, lora=LoraSettings(rank=2, alpha=2)
@@ -279,6 +283,16 @@ def test_lora_changes_only_adapter_parameters(tmp_path: Path) -> None:
     exported = export_checkpoint(tmp_path / "ckpt", tmp_path / "model", "ft-1")
     for name, tensor in exported.unet.state_dict().items():
         assert torch.allclose(tensor, merged.unet.state_dict()[name], atol=1e-6), name
+    # The adapter alone, merged into an untouched copy of the parent, gives the same network.
+    trainer.save_adapter(tmp_path / "adapter")
+    applied = apply_adapter(parent, tmp_path / "adapter", "ft-1")
+    assert (applied.version, applied.parent) == ("ft-1", "base-v1")
+    for name, tensor in applied.unet.state_dict().items():
+        assert torch.allclose(tensor, merged.unet.state_dict()[name], atol=1e-6), name
+    other = _model(seed=4)
+    other.version = "base-v2"
+    with pytest.raises(ConflictError, match="base-v1"):
+        apply_adapter(other, tmp_path / "adapter", "ft-1")
 
 
 def test_export_writes_the_ema_weights_and_lineage(tmp_path: Path) -> None:
