@@ -271,6 +271,7 @@ class MusicDiffusion:
         target = Path(directory)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model folder is for everyone to read
         self.unet.save_pretrained(tmp / "unet", safe_serialization=True)
         self.scheduler.save_pretrained(tmp / "scheduler")
         if self.vqvae is not None:
