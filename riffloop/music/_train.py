@@ -41,7 +41,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -526,7 +526,7 @@ class Trainer:
         return self._peft.get_base_model() if self._peft is not None else self.model.unet
 
     def state_dict(self) -> dict[str, Any]:
-        np_state = np.random.get_state()
+        np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
         return {
             "format": CHECKPOINT_FORMAT,
             "identity": json.dumps(self._identity(), sort_keys=True),

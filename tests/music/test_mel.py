@@ -104,9 +104,12 @@ def test_round_trip_keeps_the_spectral_shape() -> None:
         again = codec.audio_to_images(audio.reshape(-1))
         before, after = _band_profile(images), _band_profile(again)
         for a, b in zip(before, after, strict=True):
-            assert np.corrcoef(a, b)[0, 1] > 0.9
-            # The strongest band survives Griffin-Lim within one mel band.
-            assert abs(int(a.argmax()) - int(b.argmax())) <= 1
+            # In power (where the partials dominate) the band profiles agree; in dB the
+            # Griffin-Lim phase error lifts the −80 dB floor, so compare power.
+            power_a, power_b = 10 ** (4 * (a + 1)), 10 ** (4 * (b + 1))  # 10^(dB/10)·const
+            assert np.corrcoef(power_a, power_b)[0, 1] > 0.95
+            # The three strongest bands (the partials) survive Griffin-Lim.
+            assert set(np.argsort(a)[-3:]) == set(np.argsort(b)[-3:])
 
 
 def test_round_trip_distinguishes_different_sounds() -> None:
