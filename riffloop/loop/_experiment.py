@@ -23,6 +23,7 @@ Nothing here sees the listeners' hidden tastes except the evaluation column "hid
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -338,8 +339,13 @@ class LoopExperiment:
                     plan.start_step,
                     _constant(sample_id),
                 )
-                # the same request in two arms must not collide: the arm is part of the track id
-                prov = replace(prov, track_id=f"{arm.name[0]}{iteration}-{prov.track_id[:12]}")
+                # the same request in two arms, or under two model versions of one arm (a canary
+                # that hands the iteration back to the parent), must not collide: the arm and the
+                # model version are part of the track id (the generation seed is not: CRN)
+                version_tag = hashlib.sha256(arm.model.version.encode()).hexdigest()[:4]
+                prov = replace(
+                    prov, track_id=f"{arm.name[0]}{iteration}-{version_tag}-{prov.track_id[:12]}"
+                )
                 if prov.kind is TrackKind.BASELINE:
                     image = self.pool_images[int(sample_id.split("-")[1])].unsqueeze(0)
                 else:

@@ -50,6 +50,9 @@ def test_six_processes_close_the_loop(service_stack) -> None:
     songs = [users[0].upload_song(wav_bytes(2.0, f)).song_id for f in freqs]
 
     kinds: dict[str, str] = {}
+    # The selector keeps a generation only if it beats the baseline *of its own input merge*, and
+    # dispatch is a coin flip per request: go on until some input has both kinds, not just the run.
+    kinds_by_input: dict[frozenset[str], set[str]] = {}
     gen_url = f"http://127.0.0.1:{procs['generator'].metrics_port}/metrics"
     for round_ in range(40):
         user = users[round_ % len(users)]
@@ -61,11 +64,12 @@ def test_six_processes_close_the_loop(service_stack) -> None:
         after_baseline = _metric(gen_url, "riffloop_tracks_generated_total", kind="baseline")
         kind = "baseline" if after_baseline > before_baseline else "generated"
         kinds[track_id] = kind
+        kinds_by_input.setdefault(frozenset(pair), set()).add(kind)
         user.report_listen(track_id, info.duration_seconds, completed=True)
         user.rate(track_id, rng.choice((4, 5)) if kind == "generated" else rng.choice((1, 2)))
-        if round_ >= 11 and {"generated", "baseline"} <= set(kinds.values()):
+        if round_ >= 11 and any(k == {"generated", "baseline"} for k in kinds_by_input.values()):
             break
-    assert {"generated", "baseline"} <= set(kinds.values()), kinds
+    assert any(k == {"generated", "baseline"} for k in kinds_by_input.values()), kinds
 
     selector = sel_grpc.SelectorServiceStub(grpc.insecure_channel(procs["selector"].target))
     wait_for(
