@@ -492,9 +492,11 @@ class LoopExperiment:
         result = LoopResult(cfg)
         self.timings = result.timings
         started = time.monotonic()
+        # the listener population first: a bad --n-listeners / --spam-share fails before minutes
+        # of preparation (inversion of every input) are spent
+        listeners = self.factory(cfg.n_listeners, cfg.spam_share, cfg.seed)
         self._prepare()
         base = self.world.model
-        listeners = self.factory(cfg.n_listeners, cfg.spam_share, cfg.seed)
         shared = _Arm("selected", base, listeners, FeedbackLedger())
 
         # iteration 0, shared by both arms
