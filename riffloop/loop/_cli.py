@@ -9,7 +9,13 @@ from pathlib import Path
 
 from riffloop.core import RiffloopError
 from riffloop.loop._experiment import DEFAULT_MODEL_DIR, LoopConfig, LoopExperiment, load_world
-from riffloop.loop._report import format_table, write_evidence, write_result
+from riffloop.loop._report import (
+    format_table,
+    read_result,
+    save_run,
+    write_evidence,
+    write_result,
+)
 
 
 def _config_args(p: argparse.ArgumentParser) -> None:
@@ -73,10 +79,16 @@ def evidence(argv: list[str] | None = None) -> int:
             family = spec.split(":")[-1].removesuffix("_listeners")
             for seed in range(ns.seeds):
                 config = replace(_config(ns, seed), listeners=spec)
+                stem = f"{family}-seed{seed}"
+                done = read_result(ns.out / "runs" / f"{stem}.csv", config)
+                if done is not None:  # finished earlier with this exact config: resume past it
+                    print(f"== {family} seed {seed}: reusing {ns.out / 'runs' / stem}.csv")
+                    results[(family, seed)] = done
+                    continue
                 world = load_world(config, ns.model)
                 print(f"== {family} seed {seed}", flush=True)
                 res = LoopExperiment(config, world, progress=lambda s: print(s, flush=True)).run()
-                write_result(res, ns.out / "runs", stem=f"{family}-seed{seed}")
+                save_run(res, ns.out / "runs", stem=stem)
                 results[(family, seed)] = res
     except RiffloopError as exc:
         print(f"evidence: {exc.reason}", file=sys.stderr)

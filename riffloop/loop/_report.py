@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from riffloop.loop._experiment import IterationRow, LoopResult
+from riffloop.loop._experiment import IterationRow, LoopConfig, LoopResult
 
 
 def _f(x: float, digits: int = 2, sign: bool = False) -> str:
@@ -103,6 +103,39 @@ def write_rows(rows: Sequence[IterationRow], path: Path, extra: dict[str, object
         w.writeheader()
         for r in rows:
             w.writerow({**extra, **asdict(r)})
+
+
+def read_result(csv_path: Path, config: LoopConfig) -> LoopResult | None:
+    """A finished run saved by `save_run`, or None when absent or made with another config.
+
+    The evidence command resumes from these, so a stopped multi-hour run loses one cell at most.
+    """
+    sidecar = csv_path.with_suffix(".run.json")
+    if not (csv_path.exists() and sidecar.exists()):
+        return None
+    saved = json.loads(sidecar.read_text())
+    if saved.get("config") != asdict(config):
+        return None
+    kinds = {f.name: str(getattr(f.type, "__name__", f.type)) for f in fields(IterationRow)}
+    rows = []
+    with csv_path.open(newline="") as fh:
+        for raw in csv.DictReader(fh):
+            values: dict[str, object] = {}
+            for name, kind in kinds.items():
+                text = raw[name]
+                values[name] = int(text) if kind == "int" else float(text) if kind == "float" else text
+            rows.append(IterationRow(**values))  # type: ignore[arg-type]
+    return LoopResult(config, rows, dict(saved.get("timings", {})))
+
+
+def save_run(result: LoopResult, out_dir: Path, stem: str) -> dict[str, Path]:
+    """`write_result` plus the config and timings beside the CSV, for `read_result`."""
+    paths = write_result(result, out_dir, stem)
+    sidecar = paths["csv"].with_suffix(".run.json")
+    sidecar.write_text(
+        json.dumps({"config": asdict(result.config), "timings": result.timings}, indent=1) + "\n"
+    )
+    return {**paths, "run": sidecar}
 
 
 def paired_interval(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:

@@ -7,7 +7,7 @@ import pytest
 
 from riffloop.loop import IterationRow, LoopConfig, LoopResult, format_table, paired_interval
 from riffloop.loop._cli import main
-from riffloop.loop._report import write_evidence
+from riffloop.loop._report import read_result, save_run, write_evidence
 
 pytestmark = pytest.mark.unit
 
@@ -62,3 +62,14 @@ def test_table_and_paired_evidence(tmp_path: Path) -> None:
     assert "| bright | 3 | +0.30" in md.read_text()
     assert (tmp_path / "evidence.csv").read_text().count("\n") == 1 + 3 * 4
     assert (tmp_path / "evidence.png").stat().st_size > 1000
+
+
+def test_saved_run_resumes_only_with_the_same_config(tmp_path: Path) -> None:
+    res = _result(1, 0.3, 0.1)
+    res.timings["total"] = 12.5
+    paths = save_run(res, tmp_path, "bright-seed1")
+    again = read_result(paths["csv"], LoopConfig(seed=1))
+    assert again is not None
+    assert again.rows == res.rows and again.timings["total"] == 12.5
+    assert read_result(paths["csv"], LoopConfig(seed=2)) is None  # another config: rerun
+    assert read_result(tmp_path / "absent.csv", LoopConfig(seed=1)) is None
