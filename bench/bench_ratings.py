@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     env = addresses.env()
     env["RIFFLOOP_REDIS_URL"] = env["RIFFLOOP_REDIS_URL"].rstrip("/") + "/9"
     run = uuid.uuid4().hex[:8]
+    # Fresh topics per run: a new consumer group starts at the earliest offset, and on shared
+    # topics the feedback service would first re-read every earlier run's ratings.
+    env["RIFFLOOP_KAFKA_TOPIC_PREFIX"] = f"bench-{run}."
     overrides = {
         "gateway": {
             "RIFFLOOP_SERVICE_NAME": f"gateway-b{run}",
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     stack = ServiceProcesses(tmp / "stack", env, overrides=overrides)
     try:
         stack.up(("feedback", "gateway"))
-        settings = Settings.from_env(addresses.env())
+        settings = Settings.from_env(env)
         bus = KafkaEventBus.from_settings(settings)
         objects = S3ObjectStore.from_settings(settings)
         wav = io.BytesIO()

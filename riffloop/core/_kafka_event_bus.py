@@ -88,6 +88,7 @@ class KafkaEventBus(EventBus):
         replication_factor: int = 1,
         request_timeout_s: float = 15.0,
         session_timeout_ms: int = 10_000,
+        topic_prefix: str = "",
     ) -> None:
         if not bootstrap:
             raise ValidationError("Kafka bootstrap servers must be given (host:port)")
@@ -97,6 +98,9 @@ class KafkaEventBus(EventBus):
         self._replication_factor = replication_factor
         self._request_timeout_s = request_timeout_s
         self._session_timeout_ms = session_timeout_ms
+        # Callers always see logical names ("feedback.received.v1"); only the broker sees the
+        # prefixed ones. validate_topic checks the combined name fits Kafka's rules.
+        self._prefix = topic_prefix
         self._producer: KafkaProducer | None = None
         self._known_topics: set[str] = set()
         self._lock = threading.Lock()
@@ -108,7 +112,11 @@ class KafkaEventBus(EventBus):
             client_id=settings.service_name,
             partitions=settings.kafka_partitions,
             replication_factor=settings.kafka_replication_factor,
+            topic_prefix=settings.kafka_topic_prefix,
         )
+
+    def _physical(self, topic: str) -> str:
+        return validate_topic(self._prefix + validate_topic(topic))
 
     # -- admin --------------------------------------------------------------------------------
 
@@ -133,7 +141,7 @@ class KafkaEventBus(EventBus):
     def ensure_topics(self, topics: Iterable[str], *, partitions: int | None = None) -> None:
         from kafka.errors import TopicAlreadyExistsError
 
-        wanted = [validate_topic(t) for t in topics]
+        wanted = [self._physical(t) for t in topics]
         count = self._partitions if partitions is None else partitions
         if count < 1:
             raise ValidationError("a topic needs at least one partition")
@@ -164,7 +172,7 @@ class KafkaEventBus(EventBus):
         self.ensure_topics(all_topics(with_dlq=True))
 
     def topic_exists(self, topic: str) -> bool:
-        validate_topic(topic)
+        topic = self._physical(topic)
         with self._lock:
             if topic in self._known_topics:
                 return True
@@ -214,7 +222,7 @@ class KafkaEventBus(EventBus):
 
         def send() -> Published:
             future = producer.send(
-                topic,
+                self._physical(topic),
                 value=bytes(value),
                 key=key.encode(),
                 headers=[(k, v.encode()) for k, v in clean.items()],
@@ -249,10 +257,12 @@ class KafkaEventBus(EventBus):
                     int(self._request_timeout_s * 1000), self._session_timeout_ms + 5000
                 ),
             )
-            consumer.subscribe(list(topics))
+            consumer.subscribe([self._physical(t) for t in topics])
             return consumer
 
-        return _KafkaSubscription(_kafka_call(f"subscribe {group}", make), tuple(topics))
+        return _KafkaSubscription(
+            _kafka_call(f"subscribe {group}", make), tuple(topics), self._prefix
+        )
 
     def ping(self) -> None:
         self._admin_call("list topics", lambda admin: admin.list_topics())
@@ -265,9 +275,10 @@ class KafkaEventBus(EventBus):
 
 
 class _KafkaSubscription(Subscription):
-    def __init__(self, consumer: KafkaConsumer, topics: tuple[str, ...]) -> None:
+    def __init__(self, consumer: KafkaConsumer, topics: tuple[str, ...], prefix: str = "") -> None:
         self._consumer = consumer
         self._topics = topics
+        self._prefix = prefix
         self._closed = False
 
     def poll(self, timeout_s: float, max_records: int = 100) -> list[Message]:
@@ -290,7 +301,7 @@ class _KafkaSubscription(Subscription):
                 for record in records:
                     out.append(
                         Message(
-                            topic=record.topic,
+                            topic=record.topic[len(self._prefix) :],
                             partition=int(record.partition),
                             offset=int(record.offset),
                             key=(record.key or b"").decode("utf-8", "replace"),
@@ -310,7 +321,7 @@ class _KafkaSubscription(Subscription):
         from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
 
-        tp = TopicPartition(message.topic, message.partition)
+        tp = TopicPartition(self._prefix + message.topic, message.partition)
         if tp not in self._consumer.assignment():
             raise TransientError(
                 f"cannot commit {message.topic}[{message.partition}]: partition was reassigned"
@@ -321,7 +332,10 @@ class _KafkaSubscription(Subscription):
         _kafka_call("commit", lambda: self._consumer.commit(offsets))
 
     def assignment(self) -> set[tuple[str, int]]:
-        return {(tp.topic, int(tp.partition)) for tp in self._consumer.assignment()}
+        return {
+            (tp.topic[len(self._prefix) :], int(tp.partition))
+            for tp in self._consumer.assignment()
+        }
 
     def lag(self) -> dict[str, int]:
         def compute() -> dict[str, int]:
@@ -332,7 +346,8 @@ class _KafkaSubscription(Subscription):
             ends = self._consumer.end_offsets(assigned)
             for tp in assigned:
                 committed = self._consumer.committed(tp) or 0
-                out[tp.topic] = out.get(tp.topic, 0) + max(0, int(ends[tp]) - int(committed))
+                topic = tp.topic[len(self._prefix) :]
+                out[topic] = out.get(topic, 0) + max(0, int(ends[tp]) - int(committed))
             return out
 
         return _kafka_call("lag", compute)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import sys
 import typing
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from urllib.parse import urlsplit
 from riffloop.core._errors import ConfigurationError
 
 PREFIX = "RIFFLOOP_"
+_TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _MASK = "****"
 
 Backend = Literal["embedded", "real"]
@@ -51,6 +53,9 @@ class Settings:
     # Topics are created with this many partitions (plus a "<topic>.dlq" twin).
     kafka_partitions: int = 3
     kafka_replication_factor: int = 1
+    # Prepended to every topic name on the broker ("" = none): several Riffloop deployments (or
+    # test stacks) share one Kafka cluster without reading each other's events.
+    kafka_topic_prefix: str = ""
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = secret()
@@ -133,6 +138,11 @@ class Settings:
             _fail("dedupe_ttl_s", f"must be at least 1 second, got {self.dedupe_ttl_s}")
         if not self.service_name or not all(c.isalnum() or c in "-_" for c in self.service_name):
             _fail("service_name", "must be non-empty letters, digits, '-' or '_'")
+        if self.kafka_topic_prefix and not _TOPIC_PREFIX.fullmatch(self.kafka_topic_prefix):
+            _fail(
+                "kafka_topic_prefix",
+                f"must be ≤ 100 letters, digits, '.', '_' or '-', got {self.kafka_topic_prefix!r}",
+            )
         if self.kafka_bootstrap:
             for server in self.kafka_bootstrap.split(","):
                 host, _, port = server.strip().rpartition(":")

@@ -2,8 +2,10 @@
 
 Each test gets its own stack namespace so tests sharing one infra never see each other's state:
 service names (hence Kafka consumer groups and metric labels) carry a random suffix and every
-test uses its own Redis database. Topics and buckets are the fixed ones of the architecture;
-ids are random, so old messages on a topic are foreign ids the handlers dead-letter or ignore.
+test uses its own Redis database and its own Kafka topics (``RIFFLOOP_KAFKA_TOPIC_PREFIX``): a new
+consumer group starts at the earliest offset, so on shared topics a stack would first consume the
+events of every test before it. Buckets are shared; object keys are content-addressed or random.
+A test that talks to Kafka itself builds its settings from ``stack.infra_env``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def service_stack(real_infra, tmp_path: Path) -> Iterator[StackFactory]:  # type
     ) -> ServiceProcesses:
         env = real_infra.env()
         env["RIFFLOOP_REDIS_URL"] = f"{env['RIFFLOOP_REDIS_URL'].rstrip('/')}/{next(_REDIS_DBS)}"
+        env["RIFFLOOP_KAFKA_TOPIC_PREFIX"] = f"e2e-{suffix}."
         overrides: dict[str, dict[str, str]] = {}
         for name in names:
             overrides[name] = {

@@ -1,6 +1,3 @@
-# Runs before test_feedback_recovery.py on purpose (file order): the e2e stacks share the session's
-# topics, and a new consumer group starts at the earliest offset, so a stack started after another
-# test first consumes that test's events. Per-test topic namespaces are the real fix (open).
 """The loop across six service processes on real Kafka, MinIO and Redis (tiny model):
 
 upload three songs through the gateway, request generations until both generations and

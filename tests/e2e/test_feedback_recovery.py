@@ -36,11 +36,9 @@ def _wav() -> bytes:
     return buffer.getvalue()
 
 
-def test_feedback_kill_9_restart_counts_every_accepted_rating_once(
-    service_stack, real_infra
-) -> None:
+def test_feedback_kill_9_restart_counts_every_accepted_rating_once(service_stack) -> None:
     stack = service_stack(("feedback", "gateway"))
-    settings = Settings.from_env(real_infra.env())
+    settings = Settings.from_env(stack.infra_env)  # this test's topic prefix
     bus = KafkaEventBus.from_settings(settings)
     objects = S3ObjectStore.from_settings(settings)
     run = uuid.uuid4().hex[:8]

@@ -302,3 +302,32 @@ def test_list_models_reports_published_versions_and_mean_ratings(
     assert model.version == "v0001" and model.current
     assert model.mean_rating == pytest.approx((4.0 * 3 + 2.0) / 4)
     assert json.loads(ports.kv.hget("gw:models", "v0001"))["parent"] == ""
+
+
+@pytest.mark.unit
+def test_mean_rating_gauge_is_recomputed_at_most_once_per_interval() -> None:
+    from riffloop.core import MemoryKeyValueStore
+    from riffloop.runtime import Ports, metrics
+    from services.gateway._service import GatewayEvents
+
+    now = [100.0]
+    ports = Ports("test", None, None, MemoryKeyValueStore())
+    events = GatewayEvents(ports, gauge_refresh_s=5.0, clock=lambda: now[0])
+    prov = common_pb2.TrackProvenance(kind=common_pb2.TRACK_KIND_GENERATED, model_version="vg1")
+
+    def score(track: str, mean: float) -> None:
+        scored = events_pb2.TrackScored(
+            track_id=track, mean_rating=mean, rating_count=1, provenance=prov
+        )
+        events.on_track_scored(new_envelope("feedback", scored))
+
+    def gauge() -> float:
+        return metrics.MEAN_RATING.labels("vg1")._value.get()
+
+    score("t1", 4.0)
+    assert gauge() == 4.0
+    score("t2", 2.0)  # within the interval: stored, gauge not recomputed yet
+    assert gauge() == 4.0 and ports.kv.hget("gw:scores:vg1:generated", "t2") == "2.0 1"
+    now[0] += 5.0
+    score("t3", 3.0)
+    assert gauge() == pytest.approx(3.0)
