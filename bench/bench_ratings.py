@@ -26,6 +26,7 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import redis
 import soundfile
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -98,7 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         infra = LocalInfra(tmp / "infra")
         addresses = infra.start()
     env = addresses.env()
-    env["RIFFLOOP_REDIS_URL"] = env["RIFFLOOP_REDIS_URL"].rstrip("/") + "/9"
+    # Redis database 9 belongs to this benchmark and starts empty: the feedback service restores
+    # its ledger from Redis at start-up, so an earlier run's ratings would be re-scored too.
+    env["RIFFLOOP_REDIS_URL"] = urllib.parse.urlsplit(env["RIFFLOOP_REDIS_URL"])._replace(
+        path="/9"
+    ).geturl()
+    redis.Redis.from_url(env["RIFFLOOP_REDIS_URL"]).flushdb()
     run = uuid.uuid4().hex[:8]
     # Fresh topics per run: a new consumer group starts at the earliest offset, and on shared
     # topics the feedback service would first re-read every earlier run's ratings.
@@ -171,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         while consumed(fb_metrics, "tracks.ready.v1") < options.ratings:
             time.sleep(0.5)
         signer = TokenSigner(stack.state.auth_secret)
+        print(f"tracks ready; sending {len(jobs)} ratings", file=sys.stderr, flush=True)
         started = time.perf_counter()
         latencies, elapsed, failures = asyncio.run(
             _send(gateway.target, jobs, options.concurrency, signer)

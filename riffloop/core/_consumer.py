@@ -115,6 +115,20 @@ class _Rewind(Exception):
     """Bookkeeping failed: leave the group and rejoin so uncommitted records come back."""
 
 
+@dataclasses.dataclass
+class _Marks:
+    """One polled batch's decoded envelopes and prefetched dedupe/attempts values."""
+
+    envelopes: dict[tuple[str, int, int], events_pb2.Envelope] = dataclasses.field(
+        default_factory=dict
+    )
+    values: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    handled_here: set[str] = dataclasses.field(default_factory=set)
+
+    def read(self, kv: KeyValueStore, key: str) -> str | None:
+        return self.values[key] if key in self.values else kv.get(key)
+
+
 class Consumer:
     """Idempotent consumer loop over an EventBus subscription; see the module docstring."""
 
@@ -208,11 +222,12 @@ class Consumer:
             self._report_lag(subscription)
             done = 0
             finished: dict[tuple[str, int], Message] = {}
+            marks = self._prefetch_marks(batch)
             try:
                 for message in batch:
                     if self._stopping.is_set():
                         break  # left uncommitted: the next owner gets it
-                    if self._process(message) is None:
+                    if self._process(message, marks) is None:
                         break  # stopped during a back-off
                     finished[(message.topic, message.partition)] = message
                     done += 1
@@ -275,20 +290,47 @@ class Consumer:
                 # The partition moved to another member; it will see the dedupe marks and skip.
                 raise _Rewind(str(exc)) from exc
 
-    def _process(self, message: Message) -> Outcome | None:
-        try:
-            envelope = decode_envelope(message.value, message.topic)
-        except ValidationError as exc:
-            log.error("poison record %s[%d]@%d: %s", *_where(message), exc.reason)
-            self._dead_letter(message, None, exc, attempts=1)
-            return self._finish(message, Outcome.DEAD_LETTERED, None)
+    def _prefetch_marks(self, batch: Sequence[Message]) -> _Marks:
+        """Every record's dedupe and attempts values in ONE round trip (steps 2 and 3 read them).
+
+        Per record that saves two of the five key-value round trips, the consumer's main cost
+        (py-spy on the gateway at 200 ratings/s). Only this consumer owns these partitions, so
+        the values stay valid for the batch; an event twice in one batch is caught by
+        ``_Marks.handled_here``.
+        """
+        marks = _Marks()
+        keys: list[str] = []
+        for message in batch:
+            try:
+                envelope = decode_envelope(message.value, message.topic)
+            except ValidationError:
+                continue  # poison: _process dead-letters it
+            marks.envelopes[(message.topic, message.partition, message.offset)] = envelope
+            keys.extend(self._keys(envelope.event_id))
+        if keys:
+            values = self._kv.get_many(keys)
+            for i in range(0, len(keys), 2):
+                marks.values[keys[i]] = values[i]
+                marks.values[keys[i + 1]] = values[i + 1]
+        return marks
+
+    def _process(self, message: Message, marks: _Marks | None = None) -> Outcome | None:
+        marks = marks or _Marks()
+        envelope = marks.envelopes.get((message.topic, message.partition, message.offset))
+        if envelope is None:
+            try:
+                envelope = decode_envelope(message.value, message.topic)
+            except ValidationError as exc:
+                log.error("poison record %s[%d]@%d: %s", *_where(message), exc.reason)
+                self._dead_letter(message, None, exc, attempts=1)
+                return self._finish(message, Outcome.DEAD_LETTERED, None)
 
         dedupe_key, attempts_key = self._keys(envelope.event_id)
-        if self._kv.get(dedupe_key) is not None:
+        if envelope.event_id in marks.handled_here or marks.read(self._kv, dedupe_key) is not None:
             return self._finish(message, Outcome.DUPLICATE, None)
 
         # Tries made by earlier processes that died inside the handler count too.
-        previous = int(self._kv.get(attempts_key) or 0)
+        previous = int(marks.read(self._kv, attempts_key) or 0)
         error: BaseException = TransientError(
             f"the consumer process died while handling this event {previous} time(s)"
         )
@@ -316,6 +358,7 @@ class Consumer:
                     if self._stopping.wait(backoff):
                         return None  # stopping: leave it uncommitted for the next owner
                 continue
+            marks.handled_here.add(envelope.event_id)
             return self._finish(message, Outcome.HANDLED, envelope.event_id)
 
         self._dead_letter(message, envelope, error, attempts=attempt)

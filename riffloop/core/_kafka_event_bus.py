@@ -89,6 +89,7 @@ class KafkaEventBus(EventBus):
         request_timeout_s: float = 15.0,
         session_timeout_ms: int = 10_000,
         topic_prefix: str = "",
+        linger_ms: int = 0,
     ) -> None:
         if not bootstrap:
             raise ValidationError("Kafka bootstrap servers must be given (host:port)")
@@ -101,6 +102,7 @@ class KafkaEventBus(EventBus):
         # Callers always see logical names ("feedback.received.v1"); only the broker sees the
         # prefixed ones. validate_topic checks the combined name fits Kafka's rules.
         self._prefix = topic_prefix
+        self._linger_ms = linger_ms
         self._producer: KafkaProducer | None = None
         self._known_topics: set[str] = set()
         self._lock = threading.Lock()
@@ -113,6 +115,7 @@ class KafkaEventBus(EventBus):
             partitions=settings.kafka_partitions,
             replication_factor=settings.kafka_replication_factor,
             topic_prefix=settings.kafka_topic_prefix,
+            linger_ms=settings.kafka_linger_ms,
         )
 
     def _physical(self, topic: str) -> str:
@@ -201,7 +204,9 @@ class KafkaEventBus(EventBus):
                         client_id=self._client_id,
                         acks="all",
                         enable_idempotence=True,
-                        linger_ms=0,  # publish waits for each ack; batching would only delay
+                        # publish() waits for its ack either way; a short linger lets the
+                        # records of concurrent publishers share one produce request.
+                        linger_ms=self._linger_ms,
                         max_block_ms=int(self._request_timeout_s * 1000),
                         bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
                         request_timeout_ms=int(self._request_timeout_s * 1000),

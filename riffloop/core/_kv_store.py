@@ -17,7 +17,7 @@ import dataclasses
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from riffloop.core._errors import ValidationError
 
@@ -54,6 +54,10 @@ class KeyValueStore(abc.ABC):
     @abc.abstractmethod
     def get(self, key: str) -> str | None: ...
 
+    def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        """``[get(k) for k in keys]`` in one round trip where the adapter can (Redis MGET)."""
+        return [self.get(k) for k in keys]
+
     @abc.abstractmethod
     def set(self, key: str, value: str, *, ttl_s: float | None = None) -> None: ...
 
@@ -66,8 +70,12 @@ class KeyValueStore(abc.ABC):
         """Remove a key (string or hash); True if it existed."""
 
     @abc.abstractmethod
-    def incr(self, key: str, amount: int = 1) -> int:
-        """Add to an integer value (absent = 0); ValidationError if the value is not an integer."""
+    def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
+        """Add to an integer value (absent = 0); ValidationError if the value is not an integer.
+
+        With ``ttl_s``, a key without an expiry (the one this call creates, for a windowed
+        counter) gets ``ttl_s``; a key that already expires keeps its deadline. One round trip.
+        """
 
     @abc.abstractmethod
     def ttl(self, key: str) -> float | None:
@@ -168,15 +176,19 @@ class MemoryKeyValueStore(KeyValueStore):
             del self._data[key]
             return True
 
-    def incr(self, key: str, amount: int = 1) -> int:
+    def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
+        ttl = validate_ttl(ttl_s)
         with self._lock:
             current = self._string(key)
             try:
                 value = (0 if current is None else int(current)) + int(amount)
             except ValueError:
                 raise ValidationError(f"key {key!r} does not hold an integer") from None
-            entry = self._data.get(key)
-            self._data[key] = _Entry(str(value), entry.expires_at if entry else None)
+            entry = self._live(key)
+            expires = entry.expires_at if entry is not None else None
+            if expires is None:  # as PEXPIRE NX: only a key without an expiry gets one
+                expires = self._expiry(ttl)
+            self._data[key] = _Entry(str(value), expires)
             return value
 
     def ttl(self, key: str) -> float | None:

@@ -6,7 +6,7 @@ With Redis Cluster, the dedupe key and the hash keys of one ``apply_once`` must 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from riffloop.core._errors import TransientError, ValidationError
@@ -117,10 +117,30 @@ class RedisKeyValueStore(KeyValueStore):
         removed: Any = self._call(f"DEL {key}", lambda: self._client.delete(key))
         return bool(removed)
 
-    def incr(self, key: str, amount: int = 1) -> int:
+    def get_many(self, keys: Sequence[str]) -> list[str | None]:
+        if not keys:
+            return []
+        for key in keys:
+            validate_kv_key(key)
+        values: Any = self._call(f"MGET {keys[0]}…", lambda: self._client.mget(list(keys)))
+        return [None if v is None else str(v) for v in values]
+
+    def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
         validate_kv_key(key)
-        value: Any = self._call(f"INCRBY {key}", lambda: self._client.incrby(key, int(amount)))
-        return int(value)
+        ttl = validate_ttl(ttl_s)
+        if ttl is None:
+            value: Any = self._call(f"INCRBY {key}", lambda: self._client.incrby(key, int(amount)))
+            return int(value)
+
+        def run() -> Any:
+            # MULTI/EXEC: INCRBY then PEXPIRE NX (Redis ≥ 7) — only a key without expiry gets
+            # one, i.e. the key this INCRBY created (or one set without TTL earlier).
+            pipe = self._client.pipeline(transaction=True)
+            pipe.incrby(key, int(amount))
+            pipe.pexpire(key, _ms(ttl), nx=True)
+            return pipe.execute()[0]
+
+        return int(self._call(f"INCRBY {key} + PEXPIRE", run))
 
     def ttl(self, key: str) -> float | None:
         validate_kv_key(key)

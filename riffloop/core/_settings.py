@@ -56,6 +56,8 @@ class Settings:
     # Prepended to every topic name on the broker ("" = none): several Riffloop deployments (or
     # test stacks) share one Kafka cluster without reading each other's events.
     kafka_topic_prefix: str = ""
+    # Producer linger (ms): concurrent publishes (the gateway's RPC threads) share a request.
+    kafka_linger_ms: int = 0
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = secret()
@@ -138,6 +140,8 @@ class Settings:
             _fail("dedupe_ttl_s", f"must be at least 1 second, got {self.dedupe_ttl_s}")
         if not self.service_name or not all(c.isalnum() or c in "-_" for c in self.service_name):
             _fail("service_name", "must be non-empty letters, digits, '-' or '_'")
+        if not 0 <= self.kafka_linger_ms <= 1000:
+            _fail("kafka_linger_ms", f"must lie in 0–1000, got {self.kafka_linger_ms}")
         if self.kafka_topic_prefix and not _TOPIC_PREFIX.fullmatch(self.kafka_topic_prefix):
             _fail(
                 "kafka_topic_prefix",

@@ -45,8 +45,8 @@ class SlidingWindowLimiter:
         index = math.floor(now / self.window_s)
         fraction = now / self.window_s - index
         current_key = f"{self.prefix}:{key}:{index}"
-        self.kv.set_if_absent(current_key, "0", ttl_s=2 * self.window_s + 1)
-        count = self.kv.incr(current_key)
+        # Two round trips per call: the counter is created with its TTL by the increment itself.
+        count = self.kv.incr(current_key, ttl_s=2 * self.window_s + 1)
         previous = int(self.kv.get(f"{self.prefix}:{key}:{index - 1}") or 0)
         estimate = previous * (1.0 - fraction) + count
         if estimate <= self.burst:

@@ -78,6 +78,37 @@ class TestKeyValueStoreContract:
         with pytest.raises(ValidationError):
             store.incr(text)
 
+    def test_incr_with_ttl_sets_the_expiry_once(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k = key()
+        assert store.incr(k, ttl_s=60) == 1
+        first = store.ttl(k)
+        assert first is not None and 59 < first <= 60
+        assert store.incr(k, 2, ttl_s=600) == 3  # an expiring key keeps its deadline
+        later = store.ttl(k)
+        assert later is not None and later <= first
+        plain = key()
+        store.set(plain, "5")
+        assert store.incr(plain, ttl_s=30) == 6  # a key without expiry gets one (PEXPIRE NX)
+        remaining = store.ttl(plain)
+        assert remaining is not None and 29 < remaining <= 30
+        short = key()
+        store.incr(short, ttl_s=0.2)
+        deadline = time.monotonic() + 3
+        while store.get(short) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert store.get(short) is None
+
+    def test_get_many_keeps_order_and_absences(self, kv_store: KV) -> None:
+        store, key = kv_store
+        a, b, c = key(), key(), key()
+        store.set(a, "1")
+        store.set(c, "3")
+        assert store.get_many([a, b, c]) == ["1", None, "3"]
+        assert store.get_many([]) == []
+        with pytest.raises(ValidationError):
+            store.get_many([a, ""])
+
     def test_hashes(self, kv_store: KV) -> None:
         store, key = kv_store
         k = key()
