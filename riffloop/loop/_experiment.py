@@ -81,8 +81,8 @@ class LoopConfig:
     listeners: str = "riffloop.loop:bright_dense_listeners"
     seed: int = 0
     n_inputs: int = 16  # held-out clips in the input pool
-    n_merges: int = 16  # input merges (pairs of clips)
-    requests_per_merge: int = 6
+    n_merges: int = 8  # input merges (pairs of clips)
+    requests_per_merge: int = 6  # ≈ 1.5 baselines per merge: most inputs get their own R_b
     ratings_per_listener: int = 24  # tracks each listener hears per iteration
     probes_per_listener: int = 2  # re-served baselines (consistency checks)
     baseline_share: float = 0.25

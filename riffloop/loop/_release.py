@@ -39,6 +39,10 @@ class GateReport:
     max_fd_increase: float
     max_diversity_drop: float
     reasons: tuple[str, ...] = ()
+    # Permutation p-values of the FD rise and the diversity drop (NaN: not tested, because the
+    # change stayed within its tolerance).
+    p_fd: float = math.nan
+    p_diversity: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -47,12 +51,16 @@ class GateReport:
 class OfflineGate:
     """Rejects a candidate whose samples moved away from the reference corpus or collapsed:
 
-        FD_cand > (1 + max_fd_increase)·FD_parent          → "frechet_distance"
-        div_cand < (1 − max_diversity_drop)·div_parent      → "diversity"
+        FD_cand > (1 + max_fd_increase)·FD_parent  and  p_FD < α          → "frechet_distance"
+        div_cand < (1 − max_diversity_drop)·div_parent  and  p_div < α    → "diversity"
 
-    Tolerances are relative because FD's scale depends on the embedding; 25 % sits above the
-    run-to-run noise of FD at the sample sizes the demo uses (the base-training floor measured
-    1,500 ± 525, i.e. ±35 % at one σ for 32 clips; use more clips for a tighter gate).
+    Tolerances are relative because FD's scale depends on the embedding. A tolerance alone is
+    not enough: at the sample sizes a loop iteration has (tens of clips) FD's own sampling noise
+    is ±35 % at one σ (base-training floor, 32 clips), so a 25 % rule rejected healthy candidates
+    at random (the first evidence run rejected all 4 fine-tunes of a seed, both arms). So a change
+    beyond the tolerance must also be significant: p is a permutation test that pools parent and
+    candidate samples, relabels them ``permutations`` times (seeded) and counts how often the
+    relabelled rise (FD_B − FD_A, or the drop div_A − div_B) reaches the observed one.
     ``frechet`` defaults to the ML core's ``frechet_distance``; ``diversity`` to the ML core's
     definition (mean pairwise Euclidean distance) on the given embeddings.
     """
@@ -63,9 +71,18 @@ class OfflineGate:
         max_diversity_drop: float = 0.15,
         frechet: EmbeddingMetric | None = None,
         diversity: EmbeddingMetric | None = None,
+        *,
+        alpha: float = 0.05,
+        permutations: int = 99,
+        seed: int = 0,
     ) -> None:
+        if not 0 < alpha < 1 or permutations < 1:
+            raise ValidationError("the gate needs 0 < alpha < 1 and at least one permutation")
         self.max_fd_increase = max_fd_increase
         self.max_diversity_drop = max_diversity_drop
+        self.alpha = alpha
+        self.permutations = permutations
+        self.seed = seed
         if frechet is None:
             from riffloop.music import frechet_distance
 
@@ -90,10 +107,21 @@ class OfflineGate:
         div_p = float(self._diversity(parent))
         div_c = float(self._diversity(candidate))
         reasons = []
+        p_fd = p_div = math.nan
         if fd_c > (1 + self.max_fd_increase) * fd_p:
-            reasons.append("frechet_distance")
+            p_fd = self._permutation_p(
+                parent, candidate, fd_c - fd_p, lambda a, b: self._frechet(reference, b)
+                - self._frechet(reference, a)
+            )
+            if p_fd < self.alpha:
+                reasons.append("frechet_distance")
         if div_c < (1 - self.max_diversity_drop) * div_p:
-            reasons.append("diversity")
+            p_div = self._permutation_p(
+                parent, candidate, div_p - div_c, lambda a, b: self._diversity(a)
+                - self._diversity(b)
+            )
+            if p_div < self.alpha:
+                reasons.append("diversity")
         return GateReport(
             passed=not reasons,
             fd_parent=fd_p,
@@ -103,7 +131,27 @@ class OfflineGate:
             max_fd_increase=self.max_fd_increase,
             max_diversity_drop=self.max_diversity_drop,
             reasons=tuple(reasons),
+            p_fd=p_fd,
+            p_diversity=p_div,
         )
+
+    def _permutation_p(
+        self,
+        parent: np.ndarray,
+        candidate: np.ndarray,
+        observed: float,
+        statistic: Callable[[np.ndarray, np.ndarray], float],
+    ) -> float:
+        """P(statistic(A', B') ≥ observed) over random relabellings of parent ∪ candidate."""
+        pooled = np.concatenate([np.asarray(parent), np.asarray(candidate)])
+        n_a = len(parent)
+        rng = np.random.default_rng(self.seed)
+        hits = 0
+        for _ in range(self.permutations):
+            order = rng.permutation(len(pooled))
+            if float(statistic(pooled[order[:n_a]], pooled[order[n_a:]])) >= observed:
+                hits += 1
+        return (1 + hits) / (1 + self.permutations)
 
 
 # 2. Canary ------------------------------------------------------------------------------------

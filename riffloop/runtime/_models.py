@@ -98,7 +98,12 @@ class ModelStore:
 class ServedModel:
     """The model a process serves, loaded from the store and hot-swapped: the new version is
     loaded aside (requests keep using the old one), then the reference is swapped under a lock;
-    a request holds the reference it got for its whole run, so no request is dropped."""
+    a request holds the reference it got for its whole run, so no request is dropped.
+
+    During a canary a second model (the candidate) is held beside it and ``for_request`` routes
+    a share of requests to it by a hash of the request id (``riffloop.loop.Canary.route``, so
+    every replica and every replay routes a request the same way).
+    """
 
     def __init__(self, store: ModelStore, service: str) -> None:
         self.store = store
@@ -106,6 +111,52 @@ class ServedModel:
         self.lock = threading.Lock()
         self.model: Any = None
         self.loaded_at = 0.0
+        self.canary: tuple[Any, Any] | None = None  # (riffloop.loop.Canary router, candidate)
+
+    def for_request(self, request_id: str) -> Any:
+        """The model this request runs on: the candidate for its canary share, else current."""
+        with self.lock:
+            if self.model is None:
+                raise PermanentError("no model loaded yet; the trainer has not published one")
+            if self.canary is not None:
+                router, candidate = self.canary
+                if router.route(request_id) == router.candidate:
+                    return candidate
+            return self.model
+
+    @property
+    def canary_version(self) -> str | None:
+        with self.lock:
+            return None if self.canary is None else str(self.canary[1].version)
+
+    def start_canary(self, version: str, share: float) -> None:
+        """Load ``version`` aside and route ``share`` of requests to it."""
+        from riffloop.loop import Canary
+
+        current = self.get()
+        if version == current.version or version == self.canary_version:
+            return  # redelivered event: already serving it
+        router = Canary(current.version, version, share=share)  # validates 0 < share < 1
+        candidate = self.store.load(version)
+        candidate.unet.eval()
+        with self.lock:
+            self.canary = (router, candidate)
+        _log.info("canary started", extra={"model_version": version, "share": share})
+
+    def serve_only(self, version: str) -> None:
+        """End any canary and serve ``version`` alone (PROMOTE or ROLLBACK); a promoted
+        candidate is installed as loaded, without reading it again."""
+        with self.lock:
+            canary, self.canary = self.canary, None
+            promoted = canary[1] if canary and canary[1].version == version else None
+            if promoted is not None:
+                self.model, self.loaded_at = promoted, time.time()
+            held = self.model.version if self.model is not None else None
+        if promoted is not None:
+            metrics.set_current_model(self.service, version)
+            _log.info("canary promoted", extra={"model_version": version})
+        elif held != version:
+            self.swap_to(version)
 
     def get(self) -> Any:
         with self.lock:

@@ -30,13 +30,15 @@ from riffloop.core import TransientError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES: tuple[str, ...] = ("trainer", "encoder", "generator", "feedback", "selector", "gateway")
 
-# Settings for a quick stack on a laptop or in a test: tiny model, few steps, gate skipped.
+# Settings for a quick stack on a laptop or in a test: tiny model, few steps, gate skipped, and
+# a new version promoted at once (then watched) instead of a canary that needs 20+ ratings a side.
 TINY: dict[str, dict[str, str]] = {
     "trainer": {
         "RIFFLOOP_BASE_PRESET": "tiny",
         "RIFFLOOP_FINETUNE_STEPS": "4",
         "RIFFLOOP_BATCH_SIZE": "2",
         "RIFFLOOP_GATE_MODE": "skip",
+        "RIFFLOOP_CANARY_SHARE": "0",
     },
     "encoder": {"RIFFLOOP_INVERSION_STEPS": "5"},
     "generator": {"RIFFLOOP_DEFAULT_QUALITY": "5"},

@@ -428,7 +428,8 @@ class GatewayEvents:
                 "published_at": envelope.occurred_at.ToNanoseconds() / 1e9,
             }
             self.ports.kv.hset("gw:models", {event.version: json.dumps(info)})
-        self.ports.kv.set("gw:models:current", event.version)
+        if event.action != common_pb2.MODEL_ACTION_CANARY:  # a canary serves only a share
+            self.ports.kv.set("gw:models:current", event.version)
 
     def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
         scored = envelope.track_scored

@@ -13,8 +13,10 @@ Per request (generation.requested.v1 or the Generate RPC):
    (+ the per-mel-bin mean of the image as the selector's embedding) at
    ``tracks/<track_id>.json``, then tracks.ready.v1.
 
-model.published.v1 → ``ServedModel.swap_to`` (promote or rollback alike): the new version loads
-aside and the reference is swapped under a lock, so in-flight requests finish on the old model.
+model.published.v1 → PROMOTE / ROLLBACK: ``ServedModel.serve_only`` (the new version loads aside
+and the reference is swapped under a lock, so in-flight requests finish on the old model);
+CANARY: ``ServedModel.start_canary`` loads the candidate beside the current model and routes its
+share of requests (hash of the request id) to it until the PROMOTE or ROLLBACK that ends it.
 """
 
 from __future__ import annotations
@@ -160,7 +162,9 @@ class Generator:
         request = validate_request(self.settings, request)
         plan = InjectionPlan.from_similarity(request.similarity, request.quality)
         started = time.perf_counter()
-        model = self.model.get()  # this request keeps this reference through a hot swap
+        # This request keeps this reference through a hot swap; during a canary its request id
+        # decides between the candidate and the current model.
+        model = self.model.for_request(request.request_id)
         records = [self._record(s, self.settings.latent_wait_s) for s in request.song_ids]
         seed = request.seed or self.dispatcher.generation_seed_for(request.request_id)
         picks = [seed % int(r.latents.shape[0]) for r in records]
@@ -266,9 +270,14 @@ class Generator:
         event = envelope.model_published
         if event.action == common_pb2.MODEL_ACTION_UNSPECIFIED:
             raise ValidationError(f"model.published for {event.version} names no action")
-        if self.model.ready and self.model.get().version == event.version:
+        if event.action == common_pb2.MODEL_ACTION_CANARY:
+            if not 0.0 < event.canary_share < 1.0:
+                raise ValidationError(
+                    f"canary for {event.version} needs a share in (0, 1), got {event.canary_share}"
+                )
+            self.model.start_canary(event.version, event.canary_share)
             return
-        self.model.swap_to(event.version)
+        self.model.serve_only(event.version)  # PROMOTE or ROLLBACK: idempotent
 
 
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
@@ -315,4 +324,9 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             parameter_count=int(model.num_parameters()),
         )
         response.loaded_at.FromNanoseconds(int(served.loaded_at * 1e9))
+        with served.lock:
+            canary = served.canary
+        if canary is not None:
+            router, candidate = canary
+            response.canary_version, response.canary_share = candidate.version, router.share
         return response

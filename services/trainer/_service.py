@@ -9,8 +9,14 @@ On trainset.published.v1:
    time so SIGTERM is honoured between chunks.
 3. Gate the EMA candidate with ``riffloop.loop.OfflineGate`` (Fréchet distance and diversity of
    samples from the same x_T vs the real windows) unless ``gate_mode=skip``.
-4. Publish: checkpoint parts, then its pointer, then the registry record, then ``models/CURRENT``
-   (written last), then model.published.v1 (PROMOTE). A failed gate registers a REJECTED version.
+4. Canary (``canary_share`` > 0, the default): checkpoint parts, pointer, registry record
+   (CANARY), then model.published.v1 (CANARY, share): generators serve the candidate to that share
+   of requests, hash-routed by request id, and the parent to the rest. The trainer compares the
+   two versions' per-track ratings (TrackScored) with ``riffloop.loop.Canary`` (one-sided
+   Mann-Whitney): significantly worse → ROLLBACK to the parent (the candidate is ROLLED_BACK);
+   better, or ``canary_max_ratings`` reached without being worse → PROMOTE (``models/CURRENT``
+   moves, written last). With ``canary_share`` = 0 the candidate is promoted at once and the same
+   comparison watches it afterwards. A failed gate registers a REJECTED version.
 
 Promote/Rollback RPCs move the registry and ``models/CURRENT`` and publish model.published.v1.
 At start-up, with no model at all, the trainer publishes the base model (``base_model_dir``, else
@@ -67,8 +73,10 @@ class TrainerSettings(ServiceSettings):
     gate_mode: str = "offline"  # "offline" or "skip"
     gate_samples: int = 16
     gate_steps: int = 20
-    # Watch after promotion (riffloop.loop.Canary statistics on the ratings of each version's
-    # generations): roll back when the new version is significantly worse than its parent.
+    # Canary: the share of requests a gated candidate serves before it is promoted or rolled
+    # back (riffloop.loop.Canary statistics on the ratings of each version's generations);
+    # 0 = promote at once and watch afterwards.
+    canary_share: float = 0.2
     canary_min_ratings: int = 20
     canary_max_ratings: int = 200
     canary_alpha: float = 0.05
@@ -84,6 +92,8 @@ class TrainerSettings(ServiceSettings):
             raise ConfigurationError("RIFFLOOP_GATE_MODE must be offline or skip")
         if self.canary_min_ratings < 2 or not 0 < self.canary_alpha < 1:
             raise ConfigurationError("RIFFLOOP_CANARY_MIN_RATINGS ≥ 2, 0 < _CANARY_ALPHA < 1")
+        if not 0 <= self.canary_share < 1:
+            raise ConfigurationError("RIFFLOOP_CANARY_SHARE must lie in [0, 1)")
         if not 0 <= self.replay_ratio < 1:
             raise ConfigurationError("RIFFLOOP_REPLAY_RATIO must lie in [0, 1)")
         if self.base_model_dir and not Path(self.base_model_dir).is_dir():
@@ -186,6 +196,7 @@ class TrainerCore:
         gate: Any,
         action: Any,
         checkpoint: Any = None,
+        canary_share: float = 0.0,
     ) -> str:
         checkpoint = checkpoint or self.store.checkpoint_ref(version)
         event = events_pb2.ModelPublished(
@@ -194,11 +205,13 @@ class TrainerCore:
             checkpoint=checkpoint.to_proto(),
             trainset_id=trainset_id,
             action=action,
+            canary_share=canary_share,
         )
         if gate is not None:
             event.gate_report.CopyFrom(gate)
         event_id = self.ports.publish("model.published.v1", version, event)
-        metrics.set_current_model("trainer", version)
+        if action != common_pb2.MODEL_ACTION_CANARY:
+            metrics.set_current_model("trainer", version)
         self._set(state=pb.TRAINER_STATE_IDLE, candidate="")
         _log.info("model published", extra={"model_version": version, "action": action})
         return event_id
@@ -305,12 +318,44 @@ class TrainerCore:
             _log.info("candidate rejected", extra={"model_version": version, "why": gate.summary})
             return
         self._set(gate=gate)
+        if self.settings.canary_share > 0:
+            self.start_canary(candidate, trainset_id=event.trainset_id, gate=gate, report=report)
+            return
         self.publish_version(
             candidate,
             trainset_id=event.trainset_id,
             gate=gate,
             action=common_pb2.MODEL_ACTION_PROMOTE,
             report=report,
+        )
+
+    def start_canary(self, model: Any, *, trainset_id: str, gate: Any, report: GateReport) -> str:
+        """Checkpoint, registry (CANARY), then model.published (CANARY): a share of requests."""
+        if not model.parent:
+            raise ValidationError("the base model has no parent to run a canary against")
+        self._set(state=pb.TRAINER_STATE_PUBLISHING)
+        checkpoint = self.store.publish(model)
+        if model.version not in self.registry.versions():
+            self.registry.register(
+                ModelRecord(
+                    version=model.version,
+                    parent=model.parent,
+                    trainset_id=trainset_id or None,
+                    status=VersionStatus.CANDIDATE,
+                    checkpoint_key=self.store.pointer_key(model.version),
+                )
+            )
+        self.registry.gate(model.version, report)  # passed: CANDIDATE → CANARY
+        with self.lock:
+            self.watch, self.watch_scores = (model.parent, model.version), {}
+        return self._announce(
+            model.version,
+            model.parent,
+            trainset_id,
+            gate,
+            common_pb2.MODEL_ACTION_CANARY,
+            checkpoint,
+            canary_share=self.settings.canary_share,
         )
 
     def _gate(self, parent: Any, candidate: Any, reference: Any) -> tuple[Any, GateReport]:
@@ -337,7 +382,7 @@ class TrainerCore:
             metric="frechet_distance",
             current_value=report.fd_parent,
             candidate_value=report.fd_candidate,
-            p_value=1.0,
+            p_value=report.p_fd if report.p_fd == report.p_fd else 1.0,  # NaN: not tested
             sample_count=int(x_t.shape[0]),
             summary=("passed" if report.passed else "failed: " + ", ".join(report.reasons)),
         )
@@ -384,12 +429,33 @@ class TrainerCore:
                 "mean_current": verdict.mean_current,
             },
         )
-        if verdict.decision is CanaryDecision.ROLLBACK:
+        status = self.registry.get(candidate).status
+        if status is VersionStatus.CANARY:  # still a share of traffic: end the canary
+            if verdict.decision is CanaryDecision.PROMOTE:
+                self.promote(candidate, verdict)
+            else:
+                self.abort_canary(candidate, verdict)
+        elif verdict.decision is CanaryDecision.ROLLBACK:  # promoted at once (canary_share 0)
             current = self.store.current() or {}
             if current.get("version") == candidate:
                 self.rollback(parent)
 
-    def promote(self, version: str) -> str:
+    def abort_canary(self, candidate: str, verdict: Any = None) -> str:
+        """The canary lost: mark it ROLLED_BACK and tell generators to drop it (serve the parent)."""
+        record = self.registry.get(candidate)
+        if record.status is not VersionStatus.CANARY or not record.parent:
+            raise PermanentError(f"model {candidate} is {record.status}, not a canary")
+        self.registry.roll_back(candidate, verdict)
+        metrics.MODEL_ROLLBACKS.inc()
+        with self.lock:
+            if self.watch is not None and self.watch[1] == candidate:
+                self.watch = None
+        parent = self.registry.get(record.parent)
+        return self._announce(
+            parent.version, parent.parent or "", "", None, common_pb2.MODEL_ACTION_ROLLBACK
+        )
+
+    def promote(self, version: str, verdict: Any = None) -> str:
         record = self.registry.get(version)  # NotFoundError for an unknown version
         if record.status not in (
             VersionStatus.CANARY,
@@ -397,7 +463,10 @@ class TrainerCore:
             VersionStatus.RETIRED,
         ):
             raise PermanentError(f"model {version} is {record.status}; it cannot be promoted")
-        self.registry.promote(version)
+        self.registry.promote(version, verdict)
+        with self.lock:
+            if self.watch is not None and self.watch[1] == version and verdict is not None:
+                self.watch = None  # the canary decided; a manual promote keeps watching
         self.store.set_current(version, record.parent or "")
         return self._announce(
             version,
@@ -408,6 +477,13 @@ class TrainerCore:
         )
 
     def rollback(self, version: str) -> tuple[str, str, str]:
+        with self.lock:
+            watch = self.watch
+        if watch is not None and version in ("", watch[0]):
+            parent, candidate = watch
+            if self.registry.get(candidate).status is VersionStatus.CANARY:
+                # A running canary is what "roll back" means to an operator: drop it.
+                return parent, candidate, self.abort_canary(candidate)
         current = self.store.current()
         if current is None:
             raise PermanentError("no model is served yet")

@@ -39,6 +39,23 @@ def test_gate_rejects_drift_and_collapse_and_passes_a_similar_model() -> None:
     assert not collapsed.passed and "diversity" in collapsed.reasons
 
 
+def test_gate_tolerates_sampling_noise_that_a_bare_threshold_rejects() -> None:
+    """Parent and candidate drawn from ONE distribution (a model equal to its parent), 16 clips
+    each: FD's noise often exceeds +25 %, the permutation test keeps false rejections near α."""
+    rng = np.random.default_rng(5)
+    ref = rng.normal(size=(64, 8))
+    gate = OfflineGate(frechet=_fd, diversity=_div, permutations=99)
+    bare, rejected = 0, 0
+    for _ in range(40):
+        parent = rng.normal(size=(16, 8)) + 0.3
+        candidate = rng.normal(size=(16, 8)) + 0.3
+        report = gate.evaluate(ref, parent, candidate)
+        bare += report.fd_candidate > 1.25 * report.fd_parent
+        rejected += not report.passed
+    assert bare >= 8  # the old rule alone would have rejected these equal models
+    assert rejected <= 5  # ≈ α·40 = 2 expected (FD and diversity tested: ≤ 2α)
+
+
 def test_canary_rolls_back_a_worse_model_and_promotes_a_better_one() -> None:
     rng = np.random.default_rng(1)
     worse = Canary("v1", "v2", share=0.2, min_ratings=20)

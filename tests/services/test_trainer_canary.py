@@ -1,4 +1,6 @@
-"""The trainer watches a promoted version against its parent and rolls back a worse one."""
+"""The canary: a gated candidate serves a share of requests and is promoted or rolled back from
+its ratings against its parent; a version promoted at once (canary_share 0) is watched the same
+way and rolled back when worse. The generator routes the canary share by request id."""
 
 from __future__ import annotations
 
@@ -17,7 +19,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture
 def trainer() -> Iterator[Running]:
-    running = start_service("trainer", shared_ports(), canary_min_ratings=8)
+    running = start_service(
+        "trainer", shared_ports(), canary_min_ratings=8, canary_max_ratings=12, canary_share=0.25
+    )
     yield running
     running.channel.close()
     running.runtime.stop()
@@ -74,3 +78,131 @@ def test_an_equal_new_version_stays(trainer: Running) -> None:
         core.on_track_scored(_scored(f"p{i}", "v0001", 3.0 + (i % 4) * 0.2))
         core.on_track_scored(_scored(f"c{i}", "v0002", 3.0 + ((i + 1) % 4) * 0.2))
     assert core.store.current()["version"] == "v0002"
+
+
+def _child(core, version: str = "v0002"):  # type: ignore[no-untyped-def]
+    wait_for(lambda: core.store.current() is not None, 60, "the base model")
+    child = core.store.load("v0001")
+    child.version, child.parent = version, "v0001"
+    return child
+
+
+def _published(core) -> list[events_pb2.ModelPublished]:  # type: ignore[no-untyped-def]
+    sub = core.ports.bus.subscribe(f"probe-{len(core.registry.versions())}", ["model.published.v1"])
+    return [decode(m).model_published for m in sub.poll(0.5, 100)]
+
+
+def decode(message):  # type: ignore[no-untyped-def]
+    from riffloop.core import decode_envelope
+
+    return decode_envelope(message.value, message.topic)
+
+
+PASSED = GateReport(True, 1.0, 1.0, 1.0, 1.0, 0.25, 0.15)
+
+
+def test_a_canary_serves_a_share_and_is_promoted_when_not_worse(trainer: Running) -> None:
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-c", gate=None, report=PASSED)
+    assert core.registry.get("v0002").status is VersionStatus.CANARY
+    assert core.store.current()["version"] == "v0001"  # CURRENT moves only on promotion
+    canary = _published(core)[-1]
+    assert canary.action == common_pb2.MODEL_ACTION_CANARY and canary.canary_share == 0.25
+    for i in range(12):  # equal ratings up to canary_max_ratings: do no harm → PROMOTE
+        core.on_track_scored(_scored(f"p{i}", "v0001", 3.0 + (i % 4) * 0.2))
+        core.on_track_scored(_scored(f"c{i}", "v0002", 3.0 + ((i + 1) % 4) * 0.2))
+    assert core.store.current()["version"] == "v0002"
+    record = core.registry.get("v0002")
+    assert record.status is VersionStatus.SERVING and record.canary["decision"] == "promote"
+    assert _published(core)[-1].action == common_pb2.MODEL_ACTION_PROMOTE
+
+
+def test_a_worse_canary_is_rolled_back_without_ever_becoming_current(trainer: Running) -> None:
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-w", gate=None, report=PASSED)
+    rollbacks = metrics.MODEL_ROLLBACKS._value.get()
+    for i in range(8):
+        core.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
+        core.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
+    assert core.store.current()["version"] == "v0001"
+    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.registry.serving() == "v0001" and core.watch is None
+    last = _published(core)[-1]
+    assert last.action == common_pb2.MODEL_ACTION_ROLLBACK and last.version == "v0001"
+    assert metrics.MODEL_ROLLBACKS._value.get() == rollbacks + 1
+
+
+def test_the_rollback_rpc_aborts_a_running_canary(trainer: Running) -> None:
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-r", gate=None, report=PASSED)
+    target, dropped, _ = core.rollback("")
+    assert (target, dropped) == ("v0001", "v0002")
+    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.store.current()["version"] == "v0001"
+
+
+def test_the_generator_routes_the_canary_share_by_request_id() -> None:
+    from riffloop.core import ValidationError
+    from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
+    from riffloop.runtime import ModelStore, ServedModel
+
+    ports = shared_ports()
+    ports.prepare()
+    store = ModelStore(ports.objects)
+    tiny_mel = MelConfig(n_mels=16, x_res=16, n_fft=256, hop_length=64)
+    base = MusicDiffusion.create(ModelConfig.preset("tiny"), tiny_mel, seed=0)
+    base.version = "v0001"
+    store.publish(base)
+    base.version = "v0002"
+    store.publish(base)
+    served = ServedModel(store, "generator-test")
+    served.swap_to("v0001")
+    served.start_canary("v0002", 0.25)
+    picks = [served.for_request(f"req-{i}").version for i in range(2000)]
+    share = picks.count("v0002") / len(picks)
+    assert 0.21 < share < 0.29
+    assert [served.for_request(f"req-{i}").version for i in range(50)] == picks[:50]  # stable
+    with pytest.raises(ValidationError):
+        served.start_canary("v0003", 1.5)
+    served.serve_only("v0002")  # PROMOTE: the loaded candidate becomes current
+    assert served.canary_version is None and served.get().version == "v0002"
+    assert {served.for_request(f"req-{i}").version for i in range(20)} == {"v0002"}
+
+
+def test_generator_serves_a_published_canary_and_reports_it() -> None:
+    """model.published CANARY → the generator holds both versions; PROMOTE ends the canary."""
+    from riffloop.core import ValidationError
+    from riffloop.v1 import generator_service_pb2 as gen_pb
+
+    ports = shared_ports()
+    trainer = start_service("trainer", ports)
+    generator = start_service("generator", ports)
+    try:
+        core, gen = trainer.state, generator.state
+        wait_for(lambda: gen.model.ready, 120, "the generator's first model")
+        child = _child(core)
+        core.store.publish(child)
+        event = events_pb2.ModelPublished(
+            version="v0002",
+            parent_version="v0001",
+            action=common_pb2.MODEL_ACTION_CANARY,
+            canary_share=0.3,
+        )
+        gen.on_model_published(new_envelope("trainer", event))
+        from riffloop.v1 import generator_service_pb2_grpc as gen_grpc
+
+        stub = gen_grpc.GeneratorServiceStub(generator.channel)
+        current = stub.CurrentModel(gen_pb.CurrentModelRequest(), timeout=10)
+        assert (current.version, current.canary_version) == ("v0001", "v0002")
+        assert current.canary_share == pytest.approx(0.3)
+        bad = events_pb2.ModelPublished(version="v0003", action=common_pb2.MODEL_ACTION_CANARY)
+        with pytest.raises(ValidationError):  # no share: poison, dead-lettered by the consumer
+            gen.on_model_published(new_envelope("trainer", bad))
+        promote = events_pb2.ModelPublished(version="v0002", action=common_pb2.MODEL_ACTION_PROMOTE)
+        gen.on_model_published(new_envelope("trainer", promote))
+        current = stub.CurrentModel(gen_pb.CurrentModelRequest(), timeout=10)
+        assert (current.version, current.canary_version) == ("v0002", "")
+    finally:
+        for running in (generator, trainer):
+            running.channel.close()
+            running.runtime.stop()
