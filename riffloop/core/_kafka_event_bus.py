@@ -338,8 +338,7 @@ class _KafkaSubscription(Subscription):
 
     def assignment(self) -> set[tuple[str, int]]:
         return {
-            (tp.topic[len(self._prefix) :], int(tp.partition))
-            for tp in self._consumer.assignment()
+            (tp.topic[len(self._prefix) :], int(tp.partition)) for tp in self._consumer.assignment()
         }
 
     def lag(self) -> dict[str, int]:

@@ -110,15 +110,19 @@ class OfflineGate:
         p_fd = p_div = math.nan
         if fd_c > (1 + self.max_fd_increase) * fd_p:
             p_fd = self._permutation_p(
-                parent, candidate, fd_c - fd_p, lambda a, b: self._frechet(reference, b)
-                - self._frechet(reference, a)
+                parent,
+                candidate,
+                fd_c - fd_p,
+                lambda a, b: self._frechet(reference, b) - self._frechet(reference, a),
             )
             if p_fd < self.alpha:
                 reasons.append("frechet_distance")
         if div_c < (1 - self.max_diversity_drop) * div_p:
             p_div = self._permutation_p(
-                parent, candidate, div_p - div_c, lambda a, b: self._diversity(a)
-                - self._diversity(b)
+                parent,
+                candidate,
+                div_p - div_c,
+                lambda a, b: self._diversity(a) - self._diversity(b),
             )
             if p_div < self.alpha:
                 reasons.append("diversity")

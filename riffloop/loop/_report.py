@@ -123,7 +123,9 @@ def read_result(csv_path: Path, config: LoopConfig) -> LoopResult | None:
             values: dict[str, object] = {}
             for name, kind in kinds.items():
                 text = raw[name]
-                values[name] = int(text) if kind == "int" else float(text) if kind == "float" else text
+                values[name] = (
+                    int(text) if kind == "int" else float(text) if kind == "float" else text
+                )
             rows.append(IterationRow(**values))  # type: ignore[arg-type]
     return LoopResult(config, rows, dict(saved.get("timings", {})))
 

@@ -8,7 +8,8 @@ Per request (generation.requested.v1 or the Generate RPC):
    the seed); ``merge_latents`` gives z_agg.
 3. Generation: x̂_0 = ``decode_latents``(z_agg), then ``inject_at_step`` with the
    ``InjectionPlan`` of (s, q). Baseline: z0 = argmax_z Γ(z_agg, z) over the windows of the other
-   encoded songs (Γ = cosine similarity of latents), served as-is from its stored mel window.
+   encoded songs (Γ = cosine similarity of latents, ``riffloop.music.BaselineIndex``, extended as
+   songs are encoded), served as-is from its stored mel window.
 4. Griffin-Lim (``MelCodec.images_to_audio``) → WAV at ``tracks/<track_id>.wav``, provenance
    (+ the per-mel-bin mean of the image as the selector's embedding) at
    ``tracks/<track_id>.json``, then tracks.ready.v1.
@@ -103,6 +104,8 @@ class Generator:
         self.dispatcher = Dispatcher(settings.baseline_share, seed=settings.dispatch_seed)
         self._records: dict[str, LatentRecord] = {}
         self._records_lock = threading.Lock()
+        # z0 candidates: every encoded window, vectorised (riffloop.music.BaselineIndex).
+        self._index: Any = None  # riffloop.music.BaselineIndex once a song is loaded
         self._compute = threading.Lock()  # one generation at a time: 2 shared cores
 
     # -- latents ------------------------------------------------------------------------------
@@ -126,8 +129,27 @@ class Generator:
                     raise TransientError(f"song {song_id} is not encoded yet") from None
                 time.sleep(0.5)
         with self._records_lock:
+            if song_id in self._records:  # another thread loaded it meanwhile
+                return self._records[song_id]
             self._records[song_id] = record
+            self._index_song(record)
         return record
+
+    def _index_song(self, record: LatentRecord) -> None:
+        """Add a song's windows to the baseline index (ids ``<song>#<window>``); lock held."""
+        from riffloop.music import BaselineIndex
+
+        ids = [f"{record.song_id}#{j}" for j in range(int(record.latents.shape[0]))]
+        try:
+            if self._index is None:
+                self._index = BaselineIndex(record.latents, ids)
+            else:
+                self._index.extend(record.latents, ids)
+        except ValidationError as exc:  # e.g. encoded for another mel resolution: not comparable
+            _log.warning(
+                "song not indexed for baselines",
+                extra={"song_id": record.song_id, "why": exc.reason},
+            )
 
     def known_records(self) -> list[LatentRecord]:
         """Every encoded song (the baseline's candidates), loaded once and cached."""
@@ -173,20 +195,21 @@ class Generator:
         chosen: dict[str, Any] = {}
 
         def nearest_baseline() -> str:
-            # z0 = argmax_z Γ(z_agg, z), Γ = cosine similarity, over other songs' windows.
-            others = [r for r in self.known_records() if r.song_id not in request.song_ids]
-            pool = others or records
-            flat = z_agg.flatten()
-            best = (-2.0, pool[0], 0)
-            for record in pool:
-                sims = torch.nn.functional.cosine_similarity(
-                    record.latents.flatten(1), flat[None], dim=1
-                )
-                j = int(sims.argmax())
-                if float(sims[j]) > best[0]:
-                    best = (float(sims[j]), record, j)
-            chosen["record"], chosen["window"] = best[1], best[2]
-            return f"{best[1].song_id}#{best[2]}"
+            # z0 = argmax_z Γ(z_agg, z), Γ = cosine similarity, over the other songs' windows
+            # (the request's own songs only when nothing else is encoded yet). Asking for one
+            # more neighbour than the request's own windows guarantees a foreign one if any.
+            self.known_records()
+            own = set(request.song_ids)
+            k = 1 + sum(int(r.latents.shape[0]) for r in records)
+            with self._records_lock:
+                index = self._index
+                if index is None:
+                    raise TransientError("no encoded song is indexed for baselines yet")
+                neighbours = index.nearest(z_agg, k=min(k, len(index)))
+            best = next((n for n in neighbours if n.id.split("#")[0] not in own), neighbours[0])
+            song_id, window = best.id.split("#")
+            chosen["record"], chosen["window"] = self._records[song_id], int(window)
+            return best.id
 
         prov = self.dispatcher.dispatch(
             request.request_id,

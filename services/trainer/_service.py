@@ -441,7 +441,7 @@ class TrainerCore:
                 self.rollback(parent)
 
     def abort_canary(self, candidate: str, verdict: Any = None) -> str:
-        """The canary lost: mark it ROLLED_BACK and tell generators to drop it (serve the parent)."""
+        """The canary lost: mark it ROLLED_BACK; generators drop it and serve the parent."""
         record = self.registry.get(candidate)
         if record.status is not VersionStatus.CANARY or not record.parent:
             raise PermanentError(f"model {candidate} is {record.status}, not a canary")

@@ -122,6 +122,9 @@ LOOP_OVERRIDES: dict[str, dict[str, Any]] = {
     "gateway": {"rate_limit_burst": 200, "rate_limit_per_s": 100.0},
     "feedback": {"score_interval_s": 0.3},
     "selector": {"select_interval_s": 0.3, "min_new_scores": 2},
+    # Promote at once (then watch): a canary needs 20+ ratings a side; test_trainer_canary.py
+    # covers the canary itself.
+    "trainer": {"canary_share": 0.0},
 }
 
 
