@@ -18,9 +18,9 @@ from riffloop.loop._report import (
 )
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def _config_args(p: argparse.ArgumentParser, out: Path) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="base model folder")
-    p.add_argument("--out", type=Path, default=Path("docs/results"), help="output folder")
+    p.add_argument("--out", type=Path, default=out, help=f"output folder (default {out})")
     for f in fields(LoopConfig):
         if f.name in ("seed",):
             continue
@@ -42,7 +42,9 @@ def _config(ns: argparse.Namespace, seed: int) -> LoopConfig:
 def demo(argv: list[str] | None = None) -> int:
     """The demo as a function (the top-level ``./riffloop demo`` calls it)."""
     p = argparse.ArgumentParser(prog="python -m riffloop.loop demo")
-    _config_args(p)
+    # A user's demo run writes outside the tracked tree; the committed results come from
+    # `evidence` (docs/results) or an explicit --out.
+    _config_args(p, Path(".riffloop/results"))
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
     config = _config(ns, ns.seed)
@@ -65,7 +67,7 @@ def demo(argv: list[str] | None = None) -> int:
 
 def evidence(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m riffloop.loop evidence")
-    _config_args(p)
+    _config_args(p, Path("docs/results"))
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument(
         "--families",
