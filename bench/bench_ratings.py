@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     env = addresses.env()
     # Redis database 9 belongs to this benchmark and starts empty: the feedback service restores
     # its ledger from Redis at start-up, so an earlier run's ratings would be re-scored too.
-    env["RIFFLOOP_REDIS_URL"] = urllib.parse.urlsplit(env["RIFFLOOP_REDIS_URL"])._replace(
-        path="/9"
-    ).geturl()
+    env["RIFFLOOP_REDIS_URL"] = (
+        urllib.parse.urlsplit(env["RIFFLOOP_REDIS_URL"])._replace(path="/9").geturl()
+    )
     redis.Redis.from_url(env["RIFFLOOP_REDIS_URL"]).flushdb()
     run = uuid.uuid4().hex[:8]
     # Fresh topics per run: a new consumer group starts at the earliest offset, and on shared
