@@ -246,6 +246,15 @@ class TrainerCore:
         for version in self.registry.versions():
             if self.registry.get(version).trainset_id == event.trainset_id:
                 return  # already trained on this set (a redelivery)
+        running = self.running_canary()
+        if running is not None:
+            # One experiment at a time: a second canary would replace this one before its
+            # ratings decide. The selector publishes a newer set (its pairs persist) later.
+            _log.info(
+                "training set skipped: a canary is running",
+                extra={"trainset_id": event.trainset_id, "model_version": running},
+            )
+            return
         manifest = json.loads(self.ports.objects.get(event.manifest.bucket, event.manifest.key))
         pairs = manifest.get("pairs", [])
         if not pairs:
@@ -440,6 +449,14 @@ class TrainerCore:
             if current.get("version") == candidate:
                 self.rollback(parent)
 
+    def running_canary(self) -> str | None:
+        """The candidate serving a canary share now, if any."""
+        with self.lock:
+            watch = self.watch
+        if watch is None or self.registry.get(watch[1]).status is not VersionStatus.CANARY:
+            return None
+        return watch[1]
+
     def abort_canary(self, candidate: str, verdict: Any = None) -> str:
         """The canary lost: mark it ROLLED_BACK; generators drop it and serve the parent."""
         record = self.registry.get(candidate)
@@ -477,11 +494,10 @@ class TrainerCore:
         )
 
     def rollback(self, version: str) -> tuple[str, str, str]:
-        with self.lock:
-            watch = self.watch
-        if watch is not None and version in ("", watch[0]):
-            parent, candidate = watch
-            if self.registry.get(candidate).status is VersionStatus.CANARY:
+        candidate = self.running_canary()
+        if candidate is not None:
+            parent = self.registry.get(candidate).parent or ""
+            if version in ("", parent):
                 # A running canary is what "roll back" means to an operator: drop it.
                 return parent, candidate, self.abort_canary(candidate)
         current = self.store.current()

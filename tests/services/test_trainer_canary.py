@@ -135,6 +135,11 @@ def test_a_worse_canary_is_rolled_back_without_ever_becoming_current(trainer: Ru
 def test_the_rollback_rpc_aborts_a_running_canary(trainer: Running) -> None:
     core = trainer.state
     core.start_canary(_child(core), trainset_id="ts-r", gate=None, report=PASSED)
+    assert core.running_canary() == "v0002"
+    # A training set arriving meanwhile waits for the decision (no manifest is even read).
+    later = events_pb2.TrainsetPublished(trainset_id="ts-later")
+    core.on_trainset_published(new_envelope("selector", later))
+    assert core.registry.versions() == ["v0001", "v0002"]
     target, dropped, _ = core.rollback("")
     assert (target, dropped) == ("v0001", "v0002")
     assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
