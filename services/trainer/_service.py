@@ -162,9 +162,8 @@ class TrainerCore:
         )
         return model.version
 
-    def publish_version(
-        self, model: Any, *, trainset_id: str, gate: Any, action: Any, report: Any = None
-    ) -> str:
+    def _store_version(self, model: Any, trainset_id: str) -> Any:
+        """Checkpoint parts and pointer, then the registry record (a redelivery finds it)."""
         self._set(state=pb.TRAINER_STATE_PUBLISHING)
         checkpoint = self.store.publish(model)
         if model.version not in self.registry.versions():
@@ -177,6 +176,12 @@ class TrainerCore:
                     checkpoint_key=self.store.pointer_key(model.version),
                 )
             )
+        return checkpoint
+
+    def publish_version(
+        self, model: Any, *, trainset_id: str, gate: Any, action: Any, report: Any = None
+    ) -> str:
+        checkpoint = self._store_version(model, trainset_id)
         if model.parent:
             if report is not None:
                 self.registry.gate(model.version, report)
@@ -342,18 +347,7 @@ class TrainerCore:
         """Checkpoint, registry (CANARY), then model.published (CANARY): a share of requests."""
         if not model.parent:
             raise ValidationError("the base model has no parent to run a canary against")
-        self._set(state=pb.TRAINER_STATE_PUBLISHING)
-        checkpoint = self.store.publish(model)
-        if model.version not in self.registry.versions():
-            self.registry.register(
-                ModelRecord(
-                    version=model.version,
-                    parent=model.parent,
-                    trainset_id=trainset_id or None,
-                    status=VersionStatus.CANDIDATE,
-                    checkpoint_key=self.store.pointer_key(model.version),
-                )
-            )
+        checkpoint = self._store_version(model, trainset_id)
         self.registry.gate(model.version, report)  # passed: CANDIDATE → CANARY
         with self.lock:
             self.watch, self.watch_scores = (model.parent, model.version), {}

@@ -35,13 +35,17 @@ def _scored(track: str, version: str, mean: float) -> events_pb2.Envelope:
     return new_envelope("feedback", payload)
 
 
-def test_a_significantly_worse_new_version_is_rolled_back(trainer: Running) -> None:
-    core = trainer.state
+def _child(core, version: str = "v0002"):  # type: ignore[no-untyped-def]
     wait_for(lambda: core.store.current() is not None, 60, "the base model")
     child = core.store.load("v0001")
-    child.version, child.parent = "v0002", "v0001"
+    child.version, child.parent = version, "v0001"
+    return child
+
+
+def test_a_significantly_worse_new_version_is_rolled_back(trainer: Running) -> None:
+    core = trainer.state
     core.publish_version(
-        child,
+        _child(core),
         trainset_id="ts-canary",
         gate=None,
         action=common_pb2.MODEL_ACTION_PROMOTE,
@@ -64,11 +68,8 @@ def test_a_significantly_worse_new_version_is_rolled_back(trainer: Running) -> N
 
 def test_an_equal_new_version_stays(trainer: Running) -> None:
     core = trainer.state
-    wait_for(lambda: core.store.current() is not None, 60, "the base model")
-    child = core.store.load("v0001")
-    child.version, child.parent = "v0002", "v0001"
     core.publish_version(
-        child,
+        _child(core),
         trainset_id="ts-equal",
         gate=None,
         action=common_pb2.MODEL_ACTION_PROMOTE,
@@ -78,13 +79,6 @@ def test_an_equal_new_version_stays(trainer: Running) -> None:
         core.on_track_scored(_scored(f"p{i}", "v0001", 3.0 + (i % 4) * 0.2))
         core.on_track_scored(_scored(f"c{i}", "v0002", 3.0 + ((i + 1) % 4) * 0.2))
     assert core.store.current()["version"] == "v0002"
-
-
-def _child(core, version: str = "v0002"):  # type: ignore[no-untyped-def]
-    wait_for(lambda: core.store.current() is not None, 60, "the base model")
-    child = core.store.load("v0001")
-    child.version, child.parent = version, "v0001"
-    return child
 
 
 def _published(core) -> list[events_pb2.ModelPublished]:  # type: ignore[no-untyped-def]
