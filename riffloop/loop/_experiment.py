@@ -16,6 +16,12 @@ Per iteration k = 0 … K, for each arm (iteration 0 is shared: both arms start 
    a rejected candidate is replaced by its parent, and the canary compares the candidate's
    scores with the parent's on the same requests (Mann-Whitney, one-sided) before promotion.
 
+After the last iteration, an evaluation session (rows with ``session == "eval"``) serves fresh
+requests — merges no iteration used — from the base model and from the model each arm ended up
+serving (a rolled-back candidate is not it), with the same request ids, seeds and listener state
+for all three. The evidence's paired selected − control difference is read from these rows: a
+between-arm comparison on identical requests, not on two sessions' different draws.
+
 Nothing here sees the listeners' hidden tastes except the evaluation column "hidden liking"
 (mean u over honest listeners), which is what the ratings are supposed to move.
 """
@@ -68,6 +74,7 @@ from riffloop.loop._selection import (
 from riffloop.loop._spam import SpamFilter, SpamReport
 
 Progress = Callable[[str], None]
+_EVAL_SESSION = 10_000  # the listening session number of the evaluation (iterations are 0 … K)
 DEFAULT_MODEL_DIR = Path("assets/base-model")
 
 
@@ -103,6 +110,12 @@ class LoopConfig:
     gate_fd_increase: float = 0.25
     gate_diversity_drop: float = 0.15
     torch_threads: int = 2
+    # The evaluation session after the last iteration: fresh requests (new merges of the same
+    # inputs) served by the base model and by each arm's serving model, with the same request ids,
+    # seeds, dispatch and listener states for all three (common random numbers). 0 merges: off.
+    eval_merges: int = 16
+    eval_requests_per_merge: int = 6
+    eval_ratings_per_listener: int = 48
 
 
 @dataclass
@@ -138,6 +151,7 @@ class IterationRow:
     gate: str
     canary: str
     seconds: float
+    session: str = "train"  # "train": an iteration's own session; "eval": the evaluation session
 
 
 @dataclass
@@ -148,7 +162,14 @@ class LoopResult:
     registry_versions: list[dict[str, Any]] = field(default_factory=list)
 
     def final(self, arm: str) -> IterationRow:
-        return [r for r in self.rows if r.arm == arm][-1]
+        """The arm's last row: its evaluation-session row when there is one (the model the arm
+        ended up serving, measured on the shared evaluation requests), else its last iteration."""
+        rows = [r for r in self.rows if r.arm == arm]
+        evaluated = [r for r in rows if r.session == "eval"]
+        return (evaluated or rows)[-1]
+
+    def iterations(self, arm: str) -> list[IterationRow]:
+        return [r for r in self.rows if r.arm == arm and r.session == "train"]
 
 
 # -- quality functions (the ML core's when present) ----------------------------------------------
@@ -312,26 +333,40 @@ class LoopExperiment:
 
         return merge_latents(self.input_latents[list(merge)]).unsqueeze(0)  # z_agg [1, C, h, w]
 
-    # 2. serving one iteration -------------------------------------------------------------------
-    def _serve(self, arm: _Arm, iteration: int) -> list[str]:
+    # 2. serving one session ---------------------------------------------------------------------
+    def _serve(
+        self,
+        arm: _Arm,
+        label: str,
+        merges: Sequence[tuple[int, int]] | None = None,
+        requests_per_merge: int | None = None,
+    ) -> list[str]:
+        """Answer ``requests_per_merge`` requests per merge (ids ``{label}-m{m}-r{r}``) with
+        ``arm.model``; returns the track ids in request order. The generated tracks of a session
+        are denoised as one batch, each from its own request's seeded ε, so a track does not
+        depend on which other requests share its batch."""
         from riffloop.loop._ml import InjectionPlan, decode_latents, inject_at_step
 
         cfg = self.cfg
+        merges = list(self.merges if merges is None else merges)
+        per_merge = cfg.requests_per_merge if requests_per_merge is None else requests_per_merge
         plan = InjectionPlan.from_similarity(cfg.similarity, cfg.quality)
-        track_ids: list[str] = []
-        z_aggs = torch.cat([self._z_agg(merge) for merge in self.merges])
+        z_aggs = torch.cat([self._z_agg(merge) for merge in merges])
         # x̂_0(z_agg) of every merge in one deterministic (η = 0) batch, once per model version
-        key = arm.model.version
+        key = (arm.model.version, tuple(merges))
         if key not in self._merged_images:
             self._merged_images[key] = decode_latents(arm.model, z_aggs, cfg.invert_steps)
         merged = self._merged_images[key]
-        for m, merge in enumerate(self.merges):
-            z_agg = z_aggs[m : m + 1]
-            sample_id = self.baseline_index.nearest(z_agg)[0].id  # z0 = argmax_z Γ(z_agg, z)
-            for r in range(cfg.requests_per_merge):
-                request_id = f"it{iteration}-m{m}-r{r}"
+        # the same request in two arms, or under two model versions of one arm (a canary that
+        # hands the iteration back to the parent), must not collide: the arm and the model
+        # version are part of the track id (the generation seed is not: CRN)
+        version_tag = hashlib.sha256(arm.model.version.encode()).hexdigest()[:4]
+        served: list[tuple[TrackProvenance, int, str]] = []  # (provenance, merge index, z0 id)
+        for m, merge in enumerate(merges):
+            sample_id = self.baseline_index.nearest(z_aggs[m : m + 1])[0].id  # argmax_z Γ(z_agg, z)
+            for r in range(per_merge):
                 prov = self.dispatcher.dispatch(
-                    request_id,
+                    f"{label}-m{m}-r{r}",
                     [f"in{merge[0]}", f"in{merge[1]}"],
                     cfg.similarity,
                     cfg.quality,
@@ -339,39 +374,52 @@ class LoopExperiment:
                     plan.start_step,
                     _constant(sample_id),
                 )
-                # the same request in two arms, or under two model versions of one arm (a canary
-                # that hands the iteration back to the parent), must not collide: the arm and the
-                # model version are part of the track id (the generation seed is not: CRN)
-                version_tag = hashlib.sha256(arm.model.version.encode()).hexdigest()[:4]
-                prov = replace(
-                    prov, track_id=f"{arm.name[0]}{iteration}-{version_tag}-{prov.track_id[:12]}"
-                )
-                if prov.kind is TrackKind.BASELINE:
-                    image = self.pool_images[int(sample_id.split("-")[1])].unsqueeze(0)
-                else:
-                    gen = torch.Generator().manual_seed(prov.seed)
-                    image = inject_at_step(arm.model, merged[m : m + 1], plan, gen)
-                self._add_track(arm, prov, image)
-                track_ids.append(prov.track_id)
-        return track_ids
+                track_id = f"{arm.name[0]}{label}-{version_tag}-{prov.track_id[:12]}"
+                served.append((replace(prov, track_id=track_id), m, sample_id))
+        images: list[torch.Tensor | None] = [None] * len(served)
+        generated = [i for i, (prov, _, _) in enumerate(served) if prov.kind is TrackKind.GENERATED]
+        if generated:
+            noise = torch.cat([_request_noise(arm.model, served[i][0].seed) for i in generated])
+            merged_in = merged[[served[i][1] for i in generated]]
+            out = inject_at_step(arm.model, merged_in, plan, noise=noise)
+            for j, i in enumerate(generated):
+                images[i] = out[j : j + 1]
+        for i, (prov, _, sample_id) in enumerate(served):
+            if prov.kind is TrackKind.BASELINE:
+                images[i] = self.pool_images[int(sample_id.split("-")[1])].unsqueeze(0)
+        self._add_tracks(arm, [prov for prov, _, _ in served], torch.cat(images))  # type: ignore[arg-type]
+        return [prov.track_id for prov, _, _ in served]
 
-    def _add_track(self, arm: _Arm, prov: TrackProvenance, image: torch.Tensor) -> None:
-        self.provenance[prov.track_id] = prov
-        self.images[prov.track_id] = image[0]
-        audio = self.codec.images_to_audio(image)[0].astype(np.float32)
-        self.audio[prov.track_id] = audio
-        self.features[prov.track_id] = audio_features(audio, self.sr)
-        self.embeddings[prov.track_id] = self.embed(image)[0]
-        arm.ledger.register_track(prov, audio.size / self.sr)
+    def _add_tracks(
+        self, arm: _Arm, provenances: Sequence[TrackProvenance], images: torch.Tensor
+    ) -> None:
+        audio = self.codec.images_to_audio(images).astype(np.float32)
+        embeddings = self.embed(images)
+        for k, prov in enumerate(provenances):
+            self.provenance[prov.track_id] = prov
+            self.images[prov.track_id] = images[k]
+            self.audio[prov.track_id] = audio[k]
+            self.features[prov.track_id] = audio_features(audio[k], self.sr)
+            self.embeddings[prov.track_id] = embeddings[k]
+            arm.ledger.register_track(prov, audio[k].size / self.sr)
 
     # 3. listening ---------------------------------------------------------------------------------
-    def _listen(self, arm: _Arm, iteration: int, track_ids: list[str]) -> None:
+    def _listen(
+        self,
+        arm: _Arm,
+        session: int,
+        track_ids: list[str],
+        ratings_per_listener: int | None = None,
+    ) -> None:
         cfg = self.cfg
-        rng = np.random.default_rng([cfg.seed, iteration, 99])  # same draws in both arms
+        rng = np.random.default_rng([cfg.seed, session, 99])  # same draws in both arms
+        per_listener = (
+            cfg.ratings_per_listener if ratings_per_listener is None else ratings_per_listener
+        )
         baselines = [t for t in track_ids if self.provenance[t].kind is TrackKind.BASELINE]
         for li, listener in enumerate(arm.listeners):
             lid = listener.listener_id
-            k = min(cfg.ratings_per_listener, len(track_ids))
+            k = min(per_listener, len(track_ids))
             chosen = [track_ids[int(i)] for i in rng.choice(len(track_ids), size=k, replace=False)]
             for p in range(min(cfg.probes_per_listener, len(baselines))):
                 original = self.provenance[baselines[int(rng.integers(len(baselines)))]]
@@ -501,7 +549,7 @@ class LoopExperiment:
 
         # iteration 0, shared by both arms
         t0 = time.monotonic()
-        tracks0 = self._serve(shared, 0)
+        tracks0 = self._serve(shared, "it0")
         self._listen(shared, 0, tracks0)
         scores0, report0, now0 = self._score(shared, tracks0)
         self.timings["iteration0"] = time.monotonic() - t0
@@ -515,6 +563,8 @@ class LoopExperiment:
                 clock=dict(shared.clock),
             ),
         }
+        # the evaluation session starts every model from this same listener and ledger state
+        eval_start = (copy.deepcopy(listeners), shared.ledger.snapshot(), dict(shared.clock))
         for arm in arms.values():
             arm.registry.register(ModelRecord(base.version, None, None, VersionStatus.SERVING))
         state = {name: (tracks0, scores0, report0, now0) for name in arms}
@@ -575,7 +625,7 @@ class LoopExperiment:
                 # 5. generate with the candidate, gate against the parent's generations
                 parent, parent_tracks = arm.model, tracks
                 arm.model = tuned
-                new_tracks = self._serve(arm, iteration)
+                new_tracks = self._serve(arm, f"it{iteration}")
                 gate_note = "—"
                 if tuned is not parent:
                     report_g = self._gate(parent_tracks, new_tracks)
@@ -585,7 +635,7 @@ class LoopExperiment:
                     )
                     if not report_g.passed:
                         arm.model = parent
-                        new_tracks = self._serve(arm, iteration)
+                        new_tracks = self._serve(arm, f"it{iteration}")
                 self._listen(arm, iteration, new_tracks)
                 scores_n, report_n, now_n = self._score(arm, new_tracks)
                 canary_note = "—"
@@ -613,6 +663,13 @@ class LoopExperiment:
                     arm.model = rolled_back
                 self.timings[f"{name}-finetune-{iteration}"] = t_ft
                 self.progress(_progress_line(row, f"fine-tune {t_ft:.0f} s"))
+        if cfg.eval_merges > 0:
+            t2 = time.monotonic()
+            served = {"base": base, **{name: arm.model for name, arm in arms.items()}}
+            for row in self._evaluate(served, eval_start):
+                result.rows.append(row)
+                self.progress(_progress_line(row, "evaluation session"))
+            self.timings["evaluation"] = time.monotonic() - t2
         result.timings["total"] = time.monotonic() - started
         result.registry_versions = [
             {"arm": name, **asdict(arm.registry.get(v))}
@@ -620,6 +677,48 @@ class LoopExperiment:
             for v in arm.registry.versions()
         ]
         return result
+
+    # 7. the evaluation session -------------------------------------------------------------------
+    def _evaluation_merges(self) -> list[tuple[int, int]]:
+        """``eval_merges`` input pairs the iterations never served (all pairs if too few remain):
+        new requests from the same users' songs, so the models are judged on what they were not
+        fine-tuned on."""
+        n = len(self.world.inputs)
+        pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+        fresh = [p for p in pairs if p not in set(self.merges)] or pairs
+        rng = np.random.default_rng([self.cfg.seed, _EVAL_SESSION])
+        picks = rng.choice(len(fresh), size=min(self.cfg.eval_merges, len(fresh)), replace=False)
+        return sorted(fresh[int(i)] for i in picks)
+
+    def _evaluate(
+        self, models: dict[str, Any], start: tuple[list[Listener], bytes, dict[str, float]]
+    ) -> list[IterationRow]:
+        """One session per model on the same evaluation requests: same request ids, dispatch,
+        baselines and generation seeds, and listeners restored to the same state (after iteration
+        0) hearing the same positions — so the rows differ only by the model (paired design).
+        ``models``: row label → the model that label ended up serving."""
+        cfg = self.cfg
+        merges = self._evaluation_merges()
+        listeners, snapshot, clock = start
+        rows = []
+        for name, model in models.items():
+            t0 = time.monotonic()
+            arm = _Arm(
+                name,
+                model,
+                copy.deepcopy(listeners),
+                FeedbackLedger.restore(snapshot),
+                clock=dict(clock),
+            )
+            tracks = self._serve(arm, "eval", merges, cfg.eval_requests_per_merge)
+            self._listen(arm, _EVAL_SESSION, tracks, cfg.eval_ratings_per_listener)
+            scores, report, now = self._score(arm, tracks)
+            iteration = 0 if model is self.world.model else cfg.iterations
+            row = self._row(
+                arm, iteration, tracks, scores, report, now, {"seconds": time.monotonic() - t0}
+            )
+            rows.append(replace(row, session="eval"))
+        return rows
 
     def _gate(self, parent_tracks: list[str], new_tracks: list[str]) -> GateReport:
         gate = OfflineGate(
@@ -655,6 +754,16 @@ class LoopExperiment:
                 if s.kind is TrackKind.GENERATED:
                     canary.record(version, s.score - r_b.get(s.input_key, pooled))
         return canary.decide()
+
+
+def _request_noise(model: Any, seed: int) -> torch.Tensor:
+    """ε of one request: the draw ``inject_at_step`` makes for a one-image batch seeded ``seed``
+    ([1, C, h, w] in the UNet's input space, on the CPU), so batching does not change tracks."""
+    cfg = model.unet.config
+    size = cfg.sample_size
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    gen = torch.Generator().manual_seed(int(seed))
+    return torch.randn((1, int(cfg.in_channels), int(h), int(w)), generator=gen)
 
 
 def _constant(value: str) -> Callable[[], str]:

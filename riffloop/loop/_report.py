@@ -6,7 +6,7 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +30,9 @@ def format_table(result: LoopResult) -> str:
     )
     lines = [head]
     for r in result.rows:
+        it = "eval" if r.session == "eval" else str(r.iteration)
         lines.append(
-            f"| {r.arm} | {r.iteration} | {r.model_version} | {r.ratings_used} | "
+            f"| {r.arm} | {it} | {r.model_version} | {r.ratings_used} | "
             f"{_f(r.mean_generated)} | {_f(r.mean_baseline)} | {_f(r.delta, sign=True)} "
             f"[{_f(r.delta_lo, sign=True)}, {_f(r.delta_hi, sign=True)}] | {_f(r.diversity, 3)} | "
             f"{r.spam_caught}/{r.spammers} | {r.false_alarms} | "
@@ -39,12 +40,20 @@ def format_table(result: LoopResult) -> str:
             f"{r.gate} | {r.canary} |"
         )
     sel, ctl = result.final("selected"), result.final("control")
+    where = "Evaluation session" if sel.session == "eval" else "Final iteration"
     lines.append("")
     lines.append(
-        f"Final iteration, selected − control: Δ rating {_f(sel.delta - ctl.delta, sign=True)}, "
+        f"{where}, selected − control: Δ rating {_f(sel.delta - ctl.delta, sign=True)}, "
         f"hidden liking of generations {_f(sel.hidden_generated - ctl.hidden_generated, 3, True)} "
         f"(one seed: see `evidence` for the paired interval over seeds)."
     )
+    base = [r for r in result.rows if r.arm == "base" and r.session == "eval"]
+    if base:
+        lines.append(
+            f"Lift over the base model on the evaluation requests: selected "
+            f"{_f(sel.delta - base[0].delta, sign=True)}, control "
+            f"{_f(ctl.delta - base[0].delta, sign=True)} (Δ rating)."
+        )
     return "\n".join(lines)
 
 
@@ -56,7 +65,10 @@ def plot_result(result: LoopResult, path: Path) -> Path:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     for arm, colour in (("selected", "tab:blue"), ("control", "tab:orange")):
-        rows = [r for r in result.rows if r.arm == arm]
+        rows = result.iterations(arm)
+        evaluated = [r for r in result.rows if r.arm == arm and r.session == "eval"]
+        if evaluated:  # the evaluation session, one step right of the last iteration
+            rows = [*rows, replace(evaluated[0], iteration=rows[-1].iteration + 1)]
         it = np.array([r.iteration for r in rows]) + (0.05 if arm == "control" else 0.0)
         d = np.array([r.delta for r in rows])
         err = np.array([[r.delta - r.delta_lo for r in rows], [r.delta_hi - r.delta for r in rows]])
@@ -68,10 +80,18 @@ def plot_result(result: LoopResult, path: Path) -> Path:
             label=arm,
             color=colour,
         )
+    base = [r for r in result.rows if r.arm == "base" and r.session == "eval"]
+    x_eval = len(result.iterations("selected"))
+    if base:
+        ax1.plot([x_eval], [base[0].delta], marker="s", color="grey", label="base (evaluation)")
+        ax2.plot(
+            [x_eval], [base[0].hidden_generated - base[0].hidden_baseline], marker="s", color="grey"
+        )
     ax1.axhline(0, color="grey", lw=0.8)
     ax2.axhline(0, color="grey", lw=0.8)
-    ax1.set(xlabel="iteration", ylabel="mean rating: generated − baseline (95 % CI)")
-    ax2.set(xlabel="iteration", ylabel="hidden liking: generated − baseline")
+    xlabel = "iteration (last point: evaluation session)" if base else "iteration"
+    ax1.set(xlabel=xlabel, ylabel="mean rating: generated − baseline (95 % CI)")
+    ax2.set(xlabel=xlabel, ylabel="hidden liking: generated − baseline")
     ax1.legend()
     fig.suptitle(f"Riffloop demo ({result.config.listeners}, seed {result.config.seed})")
     fig.tight_layout()
@@ -169,38 +189,48 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
     lines = [
         "# Evidence: selected vs random control (same budget, same seeds)",
         "",
-        "Per seed, the final iteration's selected − control difference (paired by seed: both arms",
-        "share iteration 0, the fine-tuning seed, the replay data and the generation seeds).",
+        "Per seed, selected − control in the evaluation session: fresh requests (merges no",
+        "iteration served) answered by the model each arm ended up serving, with the same request",
+        "ids, dispatch, generation seeds and listener state for both (runs made without an",
+        "evaluation session fall back to the final iteration's rows). One observation per seed,",
+        "t interval over seeds. Lift = the arm's Δ minus the base model's Δ on the same requests.",
         "",
         "| family | seeds | Δrating sel − ctl [95 % CI] | hidden liking sel − ctl [95 % CI] | "
-        "per-seed hidden differences |",
-        "|---|---|---|---|---|",
+        "lift selected / control (Δ rating) | per-seed Δrating differences |",
+        "|---|---|---|---|---|---|",
     ]
     families = sorted({f for f, _ in results})
     fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
     for ax, family in zip(axes[0], families, strict=True):
         seeds = sorted(s for f, s in results if f == family)
-        d_rating = [
-            results[(family, s)].final("selected").delta
-            - results[(family, s)].final("control").delta
+        finals = [
+            (results[(family, s)].final("selected"), results[(family, s)].final("control"))
             for s in seeds
         ]
-        d_hidden = [
-            results[(family, s)].final("selected").hidden_generated
-            - results[(family, s)].final("control").hidden_generated
-            for s in seeds
-        ]
+        d_rating = [sel.delta - ctl.delta for sel, ctl in finals]
+        d_hidden = [sel.hidden_generated - ctl.hidden_generated for sel, ctl in finals]
         m1, lo1, hi1 = paired_interval(d_rating)
         m2, lo2, hi2 = paired_interval(d_hidden)
+        lifts = "—"
+        base_rows = [_eval_row(results[(family, s)], "base") for s in seeds]
+        bases = [b for b in base_rows if b is not None]
+        if len(bases) == len(seeds):
+            pairs = list(zip(finals, bases, strict=True))
+            lift_s = float(np.mean([sel.delta - b.delta for (sel, _), b in pairs]))
+            lift_c = float(np.mean([ctl.delta - b.delta for (_, ctl), b in pairs]))
+            lifts = f"{_f(lift_s, sign=True)} / {_f(lift_c, sign=True)}"
         lines.append(
             f"| {family} | {len(seeds)} | {_f(m1, sign=True)} [{_f(lo1, sign=True)}, "
             f"{_f(hi1, sign=True)}] | {_f(m2, 3, True)} [{_f(lo2, 3, True)}, {_f(hi2, 3, True)}]"
-            f" | {', '.join(_f(x, 3, True) for x in d_hidden)} |"
+            f" | {lifts} | {', '.join(_f(x, 2, True) for x in d_rating)} |"
         )
-        ax.bar(range(len(seeds)), d_hidden, color="tab:blue")
+        x = np.arange(len(seeds))
+        ax.bar(x - 0.2, d_rating, width=0.4, color="tab:blue", label="Δ rating")
+        ax.bar(x + 0.2, d_hidden, width=0.4, color="tab:green", label="hidden liking")
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set(title=family, xlabel="seed", ylabel="hidden liking: selected − control")
-        ax.set_xticks(range(len(seeds)), [str(s) for s in seeds])
+        ax.set(title=family, xlabel="seed", ylabel="selected − control")
+        ax.set_xticks(x, [str(s) for s in seeds])
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out_dir / "evidence.png", dpi=110)
     plt.close(fig)
@@ -208,6 +238,11 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
     md = out_dir / "evidence.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def _eval_row(result: LoopResult, arm: str) -> IterationRow | None:
+    rows = [r for r in result.rows if r.arm == arm and r.session == "eval"]
+    return rows[0] if rows else None
 
 
 def _lift_table(results: dict[tuple[str, int], LoopResult]) -> list[str]:
@@ -230,7 +265,7 @@ def _lift_table(results: dict[tuple[str, int], LoopResult]) -> list[str]:
     for family in families:
         seeds = sorted(s for f, s in results if f == family)
         for arm in ("selected", "control"):
-            per_seed = [[r for r in results[(family, s)].rows if r.arm == arm] for s in seeds]
+            per_seed = [results[(family, s)].iterations(arm) for s in seeds]
             iterations = min(len(rows) for rows in per_seed)
             for it in range(iterations):
                 delta = float(np.mean([rows[it].delta for rows in per_seed]))

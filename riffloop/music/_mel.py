@@ -35,6 +35,7 @@ __all__ = ["MelCodec", "MelConfig", "image_from_uint8", "to_uint8"]
 
 # Power below this counts as silence (librosa.power_to_db's default ``amin``).
 _AMIN = 1e-10
+_GRIFFIN_LIM_SEED = 0  # initial phases of Griffin-Lim (see MelCodec.images_to_audio)
 
 
 @dataclass(frozen=True)
@@ -201,5 +202,15 @@ class MelCodec:
             db = (x + 1.0) / 2.0 * c.top_db - c.top_db
             mel_power = torch.pow(10.0, db / 10.0)
             linear_power = self._inverse_mel(mel_power)  # [N, n_fft/2+1, x_res]
-            audio = self._griffin_lim(linear_power)
+            # Griffin-Lim starts from random phases; drawing them from a fixed seed, per image,
+            # makes the audio a function of the image alone (not of the global RNG or of the
+            # batch it came in), so a track regenerates bit for bit from its provenance.
+            with torch.random.fork_rng(devices=[]):
+                audio = torch.cat(
+                    [self._phased(linear_power[i : i + 1]) for i in range(linear_power.shape[0])]
+                )
         return audio.numpy().astype(np.float32, copy=False)
+
+    def _phased(self, linear_power: torch.Tensor) -> torch.Tensor:
+        torch.manual_seed(_GRIFFIN_LIM_SEED)
+        return self._griffin_lim(linear_power)

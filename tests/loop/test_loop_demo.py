@@ -41,11 +41,14 @@ def test_demo_runs_both_arms_with_common_random_numbers(tmp_path: Path) -> None:
         finetune_steps=4,
         finetune_batch=4,
         torch_threads=1,
+        eval_merges=3,
+        eval_requests_per_merge=4,
+        eval_ratings_per_listener=10,
     )
     lines: list[str] = []
     result = LoopExperiment(config, world, progress=lines.append).run()
-    sel = [r for r in result.rows if r.arm == "selected"]
-    ctl = [r for r in result.rows if r.arm == "control"]
+    sel = result.iterations("selected")
+    ctl = result.iterations("control")
     assert len(sel) == len(ctl) == 2
     # iteration 0 is shared: identical numbers in both arms
     a, b = sel[0], ctl[0]
@@ -62,8 +65,57 @@ def test_demo_runs_both_arms_with_common_random_numbers(tmp_path: Path) -> None:
     for v in versions.values():
         if v["version"] != "base":
             assert v["parent"] == "base" and v["status"] != "candidate"
+    # the evaluation session: base and both arms' serving models on the same fresh requests
+    evaluated = {r.arm: r for r in result.rows if r.session == "eval"}
+    assert set(evaluated) == {"base", "selected", "control"}
+    assert evaluated["base"].model_version == "base"
+    for arm in ("selected", "control"):
+        assert result.final(arm) is evaluated[arm]
+        serving = versions[evaluated[arm].model_version]
+        assert serving["status"] != "rolled_back", "a rolled-back candidate is not what serves"
     table = format_table(result)
     assert "| selected | 1 |" in table and "| control | 1 |" in table
+    assert "| base | eval |" in table and "Lift over the base model" in table
     paths = write_result(result, tmp_path)
     assert paths["plot"].stat().st_size > 1000
     assert any("shared by both arms" in line for line in lines)
+
+
+def test_evaluation_session_is_paired_same_model_same_row() -> None:
+    """Two labels serving one model in the evaluation session get identical rows: requests,
+    dispatch, seeds and listener state are shared, so only the model can make rows differ."""
+    import copy
+    from dataclasses import replace
+
+    from riffloop.loop import FeedbackLedger
+    from riffloop.loop._listeners import load_listener_factory
+    from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
+
+    torch.set_num_threads(1)
+    model = MusicDiffusion.create(
+        ModelConfig.preset("tiny"), MelConfig(n_mels=16, x_res=16), seed=0, version="base"
+    )
+    world = LoopWorld(model, _clips(6, 1), _clips(40, 2), _clips(16, 3))
+    config = LoopConfig(
+        n_listeners=12,
+        n_inputs=6,
+        n_merges=2,
+        baseline_pool=20,
+        replay_pool=20,
+        invert_steps=5,
+        quality=6,
+        torch_threads=1,
+        eval_merges=3,
+        eval_requests_per_merge=4,
+        eval_ratings_per_listener=8,
+    )
+    exp = LoopExperiment(config, world, progress=lambda _: None)
+    exp.timings = {}
+    exp._prepare()
+    listeners = load_listener_factory(config.listeners)(12, 0.25, 0)
+    start = (copy.deepcopy(listeners), FeedbackLedger().snapshot(), {})
+    a, b = exp._evaluate({"a": model, "b": model}, start)
+    assert a.ratings_used > 0 and a.session == "eval"
+    assert replace(b, arm="a", seconds=a.seconds) == a
+    merges = exp._evaluation_merges()
+    assert len(merges) == 3 and not set(merges) & set(exp.merges)  # requests no iteration served
