@@ -1,17 +1,18 @@
 """Ratings throughput: client → gateway → Kafka → feedback aggregate, on real local servers.
 
     nice .venv/bin/python -m bench.bench_ratings [--ratings 4000] [--concurrency 64]
-        [--users 200] [--infra-env .riffloop/infra/infra.env]
+        [--users 200] [--batch 1] [--infra-env .riffloop/infra/infra.env]
 
 Starts Kafka, MinIO and Redis (``riffloop.infra``; or uses a running stack's ``infra.env``) and
 the gateway and feedback services as separate processes (``riffloop.stack``), makes ``--ratings``
 tracks ready (TrackReady events, as the generator publishes them; one track per rating, each
 served to the user who rates it), then sends every rating through the gateway with
-``--concurrency`` calls in flight (grpc.aio, closed loop) and reports:
+``--concurrency`` calls in flight (grpc.aio, closed loop) — one ``Rate`` call per rating, or with
+``--batch N`` one ``SubmitFeedback`` call per N ratings of one user — and reports:
 
-- gateway: accepted ratings/s while sending, latency p50 / p99 / max at that rate;
-- end to end: ratings/s until the feedback service's consumer has handled every rating
-  (``riffloop_kafka_messages_total{topic="feedback.received.v1", outcome="handled"}``);
+- gateway: accepted ratings/s while sending, call latency p50 / p99 / max at that rate;
+- end to end: ratings/s until the feedback service has recorded every accepted rating
+  (``riffloop_feedback_recorded_total{kind="rating", outcome="recorded"}``);
 - the target it is judged against (design: ≥ 5,000 ratings/s, p99 < 50 ms).
 
 The load generator shares the machine's cores with the servers, so the figures are a floor.
@@ -29,6 +30,7 @@ import time
 import urllib.parse
 import urllib.request
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,28 +53,49 @@ TARGET_P99_MS = 50.0
 
 
 async def _send(
-    target: str, jobs: list[tuple[str, str, int]], concurrency: int, signer: TokenSigner
-) -> tuple[list[float], float, int]:
+    target: str,
+    calls: list[tuple[str, list[tuple[str, int]]]],
+    concurrency: int,
+    signer: TokenSigner,
+    batched: bool,
+) -> tuple[list[float], float, int, int]:
+    """Send ``calls`` — (user, [(track, stars), …]) — with ``concurrency`` in flight; returns
+    (per-call latencies of successful calls, elapsed s, failed calls, accepted ratings)."""
     channel = grpc.aio.insecure_channel(target)
     stub = pb_grpc.GatewayServiceStub(channel)
     tokens: dict[str, str] = {}
     latencies: list[float] = []
     failures = 0
-    queue: asyncio.Queue[tuple[str, str, int]] = asyncio.Queue()
-    for job in jobs:
-        queue.put_nowait(job)
+    accepted = 0
+    queue: asyncio.Queue[tuple[str, list[tuple[str, int]]]] = asyncio.Queue()
+    for call in calls:
+        queue.put_nowait(call)
 
     async def worker() -> None:
-        nonlocal failures
+        nonlocal failures, accepted
         while not queue.empty():
-            track_id, user, stars = queue.get_nowait()
+            user, ratings = queue.get_nowait()
             token = tokens.setdefault(user, signer.issue(user))
             metadata = (("authorization", f"Bearer {token}"),)
             started = time.perf_counter()
             try:
-                await stub.Rate(
-                    pb.RateRequest(track_id=track_id, stars=stars), metadata=metadata, timeout=10
-                )
+                if batched:
+                    items = [
+                        pb.FeedbackItem(rating=pb.RateRequest(track_id=t, stars=s))
+                        for t, s in ratings
+                    ]
+                    response = await stub.SubmitFeedback(
+                        pb.SubmitFeedbackRequest(items=items), metadata=metadata, timeout=10
+                    )
+                    accepted += response.accepted
+                else:
+                    (track_id, stars) = ratings[0]
+                    await stub.Rate(
+                        pb.RateRequest(track_id=track_id, stars=stars),
+                        metadata=metadata,
+                        timeout=10,
+                    )
+                    accepted += 1
                 latencies.append(time.perf_counter() - started)
             except grpc.aio.AioRpcError:
                 failures += 1
@@ -81,7 +104,7 @@ async def _send(
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     await channel.close()
-    return latencies, elapsed, failures
+    return latencies, elapsed, failures, accepted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ratings", type=int, default=4000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--users", type=int, default=200)
+    parser.add_argument(
+        "--batch", type=int, default=1, help="ratings per call: 1 = Rate, N > 1 = SubmitFeedback"
+    )
     parser.add_argument("--infra-env", type=Path, default=None)
     options = parser.parse_args(argv)
 
@@ -115,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             "RIFFLOOP_SERVICE_NAME": f"gateway-b{run}",
             "RIFFLOOP_RATE_LIMIT_PER_S": "100000",
             "RIFFLOOP_RATE_LIMIT_BURST": "100000",
+            "RIFFLOOP_MAX_FEEDBACK_BATCH": str(max(options.batch, 100)),
         },
         "feedback": {"RIFFLOOP_SERVICE_NAME": f"feedback-b{run}", "RIFFLOOP_SCORE_INTERVAL_S": "5"},
     }
@@ -161,16 +188,22 @@ def main(argv: list[str] | None = None) -> int:
         gw_metrics = f"http://127.0.0.1:{gateway.metrics_port}/metrics"
         fb_metrics = f"http://127.0.0.1:{feedback.metrics_port}/metrics"
 
-        def consumed(url: str, topic: str) -> float:
+        def samples(url: str, name: str, **labels: str) -> float:
             with urllib.request.urlopen(url, timeout=5) as response:
                 text = response.read().decode()
             return sum(
                 s.value
                 for f in text_string_to_metric_families(text)
                 for s in f.samples
-                if s.name == "riffloop_kafka_messages_total"
-                and s.labels.get("topic") == topic
-                and s.labels.get("outcome") == "handled"
+                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+            )
+
+        def consumed(url: str, topic: str) -> float:
+            return samples(url, "riffloop_kafka_messages_total", topic=topic, outcome="handled")
+
+        def recorded() -> float:
+            return samples(
+                fb_metrics, "riffloop_feedback_recorded_total", kind="rating", outcome="recorded"
             )
 
         while consumed(gw_metrics, "tracks.ready.v1") < options.ratings:
@@ -178,36 +211,42 @@ def main(argv: list[str] | None = None) -> int:
         while consumed(fb_metrics, "tracks.ready.v1") < options.ratings:
             time.sleep(0.5)
         signer = TokenSigner(stack.state.auth_secret)
-        print(f"tracks ready; sending {len(jobs)} ratings", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        latencies, elapsed, failures = asyncio.run(
-            _send(gateway.target, jobs, options.concurrency, signer)
+        calls = _calls(jobs, options.batch)
+        print(
+            f"tracks ready; sending {len(jobs)} ratings in {len(calls)} calls",
+            file=sys.stderr,
+            flush=True,
         )
-        while consumed(fb_metrics, "feedback.received.v1") < len(latencies):
+        started = time.perf_counter()
+        latencies, elapsed, failures, accepted = asyncio.run(
+            _send(gateway.target, calls, options.concurrency, signer, options.batch > 1)
+        )
+        while recorded() < accepted:
             if time.perf_counter() - started > 600:
                 break
             time.sleep(0.1)
         end_to_end = time.perf_counter() - started
-        counted = consumed(fb_metrics, "feedback.received.v1")
+        counted = recorded()
         bus.close()
     finally:
         stack.down()
         if infra is not None:
             infra.stop()
     ms = sorted(x * 1000 for x in latencies)
-    rate = len(latencies) / elapsed
+    rate = accepted / elapsed
     p50 = statistics.median(ms)
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
+    how = f"SubmitFeedback × {options.batch} ratings" if options.batch > 1 else "Rate"
     print(
-        f"ratings sent          {options.ratings} ({failures} failed), "
-        f"concurrency {options.concurrency}"
+        f"ratings sent          {options.ratings} in {len(calls)} calls of {how} "
+        f"({failures} calls failed), concurrency {options.concurrency}"
     )
     print(
         f"gateway accepted      {rate:,.0f} ratings/s  (target {TARGET_RATE:,.0f}: "
         f"{rate / TARGET_RATE:.2f}×)"
     )
     print(
-        f"gateway latency       p50 {p50:.1f} ms  p99 {p99:.1f} ms  max {ms[-1]:.1f} ms  "
+        f"gateway call latency  p50 {p50:.1f} ms  p99 {p99:.1f} ms  max {ms[-1]:.1f} ms  "
         f"(target p99 < {TARGET_P99_MS:.0f} ms)"
     )
     print(
@@ -215,6 +254,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{counted / end_to_end:,.0f} ratings/s"
     )
     return 0
+
+
+def _calls(jobs: list[tuple[str, str, int]], batch: int) -> list[tuple[str, list[tuple[str, int]]]]:
+    """Group (track, user, stars) jobs into calls of up to ``batch`` ratings of one user."""
+    by_user: dict[str, list[tuple[str, int]]] = {}
+    for track_id, user, stars in jobs:
+        by_user.setdefault(user, []).append((track_id, stars))
+    size = max(1, batch)
+    calls = [
+        (user, ratings[i : i + size])
+        for user, ratings in by_user.items()
+        for i in range(0, len(ratings), size)
+    ]
+    # interleave users the way independent clients would arrive
+    calls.sort(key=lambda call: zlib.crc32(call[1][0][0].encode()))
+    return calls
 
 
 if __name__ == "__main__":

@@ -72,6 +72,11 @@ _PAYLOAD_FIELD: dict[Topic, str] = {
 }
 
 
+# Payloads a topic accepts besides its own: feedback.received.v1 also carries a FeedbackBatch
+# (one user's items from one SubmitFeedback call, so a batch costs one record, not one each).
+_ALSO_ACCEPTED: dict[Topic, tuple[str, ...]] = {Topic.FEEDBACK_RECEIVED: ("feedback_batch",)}
+
+
 def dlq_topic(topic: str) -> str:
     """The dead-letter twin of a topic: ``<topic>.dlq``."""
     if topic.endswith(DLQ_SUFFIX):
@@ -137,12 +142,15 @@ def decode_envelope(data: bytes, topic: str | None = None) -> events_pb2.Envelop
         base = topic.removesuffix(DLQ_SUFFIX)
         if topic.endswith(DLQ_SUFFIX):
             expected = "dead_letter"
+            accepted = (expected,)
         else:
             try:
                 expected = Topic(base).payload_field
+                accepted = (expected, *_ALSO_ACCEPTED.get(Topic(base), ()))
             except ValueError:
                 expected = field  # a topic outside the catalogue (tests): any payload goes
-        if field != expected:
+                accepted = (field,)
+        if field not in accepted:
             raise ValidationError(
                 f"event {envelope.event_id!r} on {topic} carries {field}, expected {expected}"
             )

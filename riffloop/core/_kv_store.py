@@ -65,6 +65,14 @@ class KeyValueStore(abc.ABC):
     def set_if_absent(self, key: str, value: str, *, ttl_s: float | None = None) -> bool:
         """Set only if the key is absent; True if this call set it (Redis SET NX)."""
 
+    def set_many_if_absent(
+        self, keys: Sequence[str], value: str, *, ttl_s: float | None = None
+    ) -> list[bool]:
+        """``[set_if_absent(k, value) for k in keys]`` in one round trip where the adapter can
+        (a Redis pipeline). Each key is claimed on its own: a repeated key is claimed once, by
+        its first occurrence."""
+        return [self.set_if_absent(k, value, ttl_s=ttl_s) for k in keys]
+
     @abc.abstractmethod
     def delete(self, key: str) -> bool:
         """Remove a key (string or hash); True if it existed."""
@@ -83,6 +91,11 @@ class KeyValueStore(abc.ABC):
 
     @abc.abstractmethod
     def hset(self, key: str, mapping: Mapping[str, str]) -> None: ...
+
+    def hset_many(self, writes: Mapping[str, Mapping[str, str]]) -> None:
+        """``hset`` of several hashes (key → fields) in one round trip where the adapter can."""
+        for key, mapping in writes.items():
+            self.hset(key, mapping)
 
     @abc.abstractmethod
     def hget(self, key: str, field: str) -> str | None: ...

@@ -125,6 +125,39 @@ class RedisKeyValueStore(KeyValueStore):
         values: Any = self._call(f"MGET {keys[0]}…", lambda: self._client.mget(list(keys)))
         return [None if v is None else str(v) for v in values]
 
+    def set_many_if_absent(
+        self, keys: Sequence[str], value: str, *, ttl_s: float | None = None
+    ) -> list[bool]:
+        if not keys:
+            return []
+        for key in keys:
+            validate_kv_key(key)
+        ttl = validate_ttl(ttl_s)
+        px = None if ttl is None else _ms(ttl)
+
+        def run() -> Any:
+            pipe = self._client.pipeline(transaction=False)  # SET NX per key, one round trip
+            for key in keys:
+                pipe.set(key, str(value), px=px, nx=True)
+            return pipe.execute()
+
+        return [bool(x) for x in self._call(f"SET NX {keys[0]}…", run)]
+
+    def hset_many(self, writes: Mapping[str, Mapping[str, str]]) -> None:
+        batch = {k: {str(f): str(v) for f, v in m.items()} for k, m in writes.items() if m}
+        for key in batch:
+            validate_kv_key(key)
+        if not batch:
+            return
+
+        def run() -> Any:
+            pipe = self._client.pipeline(transaction=False)
+            for key, mapping in batch.items():
+                pipe.hset(key, mapping=mapping)  # type: ignore[arg-type]
+            return pipe.execute()
+
+        self._call(f"HSET {next(iter(batch))}…", run)
+
     def incr(self, key: str, amount: int = 1, *, ttl_s: float | None = None) -> int:
         validate_kv_key(key)
         ttl = validate_ttl(ttl_s)

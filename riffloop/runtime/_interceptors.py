@@ -259,16 +259,21 @@ def current_user() -> str:
 
 
 class RateLimiter(Protocol):
-    def try_acquire(self, key: str) -> float:
-        """Take one token for ``key``; return 0 when allowed, else seconds until one is free."""
+    def try_acquire(self, key: str, cost: int = 1) -> float:
+        """Take ``cost`` tokens for ``key``; return 0 when allowed, else seconds until free."""
         ...
 
 
 class RateLimitInterceptor(grpc.ServerInterceptor):
-    """Per-user token bucket; runs after auth (it keys on the verified user)."""
+    """Per-user token bucket; runs after auth (it keys on the verified user). A call costs one
+    token, or ``costs[method](request)`` for a unary method named there (a batch pays per
+    item)."""
 
-    def __init__(self, limiter: RateLimiter) -> None:
+    def __init__(
+        self, limiter: RateLimiter, costs: dict[str, Callable[[Any], int]] | None = None
+    ) -> None:
         self.limiter = limiter
+        self.costs = dict(costs or {})
 
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
@@ -276,11 +281,14 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             return handler
         _, method = _split_method(handler_call_details.method)
 
-        def check() -> None:
+        cost_of = self.costs.get(method)
+
+        def check(request: Any = None) -> None:
             user = user_id_var.get()
             if not user:
                 return  # unauthenticated calls were refused by the auth interceptor already
-            wait_s = self.limiter.try_acquire(user)
+            cost = 1 if cost_of is None or request is None else max(1, int(cost_of(request)))
+            wait_s = self.limiter.try_acquire(user, cost)
             if wait_s > 0:
                 raise RateLimitedError(
                     f"rate limit exceeded for user {user} on {method}; retry in {wait_s:.2f} s"
@@ -296,7 +304,7 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
                 return stream_behavior
 
             def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
-                check()
+                check(request)
                 return behavior(request, context)
 
             return unary_behavior

@@ -40,17 +40,21 @@ class SlidingWindowLimiter:
         self.prefix = prefix
         self.clock = clock
 
-    def try_acquire(self, key: str) -> float:
+    def try_acquire(self, key: str, cost: int = 1) -> float:
+        """Take ``cost`` tokens (a batch call pays per item); 0 when allowed, else the seconds
+        until they are free. A cost above the burst can never pass."""
+        if cost < 1:
+            raise ValidationError("a rate-limited call costs at least one token")
         now = self.clock()
         index = math.floor(now / self.window_s)
         fraction = now / self.window_s - index
         current_key = f"{self.prefix}:{key}:{index}"
         # Two round trips per call: the counter is created with its TTL by the increment itself.
-        count = self.kv.incr(current_key, ttl_s=2 * self.window_s + 1)
+        count = self.kv.incr(current_key, cost, ttl_s=2 * self.window_s + 1)
         previous = int(self.kv.get(f"{self.prefix}:{key}:{index - 1}") or 0)
         estimate = previous * (1.0 - fraction) + count
         if estimate <= self.burst:
             return 0.0
         # Undo this call's claim, so refused calls do not keep a flooding client locked out.
-        self.kv.incr(current_key, -1)
+        self.kv.incr(current_key, -cost)
         return max((estimate - self.burst) / self.rate, 1.0 / self.rate)

@@ -61,6 +61,11 @@ RATINGS = Counter(
     "Ratings received by the gateway, accepted or rejected.",
     ["outcome"],
 )
+FEEDBACK_RECORDED = Counter(
+    "riffloop_feedback_recorded_total",
+    "Ratings and listens the feedback service recorded (each once), or refused, by kind.",
+    ["kind", "outcome"],
+)
 SPAM_CAUGHT = Counter(
     "riffloop_spam_caught_total",
     "Feedback events the anti-spam logic discarded, by reason.",
@@ -104,6 +109,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "riffloop_kafka_messages_total",
     "riffloop_dlq_messages_total",
     "riffloop_ratings_total",
+    "riffloop_feedback_recorded_total",
     "riffloop_spam_caught_total",
     "riffloop_tracks_generated_total",
     "riffloop_generation_seconds",
@@ -121,6 +127,8 @@ for _outcome in ("accepted", "rejected"):
     RATINGS.labels(_outcome)
 for _kind in ("generated", "baseline"):
     TRACKS_GENERATED.labels(_kind)
+for _kind in ("rating", "listen"):
+    FEEDBACK_RECORDED.labels(_kind, "recorded")
 for _reason in ("constant", "random", "no_listening", "burst", "inconsistent"):
     SPAM_CAUGHT.labels(_reason)
 

@@ -4,7 +4,8 @@ Domain logic is riffloop.loop's: ``FeedbackLedger`` validates and records, ``Spa
 spammers and rater reliability ρ, ``ConfidenceWeight`` gives R and ω. This shell only moves events:
 
 1. tracks.ready.v1 → register the track's provenance and mark it served to its user.
-2. feedback.received.v1 → ``ledger.rate`` / ``ledger.listen``; a duplicate (ConflictError) is
+2. feedback.received.v1 (one FeedbackReceived, or a FeedbackBatch of one user's items) →
+   ``ledger.rate`` / ``ledger.listen``; a duplicate (ConflictError) is
    the same rating delivered again and is ignored, so every accepted rating counts exactly once.
    Each accepted input is also written to the key-value store as an upsert keyed by
    (track, rater), from which a restarted process rebuilds the ledger (kill -9 safe: the
@@ -140,37 +141,68 @@ class FeedbackState:
         self.ports.kv.hset("fb:tracks", {ready.track_id: json.dumps(record)})
 
     def on_feedback(self, envelope: events_pb2.Envelope) -> None:
-        event = envelope.feedback_received
+        """One FeedbackReceived, or a FeedbackBatch (one user's items from one SubmitFeedback
+        call) applied item by item. All of a batch's tracks must be known before any item is
+        applied, so a batch retried after NotFoundError is applied whole, once."""
         submitted_at = envelope.occurred_at.ToNanoseconds() / 1e9
-        which = event.WhichOneof("feedback")
+        batched = envelope.WhichOneof("payload") == "feedback_batch"
+        events = list(envelope.feedback_batch.items) if batched else [envelope.feedback_received]
+        writes: dict[str, dict[str, str]] = {}
+        recorded = {"rating": 0, "listen": 0}
         with self.lock:
             # A rating can overtake its tracks.ready (other topic, other partition): the track
             # is unknown yet, NotFoundError is retried by the consumer with back-off.
-            self.ledger.provenance(event.track_id)
-            if which == "rating":
-                rating = Rating(
-                    event.track_id, event.user_id, int(event.rating.stars), submitted_at
-                )
-                fresh = self._apply_rating(rating)
-                table, value = "ratings", dataclasses.asdict(rating)
-            elif which == "listen":
-                listen = ListenEvent(
-                    track_id=event.track_id,
-                    rater_id=event.user_id,
-                    seconds_listened=float(event.listen.seconds_listened),
-                    clip_seconds=float(event.listen.clip_seconds),
-                    completed=bool(event.listen.completed),
-                    skipped=not event.listen.completed,
-                    submitted_at=submitted_at,
-                )
-                fresh = self._apply_listen(listen)
-                table, value = "listens", dataclasses.asdict(listen)
-            else:
-                raise ValidationError(f"feedback event {envelope.event_id} carries no feedback")
-            self.dirty.add(event.track_id)
-        if fresh:
-            # Upsert keyed by (track, rater): writing it again after a crash changes nothing.
-            self.ports.kv.hset(f"fb:{table}:{event.track_id}", {event.user_id: json.dumps(value)})
+            for event in events:
+                self.ledger.provenance(event.track_id)
+            for event in events:
+                try:
+                    kind, table, value, fresh = self._record(event, submitted_at)
+                except ValidationError as exc:
+                    if not batched:
+                        raise  # a poison event: the consumer dead-letters it
+                    # one bad item must not sink the user's other items (the gateway checked
+                    # them all, so this is a bug or a replay of old data: log it, count it)
+                    _log.warning(
+                        "feedback item refused",
+                        extra={"event_id": envelope.event_id, "reason": exc.reason},
+                    )
+                    metrics.FEEDBACK_RECORDED.labels(
+                        event.WhichOneof("feedback") or "none", "refused"
+                    ).inc()
+                    continue
+                self.dirty.add(event.track_id)
+                if fresh:
+                    recorded[kind] += 1
+                    writes.setdefault(f"fb:{table}:{event.track_id}", {})[event.user_id] = (
+                        json.dumps(_row(value))
+                    )
+        if writes:
+            # Upserts keyed by (track, rater): writing them again after a crash changes nothing.
+            self.ports.kv.hset_many(writes)
+        for kind, n in recorded.items():
+            if n:
+                metrics.FEEDBACK_RECORDED.labels(kind, "recorded").inc(n)
+
+    def _record(
+        self, event: events_pb2.FeedbackReceived, submitted_at: float
+    ) -> tuple[str, str, Rating | ListenEvent, bool]:
+        """Apply one item to the ledger: (kind, key-value table, the item, fresh?)."""
+        which = event.WhichOneof("feedback")
+        if which == "rating":
+            rating = Rating(event.track_id, event.user_id, int(event.rating.stars), submitted_at)
+            return "rating", "ratings", rating, self._apply_rating(rating)
+        if which == "listen":
+            listen = ListenEvent(
+                track_id=event.track_id,
+                rater_id=event.user_id,
+                seconds_listened=float(event.listen.seconds_listened),
+                clip_seconds=float(event.listen.clip_seconds),
+                completed=bool(event.listen.completed),
+                skipped=not event.listen.completed,
+                submitted_at=submitted_at,
+            )
+            return "listen", "listens", listen, self._apply_listen(listen)
+        raise ValidationError(f"feedback for track {event.track_id} carries no rating or listen")
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -212,6 +244,12 @@ class FeedbackState:
         for payload in payloads:
             self.ports.publish("tracks.scored.v1", payload.track_id, payload)
         return len(payloads)
+
+
+def _row(item: Rating | ListenEvent) -> dict[str, Any]:
+    """The key-value row of a rating or listen (``dataclasses.asdict`` without its deep copy,
+    a third of the consumer's time per item)."""
+    return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
 
 
 class FeedbackServicer(pb_grpc.FeedbackServiceServicer):

@@ -47,7 +47,8 @@ def build(
         settings,
         interceptors=[
             BearerAuthInterceptor(TokenSigner(settings.auth_secret)),
-            RateLimitInterceptor(limiter),
+            # SubmitFeedback pays one token per item: the limit counts ratings, not calls
+            RateLimitInterceptor(limiter, {"SubmitFeedback": lambda request: len(request.items)}),
         ],
         # One upload chunk per message: a little above the chunk size clients use (1 MiB).
         max_message_bytes=2 * MiB,

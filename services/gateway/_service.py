@@ -2,7 +2,8 @@
 
 It validates every client input, stores uploads content-addressed, and turns calls into events:
 UploadSong → songs.uploaded.v1, Generate → generation.requested.v1, Rate / ReportListen →
-feedback.received.v1. It consumes tracks.ready.v1 (a pending track becomes ready),
+feedback.received.v1 (FeedbackReceived), SubmitFeedback → feedback.received.v1 (one FeedbackBatch
+per call). It consumes tracks.ready.v1 (a pending track becomes ready),
 model.published.v1 and tracks.scored.v1 (for ListModels). Auth and the per-user rate limit are
 interceptors (riffloop.runtime), not handler code.
 
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from riffloop.core import (
@@ -35,6 +37,7 @@ from riffloop.core import (
     NotFoundError,
     PermanentError,
     PermissionDeniedError,
+    RiffloopError,
     ValidationError,
 )
 from riffloop.runtime import ServiceSettings, current_user, metrics
@@ -87,6 +90,8 @@ class GatewaySettings(ServiceSettings):
     stream_chunk_bytes: int = 64 * 1024
     # Seed of the blind dispatch; the generator must use the same one (track ids agree).
     dispatch_seed: int = 0
+    # Most items in one SubmitFeedback call (each costs one token of the per-user rate limit).
+    max_feedback_batch: int = 100
 
     def _validate(self) -> None:
         super()._validate()
@@ -100,6 +105,11 @@ class GatewaySettings(ServiceSettings):
             raise ConfigurationError(
                 "need 1 ≤ RIFFLOOP_DEFAULT_QUALITY ≤ RIFFLOOP_MAX_QUALITY ≤ 1000"
             )
+        if not 1 <= self.max_feedback_batch <= self.rate_limit_burst:
+            raise ConfigurationError(
+                "RIFFLOOP_MAX_FEEDBACK_BATCH must lie in 1–RIFFLOOP_RATE_LIMIT_BURST (a larger "
+                "batch could never pass the rate limit)"
+            )
         if not 1024 <= self.stream_chunk_bytes <= 1024 * 1024:
             raise ConfigurationError("RIFFLOOP_STREAM_CHUNK_BYTES must lie in 1 KiB–1 MiB")
 
@@ -110,6 +120,49 @@ def _check_track_id(track_id: str) -> str:
     if not TRACK_ID.match(track_id):
         raise ValidationError("track_id must be 1–64 characters of letters, digits, '_' or '-'")
     return track_id
+
+
+def _check_stars(stars: int) -> None:
+    if not 1 <= stars <= 5:
+        raise ValidationError(f"stars must be 1–5, got {stars}")
+
+
+def _check_seconds(seconds: float) -> None:
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValidationError("seconds_listened must be a finite number ≥ 0")
+
+
+def _check_ready(track_id: str, record: dict[str, Any]) -> None:
+    if record["status"] != "ready":
+        raise PermanentError(f"track {track_id} is not ready; rate it after listening")
+
+
+def _once_key(track_id: str, user: str) -> str:
+    return f"gw:rated:{track_id}:{user}"
+
+
+def _item_track(item: pb.FeedbackItem) -> str:
+    which = item.WhichOneof("item")
+    return str(item.rating.track_id if which == "rating" else item.listen.track_id)
+
+
+def _listen_event(
+    user: str, listen: pb.ReportListenRequest, record: dict[str, Any]
+) -> events_pb2.FeedbackReceived:
+    """The FeedbackReceived of a listen report; the clip length comes from the track record."""
+    seconds = listen.seconds_listened
+    clip = float(record.get("duration", 0.0)) or 0.0
+    if clip > 0 and seconds > clip * 1.5 + 1.0:
+        raise ValidationError(
+            f"seconds_listened {seconds:.1f} exceeds the clip length {clip:.1f} s"
+        )
+    return events_pb2.FeedbackReceived(
+        user_id=user,
+        track_id=listen.track_id,
+        listen=events_pb2.ListenReport(
+            seconds_listened=seconds, clip_seconds=clip, completed=listen.completed
+        ),
+    )
 
 
 def _now_ts(at: float | None = None) -> Timestamp:
@@ -267,17 +320,15 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     def _ready_track_for_feedback(self, track_id: str) -> dict[str, Any]:
         record = self._track(track_id)
-        if record["status"] != "ready":
-            raise PermanentError(f"track {track_id} is not ready; rate it after listening")
+        _check_ready(track_id, record)
         return record
 
     def Rate(self, request: pb.RateRequest, context: Any) -> pb.RateResponse:
         try:
-            if not 1 <= request.stars <= 5:
-                raise ValidationError(f"stars must be 1–5, got {request.stars}")
+            _check_stars(request.stars)
             self._ready_track_for_feedback(request.track_id)
             user = current_user()
-            once_key = f"gw:rated:{request.track_id}:{user}"
+            once_key = _once_key(request.track_id, user)
             if not self.ports.kv.set_if_absent(once_key, "1"):
                 raise ConflictError(f"you already rated track {request.track_id}")
             payload = events_pb2.FeedbackReceived(
@@ -297,24 +348,103 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return pb.RateResponse(event_id=event_id)
 
     def ReportListen(self, request: pb.ReportListenRequest, context: Any) -> Any:
-        seconds = request.seconds_listened
-        if not math.isfinite(seconds) or seconds < 0:
-            raise ValidationError("seconds_listened must be a finite number ≥ 0")
+        _check_seconds(request.seconds_listened)
         record = self._ready_track_for_feedback(request.track_id)
-        clip = float(record.get("duration", 0.0)) or 0.0
-        if clip > 0 and seconds > clip * 1.5 + 1.0:
-            raise ValidationError(
-                f"seconds_listened {seconds:.1f} exceeds the clip length {clip:.1f} s"
-            )
-        payload = events_pb2.FeedbackReceived(
-            user_id=current_user(),
-            track_id=request.track_id,
-            listen=events_pb2.ListenReport(
-                seconds_listened=seconds, clip_seconds=clip, completed=request.completed
-            ),
-        )
+        payload = _listen_event(current_user(), request, record)
         event_id = self.ports.publish("feedback.received.v1", request.track_id, payload)
         return pb.ReportListenResponse(event_id=event_id)
+
+    def SubmitFeedback(self, request: pb.SubmitFeedbackRequest, context: Any) -> Any:
+        """Many Rate / ReportListen items of the caller in one call: the same checks per item,
+        one MGET of the track records, one pipelined once-only claim for the ratings and one
+        event (FeedbackBatch, keyed by user) for everything accepted — O(1) round trips per
+        batch instead of O(items). A refused item does not stop the others."""
+        items = list(request.items)
+        limit = self.settings.max_feedback_batch
+        if not 1 <= len(items) <= limit:
+            raise ValidationError(f"a feedback batch holds 1–{limit} items, got {len(items)}")
+        user = current_user()
+        refused: dict[int, RiffloopError] = {}
+        for i, item in enumerate(items):
+            try:
+                which = item.WhichOneof("item")
+                if which == "rating":
+                    _check_track_id(item.rating.track_id)
+                    _check_stars(item.rating.stars)
+                elif which == "listen":
+                    _check_track_id(item.listen.track_id)
+                    _check_seconds(item.listen.seconds_listened)
+                else:
+                    raise ValidationError(f"item {i} carries neither a rating nor a listen")
+            except RiffloopError as exc:
+                refused[i] = exc
+        wanted = sorted({_item_track(x) for i, x in enumerate(items) if i not in refused})
+        raws = self.ports.kv.get_many([f"gw:track:{t}" for t in wanted])
+        records = {t: json.loads(raw) for t, raw in zip(wanted, raws, strict=True) if raw}
+        listens: dict[int, events_pb2.FeedbackReceived] = {}
+        for i, item in enumerate(items):
+            if i in refused:
+                continue
+            track_id = _item_track(item)
+            try:
+                record = records.get(track_id)
+                if record is None:
+                    raise NotFoundError(f"track {track_id} does not exist")
+                if record.get("owner") != user:
+                    raise PermissionDeniedError(f"track {track_id} was not served to you")
+                _check_ready(track_id, record)
+                if item.WhichOneof("item") == "listen":
+                    listens[i] = _listen_event(user, item.listen, record)
+            except RiffloopError as exc:
+                refused[i] = exc
+        rated = [
+            i for i, x in enumerate(items) if i not in refused and x.WhichOneof("item") == "rating"
+        ]
+        once_keys = [_once_key(items[i].rating.track_id, user) for i in rated]
+        claimed = self.ports.kv.set_many_if_absent(once_keys, "1")
+        for i, fresh in zip(rated, claimed, strict=True):
+            if not fresh:
+                refused[i] = ConflictError(f"you already rated track {items[i].rating.track_id}")
+        batch = events_pb2.FeedbackBatch()
+        for i, item in enumerate(items):
+            if i in refused:
+                continue
+            if item.WhichOneof("item") == "rating":
+                batch.items.add(
+                    user_id=user,
+                    track_id=item.rating.track_id,
+                    rating=events_pb2.TrackRating(stars=item.rating.stars),
+                )
+            else:
+                batch.items.append(listens[i])
+        event_id = ""
+        if batch.items:
+            try:
+                event_id = self.ports.publish("feedback.received.v1", user, batch)
+            except BaseException:
+                # nothing left: release this call's claims so the client can send the batch again
+                for key, fresh in zip(once_keys, claimed, strict=True):
+                    if fresh:
+                        self.ports.kv.delete(key)
+                metrics.RATINGS.labels("rejected").inc(len(rated))
+                raise
+        results = []
+        for i, item in enumerate(items):
+            error = refused.get(i)
+            results.append(
+                pb.FeedbackItemResult(
+                    track_id=_item_track(item),
+                    code=0 if error is None else grpc.StatusCode[error.grpc_code].value[0],
+                    reason="" if error is None else error.reason,
+                )
+            )
+        ratings = [x.WhichOneof("item") == "rating" for x in items]
+        accepted = sum(1 for i, r in enumerate(ratings) if r and i not in refused)
+        metrics.RATINGS.labels("accepted").inc(accepted)
+        metrics.RATINGS.labels("rejected").inc(sum(ratings) - accepted)
+        return pb.SubmitFeedbackResponse(
+            event_id=event_id, results=results, accepted=len(items) - len(refused)
+        )
 
     # -- models -------------------------------------------------------------------------------
 

@@ -109,6 +109,26 @@ class TestKeyValueStoreContract:
         with pytest.raises(ValidationError):
             store.get_many([a, ""])
 
+    def test_set_many_if_absent_claims_each_key_once(self, kv_store: KV) -> None:
+        store, key = kv_store
+        a, b, c = key(), key(), key()
+        store.set(b, "taken")
+        assert store.set_many_if_absent([a, b, c, a], "1", ttl_s=30) == [True, False, True, False]
+        assert store.get_many([a, b, c]) == ["1", "taken", "1"]
+        assert 0 < (store.ttl(a) or 0) <= 30
+        assert store.set_many_if_absent([], "1") == []
+        with pytest.raises(ValidationError):
+            store.set_many_if_absent([key(), ""], "1")
+
+    def test_hset_many_writes_every_hash(self, kv_store: KV) -> None:
+        store, key = kv_store
+        a, b = key(), key()
+        store.hset(a, {"old": "0"})
+        store.hset_many({a: {"u1": "x", "u2": "y"}, b: {"u1": "z"}})
+        assert store.hgetall(a) == {"old": "0", "u1": "x", "u2": "y"}
+        assert store.hgetall(b) == {"u1": "z"}
+        store.hset_many({})
+
     def test_hashes(self, kv_store: KV) -> None:
         store, key = kv_store
         k = key()

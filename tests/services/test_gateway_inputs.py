@@ -32,6 +32,7 @@ def gateway() -> Iterator[Running]:
         max_upload_bytes=MAX_UPLOAD,
         rate_limit_per_s=10.0,
         rate_limit_burst=40,
+        max_feedback_batch=20,
     )
     yield running
     running.channel.close()
@@ -216,6 +217,107 @@ def test_track_and_feedback_errors(gateway: Running, stub, auth: Auth) -> None:
             pb.StreamAudioRequest(track_id=track_id, chunk_size=10), metadata=auth("dave")
         ).next(),
         "chunk_size",
+    )
+
+
+def _rating(track_id: str, stars: int) -> pb.FeedbackItem:
+    return pb.FeedbackItem(rating=pb.RateRequest(track_id=track_id, stars=stars))
+
+
+def _listen(track_id: str, seconds: float) -> pb.FeedbackItem:
+    return pb.FeedbackItem(
+        listen=pb.ReportListenRequest(track_id=track_id, seconds_listened=seconds)
+    )
+
+
+def test_submit_feedback_answers_each_item_and_publishes_one_event(
+    gateway: Running, stub, auth: Auth
+) -> None:
+    mine = [make_ready_track(gateway, stub, auth, "hana") for _ in range(2)]
+    theirs = make_ready_track(gateway, stub, auth, "ivan")
+    subscription = gateway.state.bus.subscribe("test-batch", ["feedback.received.v1"])
+    subscription.poll(0.1, 1000)  # from here on: this test's events only
+    items = [
+        _rating(mine[0], 5),  # accepted
+        _listen(mine[0], 0.4),  # accepted (clip 0.5 s)
+        _rating(mine[0], 4),  # the same track twice in one batch
+        _rating(mine[1], 0),  # stars out of range
+        _listen(mine[1], 30.0),  # longer than the clip
+        _rating(theirs, 3),  # served to someone else
+        _rating("nope", 3),  # unknown track
+        _rating("x" * 65, 3),  # malformed id
+        pb.FeedbackItem(),  # neither kind
+        _rating(mine[1], 2),  # accepted
+    ]
+    response = stub.SubmitFeedback(
+        pb.SubmitFeedbackRequest(items=items), metadata=auth("hana"), timeout=10
+    )
+    codes = [grpc.StatusCode.OK.value[0]] * 2 + [
+        grpc.StatusCode.ALREADY_EXISTS.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.PERMISSION_DENIED.value[0],
+        grpc.StatusCode.NOT_FOUND.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.INVALID_ARGUMENT.value[0],
+        grpc.StatusCode.OK.value[0],
+    ]
+    assert [r.code for r in response.results] == codes, response
+    assert response.accepted == 3 and response.event_id
+    for result in response.results:
+        assert (result.code == 0) == (result.reason == "")
+        assert "Traceback" not in result.reason
+    assert "already rated" in response.results[2].reason
+    assert "exceeds the clip length" in response.results[4].reason
+    # exactly one event, keyed by the user, carrying the accepted items in order
+    messages = subscription.poll(2.0, 1000)
+    subscription.close()
+    assert len(messages) == 1 and messages[0].key == "hana"
+    envelope = events_pb2.Envelope.FromString(messages[0].value)
+    assert envelope.event_id == response.event_id
+    batch = envelope.feedback_batch.items
+    assert [(x.track_id, x.WhichOneof("feedback")) for x in batch] == [
+        (mine[0], "rating"),
+        (mine[0], "listen"),
+        (mine[1], "rating"),
+    ]
+    assert batch[1].listen.clip_seconds == pytest.approx(0.5)
+    # once only across calls too, and the unary Rate agrees
+    again = stub.SubmitFeedback(
+        pb.SubmitFeedbackRequest(items=[_rating(mine[1], 1)]), metadata=auth("hana")
+    )
+    assert again.results[0].code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert again.accepted == 0 and again.event_id == ""
+    expect(
+        grpc.StatusCode.ALREADY_EXISTS,
+        lambda: stub.Rate(pb.RateRequest(track_id=mine[0], stars=1), metadata=auth("hana")),
+        "already rated",
+    )
+
+
+def test_submit_feedback_batch_limits_and_item_priced_rate_limit(stub, auth: Auth) -> None:
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.SubmitFeedback(pb.SubmitFeedbackRequest(), metadata=auth("kim")),
+        "1–20 items",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.SubmitFeedback(
+            pb.SubmitFeedbackRequest(items=[_rating("nope", 3)] * 21), metadata=auth("kim")
+        ),
+        "got 21",
+    )
+    # every item costs a token: burst 40 admits two batches of 20, not a third
+    batch = pb.SubmitFeedbackRequest(items=[_rating("nope", 3)] * 20)
+    for _ in range(2):
+        response = stub.SubmitFeedback(batch, metadata=auth("lou"), timeout=5)
+        assert response.accepted == 0
+        assert {r.code for r in response.results} == {grpc.StatusCode.NOT_FOUND.value[0]}
+    expect(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        lambda: stub.SubmitFeedback(batch, metadata=auth("lou"), timeout=5),
+        "rate limit exceeded",
     )
 
 

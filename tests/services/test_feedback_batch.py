@@ -1,0 +1,104 @@
+"""The feedback service applies a FeedbackBatch (one SubmitFeedback call) item by item, once.
+
+FeedbackState on in-memory ports, fed envelopes as its consumer would hand them over.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from riffloop.core import NotFoundError, ValidationError, new_envelope
+from riffloop.v1 import common_pb2, events_pb2
+from services.feedback._service import FeedbackState
+from tests.services.conftest import shared_ports
+
+pytestmark = pytest.mark.contract
+
+
+def _ready(state: FeedbackState, track_id: str, user: str) -> None:
+    ready = events_pb2.TrackReady(
+        track_id=track_id,
+        user_id=user,
+        duration_seconds=6.0,
+        provenance=common_pb2.TrackProvenance(
+            kind=common_pb2.TRACK_KIND_GENERATED,
+            model_version="v1",
+            input_song_ids=["a" * 64],
+            similarity=0.5,
+            quality=5,
+        ),
+    )
+    state.on_track_ready(new_envelope("generator", ready))
+
+
+def _batch(user: str, *items: tuple[str, int | float]) -> events_pb2.Envelope:
+    """(track, stars) for a rating, (track, seconds) with a float for a listen."""
+    batch = events_pb2.FeedbackBatch()
+    for track_id, value in items:
+        if isinstance(value, int):
+            batch.items.add(
+                user_id=user, track_id=track_id, rating=events_pb2.TrackRating(stars=value)
+            )
+        else:
+            batch.items.add(
+                user_id=user,
+                track_id=track_id,
+                listen=events_pb2.ListenReport(
+                    seconds_listened=value, clip_seconds=6.0, completed=value >= 6.0
+                ),
+            )
+    return new_envelope("gateway", batch)
+
+
+def _ratings(state: FeedbackState) -> list[tuple[str, str, int]]:
+    with state.lock:
+        return sorted((o.track_id, o.rater_id, o.stars) for o in state.ledger.observations())
+
+
+def test_a_batch_is_recorded_once_and_survives_a_rebuild() -> None:
+    ports = shared_ports()
+    state = FeedbackState(ports)
+    for t in ("t1", "t2"):
+        _ready(state, t, "uma")
+    envelope = _batch("uma", ("t1", 4), ("t1", 6.0), ("t2", 2), ("t2", 3.0))
+    state.on_feedback(envelope)
+    state.on_feedback(envelope)  # redelivered after a crash: nothing counts twice
+    assert _ratings(state) == [("t1", "uma", 4), ("t2", "uma", 2)]
+    assert json.loads(ports.kv.hget("fb:ratings:t1", "uma"))["stars"] == 4
+    assert json.loads(ports.kv.hget("fb:listens:t2", "uma"))["seconds_listened"] == 3.0
+    assert state.dirty == {"t1", "t2"}
+    # a restarted process rebuilds the same ledger from the key-value mirror
+    fresh = FeedbackState(ports)
+    assert fresh.rebuild() == 2
+    assert _ratings(fresh) == _ratings(state)
+
+
+def test_a_batch_waits_until_every_track_is_known() -> None:
+    """A rating can overtake its tracks.ready: the whole batch is retried, none applied early."""
+    ports = shared_ports()
+    state = FeedbackState(ports)
+    _ready(state, "t1", "vic")
+    envelope = _batch("vic", ("t1", 5), ("t9", 1))
+    with pytest.raises(NotFoundError):
+        state.on_feedback(envelope)
+    assert _ratings(state) == [] and ports.kv.hgetall("fb:ratings:t1") == {}
+    _ready(state, "t9", "vic")
+    state.on_feedback(envelope)  # the consumer's retry
+    assert _ratings(state) == [("t1", "vic", 5), ("t9", "vic", 1)]
+
+
+def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
+    ports = shared_ports()
+    state = FeedbackState(ports)
+    _ready(state, "t1", "wes")
+    _ready(state, "t2", "wes")
+    state.on_feedback(_batch("wes", ("t1", 9), ("t2", 3)))  # 9 stars: refused, t2 kept
+    assert _ratings(state) == [("t2", "wes", 3)]
+    # a single (unbatched) bad event is still poison for the consumer's dead-letter path
+    single = events_pb2.FeedbackReceived(
+        user_id="wes", track_id="t1", rating=events_pb2.TrackRating(stars=9)
+    )
+    with pytest.raises(ValidationError):
+        state.on_feedback(new_envelope("gateway", single))
