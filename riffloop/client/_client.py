@@ -68,6 +68,35 @@ class ModelInfo:
     baseline_rating_count: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Rating:
+    """A feedback item for ``submit_feedback``: stars 1–5 for a track served to the caller."""
+
+    track_id: str
+    stars: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Listen:
+    """A feedback item for ``submit_feedback``: seconds listened to a track."""
+
+    track_id: str
+    seconds: float
+    completed: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class FeedbackOutcome:
+    """One item's answer: ``error`` is None when accepted, else the matching riffloop error."""
+
+    track_id: str
+    error: RiffloopError | None
+
+    @property
+    def accepted(self) -> bool:
+        return self.error is None
+
+
 def _translate(error: grpc.RpcError) -> RiffloopError:
     code = error.code()
     cls = _ERRORS.get(code, RiffloopError)
@@ -174,6 +203,37 @@ class GatewayClient:
             track_id=track_id, seconds_listened=seconds, completed=completed
         )
         return str(self._call(self._stub.ReportListen, request).event_id)
+
+    def submit_feedback(self, items: list[Rating | Listen]) -> tuple[str, list[FeedbackOutcome]]:
+        """Ratings and listens in one call (at most the gateway's max_feedback_batch, 100 by
+        default). Returns the event id (empty if nothing was accepted) and one outcome per item,
+        in order; a refused item does not refuse the others."""
+        request = pb.SubmitFeedbackRequest()
+        for item in items:
+            if isinstance(item, Rating):
+                request.items.add(rating=pb.RateRequest(track_id=item.track_id, stars=item.stars))
+            elif isinstance(item, Listen):
+                request.items.add(
+                    listen=pb.ReportListenRequest(
+                        track_id=item.track_id,
+                        seconds_listened=item.seconds,
+                        completed=item.completed,
+                    )
+                )
+            else:
+                raise ValidationError(f"feedback items are Rating or Listen, not {type(item)}")
+        response = self._call(self._stub.SubmitFeedback, request)
+        outcomes = []
+        for result in response.results:
+            error = None
+            if result.code != grpc.StatusCode.OK.value[0]:
+                code = next(
+                    (c for c in grpc.StatusCode if c.value[0] == result.code),
+                    grpc.StatusCode.UNKNOWN,
+                )
+                error = _ERRORS.get(code, RiffloopError)(f"{code.name}: {result.reason}")
+            outcomes.append(FeedbackOutcome(result.track_id, error))
+        return str(response.event_id), outcomes
 
     def list_models(self) -> list[ModelInfo]:
         models = self._call(self._stub.ListModels, pb.ListModelsRequest()).models

@@ -771,8 +771,9 @@ def _constant(value: str) -> Callable[[], str]:
 
 
 def _progress_line(row: IterationRow, note: str) -> str:
+    where = "eval" if row.session == "eval" else f"it{row.iteration}"
     return (
-        f"[{row.arm} it{row.iteration}] {row.model_version}: gen {row.mean_generated:.2f} vs "
+        f"[{row.arm} {where}] {row.model_version}: gen {row.mean_generated:.2f} vs "
         f"base {row.mean_baseline:.2f} (Δ {row.delta:+.2f}), spam {row.spam_caught}/"
         f"{row.spammers}, pairs {row.train_pairs}, gate {row.gate}, canary {row.canary} — {note}"
     )

@@ -1,5 +1,6 @@
 """kill -9 the feedback service while ratings stream; after a restart every accepted rating is
 counted exactly once (real Kafka, MinIO and Redis; gateway and feedback as separate processes).
+Half the listeners rate one call per rating (Rate), half in batches (SubmitFeedback).
 
 Tracks are made ready by publishing TrackReady events on Kafka (what the generator does), so the
 test needs no model.
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile
 
-from riffloop.client import GatewayClient
+from riffloop.client import GatewayClient, Rating
 from riffloop.core import KafkaEventBus, S3ObjectStore, Settings, new_envelope
 from riffloop.runtime import TokenSigner
 from riffloop.v1 import common_pb2, events_pb2
@@ -87,8 +88,36 @@ def test_feedback_kill_9_restart_counts_every_accepted_rating_once(service_stack
                     time.sleep(0.1)
             time.sleep(0.05)
 
+    def submit_all(users: list[str]) -> None:
+        """The batch path: SubmitFeedback calls of up to 5 ratings per user."""
+        for user in users:
+            pending = sorted(t for t, u in tracks.items() if u == user)
+            for _ in range(200):
+                if not pending:
+                    break
+                part = pending[:5]
+                try:
+                    _, outcomes = clients[user].submit_feedback(
+                        [Rating(t, 1 + hash(t) % 5) for t in part]
+                    )
+                except Exception:
+                    time.sleep(0.1)  # the whole call failed: nothing was accepted, send again
+                    continue
+                for outcome in outcomes:
+                    if outcome.accepted:
+                        with lock:
+                            accepted[outcome.track_id] = accepted.get(outcome.track_id, 0) + 1
+                    if outcome.accepted or "already rated" in str(outcome.error):
+                        pending.remove(outcome.track_id)
+                time.sleep(0.1)
+
     ids = sorted(tracks)
-    workers = [threading.Thread(target=rate_all, args=(ids[i::4],)) for i in range(4)]
+    users = sorted(set(tracks.values()))
+    one_by_one = [t for t in ids if users.index(tracks[t]) % 2 == 0]
+    batched_users = users[1::2]
+    workers = [threading.Thread(target=rate_all, args=(one_by_one[i::2],)) for i in range(2)] + [
+        threading.Thread(target=submit_all, args=(batched_users[i::2],)) for i in range(2)
+    ]
     for worker in workers:
         worker.start()
     # Kill the feedback service hard while ratings stream in, then bring it back.
