@@ -29,6 +29,9 @@ MODEL_CONSTRUCTION_LOCK = threading.RLock()
 
 MODELS_BUCKET = "models"
 CURRENT_KEY = "CURRENT"
+# {"version", "parent", "share"} while a canary runs; removed when it is decided. Processes that
+# start meanwhile (a restarted generator or trainer) resume the canary from it.
+CANARY_KEY = "CANARY"
 
 
 class ModelStore:
@@ -93,6 +96,26 @@ class ModelStore:
         self.objects.put(
             MODELS_BUCKET, CURRENT_KEY, json.dumps(body).encode(), content_type="application/json"
         )
+
+
+    def canary(self) -> dict[str, Any] | None:
+        """The running canary (``{"version", "parent", "share"}``), or None."""
+        try:
+            return dict(json.loads(self.objects.get(MODELS_BUCKET, CANARY_KEY)))
+        except NotFoundError:
+            return None
+
+    def set_canary(self, version: str, parent: str, share: float) -> None:
+        body = {"version": version, "parent": parent, "share": share}
+        self.objects.put(
+            MODELS_BUCKET, CANARY_KEY, json.dumps(body).encode(), content_type="application/json"
+        )
+
+    def clear_canary(self, version: str | None = None) -> None:
+        """Forget the running canary (only if it is ``version``, when given)."""
+        marker = self.canary()
+        if marker is not None and (version is None or marker.get("version") == version):
+            self.objects.delete(MODELS_BUCKET, CANARY_KEY)
 
 
 class ServedModel:
@@ -173,9 +196,25 @@ class ServedModel:
         current = self.store.current()
         if current is None:
             return False
-        if self.model is not None and self.model.version == current["version"]:
-            return True
-        return self.swap_to(str(current["version"]))
+        if self.model is None or self.model.version != current["version"]:
+            self.swap_to(str(current["version"]))
+        self.resume_canary()
+        return True
+
+    def resume_canary(self) -> None:
+        """Serve the running canary's share too, if one runs against the model held (a process
+        that starts mid-canary learns of it from ``models/CANARY``, not from the event it missed;
+        the decision event, consumed afterwards, ends it as usual)."""
+        marker = self.store.canary()
+        if marker is None or self.canary_version == marker.get("version"):
+            return
+        held = self.get().version
+        if marker.get("parent") != held:
+            return  # a canary against another version: not this process's business
+        try:
+            self.start_canary(str(marker["version"]), float(marker["share"]))
+        except NotFoundError:
+            _log.warning("canary marker names a missing checkpoint", extra=marker)
 
     def swap_to(self, version: str) -> bool:
         model = self.store.load(version)  # outside the lock: requests keep the old model

@@ -145,6 +145,7 @@ class TrainerCore:
         """Publish the base model if no model is served yet; return the served version."""
         current = self.store.current()
         if current is not None:
+            self.resume_canary()
             return str(current["version"])
         from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
 
@@ -349,6 +350,7 @@ class TrainerCore:
             raise ValidationError("the base model has no parent to run a canary against")
         checkpoint = self._store_version(model, trainset_id)
         self.registry.gate(model.version, report)  # passed: CANDIDATE → CANARY
+        self.store.set_canary(model.version, model.parent, self.settings.canary_share)
         with self.lock:
             self.watch, self.watch_scores = (model.parent, model.version), {}
         return self._announce(
@@ -443,6 +445,27 @@ class TrainerCore:
             if current.get("version") == candidate:
                 self.rollback(parent)
 
+    def resume_canary(self) -> str | None:
+        """After a restart: watch the canary ``models/CANARY`` names, if the registry still has
+        it as CANARY (a marker left by a crash after the decision is removed). The ratings seen
+        before the restart are gathered again from the TrackScored events that follow."""
+        marker = self.store.canary()
+        if marker is None:
+            return None
+        version = str(marker["version"])
+        try:
+            record = self.registry.get(version)
+        except NotFoundError:
+            record = None
+        if record is None or record.status is not VersionStatus.CANARY or not record.parent:
+            self.store.clear_canary(version)
+            return None
+        with self.lock:
+            if self.watch is None:
+                self.watch, self.watch_scores = (record.parent, version), {}
+        _log.info("canary resumed", extra={"model_version": version})
+        return version
+
     def running_canary(self) -> str | None:
         """The candidate serving a canary share now, if any."""
         with self.lock:
@@ -457,6 +480,7 @@ class TrainerCore:
         if record.status is not VersionStatus.CANARY or not record.parent:
             raise PermanentError(f"model {candidate} is {record.status}, not a canary")
         self.registry.roll_back(candidate, verdict)
+        self.store.clear_canary(candidate)
         metrics.MODEL_ROLLBACKS.inc()
         with self.lock:
             if self.watch is not None and self.watch[1] == candidate:
@@ -479,6 +503,7 @@ class TrainerCore:
             if self.watch is not None and self.watch[1] == version and verdict is not None:
                 self.watch = None  # the canary decided; a manual promote keeps watching
         self.store.set_current(version, record.parent or "")
+        self.store.clear_canary(version)
         return self._announce(
             version,
             record.parent or "",

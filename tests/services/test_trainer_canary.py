@@ -205,3 +205,37 @@ def test_generator_serves_a_published_canary_and_reports_it() -> None:
         for running in (generator, trainer):
             running.channel.close()
             running.runtime.stop()
+
+
+def test_a_canary_survives_restarts_of_the_trainer_and_the_generator(trainer: Running) -> None:
+    """``models/CANARY`` carries a running canary across restarts: a new trainer process
+    resumes watching it, a new generator serves its share; the decision removes the marker."""
+    from riffloop.runtime import ServedModel
+    from services.trainer import TrainerCore, TrainerSettings
+
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-restart", gate=None, report=PASSED)
+    assert core.store.canary() == {"version": "v0002", "parent": "v0001", "share": 0.25}
+    restarted = TrainerCore(
+        TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
+    )
+    assert restarted.running_canary() is None  # before its bootstrap
+    restarted.ensure_base()
+    assert restarted.running_canary() == "v0002" and restarted.watch == ("v0001", "v0002")
+    generator = ServedModel(core.store, "generator-restarted")
+    assert generator.load_current()
+    assert (generator.get().version, generator.canary_version) == ("v0001", "v0002")
+    for i in range(8):  # the restarted trainer decides: worse → rollback, marker gone
+        restarted.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
+        restarted.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
+    assert restarted.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.store.canary() is None
+    late = ServedModel(core.store, "generator-late")
+    assert late.load_current() and late.canary_version is None
+
+
+def test_a_stale_canary_marker_is_cleared_at_start_up(trainer: Running) -> None:
+    core = trainer.state
+    wait_for(lambda: core.store.current() is not None, 60, "the base model")
+    core.store.set_canary("v0001", "v0000", 0.2)  # v0001 serves: it is no canary
+    assert core.resume_canary() is None and core.store.canary() is None
