@@ -19,14 +19,19 @@ def _clips(n: int, seed: int) -> torch.Tensor:
     return x.clamp(-1, 1)
 
 
-def test_demo_runs_both_arms_with_common_random_numbers(tmp_path: Path) -> None:
+def _tiny_world() -> LoopWorld:
+    """A random tiny model (16 × 16 mel) and random clips: 6 inputs, 40 training, 16 reference."""
     from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
 
     torch.set_num_threads(1)
     model = MusicDiffusion.create(
         ModelConfig.preset("tiny"), MelConfig(n_mels=16, x_res=16), seed=0, version="base"
     )
-    world = LoopWorld(model, _clips(6, 1), _clips(40, 2), _clips(16, 3))
+    return LoopWorld(model, _clips(6, 1), _clips(40, 2), _clips(16, 3))
+
+
+def test_demo_runs_both_arms_with_common_random_numbers(tmp_path: Path) -> None:
+    world = _tiny_world()
     config = LoopConfig(
         iterations=1,
         n_listeners=20,
@@ -89,13 +94,8 @@ def test_evaluation_session_is_paired_same_model_same_row() -> None:
 
     from riffloop.loop import FeedbackLedger
     from riffloop.loop._listeners import load_listener_factory
-    from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
-
-    torch.set_num_threads(1)
-    model = MusicDiffusion.create(
-        ModelConfig.preset("tiny"), MelConfig(n_mels=16, x_res=16), seed=0, version="base"
-    )
-    world = LoopWorld(model, _clips(6, 1), _clips(40, 2), _clips(16, 3))
+    world = _tiny_world()
+    model = world.model
     config = LoopConfig(
         n_listeners=12,
         n_inputs=6,
