@@ -130,6 +130,18 @@ def test_sliding_window_limiter_allows_the_burst_then_refills_at_the_rate() -> N
     assert limiter.try_acquire("u") == 0.0
 
 
+def test_sliding_window_limiter_charges_a_batch_per_item_and_refunds_a_refusal() -> None:
+    now = [1000.0]
+    kv = MemoryKeyValueStore(clock=lambda: now[0])
+    limiter = SlidingWindowLimiter(kv, rate_per_s=10, burst=20, clock=lambda: now[0])
+    assert limiter.try_acquire("u", 15) == 0.0
+    assert limiter.try_acquire("u", 10) > 0  # 25 > burst: refused, and not charged
+    assert limiter.try_acquire("u", 5) == 0.0  # the refused 10 were given back
+    assert limiter.try_acquire("u") > 0
+    with pytest.raises(ValidationError):
+        limiter.try_acquire("u", 0)
+
+
 def test_tokens_verify_and_refuse_tampering_and_expiry() -> None:
     signer = TokenSigner("s" * 20, clock=lambda: 100.0)
     token = signer.issue("alice", ttl_s=10)
