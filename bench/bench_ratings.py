@@ -116,6 +116,15 @@ def main(argv: list[str] | None = None) -> int:
         "--batch", type=int, default=1, help="ratings per call: 1 = Rate, N > 1 = SubmitFeedback"
     )
     parser.add_argument("--infra-env", type=Path, default=None)
+    parser.add_argument(
+        "--warmup", type=int, default=10, help="untimed calls sent first (default 10)"
+    )
+    parser.add_argument(
+        "--score-interval",
+        type=float,
+        default=5.0,
+        help="the feedback service's RIFFLOOP_SCORE_INTERVAL_S (its re-scoring pass)",
+    )
     options = parser.parse_args(argv)
 
     infra: LocalInfra | None = None
@@ -143,7 +152,10 @@ def main(argv: list[str] | None = None) -> int:
             "RIFFLOOP_RATE_LIMIT_BURST": "100000",
             "RIFFLOOP_MAX_FEEDBACK_BATCH": str(max(options.batch, 100)),
         },
-        "feedback": {"RIFFLOOP_SERVICE_NAME": f"feedback-b{run}", "RIFFLOOP_SCORE_INTERVAL_S": "5"},
+        "feedback": {
+            "RIFFLOOP_SERVICE_NAME": f"feedback-b{run}",
+            "RIFFLOOP_SCORE_INTERVAL_S": str(options.score_interval),
+        },
     }
     stack = ServiceProcesses(tmp / "stack", env, overrides=overrides)
     try:
@@ -201,6 +213,18 @@ def main(argv: list[str] | None = None) -> int:
         def consumed(url: str, topic: str) -> float:
             return samples(url, "riffloop_kafka_messages_total", topic=topic, outcome="handled")
 
+        def server_buckets(method: str) -> dict[float, float]:
+            """The gateway's own latency histogram (handler time, interceptors included)."""
+            with urllib.request.urlopen(gw_metrics, timeout=5) as response:
+                text = response.read().decode()
+            return {
+                float(s.labels["le"]): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+                if s.name == "riffloop_grpc_request_seconds_bucket"
+                and s.labels.get("method") == method
+            }
+
         def recorded() -> float:
             return samples(
                 fb_metrics, "riffloop_feedback_recorded_total", kind="rating", outcome="recorded"
@@ -217,19 +241,33 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+        # Warm-up calls (first connections, token cache, producer metadata, allocator) are sent
+        # and counted through, but not timed: a benchmark reports the steady state.
+        warm, calls = calls[: options.warmup], calls[options.warmup :]
+        _, _, _, warm_accepted = asyncio.run(
+            _send(gateway.target, warm, options.concurrency, signer, options.batch > 1)
+        )
+        while recorded() < warm_accepted:
+            time.sleep(0.1)
+        method = "SubmitFeedback" if options.batch > 1 else "Rate"
+        buckets_before = server_buckets(method)
+        before = recorded()
         started = time.perf_counter()
         latencies, elapsed, failures, accepted = asyncio.run(
             _send(gateway.target, calls, options.concurrency, signer, options.batch > 1)
         )
-        while recorded() < accepted:
+        while recorded() - before < accepted:
             if time.perf_counter() - started > 600:
                 break
             time.sleep(0.1)
         end_to_end = time.perf_counter() - started
-        counted = recorded()
+        counted = recorded() - before
+        after = server_buckets(method)
+        server = {le: after[le] - buckets_before.get(le, 0.0) for le in after}
         bus.close()
     finally:
         stack.down()
+        _drop_topics(env["RIFFLOOP_KAFKA_BOOTSTRAP"], env["RIFFLOOP_KAFKA_TOPIC_PREFIX"])
         if infra is not None:
             infra.stop()
     ms = sorted(x * 1000 for x in latencies)
@@ -238,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     p99 = ms[min(len(ms) - 1, int(0.99 * len(ms)))]
     how = f"SubmitFeedback × {options.batch} ratings" if options.batch > 1 else "Rate"
     print(
-        f"ratings sent          {options.ratings} in {len(calls)} calls of {how} "
+        f"ratings timed         {sum(len(c[1]) for c in calls)} in {len(calls)} calls of {how} "
+        f"(after {options.warmup} warm-up calls) "
         f"({failures} calls failed), concurrency {options.concurrency}"
     )
     print(
@@ -250,10 +289,39 @@ def main(argv: list[str] | None = None) -> int:
         f"(target p99 < {TARGET_P99_MS:.0f} ms)"
     )
     print(
+        f"gateway server time   p50 ≤ {_quantile(server, 0.5)} ms  "
+        f"p99 ≤ {_quantile(server, 0.99)} ms  (riffloop_grpc_request_seconds: inside the "
+        "server, without the load generator)"
+    )
+    print(
         f"end to end            {counted:,.0f} counted by feedback in {end_to_end:.1f} s = "
         f"{counted / end_to_end:,.0f} ratings/s"
     )
     return 0
+
+
+def _drop_topics(bootstrap: str, prefix: str) -> None:
+    """Delete this run's topics. Left behind, every run adds 16 topics to a reused broker, and
+    the clients' metadata responses (decoded in Python by kafka-python) grow with them: at 536
+    topics that decoding took 17 % of the gateway's CPU (py-spy) and inflated the tail."""
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            admin.delete_topics(mine)
+    finally:
+        admin.close()
+
+
+def _quantile(cumulative: dict[float, float], q: float) -> str:
+    """The histogram bucket bound (ms) below which a share q of the calls finished."""
+    total = cumulative.get(float("inf"), 0.0)
+    for bound in sorted(cumulative):
+        if total and cumulative[bound] >= q * total:
+            return "∞" if bound == float("inf") else f"{bound * 1000:g}"
+    return "?"
 
 
 def _calls(jobs: list[tuple[str, str, int]], batch: int) -> list[tuple[str, list[tuple[str, int]]]]:
