@@ -130,15 +130,6 @@ class EventBus(abc.ABC):
             raise ValidationError("cannot publish an envelope without an event_id")
         return self.publish_raw(topic, key, envelope.SerializeToString(), headers)
 
-    def publish_many(
-        self, topic: str, records: Sequence[tuple[str, events_pb2.Envelope]]
-    ) -> list[Published]:
-        """Publish (key, envelope) pairs in order and wait until all are durable; where the
-        adapter can, the sends overlap (one wait for the batch, not one per record). Order holds
-        per key as with ``publish``; a failure raises after the records before it may have
-        landed (consumers dedupe on event_id, so the caller may publish them all again)."""
-        return [self.publish(topic, key, envelope) for key, envelope in records]
-
     def ping(self) -> None:
         """Raise TransientError if the bus cannot be reached (readiness checks)."""
         return None

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from kafka import KafkaConsumer, KafkaProducer
 
     from riffloop.core._settings import Settings
-    from riffloop.v1 import events_pb2
 
 log = logging.getLogger("riffloop.kafka")
 T = TypeVar("T")
@@ -237,34 +236,6 @@ class KafkaEventBus(EventBus):
             return Published(topic, int(metadata.partition), int(metadata.offset))
 
         return _kafka_call(f"publish to {topic}", send)
-
-    def publish_many(
-        self, topic: str, records: Sequence[tuple[str, events_pb2.Envelope]]
-    ) -> list[Published]:
-        for key, envelope in records:
-            if not isinstance(key, str) or not key:
-                raise ValidationError("a record needs a non-empty key (the entity id)")
-            if not envelope.event_id:
-                raise ValidationError("cannot publish an envelope without an event_id")
-        if not records:
-            return []
-        self._require_topics([topic])
-        producer = self._get_producer()
-        physical = self._physical(topic)
-
-        def send() -> list[Published]:
-            # every send first (the producer batches them per partition), then one wait each
-            futures = [
-                producer.send(physical, value=e.SerializeToString(), key=k.encode())
-                for k, e in records
-            ]
-            out = []
-            for future in futures:
-                metadata = future.get(timeout=self._request_timeout_s)
-                out.append(Published(topic, int(metadata.partition), int(metadata.offset)))
-            return out
-
-        return _kafka_call(f"publish {len(records)} records to {topic}", send)
 
     # -- consuming ----------------------------------------------------------------------------
 

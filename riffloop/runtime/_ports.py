@@ -31,14 +31,6 @@ class Ports:
         self.bus.publish(topic, key, envelope)
         return str(envelope.event_id)
 
-    def publish_many(self, topic: str, keyed: list[tuple[str, Any]]) -> list[str]:
-        """``publish`` for many (key, payload) pairs with one wait for the lot; event ids."""
-        from riffloop.core import new_envelope
-
-        records = [(key, new_envelope(self.producer, payload)) for key, payload in keyed]
-        self.bus.publish_many(topic, records)
-        return [str(envelope.event_id) for _, envelope in records]
-
     def readiness_checks(self) -> dict[str, Callable[[], bool]]:
         """One check per dependency, named as in ``riffloop_dependency_ready``."""
 

@@ -241,13 +241,8 @@ class FeedbackState:
 
     def publish_scores(self) -> int:
         payloads = self.score_changed()
-        # one wait for the whole pass, not one broker round trip per re-scored track
-        try:
-            self.ports.publish_many("tracks.scored.v1", [(p.track_id, p) for p in payloads])
-        except BaseException:
-            with self.lock:  # not (all) published: score them again on the next pass
-                self.dirty |= {p.track_id for p in payloads}
-            raise
+        for payload in payloads:
+            self.ports.publish("tracks.scored.v1", payload.track_id, payload)
         return len(payloads)
 
 

@@ -49,32 +49,6 @@ class TestEventBusContract:
         with pytest.raises(NotFoundError):
             event_bus.bus.subscribe(fresh_name("g"), [fresh_name("missing")])
 
-    def test_publish_many_lands_every_record_in_order_per_key(
-        self, event_bus: BusUnderTest
-    ) -> None:
-        topic = event_bus.topic()
-        records = [(f"track-{i % 3}", scored(f"track-{i % 3}", float(i))) for i in range(12)]
-        published = event_bus.bus.publish_many(topic, records)
-        assert len(published) == 12
-        for key in {k for k, _ in records}:  # one key, one partition
-            assert (
-                len({p.partition for p, (k, _) in zip(published, records, strict=True) if k == key})
-                == 1
-            )
-        assert event_bus.bus.publish_many(topic, []) == []
-        sub = event_bus.bus.subscribe(fresh_name("g"), [topic])
-        got = drain(sub, 12)
-        sub.close()
-        by_key: dict[str, list[float]] = {}
-        for message in got:
-            envelope = decode_envelope(message.value, None)
-            by_key.setdefault(message.key, []).append(envelope.track_scored.mean_rating)
-        for key, means in by_key.items():
-            assert means == sorted(means), f"order lost for {key}"
-        assert sum(len(v) for v in by_key.values()) == 12
-        with pytest.raises(ValidationError):
-            event_bus.bus.publish_many(topic, [("", scored("t", 1.0))])
-
     def test_ensure_topics_is_idempotent(self, event_bus: BusUnderTest) -> None:
         topic = event_bus.topic()
         event_bus.bus.ensure_topics([topic], partitions=3)
