@@ -241,8 +241,16 @@ class FeedbackState:
 
     def publish_scores(self) -> int:
         payloads = self.score_changed()
-        for payload in payloads:
-            self.ports.publish("tracks.scored.v1", payload.track_id, payload)
+        # One broker round trip per record on purpose: overlapping the sends (one wait per
+        # pass) made the pass CPU-bound and cut the consumer's recorded ratings/s from ≈ 4,300
+        # to ≈ 2,600 in bench_ratings (GIL), so the scores trickle out while ratings flow in.
+        for i, payload in enumerate(payloads):
+            try:
+                self.ports.publish("tracks.scored.v1", payload.track_id, payload)
+            except BaseException:
+                with self.lock:  # not published: score them again on the next pass
+                    self.dirty |= {p.track_id for p in payloads[i:]}
+                raise
         return len(payloads)
 
 
