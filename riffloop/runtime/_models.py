@@ -97,7 +97,6 @@ class ModelStore:
             MODELS_BUCKET, CURRENT_KEY, json.dumps(body).encode(), content_type="application/json"
         )
 
-
     def canary(self) -> dict[str, Any] | None:
         """The running canary (``{"version", "parent", "share"}``), or None."""
         try:

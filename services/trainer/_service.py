@@ -461,9 +461,11 @@ class TrainerCore:
             self.store.clear_canary(version)
             return None
         with self.lock:
-            if self.watch is None:
+            resumed = self.watch is None
+            if resumed:
                 self.watch, self.watch_scores = (record.parent, version), {}
-        _log.info("canary resumed", extra={"model_version": version})
+        if resumed:
+            _log.info("canary resumed", extra={"model_version": version})
         return version
 
     def running_canary(self) -> str | None:

@@ -94,6 +94,7 @@ def test_evaluation_session_is_paired_same_model_same_row() -> None:
 
     from riffloop.loop import FeedbackLedger
     from riffloop.loop._listeners import load_listener_factory
+
     world = _tiny_world()
     model = world.model
     config = LoopConfig(
