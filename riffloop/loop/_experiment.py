@@ -376,18 +376,16 @@ class LoopExperiment:
                 )
                 track_id = f"{arm.name[0]}{label}-{version_tag}-{prov.track_id[:12]}"
                 served.append((replace(prov, track_id=track_id), m, sample_id))
-        images: list[torch.Tensor | None] = [None] * len(served)
+        # baselines are training windows; generations are overwritten below, as one batch
+        images = torch.stack(
+            [self.pool_images[int(sample_id.split("-")[1])] for _, _, sample_id in served]
+        )
         generated = [i for i, (prov, _, _) in enumerate(served) if prov.kind is TrackKind.GENERATED]
         if generated:
             noise = torch.cat([_request_noise(arm.model, served[i][0].seed) for i in generated])
             merged_in = merged[[served[i][1] for i in generated]]
-            out = inject_at_step(arm.model, merged_in, plan, noise=noise)
-            for j, i in enumerate(generated):
-                images[i] = out[j : j + 1]
-        for i, (prov, _, sample_id) in enumerate(served):
-            if prov.kind is TrackKind.BASELINE:
-                images[i] = self.pool_images[int(sample_id.split("-")[1])].unsqueeze(0)
-        self._add_tracks(arm, [prov for prov, _, _ in served], torch.cat(images))  # type: ignore[arg-type]
+            images[generated] = inject_at_step(arm.model, merged_in, plan, noise=noise)
+        self._add_tracks(arm, [prov for prov, _, _ in served], images)
         return [prov.track_id for prov, _, _ in served]
 
     def _add_tracks(

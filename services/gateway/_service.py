@@ -399,17 +399,18 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 refused[i] = exc
         rated = [
             i for i, x in enumerate(items) if i not in refused and x.WhichOneof("item") == "rating"
-        ]
+        ]  # items that passed every check so far and need their once-only claim
         once_keys = [_once_key(items[i].rating.track_id, user) for i in rated]
         claimed = self.ports.kv.set_many_if_absent(once_keys, "1")
         for i, fresh in zip(rated, claimed, strict=True):
             if not fresh:
                 refused[i] = ConflictError(f"you already rated track {items[i].rating.track_id}")
+        ratings = [x.WhichOneof("item") == "rating" for x in items]
         batch = events_pb2.FeedbackBatch()
         for i, item in enumerate(items):
             if i in refused:
                 continue
-            if item.WhichOneof("item") == "rating":
+            if ratings[i]:
                 batch.items.add(
                     user_id=user,
                     track_id=item.rating.track_id,
@@ -426,7 +427,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 for key, fresh in zip(once_keys, claimed, strict=True):
                     if fresh:
                         self.ports.kv.delete(key)
-                metrics.RATINGS.labels("rejected").inc(len(rated))
+                metrics.RATINGS.labels("rejected").inc(sum(ratings))  # none of them left
                 raise
         results = []
         for i, item in enumerate(items):
@@ -438,7 +439,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     reason="" if error is None else error.reason,
                 )
             )
-        ratings = [x.WhichOneof("item") == "rating" for x in items]
         accepted = sum(1 for i, r in enumerate(ratings) if r and i not in refused)
         metrics.RATINGS.labels("accepted").inc(accepted)
         metrics.RATINGS.labels("rejected").inc(sum(ratings) - accepted)
