@@ -58,26 +58,39 @@ async def _send(
     concurrency: int,
     signer: TokenSigner,
     batched: bool,
+    rate: float | None = None,
 ) -> tuple[list[float], float, int, int]:
     """Send ``calls`` — (user, [(track, stars), …]) — with ``concurrency`` in flight; returns
-    (per-call latencies of successful calls, elapsed s, failed calls, accepted ratings)."""
+    (per-call latencies of successful calls, elapsed s, failed calls, accepted ratings).
+
+    Closed loop by default (each worker sends its next call when the last one returns). With
+    ``rate`` (ratings/s) it is open loop: call i is due at the moment its first rating's share
+    of the schedule comes up, and its latency counts from that due time, not from when a worker
+    got round to it — so a stalled server shows up as latency instead of quietly slowing the
+    load down (no coordinated omission). ``concurrency`` then only caps the calls in flight."""
     channel = grpc.aio.insecure_channel(target)
     stub = pb_grpc.GatewayServiceStub(channel)
     tokens: dict[str, str] = {}
     latencies: list[float] = []
     failures = 0
     accepted = 0
-    queue: asyncio.Queue[tuple[str, list[tuple[str, int]]]] = asyncio.Queue()
-    for call in calls:
-        queue.put_nowait(call)
+    queue: asyncio.Queue[tuple[float | None, str, list[tuple[str, int]]]] = asyncio.Queue()
+    started = time.perf_counter()
+    sent = 0
+    for user, ratings in calls:
+        due = started + 0.05 + sent / rate if rate else None
+        queue.put_nowait((due, user, ratings))
+        sent += len(ratings)
 
     async def worker() -> None:
         nonlocal failures, accepted
         while not queue.empty():
-            user, ratings = queue.get_nowait()
+            due, user, ratings = queue.get_nowait()
             token = tokens.setdefault(user, signer.issue(user))
             metadata = (("authorization", f"Bearer {token}"),)
-            started = time.perf_counter()
+            if due is not None:
+                await asyncio.sleep(max(0.0, due - time.perf_counter()))
+            call_started = due if due is not None else time.perf_counter()
             try:
                 if batched:
                     items = [
@@ -96,11 +109,10 @@ async def _send(
                         timeout=10,
                     )
                     accepted += 1
-                latencies.append(time.perf_counter() - started)
+                latencies.append(time.perf_counter() - call_started)
             except grpc.aio.AioRpcError:
                 failures += 1
 
-    started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
     await channel.close()
@@ -114,6 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument(
         "--batch", type=int, default=1, help="ratings per call: 1 = Rate, N > 1 = SubmitFeedback"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="offered ratings/s (open loop, latency from each call's due time); default: "
+        "closed loop, as fast as --concurrency allows",
     )
     parser.add_argument("--infra-env", type=Path, default=None)
     parser.add_argument(
@@ -254,14 +273,24 @@ def main(argv: list[str] | None = None) -> int:
         before = recorded()
         started = time.perf_counter()
         latencies, elapsed, failures, accepted = asyncio.run(
-            _send(gateway.target, calls, options.concurrency, signer, options.batch > 1)
+            _send(
+                gateway.target,
+                calls,
+                options.concurrency,
+                signer,
+                options.batch > 1,
+                options.rate,
+            )
         )
+        sent_at = time.perf_counter()
+        recorded_when_sent = recorded() - before
         while recorded() - before < accepted:
             if time.perf_counter() - started > 600:
                 break
             time.sleep(0.1)
         end_to_end = time.perf_counter() - started
         counted = recorded() - before
+        drain = time.perf_counter() - sent_at
         after = server_buckets(method)
         server = {le: after[le] - buckets_before.get(le, 0.0) for le in after}
         bus.close()
@@ -278,7 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"ratings timed         {sum(len(c[1]) for c in calls)} in {len(calls)} calls of {how} "
         f"(after {options.warmup} warm-up calls) "
-        f"({failures} calls failed), concurrency {options.concurrency}"
+        f"({failures} calls failed), "
+        + (
+            f"offered {options.rate:,.0f} ratings/s open loop (≤ {options.concurrency} in flight)"
+            if options.rate
+            else f"closed loop, concurrency {options.concurrency}"
+        )
     )
     print(
         f"gateway accepted      {rate:,.0f} ratings/s  (target {TARGET_RATE:,.0f}: "
@@ -295,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"end to end            {counted:,.0f} counted by feedback in {end_to_end:.1f} s = "
-        f"{counted / end_to_end:,.0f} ratings/s"
+        f"{counted / end_to_end:,.0f} ratings/s; while sending the feedback service kept up "
+        f"with {recorded_when_sent / elapsed:,.0f}/s and caught up {drain:.2f} s after the last "
+        "call"
     )
     return 0
 

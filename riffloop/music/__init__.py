@@ -28,6 +28,7 @@ from riffloop.music._corpus import (
     corpus_dir,
     default_cache_dir,
     load_corpus,
+    pack_corpus,
     select_pieces,
 )
 from riffloop.music._ddim import (
@@ -107,6 +108,7 @@ __all__ = [
     "load_corpus",
     "merge_latents",
     "min_snr_weights",
+    "pack_corpus",
     "register_similarity",
     "select_pieces",
     "slerp",

@@ -12,7 +12,13 @@ from pathlib import Path
 import torch
 
 from riffloop.core import RiffloopError, ValidationError
-from riffloop.music._corpus import build_corpus, corpus_dir, default_cache_dir, load_corpus
+from riffloop.music._corpus import (
+    build_corpus,
+    corpus_dir,
+    default_cache_dir,
+    load_corpus,
+    pack_corpus,
+)
 from riffloop.music._mel import MelConfig
 from riffloop.music._model import ModelConfig, MusicDiffusion
 from riffloop.music._train import (
@@ -38,6 +44,16 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack(args: argparse.Namespace) -> int:
+    mel_dir = corpus_dir(Path(args.cache) if args.cache else None) / (
+        f"mel-{args.resolution}x{args.resolution}"
+    )
+    out = pack_corpus(mel_dir, Path(args.out), tuple(args.splits))
+    sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in sorted(out.iterdir()))
+    print(f"packed {mel_dir} into {out}: {sizes}")
+    return 0
+
+
 def _corpus_dataset(args: argparse.Namespace, resolution: int) -> MelDataset:
     mel = MelConfig.preset(resolution)
     mel_dir = (
@@ -56,27 +72,46 @@ def _corpus_dataset(args: argparse.Namespace, resolution: int) -> MelDataset:
             "corpus": manifest["version"],
             "split": "train",
             "corpus_fingerprint": manifest["fingerprint"],
+            "encoding": manifest.get("encoding", "float16"),
         },
     )
 
 
-def _steps_per_second(model: MusicDiffusion, data: MelDataset, config: TrainingConfig) -> float:
+def _steps_per_second(
+    model: MusicDiffusion, data: MelDataset, config: TrainingConfig, device: torch.device
+) -> float:
     """Time a few steps of a throw-away copy (the real run's RNG streams are untouched)."""
     probe = Trainer(
         copy.deepcopy(model),
         data,
         TrainingConfig(total_steps=100, seed=12345, batch_size=config.batch_size, lora=config.lora),
+        device=device,
     )
-    probe.step()  # warm-up (allocator, kernels)
-    started = time.monotonic()
-    n = 4
-    for _ in range(n):
+    fast = device.type != "cpu"
+    for _ in range(10 if fast else 1):  # warm-up (allocator, kernel selection)
         probe.step()
+    started = time.monotonic()
+    n = 40 if fast else 4
+    for _ in range(n):
+        probe.step()  # each step reads its loss back, so the device is in sync when it returns
     return n / (time.monotonic() - started)
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValidationError(f"--device {name}: this machine has no CUDA device")
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return device
 
 
 def _train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    device = _device(args.device)
     started = time.monotonic()
     deadline = started + args.minutes * 60.0 if args.minutes else None
     out = Path(args.out)
@@ -84,7 +119,7 @@ def _train(args: argparse.Namespace) -> int:
     resolution = ModelConfig.preset(args.config).resolution
     data = _corpus_dataset(args, resolution)
     if (resume_dir / CHECKPOINT_FILE).exists():
-        trainer = Trainer.resume(resume_dir, data)
+        trainer = Trainer.resume(resume_dir, data, device=device)
         print(
             f"resumed {resume_dir} at step {trainer.step_count}/{trainer.config.total_steps}",
             flush=True,
@@ -105,19 +140,25 @@ def _train(args: argparse.Namespace) -> int:
         if not args.steps:
             if not args.minutes:
                 raise ValidationError("give --steps, --minutes or both")
-            rate = _steps_per_second(model, data, config)
+            rate = _steps_per_second(model, data, config, device)
             steps = max(1, int(rate * (args.minutes * 60.0 - (time.monotonic() - started))))
             print(f"measured {rate:.3f} steps/s → schedule of {steps} steps", flush=True)
             config = TrainingConfig(
                 total_steps=steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
             )
-        trainer = Trainer(model, data, config)
+        trainer = Trainer(model, data, config, device=device)
         print(
-            f"new run: {model.num_parameters():,} parameters, {len(data)} windows, "
-            f"{config.total_steps} steps",
+            f"new run on {device}: {model.num_parameters():,} parameters, {len(data)} windows, "
+            f"{config.total_steps} steps of batch {config.batch_size}",
             flush=True,
         )
+    stop_steps = None
+    if args.stop_at_step is not None:
+        if args.stop_at_step < 1:
+            raise ValidationError("--stop-at-step must be at least 1")
+        stop_steps = max(0, args.stop_at_step - trainer.step_count)
     report = trainer.train(
+        stop_steps,
         deadline=deadline,
         checkpoint_dir=out,
         checkpoint_every_s=args.checkpoint_minutes * 60.0,
@@ -168,14 +209,16 @@ def _evaluate(args: argparse.Namespace) -> int:
             model = export_checkpoint(args.checkpoint, Path(tmp) / "m", "evaluated")
     else:
         model = MusicDiffusion.from_pretrained(args.model)
-    model.unet.eval()
+    model.unet.to(_device(args.device)).eval()
     resolution = model.mel.n_mels
     mel_dir = (
         Path(args.corpus)
         if args.corpus
         else corpus_dir(Path(args.cache) if args.cache else None) / f"mel-{resolution}x{resolution}"
     )
-    heldout = load_corpus(mel_dir, "heldout")
+    # The reference windows: held-out (the judgement) or training (for choosing between runs
+    # without looking at the held-out set).
+    heldout = load_corpus(mel_dir, args.reference)
     started = time.monotonic()
     x_T = torch.randn(
         (args.n, *model.image_shape), generator=torch.Generator().manual_seed(args.seed)
@@ -185,6 +228,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     top_db = model.mel.top_db
     result: dict[str, object] = {
         "model": model.version,
+        "reference": args.reference,
         "steps_trained": model.card.get("training", {}).get("steps"),
         "samples": args.n,
         "ddim_steps": args.steps,
@@ -244,6 +288,15 @@ def _parser() -> argparse.ArgumentParser:
     corpus.add_argument("--limit", type=int, help="only the first N pieces (smoke tests)")
     corpus.set_defaults(handler=_corpus)
 
+    pack = sub.add_parser(
+        "pack", help="8-bit, xz-compressed copy of the corpus mels (to carry to a GPU machine)"
+    )
+    pack.add_argument("--resolution", type=int, default=64, choices=MelConfig.PRESETS)
+    pack.add_argument("--cache", help="cache folder (default: RIFFLOOP_CACHE or ~/.cache)")
+    pack.add_argument("--out", required=True, help="folder for the packed copy")
+    pack.add_argument("--splits", nargs="+", default=["train"], choices=["train", "heldout"])
+    pack.set_defaults(handler=_pack)
+
     train = sub.add_parser("train", help="train (or resume training) on the corpus")
     train.add_argument("--config", default="cpu_small", choices=ModelConfig.PRESET_NAMES)
     train.add_argument("--out", required=True, help="checkpoint folder (resumed if it holds one)")
@@ -251,12 +304,16 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--init", help="warm-start from a MusicDiffusion folder (fine-tuning)")
     train.add_argument("--steps", type=int, help="schedule length (default: fit --minutes)")
     train.add_argument("--minutes", type=float, help="wall-clock budget; checkpoint and stop")
+    train.add_argument(
+        "--stop-at-step", type=int, help="stop (checkpoint, export) at this step of the schedule"
+    )
     train.add_argument("--checkpoint-minutes", type=float, default=5.0)
     train.add_argument("--batch-size", type=int, default=32)
     train.add_argument("--lr", type=float, default=3e-4)
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--threads", type=int, default=2)
-    train.add_argument("--version", default="base-v1", help="version of the exported model")
+    train.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda…")
+    train.add_argument("--version", default="base-v2", help="version of the exported model")
     train.add_argument("--export", help="after training, export EMA weights to this folder")
     train.add_argument("--corpus", help="corpus mel folder (default: the cache's)")
     train.add_argument("--cache", help="cache folder (default: RIFFLOOP_CACHE or ~/.cache)")
@@ -281,6 +338,13 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--embedding", help="quality embedding folder (default: assets/)")
     evaluate.add_argument("--corpus", help="corpus mel folder (default: the cache's)")
     evaluate.add_argument("--cache", help="cache folder (default: RIFFLOOP_CACHE or ~/.cache)")
+    evaluate.add_argument("--device", default="cpu", help="where to sample: cpu, cuda, auto")
+    evaluate.add_argument(
+        "--reference",
+        default="heldout",
+        choices=["heldout", "train"],
+        help="reference windows for the Fréchet distance (train: to pick between runs)",
+    )
     evaluate.set_defaults(handler=_evaluate)
     return parser
 

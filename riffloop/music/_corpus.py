@@ -20,7 +20,9 @@ classifier can be trained on it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import lzma
 import os
 import random
 import shutil
@@ -49,6 +51,7 @@ __all__ = [
     "corpus_dir",
     "default_cache_dir",
     "load_corpus",
+    "pack_corpus",
     "select_pieces",
 ]
 
@@ -125,6 +128,9 @@ class CorpusPiece:
     def render_name(self, instrument: str) -> str:
         stem = self.piece_id.replace("/", "__").replace(" ", "_")
         return f"{stem}__{instrument}.flac"
+
+
+PACKED_SUFFIX = ".u8.pt.xz"
 
 
 @dataclass(frozen=True)
@@ -505,7 +511,8 @@ def build_corpus(
 
 
 def load_corpus(mel_dir: Path, split: str = "train") -> CorpusSplit:
-    """Read one split (``train`` or ``heldout``) of a built corpus's mel folder."""
+    """Read one split (``train`` or ``heldout``) of a built corpus's mel folder, or of a packed
+    copy of it (:func:`pack_corpus`)."""
     if split not in ("train", "heldout"):
         raise ValidationError(f"split must be 'train' or 'heldout', got {split!r}")
     manifest_path = Path(mel_dir) / "manifest.json"
@@ -514,9 +521,16 @@ def load_corpus(mel_dir: Path, split: str = "train") -> CorpusSplit:
             f"no complete corpus at {mel_dir} (run `python -m riffloop.music corpus`)"
         )
     manifest = json.loads(manifest_path.read_text())
-    payload = torch.load(Path(mel_dir) / f"{split}.pt", weights_only=True)
+    packed = Path(mel_dir) / f"{split}{PACKED_SUFFIX}"
+    if packed.exists():
+        payload = torch.load(io.BytesIO(lzma.decompress(packed.read_bytes())), weights_only=True)
+        # Code k ∈ {0…255} stands for k / 127.5 − 1 (the window's dB scale in [−1, 1]).
+        images = payload["images"].to(torch.float32) / 127.5 - 1.0
+    else:
+        payload = torch.load(Path(mel_dir) / f"{split}.pt", weights_only=True)
+        images = payload["images"].to(torch.float32)
     return CorpusSplit(
-        images=payload["images"].to(torch.float32),
+        images=images,
         pieces=payload["pieces"],
         instruments=payload["instruments"],
         windows=payload["windows"],
@@ -524,3 +538,27 @@ def load_corpus(mel_dir: Path, split: str = "train") -> CorpusSplit:
         instrument_names=tuple(manifest["instrument_names"]),
         mel=MelConfig.from_dict(manifest["mel"]),
     )
+
+
+def pack_corpus(mel_dir: Path, out_dir: Path, splits: tuple[str, ...] = ("train",)) -> Path:
+    """A compact copy of a corpus mel folder for carrying to another machine (a GPU box that
+    cannot reach this cache): each split's windows quantised to 8 bits (step 2/255 of the
+    [−1, 1] scale, ≤ 0.16 dB of the 80 dB range) and xz-compressed; the 64×64 training split
+    shrinks from 89 MB to ≈ 30 MB. :func:`load_corpus` reads it like the original; the
+    manifest records the encoding so a model trained on it says so in its card."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((Path(mel_dir) / "manifest.json").read_text())
+    for split in splits:
+        payload = torch.load(Path(mel_dir) / f"{split}.pt", weights_only=True)
+        codes = torch.round((payload["images"].to(torch.float32) + 1.0) * 127.5)
+        payload["images"] = codes.clamp(0, 255).to(torch.uint8)
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        (out_dir / f"{split}{PACKED_SUFFIX}").write_bytes(
+            lzma.compress(buffer.getvalue(), preset=6)
+        )
+    manifest["encoding"] = "uint8-xz"
+    manifest["packed_splits"] = list(splits)
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return out_dir

@@ -283,8 +283,8 @@ def min_snr_weights(
 ) -> torch.Tensor:
     """w(t) of step 4 (all ones when ``gamma`` is None)."""
     if gamma is None:
-        return torch.ones(timesteps.shape, dtype=torch.float32)
-    alpha_bar = alphas_cumprod[timesteps].to(torch.float32)
+        return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].to(torch.float32)
     snr = alpha_bar / (1.0 - alpha_bar)
     clipped = torch.clamp(snr, max=gamma)
     return clipped / (snr + 1.0) if prediction == "v_prediction" else clipped / snr
@@ -321,7 +321,11 @@ def _lora_wrap(model: MusicDiffusion, settings: LoraSettings) -> Any:
 
 
 class Trainer:
-    """Trains ``model`` on ``data`` (plus optional ``replay``). CPU; one process."""
+    """Trains ``model`` on ``data`` (plus optional ``replay``) in one process, on the CPU or on
+    ``device`` (e.g. ``"cuda"``). The data stays in host memory; each batch is copied over. On
+    a GPU the noise ε and timesteps t come from a generator on that device, so a run is
+    reproducible on one kind of device but a checkpoint resumes only on the kind it was made on.
+    """
 
     def __init__(
         self,
@@ -329,6 +333,7 @@ class Trainer:
         data: MelDataset,
         config: TrainingConfig,
         replay: MelDataset | None = None,
+        device: str | torch.device = "cpu",
     ) -> None:
         if model.vqvae is not None:
             raise ValidationError("training latent (VAE) models is not supported")
@@ -342,6 +347,8 @@ class Trainer:
             raise ValidationError("replay_ratio > 0 needs replay data")
         if config.replay_per_batch >= config.batch_size:
             raise ValidationError("replay would leave no room for training data in a batch")
+        self.device = torch.device(device)
+        model.unet.to(self.device)
         self.model = model
         self.data = data
         self.replay = replay
@@ -374,13 +381,13 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
-        self.noise_generator = torch.Generator().manual_seed(config.seed)
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self._data_sampler = _EpochSampler(len(data), config.seed)
         self._replay_sampler = (
             _EpochSampler(len(replay), config.seed + 1) if replay is not None else None
         )
         scheduler = model.scheduler
-        self._alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+        self._alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
         self._num_train_timesteps = int(scheduler.config.num_train_timesteps)
 
     # -- one step --------------------------------------------------------------------------
@@ -394,7 +401,8 @@ class Trainer:
             ridx = self._replay_sampler.take(n_replay)
             images.append(self.replay.images[ridx])
             omega.append(self.replay.weights[ridx] * self.config.replay_weight)
-        return torch.cat(images).to(torch.float32), torch.cat(omega).to(torch.float32)
+        x0 = torch.cat(images).to(self.device, torch.float32, non_blocking=True)
+        return x0, torch.cat(omega).to(self.device, torch.float32)
 
     def compute_loss(
         self, x0: torch.Tensor, omega: torch.Tensor, generator: torch.Generator | None = None
@@ -402,8 +410,8 @@ class Trainer:
         """Steps 2–5 for one batch (differentiable)."""
         g = generator if generator is not None else self.noise_generator
         n = x0.shape[0]
-        t = torch.randint(0, self._num_train_timesteps, (n,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, self._num_train_timesteps, (n,), generator=g, device=g.device)
+        noise = torch.randn(x0.shape, generator=g, device=g.device)
         scheduler = self.model.scheduler
         x_t = scheduler.add_noise(x0, noise, t)
         if self.model.prediction_type == "v_prediction":
@@ -446,8 +454,12 @@ class Trainer:
         self.ema_updates += 1
         n = self.ema_updates
         decay = min(self.config.ema_decay, (1.0 + n) / (10.0 + n))
-        for name, p in self._trainable.items():
-            self.ema[name].lerp_(p.detach(), 1.0 - decay)
+        names = list(self._trainable)
+        torch._foreach_lerp_(
+            [self.ema[name] for name in names],
+            [self._trainable[name].detach() for name in names],
+            1.0 - decay,
+        )
 
     # -- loop ------------------------------------------------------------------------------
     def train(
@@ -537,6 +549,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "noise_generator": self.noise_generator.get_state(),
+            "device_type": self.device.type,
             "torch_rng": torch.get_rng_state(),
             "numpy_rng": {
                 "kind": np_state[0],
@@ -589,6 +602,13 @@ class Trainer:
         for key in mine:
             if mine[key] != theirs.get(key):
                 raise ConflictError(f"checkpoint {key} differs from this trainer's; cannot resume")
+        saved_device = state.get("device_type", "cpu")
+        if saved_device != self.device.type:
+            raise ConflictError(
+                f"checkpoint was trained on {saved_device}, this trainer runs on "
+                f"{self.device.type}: its noise stream cannot continue there; resume on "
+                f"{saved_device} (export works anywhere)"
+            )
         self.model.unet.load_state_dict(state["unet"])
         for name, tensor in state["ema"].items():
             self.ema[name].copy_(tensor)
@@ -625,6 +645,7 @@ class Trainer:
         data: MelDataset,
         replay: MelDataset | None = None,
         config: TrainingConfig | None = None,
+        device: str | torch.device = "cpu",
     ) -> Trainer:
         """Rebuild the trainer from a checkpoint folder; ``config``, when given, must equal the
         saved one (it is the saved one otherwise). The model is rebuilt from the checkpoint's own
@@ -635,7 +656,7 @@ class Trainer:
         if config is not None and config != saved_config:
             raise ConflictError("the given training config differs from the checkpoint's")
         model = _model_from_state(state)
-        trainer = cls(model, data, saved_config, replay)
+        trainer = cls(model, data, saved_config, replay, device=device)
         trainer.load_state_dict(state)
         return trainer
 
@@ -657,7 +678,7 @@ class Trainer:
             with torch.no_grad():
                 for name, tensor in self.ema.items():
                     params[name].copy_(tensor)
-        unet.eval()
+        unet.to("cpu").eval()  # served models live on the CPU, wherever they were trained
         for p in unet.parameters():
             p.requires_grad_(False)
         card = dict(self.model.card)
@@ -765,7 +786,7 @@ def load_checkpoint_state(directory: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(directory) / CHECKPOINT_FILE
     if not path.exists():
         raise NotFoundError(f"no checkpoint at {path}")
-    return torch.load(path, weights_only=True)
+    return torch.load(path, weights_only=True, map_location="cpu")
 
 
 def export_checkpoint(

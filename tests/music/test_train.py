@@ -317,3 +317,20 @@ def test_export_writes_the_ema_weights_and_lineage(tmp_path: Path) -> None:
         "EMA weights should differ from the raw weights"
     )
     assert set(exported.unet.state_dict()) == set(loaded.unet.state_dict())
+
+
+def test_a_checkpoint_resumes_only_on_the_device_kind_it_was_made_on(tmp_path: Path) -> None:
+    """A CUDA noise stream cannot continue on the CPU (or back): resume says so plainly."""
+    data = _data(10)
+    Trainer(_model(), data, TrainingConfig(total_steps=5, batch_size=4)).train(
+        1, progress=False, checkpoint_dir=tmp_path
+    )
+    state = torch.load(tmp_path / "trainer_state.pt", weights_only=True)
+    assert state["device_type"] == "cpu"
+    state["device_type"] = "cuda"
+    torch.save(state, tmp_path / "trainer_state.pt")
+    with pytest.raises(ConflictError, match="trained on cuda"):
+        Trainer.resume(tmp_path, data)
+    # export needs no trainer and works wherever the weights were made
+    exported = export_checkpoint(tmp_path, tmp_path / "out", "v-test")
+    assert next(exported.unet.parameters()).device.type == "cpu"
