@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
 
-from riffloop.core import RiffloopError
+from riffloop.core import NotFoundError, RiffloopError
 from riffloop.loop._experiment import DEFAULT_MODEL_DIR, LoopConfig, LoopExperiment, load_world
 from riffloop.loop._report import (
     format_table,
@@ -65,6 +67,17 @@ def demo(argv: list[str] | None = None) -> int:
     return 0
 
 
+def model_identity(model_dir: Path) -> str:
+    """``<version>:<digest of the UNet weights>``: what a saved run must match to be reused."""
+    folder = Path(model_dir)
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    card = folder / "model_card.json"
+    if not (weights.exists() and card.exists()):
+        raise NotFoundError(f"no MusicDiffusion model at {folder}")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return f"{json.loads(card.read_text()).get('version', '?')}:{digest}"
+
+
 def evidence(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m riffloop.loop evidence")
     _config_args(p, Path("docs/results"))
@@ -77,12 +90,13 @@ def evidence(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     results = {}
     try:
+        model = model_identity(ns.model)
         for spec in ns.families.split(","):
             family = spec.split(":")[-1].removesuffix("_listeners")
             for seed in range(ns.seeds):
                 config = replace(_config(ns, seed), listeners=spec)
                 stem = f"{family}-seed{seed}"
-                done = read_result(ns.out / "runs" / f"{stem}.csv", config)
+                done = read_result(ns.out / "runs" / f"{stem}.csv", config, model)
                 if done is not None:  # finished earlier with this exact config: resume past it
                     print(f"== {family} seed {seed}: reusing {ns.out / 'runs' / stem}.csv")
                     results[(family, seed)] = done
@@ -90,7 +104,7 @@ def evidence(argv: list[str] | None = None) -> int:
                 world = load_world(config, ns.model)
                 print(f"== {family} seed {seed}", flush=True)
                 res = LoopExperiment(config, world, progress=lambda s: print(s, flush=True)).run()
-                save_run(res, ns.out / "runs", stem=stem)
+                save_run(res, ns.out / "runs", stem=stem, model=model)
                 results[(family, seed)] = res
     except RiffloopError as exc:
         print(f"evidence: {exc.reason}", file=sys.stderr)

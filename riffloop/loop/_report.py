@@ -125,8 +125,9 @@ def write_rows(rows: Sequence[IterationRow], path: Path, extra: dict[str, object
             w.writerow({**extra, **asdict(r)})
 
 
-def read_result(csv_path: Path, config: LoopConfig) -> LoopResult | None:
-    """A finished run saved by `save_run`, or None when absent or made with another config.
+def read_result(csv_path: Path, config: LoopConfig, model: str = "") -> LoopResult | None:
+    """A finished run saved by `save_run`, or None when absent or made with another config or
+    another base model (``model``: its identity, e.g. version and weights digest).
 
     The evidence command resumes from these, so a stopped multi-hour run loses one cell at most.
     """
@@ -134,7 +135,7 @@ def read_result(csv_path: Path, config: LoopConfig) -> LoopResult | None:
     if not (csv_path.exists() and sidecar.exists()):
         return None
     saved = json.loads(sidecar.read_text())
-    if saved.get("config") != asdict(config):
+    if saved.get("config") != asdict(config) or saved.get("model", "") != model:
         return None
     kinds = {f.name: str(getattr(f.type, "__name__", f.type)) for f in fields(IterationRow)}
     rows = []
@@ -150,13 +151,13 @@ def read_result(csv_path: Path, config: LoopConfig) -> LoopResult | None:
     return LoopResult(config, rows, dict(saved.get("timings", {})))
 
 
-def save_run(result: LoopResult, out_dir: Path, stem: str) -> dict[str, Path]:
-    """`write_result` plus the config and timings beside the CSV, for `read_result`."""
+def save_run(result: LoopResult, out_dir: Path, stem: str, model: str = "") -> dict[str, Path]:
+    """`write_result` plus the config, base model identity and timings beside the CSV, for
+    `read_result`."""
     paths = write_result(result, out_dir, stem)
     sidecar = paths["csv"].with_suffix(".run.json")
-    sidecar.write_text(
-        json.dumps({"config": asdict(result.config), "timings": result.timings}, indent=1) + "\n"
-    )
+    record = {"config": asdict(result.config), "model": model, "timings": result.timings}
+    sidecar.write_text(json.dumps(record, indent=1) + "\n")
     return {**paths, "run": sidecar}
 
 

@@ -73,3 +73,24 @@ def test_saved_run_resumes_only_with_the_same_config(tmp_path: Path) -> None:
     assert again.rows == res.rows and again.timings["total"] == 12.5
     assert read_result(paths["csv"], LoopConfig(seed=2)) is None  # another config: rerun
     assert read_result(tmp_path / "absent.csv", LoopConfig(seed=1)) is None
+
+
+def test_a_saved_run_is_not_reused_for_another_base_model(tmp_path: Path) -> None:
+    paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1", model="base-v1:aaaa")
+    assert read_result(paths["csv"], LoopConfig(seed=1), "base-v1:aaaa") is not None
+    assert read_result(paths["csv"], LoopConfig(seed=1), "base-v2:bbbb") is None
+
+
+def test_model_identity_names_version_and_weights(tmp_path: Path) -> None:
+    from riffloop.core import NotFoundError
+    from riffloop.loop._cli import model_identity
+
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w1")
+    (tmp_path / "model_card.json").write_text('{"version": "base-v9"}')
+    first = model_identity(tmp_path)
+    assert first.startswith("base-v9:")
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w2")
+    assert model_identity(tmp_path) != first
+    with pytest.raises(NotFoundError):
+        model_identity(tmp_path / "missing")
