@@ -24,6 +24,7 @@ from riffloop.runtime._interceptors import (
     current_user,
     remaining_seconds,
 )
+from riffloop.runtime._keys import MODEL_RATINGS_KEY
 from riffloop.runtime._latents import LatentRecord
 from riffloop.runtime._logging import configure_logging, request_id_var
 from riffloop.runtime._models import MODEL_CONSTRUCTION_LOCK, ModelStore, ServedModel
@@ -41,6 +42,7 @@ from riffloop.runtime._settings import ServiceSettings
 
 __all__ = [
     "MODEL_CONSTRUCTION_LOCK",
+    "MODEL_RATINGS_KEY",
     "BearerAuthInterceptor",
     "ConsumerWorker",
     "DeferredWorker",

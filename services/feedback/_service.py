@@ -12,9 +12,13 @@ spammers and rater reliability ρ, ``ConfidenceWeight`` gives R and ω. This she
    rebuilt ledger plus Kafka's redelivery of uncommitted records gives the same state).
 3. Every ``score_interval_s`` the scorer re-scores (ω depends on all raters) and publishes
    tracks.scored.v1 for the tracks whose feedback changed.
+4. The same pass writes the mean rating of every model version (generated and baseline tracks
+   apart) to ``fb:model-ratings`` and the ``riffloop_mean_rating`` gauge: the read model the
+   gateway's ListModels serves, so no other service has to replay tracks.scored.v1 to know it.
 
 Key-value layout: ``fb:tracks`` hash track → JSON {provenance, clip_seconds, served_to};
-``fb:ratings:<track>`` hash rater → JSON rating; ``fb:listens:<track>`` hash rater → JSON listen.
+``fb:ratings:<track>`` hash rater → JSON rating; ``fb:listens:<track>`` hash rater → JSON listen;
+``fb:model-ratings`` hash version → JSON :class:`ModelRatings` (read by the gateway).
 """
 
 from __future__ import annotations
@@ -38,15 +42,67 @@ from riffloop.loop import (
     Rating,
     SpamFilter,
     SpamReport,
+    TrackKind,
     TrackProvenance,
     TrackScored,
 )
-from riffloop.runtime import ServiceSettings, metrics, provenance_from_proto, track_scored_to_proto
+from riffloop.runtime import (
+    MODEL_RATINGS_KEY,
+    ServiceSettings,
+    metrics,
+    provenance_from_proto,
+    track_scored_to_proto,
+)
 from riffloop.v1 import events_pb2
 from riffloop.v1 import feedback_service_pb2 as pb
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
 
 _log = logging.getLogger("riffloop.feedback")
+
+
+@dataclasses.dataclass
+class ModelRatings:
+    """What listeners think of one model version: Σ_j R_j·n_j / Σ_j n_j over its tracks j
+    (R_j the track's score, n_j its accepted ratings), generated and baseline tracks apart —
+    the baseline z0 is served under the version that was current, so the pair compares the
+    model with its own training data on the same requests."""
+
+    generated_mean: float = 0.0
+    generated_count: int = 0
+    baseline_mean: float = 0.0
+    baseline_count: int = 0
+
+    def add(self, kind: TrackKind, score: float, n: int) -> None:
+        if kind is TrackKind.BASELINE:
+            total = self.baseline_mean * self.baseline_count + score * n
+            self.baseline_count += n
+            self.baseline_mean = total / self.baseline_count if self.baseline_count else 0.0
+        else:
+            total = self.generated_mean * self.generated_count + score * n
+            self.generated_count += n
+            self.generated_mean = total / self.generated_count if self.generated_count else 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, raw: str) -> ModelRatings:
+        return cls(**json.loads(raw))
+
+
+def model_ratings(
+    scores: dict[str, TrackScored], provenance: dict[str, TrackProvenance]
+) -> dict[str, ModelRatings]:
+    """Per-version aggregates of the latest scores (tracks without a version are skipped)."""
+    out: dict[str, ModelRatings] = {}
+    for track_id, score in scores.items():
+        prov = provenance.get(track_id)
+        if prov is None or not prov.model_version or score.n_ratings <= 0:
+            continue
+        out.setdefault(prov.model_version, ModelRatings()).add(
+            prov.kind, float(score.score), int(score.n_ratings)
+        )
+    return out
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -81,6 +137,8 @@ class FeedbackState:
         self.scores: dict[str, TrackScored] = {}
         self.report: SpamReport | None = None
         self.dirty: set[str] = set()
+        self.model_ratings: dict[str, ModelRatings] = {}
+        self._model_ratings_written: dict[str, str] = {}
         self._caught_seen: set[tuple[str, str]] = set()
 
     # -- rebuild ------------------------------------------------------------------------------
@@ -213,14 +271,15 @@ class FeedbackState:
                 return []
             changed, self.dirty = self.dirty, set()
             observations = self.ledger.observations()
-            provenance = {t: self.ledger.provenance(t) for t in changed}
+            provenance = {p.track_id: p for p in self.ledger.provenances()}
         if not observations:
             return []
         # The O(N) statistics run outside the lock, so the consumer keeps recording meanwhile.
         report = self.spam.inspect(observations)
         scores = self.confidence.score(observations, report)
+        ratings = model_ratings(scores, provenance)
         with self.lock:
-            self.scores, self.report = scores, report
+            self.scores, self.report, self.model_ratings = scores, report, ratings
         listened: dict[str, list[float]] = {}
         for o in observations:
             listened.setdefault(o.track_id, []).append(o.listened_fraction)
@@ -239,6 +298,20 @@ class FeedbackState:
                     metrics.SPAM_CAUGHT.labels(str(reason)).inc()
         return out
 
+    def write_model_ratings(self) -> None:
+        """Write the per-version aggregates that changed to ``fb:model-ratings`` and set the
+        ``riffloop_mean_rating`` gauge (the feedback service owns the scores, so it owns this)."""
+        with self.lock:
+            ratings = dict(self.model_ratings)
+        fresh = {v: r.to_json() for v, r in ratings.items()}
+        changed = {v: raw for v, raw in fresh.items() if self._model_ratings_written.get(v) != raw}
+        if changed:
+            self.ports.kv.hset_many({MODEL_RATINGS_KEY: changed})
+            self._model_ratings_written.update(changed)
+        for version, r in ratings.items():
+            if r.generated_count:
+                metrics.MEAN_RATING.labels(version).set(r.generated_mean)
+
     def publish_scores(self) -> int:
         payloads = self.score_changed()
         # One broker round trip per record on purpose: overlapping the sends (one wait per
@@ -251,6 +324,7 @@ class FeedbackState:
                 with self.lock:  # not published: score them again on the next pass
                     self.dirty |= {p.track_id for p in payloads[i:]}
                 raise
+        self.write_model_ratings()  # every pass: cheap when nothing changed, retries a failure
         return len(payloads)
 
 

@@ -66,7 +66,6 @@ def build(
         {
             "tracks.ready.v1": events.on_track_ready,
             "model.published.v1": events.on_model_published,
-            "tracks.scored.v1": events.on_track_scored,
         }
     )
     runtime.add_worker(ConsumerWorker(settings, ports, router))

@@ -3,16 +3,19 @@
 It validates every client input, stores uploads content-addressed, and turns calls into events:
 UploadSong → songs.uploaded.v1, Generate → generation.requested.v1, Rate / ReportListen →
 feedback.received.v1 (FeedbackReceived), SubmitFeedback → feedback.received.v1 (one FeedbackBatch
-per call). It consumes tracks.ready.v1 (a pending track becomes ready),
-model.published.v1 and tracks.scored.v1 (for ListModels). Auth and the per-user rate limit are
-interceptors (riffloop.runtime), not handler code.
+per call). It consumes tracks.ready.v1 (a pending track becomes ready) and model.published.v1.
+ListModels reads the per-version mean ratings from the feedback service's read model
+(``fb:model-ratings``, written by its scoring pass) rather than replaying every TrackScored: at
+5,000 ratings/s that consumer was an eighth of the gateway's CPU. Auth and the per-user rate
+limit are interceptors (riffloop.runtime), not handler code.
 
 Key-value layout (prefix ``gw:``):
   gw:track:<track_id>          JSON track record (owner, status, audio ref, duration)
   gw:rated:<track_id>:<user>   set once: a second rating of the same track is ALREADY_EXISTS
   gw:models                    hash version → JSON (parent, published_at)
   gw:models:current            the version generators serve
-  gw:scores:<version>:<kind>   hash track_id → "mean n" (latest TrackScored per track)
+Read, owned by the feedback service:
+  fb:model-ratings             hash version → JSON mean and count, generated and baseline apart
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -40,7 +43,7 @@ from riffloop.core import (
     RiffloopError,
     ValidationError,
 )
-from riffloop.runtime import ServiceSettings, current_user, metrics
+from riffloop.runtime import MODEL_RATINGS_KEY, ServiceSettings, current_user, metrics
 from riffloop.v1 import (
     common_pb2,
     events_pb2,
@@ -451,22 +454,20 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
         kv = self.ports.kv
         current = kv.get("gw:models:current") or ""
+        ratings = kv.hgetall(MODEL_RATINGS_KEY)
         out = []
         for version, raw in sorted(kv.hgetall("gw:models").items()):
             info = json.loads(raw)
-            gen_mean, gen_n = _aggregate(kv.hgetall(f"gw:scores:{version}:generated"))
-            if gen_n:
-                metrics.MEAN_RATING.labels(version).set(gen_mean)  # fresh while we have it
-            base_mean, base_n = _aggregate(kv.hgetall(f"gw:scores:{version}:baseline"))
+            rated = json.loads(ratings[version]) if version in ratings else {}
             out.append(
                 pb.ModelSummary(
                     version=version,
                     parent_version=info.get("parent", ""),
                     current=version == current,
-                    mean_rating=gen_mean,
-                    rating_count=gen_n,
-                    baseline_mean_rating=base_mean,
-                    baseline_rating_count=base_n,
+                    mean_rating=float(rated.get("generated_mean", 0.0)),
+                    rating_count=int(rated.get("generated_count", 0)),
+                    baseline_mean_rating=float(rated.get("baseline_mean", 0.0)),
+                    baseline_rating_count=int(rated.get("baseline_count", 0)),
                     published_at=_now_ts(float(info.get("published_at", 0.0))),
                 )
             )
@@ -476,18 +477,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
 def _song_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _aggregate(rows: dict[str, str]) -> tuple[float, int]:
-    """Mean over tracks weighted by their rating counts: Σ R_j n_j / Σ n_j."""
-    total = 0.0
-    count = 0
-    for value in rows.values():
-        mean_text, n_text = value.split()
-        n = int(n_text)
-        total += float(mean_text) * n
-        count += n
-    return (total / count if count else 0.0), count
 
 
 def _track_message(track_id: str, record: dict[str, Any]) -> pb.Track:
@@ -513,21 +502,8 @@ def _track_message(track_id: str, record: dict[str, Any]) -> pb.Track:
 class GatewayEvents:
     """What the gateway does with the events it consumes; each handler is idempotent."""
 
-    def __init__(
-        self,
-        ports: Any,
-        *,
-        gauge_refresh_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
+    def __init__(self, ports: Any) -> None:
         self.ports = ports
-        # The mean-rating gauge reads a whole hash (O(tracks of the version)); recomputing it on
-        # every TrackScored made the gateway's consumer O(n²) and starved the RPC threads (py-spy:
-        # 65 % of the gateway's CPU at 200 ratings/s). Once per version per interval is plenty
-        # for a Prometheus gauge scraped every 15 s.
-        self._gauge_refresh_s = gauge_refresh_s
-        self._clock = clock
-        self._gauge_due: dict[str, float] = {}
 
     def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
         ready = envelope.track_ready
@@ -560,27 +536,6 @@ class GatewayEvents:
             self.ports.kv.hset("gw:models", {event.version: json.dumps(info)})
         if event.action != common_pb2.MODEL_ACTION_CANARY:  # a canary serves only a share
             self.ports.kv.set("gw:models:current", event.version)
-
-    def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
-        scored = envelope.track_scored
-        prov = scored.provenance
-        if not prov.model_version or prov.kind == common_pb2.TRACK_KIND_UNSPECIFIED:
-            return  # the scorer did not know the track's origin; nothing to attribute
-        kind = "baseline" if prov.kind == common_pb2.TRACK_KIND_BASELINE else "generated"
-        field = f"{scored.mean_rating!r} {scored.rating_count}"
-        self.ports.kv.hset(f"gw:scores:{prov.model_version}:{kind}", {scored.track_id: field})
-        if kind == "generated":
-            self.refresh_mean_rating(prov.model_version)
-
-    def refresh_mean_rating(self, version: str, *, force: bool = False) -> None:
-        """Set ``riffloop_mean_rating{model_version}`` from the scores hash, at most once per
-        ``gauge_refresh_s`` per version unless forced."""
-        now = self._clock()
-        if not force and now < self._gauge_due.get(version, -math.inf):
-            return
-        self._gauge_due[version] = now + self._gauge_refresh_s
-        mean, _ = _aggregate(self.ports.kv.hgetall(f"gw:scores:{version}:generated"))
-        metrics.MEAN_RATING.labels(version).set(mean)
 
 
 __all__ = ["GatewayEvents", "GatewayServicer", "GatewaySettings"]

@@ -102,3 +102,29 @@ def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
     )
     with pytest.raises(ValidationError):
         state.on_feedback(new_envelope("gateway", single))
+
+
+def test_the_scoring_pass_writes_each_versions_mean_rating_for_list_models() -> None:
+    """fb:model-ratings: Σ R_j n_j / Σ n_j per version, generated and baseline apart, written
+    by the pass that scores the tracks, and the riffloop_mean_rating gauge beside it."""
+    from riffloop.runtime import MODEL_RATINGS_KEY, metrics
+
+    ports = shared_ports()
+    ports.bus.ensure_topics(["tracks.scored.v1"])
+    state = FeedbackState(ports)
+    for track in ("g1", "g2"):
+        _ready(state, track, "ann")
+        _ready(state, track, "bob")
+    state.on_feedback(_batch("ann", ("g1", 5), ("g1", 6.0), ("g2", 3), ("g2", 6.0)))
+    state.on_feedback(_batch("bob", ("g1", 4), ("g1", 6.0)))
+    assert state.publish_scores() == 2
+    rated = json.loads(ports.kv.hget(MODEL_RATINGS_KEY, "v1") or "{}")
+    scores = {t: s for t, s in state.scores.items()}
+    expected = (scores["g1"].score * 2 + scores["g2"].score * 1) / 3
+    assert rated["generated_count"] == 3 and rated["baseline_count"] == 0
+    assert rated["generated_mean"] == pytest.approx(expected)
+    assert metrics.MEAN_RATING.labels("v1")._value.get() == pytest.approx(expected)
+    # nothing new: nothing rewritten (the pass is cheap when idle)
+    ports.kv.hset(MODEL_RATINGS_KEY, {"v1": "sentinel"})
+    assert state.publish_scores() == 0
+    assert ports.kv.hget(MODEL_RATINGS_KEY, "v1") == "sentinel"

@@ -385,51 +385,23 @@ def test_rate_limit_is_per_user_and_the_gateway_keeps_serving(stub, auth: Auth) 
 def test_list_models_reports_published_versions_and_mean_ratings(
     gateway: Running, stub, auth: Auth
 ) -> None:
+    """Versions come from model.published.v1; their ratings from the feedback service's read
+    model (fb:model-ratings, written here as its scoring pass would)."""
+    from riffloop.runtime import MODEL_RATINGS_KEY
+
     ports = gateway.state
     published = events_pb2.ModelPublished(version="v0001", action=common_pb2.MODEL_ACTION_PROMOTE)
     ports.bus.publish("model.published.v1", "v0001", new_envelope("trainer", published))
-    prov = common_pb2.TrackProvenance(kind=common_pb2.TRACK_KIND_GENERATED, model_version="v0001")
-    for track, mean, n in (("t1", 4.0, 3), ("t2", 2.0, 1)):
-        scored = events_pb2.TrackScored(
-            track_id=track, mean_rating=mean, rating_count=n, provenance=prov
-        )
-        ports.bus.publish("tracks.scored.v1", track, new_envelope("feedback", scored))
-
-    def listed() -> bool:
-        models = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
-        return bool(models) and models[0].rating_count == 4
-
-    wait_for(listed, 10, "scores in ListModels")
+    wait_for(
+        lambda: bool(stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models),
+        10,
+        "the published version in ListModels",
+    )
     (model,) = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
-    assert model.version == "v0001" and model.current
-    assert model.mean_rating == pytest.approx((4.0 * 3 + 2.0) / 4)
+    assert model.version == "v0001" and model.current and model.rating_count == 0
+    rated = {"generated_mean": 3.5, "generated_count": 4, "baseline_mean": 3.0, "baseline_count": 2}
+    ports.kv.hset(MODEL_RATINGS_KEY, {"v0001": json.dumps(rated)})
+    (model,) = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
+    assert (model.mean_rating, model.rating_count) == (3.5, 4)
+    assert (model.baseline_mean_rating, model.baseline_rating_count) == (3.0, 2)
     assert json.loads(ports.kv.hget("gw:models", "v0001"))["parent"] == ""
-
-
-@pytest.mark.unit
-def test_mean_rating_gauge_is_recomputed_at_most_once_per_interval() -> None:
-    from riffloop.core import MemoryKeyValueStore
-    from riffloop.runtime import Ports, metrics
-    from services.gateway._service import GatewayEvents
-
-    now = [100.0]
-    ports = Ports("test", None, None, MemoryKeyValueStore())
-    events = GatewayEvents(ports, gauge_refresh_s=5.0, clock=lambda: now[0])
-    prov = common_pb2.TrackProvenance(kind=common_pb2.TRACK_KIND_GENERATED, model_version="vg1")
-
-    def score(track: str, mean: float) -> None:
-        scored = events_pb2.TrackScored(
-            track_id=track, mean_rating=mean, rating_count=1, provenance=prov
-        )
-        events.on_track_scored(new_envelope("feedback", scored))
-
-    def gauge() -> float:
-        return metrics.MEAN_RATING.labels("vg1")._value.get()
-
-    score("t1", 4.0)
-    assert gauge() == 4.0
-    score("t2", 2.0)  # within the interval: stored, gauge not recomputed yet
-    assert gauge() == 4.0 and ports.kv.hget("gw:scores:vg1:generated", "t2") == "2.0 1"
-    now[0] += 5.0
-    score("t3", 3.0)
-    assert gauge() == pytest.approx(3.0)
