@@ -1,7 +1,7 @@
 """Ratings throughput: client → gateway → Kafka → feedback aggregate, on real local servers.
 
     nice .venv/bin/python -m bench.bench_ratings [--ratings 4000] [--concurrency 64]
-        [--users 200] [--batch 1] [--infra-env .riffloop/infra/infra.env]
+        [--users 200] [--batch 1] [--rate R] [--infra-env .riffloop/infra/infra.env]
 
 Starts Kafka, MinIO and Redis (``riffloop.infra``; or uses a running stack's ``infra.env``) and
 the gateway and feedback services as separate processes (``riffloop.stack``), makes ``--ratings``

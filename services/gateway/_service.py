@@ -455,9 +455,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         kv = self.ports.kv
         current = kv.get("gw:models:current") or ""
         ratings = kv.hgetall(MODEL_RATINGS_KEY)
+        published = kv.hgetall("gw:models")
         out = []
-        for version, raw in sorted(kv.hgetall("gw:models").items()):
-            info = json.loads(raw)
+        # A version that served rated tracks is listed even if it was never announced on
+        # model.published.v1 (the base model a trainer starts from is not).
+        for version in sorted(published.keys() | ratings.keys()):
+            info = json.loads(published[version]) if version in published else {}
             rated = json.loads(ratings[version]) if version in ratings else {}
             out.append(
                 pb.ModelSummary(

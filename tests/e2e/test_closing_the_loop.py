@@ -8,6 +8,7 @@ selector publishes a training set, the trainer publishes a new model, the genera
 from __future__ import annotations
 
 import random
+import time
 import urllib.request
 
 import grpc
@@ -40,6 +41,15 @@ def _metric(url: str, name: str, **labels: str) -> float:
     return total
 
 
+def _rating_counts(user: GatewayClient) -> tuple[int, int]:
+    """Ratings of generated and of baseline tracks over every version ListModels shows."""
+    models = user.list_models()
+    return (
+        sum(m.rating_count for m in models),
+        sum(m.baseline_rating_count for m in models),
+    )
+
+
 def test_six_processes_close_the_loop(service_stack) -> None:
     stack = service_stack(ALL)
     procs = stack.state.processes
@@ -49,6 +59,8 @@ def test_six_processes_close_the_loop(service_stack) -> None:
     freqs = [rng.uniform(200, 800) for _ in range(3)]  # fresh songs: no cross-test dedupe
     songs = [users[0].upload_song(wav_bytes(2.0, f)).song_id for f in freqs]
 
+    # What ListModels counted before (the infrastructure may be a developer's, reused).
+    generated_before, baseline_before = _rating_counts(users[0])
     kinds: dict[str, str] = {}
     # The selector keeps a generation only if it beats the baseline *of its own input merge*, and
     # dispatch is a coin flip per request: go on until some input has both kinds, not just the run.
@@ -96,6 +108,16 @@ def test_six_processes_close_the_loop(service_stack) -> None:
     users[1].wait_ready(track_id, timeout_s=180)
     models = {m.version: m for m in users[1].list_models()}
     assert models["v0002"].parent_version == "v0001"
+    # ListModels' ratings come from the feedback service's read model (fb:model-ratings): every
+    # track rated here is counted once, under whichever version served it, by kind.
+    generated = sum(kind == "generated" for kind in kinds.values())
+    expected = (generated_before + generated, baseline_before + len(kinds) - generated)
+    seen = None
+    deadline = time.monotonic() + 60
+    while seen != expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        seen = _rating_counts(users[1])
+    assert seen == expected, f"ListModels counts (generated, baseline) {seen}, not {expected}"
     # Every process exports the shared metrics; the trainer counted its steps.
     for process in procs.values():
         url = f"http://127.0.0.1:{process.metrics_port}/metrics"

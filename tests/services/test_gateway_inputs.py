@@ -400,8 +400,12 @@ def test_list_models_reports_published_versions_and_mean_ratings(
     (model,) = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
     assert model.version == "v0001" and model.current and model.rating_count == 0
     rated = {"generated_mean": 3.5, "generated_count": 4, "baseline_mean": 3.0, "baseline_count": 2}
-    ports.kv.hset(MODEL_RATINGS_KEY, {"v0001": json.dumps(rated)})
-    (model,) = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
+    base = {"generated_mean": 2.5, "generated_count": 2, "baseline_mean": 0.0, "baseline_count": 0}
+    ports.kv.hset(MODEL_RATINGS_KEY, {"v0001": json.dumps(rated), "v0000": json.dumps(base)})
+    # v0000 was never announced (a base model is not): listed all the same, first, no parent
+    first, model = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
+    assert (first.version, first.parent_version, first.current) == ("v0000", "", False)
+    assert (first.mean_rating, first.rating_count) == (2.5, 2)
     assert (model.mean_rating, model.rating_count) == (3.5, 4)
     assert (model.baseline_mean_rating, model.baseline_rating_count) == (3.0, 2)
     assert json.loads(ports.kv.hget("gw:models", "v0001"))["parent"] == ""
