@@ -59,6 +59,7 @@ from riffloop.music._train import (
     apply_adapter,
     export_checkpoint,
     min_snr_weights,
+    resolve_device,
     weighted_diffusion_loss,
 )
 
@@ -110,6 +111,7 @@ __all__ = [
     "min_snr_weights",
     "pack_corpus",
     "register_similarity",
+    "resolve_device",
     "select_pieces",
     "slerp",
     "spectral_flatness",

@@ -27,6 +27,7 @@ from riffloop.music._train import (
     Trainer,
     TrainingConfig,
     export_checkpoint,
+    resolve_device,
 )
 
 
@@ -97,21 +98,9 @@ def _steps_per_second(
     return n / (time.monotonic() - started)
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValidationError(f"--device {name}: this machine has no CUDA device")
-    device = torch.device(name)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-        torch.backends.cuda.matmul.allow_tf32 = True
-    return device
-
-
 def _train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     started = time.monotonic()
     deadline = started + args.minutes * 60.0 if args.minutes else None
     out = Path(args.out)
@@ -209,7 +198,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             model = export_checkpoint(args.checkpoint, Path(tmp) / "m", "evaluated")
     else:
         model = MusicDiffusion.from_pretrained(args.model)
-    model.unet.to(_device(args.device)).eval()
+    model.unet.to(resolve_device(args.device)).eval()
     resolution = model.mel.n_mels
     mel_dir = (
         Path(args.corpus)

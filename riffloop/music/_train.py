@@ -61,6 +61,7 @@ __all__ = [
     "apply_adapter",
     "export_checkpoint",
     "min_snr_weights",
+    "resolve_device",
     "weighted_diffusion_loss",
 ]
 
@@ -305,6 +306,26 @@ def weighted_diffusion_loss(
 
 
 # -- trainer ---------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:1``…: a clear
+    ValidationError for a name torch does not know or a GPU this machine lacks. On CUDA it
+    also lets cuDNN time its kernels once (fixed shapes) and matmuls use TF32."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValidationError(f"unknown device {name!r} (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValidationError(f"device {name!r}: this machine has no CUDA device")
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+    elif device.type != "cpu":
+        raise ValidationError(f"device {name!r}: only cpu and cuda are supported")
+    return device
 
 
 def _lora_wrap(model: MusicDiffusion, settings: LoraSettings) -> Any:

@@ -40,6 +40,7 @@ from riffloop.music._quality import (
     train_embedding,
     validate_embedding,
 )
+from riffloop.music._train import resolve_device
 
 
 def _default_mel_dir(resolution: int = 64) -> Path:
@@ -202,8 +203,7 @@ def _report(args: argparse.Namespace) -> int:
     embedding = AudioEmbedding.load(args.embedding)
     if args.draws < 1:
         raise ValidationError("--draws must be at least 1")
-    if args.device != "cpu":
-        model.unet.to(args.device)
+    model.unet.to(resolve_device(args.device))
     out = Path(args.out)
     r = quality_report(
         model, heldout, embedding, n=args.n, steps=args.steps, seed=args.seed, out_dir=out

@@ -334,3 +334,15 @@ def test_a_checkpoint_resumes_only_on_the_device_kind_it_was_made_on(tmp_path: P
     # export needs no trainer and works wherever the weights were made
     exported = export_checkpoint(tmp_path, tmp_path / "out", "v-test")
     assert next(exported.unet.parameters()).device.type == "cpu"
+
+
+def test_a_device_name_is_checked_before_anything_runs() -> None:
+    from riffloop.music import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValidationError, match="unknown device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValidationError, match="no CUDA"):
+            resolve_device("cuda")
