@@ -60,7 +60,7 @@ from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
 _log = logging.getLogger("riffloop.feedback")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelRatings:
     """What listeners think of one model version: Σ_j R_j·n_j / Σ_j n_j over its tracks j
     (R_j the track's score, n_j its accepted ratings), generated and baseline tracks apart —
@@ -72,37 +72,35 @@ class ModelRatings:
     baseline_mean: float = 0.0
     baseline_count: int = 0
 
-    def add(self, kind: TrackKind, score: float, n: int) -> None:
-        if kind is TrackKind.BASELINE:
-            total = self.baseline_mean * self.baseline_count + score * n
-            self.baseline_count += n
-            self.baseline_mean = total / self.baseline_count if self.baseline_count else 0.0
-        else:
-            total = self.generated_mean * self.generated_count + score * n
-            self.generated_count += n
-            self.generated_mean = total / self.generated_count if self.generated_count else 0.0
-
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, raw: str) -> ModelRatings:
-        return cls(**json.loads(raw))
 
 
 def model_ratings(
     scores: dict[str, TrackScored], provenance: dict[str, TrackProvenance]
 ) -> dict[str, ModelRatings]:
     """Per-version aggregates of the latest scores (tracks without a version are skipped)."""
-    out: dict[str, ModelRatings] = {}
+    sums: dict[tuple[str, TrackKind], tuple[float, int]] = {}  # → (Σ R_j n_j, Σ n_j)
     for track_id, score in scores.items():
         prov = provenance.get(track_id)
         if prov is None or not prov.model_version or score.n_ratings <= 0:
             continue
-        out.setdefault(prov.model_version, ModelRatings()).add(
-            prov.kind, float(score.score), int(score.n_ratings)
+        total, count = sums.get((prov.model_version, prov.kind), (0.0, 0))
+        sums[(prov.model_version, prov.kind)] = (
+            total + score.score * score.n_ratings,
+            count + score.n_ratings,
         )
-    return out
+
+    def mean(version: str, kind: TrackKind) -> tuple[float, int]:
+        total, count = sums.get((version, kind), (0.0, 0))
+        return (total / count if count else 0.0), count
+
+    return {
+        version: ModelRatings(
+            *mean(version, TrackKind.GENERATED), *mean(version, TrackKind.BASELINE)
+        )
+        for version in {version for version, _ in sums}
+    }
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
