@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "RIFFLOOP_SCORE_INTERVAL_S": str(options.score_interval),
         },
     }
-    stack = ServiceProcesses(tmp / "stack", env, overrides=overrides)
+    stack = ServiceProcesses(tmp / "stack", env, overrides=overrides, tied_to_parent=True)
     try:
         stack.up(("feedback", "gateway"))
         settings = Settings.from_env(env)

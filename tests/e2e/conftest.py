@@ -45,7 +45,9 @@ def service_stack(real_infra, tmp_path: Path) -> Iterator[StackFactory]:  # type
                 "RIFFLOOP_SERVICE_NAME": f"{name}-{suffix}",
                 **(extra or {}).get(name, {}),
             }
-        processes = ServiceProcesses(tmp_path / f"stack-{len(started)}", env, overrides=overrides)
+        processes = ServiceProcesses(
+            tmp_path / f"stack-{len(started)}", env, overrides=overrides, tied_to_parent=True
+        )
         started.append(processes)
         processes.up(names, timeout_s)
         return processes
