@@ -45,10 +45,16 @@ def _corpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mel_dir(args: argparse.Namespace, resolution: int, *, corpus_flag: bool = True) -> Path:
+    """``--corpus`` when given, else the cache's ``mel-<r>x<r>`` folder (``--cache`` or the
+    default cache)."""
+    if corpus_flag and args.corpus:
+        return Path(args.corpus)
+    return corpus_dir(Path(args.cache) if args.cache else None) / f"mel-{resolution}x{resolution}"
+
+
 def _pack(args: argparse.Namespace) -> int:
-    mel_dir = corpus_dir(Path(args.cache) if args.cache else None) / (
-        f"mel-{args.resolution}x{args.resolution}"
-    )
+    mel_dir = _mel_dir(args, args.resolution, corpus_flag=False)
     out = pack_corpus(mel_dir, Path(args.out), tuple(args.splits))
     sizes = ", ".join(f"{f.name} {f.stat().st_size / 1e6:.1f} MB" for f in sorted(out.iterdir()))
     print(f"packed {mel_dir} into {out}: {sizes}")
@@ -57,11 +63,7 @@ def _pack(args: argparse.Namespace) -> int:
 
 def _corpus_dataset(args: argparse.Namespace, resolution: int) -> MelDataset:
     mel = MelConfig.preset(resolution)
-    mel_dir = (
-        Path(args.corpus)
-        if args.corpus
-        else corpus_dir(Path(args.cache) if args.cache else None) / f"mel-{resolution}x{resolution}"
-    )
+    mel_dir = _mel_dir(args, resolution)
     split = load_corpus(mel_dir, "train")
     if split.mel != mel:
         raise ValidationError(f"corpus at {mel_dir} was made with another mel config")
@@ -200,11 +202,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         model = MusicDiffusion.from_pretrained(args.model)
     model.unet.to(resolve_device(args.device)).eval()
     resolution = model.mel.n_mels
-    mel_dir = (
-        Path(args.corpus)
-        if args.corpus
-        else corpus_dir(Path(args.cache) if args.cache else None) / f"mel-{resolution}x{resolution}"
-    )
+    mel_dir = _mel_dir(args, resolution)
     # The reference windows: held-out (the judgement) or training (for choosing between runs
     # without looking at the held-out set).
     heldout = load_corpus(mel_dir, args.reference)

@@ -546,9 +546,14 @@ def pack_corpus(mel_dir: Path, out_dir: Path, splits: tuple[str, ...] = ("train"
     [−1, 1] scale, ≤ 0.16 dB of the 80 dB range) and xz-compressed; the 64×64 training split
     shrinks from 89 MB to ≈ 30 MB. :func:`load_corpus` reads it like the original; the
     manifest records the encoding so a model trained on it says so in its card."""
+    manifest_path = Path(mel_dir) / "manifest.json"
+    if not manifest_path.exists():
+        raise NotFoundError(
+            f"no complete corpus at {mel_dir} (run `python -m riffloop.music corpus`)"
+        )
+    manifest = json.loads(manifest_path.read_text())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((Path(mel_dir) / "manifest.json").read_text())
     for split in splits:
         payload = torch.load(Path(mel_dir) / f"{split}.pt", weights_only=True)
         codes = torch.round((payload["images"].to(torch.float32) + 1.0) * 127.5)

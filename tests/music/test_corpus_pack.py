@@ -48,3 +48,11 @@ def test_a_packed_corpus_reads_back_within_half_a_quantisation_step(tmp_path: Pa
     assert torch.equal(split.images[0], original[0]) and torch.equal(split.images[1], original[1])
     assert torch.equal(split.pieces, torch.arange(6))
     assert split.mel == load_corpus(tmp_path / "mel", "train").mel
+
+
+def test_packing_a_missing_corpus_says_what_to_run(tmp_path: Path) -> None:
+    from riffloop.core import NotFoundError
+
+    with pytest.raises(NotFoundError, match=r"riffloop\.music corpus"):
+        pack_corpus(tmp_path / "absent", tmp_path / "packed")
+    assert not (tmp_path / "packed").exists()
