@@ -422,7 +422,7 @@ class Trainer:
             ridx = self._replay_sampler.take(n_replay)
             images.append(self.replay.images[ridx])
             omega.append(self.replay.weights[ridx] * self.config.replay_weight)
-        x0 = torch.cat(images).to(self.device, torch.float32, non_blocking=True)
+        x0 = torch.cat(images).to(self.device, torch.float32)
         return x0, torch.cat(omega).to(self.device, torch.float32)
 
     def compute_loss(
