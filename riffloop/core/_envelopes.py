@@ -73,8 +73,12 @@ _PAYLOAD_FIELD: dict[Topic, str] = {
 
 
 # Payloads a topic accepts besides its own: feedback.received.v1 also carries a FeedbackBatch
-# (one user's items from one SubmitFeedback call, so a batch costs one record, not one each).
-_ALSO_ACCEPTED: dict[Topic, tuple[str, ...]] = {Topic.FEEDBACK_RECEIVED: ("feedback_batch",)}
+# (one user's items from one SubmitFeedback call, so a batch costs one record, not one each), and
+# tracks.scored.v1 a TrackScoredBatch (a chunk of one scoring pass).
+_ALSO_ACCEPTED: dict[Topic, tuple[str, ...]] = {
+    Topic.FEEDBACK_RECEIVED: ("feedback_batch",),
+    Topic.TRACKS_SCORED: ("track_scored_batch",),
+}
 
 
 def dlq_topic(topic: str) -> str:

@@ -217,6 +217,15 @@ class MemoryKeyValueStore(KeyValueStore):
             assert target is not None
             target.update({str(k): str(v) for k, v in mapping.items()})
 
+    def hset_many(self, writes: Mapping[str, Mapping[str, str]]) -> None:
+        with self._lock:
+            for key in writes:  # all or nothing, as the Redis script: check every key first
+                validate_kv_key(key)
+                self._hash(key, create=False)
+            for key, mapping in writes.items():
+                if mapping:
+                    self.hset(key, mapping)
+
     def hget(self, key: str, field: str) -> str | None:
         with self._lock:
             target = self._hash(key, create=False)

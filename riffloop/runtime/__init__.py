@@ -13,6 +13,7 @@ from riffloop.runtime._consumers import ConsumerWorker, EventRouter
 from riffloop.runtime._convert import (
     provenance_from_proto,
     provenance_to_proto,
+    scored_items,
     track_scored_to_proto,
 )
 from riffloop.runtime._interceptors import (
@@ -24,7 +25,7 @@ from riffloop.runtime._interceptors import (
     current_user,
     remaining_seconds,
 )
-from riffloop.runtime._keys import MODEL_RATINGS_KEY
+from riffloop.runtime._keys import MODEL_RATINGS_KEY, TRACK_SCORES_KEY
 from riffloop.runtime._latents import LatentRecord
 from riffloop.runtime._logging import configure_logging, request_id_var
 from riffloop.runtime._models import MODEL_CONSTRUCTION_LOCK, ModelStore, ServedModel
@@ -43,6 +44,7 @@ from riffloop.runtime._settings import ServiceSettings
 __all__ = [
     "MODEL_CONSTRUCTION_LOCK",
     "MODEL_RATINGS_KEY",
+    "TRACK_SCORES_KEY",
     "BearerAuthInterceptor",
     "ConsumerWorker",
     "DeferredWorker",
@@ -71,5 +73,6 @@ __all__ = [
     "provenance_to_proto",
     "remaining_seconds",
     "request_id_var",
+    "scored_items",
     "track_scored_to_proto",
 ]

@@ -64,3 +64,10 @@ def track_scored_to_proto(score: Any, provenance: Any | None, mean_listen: float
     if provenance is not None:
         message.provenance.CopyFrom(provenance_to_proto(provenance))
     return message
+
+
+def scored_items(envelope: Any) -> list[Any]:
+    """The TrackScored payloads of a ``tracks.scored.v1`` record: one, or a chunk of a pass."""
+    if envelope.WhichOneof("payload") == "track_scored_batch":
+        return list(envelope.track_scored_batch.items)
+    return [envelope.track_scored]

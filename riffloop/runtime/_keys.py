@@ -7,4 +7,8 @@ from __future__ import annotations
 # hash model version → JSON {generated_mean, generated_count, baseline_mean, baseline_count}.
 MODEL_RATINGS_KEY = "fb:model-ratings"
 
-__all__ = ["MODEL_RATINGS_KEY"]
+# The Kafka key of every TrackScoredBatch on tracks.scored.v1: one key, one partition, so the
+# chunks of successive scoring passes are read in the order they were written.
+TRACK_SCORES_KEY = "track-scores"
+
+__all__ = ["MODEL_RATINGS_KEY", "TRACK_SCORES_KEY"]

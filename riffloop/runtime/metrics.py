@@ -16,9 +16,13 @@ _RPC_BUCKETS = (
     0.001,
     0.0025,
     0.005,
+    0.0075,
     0.01,
+    0.015,
     0.025,
+    0.035,
     0.05,
+    0.075,
     0.1,
     0.25,
     0.5,
@@ -102,6 +106,13 @@ DEPENDENCY_READY = Gauge(
     ["service", "dependency"],
 )
 
+GC_PAUSE_SECONDS = Histogram(
+    "riffloop_gc_pause_seconds",
+    "Python garbage-collector pauses (every thread stops), by generation.",
+    ["service", "generation"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+
 METRIC_NAMES: tuple[str, ...] = (
     "riffloop_grpc_requests_total",
     "riffloop_grpc_request_seconds",
@@ -119,6 +130,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "riffloop_model_rollbacks_total",
     "riffloop_mean_rating",
     "riffloop_dependency_ready",
+    "riffloop_gc_pause_seconds",
 )
 
 
@@ -157,6 +169,7 @@ _served_versions: dict[str, set[str]] = {}
 __all__ = [
     "DEPENDENCY_READY",
     "DLQ_MESSAGES",
+    "GC_PAUSE_SECONDS",
     "GENERATION_SECONDS",
     "GRPC_REQUESTS",
     "GRPC_REQUEST_SECONDS",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from riffloop.runtime import ConsumerWorker, EventRouter, LoopWorker, Ports, ServiceRuntime
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
@@ -31,11 +32,14 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
     runtime.add_worker(ConsumerWorker(settings, ports, router))
 
     def score_loop(stop: threading.Event) -> None:
-        while not stop.wait(settings.score_interval_s):
+        last_pass_s = 0.0
+        while not stop.wait(settings.score_wait_s(last_pass_s)):
+            started = time.monotonic()
             try:
                 state.publish_scores()
             except Exception:  # a failed pass retries on the next tick; the tracks stay dirty
                 _log.exception("scoring pass failed")
+            last_pass_s = time.monotonic() - started
 
     runtime.add_worker(LoopWorker("feedback-scorer", score_loop))
     return runtime, state

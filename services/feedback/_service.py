@@ -11,7 +11,7 @@ spammers and rater reliability ρ, ``ConfidenceWeight`` gives R and ω. This she
    (track, rater), from which a restarted process rebuilds the ledger (kill -9 safe: the
    rebuilt ledger plus Kafka's redelivery of uncommitted records gives the same state).
 3. Every ``score_interval_s`` the scorer re-scores (ω depends on all raters) and publishes
-   tracks.scored.v1 for the tracks whose feedback changed.
+   tracks.scored.v1 for the tracks whose feedback changed, in TrackScoredBatch chunks.
 4. The same pass writes the mean rating of every model version (generated and baseline tracks
    apart) to ``fb:model-ratings`` and the ``riffloop_mean_rating`` gauge: the read model the
    gateway's ListModels serves, so no other service has to replay tracks.scored.v1 to know it.
@@ -48,6 +48,7 @@ from riffloop.loop import (
 )
 from riffloop.runtime import (
     MODEL_RATINGS_KEY,
+    TRACK_SCORES_KEY,
     ServiceSettings,
     metrics,
     provenance_from_proto,
@@ -58,6 +59,10 @@ from riffloop.v1 import feedback_service_pb2 as pb
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
 
 _log = logging.getLogger("riffloop.feedback")
+
+# Scores per TrackScoredBatch record: ≈ 150 bytes each, so a record stays near 75 kB, far under
+# Kafka's 1 MB default message limit, and a consumer's retry of one record redoes little.
+SCORES_PER_RECORD = 500
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +115,23 @@ class FeedbackSettings(ServiceSettings):
     metrics_port: int = 9104
     # How often changed tracks are re-scored and tracks.scored.v1 published.
     score_interval_s: float = 2.0
+    # The most of its time the scorer may spend scoring: a pass re-scores every rating (ω pools
+    # all raters), so it grows with the ledger; after a pass of T seconds the next waits at least
+    # T·(1 − d)/d. Scores then arrive less often on a large ledger instead of the pass taking a
+    # whole core from the consumer and from whatever shares the node.
+    score_max_duty: float = 0.25
 
     def _validate(self) -> None:
         super()._validate()
         if self.score_interval_s <= 0:
             raise ConfigurationError("RIFFLOOP_SCORE_INTERVAL_S must be positive")
+        if not 0 < self.score_max_duty <= 1:
+            raise ConfigurationError("RIFFLOOP_SCORE_MAX_DUTY must be in (0, 1]")
+
+    def score_wait_s(self, last_pass_s: float) -> float:
+        """Seconds until the next scoring pass, given how long the last one took."""
+        d = self.score_max_duty
+        return max(self.score_interval_s, last_pass_s * (1 - d) / d)
 
 
 class FeedbackState:
@@ -311,16 +328,25 @@ class FeedbackState:
                 metrics.MEAN_RATING.labels(version).set(r.generated_mean)
 
     def publish_scores(self) -> int:
+        """One scoring pass: publish the changed tracks' scores as TrackScoredBatch chunks of
+        ``SCORES_PER_RECORD``, all keyed ``TRACK_SCORES_KEY`` (one partition, so consumers read
+        the passes in order), then refresh the per-version read model.
+
+        One record per track, each waiting for its ack, took ≈ 1 ms of broker round trip and
+        ≈ 0.1 ms of Python per score: 10,000 changed tracks (2 s of ratings at 5,000/s) kept the
+        pass busy for longer than its interval and competed with the gateway for the CPU."""
         payloads = self.score_changed()
-        # One broker round trip per record on purpose: overlapping the sends (one wait per
-        # pass) made the pass CPU-bound and cut the consumer's recorded ratings/s from ≈ 4,300
-        # to ≈ 2,600 in bench_ratings (GIL), so the scores trickle out while ratings flow in.
-        for i, payload in enumerate(payloads):
+        for start in range(0, len(payloads), SCORES_PER_RECORD):
+            chunk = payloads[start : start + SCORES_PER_RECORD]
             try:
-                self.ports.publish("tracks.scored.v1", payload.track_id, payload)
+                self.ports.publish(
+                    "tracks.scored.v1",
+                    TRACK_SCORES_KEY,
+                    events_pb2.TrackScoredBatch(items=chunk),
+                )
             except BaseException:
                 with self.lock:  # not published: score them again on the next pass
-                    self.dirty |= {p.track_id for p in payloads[i:]}
+                    self.dirty |= {p.track_id for p in payloads[start:]}
                 raise
         self.write_model_ratings()  # every pass: cheap when nothing changed, retries a failure
         return len(payloads)

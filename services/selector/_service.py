@@ -36,7 +36,12 @@ from riffloop.loop import (
     manifest_json,
     model_score_by_input,
 )
-from riffloop.runtime import ServiceSettings, provenance_from_proto, track_scored_to_proto
+from riffloop.runtime import (
+    ServiceSettings,
+    provenance_from_proto,
+    scored_items,
+    track_scored_to_proto,
+)
 from riffloop.v1 import events_pb2
 from riffloop.v1 import selector_service_pb2 as pb
 from riffloop.v1 import selector_service_pb2_grpc as pb_grpc
@@ -105,15 +110,26 @@ class SelectorState:
     # -- events -------------------------------------------------------------------------------
 
     def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
-        scored = envelope.track_scored
-        prov = provenance_from_proto(scored.track_id, scored.provenance)
-        score = _score_from_event(scored, prov)
-        row = {"provenance": prov.to_json(), "score": {**score.to_dict(), "kind": str(prov.kind)}}
-        self.ports.kv.hset("sel:scores", {scored.track_id: json.dumps(row)})
+        """One TrackScored or a chunk of a scoring pass: all of it in one key-value write."""
+        rows: dict[str, str] = {}
+        latest: dict[str, tuple[TrackProvenance, TrackScored]] = {}
+        for scored in scored_items(envelope):
+            prov = provenance_from_proto(scored.track_id, scored.provenance)
+            score = _score_from_event(scored, prov)
+            row = {
+                "provenance": prov.to_json(),
+                "score": {**score.to_dict(), "kind": str(prov.kind)},
+            }
+            rows[scored.track_id] = json.dumps(row)
+            latest[scored.track_id] = (prov, score)
+        if not rows:
+            return
+        self.ports.kv.hset("sel:scores", rows)
         with self.lock:
-            self.provenances[prov.track_id] = prov
-            self.scores[prov.track_id] = score
-            self.new_scores += 1
+            for track_id, (prov, score) in latest.items():
+                self.provenances[track_id] = prov
+                self.scores[track_id] = score
+            self.new_scores += len(latest)
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:
         self.ports.kv.set("sel:model", envelope.model_published.version)

@@ -49,6 +49,7 @@ from riffloop.runtime import (
     ModelStore,
     ServiceSettings,
     metrics,
+    scored_items,
 )
 from riffloop.v1 import common_pb2, events_pb2
 from riffloop.v1 import trainer_service_pb2 as pb
@@ -398,15 +399,23 @@ class TrainerCore:
     def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
         """Canary watch: compare the new version's generations with its parent's, roll back a
         significantly worse one (one-sided Mann-Whitney on per-track R, ``Canary.decide``)."""
-        scored = envelope.track_scored
-        prov = scored.provenance
         with self.lock:
             watch = self.watch
-            if watch is None or prov.kind != common_pb2.TRACK_KIND_GENERATED:
+            if watch is None:
                 return
-            if prov.model_version not in watch or scored.rating_count < 1:
+            fresh = 0
+            for scored in scored_items(envelope):  # one score, or a chunk of a scoring pass
+                prov = scored.provenance
+                if prov.kind != common_pb2.TRACK_KIND_GENERATED or scored.rating_count < 1:
+                    continue
+                if prov.model_version in watch:
+                    self.watch_scores[scored.track_id] = (
+                        prov.model_version,
+                        float(scored.mean_rating),
+                    )
+                    fresh += 1
+            if not fresh:
                 return
-            self.watch_scores[scored.track_id] = (prov.model_version, float(scored.mean_rating))
             parent, candidate = watch
             canary = Canary(
                 parent,

@@ -129,6 +129,27 @@ class TestKeyValueStoreContract:
         assert store.hgetall(b) == {"u1": "z"}
         store.hset_many({})
 
+    def test_hset_many_writes_large_hashes_and_refuses_a_string_before_any_change(
+        self, kv_store: KV
+    ) -> None:
+        store, key = kv_store
+        big, small, text = key(), key(), key()
+        fields = {f"f{i}": str(i) for i in range(2_345)}  # more than one unpack chunk
+        store.hset_many({big: fields, small: {"a": "1"}})
+        assert store.hgetall(big) == fields
+        store.set(text, "plain")
+        with pytest.raises(ValidationError):
+            store.hset_many({small: {"b": "2"}, text: {"c": "3"}})
+        assert store.hgetall(small) == {"a": "1"}
+        assert store.get(text) == "plain"
+
+    def test_set_many_if_absent_without_ttl_keeps_the_keys(self, kv_store: KV) -> None:
+        store, key = kv_store
+        a = key()
+        assert store.set_many_if_absent([a], "v") == [True]
+        assert store.ttl(a) is None
+        assert store.get(a) == "v"
+
     def test_hashes(self, kv_store: KV) -> None:
         store, key = kv_store
         k = key()

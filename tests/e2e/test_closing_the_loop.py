@@ -122,6 +122,8 @@ def test_six_processes_close_the_loop(service_stack) -> None:
     for process in procs.values():
         url = f"http://127.0.0.1:{process.metrics_port}/metrics"
         assert _metric(url, "riffloop_dependency_ready", dependency="kafka") == 1
+        # the start-up heap is frozen and every collection since is timed
+        assert _metric(url, "riffloop_gc_pause_seconds_count") >= 1
     trainer_url = f"http://127.0.0.1:{procs['trainer'].metrics_port}/metrics"
     assert _metric(trainer_url, "riffloop_training_steps_total") >= 4
     # SIGTERM drains: every service exits 0.

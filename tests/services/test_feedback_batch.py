@@ -128,3 +128,46 @@ def test_the_scoring_pass_writes_each_versions_mean_rating_for_list_models() -> 
     ports.kv.hset(MODEL_RATINGS_KEY, {"v1": "sentinel"})
     assert state.publish_scores() == 0
     assert ports.kv.hget(MODEL_RATINGS_KEY, "v1") == "sentinel"
+
+
+def test_a_scoring_pass_publishes_its_scores_in_ordered_chunks() -> None:
+    """⌈n / SCORES_PER_RECORD⌉ TrackScoredBatch records, all under one key (one partition, so
+    a later pass is never read before an earlier one), carrying every changed track once."""
+    from riffloop.core import decode_envelope
+    from riffloop.runtime import TRACK_SCORES_KEY, scored_items
+    from services.feedback._service import SCORES_PER_RECORD
+
+    ports = shared_ports()
+    ports.bus.ensure_topics(["tracks.scored.v1"])
+    reader = ports.bus.subscribe("chunk-reader", ["tracks.scored.v1"])
+    state = FeedbackState(ports)
+    tracks = [f"c{i:04d}" for i in range(SCORES_PER_RECORD + 7)]
+    for track in tracks:
+        _ready(state, track, "ann")
+    for start in range(0, len(tracks), 100):
+        state.on_feedback(
+            _batch("ann", *((t, 1 + i % 5) for i, t in enumerate(tracks[start : start + 100])))
+        )
+    assert state.publish_scores() == len(tracks)
+    records = reader.poll(1.0, max_records=10)
+    assert [r.key for r in records] == [TRACK_SCORES_KEY] * 2
+    assert len({r.partition for r in records}) == 1
+    items = [i for r in records for i in scored_items(decode_envelope(r.value, r.topic))]
+    assert sorted(i.track_id for i in items) == tracks
+    assert all(i.rating_count == 1 and i.provenance.model_version == "v1" for i in items)
+
+
+def test_the_scorer_keeps_to_its_duty_cycle() -> None:
+    """A pass of T seconds is followed by at least T·(1 − d)/d of rest, never less than the
+    interval; a duty outside (0, 1] is a configuration error."""
+    from riffloop.core import ConfigurationError
+    from services.feedback._service import FeedbackSettings
+
+    settings = FeedbackSettings.from_env(
+        {"RIFFLOOP_SCORE_INTERVAL_S": "2", "RIFFLOOP_SCORE_MAX_DUTY": "0.25"}
+    )
+    assert settings.score_wait_s(0.1) == 2.0
+    assert settings.score_wait_s(4.0) == pytest.approx(12.0)
+    for bad in ("0", "1.5", "-0.1"):
+        with pytest.raises(ConfigurationError, match="RIFFLOOP_SCORE_MAX_DUTY"):
+            FeedbackSettings.from_env({"RIFFLOOP_SCORE_MAX_DUTY": bad})

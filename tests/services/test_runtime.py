@@ -169,3 +169,25 @@ def test_service_settings_fail_fast() -> None:
         GatewaySettings.from_env({"RIFFLOOP_AUTH_SECRET": "x" * 20, "RIFFLOOP_RATE_LIMT": "1"})
     settings = GatewaySettings.from_env({"RIFFLOOP_AUTH_SECRET": "x" * 20})
     assert "x" * 20 not in repr(settings)
+
+
+def test_settle_garbage_collector_freezes_the_heap_and_times_every_collection() -> None:
+    import gc
+
+    from riffloop.runtime import metrics
+    from riffloop.runtime._server import settle_garbage_collector
+
+    def count() -> float:
+        child = metrics.GC_PAUSE_SECONDS.labels("gc-test", "2")
+        return next(s.value for s in child._samples() if s.name == "_count")
+
+    callbacks = list(gc.callbacks)
+    try:
+        settle_garbage_collector("gc-test")
+        assert gc.get_freeze_count() > 0
+        before = count()
+        gc.collect()
+        assert count() == before + 1
+    finally:
+        gc.callbacks[:] = callbacks
+        gc.unfreeze()
