@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -67,55 +66,87 @@ class ConfidenceWeight:
     def score(
         self, observations: Sequence[Observation], report: SpamReport
     ) -> dict[str, TrackScored]:
+        """R_j and ω_j of every rated track. Vectorised over the observations (one np.bincount
+        per sum over a track's ratings, in the observations' order): the feedback service runs
+        this over its whole ledger on every scoring pass."""
+        if not observations:
+            self.kappa = self.default_kappa
+            return {}
         rho = report.reliability
         normaliser = RaterNormaliser().fit(observations, weights=rho)
-        x_hat = normaliser.normalise_all(observations)
+        x = normaliser.normalise_all(observations)  # x̂_i
         mu = normaliser.mu
 
-        by_track: dict[str, list[tuple[Observation, float, float]]] = defaultdict(list)
-        for o, x in zip(observations, x_hat, strict=True):
-            a = rho.get(o.rater_id, 1.0) * self.heard_weight(o)
-            by_track[o.track_id].append((o, a, float(x)))
+        index: dict[str, int] = {}  # track → j, in order of first appearance
+        first: list[Observation] = []  # the first observation of track j (its kind, input)
+        codes = np.empty(len(observations), dtype=np.int64)
+        for i, o in enumerate(observations):
+            j = index.get(o.track_id)
+            if j is None:
+                j = index[o.track_id] = len(first)
+                first.append(o)
+            codes[i] = j
+        k = len(first)
+        rho_i = np.fromiter((rho.get(o.rater_id, 1.0) for o in observations), dtype=float)
+        stars = np.fromiter((o.stars for o in observations), dtype=float)
+        need = self.judge_share * np.fromiter((o.clip_seconds for o in observations), dtype=float)
+        heard = np.fromiter((o.seconds_listened for o in observations), dtype=float)
+        phi = np.divide(heard, need, out=np.zeros_like(need), where=need > 0)
+        a = rho_i * np.minimum(1.0, phi)  # a_i = ρ_r · φ_i
+        trusted = (rho_i > 0).astype(float)
 
-        self.kappa = self._estimate_kappa(by_track)
-        out: dict[str, TrackScored] = {}
-        for track_id, rows in by_track.items():
-            first = rows[0][0]
-            trusted = [(o, a, x) for o, a, x in rows if rho.get(o.rater_id, 1.0) > 0]
-            mean_stars = float(np.mean([o.stars for o, _, _ in trusted])) if trusted else math.nan
-            if self.uniform:
-                r_j = float(np.mean([x for _, _, x in trusted])) if trusted else mu
-                omega, m = 1.0, float(len(trusted))
-            else:
-                m = sum(a for _, a, _ in rows)
-                r_j = (sum(a * x for _, a, x in rows) + self.kappa * mu) / (m + self.kappa)
-                omega = m / (m + self.kappa)
-            out[track_id] = TrackScored(
-                track_id=track_id,
-                kind=first.kind,
-                input_key=first.input_key,
-                score=r_j,
-                omega=omega,
-                n_ratings=len(rows),
-                effective_n=m,
-                mean_stars=mean_stars,
+        def per_track(weights: np.ndarray) -> np.ndarray:
+            return np.bincount(codes, weights=weights, minlength=k)
+
+        n_ratings = np.bincount(codes, minlength=k)
+        n_trusted = per_track(trusted)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean_stars = np.where(n_trusted > 0, per_track(stars * trusted) / n_trusted, math.nan)
+        self.kappa = self._estimate_kappa(codes, a, x, k)
+        if self.uniform:
+            m = n_trusted
+            with np.errstate(invalid="ignore", divide="ignore"):
+                r = np.where(n_trusted > 0, per_track(x * trusted) / n_trusted, mu)
+            omega = np.ones(k)
+        else:
+            m = per_track(a)  # m_j = Σ_i a_i
+            r = (per_track(a * x) + self.kappa * mu) / (m + self.kappa)  # R_j
+            omega = m / (m + self.kappa)  # ω_j
+        return {
+            o.track_id: TrackScored(
+                track_id=o.track_id,
+                kind=o.kind,
+                input_key=o.input_key,
+                score=float(r[j]),
+                omega=float(omega[j]),
+                n_ratings=int(n_ratings[j]),
+                effective_n=float(m[j]),
+                mean_stars=float(mean_stars[j]),
             )
-        return out
+            for j, o in enumerate(first)
+        }
 
-    def _estimate_kappa(self, by_track: dict[str, list[tuple[Observation, float, float]]]) -> float:
+    def _estimate_kappa(self, codes: np.ndarray, a: np.ndarray, x: np.ndarray, k: int) -> float:
         """κ = σ²_e/τ² by the method of moments on tracks with ≥ 2 trusted, heard ratings."""
-        groups = [np.array([x for _, a, x in rows if a > 0.5]) for rows in by_track.values()]
-        groups = [g for g in groups if g.size >= 2]
-        if len(groups) < 5:
+        heard = a > 0.5
+        size = np.bincount(codes[heard], minlength=k)
+        keep = heard & (size[codes] >= 2)  # the ratings of the tracks that enter the estimate
+        groups = size >= 2
+        if int(groups.sum()) < 5:
             return self.default_kappa
-        n_tot = sum(g.size for g in groups)
-        k = len(groups)
-        grand = np.concatenate(groups).mean()
-        ss_w = sum(float(((g - g.mean()) ** 2).sum()) for g in groups)
-        ss_b = sum(g.size * float((g.mean() - grand) ** 2) for g in groups)
-        ms_w = ss_w / (n_tot - k)
-        ms_b = ss_b / (k - 1)
-        n0 = (n_tot - sum(g.size**2 for g in groups) / n_tot) / (k - 1)
+        g_codes, g_x = codes[keep], x[keep]
+        g_size = size[groups].astype(float)
+        g_mean = np.bincount(g_codes, weights=g_x, minlength=k)[groups] / g_size
+        n_tot = float(g_size.sum())
+        n_groups = len(g_size)
+        grand = float(g_x.mean())
+        mean_of = np.zeros(k)
+        mean_of[groups] = g_mean
+        ss_w = float(((g_x - mean_of[g_codes]) ** 2).sum())
+        ss_b = float((g_size * (g_mean - grand) ** 2).sum())
+        ms_w = ss_w / (n_tot - n_groups)
+        ms_b = ss_b / (n_groups - 1)
+        n0 = (n_tot - float((g_size**2).sum()) / n_tot) / (n_groups - 1)
         tau2 = (ms_b - ms_w) / n0
         if tau2 <= 0:
             return 20.0  # no detectable difference between tracks: trust the prior strongly

@@ -295,11 +295,13 @@ class FeedbackState:
         ratings = model_ratings(scores, provenance)
         with self.lock:
             self.scores, self.report, self.model_ratings = scores, report, ratings
+        publish = changed & scores.keys()
         listened: dict[str, list[float]] = {}
         for o in observations:
-            listened.setdefault(o.track_id, []).append(o.listened_fraction)
+            if o.track_id in publish:
+                listened.setdefault(o.track_id, []).append(o.listened_fraction)
         out = []
-        for track_id in sorted(changed & scores.keys()):
+        for track_id in sorted(publish):
             fractions = listened.get(track_id, [0.0])
             out.append(
                 track_scored_to_proto(

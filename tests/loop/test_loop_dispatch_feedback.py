@@ -130,6 +130,20 @@ def test_duplicates_conflict_and_keep_the_first(ledger: FeedbackLedger) -> None:
     assert obs.listened_fraction == 1.0
 
 
+def test_observations_read_before_a_listen_arrives_pick_it_up_afterwards(
+    ledger: FeedbackLedger,
+) -> None:
+    """The ledger keeps each observation between reads; a later listen must replace it."""
+    ledger.rate(Rating("t1", "alice", 4, 1.0))
+    (unheard,) = ledger.observations()
+    assert unheard.seconds_listened == 0.0
+    ledger.listen(ListenEvent("t1", "alice", 0.9, 1.5, False, True, 2.0))
+    ledger.rate(Rating("t2", "alice", 2, 0.5))
+    heard, first = ledger.observations()[::-1]
+    assert (first.track_id, first.stars) == ("t2", 2)  # time order, not insertion order
+    assert heard.track_id == "t1" and heard.seconds_listened == pytest.approx(0.9)
+
+
 def test_snapshot_round_trip(ledger: FeedbackLedger) -> None:
     ledger.rate(Rating("t1", "alice", 2, 1.0))
     ledger.listen(ListenEvent("t1", "alice", 0.7, 1.5, False, True, 1.0))

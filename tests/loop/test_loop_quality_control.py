@@ -104,3 +104,28 @@ def test_unheard_ratings_get_zero_weight_and_uniform_ablation_gives_one() -> Non
     uniform = ConfidenceWeight(uniform=True).score(obs, report)
     assert {s.omega for s in uniform.values()} == {1.0}
     assert {s.kind for s in uniform.values()} == {TrackKind.BASELINE, TrackKind.GENERATED}
+
+
+def test_confidence_matches_its_formula_track_by_track() -> None:
+    """The vectorised ω and R against a plain per-track sum of the docstring's formulas."""
+    from riffloop.loop import RaterNormaliser
+
+    crowd = build_crowd(seed=3, spam=SPAM)
+    obs = crowd.ledger.observations()
+    report = SpamFilter().inspect(obs)
+    cw = ConfidenceWeight()
+    scores = cw.score(obs, report)
+    normaliser = RaterNormaliser().fit(obs, weights=report.reliability)
+    for track_id in sorted(scores)[:40]:
+        rows = [o for o in obs if o.track_id == track_id]
+        a = [report.reliability.get(o.rater_id, 1.0) * cw.heard_weight(o) for o in rows]
+        x = [normaliser.normalise(o.rater_id, o.stars) for o in rows]
+        m = sum(a)
+        expected = (
+            sum(ai * xi for ai, xi in zip(a, x, strict=True)) + cw.kappa * normaliser.mu
+        ) / (m + cw.kappa)
+        got = scores[track_id]
+        assert got.score == pytest.approx(expected, abs=1e-12)
+        assert got.omega == pytest.approx(m / (m + cw.kappa), abs=1e-12)
+        assert got.n_ratings == len(rows)
+    assert list(scores) == list(dict.fromkeys(o.track_id for o in obs))  # first-seen order
