@@ -171,3 +171,6 @@ def test_the_scorer_keeps_to_its_duty_cycle() -> None:
     for bad in ("0", "1.5", "-0.1"):
         with pytest.raises(ConfigurationError, match="RIFFLOOP_SCORE_MAX_DUTY"):
             FeedbackSettings.from_env({"RIFFLOOP_SCORE_MAX_DUTY": bad})
+    for bad in ("0", "1"):
+        with pytest.raises(ConfigurationError, match="RIFFLOOP_GIL_SWITCH_INTERVAL_S"):
+            FeedbackSettings.from_env({"RIFFLOOP_GIL_SWITCH_INTERVAL_S": bad})
