@@ -28,17 +28,26 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-# KEYS[1] = dedupe key, KEYS[2..] = hashes; ARGV[1] = TTL ms, then per hash: n, n×(field, amount).
-# 1. refuse (before any change) if a target is not a hash; 2. SET NX PX the dedupe key, stop if it
-# was taken; 3. HINCRBYFLOAT every field. Redis runs a script atomically, so a concurrent
-# duplicate either sees the key taken or runs entirely after this one.
-_APPLY_ONCE_LUA = """
-for i = 2, #KEYS do
+
+def _refuse_non_hashes(first: int) -> str:
+    """Lua that fails the script, before it changes anything, if KEYS[first..] holds a
+    non-hash."""
+    return f"""
+for i = {first}, #KEYS do
   local kind = redis.call('TYPE', KEYS[i])['ok']
   if kind ~= 'none' and kind ~= 'hash' then
     return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. kind .. ', not a hash')
   end
-end
+end"""
+
+
+# KEYS[1] = dedupe key, KEYS[2..] = hashes; ARGV[1] = TTL ms, then per hash: n, n×(field, amount).
+# 1. refuse (before any change) if a target is not a hash; 2. SET NX PX the dedupe key, stop if it
+# was taken; 3. HINCRBYFLOAT every field. Redis runs a script atomically, so a concurrent
+# duplicate either sees the key taken or runs entirely after this one.
+_APPLY_ONCE_LUA = (
+    _refuse_non_hashes(first=2)
+    + """
 if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', ARGV[1]) then
   return 0
 end
@@ -53,6 +62,7 @@ for i = 2, #KEYS do
 end
 return 1
 """
+)
 
 
 # KEYS = the keys; ARGV[1] = value, ARGV[2] = TTL ms or "" (none). SET NX each key in order; the
@@ -74,13 +84,9 @@ return out
 # KEYS = hashes; ARGV = per hash: n, then n × (field, value). Refuses (before any change) a key
 # that holds something other than a hash, then HSETs each hash in chunks (Lua's unpack has a
 # stack limit).
-_HSET_MANY_LUA = """
-for i = 1, #KEYS do
-  local kind = redis.call('TYPE', KEYS[i])['ok']
-  if kind ~= 'none' and kind ~= 'hash' then
-    return redis.error_reply('WRONGTYPE ' .. KEYS[i] .. ' holds a ' .. kind .. ', not a hash')
-  end
-end
+_HSET_MANY_LUA = (
+    _refuse_non_hashes(first=1)
+    + """
 local a = 1
 for i = 1, #KEYS do
   local last = a + 2 * tonumber(ARGV[a])
@@ -93,6 +99,7 @@ for i = 1, #KEYS do
 end
 return #KEYS
 """
+)
 
 
 def _ms(ttl_s: float) -> int:
