@@ -2,6 +2,7 @@
 
     nice .venv/bin/python -m bench.bench_ratings [--ratings 4000] [--concurrency 64]
         [--users 200] [--batch 1] [--rate R] [--infra-env .riffloop/infra/infra.env]
+        [--trace calls.csv]
 
 Starts Kafka, MinIO and Redis (``riffloop.infra``; or uses a running stack's ``infra.env``) and
 the gateway and feedback services as separate processes (``riffloop.stack``), makes ``--ratings``

@@ -174,12 +174,13 @@ def test_service_settings_fail_fast() -> None:
 def test_settle_garbage_collector_freezes_the_heap_and_times_every_collection() -> None:
     import gc
 
-    from riffloop.runtime import metrics
+    from prometheus_client import REGISTRY
+
     from riffloop.runtime._server import settle_garbage_collector
 
     def count() -> float:
-        child = metrics.GC_PAUSE_SECONDS.labels("gc-test", "2")
-        return next(s.value for s in child._samples() if s.name == "_count")
+        labels = {"service": "gc-test", "generation": "2"}
+        return REGISTRY.get_sample_value("riffloop_gc_pause_seconds_count", labels) or 0.0
 
     callbacks = list(gc.callbacks)
     try:
