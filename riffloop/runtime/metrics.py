@@ -113,6 +113,16 @@ GC_PAUSE_SECONDS = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 
+SCORING_PASS_SECONDS = Histogram(
+    "riffloop_scoring_pass_seconds",
+    "Time the feedback service's scorer spent on one pass (re-scoring every rating).",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
+)
+SCORER_RESTARTS = Counter(
+    "riffloop_scorer_restarts_total",
+    "Scorer child processes replaced after they died, hung or raised.",
+)
+
 METRIC_NAMES: tuple[str, ...] = (
     "riffloop_grpc_requests_total",
     "riffloop_grpc_request_seconds",
@@ -131,6 +141,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "riffloop_mean_rating",
     "riffloop_dependency_ready",
     "riffloop_gc_pause_seconds",
+    "riffloop_scoring_pass_seconds",
+    "riffloop_scorer_restarts_total",
 )
 
 

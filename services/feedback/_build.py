@@ -6,8 +6,10 @@ import logging
 import threading
 import time
 
+from riffloop.loop import ConfidenceWeight, SpamFilter
 from riffloop.runtime import ConsumerWorker, EventRouter, LoopWorker, Ports, ServiceRuntime
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
+from services.feedback._scorer import InlineScorer, ProcessScorer
 from services.feedback._service import FeedbackServicer, FeedbackSettings, FeedbackState
 
 _log = logging.getLogger("riffloop.feedback")
@@ -15,7 +17,18 @@ _log = logging.getLogger("riffloop.feedback")
 
 def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, FeedbackState]:
     ports.prepare(settings.kafka_partitions)
-    state = FeedbackState(ports)
+    spam, confidence = SpamFilter(), ConfidenceWeight()
+    scorer = (
+        ProcessScorer(
+            spam,
+            confidence,
+            niceness=settings.scorer_niceness,
+            timeout_s=settings.score_timeout_s,
+        )
+        if settings.scorer == "process"
+        else InlineScorer(spam, confidence)
+    )
+    state = FeedbackState(ports, scorer=scorer)
     rebuilt = state.rebuild()
     _log.info("ledger rebuilt", extra={"ratings": rebuilt})
     runtime = ServiceRuntime.from_settings(settings)
@@ -33,13 +46,16 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
 
     def score_loop(stop: threading.Event) -> None:
         last_pass_s = 0.0
-        while not stop.wait(settings.score_wait_s(last_pass_s)):
-            started = time.monotonic()
-            try:
-                state.publish_scores()
-            except Exception:  # a failed pass retries on the next tick; the tracks stay dirty
-                _log.exception("scoring pass failed")
-            last_pass_s = time.monotonic() - started
+        try:
+            while not stop.wait(settings.score_wait_s(last_pass_s)):
+                started = time.monotonic()
+                try:
+                    state.publish_scores()
+                except Exception:  # a failed pass retries on the next tick; tracks stay dirty
+                    _log.exception("scoring pass failed")
+                last_pass_s = time.monotonic() - started
+        finally:
+            state.close()  # the scorer's child process ends with the loop
 
     runtime.add_worker(LoopWorker("feedback-scorer", score_loop))
     return runtime, state

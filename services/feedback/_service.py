@@ -11,7 +11,9 @@ spammers and rater reliability ρ, ``ConfidenceWeight`` gives R and ω. This she
    (track, rater), from which a restarted process rebuilds the ledger (kill -9 safe: the
    rebuilt ledger plus Kafka's redelivery of uncommitted records gives the same state).
 3. Every ``score_interval_s`` the scorer re-scores (ω depends on all raters) and publishes
-   tracks.scored.v1 for the tracks whose feedback changed, in TrackScoredBatch chunks.
+   tracks.scored.v1 for the tracks whose feedback changed, in TrackScoredBatch chunks. The
+   pass runs in a child process fed the accepted inputs (``services.feedback._scorer``), so
+   its O(N) computation never holds this process's interpreter lock.
 4. The same pass writes the mean rating of every model version (generated and baseline tracks
    apart) to ``fb:model-ratings`` and the ``riffloop_mean_rating`` gauge: the read model the
    gateway's ListModels serves, so no other service has to replay tracks.scored.v1 to know it.
@@ -42,9 +44,6 @@ from riffloop.loop import (
     Rating,
     SpamFilter,
     SpamReport,
-    TrackKind,
-    TrackProvenance,
-    TrackScored,
 )
 from riffloop.runtime import (
     MODEL_RATINGS_KEY,
@@ -52,60 +51,23 @@ from riffloop.runtime import (
     ServiceSettings,
     metrics,
     provenance_from_proto,
-    track_scored_to_proto,
 )
 from riffloop.v1 import events_pb2
 from riffloop.v1 import feedback_service_pb2 as pb
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
+from services.feedback._scorer import (
+    SCORES_PER_RECORD,
+    InlineScorer,
+    ModelRatings,
+    Op,
+    ProcessScorer,
+    model_ratings,
+    register_record,
+)
 
 _log = logging.getLogger("riffloop.feedback")
 
-# Scores per TrackScoredBatch record: ≈ 150 bytes each, so a record stays near 75 kB, far under
-# Kafka's 1 MB default message limit, and a consumer's retry of one record redoes little.
-SCORES_PER_RECORD = 500
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRatings:
-    """What listeners think of one model version: Σ_j R_j·n_j / Σ_j n_j over its tracks j
-    (R_j the track's score, n_j its accepted ratings), generated and baseline tracks apart —
-    the baseline z0 is served under the version that was current, so the pair compares the
-    model with its own training data on the same requests."""
-
-    generated_mean: float = 0.0
-    generated_count: int = 0
-    baseline_mean: float = 0.0
-    baseline_count: int = 0
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-
-def model_ratings(
-    scores: dict[str, TrackScored], provenance: dict[str, TrackProvenance]
-) -> dict[str, ModelRatings]:
-    """Per-version aggregates of the latest scores (tracks without a version are skipped)."""
-    sums: dict[tuple[str, TrackKind], tuple[float, int]] = {}  # → (Σ R_j n_j, Σ n_j)
-    for track_id, score in scores.items():
-        prov = provenance.get(track_id)
-        if prov is None or not prov.model_version or score.n_ratings <= 0:
-            continue
-        total, count = sums.get((prov.model_version, prov.kind), (0.0, 0))
-        sums[(prov.model_version, prov.kind)] = (
-            total + score.score * score.n_ratings,
-            count + score.n_ratings,
-        )
-
-    def mean(version: str, kind: TrackKind) -> tuple[float, int]:
-        total, count = sums.get((version, kind), (0.0, 0))
-        return (total / count if count else 0.0), count
-
-    return {
-        version: ModelRatings(
-            *mean(version, TrackKind.GENERATED), *mean(version, TrackKind.BASELINE)
-        )
-        for version in {version for version, _ in sums}
-    }
+__all__ = ["SCORES_PER_RECORD", "ModelRatings", "model_ratings"]  # with the classes below
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -125,9 +87,23 @@ class FeedbackSettings(ServiceSettings):
     # of its Redis and Kafka calls during a pass (the convoy effect) and fell behind: 5,204
     # ratings/s end to end at 6,000/s offered, against 5,965/s with 1 ms (bench/README.md).
     gil_switch_interval_s: float = 0.001
+    # Where the pass runs: "process" (a child process, the default for the service) or
+    # "inline" (the scoring thread itself: tests and the one-process embedded stack).
+    scorer: str = "process"
+    # The child's nice increment: scoring is background work; the consumer, the gateway and
+    # the brokers on the same node come first.
+    scorer_niceness: int = 5
+    # A pass that has not answered within this is a hung child: it is killed and replaced.
+    score_timeout_s: float = 300.0
 
     def _validate(self) -> None:
         super()._validate()
+        if self.scorer not in ("process", "inline"):
+            raise ConfigurationError('RIFFLOOP_SCORER must be "process" or "inline"')
+        if not 0 <= self.scorer_niceness <= 19:
+            raise ConfigurationError("RIFFLOOP_SCORER_NICENESS must lie in [0, 19]")
+        if self.score_timeout_s <= 0:
+            raise ConfigurationError("RIFFLOOP_SCORE_TIMEOUT_S must be positive")
         if not 1e-5 <= self.gil_switch_interval_s <= 0.1:
             raise ConfigurationError("RIFFLOOP_GIL_SWITCH_INTERVAL_S must lie in [1e-5, 0.1] s")
         if self.score_interval_s <= 0:
@@ -142,7 +118,11 @@ class FeedbackSettings(ServiceSettings):
 
 
 class FeedbackState:
-    """The ledger, its key-value mirror and the latest scores; one lock guards them."""
+    """The ledger, its key-value mirror and the last published scores; one lock guards them.
+
+    Every input the ledger accepts is also queued (``_pending``) for the scorer's replica,
+    in the order it was applied; a scoring pass hands the queue over with the dirty tracks.
+    """
 
     def __init__(
         self,
@@ -150,16 +130,19 @@ class FeedbackState:
         *,
         spam: SpamFilter | None = None,
         confidence: ConfidenceWeight | None = None,
+        scorer: InlineScorer | ProcessScorer | None = None,
     ) -> None:
         self.ports = ports
         self.lock = threading.Lock()
         self.ledger = FeedbackLedger()
-        self.spam = spam or SpamFilter()
-        self.confidence = confidence or ConfidenceWeight()
-        self.scores: dict[str, TrackScored] = {}
+        self.scorer = scorer or InlineScorer(spam or SpamFilter(), confidence or ConfidenceWeight())
+        # The last published score of each track (what tracks.scored.v1 consumers last saw).
+        self.scores: dict[str, events_pb2.TrackScored] = {}
         self.report: SpamReport | None = None
         self.dirty: set[str] = set()
         self.model_ratings: dict[str, ModelRatings] = {}
+        self._pending: list[Op] = []
+        self._replica_stale = True  # the scorer's ledger must start from a snapshot
         self._model_ratings_written: dict[str, str] = {}
         self._caught_seen: set[tuple[str, str]] = set()
 
@@ -172,7 +155,7 @@ class FeedbackState:
         with self.lock:
             self.ledger = FeedbackLedger()
             for raw in kv.hgetall("fb:tracks").values():
-                self._register(json.loads(raw))
+                register_record(self.ledger, json.loads(raw))
             for track_id in list(self._track_ids()):
                 for raw in kv.hgetall(f"fb:ratings:{track_id}").values():
                     self._apply_rating(Rating(**json.loads(raw)))
@@ -180,16 +163,11 @@ class FeedbackState:
                 for raw in kv.hgetall(f"fb:listens:{track_id}").values():
                     self._apply_listen(ListenEvent(**json.loads(raw)))
                 self.dirty.add(track_id)
+            self._pending, self._replica_stale = [], True
         return ratings
 
     def _track_ids(self) -> list[str]:
         return [p.track_id for p in self.ledger.provenances()]
-
-    def _register(self, record: dict[str, Any]) -> None:
-        prov = TrackProvenance.from_json(record["provenance"])
-        self.ledger.register_track(prov, float(record["clip_seconds"]))
-        for user, served_at in record["served_to"].items():
-            self.ledger.mark_served(prov.track_id, user, float(served_at))
 
     def _apply_rating(self, rating: Rating) -> bool:
         try:
@@ -217,7 +195,8 @@ class FeedbackState:
             "served_to": {ready.user_id: served_at} if ready.user_id else {},
         }
         with self.lock:
-            self._register(record)
+            register_record(self.ledger, record)
+            self._pending.append(("track", record))
         self.ports.kv.hset("fb:tracks", {ready.track_id: json.dumps(record)})
 
     def on_feedback(self, envelope: events_pb2.Envelope) -> None:
@@ -252,6 +231,7 @@ class FeedbackState:
                     continue
                 self.dirty.add(event.track_id)
                 if fresh:
+                    self._pending.append((kind, value))
                     recorded[kind] += 1
                     writes.setdefault(f"fb:{table}:{event.track_id}", {})[event.user_id] = (
                         json.dumps(_row(value))
@@ -286,41 +266,43 @@ class FeedbackState:
 
     # -- scoring ------------------------------------------------------------------------------
 
-    def score_changed(self) -> list[events_pb2.TrackScored]:
-        """Re-score everything (ω pools all raters); return the payloads of changed tracks."""
+    def score_changed(self) -> list[events_pb2.TrackScoredBatch]:
+        """One pass of the scorer over everything (ω pools all raters): the changed tracks'
+        scores in chunks of at most ``SCORES_PER_RECORD``. On failure the tracks stay dirty and
+        the scorer's replica starts again from a snapshot of the ledger."""
         with self.lock:
             if not self.dirty:
                 return []
             changed, self.dirty = self.dirty, set()
-            observations = self.ledger.observations()
-            provenance = {p.track_id: p for p in self.ledger.provenances()}
-        if not observations:
-            return []
-        # The O(N) statistics run outside the lock, so the consumer keeps recording meanwhile.
-        report = self.spam.inspect(observations)
-        scores = self.confidence.score(observations, report)
-        ratings = model_ratings(scores, provenance)
+            if self._replica_stale or self.scorer.needs_reset:
+                # Once per scorer start: ≈ 0.1 s per 50,000 ratings under the lock.
+                ops: list[Op] = [("reset", self.ledger.snapshot())]
+            else:
+                ops = self._pending
+            self._pending, self._replica_stale = [], False
+        try:
+            result = self.scorer.run(ops, changed)
+        except BaseException:
+            with self.lock:
+                self.dirty |= changed
+                self._replica_stale = True
+            metrics.SCORER_RESTARTS.inc()
+            raise
+        metrics.SCORING_PASS_SECONDS.observe(result.seconds)
+        batches = [events_pb2.TrackScoredBatch.FromString(chunk) for chunk in result.chunks]
         with self.lock:
-            self.scores, self.report, self.model_ratings = scores, report, ratings
-        publish = changed & scores.keys()
-        listened: dict[str, list[float]] = {}
-        for o in observations:
-            if o.track_id in publish:
-                listened.setdefault(o.track_id, []).append(o.listened_fraction)
-        out = []
-        for track_id in sorted(publish):
-            fractions = listened.get(track_id, [0.0])
-            out.append(
-                track_scored_to_proto(
-                    scores[track_id], provenance[track_id], sum(fractions) / len(fractions)
-                )
-            )
-        for rater, reasons in report.caught.items():
-            for reason in reasons:
-                if (rater, str(reason)) not in self._caught_seen:
-                    self._caught_seen.add((rater, str(reason)))
-                    metrics.SPAM_CAUGHT.labels(str(reason)).inc()
-        return out
+            for batch in batches:
+                for item in batch.items:
+                    self.scores[item.track_id] = item
+            if result.report is not None:
+                self.report, self.model_ratings = result.report, result.model_ratings
+        if result.report is not None:
+            for rater, reasons in result.report.caught.items():
+                for reason in reasons:
+                    if (rater, str(reason)) not in self._caught_seen:
+                        self._caught_seen.add((rater, str(reason)))
+                        metrics.SPAM_CAUGHT.labels(str(reason)).inc()
+        return batches
 
     def write_model_ratings(self) -> None:
         """Write the per-version aggregates that changed to ``fb:model-ratings`` and set the
@@ -344,21 +326,20 @@ class FeedbackState:
         One record per track, each waiting for its ack, took ≈ 1 ms of broker round trip and
         ≈ 0.1 ms of Python per score: 10,000 changed tracks (2 s of ratings at 5,000/s) kept the
         pass busy for longer than its interval and competed with the gateway for the CPU."""
-        payloads = self.score_changed()
-        for start in range(0, len(payloads), SCORES_PER_RECORD):
-            chunk = payloads[start : start + SCORES_PER_RECORD]
+        batches = self.score_changed()
+        for i, batch in enumerate(batches):
             try:
-                self.ports.publish(
-                    "tracks.scored.v1",
-                    TRACK_SCORES_KEY,
-                    events_pb2.TrackScoredBatch(items=chunk),
-                )
+                self.ports.publish("tracks.scored.v1", TRACK_SCORES_KEY, batch)
             except BaseException:
                 with self.lock:  # not published: score them again on the next pass
-                    self.dirty |= {p.track_id for p in payloads[start:]}
+                    self.dirty |= {item.track_id for b in batches[i:] for item in b.items}
                 raise
         self.write_model_ratings()  # every pass: cheap when nothing changed, retries a failure
-        return len(payloads)
+        return sum(len(batch.items) for batch in batches)
+
+    def close(self) -> None:
+        """Stop the scorer (its child process, if any)."""
+        self.scorer.close()
 
 
 def _row(item: Rating | ListenEvent) -> dict[str, Any]:
@@ -382,10 +363,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
                 raise NotFoundError(f"track {request.track_id} is unknown to feedback") from None
             score = state.scores.get(request.track_id)
             ratings = sum(1 for o in state.ledger.observations() if o.track_id == prov.track_id)
-        if score is None:
-            message = events_pb2.TrackScored(track_id=request.track_id, rating_count=ratings)
-        else:
-            message = track_scored_to_proto(score, prov)
+        message = events_pb2.TrackScored(track_id=request.track_id, rating_count=ratings)
+        if score is not None:  # the score last published for it
+            message.CopyFrom(score)
             # Ratings accepted since the last scoring pass count too.
             message.rating_count = ratings
         return pb.TrackScoreResponse(score=message)

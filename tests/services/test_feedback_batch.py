@@ -119,8 +119,8 @@ def test_the_scoring_pass_writes_each_versions_mean_rating_for_list_models() -> 
     state.on_feedback(_batch("bob", ("g1", 4), ("g1", 6.0)))
     assert state.publish_scores() == 2
     rated = json.loads(ports.kv.hget(MODEL_RATINGS_KEY, "v1") or "{}")
-    scores = {t: s for t, s in state.scores.items()}
-    expected = (scores["g1"].score * 2 + scores["g2"].score * 1) / 3
+    scores = state.scores  # the published TrackScored of each track
+    expected = (scores["g1"].mean_rating * 2 + scores["g2"].mean_rating * 1) / 3
     assert rated["generated_count"] == 3 and rated["baseline_count"] == 0
     assert rated["generated_mean"] == pytest.approx(expected)
     assert metrics.MEAN_RATING.labels("v1")._value.get() == pytest.approx(expected)
