@@ -58,6 +58,10 @@ def test_six_processes_close_the_loop(service_stack) -> None:
     rng = random.Random(11)
     freqs = [rng.uniform(200, 800) for _ in range(3)]  # fresh songs: no cross-test dedupe
     songs = [users[0].upload_song(wav_bytes(2.0, f)).song_id for f in freqs]
+    generator = gen_grpc.GeneratorServiceStub(grpc.insecure_channel(procs["generator"].target))
+    # The version served at the start: v0001 on fresh infrastructure, later on a developer's
+    # reused object store (versions and models/CURRENT live there).
+    base = generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version
 
     # What ListModels counted before (the infrastructure may be a developer's, reused).
     generated_before, baseline_before = _rating_counts(users[0])
@@ -93,21 +97,26 @@ def test_six_processes_close_the_loop(service_stack) -> None:
         "a published training set",
     )
     trainer = tr_grpc.TrainerServiceStub(grpc.insecure_channel(procs["trainer"].target))
+
+    def trained() -> list[str]:
+        versions = trainer.TrainStatus(tr_pb.TrainStatusRequest(), timeout=5).versions
+        return sorted(v for v in versions if v > base)
+
+    wait_for(lambda: trained(), 240, f"the trainer publishing a version after {base}")
+    first = trained()[0]
     wait_for(
-        lambda: "v0002" in trainer.TrainStatus(tr_pb.TrainStatusRequest(), timeout=5).versions,
-        240,
-        "the trainer publishing v0002",
-    )
-    generator = gen_grpc.GeneratorServiceStub(grpc.insecure_channel(procs["generator"].target))
-    wait_for(
-        lambda: generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version >= "v0002",
+        lambda: generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version >= first,
         120,
         "the generator serving the new model",
     )
     track_id = users[1].generate(songs[:2], similarity=0.4, quality=5)
     users[1].wait_ready(track_id, timeout_s=180)
+    # The gateway learns of a version from model.published.v1, on its own consumer.
+    wait_for(
+        lambda: first in {m.version for m in users[1].list_models()}, 60, f"ListModels: {first}"
+    )
     models = {m.version: m for m in users[1].list_models()}
-    assert models["v0002"].parent_version == "v0001"
+    assert models[first].parent_version == base
     # ListModels' ratings come from the feedback service's read model (fb:model-ratings): every
     # track rated here is counted once, under whichever version served it, by kind.
     generated = sum(kind == "generated" for kind in kinds.values())
