@@ -28,6 +28,8 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
         if settings.scorer == "process"
         else InlineScorer(spam, confidence)
     )
+    # Its imports (≈ 2 s of CPU) happen before the service reports SERVING, not in a pass.
+    scorer.start()
     state = FeedbackState(ports, scorer=scorer)
     rebuilt = state.rebuild()
     _log.info("ledger rebuilt", extra={"ratings": rebuilt})

@@ -195,6 +195,9 @@ class InlineScorer:
         self._mirror = ScoreMirror(spam, confidence)
         self.needs_reset = True
 
+    def start(self) -> None:
+        pass
+
     def run(self, ops: Sequence[Op], changed: set[str]) -> PassResult:
         self._mirror.apply(ops)
         self.needs_reset = False
@@ -268,6 +271,11 @@ class ProcessScorer:
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
+
+    def start(self) -> None:
+        """Spawn the child now (at service start-up), not in the first pass."""
+        if self._conn is None:
+            self._start()
 
     def _start(self) -> Connection:
         parent, child = self._context.Pipe()
