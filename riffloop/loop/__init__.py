@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from riffloop.loop._confidence import ConfidenceWeight, TrackScored
+from riffloop.loop._confidence import ConfidenceWeight, TrackScored, TrackScores
 from riffloop.loop._dispatch import Dispatcher
 from riffloop.loop._feedback import (
     FeedbackLedger,
@@ -161,6 +161,7 @@ __all__ = [
     "TrackKind",
     "TrackProvenance",
     "TrackScored",
+    "TrackScores",
     "TrainingPair",
     "VersionStatus",
     "ZeroListenBot",

@@ -30,6 +30,34 @@ class TrackScored:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class TrackScores:
+    """R, ω and the counts of every rated track as arrays, j in order of first rating:
+    for callers that need a few tracks' :class:`TrackScored` or sums over all (one object per
+    track of a 100,000-track ledger took a second)."""
+
+    first: list[Observation]  # the first observation of track j (its id, kind, input)
+    index: dict[str, int]  # track → j
+    score: np.ndarray  # R_j
+    omega: np.ndarray  # ω_j
+    n_ratings: np.ndarray  # n_j
+    effective_n: np.ndarray  # m_j
+    mean_stars: np.ndarray
+
+    def scored(self, j: int) -> TrackScored:
+        o = self.first[j]
+        return TrackScored(
+            track_id=o.track_id,
+            kind=o.kind,
+            input_key=o.input_key,
+            score=float(self.score[j]),
+            omega=float(self.omega[j]),
+            n_ratings=int(self.n_ratings[j]),
+            effective_n=float(self.effective_n[j]),
+            mean_stars=float(self.mean_stars[j]),
+        )
+
+
 class ConfidenceWeight:
     """ω per track, with R, from normalised ratings, listening, counts and rater reliability.
 
@@ -66,12 +94,17 @@ class ConfidenceWeight:
     def score(
         self, observations: Sequence[Observation], report: SpamReport
     ) -> dict[str, TrackScored]:
-        """R_j and ω_j of every rated track. Vectorised over the observations (one np.bincount
-        per sum over a track's ratings, in the observations' order): the feedback service runs
-        this over its whole ledger on every scoring pass."""
+        """R_j and ω_j of every rated track."""
         if not observations:
             self.kappa = self.default_kappa
             return {}
+        scores = self.score_arrays(observations, report)
+        return {o.track_id: scores.scored(j) for j, o in enumerate(scores.first)}
+
+    def score_arrays(self, observations: Sequence[Observation], report: SpamReport) -> TrackScores:
+        """:meth:`score` as arrays. Vectorised over the observations (one np.bincount per sum
+        over a track's ratings, in the observations' order): the feedback service runs this
+        over its whole ledger on every scoring pass. ``observations`` must not be empty."""
         rho = report.reliability
         normaliser = RaterNormaliser().fit(observations, weights=rho)
         x = normaliser.normalise_all(observations)  # x̂_i
@@ -112,19 +145,7 @@ class ConfidenceWeight:
             m = per_track(a)  # m_j = Σ_i a_i
             r = (per_track(a * x) + self.kappa * mu) / (m + self.kappa)  # R_j
             omega = m / (m + self.kappa)  # ω_j
-        return {
-            o.track_id: TrackScored(
-                track_id=o.track_id,
-                kind=o.kind,
-                input_key=o.input_key,
-                score=float(r[j]),
-                omega=float(omega[j]),
-                n_ratings=int(n_ratings[j]),
-                effective_n=float(m[j]),
-                mean_stars=float(mean_stars[j]),
-            )
-            for j, o in enumerate(first)
-        }
+        return TrackScores(first, index, r, omega, n_ratings, m, mean_stars)
 
     def _estimate_kappa(self, codes: np.ndarray, a: np.ndarray, x: np.ndarray, k: int) -> float:
         """κ = σ²_e/τ² by the method of moments on tracks with ≥ 2 trusted, heard ratings."""

@@ -41,6 +41,8 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
+
 from riffloop.core import ConflictError
 from riffloop.loop import (
     ConfidenceWeight,
@@ -49,7 +51,7 @@ from riffloop.loop import (
     SpamReport,
     TrackKind,
     TrackProvenance,
-    TrackScored,
+    TrackScores,
 )
 from riffloop.runtime import track_scored_to_proto
 from riffloop.v1 import events_pb2
@@ -87,29 +89,31 @@ class ModelRatings:
 
 
 def model_ratings(
-    scores: dict[str, TrackScored], provenance: dict[str, TrackProvenance]
+    scores: TrackScores, provenance: dict[str, TrackProvenance]
 ) -> dict[str, ModelRatings]:
     """Per-version aggregates of the latest scores (tracks without a version are skipped)."""
-    sums: dict[tuple[str, TrackKind], tuple[float, int]] = {}  # → (Σ R_j n_j, Σ n_j)
-    for track_id, score in scores.items():
-        prov = provenance.get(track_id)
-        if prov is None or not prov.model_version or score.n_ratings <= 0:
-            continue
-        total, count = sums.get((prov.model_version, prov.kind), (0.0, 0))
-        sums[(prov.model_version, prov.kind)] = (
-            total + score.score * score.n_ratings,
-            count + score.n_ratings,
-        )
+    groups: dict[tuple[str, TrackKind], int] = {}  # (version, kind) → g
+    codes = np.full(len(scores.first), -1, dtype=np.int64)
+    for j, o in enumerate(scores.first):
+        prov = provenance.get(o.track_id)
+        if prov is not None and prov.model_version:
+            codes[j] = groups.setdefault((prov.model_version, prov.kind), len(groups))
+    keep = (codes >= 0) & (scores.n_ratings > 0)
+    n = scores.n_ratings[keep].astype(float)
+    total = np.bincount(codes[keep], weights=scores.score[keep] * n, minlength=len(groups))
+    count = np.bincount(codes[keep], weights=n, minlength=len(groups))  # Σ R_j n_j, Σ n_j
 
     def mean(version: str, kind: TrackKind) -> tuple[float, int]:
-        total, count = sums.get((version, kind), (0.0, 0))
-        return (total / count if count else 0.0), count
+        g = groups.get((version, kind))
+        if g is None or count[g] == 0:
+            return 0.0, 0
+        return float(total[g] / count[g]), int(count[g])
 
     return {
         version: ModelRatings(
             *mean(version, TrackKind.GENERATED), *mean(version, TrackKind.BASELINE)
         )
-        for version in {version for version, _ in sums}
+        for version in {version for version, _ in groups}
     }
 
 
@@ -161,21 +165,23 @@ class ScoreMirror:
             return PassResult([], 0, {}, None, time.perf_counter() - started)
         provenance = {p.track_id: p for p in self.ledger.provenances()}
         report = self.spam.inspect(observations)
-        scores = self.confidence.score(observations, report)
-        publish = changed & scores.keys()
+        scores = self.confidence.score_arrays(observations, report)
+        ordered = sorted(changed & scores.index.keys())
+        publish = set(ordered)
         listened: dict[str, list[float]] = {}
         for o in observations:
             if o.track_id in publish:
                 listened.setdefault(o.track_id, []).append(o.listened_fraction)
         chunks = []
-        ordered = sorted(publish)
         for start in range(0, len(ordered), SCORES_PER_RECORD):
             batch = events_pb2.TrackScoredBatch()
             for track_id in ordered[start : start + SCORES_PER_RECORD]:
                 fractions = listened[track_id]
                 batch.items.append(
                     track_scored_to_proto(
-                        scores[track_id], provenance[track_id], sum(fractions) / len(fractions)
+                        scores.scored(scores.index[track_id]),
+                        provenance[track_id],
+                        sum(fractions) / len(fractions),
                     )
                 )
             chunks.append(batch.SerializeToString())
