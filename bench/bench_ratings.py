@@ -42,7 +42,7 @@ import soundfile
 from prometheus_client.parser import text_string_to_metric_families
 
 from riffloop.core import KafkaEventBus, S3ObjectStore, Settings, new_envelope
-from riffloop.infra import InfraAddresses, LocalInfra
+from riffloop.infra import InfraAddresses, LocalInfra, drop_topics
 from riffloop.runtime import TokenSigner
 from riffloop.stack import ServiceProcesses
 from riffloop.v1 import common_pb2, events_pb2
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
         bus.close()
     finally:
         stack.down()
-        _drop_topics(env["RIFFLOOP_KAFKA_BOOTSTRAP"], env["RIFFLOOP_KAFKA_TOPIC_PREFIX"])
+        drop_topics(env["RIFFLOOP_KAFKA_BOOTSTRAP"], env["RIFFLOOP_KAFKA_TOPIC_PREFIX"])
         if infra is not None:
             infra.stop()
     ms = sorted(x * 1000 for x in latencies)
@@ -355,21 +355,6 @@ def main(argv: list[str] | None = None) -> int:
         options.trace.write_text("due_s,latency_ms\n" + rows)
         print(f"per-call latencies in {options.trace}")
     return 0
-
-
-def _drop_topics(bootstrap: str, prefix: str) -> None:
-    """Delete this run's topics. Left behind, every run adds 16 topics to a reused broker, and
-    the clients' metadata responses (decoded in Python by kafka-python) grow with them: at 536
-    topics that decoding took 17 % of the gateway's CPU (py-spy) and inflated the tail."""
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
-        if mine:
-            admin.delete_topics(mine)
-    finally:
-        admin.close()
 
 
 def _quantile(cumulative: dict[float, float], q: float) -> str:

@@ -17,6 +17,7 @@ from riffloop.infra._local import (
     ServerStatus,
     create_buckets,
     create_topics,
+    drop_topics,
 )
 
 __all__ = [
@@ -34,5 +35,6 @@ __all__ = [
     "create_buckets",
     "create_topics",
     "default_state_dir",
+    "drop_topics",
     "install",
 ]

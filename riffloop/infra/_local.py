@@ -465,6 +465,34 @@ def _write_private(path: Path, text: str) -> None:
     temporary.replace(path)
 
 
+def drop_topics(bootstrap: str, prefix: str) -> list[str]:
+    """Delete every topic whose name starts with ``prefix`` (a test's or a benchmark's own
+    namespace); return their names. Left behind on a reused broker, each run's topics grow the
+    metadata every client decodes in Python (17 % of the gateway's CPU at 536 topics, py-spy)
+    and the broker's heap (its old generation 92 % full at ≈ 330 topics, collected by full GCs
+    that stall every producer)."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    if not prefix:
+        raise InfraError("drop_topics needs a non-empty prefix")
+    try:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="riffloop-infra")
+    except (KafkaError, OSError) as error:
+        raise InfraError(f"Cannot reach Kafka at {bootstrap} ({error}); is the stack up?") from None
+    try:
+        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            admin.delete_topics(mine)
+        return mine
+    except KafkaError as error:
+        raise InfraError(
+            f"Kafka refused to delete the topics under {prefix!r} ({error})."
+        ) from None
+    finally:
+        admin.close()
+
+
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int = TOPIC_PARTITIONS) -> None:
     """Create the missing topics (replication 1) and wait until each has a leader."""
     from kafka import KafkaAdminClient  # clients load on first use: `install` needs none

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from riffloop.infra import drop_topics
 from riffloop.stack import TINY, ServiceProcesses
 
 _REDIS_DBS = itertools.count(1)
@@ -55,3 +56,5 @@ def service_stack(real_infra, tmp_path: Path) -> Iterator[StackFactory]:  # type
     yield make
     for processes in started:
         processes.down(grace_s=15.0)
+    # A reused broker would otherwise keep every run's topics (riffloop.infra.drop_topics).
+    drop_topics(real_infra.env()["RIFFLOOP_KAFKA_BOOTSTRAP"], f"e2e-{suffix}.")
