@@ -191,6 +191,10 @@ class KafkaServer(Server):
             "-Xms128m",
             "-Xmx512m",
             "-XX:+UseSerialGC",  # fewer GC threads on a shared machine
+            # Every pause of the broker stalls each producer waiting for an ack: the log shows
+            # them (bench/README.md, session 6: young pauses of 10-20 ms stretch to 50-90 ms
+            # when the services and the load generator keep both cores busy).
+            f"-Xlog:gc:file={self.home / 'gc.log'}:uptime,time:filecount=2,filesize=10m",
             # C1 only: a dev/test broker never needs C2's peak speed, and C2 compiling at start-up
             # doubled the time to ready on a loaded 2-core machine (12-14 s vs 25-29 s measured).
             "-XX:TieredStopAtLevel=1",
