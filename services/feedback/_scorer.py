@@ -66,6 +66,7 @@ Op = tuple[str, Any]
 
 # A spawned child imports numpy, scipy and the loop package before it can score (≈ 2 s idle).
 _START_TIMEOUT_S = 120.0
+_NO_REQUEST = object()  # ProcessScorer._exchange: only wait for the child's message
 
 
 class ScorerError(RuntimeError):
@@ -279,11 +280,9 @@ class ProcessScorer:
         return None if self._process is None else self._process.pid
 
     def start(self) -> None:
-        """Spawn the child now (at service start-up), not in the first pass."""
-        if self._conn is None:
-            self._start()
-
-    def _start(self) -> Connection:
+        """Spawn the child unless one runs: at service start-up, and after a failure."""
+        if self._conn is not None:
+            return
         parent, child = self._context.Pipe()
         process = self._context.Process(
             target=_child_main,
@@ -294,35 +293,47 @@ class ProcessScorer:
         process.start()
         child.close()
         self._process, self._conn = process, parent
-        try:
-            if not parent.poll(_START_TIMEOUT_S) or parent.recv() != "ready":
-                raise ScorerError(f"the scorer process did not start in {_START_TIMEOUT_S:g} s")
-        except (EOFError, OSError) as exc:
+        ready = self._exchange(
+            _NO_REQUEST,
+            _START_TIMEOUT_S,
+            late=f"the scorer process did not start in {_START_TIMEOUT_S:g} s",
+            dead="the scorer process died while starting",
+        )
+        if ready != "ready":
             self._discard()
-            raise ScorerError(f"the scorer process died while starting ({exc!r})") from None
-        except ScorerError:
-            self._discard()
-            raise
+            raise ScorerError(f"the scorer process said {ready!r} instead of 'ready'")
         _log.info("scorer process started", extra={"pid": process.pid})
-        return parent
 
     def run(self, ops: Sequence[Op], changed: set[str]) -> PassResult:
-        conn = self._conn or self._start()
-        try:
-            conn.send((list(ops), changed))
-            if not conn.poll(self._timeout_s):
-                raise ScorerError(f"the scoring pass took longer than {self._timeout_s:g} s")
-            reply = conn.recv()
-        except (EOFError, OSError) as exc:
-            self._discard()
-            raise ScorerError(f"the scorer process died ({exc!r})") from None
-        except ScorerError:
-            self._discard()
-            raise
+        self.start()
+        reply = self._exchange(
+            (list(ops), changed),
+            self._timeout_s,
+            late=f"the scoring pass took longer than {self._timeout_s:g} s",
+            dead="the scorer process died",
+        )
         if isinstance(reply, _Failure):
             self._discard()
             raise ScorerError(f"the scoring pass raised:\n{reply.text}")
         return reply
+
+    def _exchange(self, request: Any, timeout_s: float, *, late: str, dead: str) -> Any:
+        """Send ``request`` (unless ``_NO_REQUEST``) and return the child's reply; a child that
+        does not answer within ``timeout_s`` or whose pipe breaks is discarded (ScorerError)."""
+        conn = self._conn
+        assert conn is not None
+        try:
+            if request is not _NO_REQUEST:
+                conn.send(request)
+            if not conn.poll(timeout_s):
+                raise ScorerError(late)
+            return conn.recv()
+        except (EOFError, OSError) as exc:
+            self._discard()
+            raise ScorerError(f"{dead} ({exc!r})") from None
+        except ScorerError:
+            self._discard()
+            raise
 
     def _discard(self) -> None:
         """Stop the current child (it is dead, hung or failed); the next pass starts another."""
