@@ -53,7 +53,7 @@ from riffloop.loop import (
     TrackProvenance,
     TrackScores,
 )
-from riffloop.runtime import track_scored_to_proto
+from riffloop.runtime import metrics, track_scored_to_proto
 from riffloop.v1 import events_pb2
 
 _log = logging.getLogger("riffloop.feedback")
@@ -125,7 +125,6 @@ class PassResult:
     spam report, and the seconds the pass computed."""
 
     chunks: list[bytes]
-    scored: int
     model_ratings: dict[str, ModelRatings]
     report: SpamReport | None
     seconds: float
@@ -163,7 +162,7 @@ class ScoreMirror:
         started = time.perf_counter()
         observations = self.ledger.observations()
         if not observations:
-            return PassResult([], 0, {}, None, time.perf_counter() - started)
+            return PassResult([], {}, None, time.perf_counter() - started)
         provenance = {p.track_id: p for p in self.ledger.provenances()}
         report = self.spam.inspect(observations)
         scores = self.confidence.score_arrays(observations, report)
@@ -188,7 +187,6 @@ class ScoreMirror:
             chunks.append(batch.SerializeToString())
         return PassResult(
             chunks,
-            len(ordered),
             model_ratings(scores, provenance),
             report,
             time.perf_counter() - started,
@@ -343,6 +341,7 @@ class ProcessScorer:
             self._process.kill()
             self._process.join(5.0)
             self.restarts += 1
+            metrics.SCORER_RESTARTS.inc()
         self._process, self._conn = None, None
 
     def close(self) -> None:

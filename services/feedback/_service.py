@@ -56,18 +56,14 @@ from riffloop.v1 import events_pb2
 from riffloop.v1 import feedback_service_pb2 as pb
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
 from services.feedback._scorer import (
-    SCORES_PER_RECORD,
     InlineScorer,
     ModelRatings,
     Op,
     ProcessScorer,
-    model_ratings,
     register_record,
 )
 
 _log = logging.getLogger("riffloop.feedback")
-
-__all__ = ["SCORES_PER_RECORD", "ModelRatings", "model_ratings"]  # with the classes below
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -268,8 +264,8 @@ class FeedbackState:
 
     def score_changed(self) -> list[events_pb2.TrackScoredBatch]:
         """One pass of the scorer over everything (ω pools all raters): the changed tracks'
-        scores in chunks of at most ``SCORES_PER_RECORD``. On failure the tracks stay dirty and
-        the scorer's replica starts again from a snapshot of the ledger."""
+        scores in chunks of at most ``_scorer.SCORES_PER_RECORD``. On failure the tracks stay
+        dirty and the scorer's replica starts again from a snapshot of the ledger."""
         with self.lock:
             if not self.dirty:
                 return []
@@ -286,7 +282,6 @@ class FeedbackState:
             with self.lock:
                 self.dirty |= changed
                 self._replica_stale = True
-            metrics.SCORER_RESTARTS.inc()
             raise
         metrics.SCORING_PASS_SECONDS.observe(result.seconds)
         batches = [events_pb2.TrackScoredBatch.FromString(chunk) for chunk in result.chunks]
@@ -320,8 +315,8 @@ class FeedbackState:
 
     def publish_scores(self) -> int:
         """One scoring pass: publish the changed tracks' scores as TrackScoredBatch chunks of
-        ``SCORES_PER_RECORD``, all keyed ``TRACK_SCORES_KEY`` (one partition, so consumers read
-        the passes in order), then refresh the per-version read model.
+        ``_scorer.SCORES_PER_RECORD``, all keyed ``TRACK_SCORES_KEY`` (one partition, so
+        consumers read the passes in order), then refresh the per-version read model.
 
         One record per track, each waiting for its ack, took ≈ 1 ms of broker round trip and
         ≈ 0.1 ms of Python per score: 10,000 changed tracks (2 s of ratings at 5,000/s) kept the

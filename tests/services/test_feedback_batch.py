@@ -135,7 +135,7 @@ def test_a_scoring_pass_publishes_its_scores_in_ordered_chunks() -> None:
     a later pass is never read before an earlier one), carrying every changed track once."""
     from riffloop.core import decode_envelope
     from riffloop.runtime import TRACK_SCORES_KEY, scored_items
-    from services.feedback._service import SCORES_PER_RECORD
+    from services.feedback._scorer import SCORES_PER_RECORD
 
     ports = shared_ports()
     ports.bus.ensure_topics(["tracks.scored.v1"])
