@@ -192,6 +192,11 @@ class FeedbackLedger:
             baseline_sample_id=track.provenance.baseline_sample_id,
         )
 
+    def rating_count(self, track_id: str) -> int:
+        """Accepted ratings of one track: O(listeners it was served to), not O(ledger)."""
+        track = self._track(track_id)
+        return sum((track_id, rater) in self._ratings for rater in track.served_to)
+
     def provenances(self) -> list[TrackProvenance]:
         return [t.provenance for t in self._tracks.values()]
 

@@ -357,7 +357,7 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
             except NotFoundError:
                 raise NotFoundError(f"track {request.track_id} is unknown to feedback") from None
             score = state.scores.get(request.track_id)
-            ratings = sum(1 for o in state.ledger.observations() if o.track_id == prov.track_id)
+            ratings = state.ledger.rating_count(prov.track_id)
         message = events_pb2.TrackScored(track_id=request.track_id, rating_count=ratings)
         if score is not None:  # the score last published for it
             message.CopyFrom(score)

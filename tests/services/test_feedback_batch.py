@@ -174,3 +174,27 @@ def test_the_scorer_keeps_to_its_duty_cycle() -> None:
     for bad in ("0", "1"):
         with pytest.raises(ConfigurationError, match="RIFFLOOP_GIL_SWITCH_INTERVAL_S"):
             FeedbackSettings.from_env({"RIFFLOOP_GIL_SWITCH_INTERVAL_S": bad})
+
+
+def test_track_score_counts_ratings_accepted_since_the_last_pass() -> None:
+    """TrackScore returns the published score with the rating count of now (2 after a pass
+    that saw 1), and an unscored track's count alone."""
+    from riffloop.v1 import feedback_service_pb2 as fb
+    from services.feedback._service import FeedbackServicer
+
+    ports = shared_ports()
+    ports.bus.ensure_topics(["tracks.scored.v1"])
+    state = FeedbackState(ports)
+    servicer = FeedbackServicer(state)
+    for user in ("ann", "bob", "cy"):
+        _ready(state, "s1", user)
+        _ready(state, "s2", user)
+    state.on_feedback(_batch("ann", ("s1", 4), ("s1", 6.0)))
+    assert state.publish_scores() == 1
+    published = state.scores["s1"]
+    state.on_feedback(_batch("bob", ("s1", 2), ("s1", 6.0)))
+    state.on_feedback(_batch("cy", ("s2", 5)))
+    answer = servicer.TrackScore(fb.TrackScoreRequest(track_id="s1"), None).score
+    assert answer.rating_count == 2 and answer.mean_rating == published.mean_rating
+    unscored = servicer.TrackScore(fb.TrackScoreRequest(track_id="s2"), None).score
+    assert (unscored.track_id, unscored.rating_count, unscored.confidence) == ("s2", 1, 0.0)
