@@ -471,39 +471,37 @@ def drop_topics(bootstrap: str, prefix: str) -> list[str]:
     metadata every client decodes in Python (17 % of the gateway's CPU at 536 topics, py-spy)
     and the broker's heap (its old generation 92 % full at ≈ 330 topics, collected by full GCs
     that stall every producer)."""
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
-
     if not prefix:
         raise InfraError("drop_topics needs a non-empty prefix")
+    with _kafka_admin(bootstrap, f"Deleting the topics under {prefix!r}") as admin:
+        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
+        if mine:
+            admin.delete_topics(mine)
+        return mine
+
+
+@contextlib.contextmanager
+def _kafka_admin(bootstrap: str, doing: str) -> Iterator[Any]:
+    """An admin client for ``bootstrap``; Kafka errors become InfraError naming ``doing``."""
+    from kafka import KafkaAdminClient  # clients load on first use: `install` needs none
+    from kafka.errors import KafkaError
+
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="riffloop-infra")
     except (KafkaError, OSError) as error:
         raise InfraError(f"Cannot reach Kafka at {bootstrap} ({error}); is the stack up?") from None
     try:
-        mine = [t for t in admin.list_topics() if t.startswith(prefix)]
-        if mine:
-            admin.delete_topics(mine)
-        return mine
+        yield admin
     except KafkaError as error:
-        raise InfraError(
-            f"Kafka refused to delete the topics under {prefix!r} ({error})."
-        ) from None
+        raise InfraError(f"{doing} on Kafka at {bootstrap} failed ({error}).") from None
     finally:
         admin.close()
 
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int = TOPIC_PARTITIONS) -> None:
     """Create the missing topics (replication 1) and wait until each has a leader."""
-    from kafka import KafkaAdminClient  # clients load on first use: `install` needs none
-    from kafka.errors import KafkaError
-
     wanted = list(dict.fromkeys(names))
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="riffloop-infra")
-    except (KafkaError, OSError) as error:
-        raise InfraError(f"Cannot reach Kafka at {bootstrap} ({error}); is the stack up?") from None
-    try:
+    with _kafka_admin(bootstrap, "Creating topics") as admin:
         existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]
         if not missing:
@@ -518,10 +516,6 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int = TOPIC_
         if failed:
             raise InfraError(f"Kafka refused to create {', '.join(failed)}.")
         admin.wait_for_topics(missing, timeout_ms=60_000)
-    except KafkaError as error:
-        raise InfraError(f"Creating topics on Kafka at {bootstrap} failed ({error}).") from None
-    finally:
-        admin.close()
 
 
 def create_buckets(addresses: InfraAddresses, names: Iterable[str]) -> None:

@@ -37,7 +37,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -90,14 +90,14 @@ class ModelRatings:
 
 
 def model_ratings(
-    scores: TrackScores, provenance: dict[str, TrackProvenance]
+    scores: TrackScores, provenance: Callable[[str], TrackProvenance]
 ) -> dict[str, ModelRatings]:
     """Per-version aggregates of the latest scores (tracks without a version are skipped)."""
     groups: dict[tuple[str, TrackKind], int] = {}  # (version, kind) → g
     codes = np.full(len(scores.first), -1, dtype=np.int64)
     for j, o in enumerate(scores.first):
-        prov = provenance.get(o.track_id)
-        if prov is not None and prov.model_version:
+        prov = provenance(o.track_id)
+        if prov.model_version:
             codes[j] = groups.setdefault((prov.model_version, prov.kind), len(groups))
     keep = (codes >= 0) & (scores.n_ratings > 0)
     n = scores.n_ratings[keep].astype(float)
@@ -163,7 +163,7 @@ class ScoreMirror:
         observations = self.ledger.observations()
         if not observations:
             return PassResult([], {}, None, time.perf_counter() - started)
-        provenance = {p.track_id: p for p in self.ledger.provenances()}
+        provenance = self.ledger.provenance  # every rated track is registered
         report = self.spam.inspect(observations)
         scores = self.confidence.score_arrays(observations, report)
         ordered = sorted(changed & scores.index.keys())
@@ -180,7 +180,7 @@ class ScoreMirror:
                 batch.items.append(
                     track_scored_to_proto(
                         scores.scored(scores.index[track_id]),
-                        provenance[track_id],
+                        provenance(track_id),
                         sum(fractions) / len(fractions),
                     )
                 )
