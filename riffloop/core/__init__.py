@@ -15,7 +15,9 @@ from riffloop.core._consumer import (
     ConsumerHooks,
     Delivery,
     Handler,
+    ItemsRefused,
     Outcome,
+    refused_items_envelope,
     replay_dead_letters,
 )
 from riffloop.core._envelopes import (
@@ -66,6 +68,7 @@ __all__ = [
     "Delivery",
     "EventBus",
     "Handler",
+    "ItemsRefused",
     "KafkaEventBus",
     "KeyValueStore",
     "LocalDirObjectStore",
@@ -96,6 +99,7 @@ __all__ = [
     "new_envelope",
     "partition_for",
     "payload_of",
+    "refused_items_envelope",
     "replay_dead_letters",
     "run_main",
     "sha256_hex",

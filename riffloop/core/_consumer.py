@@ -13,6 +13,10 @@ For each record (one thread, in order per partition):
    with exponential back-off up to ``max_attempts`` tries; ValidationError / PermanentError are not
    retried. After the last try the record goes to ``<topic>.dlq`` as a ``DeadLetter`` envelope
    (error text, attempts, original topic/partition/offset, original bytes; also as headers).
+   A handler of a *batch* event (several items in one record) raises :class:`ItemsRefused` after
+   applying the good items: only the refused items go to the DLQ, as an envelope of their own
+   (event id ``<original>.refused``), and the original counts as handled — one bad item no longer
+   sends a whole chunk of accepted ones to the DLQ.
 5. Only after success mark the dedupe key (a dead letter stays unmarked so that a replay from
    the DLQ, after the cause is fixed, is handled). Offsets are committed once per
    polled batch, past the last finished record of each partition (committing every record held
@@ -61,6 +65,35 @@ log = logging.getLogger("riffloop.consumer")
 #: Errors a retry cannot fix: dead-letter on the first failure.
 NON_RETRYABLE: tuple[type[BaseException], ...] = (ValidationError, PermanentError)
 _MAX_ERROR_CHARS = 2000
+
+
+class ItemsRefused(ValidationError):
+    """A batch handler applied the good items of a record and refuses the rest.
+
+    ``rest`` is an envelope like the original holding only the refused items (build it with
+    :func:`refused_items_envelope`). The consumer dead-letters ``rest`` — replaying it after a fix
+    re-runs only those items — and marks the original handled.
+    """
+
+    def __init__(self, reason: str, rest: events_pb2.Envelope) -> None:
+        super().__init__(reason)
+        self.rest = rest
+
+
+def refused_items_envelope(
+    envelope: events_pb2.Envelope, field: str, refused: Sequence[ProtoMessage]
+) -> events_pb2.Envelope:
+    """A copy of ``envelope`` whose batch payload ``field`` (a message with repeated ``items``)
+    holds only ``refused``, under the deterministic event id ``<original>.refused`` (so a
+    redelivery that refuses them again dead-letters the same event, and a replay runs once)."""
+    rest = type(envelope)()
+    rest.CopyFrom(envelope)
+    rest.event_id = f"{envelope.event_id}.refused"
+    items = getattr(rest, field).items
+    del items[:]
+    for item in refused:
+        items.add().CopyFrom(item)
+    return rest
 
 
 class Outcome(enum.StrEnum):
@@ -340,6 +373,15 @@ class Consumer:
             self._kv.set(attempts_key, str(attempt), ttl_s=self._dedupe_ttl_s)
             try:
                 self._handler(Delivery(message, envelope, attempt))
+            except ItemsRefused as refused:
+                # The good items are applied; the refused ones go to the DLQ on their own.
+                log.warning(
+                    "handler refused items of %s[%d]@%d: %s", *_where(message), refused.reason
+                )
+                self._dead_letter(message, refused.rest, refused, attempts=attempt)
+                self._hooks.outcome(message.topic, Outcome.DEAD_LETTERED)
+                marks.handled_here.add(envelope.event_id)
+                return self._finish(message, Outcome.HANDLED, envelope.event_id)
             except Exception as exc:
                 error = exc
                 self._hooks.outcome(message.topic, Outcome.FAILED)
@@ -391,7 +433,10 @@ class Consumer:
             original_partition=message.partition,
             original_offset=message.offset,
             original_key=message.key,
-            original_value=message.value,
+            # the refused items alone when a batch handler refused only some (ItemsRefused)
+            original_value=(
+                error.rest.SerializeToString() if isinstance(error, ItemsRefused) else message.value
+            ),
             original_event_id=envelope.event_id if envelope is not None else "",
             error=text,
             error_type=type(error).__name__,

@@ -34,8 +34,10 @@ from typing import Any
 from riffloop.core import (
     ConfigurationError,
     ConflictError,
+    ItemsRefused,
     NotFoundError,
     ValidationError,
+    refused_items_envelope,
 )
 from riffloop.loop import (
     ConfidenceWeight,
@@ -198,12 +200,14 @@ class FeedbackState:
     def on_feedback(self, envelope: events_pb2.Envelope) -> None:
         """One FeedbackReceived, or a FeedbackBatch (one user's items from one SubmitFeedback
         call) applied item by item. All of a batch's tracks must be known before any item is
-        applied, so a batch retried after NotFoundError is applied whole, once."""
+        applied, so a batch retried after NotFoundError is applied whole, once. A batch's
+        invalid items are refused on their own (``ItemsRefused``: to the DLQ, the rest kept)."""
         submitted_at = envelope.occurred_at.ToNanoseconds() / 1e9
         batched = envelope.WhichOneof("payload") == "feedback_batch"
         events = list(envelope.feedback_batch.items) if batched else [envelope.feedback_received]
         writes: dict[str, dict[str, str]] = {}
         recorded = {"rating": 0, "listen": 0}
+        refused: list[tuple[events_pb2.FeedbackReceived, str]] = []
         with self.lock:
             # A rating can overtake its tracks.ready (other topic, other partition): the track
             # is unknown yet, NotFoundError is retried by the consumer with back-off.
@@ -216,14 +220,12 @@ class FeedbackState:
                     if not batched:
                         raise  # a poison event: the consumer dead-letters it
                     # one bad item must not sink the user's other items (the gateway checked
-                    # them all, so this is a bug or a replay of old data: log it, count it)
-                    _log.warning(
-                        "feedback item refused",
-                        extra={"event_id": envelope.event_id, "reason": exc.reason},
-                    )
+                    # them all, so this is a bug or a replay of old data): count it, and hand it
+                    # to the DLQ on its own once the good ones are stored
                     metrics.FEEDBACK_RECORDED.labels(
                         event.WhichOneof("feedback") or "none", "refused"
                     ).inc()
+                    refused.append((event, exc.reason))
                     continue
                 self.dirty.add(event.track_id)
                 if fresh:
@@ -238,6 +240,16 @@ class FeedbackState:
         for kind, n in recorded.items():
             if n:
                 metrics.FEEDBACK_RECORDED.labels(kind, "recorded").inc(n)
+        if refused:
+            reason = f"{len(refused)} of {len(events)} feedback items refused: " + "; ".join(
+                f"{e.track_id or '?'}: {why}" for e, why in refused[:5]
+            )
+            if len(refused) == len(events):
+                raise ValidationError(reason)  # nothing applied: the record goes to the DLQ
+            raise ItemsRefused(
+                reason,
+                refused_items_envelope(envelope, "feedback_batch", [e for e, _ in refused]),
+            )
 
     def _record(
         self, event: events_pb2.FeedbackReceived, submitted_at: float

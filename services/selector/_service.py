@@ -19,13 +19,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import uuid
 from typing import Any
 
 import numpy as np
 
-from riffloop.core import ConfigurationError, NotFoundError, ValidationError
+from riffloop.core import (
+    ConfigurationError,
+    ItemsRefused,
+    NotFoundError,
+    ValidationError,
+    refused_items_envelope,
+)
 from riffloop.loop import (
     GeneticSelector,
     PurgeCycle,
@@ -71,6 +78,13 @@ class SelectorSettings(ServiceSettings):
 
 
 def _score_from_event(scored: events_pb2.TrackScored, prov: TrackProvenance) -> TrackScored:
+    """The loop's TrackScored; a score that is not a number, or ω outside [0, 1], is refused,
+    never ranked (R is on the star scale but not clipped to it: rater normalisation can leave
+    it a little outside 1–5)."""
+    if not math.isfinite(scored.mean_rating):
+        raise ValidationError(f"track {scored.track_id}: mean rating {scored.mean_rating}")
+    if not 0.0 <= scored.confidence <= 1.0:  # also refuses NaN
+        raise ValidationError(f"track {scored.track_id}: confidence {scored.confidence} ∉ [0, 1]")
     return TrackScored(
         track_id=scored.track_id,
         kind=prov.kind,
@@ -110,26 +124,48 @@ class SelectorState:
     # -- events -------------------------------------------------------------------------------
 
     def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
-        """One TrackScored or a chunk of a scoring pass: all of it in one key-value write."""
+        """One TrackScored or a chunk of a scoring pass: all of it in one key-value write. A
+        chunk's bad items are refused on their own (``ItemsRefused``: they go to the DLQ, the
+        rest of the chunk is kept); a single bad TrackScored is dead-lettered as before."""
         rows: dict[str, str] = {}
         latest: dict[str, tuple[TrackProvenance, TrackScored]] = {}
-        for scored in scored_items(envelope):
-            prov = provenance_from_proto(scored.track_id, scored.provenance)
-            score = _score_from_event(scored, prov)
+        batched = envelope.WhichOneof("payload") == "track_scored_batch"
+        refused: list[tuple[events_pb2.TrackScored, str]] = []
+        items = scored_items(envelope)
+        for scored in items:
+            try:
+                if not scored.track_id:
+                    raise ValidationError("a score carries no track_id")
+                prov = provenance_from_proto(scored.track_id, scored.provenance)
+                score = _score_from_event(scored, prov)
+            except ValidationError as exc:
+                if not batched:
+                    raise
+                refused.append((scored, exc.reason))
+                continue
             row = {
                 "provenance": prov.to_json(),
                 "score": {**score.to_dict(), "kind": str(prov.kind)},
             }
             rows[scored.track_id] = json.dumps(row)
             latest[scored.track_id] = (prov, score)
-        if not rows:
-            return
-        self.ports.kv.hset("sel:scores", rows)
-        with self.lock:
-            for track_id, (prov, score) in latest.items():
-                self.provenances[track_id] = prov
-                self.scores[track_id] = score
-            self.new_scores += len(latest)
+        if rows:
+            self.ports.kv.hset("sel:scores", rows)
+            with self.lock:
+                for track_id, (prov, score) in latest.items():
+                    self.provenances[track_id] = prov
+                    self.scores[track_id] = score
+                self.new_scores += len(latest)
+        if refused:
+            reason = f"{len(refused)} of {len(items)} scores refused: " + "; ".join(
+                f"{s.track_id or '?'}: {why}" for s, why in refused[:5]
+            )
+            if len(refused) == len(items):
+                raise ValidationError(reason)  # nothing kept: the record goes to the DLQ
+            raise ItemsRefused(
+                reason,
+                refused_items_envelope(envelope, "track_scored_batch", [s for s, _ in refused]),
+            )
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:
         self.ports.kv.set("sel:model", envelope.model_published.version)

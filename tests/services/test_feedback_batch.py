@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from riffloop.core import NotFoundError, ValidationError, new_envelope
+from riffloop.core import ItemsRefused, NotFoundError, ValidationError, new_envelope
 from riffloop.v1 import common_pb2, events_pb2
 from services.feedback._service import FeedbackState
 from tests.services.conftest import shared_ports
@@ -94,8 +94,18 @@ def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
     state = FeedbackState(ports)
     _ready(state, "t1", "wes")
     _ready(state, "t2", "wes")
-    state.on_feedback(_batch("wes", ("t1", 9), ("t2", 3)))  # 9 stars: refused, t2 kept
+    batch = _batch("wes", ("t1", 9), ("t2", 3))
+    with pytest.raises(ItemsRefused) as refused:  # 9 stars: refused, t2 kept
+        state.on_feedback(batch)
     assert _ratings(state) == [("t2", "wes", 3)]
+    # the consumer dead-letters the refused item alone, under its own event id
+    assert refused.value.rest.event_id == f"{batch.event_id}.refused"
+    assert [(i.track_id, i.rating.stars) for i in refused.value.rest.feedback_batch.items] == [
+        ("t1", 9)
+    ]
+    with pytest.raises(ValidationError) as whole:  # nothing applied: the record is poison
+        state.on_feedback(_batch("wes", ("t1", 0)))
+    assert not isinstance(whole.value, ItemsRefused)
     # a single (unbatched) bad event is still poison for the consumer's dead-letter path
     single = events_pb2.FeedbackReceived(
         user_id="wes", track_id="t1", rating=events_pb2.TrackRating(stars=9)

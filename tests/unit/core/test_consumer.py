@@ -12,6 +12,7 @@ from riffloop.core import (
     Consumer,
     ConsumerHooks,
     Delivery,
+    ItemsRefused,
     KeyValueStore,
     MemoryEventBus,
     MemoryKeyValueStore,
@@ -23,6 +24,7 @@ from riffloop.core import (
     decode_envelope,
     dlq_topic,
     new_envelope,
+    refused_items_envelope,
     replay_dead_letters,
 )
 from riffloop.v1 import events_pb2
@@ -422,3 +424,52 @@ def test_replaying_an_already_handled_event_is_a_duplicate(
     consumer.run_once()
     assert len(seen) == 1
     assert recorder.outcomes[(TOPIC, "duplicate")] == 1
+
+
+def test_a_batch_handler_dead_letters_only_the_items_it_refused(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    """ItemsRefused: the good items are kept and the record counts as handled; the DLQ gets an
+    envelope of the refused items alone (id ``<original>.refused``), which a replay after the
+    fix re-runs without re-running the good ones."""
+    fixed = threading.Event()
+    applied: list[tuple[str, str]] = []  # (event id, track)
+
+    def handler(delivery: Delivery) -> None:
+        items = delivery.envelope.feedback_batch.items
+        bad = [i for i in items if i.rating.stars > 5 and not fixed.is_set()]
+        applied.extend((delivery.event_id, i.track_id) for i in items if i not in bad)
+        if bad:
+            raise ItemsRefused(
+                f"{len(bad)} items over 5 stars",
+                refused_items_envelope(delivery.envelope, "feedback_batch", bad),
+            )
+
+    def item(track: str, stars: int) -> events_pb2.FeedbackReceived:
+        return events_pb2.FeedbackReceived(
+            user_id="u1", track_id=track, rating=events_pb2.TrackRating(stars=stars)
+        )
+
+    batch = new_envelope(
+        "gateway", events_pb2.FeedbackBatch(items=[item("t1", 4), item("t2", 9), item("t3", 2)])
+    )
+    recorder = Recorder()
+    consumer = make(bus, kv, handler, recorder)
+    bus.publish(TOPIC, "u1", batch)
+    assert consumer.run_once() == 1
+    assert applied == [(batch.event_id, "t1"), (batch.event_id, "t3")]
+    assert recorder.outcomes == {(TOPIC, "handled"): 1, (TOPIC, "dead_lettered"): 1}
+    [dead] = dead_letters(bus)
+    assert dead.original_event_id == f"{batch.event_id}.refused"
+    assert dead.error_type == "ItemsRefused" and "over 5 stars" in dead.error
+    rest = decode_envelope(dead.original_value, TOPIC)
+    assert [i.track_id for i in rest.feedback_batch.items] == ["t2"]
+    assert rest.occurred_at == batch.occurred_at and rest.producer == batch.producer
+
+    bus.publish(TOPIC, "u1", batch)  # a redelivery of the original: handled already
+    consumer.run_once()
+    assert len(applied) == 2
+    fixed.set()
+    assert replay_dead_letters(bus, TOPIC, idle_timeout_s=0.01) == 1
+    consumer.run_once()
+    assert applied[2:] == [(f"{batch.event_id}.refused", "t2")]  # only the refused item ran
