@@ -17,6 +17,7 @@ from riffloop.core._consumer import (
     Handler,
     ItemsRefused,
     Outcome,
+    refuse_items,
     refused_items_envelope,
     replay_dead_letters,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "new_envelope",
     "partition_for",
     "payload_of",
+    "refuse_items",
     "refused_items_envelope",
     "replay_dead_letters",
     "run_main",

@@ -96,6 +96,23 @@ def refused_items_envelope(
     return rest
 
 
+def refuse_items(
+    envelope: events_pb2.Envelope,
+    field: str,
+    refused: Sequence[tuple[ProtoMessage, str]],
+    total: int,
+) -> None:
+    """End a batch handler that refused some of its ``total`` items — (item, reason) pairs:
+    raise :class:`ItemsRefused` with their envelope, or ValidationError when none was kept (the
+    whole record is then the dead letter, under its own id). Returns when nothing was refused."""
+    if not refused:
+        return
+    reason = f"{len(refused)} of {total} items refused: " + "; ".join(why for _, why in refused[:5])
+    if len(refused) >= total:
+        raise ValidationError(reason)
+    raise ItemsRefused(reason, refused_items_envelope(envelope, field, [i for i, _ in refused]))
+
+
 class Outcome(enum.StrEnum):
     """Values of the ``outcome`` label of ``riffloop_kafka_messages_total``."""
 

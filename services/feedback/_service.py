@@ -34,10 +34,9 @@ from typing import Any
 from riffloop.core import (
     ConfigurationError,
     ConflictError,
-    ItemsRefused,
     NotFoundError,
     ValidationError,
-    refused_items_envelope,
+    refuse_items,
 )
 from riffloop.loop import (
     ConfidenceWeight,
@@ -225,7 +224,7 @@ class FeedbackState:
                     metrics.FEEDBACK_RECORDED.labels(
                         event.WhichOneof("feedback") or "none", "refused"
                     ).inc()
-                    refused.append((event, exc.reason))
+                    refused.append((event, f"{event.track_id or '?'}: {exc.reason}"))
                     continue
                 self.dirty.add(event.track_id)
                 if fresh:
@@ -240,16 +239,7 @@ class FeedbackState:
         for kind, n in recorded.items():
             if n:
                 metrics.FEEDBACK_RECORDED.labels(kind, "recorded").inc(n)
-        if refused:
-            reason = f"{len(refused)} of {len(events)} feedback items refused: " + "; ".join(
-                f"{e.track_id or '?'}: {why}" for e, why in refused[:5]
-            )
-            if len(refused) == len(events):
-                raise ValidationError(reason)  # nothing applied: the record goes to the DLQ
-            raise ItemsRefused(
-                reason,
-                refused_items_envelope(envelope, "feedback_batch", [e for e, _ in refused]),
-            )
+        refuse_items(envelope, "feedback_batch", refused, len(events))
 
     def _record(
         self, event: events_pb2.FeedbackReceived, submitted_at: float

@@ -28,10 +28,9 @@ import numpy as np
 
 from riffloop.core import (
     ConfigurationError,
-    ItemsRefused,
     NotFoundError,
     ValidationError,
-    refused_items_envelope,
+    refuse_items,
 )
 from riffloop.loop import (
     GeneticSelector,
@@ -141,7 +140,7 @@ class SelectorState:
             except ValidationError as exc:
                 if not batched:
                     raise
-                refused.append((scored, exc.reason))
+                refused.append((scored, f"{scored.track_id or '?'}: {exc.reason}"))
                 continue
             row = {
                 "provenance": prov.to_json(),
@@ -156,16 +155,7 @@ class SelectorState:
                     self.provenances[track_id] = prov
                     self.scores[track_id] = score
                 self.new_scores += len(latest)
-        if refused:
-            reason = f"{len(refused)} of {len(items)} scores refused: " + "; ".join(
-                f"{s.track_id or '?'}: {why}" for s, why in refused[:5]
-            )
-            if len(refused) == len(items):
-                raise ValidationError(reason)  # nothing kept: the record goes to the DLQ
-            raise ItemsRefused(
-                reason,
-                refused_items_envelope(envelope, "track_scored_batch", [s for s, _ in refused]),
-            )
+        refuse_items(envelope, "track_scored_batch", refused, len(items))
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:
         self.ports.kv.set("sel:model", envelope.model_published.version)

@@ -48,7 +48,7 @@ def test_a_chunk_keeps_its_good_scores_and_refuses_the_bad_ones_alone() -> None:
     rest = refused.value.rest
     assert [s.track_id for s in rest.track_scored_batch.items] == ["nan", "no-kind", "omega"]
     assert rest.event_id == f"{chunk.event_id}.refused"
-    assert "3 of 4 scores refused" in refused.value.reason
+    assert "3 of 4 items refused" in refused.value.reason
 
     # a chunk with nothing to keep, or a single bad score, is dead-lettered whole
     with pytest.raises(ValidationError) as whole:
