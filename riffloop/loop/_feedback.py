@@ -99,6 +99,7 @@ class FeedbackLedger:
         # arrives: a scoring pass reads the whole ledger every few seconds, and rebuilding
         # every row each time was a sixth of the pass at 50,000 ratings.
         self._observed: dict[tuple[str, str], Observation] = {}
+        self._stars_by_rater: dict[str, list[int]] = {}  # for one rater's report, O(theirs)
 
     # 1. tracks and serving ------------------------------------------------------------------
     def register_track(self, provenance: TrackProvenance, clip_seconds: float) -> None:
@@ -142,9 +143,11 @@ class FeedbackLedger:
         key = (rating.track_id, rating.rater_id)
         if key in self._ratings:
             raise ConflictError("this listener already rated this track")
-        self._ratings[key] = Rating(
-            rating.track_id, rating.rater_id, int(rating.stars), rating.submitted_at
-        )
+        self._keep(Rating(rating.track_id, rating.rater_id, int(rating.stars), rating.submitted_at))
+
+    def _keep(self, rating: Rating) -> None:
+        self._ratings[(rating.track_id, rating.rater_id)] = rating
+        self._stars_by_rater.setdefault(rating.rater_id, []).append(rating.stars)
 
     def listen(self, event: ListenEvent) -> None:
         times = (event.seconds_listened, event.clip_seconds, event.submitted_at)
@@ -197,6 +200,10 @@ class FeedbackLedger:
         track = self._track(track_id)
         return sum((track_id, rater) in self._ratings for rater in track.served_to)
 
+    def rater_stars(self, rater_id: str) -> list[int]:
+        """The stars of one rater's accepted ratings, in the order accepted: O(theirs)."""
+        return list(self._stars_by_rater.get(rater_id, ()))
+
     def provenances(self) -> list[TrackProvenance]:
         return [t.provenance for t in self._tracks.values()]
 
@@ -237,7 +244,7 @@ class FeedbackLedger:
             prov = TrackProvenance.from_json(t["provenance"])
             ledger._tracks[prov.track_id] = _ServedTrack(prov, t["clip_seconds"], t["served_to"])
         for r in raw["ratings"]:
-            ledger._ratings[(r["track_id"], r["rater_id"])] = Rating(**r)
+            ledger._keep(Rating(**r))
         for e in raw["listens"]:
             ledger._listens[(e["track_id"], e["rater_id"])] = ListenEvent(**e)
         return ledger

@@ -371,19 +371,18 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         if not request.user_id:
             raise ValidationError("user_id is required")
         state = self.state
-        with state.lock:
-            mine = [o for o in state.ledger.observations() if o.rater_id == request.user_id]
+        with state.lock:  # O(this rater's ratings), not O(ledger): the consumer waits on it
+            stars = state.ledger.rater_stars(request.user_id)
             report = state.report
-        if not mine:
+        if not stars:
             raise NotFoundError(f"rater {request.user_id} has no accepted ratings")
-        stars = [o.stars for o in mine]
         mean = sum(stars) / len(stars)
         std = (sum((x - mean) ** 2 for x in stars) / len(stars)) ** 0.5
         reasons = [str(r) for r in (report.caught.get(request.user_id, ()) if report else ())]
         reliability = report.reliability.get(request.user_id, 1.0) if report else 1.0
         return pb.RaterReportResponse(
             user_id=request.user_id,
-            accepted_ratings=len(mine),
+            accepted_ratings=len(stars),
             rejected_ratings=0,
             reliability=reliability,
             flagged=bool(reasons),

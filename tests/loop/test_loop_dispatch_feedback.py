@@ -128,6 +128,7 @@ def test_duplicates_conflict_and_keep_the_first(ledger: FeedbackLedger) -> None:
     (obs,) = ledger.observations()
     assert obs.stars == 5 and obs.seconds_listened == pytest.approx(1.5)
     assert obs.listened_fraction == 1.0
+    assert ledger.rater_stars("alice") == [5] and ledger.rater_stars("bob") == []
 
 
 def test_observations_read_before_a_listen_arrives_pick_it_up_afterwards(
@@ -150,6 +151,7 @@ def test_snapshot_round_trip(ledger: FeedbackLedger) -> None:
     again = FeedbackLedger.restore(ledger.snapshot())
     assert again.observations() == ledger.observations()
     assert again.snapshot() == ledger.snapshot()
+    assert again.rater_stars("alice") == [2]
 
 
 def test_ledger_round_trips_through_the_key_value_port(ledger: FeedbackLedger) -> None:

@@ -208,3 +208,27 @@ def test_track_score_counts_ratings_accepted_since_the_last_pass() -> None:
     assert answer.rating_count == 2 and answer.mean_rating == published.mean_rating
     unscored = servicer.TrackScore(fb.TrackScoreRequest(track_id="s2"), None).score
     assert (unscored.track_id, unscored.rating_count, unscored.confidence) == ("s2", 1, 0.0)
+
+
+def test_rater_report_counts_one_raters_ratings() -> None:
+    """RaterReport reads the rater's own ratings (not a scan of the ledger under the lock)."""
+    from riffloop.v1 import feedback_service_pb2 as fb
+    from services.feedback._service import FeedbackServicer
+
+    ports = shared_ports()
+    state = FeedbackState(ports)
+    for track in ("t1", "t2", "t3"):
+        _ready(state, track, "ann")
+    _ready(state, "t4", "bob")
+    state.on_feedback(_batch("ann", ("t1", 5), ("t2", 3), ("t3", 1)))
+    state.on_feedback(_batch("bob", ("t4", 4)))
+    servicer = FeedbackServicer(state)
+    ann = servicer.RaterReport(fb.RaterReportRequest(user_id="ann"), None)
+    assert ann.accepted_ratings == 3 and ann.mean_stars == pytest.approx(3.0)
+    assert ann.stddev_stars == pytest.approx((8 / 3) ** 0.5)
+    rebuilt = FeedbackState(ports)  # restored from the key-value store
+    rebuilt.rebuild()
+    bob = FeedbackServicer(rebuilt).RaterReport(fb.RaterReportRequest(user_id="bob"), None)
+    assert bob.accepted_ratings == 1 and bob.mean_stars == 4.0
+    with pytest.raises(NotFoundError):
+        servicer.RaterReport(fb.RaterReportRequest(user_id="cat"), None)
