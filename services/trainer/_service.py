@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -407,6 +408,10 @@ class TrainerCore:
             for scored in scored_items(envelope):  # one score, or a chunk of a scoring pass
                 prov = scored.provenance
                 if prov.kind != common_pb2.TRACK_KIND_GENERATED or scored.rating_count < 1:
+                    continue
+                if not math.isfinite(scored.mean_rating):
+                    # kept, it would make every later decision raise (Canary.record refuses
+                    # it) and hold the watch forever; the selector dead-letters such a score
                     continue
                 if prov.model_version in watch:
                     self.watch_scores[scored.track_id] = (

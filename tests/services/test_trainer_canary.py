@@ -53,6 +53,7 @@ def test_a_significantly_worse_new_version_is_rolled_back(trainer: Running) -> N
     )
     assert core.store.current()["version"] == "v0002" and core.watch == ("v0001", "v0002")
     rollbacks = metrics.MODEL_ROLLBACKS._value.get()
+    core.on_track_scored(_scored("nan", "v0002", float("nan")))  # ignored, never poisons the watch
     for i in range(7):  # fewer than min_ratings per side: no decision yet
         core.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
         core.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
