@@ -160,6 +160,8 @@ class ScoreMirror:
     def score(self, changed: set[str]) -> PassResult:
         """Re-score everything (ω pools all raters); serialize the changed tracks' scores."""
         started = time.perf_counter()
+        if not changed:  # inputs handed over, nothing rated since the last pass
+            return PassResult([], {}, None, time.perf_counter() - started)
         observations = self.ledger.observations()
         if not observations:
             return PassResult([], {}, None, time.perf_counter() - started)

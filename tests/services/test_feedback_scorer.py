@@ -182,3 +182,37 @@ def test_the_scorer_settings_are_validated() -> None:
     ):
         with pytest.raises(ConfigurationError, match=name):
             FeedbackSettings.from_env(env)
+
+
+def test_the_replica_is_synced_before_the_first_rating_and_never_snapshotted_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tick with nothing rated hands the inputs over (the first one as a snapshot of the
+    still small ledger) and publishes nothing; the passes with ratings then send only what was
+    accepted since, so no pass snapshots the whole ledger under the consumer's lock."""
+    from riffloop.loop import FeedbackLedger
+
+    snapshots = []
+    real = FeedbackLedger.snapshot
+
+    def counted(ledger: FeedbackLedger) -> bytes:
+        snapshots.append(len(ledger.provenances()))
+        return real(ledger)
+
+    monkeypatch.setattr(FeedbackLedger, "snapshot", counted)
+    inline = _state(InlineScorer(SpamFilter(), ConfidenceWeight()))
+    child = _state(_process_scorer())
+    try:
+        both = [inline, child]
+        _serve(both, range(0, 2))
+        assert child.publish_scores() == 0 and inline.publish_scores() == 0
+        assert snapshots == [2, 2]  # one per scorer, at its first tick
+        _serve(both, range(2, 30))  # tracks only: handed over on the next tick, not scored
+        assert child.publish_scores() == 0 and not child.scorer.needs_reset
+        assert inline.publish_scores() == 0
+        _rate(both, range(0, 30), salt=3)
+        scored = _published(child)
+        assert len(scored) == 30 and scored == _published(inline)
+        assert snapshots == [2, 2]
+    finally:
+        child.close()
