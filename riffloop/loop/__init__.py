@@ -39,8 +39,10 @@ from riffloop.loop._listeners import (
     ZeroListenBot,
     audio_features,
     bright_dense_listeners,
+    checked_answer,
     dark_sparse_listeners,
     load_listener_factory,
+    make_population,
     taste_population,
 )
 from riffloop.loop._provenance import TrackKind, TrackProvenance
@@ -169,6 +171,7 @@ __all__ = [
     "auto_near_duplicate",
     "baseline_scores",
     "bright_dense_listeners",
+    "checked_answer",
     "cosine_distance",
     "dark_sparse_listeners",
     "demo",
@@ -177,6 +180,7 @@ __all__ = [
     "format_table",
     "load_listener_factory",
     "load_world",
+    "make_population",
     "manifest_json",
     "model_score_by_input",
     "paired_interval",

@@ -32,6 +32,7 @@ import copy
 import hashlib
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from riffloop.core import MemoryObjectStore, PermanentError
+from riffloop.core import MemoryObjectStore, PermanentError, ValidationError
 from riffloop.loop._confidence import ConfidenceWeight, TrackScored
 from riffloop.loop._dispatch import Dispatcher
 from riffloop.loop._feedback import FeedbackLedger, ListenEvent, Observation, Rating
@@ -49,7 +50,9 @@ from riffloop.loop._listeners import (
     ListenerFactory,
     TasteListener,
     audio_features,
+    checked_answer,
     load_listener_factory,
+    make_population,
 )
 from riffloop.loop._provenance import TrackKind, TrackProvenance
 from riffloop.loop._release import (
@@ -265,6 +268,7 @@ class _Arm:
     parent_embeddings: np.ndarray | None = None
     parent_scores: dict[str, float] = field(default_factory=dict)  # request → R of parent
     clock: dict[str, float] = field(default_factory=dict)
+    refused: Counter[str] = field(default_factory=Counter)  # listener answers refused, by reason
     # one registry per arm: each arm is its own lineage with its own serving version
     registry: ModelRegistry = field(default_factory=lambda: ModelRegistry(MemoryObjectStore()))
 
@@ -415,6 +419,7 @@ class LoopExperiment:
             cfg.ratings_per_listener if ratings_per_listener is None else ratings_per_listener
         )
         baselines = [t for t in track_ids if self.provenance[t].kind is TrackKind.BASELINE]
+        refused_before = arm.refused.total()
         for li, listener in enumerate(arm.listeners):
             lid = listener.listener_id
             k = min(per_listener, len(track_ids))
@@ -431,15 +436,29 @@ class LoopExperiment:
                 audio = self.audio[tid]
                 clip = audio.size / self.sr
                 arm.ledger.mark_served(tid, lid, t)
-                out = listener.listen(tid, audio, self.sr)
-                t += max(out.elapsed_seconds, 0.0)
-                seconds = float(min(max(out.seconds_listened, 0.0), clip))
+                try:
+                    answer = listener.listen(tid, audio, self.sr)
+                except Exception as exc:  # a bug in the plug-in: stop, naming it
+                    raise ValidationError(
+                        f"listener {lid} ({type(listener).__name__}) raised "
+                        f"{type(exc).__name__}: {exc}"
+                    ) from exc
+                try:
+                    stars, seconds, elapsed = checked_answer(answer, clip)
+                except ValidationError as exc:  # refused as the gateway refuses a client's
+                    arm.refused[exc.reason] += 1
+                    continue
+                t += elapsed
                 arm.ledger.listen(
                     ListenEvent(tid, lid, seconds, clip, seconds >= clip, seconds < clip, t)
                 )
-                if out.rating is not None:
-                    arm.ledger.rate(Rating(tid, lid, int(out.rating), t))
+                if stars is not None:
+                    arm.ledger.rate(Rating(tid, lid, stars, t))
             arm.clock[lid] = t + 3600.0  # an hour between sessions
+        refused = arm.refused.total() - refused_before
+        if refused:
+            reasons = "; ".join(f"{why} ×{k}" for why, k in arm.refused.most_common(3))
+            self.progress(f"[{arm.name}] refused {refused} listener answers ({reasons})")
 
     # 4. scoring and the table row ---------------------------------------------------------------
     def _score(
@@ -540,7 +559,7 @@ class LoopExperiment:
         started = time.monotonic()
         # the listener population first: a bad --n-listeners / --spam-share fails before minutes
         # of preparation (inversion of every input) are spent
-        listeners = self.factory(cfg.n_listeners, cfg.spam_share, cfg.seed)
+        listeners = make_population(self.factory, cfg.n_listeners, cfg.spam_share, cfg.seed)
         self._prepare()
         base = self.world.model
         shared = _Arm("selected", base, listeners, FeedbackLedger())

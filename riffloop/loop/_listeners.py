@@ -253,6 +253,69 @@ def dark_sparse_listeners(n: int, spam_share: float, seed: int) -> list[Listener
     return taste_population("dark_sparse", n, spam_share, seed)
 
 
+def make_population(
+    factory: ListenerFactory, n: int, spam_share: float, seed: int
+) -> list[Listener]:
+    """Call a listener factory and check what it returned: ``n`` listeners with distinct ids.
+
+    The factory is a plug-in (``--listeners``), so its failures are a ``ValidationError`` naming
+    it, not a traceback from inside the demo."""
+    name = getattr(factory, "__qualname__", repr(factory))
+    try:
+        listeners = list(factory(n, spam_share, seed))
+    except Exception as exc:
+        raise ValidationError(
+            f"listener factory {name}(n={n}, spam_share={spam_share}, seed={seed}) failed: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if len(listeners) != n:
+        raise ValidationError(
+            f"listener factory {name} returned {len(listeners)} listeners, not {n}"
+        )
+    ids = []
+    for x in listeners:
+        lid = getattr(x, "listener_id", None)
+        if not isinstance(lid, str) or not lid or not callable(getattr(x, "listen", None)):
+            raise ValidationError(
+                f"listener factory {name} returned {x!r}: a listener needs a non-empty str "
+                "listener_id and a listen(track_id, audio, sample_rate) method (docs/LISTENERS.md)"
+            )
+        ids.append(lid)
+    if len(set(ids)) != len(ids):
+        raise ValidationError(f"listener factory {name} returned duplicate listener ids")
+    return listeners
+
+
+def checked_answer(out: object, clip_seconds: float) -> tuple[int | None, float, float]:
+    """One listener's answer as (stars or None, seconds listened ≤ the clip, elapsed seconds).
+
+    Raises ``ValidationError`` for what the gateway would refuse from a client: stars that are
+    not a whole number 1–5, and times that are not finite or are negative. Seconds listened
+    beyond the clip are clipped to it (a client's timer overshoots; the gateway tolerates it).
+    """
+    fields = ("rating", "seconds_listened", "elapsed_seconds")
+    if not all(hasattr(out, f) for f in fields):  # ours, or any object with the three fields
+        raise ValidationError(f"answer {out!r} lacks {', '.join(fields)} (a ListenOutcome)")
+    stars = out.rating  # type: ignore[attr-defined]
+    if stars is not None:
+        if isinstance(stars, bool) or not isinstance(stars, int | float | np.number):
+            raise ValidationError(f"rating {stars!r} is not a number")
+        if not (math.isfinite(stars) and float(stars).is_integer() and 1 <= stars <= 5):
+            raise ValidationError(f"rating {stars!r} is not a whole number of stars 1–5")
+        stars = int(stars)
+    times = {f: getattr(out, f) for f in fields[1:]}
+    for field_name, value in times.items():
+        if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+            raise ValidationError(f"{field_name} {value!r} is not a number")
+        if not (math.isfinite(value) and value >= 0):
+            raise ValidationError(f"{field_name} {value!r} is not a finite number ≥ 0")
+    return (
+        stars,
+        min(float(times["seconds_listened"]), clip_seconds),
+        float(times["elapsed_seconds"]),
+    )
+
+
 def load_listener_factory(spec: str) -> ListenerFactory:
     """``package.module:factory`` → the callable; a bad spec is a ``ValidationError``."""
     module_name, sep, attr = spec.partition(":")

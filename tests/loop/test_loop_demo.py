@@ -120,3 +120,63 @@ def test_evaluation_session_is_paired_same_model_same_row() -> None:
     assert replace(b, arm="a", seconds=a.seconds) == a
     merges = exp._evaluation_merges()
     assert len(merges) == 3 and not set(merges) & set(exp.merges)  # requests no iteration served
+
+
+class _Sloppy:
+    """Wraps a listener; every third answer claims 7 stars, or the listener raises."""
+
+    def __init__(self, inner: object, fail: bool) -> None:
+        self.inner, self.fail, self.calls = inner, fail, 0
+        self.listener_id = inner.listener_id  # type: ignore[attr-defined]
+        self.kind = getattr(inner, "kind", "honest")
+
+    def listen(self, track_id: str, audio: object, sample_rate: int) -> object:
+        from riffloop.loop import ListenOutcome
+
+        self.calls += 1
+        out = self.inner.listen(track_id, audio, sample_rate)  # type: ignore[attr-defined]
+        if self.calls % 3:
+            return out
+        if self.fail:
+            raise RuntimeError("plug-in bug")
+        return ListenOutcome(7, out.seconds_listened, out.elapsed_seconds)
+
+
+def test_a_foreign_listeners_bad_answers_are_refused_and_its_crash_is_named() -> None:
+    from riffloop.core import ValidationError
+    from riffloop.loop import dark_sparse_listeners
+
+    def population(fail: bool):  # type: ignore[no-untyped-def]
+        def factory(n: int, spam_share: float, seed: int) -> list[object]:
+            listeners: list[object] = list(dark_sparse_listeners(n, spam_share, seed))
+            listeners[0] = _Sloppy(listeners[0], fail)
+            return listeners
+
+        return factory
+
+    config = LoopConfig(
+        iterations=1,
+        n_listeners=10,
+        n_inputs=6,
+        n_merges=4,
+        requests_per_merge=4,
+        ratings_per_listener=6,
+        baseline_pool=20,
+        replay_pool=20,
+        invert_steps=3,
+        quality=4,
+        finetune_steps=2,
+        finetune_batch=4,
+        torch_threads=1,
+        eval_merges=2,
+        eval_requests_per_merge=4,
+        eval_ratings_per_listener=6,
+    )
+    world = _tiny_world()
+    lines: list[str] = []
+    result = LoopExperiment(config, world, population(False), progress=lines.append).run()
+    refused = [line for line in lines if "refused" in line and "listener answers" in line]
+    assert refused and "not a whole number of stars 1–5" in refused[0]
+    assert result.iterations("selected")[1].ratings_used > 0  # the run went on
+    with pytest.raises(ValidationError, match=r"listener .* raised RuntimeError: plug-in bug"):
+        LoopExperiment(config, world, population(True), progress=lines.append).run()

@@ -10,8 +10,10 @@ from riffloop.loop import (
     TasteListener,
     audio_features,
     bright_dense_listeners,
+    checked_answer,
     dark_sparse_listeners,
     load_listener_factory,
+    make_population,
 )
 
 pytestmark = pytest.mark.unit
@@ -101,6 +103,44 @@ def test_factory_plugin_loading() -> None:
     for bad in ("riffloop.loop", "no.such.module:f", "riffloop.loop:nothing_here"):
         with pytest.raises(ValidationError):
             load_listener_factory(bad)
+
+
+def test_a_foreign_population_is_checked_where_it_plugs_in() -> None:
+    """make_population names a factory that fails or returns no listeners; checked_answer
+    refuses what the gateway would refuse from a client (docs/LISTENERS.md)."""
+    assert len(make_population(dark_sparse_listeners, 10, 0.2, 0)) == 10
+
+    def wrong_signature() -> list[object]:
+        return []
+
+    class NoId:
+        def listen(self, track_id: str, audio: np.ndarray, sample_rate: int) -> None: ...
+
+    for factory, why in [
+        (wrong_signature, "failed: TypeError"),
+        (lambda n, s, seed: dark_sparse_listeners(n - 1, s, seed), "returned 9 listeners"),
+        (lambda n, s, seed: [NoId()] * n, "non-empty str listener_id"),
+        (lambda n, s, seed: dark_sparse_listeners(1, s, seed) * n, "duplicate listener ids"),
+    ]:
+        with pytest.raises(ValidationError, match=why):
+            make_population(factory, 10, 0.2, 0)  # type: ignore[arg-type]
+
+    assert checked_answer(ListenOutcome(4, 1.0, 2.5), 2.0) == (4, 1.0, 2.5)
+    assert checked_answer(ListenOutcome(None, 9.0, 0.0), 2.0) == (None, 2.0, 0.0)  # clipped
+    assert checked_answer(ListenOutcome(5.0, 1.0, 1.0), 2.0)[0] == 5  # a whole float is fine
+    for bad in [
+        ListenOutcome(0, 1.0, 1.0),
+        ListenOutcome(6, 1.0, 1.0),
+        ListenOutcome(4.5, 1.0, 1.0),  # type: ignore[arg-type]
+        ListenOutcome(True, 1.0, 1.0),
+        ListenOutcome("5", 1.0, 1.0),  # type: ignore[arg-type]
+        ListenOutcome(3, float("nan"), 1.0),
+        ListenOutcome(3, -1.0, 1.0),
+        ListenOutcome(3, 1.0, float("inf")),
+        (3, 1.0, 1.0),
+    ]:
+        with pytest.raises(ValidationError):
+            checked_answer(bad, 2.0)
 
 
 def test_public_surface_matches_all() -> None:
