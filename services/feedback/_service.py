@@ -35,6 +35,7 @@ from riffloop.core import (
     ConfigurationError,
     ConflictError,
     NotFoundError,
+    PermissionDeniedError,
     ValidationError,
     refuse_items,
 )
@@ -215,7 +216,9 @@ class FeedbackState:
             for event in events:
                 try:
                     kind, table, value, fresh = self._record(event, submitted_at)
-                except ValidationError as exc:
+                except (ValidationError, PermissionDeniedError) as exc:
+                    # (the batch's tracks are all known here, so "not served to this user"
+                    # will not change on a retry: the item is refused like an invalid one)
                     if not batched:
                         raise  # a poison event: the consumer dead-letters it
                     # one bad item must not sink the user's other items (the gateway checked

@@ -103,6 +103,10 @@ def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
     assert [(i.track_id, i.rating.stars) for i in refused.value.rest.feedback_batch.items] == [
         ("t1", 9)
     ]
+    _ready(state, "t3", "ann")  # served to someone else: refused alone too
+    with pytest.raises(ItemsRefused, match="never served"):
+        state.on_feedback(_batch("wes", ("t3", 4), ("t1", 2)))
+    assert _ratings(state) == [("t1", "wes", 2), ("t2", "wes", 3)]
     with pytest.raises(ValidationError) as whole:  # nothing applied: the record is poison
         state.on_feedback(_batch("wes", ("t1", 0)))
     assert not isinstance(whole.value, ItemsRefused)
