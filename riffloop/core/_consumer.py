@@ -16,7 +16,8 @@ For each record (one thread, in order per partition):
    A handler of a *batch* event (several items in one record) raises :class:`ItemsRefused` after
    applying the good items: only the refused items go to the DLQ, as an envelope of their own
    (event id ``<original>.refused``), and the original counts as handled — one bad item no longer
-   sends a whole chunk of accepted ones to the DLQ.
+   sends a whole chunk of accepted ones to the DLQ. A handler stopped by a drain raises
+   :class:`Interrupted`: the record stays uncommitted and the try is not counted.
 5. Only after success mark the dedupe key (a dead letter stays unmarked so that a replay from
    the DLQ, after the cause is fixed, is handled). Offsets are committed once per
    polled batch, past the last finished record of each partition (committing every record held
@@ -65,6 +66,11 @@ log = logging.getLogger("riffloop.consumer")
 #: Errors a retry cannot fix: dead-letter on the first failure.
 NON_RETRYABLE: tuple[type[BaseException], ...] = (ValidationError, PermanentError)
 _MAX_ERROR_CHARS = 2000
+
+
+class Interrupted(TransientError):
+    """A handler gave up because the service is draining (e.g. SIGTERM mid-training): the record
+    is left uncommitted for the next owner, and this try does not count toward max_attempts."""
 
 
 class ItemsRefused(ValidationError):
@@ -390,6 +396,14 @@ class Consumer:
             self._kv.set(attempts_key, str(attempt), ttl_s=self._dedupe_ttl_s)
             try:
                 self._handler(Delivery(message, envelope, attempt))
+            except Interrupted as exc:
+                log.info("handler interrupted on %s[%d]@%d: %s", *_where(message), exc.reason)
+                if attempt > 1:
+                    self._kv.set(attempts_key, str(attempt - 1), ttl_s=self._dedupe_ttl_s)
+                else:
+                    self._kv.delete(attempts_key)
+                self.stop()  # the service is draining (the handler said so): no retry here
+                return None  # left uncommitted: the next owner handles it from the start
             except ItemsRefused as refused:
                 # The good items are applied; the refused ones go to the DLQ on their own.
                 log.warning(

@@ -34,7 +34,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from riffloop.core import ConfigurationError, NotFoundError, PermanentError, ValidationError
+from riffloop.core import (
+    ConfigurationError,
+    Interrupted,
+    NotFoundError,
+    PermanentError,
+    ValidationError,
+)
 from riffloop.loop import (
     Canary,
     CanaryDecision,
@@ -304,15 +310,16 @@ class TrainerCore:
             with MODEL_CONSTRUCTION_LOCK:
                 trainer = Trainer(model, data, config, replay)
             while trainer.step_count < config.total_steps:
-                if self.stopping.is_set():
-                    raise PermanentError("trainer stopping; the training set will be redelivered")
+                if self.stopping.is_set():  # SIGTERM: the next trainer starts this set again
+                    raise Interrupted("trainer stopping; the training set will be redelivered")
                 before = trainer.step_count
                 progress = trainer.train(settings.steps_per_chunk, progress=False)
                 metrics.TRAINING_STEPS.inc(trainer.step_count - before)
                 loss = progress.losses[-1][1] if progress.losses else self.status.last_loss
                 self._set(step=trainer.step_count, last_loss=loss)
-        except Exception:
-            metrics.TRAINING_FAILURES.inc()
+        except Exception as exc:
+            if not isinstance(exc, Interrupted):
+                metrics.TRAINING_FAILURES.inc()
             self._set(state=pb.TRAINER_STATE_IDLE, candidate="")
             raise
         with MODEL_CONSTRUCTION_LOCK:

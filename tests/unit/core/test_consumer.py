@@ -12,6 +12,7 @@ from riffloop.core import (
     Consumer,
     ConsumerHooks,
     Delivery,
+    Interrupted,
     ItemsRefused,
     KeyValueStore,
     MemoryEventBus,
@@ -473,3 +474,31 @@ def test_a_batch_handler_dead_letters_only_the_items_it_refused(
     assert replay_dead_letters(bus, TOPIC, idle_timeout_s=0.01) == 1
     consumer.run_once()
     assert applied[2:] == [(f"{batch.event_id}.refused", "t2")]  # only the refused item ran
+
+
+def test_a_handler_interrupted_by_a_drain_leaves_its_record_for_the_next_owner(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    """Interrupted (SIGTERM mid-training): not dead-lettered, not committed, the try not
+    counted — even after earlier crashes — and the next owner handles the record from scratch."""
+    seen: list[int] = []
+
+    def draining(delivery: Delivery) -> None:
+        seen.append(delivery.attempt)
+        raise Interrupted("stopping")
+
+    recorder = Recorder()
+    consumer = make(bus, kv, draining, recorder)
+    bus.publish(TOPIC, "t1", rating("t1", 5))
+    assert consumer.run_once() == 0 and consumer.stopping
+    assert seen == [1] and dead_letters(bus) == []
+    assert recorder.outcomes == {}
+    consumer.close()
+    for _ in range(5):  # more drains than max_attempts: still never dead-lettered
+        again = make(bus, kv, draining)
+        again.run_once()
+        again.close()
+    assert seen == [1] * 6 and dead_letters(bus) == []
+    effect: list[Delivery] = []
+    last = make(bus, kv, effect.append)
+    assert last.run_once() == 1 and effect[0].attempt == 1
