@@ -133,6 +133,11 @@ class FeedbackLedger:
 
     # 2. feedback ----------------------------------------------------------------------------
     def rate(self, rating: Rating) -> None:
+        self._keep(self.check_rating(rating))
+
+    def check_rating(self, rating: Rating) -> Rating:
+        """What :meth:`rate` would record (raising what it would raise), without recording it:
+        for a caller that must store it elsewhere first."""
         if isinstance(rating.stars, bool) or not isinstance(rating.stars, int | np.integer):
             raise ValidationError("stars must be an integer")
         if not MIN_STARS <= rating.stars <= MAX_STARS:
@@ -143,13 +148,20 @@ class FeedbackLedger:
         key = (rating.track_id, rating.rater_id)
         if key in self._ratings:
             raise ConflictError("this listener already rated this track")
-        self._keep(Rating(rating.track_id, rating.rater_id, int(rating.stars), rating.submitted_at))
+        return Rating(rating.track_id, rating.rater_id, int(rating.stars), rating.submitted_at)
 
     def _keep(self, rating: Rating) -> None:
         self._ratings[(rating.track_id, rating.rater_id)] = rating
         self._stars_by_rater.setdefault(rating.rater_id, []).append(rating.stars)
 
     def listen(self, event: ListenEvent) -> None:
+        self.check_listen(event)
+        key = (event.track_id, event.rater_id)
+        self._listens[key] = event
+        self._observed.pop(key, None)
+
+    def check_listen(self, event: ListenEvent) -> None:
+        """Raise what :meth:`listen` would raise for ``event``, without recording it."""
         times = (event.seconds_listened, event.clip_seconds, event.submitted_at)
         if not all(math.isfinite(t) for t in times):
             raise ValidationError("times must be finite")
@@ -163,8 +175,6 @@ class FeedbackLedger:
         key = (event.track_id, event.rater_id)
         if key in self._listens:
             raise ConflictError("this listener already reported listening to this track")
-        self._listens[key] = event
-        self._observed.pop(key, None)
 
     # 3. reading -----------------------------------------------------------------------------
     def observations(self) -> list[Observation]:

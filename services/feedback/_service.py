@@ -199,23 +199,32 @@ class FeedbackState:
 
     def on_feedback(self, envelope: events_pb2.Envelope) -> None:
         """One FeedbackReceived, or a FeedbackBatch (one user's items from one SubmitFeedback
-        call) applied item by item. All of a batch's tracks must be known before any item is
-        applied, so a batch retried after NotFoundError is applied whole, once. A batch's
-        invalid items are refused on their own (``ItemsRefused``: to the DLQ, the rest kept)."""
+        call) applied item by item. A batch's invalid items are refused on their own
+        (``ItemsRefused``: to the DLQ, the rest kept).
+
+        Three steps, so that a failure anywhere leaves nothing half-recorded: check every item
+        against the ledger (nothing changes), write the new ones to the key-value mirror, and
+        only then record them in the ledger. Had the ledger come first, a failed write would
+        have left the items in memory, the retry would have seen them as duplicates and skipped
+        the write, and a restart (which rebuilds the ledger from the mirror) would have lost
+        them."""
         submitted_at = envelope.occurred_at.ToNanoseconds() / 1e9
         batched = envelope.WhichOneof("payload") == "feedback_batch"
         events = list(envelope.feedback_batch.items) if batched else [envelope.feedback_received]
-        writes: dict[str, dict[str, str]] = {}
-        recorded = {"rating": 0, "listen": 0}
+        new: dict[tuple[str, str, str], Rating | ListenEvent] = {}  # (kind, track, user) → item
         refused: list[tuple[events_pb2.FeedbackReceived, str]] = []
         with self.lock:
             # A rating can overtake its tracks.ready (other topic, other partition): the track
-            # is unknown yet, NotFoundError is retried by the consumer with back-off.
+            # is unknown yet, NotFoundError is retried by the consumer with back-off. All of a
+            # batch's tracks must be known before any item is checked, so a batch retried after
+            # NotFoundError is applied whole, once.
             for event in events:
                 self.ledger.provenance(event.track_id)
             for event in events:
                 try:
-                    kind, table, value, fresh = self._record(event, submitted_at)
+                    kind, value = self._checked(event, submitted_at)
+                except ConflictError:
+                    continue  # recorded before (a redelivery): nothing to do
                 except (ValidationError, PermissionDeniedError) as exc:
                     # (the batch's tracks are all known here, so "not served to this user"
                     # will not change on a retry: the item is refused like an invalid one)
@@ -229,29 +238,38 @@ class FeedbackState:
                     ).inc()
                     refused.append((event, f"{event.track_id or '?'}: {exc.reason}"))
                     continue
-                self.dirty.add(event.track_id)
-                if fresh:
-                    self._pending.append((kind, value))
-                    recorded[kind] += 1
-                    writes.setdefault(f"fb:{table}:{event.track_id}", {})[event.user_id] = (
-                        json.dumps(_row(value))
-                    )
-        if writes:
+                new.setdefault((kind, event.track_id, event.user_id), value)  # first one wins
+        if new:
+            writes: dict[str, dict[str, str]] = {}
+            for (kind, track_id, user), value in new.items():
+                table = "ratings" if kind == "rating" else "listens"
+                writes.setdefault(f"fb:{table}:{track_id}", {})[user] = json.dumps(_row(value))
             # Upserts keyed by (track, rater): writing them again after a crash changes nothing.
             self.ports.kv.hset_many(writes)
-        for kind, n in recorded.items():
-            if n:
-                metrics.FEEDBACK_RECORDED.labels(kind, "recorded").inc(n)
+            recorded = {"rating": 0, "listen": 0}
+            with self.lock:  # only this consumer thread changes the ledger: the checks hold
+                for (kind, track_id, _), value in new.items():
+                    if isinstance(value, Rating):
+                        self.ledger.rate(value)
+                    else:
+                        self.ledger.listen(value)
+                    self.dirty.add(track_id)
+                    self._pending.append((kind, value))
+                    recorded[kind] += 1
+            for kind, n in recorded.items():
+                if n:
+                    metrics.FEEDBACK_RECORDED.labels(kind, "recorded").inc(n)
         refuse_items(envelope, "feedback_batch", refused, len(events))
 
-    def _record(
+    def _checked(
         self, event: events_pb2.FeedbackReceived, submitted_at: float
-    ) -> tuple[str, str, Rating | ListenEvent, bool]:
-        """Apply one item to the ledger: (kind, key-value table, the item, fresh?)."""
+    ) -> tuple[str, Rating | ListenEvent]:
+        """One item checked against the ledger, unchanged: (kind, the item as it would be
+        recorded); raises what recording it would raise (ConflictError for a duplicate)."""
         which = event.WhichOneof("feedback")
         if which == "rating":
             rating = Rating(event.track_id, event.user_id, int(event.rating.stars), submitted_at)
-            return "rating", "ratings", rating, self._apply_rating(rating)
+            return "rating", self.ledger.check_rating(rating)
         if which == "listen":
             listen = ListenEvent(
                 track_id=event.track_id,
@@ -262,7 +280,8 @@ class FeedbackState:
                 skipped=not event.listen.completed,
                 submitted_at=submitted_at,
             )
-            return "listen", "listens", listen, self._apply_listen(listen)
+            self.ledger.check_listen(listen)
+            return "listen", listen
         raise ValidationError(f"feedback for track {event.track_id} carries no rating or listen")
 
     # -- scoring ------------------------------------------------------------------------------

@@ -236,3 +236,32 @@ def test_rater_report_counts_one_raters_ratings() -> None:
     assert bob.accepted_ratings == 1 and bob.mean_stars == 4.0
     with pytest.raises(NotFoundError):
         servicer.RaterReport(fb.RaterReportRequest(user_id="cat"), None)
+
+
+def test_a_failed_write_to_the_mirror_leaves_nothing_half_recorded() -> None:
+    """The key-value write fails once: the ledger is unchanged, the consumer's retry records
+    the batch, and a restarted process (rebuilt from the mirror) has every rating."""
+    from riffloop.core import TransientError
+
+    ports = shared_ports()
+    state = FeedbackState(ports)
+    _ready(state, "t1", "wes")
+    _ready(state, "t2", "wes")
+    real = ports.kv.hset_many
+    failures = [TransientError("redis went away")]
+
+    def flaky(writes: dict[str, dict[str, str]]) -> None:
+        if failures:
+            raise failures.pop()
+        real(writes)
+
+    ports.kv.hset_many = flaky  # type: ignore[method-assign]
+    batch = _batch("wes", ("t1", 4), ("t2", 2), ("t1", 3.0))
+    with pytest.raises(TransientError):
+        state.on_feedback(batch)
+    assert _ratings(state) == [] and not state.dirty
+    state.on_feedback(batch)  # the consumer's retry
+    assert _ratings(state) == [("t1", "wes", 4), ("t2", "wes", 2)]
+    rebuilt = FeedbackState(ports)
+    assert rebuilt.rebuild() == 2
+    assert _ratings(rebuilt) == _ratings(state)

@@ -148,16 +148,16 @@ def test_a_hung_child_is_killed_after_the_timeout() -> None:
     scorer = _process_scorer(timeout_s=1.0)
     state = _state(scorer)
     try:
-        _serve([state], range(0, 4))
+        _serve([state], range(0, 8))
         _rate([state], range(0, 4), salt=0)
         assert state.publish_scores() == 4
         pid = scorer.pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)
-        _rate([state], range(0, 4), salt=0)  # redelivered: nothing new, but marked dirty
+        _rate([state], range(4, 8), salt=0)
         with pytest.raises(ScorerError, match="longer than 1 s"):
             state.publish_scores()
-        assert state.publish_scores() == 4  # the same four again, from a new child
+        assert state.publish_scores() == 4  # the four new ones, from a new child
         assert scorer.pid != pid and scorer.restarts == 1
     finally:
         state.close()
