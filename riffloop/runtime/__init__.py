@@ -26,7 +26,7 @@ from riffloop.runtime._interceptors import (
     remaining_seconds,
 )
 from riffloop.runtime._keys import MODEL_RATINGS_KEY, TRACK_SCORES_KEY
-from riffloop.runtime._latents import LatentRecord
+from riffloop.runtime._latents import LATENTS_BUCKET, LatentRecord
 from riffloop.runtime._logging import configure_logging, request_id_var
 from riffloop.runtime._models import MODEL_CONSTRUCTION_LOCK, ModelStore, ServedModel
 from riffloop.runtime._ports import Ports, connect_ports
@@ -42,6 +42,7 @@ from riffloop.runtime._server import (
 from riffloop.runtime._settings import ServiceSettings
 
 __all__ = [
+    "LATENTS_BUCKET",
     "MODEL_CONSTRUCTION_LOCK",
     "MODEL_RATINGS_KEY",
     "TRACK_SCORES_KEY",

@@ -19,7 +19,7 @@ from riffloop.core import (
     NotFoundError,
     ValidationError,
 )
-from riffloop.runtime import LatentRecord, ServedModel, ServiceSettings
+from riffloop.runtime import LATENTS_BUCKET, LatentRecord, ServedModel, ServiceSettings
 from riffloop.v1 import common_pb2, events_pb2
 from riffloop.v1 import encoder_service_pb2 as pb
 from riffloop.v1 import encoder_service_pb2_grpc as pb_grpc
@@ -69,8 +69,8 @@ class Encoder:
 
     def encode(self, song_id: str, audio_ref: common_pb2.ObjectRef | None = None) -> LatentRecord:
         key = LatentRecord.key(song_id)
-        if self.ports.objects.exists("latents", key):
-            return LatentRecord.from_bytes(self.ports.objects.get("latents", key))
+        if self.ports.objects.exists(LATENTS_BUCKET, key):
+            return LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key))
         bucket, obj = (audio_ref.bucket, audio_ref.key) if audio_ref else ("songs", song_id)
         try:
             data = self.ports.objects.get(bucket, obj)
@@ -101,11 +101,11 @@ class Encoder:
             mel=model.mel.to_dict(),
             inversion_steps=self.settings.inversion_steps,
         )
-        self.ports.objects.put("latents", key, record.to_bytes())
+        self.ports.objects.put(LATENTS_BUCKET, key, record.to_bytes())
         return record
 
     def publish(self, record: LatentRecord) -> events_pb2.SongEncoded:
-        ref = self.ports.objects.stat("latents", LatentRecord.key(record.song_id))
+        ref = self.ports.objects.stat(LATENTS_BUCKET, LatentRecord.key(record.song_id))
         payload = events_pb2.SongEncoded(
             song_id=record.song_id,
             latent=ref.to_proto(),

@@ -43,7 +43,14 @@ from riffloop.core import (
     RiffloopError,
     ValidationError,
 )
-from riffloop.runtime import MODEL_RATINGS_KEY, ServiceSettings, current_user, metrics
+from riffloop.runtime import (
+    LATENTS_BUCKET,
+    MODEL_RATINGS_KEY,
+    LatentRecord,
+    ServiceSettings,
+    current_user,
+    metrics,
+)
 from riffloop.v1 import (
     common_pb2,
     events_pb2,
@@ -152,13 +159,19 @@ def _item_track(item: pb.FeedbackItem) -> str:
 def _listen_event(
     user: str, listen: pb.ReportListenRequest, record: dict[str, Any]
 ) -> events_pb2.FeedbackReceived:
-    """The FeedbackReceived of a listen report; the clip length comes from the track record."""
+    """The FeedbackReceived of a listen report; the clip length comes from the track record.
+
+    A player's timer overshoots the clip a little (buffering, a replayed ending): up to
+    1.5 × clip + 1 s is accepted and counted as the whole clip, since the feedback ledger
+    refuses more than the clip plus 0.5 s. More than that is a client bug: INVALID_ARGUMENT."""
     seconds = listen.seconds_listened
     clip = float(record.get("duration", 0.0)) or 0.0
     if clip > 0 and seconds > clip * 1.5 + 1.0:
         raise ValidationError(
             f"seconds_listened {seconds:.1f} exceeds the clip length {clip:.1f} s"
         )
+    if clip > 0:
+        seconds = min(seconds, clip)
     return events_pb2.FeedbackReceived(
         user_id=user,
         track_id=listen.track_id,
@@ -233,7 +246,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             )
         song_id = ref.sha256
         proto_ref = ref.to_proto()
-        if not existed:
+        # Stored but not encoded yet: announce it again. The first upload's SongUploaded may be
+        # lost (the publish failed after the bytes were stored, the client got UNAVAILABLE and
+        # retried), and the song would then never be encoded; a repeat while the encoder is at
+        # work only makes it write the same content-addressed latents twice.
+        if not existed or not self._encoded(song_id):
             payload = events_pb2.SongUploaded(
                 song_id=song_id,
                 audio=proto_ref,
@@ -246,6 +263,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return pb.UploadSongResponse(
             song_id=song_id, audio=proto_ref, duration_seconds=duration, already_existed=existed
         )
+
+    def _encoded(self, song_id: str) -> bool:
+        return bool(self.ports.objects.exists(LATENTS_BUCKET, LatentRecord.key(song_id)))
 
     # -- generation ---------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from typing import Any
 from riffloop.core import ConfigurationError, NotFoundError, TransientError, ValidationError
 from riffloop.loop import Dispatcher, TrackKind
 from riffloop.runtime import (
+    LATENTS_BUCKET,
     LatentRecord,
     ServedModel,
     ServiceSettings,
@@ -119,7 +120,7 @@ class Generator:
         while True:
             try:
                 record = LatentRecord.from_bytes(
-                    self.ports.objects.get("latents", LatentRecord.key(song_id))
+                    self.ports.objects.get(LATENTS_BUCKET, LatentRecord.key(song_id))
                 )
                 break
             except NotFoundError:
@@ -153,7 +154,7 @@ class Generator:
 
     def known_records(self) -> list[LatentRecord]:
         """Every encoded song (the baseline's candidates), loaded once and cached."""
-        for key in self.ports.objects.list("latents"):
+        for key in self.ports.objects.list(LATENTS_BUCKET):
             song_id = key.removesuffix(".pt")
             with self._records_lock:
                 known = song_id in self._records

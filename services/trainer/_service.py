@@ -51,6 +51,7 @@ from riffloop.loop import (
     VersionStatus,
 )
 from riffloop.runtime import (
+    LATENTS_BUCKET,
     MODEL_CONSTRUCTION_LOCK,
     LatentRecord,
     ModelStore,
@@ -238,8 +239,8 @@ class TrainerCore:
         from riffloop.music import image_from_uint8
 
         images = []
-        for key in self.ports.objects.list("latents"):
-            record = LatentRecord.from_bytes(self.ports.objects.get("latents", key))
+        for key in self.ports.objects.list(LATENTS_BUCKET):
+            record = LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key))
             images.append(image_from_uint8(record.images))
         return torch.cat(images) if images else None
 
@@ -247,8 +248,10 @@ class TrainerCore:
         import torch
 
         rows = []
-        for key in self.ports.objects.list("latents"):
-            rows.append(LatentRecord.from_bytes(self.ports.objects.get("latents", key)).latents)
+        for key in self.ports.objects.list(LATENTS_BUCKET):
+            rows.append(
+                LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key)).latents
+            )
         return torch.cat(rows)[:limit] if rows else None
 
     def on_trainset_published(self, envelope: events_pb2.Envelope) -> None:

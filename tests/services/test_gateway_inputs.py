@@ -239,7 +239,7 @@ def test_submit_feedback_answers_each_item_and_publishes_one_event(
     subscription.poll(0.1, 1000)  # from here on: this test's events only
     items = [
         _rating(mine[0], 5),  # accepted
-        _listen(mine[0], 0.4),  # accepted (clip 0.5 s)
+        _listen(mine[0], 0.9),  # accepted: a timer overshooting the 0.5 s clip, clipped
         _rating(mine[0], 4),  # the same track twice in one batch
         _rating(mine[1], 0),  # stars out of range
         _listen(mine[1], 30.0),  # longer than the clip
@@ -282,6 +282,7 @@ def test_submit_feedback_answers_each_item_and_publishes_one_event(
         (mine[1], "rating"),
     ]
     assert batch[1].listen.clip_seconds == pytest.approx(0.5)
+    assert batch[1].listen.seconds_listened == pytest.approx(0.5)  # what the ledger accepts
     # once only across calls too, and the unary Rate agrees
     again = stub.SubmitFeedback(
         pb.SubmitFeedbackRequest(items=[_rating(mine[1], 1)]), metadata=auth("hana")
@@ -409,3 +410,38 @@ def test_list_models_reports_published_versions_and_mean_ratings(
     assert (model.mean_rating, model.rating_count) == (3.5, 4)
     assert (model.baseline_mean_rating, model.baseline_rating_count) == (3.0, 2)
     assert json.loads(ports.kv.hget("gw:models", "v0001"))["parent"] == ""
+
+
+def test_an_upload_retried_after_its_event_was_lost_is_still_encoded(
+    gateway: Running, stub, auth: Auth
+) -> None:
+    """The bytes were stored but SongUploaded was not published (UNAVAILABLE): the retry must
+    announce the song again, or the encoder never sees it. Once encoded, a re-upload does not."""
+    from riffloop.core import TransientError
+    from riffloop.runtime import LATENTS_BUCKET, LatentRecord
+
+    ports = gateway.state
+    subscription = ports.bus.subscribe("test-uploads", ["songs.uploaded.v1"])
+    subscription.poll(0.1, 1000)  # from here on: this test's events only
+    data = wav_bytes(2.5, 523.0)
+
+    def broker_away(topic: str, key: str, payload: object) -> str:
+        raise TransientError("the broker is away")
+
+    ports.publish = broker_away  # type: ignore[method-assign]
+    try:
+        expect(
+            grpc.StatusCode.UNAVAILABLE,
+            lambda: stub.UploadSong(upload(data), metadata=auth("jo"), timeout=10),
+            "the broker is away",
+        )
+    finally:
+        del ports.publish  # the class's method again
+    again = stub.UploadSong(upload(data), metadata=auth("jo"), timeout=10)
+    assert again.already_existed
+    announced = [events_pb2.Envelope.FromString(m.value) for m in subscription.poll(2.0, 100)]
+    assert [e.song_uploaded.song_id for e in announced] == [again.song_id]
+    ports.objects.put(LATENTS_BUCKET, LatentRecord.key(again.song_id), b"encoded")
+    stub.UploadSong(upload(data), metadata=auth("jo"), timeout=10)
+    assert subscription.poll(0.5, 100) == []
+    subscription.close()
