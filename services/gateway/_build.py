@@ -17,7 +17,12 @@ from riffloop.runtime import (
     TokenSigner,
 )
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
-from services.gateway._service import GatewayEvents, GatewayServicer, GatewaySettings
+from services.gateway._service import (
+    GatewayEvents,
+    GatewayServicer,
+    GatewaySettings,
+    feedback_batch_size,
+)
 
 
 def audio_probe(settings: GatewaySettings) -> Callable[[bytes], float]:
@@ -47,8 +52,16 @@ def build(
         settings,
         interceptors=[
             BearerAuthInterceptor(TokenSigner(settings.auth_secret)),
-            # SubmitFeedback pays one token per item: the limit counts ratings, not calls
-            RateLimitInterceptor(limiter, {"SubmitFeedback": lambda request: len(request.items)}),
+            # SubmitFeedback pays one token per item: the limit counts ratings, not calls. A
+            # batch of the wrong size is refused (INVALID_ARGUMENT) before it pays anything.
+            RateLimitInterceptor(
+                limiter,
+                {
+                    "SubmitFeedback": lambda request: feedback_batch_size(
+                        request, settings.max_feedback_batch
+                    )
+                },
+            ),
         ],
         # One upload chunk per message: a little above the chunk size clients use (1 MiB).
         max_message_bytes=2 * MiB,

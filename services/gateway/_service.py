@@ -124,6 +124,14 @@ class GatewaySettings(ServiceSettings):
             raise ConfigurationError("RIFFLOOP_STREAM_CHUNK_BYTES must lie in 1 KiB–1 MiB")
 
 
+def feedback_batch_size(request: pb.SubmitFeedbackRequest, limit: int) -> int:
+    """The number of items of a SubmitFeedback call (its rate-limit cost), checked."""
+    n = len(request.items)
+    if not 1 <= n <= limit:
+        raise ValidationError(f"a feedback batch holds 1–{limit} items, got {n}")
+    return n
+
+
 def _check_track_id(track_id: str) -> str:
     if not track_id:
         raise ValidationError("track_id is required")
@@ -382,10 +390,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         one MGET of the track records, one pipelined once-only claim for the ratings and one
         event (FeedbackBatch, keyed by user) for everything accepted — O(1) round trips per
         batch instead of O(items). A refused item does not stop the others."""
+        feedback_batch_size(request, self.settings.max_feedback_batch)  # (checked before, too)
         items = list(request.items)
-        limit = self.settings.max_feedback_batch
-        if not 1 <= len(items) <= limit:
-            raise ValidationError(f"a feedback batch holds 1–{limit} items, got {len(items)}")
         user = current_user()
         refused: dict[int, RiffloopError] = {}
         for i, item in enumerate(items):

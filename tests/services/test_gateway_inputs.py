@@ -309,7 +309,15 @@ def test_submit_feedback_batch_limits_and_item_priced_rate_limit(stub, auth: Aut
         ),
         "got 21",
     )
-    # every item costs a token: burst 40 admits two batches of 20, not a third
+    expect(  # larger than the burst too: still the size error, not "retry in …"
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: stub.SubmitFeedback(
+            pb.SubmitFeedbackRequest(items=[_rating("nope", 3)] * 41), metadata=auth("lou")
+        ),
+        "got 41",
+    )
+    # every item costs a token: burst 40 admits two batches of 20, not a third (the refused
+    # batches above cost nothing)
     batch = pb.SubmitFeedbackRequest(items=[_rating("nope", 3)] * 20)
     for _ in range(2):
         response = stub.SubmitFeedback(batch, metadata=auth("lou"), timeout=5)
