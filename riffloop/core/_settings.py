@@ -19,7 +19,7 @@ import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, get_args, get_origin
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from riffloop.core._errors import ConfigurationError
 
@@ -156,10 +156,23 @@ class Settings:
             split = urlsplit(
                 self.s3_endpoint if "://" in self.s3_endpoint else f"//{self.s3_endpoint}"
             )
-            if split.scheme not in ("", "http", "https") or not split.hostname:
-                _fail("s3_endpoint", f"must be host:port or http(s)://host:port, got {split!r}")
-        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
-            _fail("redis_url", "must start with redis://, rediss:// or unix://")
+            if (
+                split.scheme not in ("", "http", "https")
+                or not split.hostname
+                or split.path.strip("/")
+                or split.query
+                or _bad_port(split)
+            ):
+                _fail(
+                    "s3_endpoint",
+                    f"must be host:port or http(s)://host:port, got {self.s3_endpoint!r}",
+                )
+        if self.redis_url:
+            split = urlsplit(self.redis_url)
+            if split.scheme not in ("redis", "rediss", "unix"):
+                _fail("redis_url", "must start with redis://, rediss:// or unix://")
+            if _bad_port(split):
+                _fail("redis_url", f"has a port that is not a number 1–65535: {self.redis_url!r}")
         if self.backend == "real":
             for name in self._REQUIRED_FOR_REAL:
                 if not getattr(self, name):
@@ -210,6 +223,15 @@ class Settings:
 
 def env_name(field_name: str) -> str:
     return PREFIX + field_name.upper()
+
+
+def _bad_port(split: SplitResult) -> bool:
+    """True when a URL names a port that is not a number in 1–65535 (urlsplit raises then)."""
+    try:
+        port = split.port
+    except ValueError:
+        return True
+    return port == 0
 
 
 def _fail(field_name: str, problem: str) -> typing.NoReturn:

@@ -79,6 +79,12 @@ _CONTENT_TYPES = {
 }
 
 
+# The encoder decodes uploads with riffloop.music.AudioLimits' defaults (tested equal): the
+# gateway must not accept a song the encoder would refuse.
+ENCODER_MAX_BYTES = 50 * 1024 * 1024
+ENCODER_MAX_SECONDS = 600.0
+
+
 @dataclasses.dataclass(frozen=True, repr=False)
 class GatewaySettings(ServiceSettings):
     service_name: str = "gateway"
@@ -107,8 +113,16 @@ class GatewaySettings(ServiceSettings):
         super()._validate()
         if len(self.auth_secret) < 16:
             raise ConfigurationError("RIFFLOOP_AUTH_SECRET must be set (at least 16 characters)")
-        if self.max_upload_bytes < 1024:
-            raise ConfigurationError("RIFFLOOP_MAX_UPLOAD_BYTES must be at least 1024")
+        if not 1024 <= self.max_upload_bytes <= ENCODER_MAX_BYTES:
+            raise ConfigurationError(
+                f"RIFFLOOP_MAX_UPLOAD_BYTES must lie in 1024–{ENCODER_MAX_BYTES} (the encoder "
+                "refuses larger files, so a song accepted here would never be encoded)"
+            )
+        if not 0 <= self.min_audio_seconds < self.max_audio_seconds <= ENCODER_MAX_SECONDS:
+            raise ConfigurationError(
+                "need 0 ≤ RIFFLOOP_MIN_AUDIO_SECONDS < RIFFLOOP_MAX_AUDIO_SECONDS ≤ "
+                f"{ENCODER_MAX_SECONDS:g} (the encoder's limit)"
+            )
         if self.rate_limit_per_s <= 0 or self.rate_limit_burst < 1:
             raise ConfigurationError("RIFFLOOP_RATE_LIMIT_PER_S and _BURST must be positive")
         if not 1 <= self.default_quality <= self.max_quality <= 1000:

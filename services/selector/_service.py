@@ -74,6 +74,11 @@ class SelectorSettings(ServiceSettings):
             raise ConfigurationError(
                 "RIFFLOOP_SELECT_INTERVAL_S, _MIN_NEW_SCORES and _MIN_PAIRS must be positive"
             )
+        if self.cap_per_input < 1 or self.max_age < 1:
+            raise ConfigurationError(
+                "RIFFLOOP_CAP_PER_INPUT and RIFFLOOP_MAX_AGE must be at least 1 (0 purges every "
+                "pair, so no training set would ever be published)"
+            )
 
 
 def _score_from_event(scored: events_pb2.TrackScored, prov: TrackProvenance) -> TrackScored:

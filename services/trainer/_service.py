@@ -93,6 +93,13 @@ class TrainerSettings(ServiceSettings):
 
     def _validate(self) -> None:
         super()._validate()
+        from riffloop.music import ModelConfig
+
+        if self.base_preset not in ModelConfig.PRESET_NAMES:
+            raise ConfigurationError(
+                f"RIFFLOOP_BASE_PRESET must be one of {', '.join(ModelConfig.PRESET_NAMES)}, "
+                f"got {self.base_preset!r}"
+            )
         if self.finetune_steps < 1 or self.batch_size < 2 or self.steps_per_chunk < 1:
             raise ConfigurationError(
                 "RIFFLOOP_FINETUNE_STEPS ≥ 1, RIFFLOOP_BATCH_SIZE ≥ 2, _STEPS_PER_CHUNK ≥ 1"

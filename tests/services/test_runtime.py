@@ -171,6 +171,38 @@ def test_service_settings_fail_fast() -> None:
     assert "x" * 20 not in repr(settings)
 
 
+@pytest.mark.parametrize(
+    ("service", "env", "reason"),
+    [
+        ("gateway", {"RIFFLOOP_MIN_AUDIO_SECONDS": "-1"}, "RIFFLOOP_MIN_AUDIO_SECONDS"),
+        ("gateway", {"RIFFLOOP_MIN_AUDIO_SECONDS": "700"}, "RIFFLOOP_MAX_AUDIO_SECONDS"),
+        ("gateway", {"RIFFLOOP_MAX_AUDIO_SECONDS": "900"}, "the encoder's limit"),
+        ("gateway", {"RIFFLOOP_MAX_UPLOAD_BYTES": str(60 * 2**20)}, "never be encoded"),
+        ("selector", {"RIFFLOOP_MAX_AGE": "0"}, "RIFFLOOP_MAX_AGE"),
+        ("selector", {"RIFFLOOP_CAP_PER_INPUT": "0"}, "RIFFLOOP_CAP_PER_INPUT"),
+        ("trainer", {"RIFFLOOP_BASE_PRESET": "cpu_smal"}, "RIFFLOOP_BASE_PRESET must be one of"),
+    ],
+)
+def test_service_settings_that_would_wedge_the_service_later_are_refused_at_start(
+    service: str, env: dict[str, str], reason: str
+) -> None:
+    import importlib
+
+    module = importlib.import_module(f"services.{service}")
+    settings_class = getattr(module, f"{service.capitalize()}Settings")
+    secret = {"RIFFLOOP_AUTH_SECRET": "x" * 20} if service == "gateway" else {}
+    with pytest.raises(ConfigurationError, match=reason):
+        settings_class.from_env({**secret, **env})
+
+
+def test_the_gateway_audio_bounds_are_the_encoders() -> None:
+    from riffloop.music import AudioLimits
+    from services.gateway._service import ENCODER_MAX_BYTES, ENCODER_MAX_SECONDS
+
+    encoder = AudioLimits()  # what services/encoder decodes uploads with (min_seconds aside)
+    assert (encoder.max_bytes, encoder.max_seconds) == (ENCODER_MAX_BYTES, ENCODER_MAX_SECONDS)
+
+
 def test_settle_garbage_collector_freezes_the_heap_and_times_every_collection() -> None:
     import gc
 
