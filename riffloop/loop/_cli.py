@@ -49,7 +49,10 @@ def demo(argv: list[str] | None = None) -> int:
     _config_args(p, Path(".riffloop/results"))
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
-    config = _config(ns, ns.seed)
+    try:
+        config = _config(ns, ns.seed)
+    except RiffloopError as exc:
+        p.error(exc.reason)  # usage and the reason, exit status 2
     try:
         world = load_world(config, ns.model)
         print(

@@ -120,6 +120,54 @@ class LoopConfig:
     eval_requests_per_merge: int = 6
     eval_ratings_per_listener: int = 48
 
+    def __post_init__(self) -> None:
+        """Every field in its range, so a bad ``--flag`` fails before the model loads."""
+        at_least = {
+            "iterations": 1,
+            "n_listeners": 1,
+            "seed": 0,
+            "n_inputs": 2,  # a merge pairs two clips
+            "n_merges": 1,
+            "requests_per_merge": 1,
+            "ratings_per_listener": 1,
+            "probes_per_listener": 0,
+            "quality": 1,
+            "invert_steps": 1,
+            "baseline_pool": 1,
+            "replay_pool": 1,
+            "finetune_steps": 1,
+            "finetune_batch": 1,
+            "lora_rank": 1,
+            "torch_threads": 1,
+            "eval_merges": 0,  # 0: no evaluation session
+            "eval_requests_per_merge": 1,
+            "eval_ratings_per_listener": 1,
+        }
+        for name, low in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValidationError(f"{name} must be an integer ≥ {low}, got {value!r}")
+        shares = {  # name: (low, high, high included?)
+            "spam_share": (0.0, 1.0, False),
+            "baseline_share": (0.0, 1.0, True),
+            "similarity": (0.0, 1.0, False),
+            "replay_ratio": (0.0, 1.0, False),
+            "canary_alpha": (0.0, 1.0, False),
+            "learning_rate": (0.0, 1.0, True),
+            "gate_fd_increase": (0.0, math.inf, False),
+            "gate_diversity_drop": (0.0, 1.0, True),
+        }
+        for name, (low, high, closed) in shares.items():
+            value = getattr(self, name)
+            inside = low <= value <= high if closed else low <= value < high
+            if not (isinstance(value, int | float) and math.isfinite(value) and inside):
+                bracket = "]" if closed else ")"
+                raise ValidationError(
+                    f"{name} must lie in [{low:g}, {high:g}{bracket}, got {value!r}"
+                )
+        if self.canary_alpha == 0 or self.learning_rate == 0:
+            raise ValidationError("canary_alpha and learning_rate must be above 0")
+
 
 @dataclass
 class LoopWorld:

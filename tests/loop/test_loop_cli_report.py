@@ -19,6 +19,27 @@ def test_cli_usage_and_missing_model_exit_2(tmp_path: Path, capsys) -> None:
     assert "no base model" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--torch-threads", "0"], "torch_threads must be an integer ≥ 1"),
+        (["--baseline-pool", "-1000"], "baseline_pool must be an integer ≥ 1"),
+        (["--seed", "-1"], "seed must be an integer ≥ 0"),
+        (["--spam-share", "1"], "spam_share must lie in [0, 1)"),
+        (["--learning-rate", "nan"], "learning_rate must lie in"),
+        (["--n-inputs", "1"], "n_inputs must be an integer ≥ 2"),
+    ],
+)
+def test_bad_demo_flags_are_usage_errors_before_anything_loads(
+    tmp_path: Path, capsys, flags: list[str], reason: str
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--model", str(tmp_path / "nothing"), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert reason in err and "Traceback" not in err and "no base model" not in err
+
+
 def _row(arm: str, it: int, delta: float, hidden: float) -> IterationRow:
     return IterationRow(
         arm,
