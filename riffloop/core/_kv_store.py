@@ -104,6 +104,10 @@ class KeyValueStore(abc.ABC):
     def hgetall(self, key: str) -> dict[str, str]: ...
 
     @abc.abstractmethod
+    def hdel(self, key: str, fields: Sequence[str]) -> int:
+        """Remove fields of a hash; return how many existed. A hash left empty is gone."""
+
+    @abc.abstractmethod
     def hincrbyfloat(self, key: str, field: str, amount: float) -> float: ...
 
     @abc.abstractmethod
@@ -234,6 +238,17 @@ class MemoryKeyValueStore(KeyValueStore):
     def hgetall(self, key: str) -> dict[str, str]:
         with self._lock:
             return dict(self._hash(key, create=False) or {})
+
+    def hdel(self, key: str, fields: Sequence[str]) -> int:
+        validate_kv_key(key)
+        with self._lock:
+            target = self._hash(key, create=False)
+            if target is None:
+                return 0
+            removed = sum(target.pop(f, None) is not None for f in set(fields))
+            if not target:
+                del self._data[key]  # as in Redis: an empty hash does not exist
+            return removed
 
     def _hincr(self, key: str, field: str, amount: float) -> float:
         target = self._hash(key, create=True)

@@ -246,6 +246,13 @@ class RedisKeyValueStore(KeyValueStore):
         values: Any = self._call(f"HGETALL {key}", lambda: self._client.hgetall(key))
         return {str(k): str(v) for k, v in values.items()}
 
+    def hdel(self, key: str, fields: Sequence[str]) -> int:
+        validate_kv_key(key)
+        if not fields:
+            return 0
+        removed: Any = self._call(f"HDEL {key}", lambda: self._client.hdel(key, *fields))
+        return int(removed)
+
     def hincrbyfloat(self, key: str, field: str, amount: float) -> float:
         validate_increments({key: {field: amount}})
         value: Any = self._call(

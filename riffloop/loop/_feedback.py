@@ -116,6 +116,9 @@ class FeedbackLedger:
         track = self._track(track_id)
         track.served_to.setdefault(rater_id, served_at)
 
+    def knows(self, track_id: str) -> bool:
+        return track_id in self._tracks
+
     def provenance(self, track_id: str) -> TrackProvenance:
         return self._track(track_id).provenance
 

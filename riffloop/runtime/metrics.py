@@ -122,6 +122,10 @@ SCORER_RESTARTS = Counter(
     "riffloop_scorer_restarts_total",
     "Scorer child processes replaced after they died, hung or raised.",
 )
+FEEDBACK_PARKED = Gauge(
+    "riffloop_feedback_parked_events",
+    "Feedback events the feedback service keeps until their tracks.ready arrives.",
+)
 
 METRIC_NAMES: tuple[str, ...] = (
     "riffloop_grpc_requests_total",
@@ -143,6 +147,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "riffloop_gc_pause_seconds",
     "riffloop_scoring_pass_seconds",
     "riffloop_scorer_restarts_total",
+    "riffloop_feedback_parked_events",
 )
 
 

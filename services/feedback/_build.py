@@ -32,7 +32,8 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
     scorer.start()
     state = FeedbackState(ports, scorer=scorer)
     rebuilt = state.rebuild()
-    _log.info("ledger rebuilt", extra={"ratings": rebuilt})
+    released = state.release_parked()  # parked before a crash, their tracks ready since
+    _log.info("ledger rebuilt", extra={"ratings": rebuilt, "parked_released": released})
     runtime = ServiceRuntime.from_settings(settings)
     runtime.add_service(
         pb_grpc.add_FeedbackServiceServicer_to_server,

@@ -25,6 +25,7 @@ Key-value layout: ``fb:tracks`` hash track → JSON {provenance, clip_seconds, s
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -66,6 +67,9 @@ from services.feedback._scorer import (
 )
 
 _log = logging.getLogger("riffloop.feedback")
+
+#: Hash of the feedback events waiting for their tracks.ready: event id → base64 envelope.
+PARKED_KEY = "fb:parked"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -143,6 +147,11 @@ class FeedbackState:
         self._replica_stale = True  # the scorer's ledger must start from a snapshot
         self._model_ratings_written: dict[str, str] = {}
         self._caught_seen: set[tuple[str, str]] = set()
+        # Feedback that overtook its tracks.ready (see on_feedback): event id → (envelope,
+        # tracks it still waits for), and track → the event ids waiting for it. The envelopes
+        # themselves are kept in PARKED_KEY, so a restart loses none of them.
+        self._parked: dict[str, tuple[events_pb2.Envelope, set[str]]] = {}
+        self._waiting: dict[str, set[str]] = {}
 
     # -- rebuild ------------------------------------------------------------------------------
 
@@ -162,7 +171,48 @@ class FeedbackState:
                     self._apply_listen(ListenEvent(**json.loads(raw)))
                 self.dirty.add(track_id)
             self._pending, self._replica_stale = [], True
+            self._parked, self._waiting = {}, {}
+            for event_id, raw in kv.hgetall(PARKED_KEY).items():
+                envelope = events_pb2.Envelope.FromString(base64.b64decode(raw))
+                self._index_parked(event_id, envelope)
+        metrics.FEEDBACK_PARKED.set(len(self._parked))
         return ratings
+
+    def _index_parked(self, event_id: str, envelope: events_pb2.Envelope) -> None:
+        missing = {
+            e.track_id for e in _feedback_items(envelope) if not self.ledger.knows(e.track_id)
+        }
+        self._parked[event_id] = (envelope, missing)
+        for track_id in missing:
+            self._waiting.setdefault(track_id, set()).add(event_id)
+
+    def release_parked(self, track_id: str | None = None) -> int:
+        """Apply the parked feedback whose tracks are now all known (those waiting for
+        ``track_id``, or all of them); return how many events were applied."""
+        with self.lock:
+            if track_id is None:
+                candidates = list(self._parked)
+            else:
+                candidates = list(self._waiting.pop(track_id, ()))
+                for event_id in candidates:
+                    self._parked[event_id][1].discard(track_id)
+            ready = [e for e in candidates if e in self._parked and not self._parked[e][1]]
+        for event_id in ready:
+            envelope = self._parked[event_id][0]
+            try:
+                self.on_feedback(envelope)  # a TransientError propagates: retried, still parked
+            except (ValidationError, PermissionDeniedError) as exc:  # ItemsRefused included
+                # counted as refused by on_feedback; its consumer cannot dead-letter it any more
+                _log.warning(
+                    "parked feedback refused",
+                    extra={"event_id": event_id, "reason": exc.reason},
+                )
+            self.ports.kv.hdel(PARKED_KEY, [event_id])
+            with self.lock:
+                self._parked.pop(event_id, None)
+        if ready:
+            metrics.FEEDBACK_PARKED.set(len(self._parked))
+        return len(ready)
 
     def _track_ids(self) -> list[str]:
         return [p.track_id for p in self.ledger.provenances()]
@@ -195,7 +245,10 @@ class FeedbackState:
         with self.lock:
             register_record(self.ledger, record)
             self._pending.append(("track", record))
+            parked = ready.track_id in self._waiting
         self.ports.kv.hset("fb:tracks", {ready.track_id: json.dumps(record)})
+        if parked:
+            self.release_parked(ready.track_id)
 
     def on_feedback(self, envelope: events_pb2.Envelope) -> None:
         """One FeedbackReceived, or a FeedbackBatch (one user's items from one SubmitFeedback
@@ -210,16 +263,15 @@ class FeedbackState:
         them."""
         submitted_at = envelope.occurred_at.ToNanoseconds() / 1e9
         batched = envelope.WhichOneof("payload") == "feedback_batch"
-        events = list(envelope.feedback_batch.items) if batched else [envelope.feedback_received]
+        events = _feedback_items(envelope)
+        with self.lock:
+            waits = any(not self.ledger.knows(e.track_id) for e in events)
+        if waits:
+            self._park(envelope)
+            return
         new: dict[tuple[str, str, str], Rating | ListenEvent] = {}  # (kind, track, user) → item
         refused: list[tuple[events_pb2.FeedbackReceived, str]] = []
         with self.lock:
-            # A rating can overtake its tracks.ready (other topic, other partition): the track
-            # is unknown yet, NotFoundError is retried by the consumer with back-off. All of a
-            # batch's tracks must be known before any item is checked, so a batch retried after
-            # NotFoundError is applied whole, once.
-            for event in events:
-                self.ledger.provenance(event.track_id)
             for event in events:
                 try:
                     kind, value = self._checked(event, submitted_at)
@@ -260,6 +312,27 @@ class FeedbackState:
                 if n:
                     metrics.FEEDBACK_RECORDED.labels(kind, "recorded").inc(n)
         refuse_items(envelope, "feedback_batch", refused, len(events))
+
+    def _park(self, envelope: events_pb2.Envelope) -> None:
+        """Keep feedback that overtook its tracks.ready until that arrives (on_track_ready
+        releases it). The gateway accepts a rating only for a track it has seen ready, so the
+        TrackReady exists; but this consumer reads the two topics' partitions in no set order,
+        and through a backlog (a restart) a rating often comes first. Retrying it here could
+        not help — the TrackReady waits behind it on this same consumer — and after the retries
+        the rating went to the DLQ."""
+        raw = base64.b64encode(envelope.SerializeToString()).decode()
+        self.ports.kv.hset(PARKED_KEY, {envelope.event_id: raw})
+        with self.lock:
+            self._index_parked(envelope.event_id, envelope)
+            missing = self._parked[envelope.event_id][1]
+            parked = len(self._parked)
+        metrics.FEEDBACK_PARKED.set(parked)
+        _log.info(
+            "feedback parked until its tracks are ready",
+            extra={"event_id": envelope.event_id, "tracks": sorted(missing)[:5]},
+        )
+        if not missing:  # the TrackReady came in meanwhile
+            self.release_parked()
 
     def _checked(
         self, event: events_pb2.FeedbackReceived, submitted_at: float
@@ -366,6 +439,13 @@ class FeedbackState:
     def close(self) -> None:
         """Stop the scorer (its child process, if any)."""
         self.scorer.close()
+
+
+def _feedback_items(envelope: events_pb2.Envelope) -> list[events_pb2.FeedbackReceived]:
+    """The FeedbackReceived items of a feedback.received.v1 record: one, or a batch."""
+    if envelope.WhichOneof("payload") == "feedback_batch":
+        return list(envelope.feedback_batch.items)
+    return [envelope.feedback_received]
 
 
 def _row(item: Rating | ListenEvent) -> dict[str, Any]:

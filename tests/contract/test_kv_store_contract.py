@@ -143,6 +143,21 @@ class TestKeyValueStoreContract:
         assert store.hgetall(small) == {"a": "1"}
         assert store.get(text) == "plain"
 
+    def test_hdel_removes_fields_and_an_emptied_hash(self, kv_store: KV) -> None:
+        store, key = kv_store
+        k, text = key(), key()
+        store.hset(k, {"a": "1", "b": "2", "c": "3"})
+        assert store.hdel(k, ["a", "zz", "a"]) == 1
+        assert store.hgetall(k) == {"b": "2", "c": "3"}
+        assert store.hdel(k, []) == 0
+        assert store.hdel(k, ["b", "c"]) == 2
+        assert store.hgetall(k) == {}
+        store.set(k, "now a string")  # the emptied hash is gone: the key is free
+        assert store.hdel(key(), ["a"]) == 0
+        store.set(text, "plain")
+        with pytest.raises(ValidationError):
+            store.hdel(text, ["a"])
+
     def test_set_many_if_absent_without_ttl_keeps_the_keys(self, kv_store: KV) -> None:
         store, key = kv_store
         a = key()

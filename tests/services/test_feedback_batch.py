@@ -75,18 +75,43 @@ def test_a_batch_is_recorded_once_and_survives_a_rebuild() -> None:
     assert _ratings(fresh) == _ratings(state)
 
 
-def test_a_batch_waits_until_every_track_is_known() -> None:
-    """A rating can overtake its tracks.ready: the whole batch is retried, none applied early."""
+def test_feedback_that_overtakes_its_tracks_ready_is_parked_until_it_arrives() -> None:
+    """A rating can overtake its tracks.ready (another topic, read in no set order; always so
+    through a backlog). The batch is kept whole in the mirror, none of it applied early, and
+    applied when the last track arrives — also by a restarted process."""
+    from riffloop.runtime import metrics
+    from services.feedback._service import PARKED_KEY
+
     ports = shared_ports()
     state = FeedbackState(ports)
     _ready(state, "t1", "vic")
-    envelope = _batch("vic", ("t1", 5), ("t9", 1))
-    with pytest.raises(NotFoundError):
-        state.on_feedback(envelope)
+    first = _batch("vic", ("t1", 5), ("t9", 1), ("t8", 2))
+    second = _batch("vic", ("t7", 3))
+    state.on_feedback(first)  # handled (the consumer commits it): parked, not retried
+    state.on_feedback(second)
     assert _ratings(state) == [] and ports.kv.hgetall("fb:ratings:t1") == {}
-    _ready(state, "t9", "vic")
-    state.on_feedback(envelope)  # the consumer's retry
-    assert _ratings(state) == [("t1", "vic", 5), ("t9", "vic", 1)]
+    assert set(ports.kv.hgetall(PARKED_KEY)) == {first.event_id, second.event_id}
+    assert metrics.FEEDBACK_PARKED._value.get() == 2
+    _ready(state, "t9", "vic")  # t8 still missing
+    assert _ratings(state) == []
+
+    restarted = FeedbackState(ports)  # the process dies here; its successor rebuilds
+    restarted.rebuild()
+    assert restarted.release_parked() == 0
+    _ready(restarted, "t8", "vic")
+    assert _ratings(restarted) == [("t1", "vic", 5), ("t8", "vic", 2), ("t9", "vic", 1)]
+    assert set(ports.kv.hgetall(PARKED_KEY)) == {second.event_id}
+    restarted.on_feedback(first)  # a redelivery later: a duplicate, nothing counts twice
+    assert len(_ratings(restarted)) == 3
+
+    # died after t7's TrackReady was stored but before it released the batch: the next start
+    # releases it
+    ports.kv.hset("fb:tracks", {"t7": ports.kv.hget("fb:tracks", "t1").replace("t1", "t7")})
+    third = FeedbackState(ports)
+    third.rebuild()
+    assert third.release_parked() == 1
+    assert ("t7", "vic", 3) in _ratings(third) and ports.kv.hgetall(PARKED_KEY) == {}
+    assert metrics.FEEDBACK_PARKED._value.get() == 0
 
 
 def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
