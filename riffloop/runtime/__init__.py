@@ -11,6 +11,7 @@ from riffloop.runtime import metrics
 from riffloop.runtime._auth import TokenSigner
 from riffloop.runtime._consumers import ConsumerWorker, EventRouter
 from riffloop.runtime._convert import (
+    checked_track_ready,
     provenance_from_proto,
     provenance_to_proto,
     scored_items,
@@ -66,6 +67,7 @@ __all__ = [
     "TokenSigner",
     "TokenVerifier",
     "Worker",
+    "checked_track_ready",
     "configure_logging",
     "connect_ports",
     "current_user",

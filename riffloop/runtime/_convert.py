@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from riffloop.core import ValidationError
@@ -50,6 +51,19 @@ def provenance_from_proto(track_id: str, message: Any) -> Any:
         start_step=int(message.start_step) if kind is TrackKind.GENERATED else None,
         baseline_sample_id=message.baseline_song_id or None,
     )
+
+
+def checked_track_ready(ready: Any) -> Any:
+    """A TrackReady's provenance as ``riffloop.loop.TrackProvenance``, after the checks every
+    consumer of tracks.ready.v1 applies (so none marks ready a track another refuses — the
+    gateway would take ratings the feedback service can never apply)."""
+    if not ready.track_id:
+        raise ValidationError("a TrackReady carries no track_id")
+    if not (math.isfinite(ready.duration_seconds) and ready.duration_seconds > 0):
+        raise ValidationError(
+            f"track {ready.track_id}: duration {ready.duration_seconds!r} s is not positive"
+        )
+    return provenance_from_proto(ready.track_id, ready.provenance)
 
 
 def track_scored_to_proto(score: Any, provenance: Any | None, mean_listen: float = 0.0) -> Any:

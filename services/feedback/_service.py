@@ -52,8 +52,8 @@ from riffloop.runtime import (
     MODEL_RATINGS_KEY,
     TRACK_SCORES_KEY,
     ServiceSettings,
+    checked_track_ready,
     metrics,
-    provenance_from_proto,
 )
 from riffloop.v1 import events_pb2
 from riffloop.v1 import feedback_service_pb2 as pb
@@ -235,7 +235,7 @@ class FeedbackState:
 
     def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
         ready = envelope.track_ready
-        prov = provenance_from_proto(ready.track_id, ready.provenance)
+        prov = checked_track_ready(ready)
         served_at = envelope.occurred_at.ToNanoseconds() / 1e9
         record = {
             "provenance": prov.to_json(),

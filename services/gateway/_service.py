@@ -48,6 +48,7 @@ from riffloop.runtime import (
     MODEL_RATINGS_KEY,
     LatentRecord,
     ServiceSettings,
+    checked_track_ready,
     current_user,
     metrics,
 )
@@ -550,6 +551,7 @@ class GatewayEvents:
 
     def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
         ready = envelope.track_ready
+        checked_track_ready(ready)  # what the feedback service refuses is never "ready" here
         key = f"gw:track:{ready.track_id}"
         raw = self.ports.kv.get(key)
         record: dict[str, Any] = (

@@ -86,6 +86,8 @@ def make_ready_track(
             kind=common_pb2.TRACK_KIND_GENERATED,
             model_version="v0001",
             input_song_ids=[song.song_id],
+            similarity=0.5,
+            quality=50,
         ),
         user_id=user,
         duration_seconds=0.5,
@@ -453,3 +455,37 @@ def test_an_upload_retried_after_its_event_was_lost_is_still_encoded(
     stub.UploadSong(upload(data), metadata=auth("jo"), timeout=10)
     assert subscription.poll(0.5, 100) == []
     subscription.close()
+
+
+def test_a_track_ready_the_feedback_service_would_refuse_is_not_ready_here(
+    gateway: Running,
+) -> None:
+    """The gateway and the feedback service check a TrackReady alike: a zero duration or a
+    provenance without a kind is dead-lettered, and the track is not offered for rating."""
+    from riffloop.core import ValidationError
+
+    state = gateway.state
+    bad = [
+        events_pb2.TrackReady(
+            track_id="zero-length",
+            provenance=common_pb2.TrackProvenance(
+                kind=common_pb2.TRACK_KIND_GENERATED,
+                input_song_ids=["a" * 64],
+                similarity=0.5,
+                quality=5,
+            ),
+            duration_seconds=0.0,
+        ),
+        events_pb2.TrackReady(
+            track_id="no-kind",
+            provenance=common_pb2.TrackProvenance(input_song_ids=["a" * 64], quality=5),
+            duration_seconds=1.0,
+        ),
+    ]
+    from services.gateway._service import GatewayEvents
+
+    events = GatewayEvents(state)
+    for ready in bad:
+        with pytest.raises(ValidationError):
+            events.on_track_ready(new_envelope("test", ready))
+        assert state.kv.get(f"gw:track:{ready.track_id}") is None
