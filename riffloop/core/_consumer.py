@@ -87,14 +87,18 @@ class ItemsRefused(ValidationError):
 
 
 def refused_items_envelope(
-    envelope: events_pb2.Envelope, field: str, refused: Sequence[ProtoMessage]
+    envelope: events_pb2.Envelope,
+    field: str,
+    refused: Sequence[ProtoMessage],
+    *,
+    suffix: str = "refused",
 ) -> events_pb2.Envelope:
     """A copy of ``envelope`` whose batch payload ``field`` (a message with repeated ``items``)
-    holds only ``refused``, under the deterministic event id ``<original>.refused`` (so a
+    holds only ``refused``, under the deterministic event id ``<original>.<suffix>`` (so a
     redelivery that refuses them again dead-letters the same event, and a replay runs once)."""
     rest = type(envelope)()
     rest.CopyFrom(envelope)
-    rest.event_id = f"{envelope.event_id}.refused"
+    rest.event_id = f"{envelope.event_id}.{suffix}"
     items = getattr(rest, field).items
     del items[:]
     for item in refused:
@@ -456,42 +460,74 @@ class Consumer:
         *,
         attempts: int,
     ) -> None:
-        events = load_generated("events_pb2")
-        text = (error.reason if isinstance(error, RiffloopError) else str(error)) or repr(error)
-        text = text[:_MAX_ERROR_CHARS]
-        dead = events.DeadLetter(
-            original_topic=message.topic,
-            original_partition=message.partition,
-            original_offset=message.offset,
-            original_key=message.key,
+        publish_dead_letter(
+            self._bus,
+            group=self._group,
+            topic=message.topic,
+            key=message.key,
             # the refused items alone when a batch handler refused only some (ItemsRefused)
-            original_value=(
+            value=(
                 error.rest.SerializeToString() if isinstance(error, ItemsRefused) else message.value
             ),
-            original_event_id=envelope.event_id if envelope is not None else "",
-            error=text,
-            error_type=type(error).__name__,
+            event_id=envelope.event_id if envelope is not None else "",
+            error=error,
             attempts=attempts,
-            consumer_group=self._group,
+            partition=message.partition,
+            offset=message.offset,
         )
-        headers = {
-            "riffloop-error": text.replace("\n", " ")[:500],
-            "riffloop-error-type": type(error).__name__,
-            "riffloop-attempts": str(attempts),
-            "riffloop-original-topic": message.topic,
-            "riffloop-original-partition": str(message.partition),
-            "riffloop-original-offset": str(message.offset),
-            "riffloop-consumer-group": self._group,
-        }
-        target = dlq_topic(message.topic)
-        self._bus.publish(target, message.key, new_envelope(self._group, dead), headers)
-        log.error(
-            "dead-lettered %s[%d]@%d to %s after %d attempt(s): %s",
-            *_where(message),
-            target,
-            attempts,
-            text,
-        )
+
+
+def publish_dead_letter(
+    bus: EventBus,
+    *,
+    group: str,
+    topic: str,
+    key: str,
+    value: bytes,
+    event_id: str,
+    error: BaseException,
+    attempts: int,
+    partition: int = -1,
+    offset: int = -1,
+) -> None:
+    """Publish ``value`` (a record of ``topic``) to ``<topic>.dlq`` as a DeadLetter envelope with
+    the error (also as headers). Partition and offset are -1 for a record the group had already
+    committed (e.g. feedback the feedback service parked, then refused when it could apply it)."""
+    events = load_generated("events_pb2")
+    text = (error.reason if isinstance(error, RiffloopError) else str(error)) or repr(error)
+    text = text[:_MAX_ERROR_CHARS]
+    dead = events.DeadLetter(
+        original_topic=topic,
+        original_partition=partition,
+        original_offset=offset,
+        original_key=key,
+        original_value=value,
+        original_event_id=event_id,
+        error=text,
+        error_type=type(error).__name__,
+        attempts=attempts,
+        consumer_group=group,
+    )
+    headers = {
+        "riffloop-error": text.replace("\n", " ")[:500],
+        "riffloop-error-type": type(error).__name__,
+        "riffloop-attempts": str(attempts),
+        "riffloop-original-topic": topic,
+        "riffloop-original-partition": str(partition),
+        "riffloop-original-offset": str(offset),
+        "riffloop-consumer-group": group,
+    }
+    target = dlq_topic(topic)
+    bus.publish(target, key, new_envelope(group, dead), headers)
+    log.error(
+        "dead-lettered %s[%d]@%d to %s after %d attempt(s): %s",
+        topic,
+        partition,
+        offset,
+        target,
+        attempts,
+        text,
+    )
 
 
 def _where(message: Message) -> tuple[str, int, int]:

@@ -35,10 +35,13 @@ from typing import Any
 from riffloop.core import (
     ConfigurationError,
     ConflictError,
+    ItemsRefused,
     NotFoundError,
     PermissionDeniedError,
     ValidationError,
+    publish_dead_letter,
     refuse_items,
+    refused_items_envelope,
 )
 from riffloop.loop import (
     ConfidenceWeight,
@@ -70,6 +73,7 @@ _log = logging.getLogger("riffloop.feedback")
 
 #: Hash of the feedback events waiting for their tracks.ready: event id → base64 envelope.
 PARKED_KEY = "fb:parked"
+FEEDBACK_TOPIC = "feedback.received.v1"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -147,10 +151,10 @@ class FeedbackState:
         self._replica_stale = True  # the scorer's ledger must start from a snapshot
         self._model_ratings_written: dict[str, str] = {}
         self._caught_seen: set[tuple[str, str]] = set()
-        # Feedback that overtook its tracks.ready (see on_feedback): event id → (envelope,
-        # tracks it still waits for), and track → the event ids waiting for it. The envelopes
+        # Feedback that overtook its tracks.ready (see _park): event id → (envelope, its
+        # tracks), and each unknown track → the event ids waiting for it. The envelopes
         # themselves are kept in PARKED_KEY, so a restart loses none of them.
-        self._parked: dict[str, tuple[events_pb2.Envelope, set[str]]] = {}
+        self._parked: dict[str, tuple[events_pb2.Envelope, frozenset[str]]] = {}
         self._waiting: dict[str, set[str]] = {}
 
     # -- rebuild ------------------------------------------------------------------------------
@@ -179,37 +183,55 @@ class FeedbackState:
         return ratings
 
     def _index_parked(self, event_id: str, envelope: events_pb2.Envelope) -> None:
-        missing = {
-            e.track_id for e in _feedback_items(envelope) if not self.ledger.knows(e.track_id)
-        }
-        self._parked[event_id] = (envelope, missing)
-        for track_id in missing:
-            self._waiting.setdefault(track_id, set()).add(event_id)
+        tracks = frozenset(e.track_id for e in _feedback_items(envelope))
+        self._parked[event_id] = (envelope, tracks)
+        for track_id in tracks:
+            if not self.ledger.knows(track_id):
+                self._waiting.setdefault(track_id, set()).add(event_id)
+
+    def _forget_parked(self, event_id: str) -> None:
+        _, tracks = self._parked.pop(event_id)
+        for track_id in tracks:
+            waiting = self._waiting.get(track_id)
+            if waiting is not None:
+                waiting.discard(event_id)
+                if not waiting:
+                    del self._waiting[track_id]
 
     def release_parked(self, track_id: str | None = None) -> int:
         """Apply the parked feedback whose tracks are now all known (those waiting for
-        ``track_id``, or all of them); return how many events were applied."""
+        ``track_id``, or all of them); return how many events were applied.
+
+        An event is forgotten only once applied: a failure (Redis, the broker) propagates with
+        everything still parked, and the consumer's retry of the TrackReady releases it again
+        (applying it twice changes nothing). An item refused now goes to the DLQ from here —
+        its record was committed when it was parked."""
         with self.lock:
-            if track_id is None:
-                candidates = list(self._parked)
-            else:
-                candidates = list(self._waiting.pop(track_id, ()))
-                for event_id in candidates:
-                    self._parked[event_id][1].discard(track_id)
-            ready = [e for e in candidates if e in self._parked and not self._parked[e][1]]
-        for event_id in ready:
-            envelope = self._parked[event_id][0]
+            candidates = list(self._parked if track_id is None else self._waiting.get(track_id, ()))
+            ready = [
+                (event_id, self._parked[event_id][0])
+                for event_id in candidates
+                if all(self.ledger.knows(t) for t in self._parked[event_id][1])
+            ]
+        for event_id, envelope in ready:
             try:
-                self.on_feedback(envelope)  # a TransientError propagates: retried, still parked
+                self.on_feedback(envelope)
             except (ValidationError, PermissionDeniedError) as exc:  # ItemsRefused included
-                # counted as refused by on_feedback; its consumer cannot dead-letter it any more
-                _log.warning(
-                    "parked feedback refused",
-                    extra={"event_id": event_id, "reason": exc.reason},
+                rest = exc.rest if isinstance(exc, ItemsRefused) else envelope
+                publish_dead_letter(
+                    self.ports.bus,
+                    group=self.ports.producer,
+                    topic=FEEDBACK_TOPIC,
+                    key=_feedback_items(rest)[0].user_id or rest.event_id,
+                    value=rest.SerializeToString(),
+                    event_id=rest.event_id,
+                    error=exc,
+                    attempts=1,
                 )
+                metrics.DLQ_MESSAGES.labels(self.ports.producer, FEEDBACK_TOPIC).inc()
             self.ports.kv.hdel(PARKED_KEY, [event_id])
             with self.lock:
-                self._parked.pop(event_id, None)
+                self._forget_parked(event_id)
         if ready:
             metrics.FEEDBACK_PARKED.set(len(self._parked))
         return len(ready)
@@ -263,12 +285,16 @@ class FeedbackState:
         them."""
         submitted_at = envelope.occurred_at.ToNanoseconds() / 1e9
         batched = envelope.WhichOneof("payload") == "feedback_batch"
-        events = _feedback_items(envelope)
+        events = total = _feedback_items(envelope)
         with self.lock:
-            waits = any(not self.ledger.knows(e.track_id) for e in events)
-        if waits:
-            self._park(envelope)
-            return
+            unknown = [e for e in events if e.track_id and not self.ledger.knows(e.track_id)]
+        if unknown:
+            if not batched or len(unknown) == len(events):
+                self._park(envelope)
+                return
+            # the items of known tracks now, the others when their tracks are ready
+            self._park(refused_items_envelope(envelope, "feedback_batch", unknown, suffix="parked"))
+            events = [e for e in events if not e.track_id or self.ledger.knows(e.track_id)]
         new: dict[tuple[str, str, str], Rating | ListenEvent] = {}  # (kind, track, user) → item
         refused: list[tuple[events_pb2.FeedbackReceived, str]] = []
         with self.lock:
@@ -278,16 +304,13 @@ class FeedbackState:
                 except ConflictError:
                     continue  # recorded before (a redelivery): nothing to do
                 except (ValidationError, PermissionDeniedError) as exc:
-                    # (the batch's tracks are all known here, so "not served to this user"
-                    # will not change on a retry: the item is refused like an invalid one)
-                    if not batched:
-                        raise  # a poison event: the consumer dead-letters it
+                    # (the tracks are all known here, so "not served to this user" will not
+                    # change on a retry: the item is refused like an invalid one)
+                    if not batched:  # a poison event: the consumer dead-letters it at once
+                        raise ValidationError(exc.reason) from exc
                     # one bad item must not sink the user's other items (the gateway checked
-                    # them all, so this is a bug or a replay of old data): count it, and hand it
-                    # to the DLQ on its own once the good ones are stored
-                    metrics.FEEDBACK_RECORDED.labels(
-                        event.WhichOneof("feedback") or "none", "refused"
-                    ).inc()
+                    # them all, so this is a bug or a replay of old data): it goes to the DLQ
+                    # on its own once the good ones are stored
                     refused.append((event, f"{event.track_id or '?'}: {exc.reason}"))
                     continue
                 new.setdefault((kind, event.track_id, event.user_id), value)  # first one wins
@@ -311,7 +334,12 @@ class FeedbackState:
             for kind, n in recorded.items():
                 if n:
                     metrics.FEEDBACK_RECORDED.labels(kind, "recorded").inc(n)
-        refuse_items(envelope, "feedback_batch", refused, len(events))
+        for event, _ in refused:  # counted here, once the write of the rest has succeeded
+            metrics.FEEDBACK_RECORDED.labels(
+                event.WhichOneof("feedback") or "none", "refused"
+            ).inc()
+        # (out of every item: a batch split for parking is never refused whole)
+        refuse_items(envelope, "feedback_batch", refused, len(total))
 
     def _park(self, envelope: events_pb2.Envelope) -> None:
         """Keep feedback that overtook its tracks.ready until that arrives (on_track_ready
@@ -324,21 +352,21 @@ class FeedbackState:
         self.ports.kv.hset(PARKED_KEY, {envelope.event_id: raw})
         with self.lock:
             self._index_parked(envelope.event_id, envelope)
-            missing = self._parked[envelope.event_id][1]
+            missing = sorted(t for t in self._parked[envelope.event_id][1] if t in self._waiting)
             parked = len(self._parked)
         metrics.FEEDBACK_PARKED.set(parked)
         _log.info(
             "feedback parked until its tracks are ready",
-            extra={"event_id": envelope.event_id, "tracks": sorted(missing)[:5]},
+            extra={"event_id": envelope.event_id, "tracks": missing[:5]},
         )
-        if not missing:  # the TrackReady came in meanwhile
-            self.release_parked()
 
     def _checked(
         self, event: events_pb2.FeedbackReceived, submitted_at: float
     ) -> tuple[str, Rating | ListenEvent]:
         """One item checked against the ledger, unchanged: (kind, the item as it would be
         recorded); raises what recording it would raise (ConflictError for a duplicate)."""
+        if not event.track_id:
+            raise ValidationError("a feedback item carries no track_id")
         which = event.WhichOneof("feedback")
         if which == "rating":
             rating = Rating(event.track_id, event.user_id, int(event.rating.stars), submitted_at)

@@ -30,9 +30,9 @@ def _tiny_world() -> LoopWorld:
     return LoopWorld(model, _clips(6, 1), _clips(40, 2), _clips(16, 3))
 
 
-def test_demo_runs_both_arms_with_common_random_numbers(tmp_path: Path) -> None:
-    world = _tiny_world()
-    config = LoopConfig(
+def _tiny_config(**changes: int) -> LoopConfig:
+    """One iteration on the tiny world, every count small."""
+    sizes = dict(
         iterations=1,
         n_listeners=20,
         n_inputs=6,
@@ -50,6 +50,12 @@ def test_demo_runs_both_arms_with_common_random_numbers(tmp_path: Path) -> None:
         eval_requests_per_merge=4,
         eval_ratings_per_listener=10,
     )
+    return LoopConfig(**{**sizes, **changes})  # type: ignore[arg-type]
+
+
+def test_demo_runs_both_arms_with_common_random_numbers(tmp_path: Path) -> None:
+    world = _tiny_world()
+    config = _tiny_config()
     lines: list[str] = []
     result = LoopExperiment(config, world, progress=lines.append).run()
     sel = result.iterations("selected")
@@ -154,22 +160,14 @@ def test_a_foreign_listeners_bad_answers_are_refused_and_its_crash_is_named() ->
 
         return factory
 
-    config = LoopConfig(
-        iterations=1,
+    config = _tiny_config(
         n_listeners=10,
-        n_inputs=6,
         n_merges=4,
-        requests_per_merge=4,
         ratings_per_listener=6,
-        baseline_pool=20,
-        replay_pool=20,
         invert_steps=3,
         quality=4,
         finetune_steps=2,
-        finetune_batch=4,
-        torch_threads=1,
         eval_merges=2,
-        eval_requests_per_merge=4,
         eval_ratings_per_listener=6,
     )
     world = _tiny_world()

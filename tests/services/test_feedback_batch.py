@@ -77,8 +77,8 @@ def test_a_batch_is_recorded_once_and_survives_a_rebuild() -> None:
 
 def test_feedback_that_overtakes_its_tracks_ready_is_parked_until_it_arrives() -> None:
     """A rating can overtake its tracks.ready (another topic, read in no set order; always so
-    through a backlog). The batch is kept whole in the mirror, none of it applied early, and
-    applied when the last track arrives — also by a restarted process."""
+    through a backlog). The items of unknown tracks are kept in the mirror and applied when
+    their tracks arrive — also by a restarted process; the others are applied at once."""
     from riffloop.runtime import metrics
     from services.feedback._service import PARKED_KEY
 
@@ -87,13 +87,14 @@ def test_feedback_that_overtakes_its_tracks_ready_is_parked_until_it_arrives() -
     _ready(state, "t1", "vic")
     first = _batch("vic", ("t1", 5), ("t9", 1), ("t8", 2))
     second = _batch("vic", ("t7", 3))
-    state.on_feedback(first)  # handled (the consumer commits it): parked, not retried
+    state.on_feedback(first)  # handled (the consumer commits it): t1 now, the rest parked
     state.on_feedback(second)
-    assert _ratings(state) == [] and ports.kv.hgetall("fb:ratings:t1") == {}
-    assert set(ports.kv.hgetall(PARKED_KEY)) == {first.event_id, second.event_id}
+    assert _ratings(state) == [("t1", "vic", 5)]
+    parked = {f"{first.event_id}.parked", second.event_id}
+    assert set(ports.kv.hgetall(PARKED_KEY)) == parked
     assert metrics.FEEDBACK_PARKED._value.get() == 2
     _ready(state, "t9", "vic")  # t8 still missing
-    assert _ratings(state) == []
+    assert _ratings(state) == [("t1", "vic", 5)]
 
     restarted = FeedbackState(ports)  # the process dies here; its successor rebuilds
     restarted.rebuild()
@@ -101,7 +102,7 @@ def test_feedback_that_overtakes_its_tracks_ready_is_parked_until_it_arrives() -
     _ready(restarted, "t8", "vic")
     assert _ratings(restarted) == [("t1", "vic", 5), ("t8", "vic", 2), ("t9", "vic", 1)]
     assert set(ports.kv.hgetall(PARKED_KEY)) == {second.event_id}
-    restarted.on_feedback(first)  # a redelivery later: a duplicate, nothing counts twice
+    restarted.on_feedback(first)  # a redelivery later: duplicates, nothing counts twice
     assert len(_ratings(restarted)) == 3
 
     # died after t7's TrackReady was stored but before it released the batch: the next start
@@ -112,6 +113,32 @@ def test_feedback_that_overtakes_its_tracks_ready_is_parked_until_it_arrives() -
     assert third.release_parked() == 1
     assert ("t7", "vic", 3) in _ratings(third) and ports.kv.hgetall(PARKED_KEY) == {}
     assert metrics.FEEDBACK_PARKED._value.get() == 0
+
+
+def test_a_failed_release_stays_parked_and_a_refused_parked_item_is_dead_lettered() -> None:
+    from riffloop.core import TransientError, decode_envelope, dlq_topic
+    from services.feedback._service import PARKED_KEY
+
+    ports = shared_ports()
+    ports.bus.ensure_topics([dlq_topic("feedback.received.v1")])
+    state = FeedbackState(ports)
+    _ready(state, "t1", "wes")
+    with pytest.raises(ItemsRefused, match="no track_id"):  # refused, not parked for ever
+        state.on_feedback(_batch("wes", ("t1", 4), ("t2", 3), ("", 2)))
+    state.on_feedback(_batch("wes", ("t3", 9)))  # 9 stars, parked: refused when t3 arrives
+    real = ports.kv.hset_many
+    ports.kv.hset_many = lambda writes: (_ for _ in ()).throw(TransientError("redis away"))  # type: ignore[method-assign]
+    with pytest.raises(TransientError):  # the TrackReady's handler fails: it is retried
+        _ready(state, "t2", "wes")
+    ports.kv.hset_many = real  # type: ignore[method-assign]
+    _ready(state, "t2", "wes")  # the retry releases what the failure left parked
+    _ready(state, "t3", "wes")
+    assert _ratings(state) == [("t1", "wes", 4), ("t2", "wes", 3)]
+    assert ports.kv.hgetall(PARKED_KEY) == {}
+    reader = ports.bus.subscribe("dlq-reader", [dlq_topic("feedback.received.v1")])
+    dead = [decode_envelope(m.value, m.topic).dead_letter for m in reader.poll(1.0, 10)]
+    assert len(dead) == 1 and "stars must lie in 1–5" in dead[0].error
+    assert decode_envelope(dead[0].original_value).feedback_batch.items[0].track_id == "t3"
 
 
 def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
