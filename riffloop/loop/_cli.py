@@ -24,7 +24,7 @@ def _config_args(p: argparse.ArgumentParser, out: Path) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="base model folder")
     p.add_argument("--out", type=Path, default=out, help=f"output folder (default {out})")
     for f in fields(LoopConfig):
-        if f.name in ("seed",):
+        if f.name in ("seed", "protocol"):
             continue
         kind = type(f.default)
         flag = "--" + f.name.replace("_", "-")
@@ -37,7 +37,11 @@ def _config_args(p: argparse.ArgumentParser, out: Path) -> None:
 
 
 def _config(ns: argparse.Namespace, seed: int) -> LoopConfig:
-    values = {f.name: getattr(ns, f.name) for f in fields(LoopConfig) if f.name != "seed"}
+    values = {
+        f.name: getattr(ns, f.name)
+        for f in fields(LoopConfig)
+        if f.name not in ("seed", "protocol")
+    }
     return LoopConfig(seed=seed, **values)
 
 

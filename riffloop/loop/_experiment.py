@@ -119,6 +119,10 @@ class LoopConfig:
     eval_merges: int = 16
     eval_requests_per_merge: int = 6
     eval_ratings_per_listener: int = 48
+    # What a saved run was made with, beyond these numbers (a run is reused only when equal):
+    # 1 = sessions 2–6; 2 = LoRA adapters seeded from the fine-tuning seed (session 7), so both
+    # arms' fine-tunes start from one adapter and a run repeats exactly.
+    protocol: int = 2
 
     def __post_init__(self) -> None:
         """Every field in its range, so a bad ``--flag`` fails before the model loads."""

@@ -328,8 +328,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def _lora_wrap(model: MusicDiffusion, settings: LoraSettings) -> Any:
-    """Inject LoRA layers into the UNet in place (peft); returns the PeftModel wrapper."""
+def _lora_wrap(model: MusicDiffusion, settings: LoraSettings, seed: int) -> Any:
+    """Inject LoRA layers into the UNet in place (peft); returns the PeftModel wrapper.
+
+    peft draws A from torch's *global* generator. Seeded here (and the global state restored
+    after), so two fine-tunes with the same seed start from the same adapter: the loop's arms
+    share their random numbers (common random numbers), and a run repeats exactly. Unseeded,
+    A differed between the selected and the control arm and between runs."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -338,7 +343,9 @@ def _lora_wrap(model: MusicDiffusion, settings: LoraSettings) -> Any:
         target_modules=settings.target_modules,
         init_lora_weights=True,  # peft default: A random, B zero, so the adapter starts as identity
     )
-    return get_peft_model(model.unet, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed * 1_000_003 + 17)
+        return get_peft_model(model.unet, config)
 
 
 class Trainer:
@@ -384,7 +391,7 @@ class Trainer:
         if config.lora is not None:
             for p in model.unet.parameters():
                 p.requires_grad_(False)
-            self._peft = _lora_wrap(model, config.lora)
+            self._peft = _lora_wrap(model, config.lora, config.seed)
         else:
             for p in model.unet.parameters():
                 p.requires_grad_(True)
@@ -824,7 +831,8 @@ def export_checkpoint(
     identity = json.loads(state["identity"])
     config = TrainingConfig.from_dict(identity["config"])
     model = _model_from_state(state)
-    wrapper: Any = _lora_wrap(model, config.lora) if config.lora is not None else None
+    # (the adapter's initial values are overwritten by the checkpoint's just below)
+    wrapper: Any = _lora_wrap(model, config.lora, config.seed) if config.lora is not None else None
     model.unet.load_state_dict(state["unet"])
     params = dict(model.unet.named_parameters())
     with torch.no_grad():

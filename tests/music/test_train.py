@@ -239,6 +239,25 @@ def test_resume_refuses_other_data_or_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_lora_adapters_start_from_the_seed_not_the_global_generator() -> None:
+    """Two fine-tunes with one seed start from the same A (the loop's arms share their random
+    numbers); another seed gives another A; the global generator is left where it was."""
+
+    def adapters(seed: int, global_seed: int) -> dict[str, torch.Tensor]:
+        model = _model()  # (MusicDiffusion.create seeds the global generator itself)
+        config = TrainingConfig(total_steps=1, batch_size=4, lora=LoraSettings(rank=2), seed=seed)
+        torch.manual_seed(global_seed)
+        Trainer(model, _data(8), config)
+        after = torch.rand(1)  # the global stream continues as if no adapter had been drawn
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))
+        return {n: p.detach().clone() for n, p in model.unet.named_parameters() if "lora_A" in n}
+
+    first, again, other = adapters(5, 0), adapters(5, 99), adapters(6, 0)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+
+
 def test_lora_changes_only_adapter_parameters(tmp_path: Path) -> None:
     model = _model()
     model.version = "base-v1"
