@@ -121,8 +121,13 @@ class LoopConfig:
     eval_ratings_per_listener: int = 48
     # What a saved run was made with, beyond these numbers (a run is reused only when equal):
     # 1 = sessions 2–6; 2 = LoRA adapters seeded from the fine-tuning seed (session 7), so both
-    # arms' fine-tunes start from one adapter and a run repeats exactly.
-    protocol: int = 2
+    # arms' fine-tunes start from one adapter and a run repeats exactly; 3 = (session 8) a
+    # listener draws the same random numbers whether it skipped or not (the arms stay paired),
+    # training ω used relative to their mean (ω / ω̄: replay_ratio alone sets the training
+    # data's share, whatever the level of ω), the control arm fine-tunes on as many random
+    # generations as the selected arm had pairs — none when it had none — and listeners see
+    # opaque track ids.
+    protocol: int = 3
 
     def __post_init__(self) -> None:
         """Every field in its range, so a bad ``--flag`` fails before the model loads."""
@@ -347,6 +352,12 @@ class LoopExperiment:
         self.embeddings: dict[str, np.ndarray] = {}
         self.features: dict[str, Any] = {}
         self.provenance: dict[str, TrackProvenance] = {}
+        # What a listener is shown instead of our track id, which names the arm, session and
+        # model: a keyed hash of the request slot (session, merge, request), so the same request
+        # has the same public id in both arms (pairing) and says nothing about kind or model.
+        self.public_ids: dict[str, str] = {}
+        self.made_at: dict[str, int] = {}  # model version → the iteration that fine-tuned it
+        self._id_key = hashlib.sha256(f"riffloop-public-id/{config.seed}".encode()).digest()
         self._merged_images: dict[str, torch.Tensor] = {}
 
     # 1. set-up ---------------------------------------------------------------------------------
@@ -431,6 +442,7 @@ class LoopExperiment:
                     _constant(sample_id),
                 )
                 track_id = f"{arm.name[0]}{label}-{version_tag}-{prov.track_id[:12]}"
+                self.public_ids[track_id] = self._public_id(f"{label}-m{m}-r{r}")
                 served.append((replace(prov, track_id=track_id), m, sample_id))
         # baselines are training windows; generations are overwritten below, as one batch
         images = torch.stack(
@@ -457,6 +469,9 @@ class LoopExperiment:
             self.embeddings[prov.track_id] = embeddings[k]
             arm.ledger.register_track(prov, audio[k].size / self.sr)
 
+    def _public_id(self, slot: str) -> str:
+        return hashlib.blake2b(slot.encode(), digest_size=8, key=self._id_key).hexdigest()
+
     # 3. listening ---------------------------------------------------------------------------------
     def _listen(
         self,
@@ -479,6 +494,9 @@ class LoopExperiment:
             for p in range(min(cfg.probes_per_listener, len(baselines))):
                 original = self.provenance[baselines[int(rng.integers(len(baselines)))]]
                 probe = replace(original, track_id=f"{original.track_id}-p{li}-{p}")
+                self.public_ids[probe.track_id] = self._public_id(
+                    f"{self.public_ids[original.track_id]}-p{li}-{p}"
+                )
                 self.provenance[probe.track_id] = probe
                 self.audio[probe.track_id] = self.audio[original.track_id]
                 arm.ledger.register_track(probe, self.audio[probe.track_id].size / self.sr)
@@ -489,7 +507,7 @@ class LoopExperiment:
                 clip = audio.size / self.sr
                 arm.ledger.mark_served(tid, lid, t)
                 try:
-                    answer = listener.listen(tid, audio, self.sr)
+                    answer = listener.listen(self.public_ids[tid], audio, self.sr)
                 except Exception as exc:  # a bug in the plug-in: stop, naming it
                     raise ValidationError(
                         f"listener {lid} ({type(listener).__name__}) raised "
@@ -598,6 +616,7 @@ class LoopExperiment:
         trainer = Trainer(model, data, config, replay=replay)
         trainer.train(progress=False)
         version = f"{arm.name}-v{iteration + 1}"
+        self.made_at[version] = iteration + 1
         tuned = trainer.ema_model(version=version)
         tuned.parent = arm.model.version
         return tuned
@@ -643,7 +662,7 @@ class LoopExperiment:
         self.progress(_progress_line(result.rows[0], "base model, shared by both arms"))
 
         for iteration in range(1, cfg.iterations + 1):
-            budget = None
+            budget = 0
             for name in ("selected", "control"):
                 arm = arms[name]
                 t1 = time.monotonic()
@@ -669,13 +688,18 @@ class LoopExperiment:
                         )
                     else:
                         arm.pairs = candidates
-                    budget = max(len(arm.pairs), 1)
+                    budget = len(arm.pairs)
                 else:
-                    arm.pairs = RandomSelector(cfg.seed * 1000 + iteration).select(
-                        [self.provenance[t] for t in gen_ids],
-                        self.embeddings,
-                        budget or 1,
-                        iteration,
+                    # the same budget as the selected arm, none when it kept its model
+                    arm.pairs = (
+                        RandomSelector(cfg.seed * 1000 + iteration).select(
+                            [self.provenance[t] for t in gen_ids],
+                            self.embeddings,
+                            budget,
+                            iteration,
+                        )
+                        if budget
+                        else []
                     )
                 if not arm.pairs:
                     self.progress(f"{name}: no generation beat its baseline; keeping the model")
@@ -782,7 +806,8 @@ class LoopExperiment:
             tracks = self._serve(arm, "eval", merges, cfg.eval_requests_per_merge)
             self._listen(arm, _EVAL_SESSION, tracks, cfg.eval_ratings_per_listener)
             scores, report, now = self._score(arm, tracks)
-            iteration = 0 if model is self.world.model else cfg.iterations
+            # the iteration that made the model it serves (a rollback serves an earlier one)
+            iteration = self.made_at.get(model.version, 0)
             row = self._row(
                 arm, iteration, tracks, scores, report, now, {"seconds": time.monotonic() - t0}
             )

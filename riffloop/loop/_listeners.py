@@ -153,9 +153,10 @@ class TasteListener:
         stars = int(
             np.clip(np.rint(3 + self.gain * u + self.bias + self.rng.normal(0, self.noise)), 1, 5)
         )
-        rating: int | None = stars
-        if frac < 0.35 and self.rng.random() < 0.3:
-            rating = None
+        # drawn on every call, skipped or not, so a listener consumes the same random numbers
+        # whatever it heard: two arms replaying one listener stay paired draw for draw
+        unrated = self.rng.random() < 0.3
+        rating: int | None = None if frac < 0.35 and unrated else stars
         return ListenOutcome(rating, seconds, seconds + think)
 
 

@@ -14,6 +14,8 @@ from scipy import stats
 
 from riffloop.loop._experiment import IterationRow, LoopConfig, LoopResult
 
+DIVERSITY_KEPT = 0.80  # the issue's bar: an arm's diversity stays ≥ 80 % of the base model's
+
 
 def _f(x: float, digits: int = 2, sign: bool = False) -> str:
     if x is None or not math.isfinite(x):
@@ -196,9 +198,13 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
         "evaluation session fall back to the final iteration's rows). One observation per seed,",
         "t interval over seeds. Lift = the arm's Δ minus the base model's Δ on the same requests.",
         "",
+        "Diversity / base = the arm's generations' diversity over the base model's on the same",
+        "evaluation requests (mean over seeds, worst seed in brackets); the bar is ≥ 80 %.",
+        "",
         "| family | seeds | Δrating sel − ctl [95 % CI] | hidden liking sel − ctl [95 % CI] | "
-        "lift selected / control (Δ rating) | per-seed Δrating differences |",
-        "|---|---|---|---|---|---|",
+        "lift selected / control (Δ rating) | diversity / base, selected · control [worst] | "
+        "per-seed Δrating differences |",
+        "|---|---|---|---|---|---|---|",
     ]
     families = sorted({f for f, _ in results})
     fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
@@ -212,7 +218,7 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
         d_hidden = [sel.hidden_generated - ctl.hidden_generated for sel, ctl in finals]
         m1, lo1, hi1 = paired_interval(d_rating)
         m2, lo2, hi2 = paired_interval(d_hidden)
-        lifts = "—"
+        lifts = diversity = "—"
         base_rows = [_eval_row(results[(family, s)], "base") for s in seeds]
         bases = [b for b in base_rows if b is not None]
         if len(bases) == len(seeds):
@@ -220,10 +226,14 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
             lift_s = float(np.mean([sel.delta - b.delta for (sel, _), b in pairs]))
             lift_c = float(np.mean([ctl.delta - b.delta for (_, ctl), b in pairs]))
             lifts = f"{_f(lift_s, sign=True)} / {_f(lift_c, sign=True)}"
+            diversity = " · ".join(
+                _diversity_kept([(arm_rows[k], b) for arm_rows, b in pairs]) for k in (0, 1)
+            )
+        observed = sum(math.isfinite(x) for x in d_rating)  # a seed without a difference is not one
         lines.append(
-            f"| {family} | {len(seeds)} | {_f(m1, sign=True)} [{_f(lo1, sign=True)}, "
+            f"| {family} | {observed} | {_f(m1, sign=True)} [{_f(lo1, sign=True)}, "
             f"{_f(hi1, sign=True)}] | {_f(m2, 3, True)} [{_f(lo2, 3, True)}, {_f(hi2, 3, True)}]"
-            f" | {lifts} | {', '.join(_f(x, 2, True) for x in d_rating)} |"
+            f" | {lifts} | {diversity} | {', '.join(_f(x, 2, True) for x in d_rating)} |"
         )
         x = np.arange(len(seeds))
         ax.bar(x - 0.2, d_rating, width=0.4, color="tab:blue", label="Δ rating")
@@ -239,6 +249,15 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
     md = out_dir / "evidence.md"
     md.write_text("\n".join(lines) + "\n")
     return md
+
+
+def _diversity_kept(pairs: Sequence[tuple[IterationRow, IterationRow]]) -> str:
+    """Mean and worst of (arm diversity / base diversity) over seeds, flagged below 80 %."""
+    ratios = [row.diversity / base.diversity for row, base in pairs if base.diversity > 0]
+    if not ratios:
+        return "—"
+    flag = "" if min(ratios) >= DIVERSITY_KEPT else " ✗"
+    return f"{np.mean(ratios):.0%} [{min(ratios):.0%}]{flag}"
 
 
 def _eval_row(result: LoopResult, arm: str) -> IterationRow | None:

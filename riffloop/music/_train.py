@@ -5,7 +5,10 @@ One optimiser step (``Trainer.step``):
 
 1. Draw a batch of clean mel images x_0^i with confidence weights ω_i: ``batch_size − r`` from the
    training data and ``r = round(replay_ratio · batch_size)`` from the replay data (base corpus,
-   weight ``replay_weight``), so fine-tuning keeps seeing what the base model knew.
+   weight ``replay_weight``), so fine-tuning keeps seeing what the base model knew. The training
+   data's ω are used relative to their mean, ω_i / ω̄: ω says which samples to trust more, and
+   ``replay_ratio`` alone sets how much of the gradient the training data gets (otherwise a set of
+   low-confidence samples would be out-weighed by replay that a set with ω = 1 is not).
 2. Draw t_i ~ U{0, …, 999} and ε ~ N(0, I); x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε
    (``DDIMScheduler.add_noise``).
 3. The target is ε (ε-prediction) or v = √ᾱ_t · ε − √(1 − ᾱ_t) · x_0 (v-prediction,
@@ -410,6 +413,8 @@ class Trainer:
         )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
         self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        # 1 / ω̄ over the whole training set (step 1): its ω average 1 against replay's
+        self._omega_scale = len(data) / float(data.weights.sum())
         self._data_sampler = _EpochSampler(len(data), config.seed)
         self._replay_sampler = (
             _EpochSampler(len(replay), config.seed + 1) if replay is not None else None
@@ -424,7 +429,7 @@ class Trainer:
         n_replay = self.config.replay_per_batch
         idx = self._data_sampler.take(self.config.batch_size - n_replay)
         images = [self.data.images[idx]]
-        omega = [self.data.weights[idx]]
+        omega = [self.data.weights[idx] * self._omega_scale]
         if n_replay and self.replay is not None and self._replay_sampler is not None:
             ridx = self._replay_sampler.take(n_replay)
             images.append(self.replay.images[ridx])

@@ -128,6 +128,50 @@ def test_evaluation_session_is_paired_same_model_same_row() -> None:
     assert len(merges) == 3 and not set(merges) & set(exp.merges)  # requests no iteration served
 
 
+class _Recorder:
+    """Wraps a listener and keeps every track id it was shown."""
+
+    def __init__(self, inner: object, seen: list[str]) -> None:
+        self.inner, self.seen = inner, seen
+        self.listener_id = inner.listener_id  # type: ignore[attr-defined]
+        self.kind = getattr(inner, "kind", "honest")
+
+    def __deepcopy__(self, memo: dict[int, object]) -> _Recorder:
+        import copy
+
+        return _Recorder(copy.deepcopy(self.inner, memo), self.seen)  # one list for all copies
+
+    def listen(self, track_id: str, audio: object, sample_rate: int) -> object:
+        self.seen.append(track_id)
+        return self.inner.listen(track_id, audio, sample_rate)  # type: ignore[attr-defined]
+
+
+def test_listeners_see_opaque_ids_the_same_for_a_request_in_every_arm() -> None:
+    """Blind dispatch: the id a listener is shown names no arm, session, model or probe, and a
+    request has one public id whichever model answered it (so the arms stay paired)."""
+    import copy
+
+    from riffloop.loop import FeedbackLedger
+    from riffloop.loop._listeners import load_listener_factory
+
+    world = _tiny_world()
+    config = _tiny_config()
+    exp = LoopExperiment(config, world, progress=lambda _: None)
+    exp.timings = {}
+    exp._prepare()
+    seen: dict[str, list[str]] = {"a": [], "b": []}
+    inner = load_listener_factory(config.listeners)(8, 0.25, 0)
+    for label in seen:
+        listeners = [_Recorder(x, seen[label]) for x in copy.deepcopy(inner)]
+        start = (listeners, FeedbackLedger().snapshot(), {})
+        exp._evaluate({label: world.model}, start)
+    assert seen["a"] and seen["a"] == seen["b"]
+    for public in seen["a"]:
+        assert len(public) == 16 and int(public, 16) >= 0  # hex, nothing readable
+    ours = set(exp.provenance)
+    assert not ours & set(seen["a"])
+
+
 class _Sloppy:
     """Wraps a listener; every third answer claims 7 stars, or the listener raises."""
 

@@ -88,6 +88,22 @@ def test_listening_time_follows_liking_and_humans_take_real_time() -> None:
     assert all(o.elapsed_seconds >= o.seconds_listened for o in liked + disliked)
 
 
+def test_a_listener_draws_as_many_random_numbers_whatever_it_heard() -> None:
+    """Common random numbers: one listener replayed in two arms hears a clip it skips in one and
+    not in the other; its later draws must still be the same in both."""
+    rng = np.random.default_rng(5)
+    liked, disliked = _bright_dense(rng), _dark_sparse(rng)
+    twins = [
+        TasteListener("x", np.array([1.0, 0.8, 0.2, 0.3]), np.random.default_rng(9), noise=0.3)
+        for _ in range(2)
+    ]
+    for twin, clip in zip(twins, (liked, disliked), strict=True):
+        for _ in range(12):
+            twin.listen("t", clip, SR)
+    states = [twin.rng.bit_generator.state for twin in twins]
+    assert states[0] == states[1]
+
+
 def test_spam_share_and_bot_kinds() -> None:
     pop = bright_dense_listeners(50, 0.2, seed=4)
     kinds = [getattr(x, "kind", "?") for x in pop]

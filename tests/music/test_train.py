@@ -171,6 +171,24 @@ def test_every_window_is_seen_once_per_epoch_and_replay_is_mixed_in() -> None:
         Trainer(_model(), data, config)
 
 
+def test_training_omega_is_used_relative_to_its_mean_against_replay() -> None:
+    """ω ranks the training samples; replay_ratio alone sets their share against replay: a set
+    with ω = 0.25 everywhere trains exactly as one with ω = 1 (a low-confidence set is not
+    out-weighed by replay), and unequal ω keep their ratios."""
+    config = TrainingConfig(total_steps=4, batch_size=4, replay_ratio=0.5)
+    replay = _data(6, value=-1.0)
+    quarter = MelDataset.from_images(torch.zeros(10, 1, 16, 16), torch.full((10,), 0.25))
+    low = Trainer(_model(), quarter, config, replay=replay)
+    _, omega = low.next_batch()
+    assert torch.equal(omega, torch.ones(4))
+    weights = torch.tensor([0.2, 0.6] * 5)
+    ranked = Trainer(
+        _model(), MelDataset.from_images(torch.zeros(10, 1, 16, 16), weights), config, replay=replay
+    )
+    seen = torch.cat([ranked.next_batch()[1][:2] for _ in range(5)])  # one epoch of the data
+    assert sorted(seen.tolist()) == pytest.approx(sorted((weights / weights.mean()).tolist()))
+
+
 # -- training --------------------------------------------------------------------------------
 
 
