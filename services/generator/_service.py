@@ -299,6 +299,12 @@ class Generator:
                 raise ValidationError(
                     f"canary for {event.version} needs a share in (0, 1), got {event.canary_share}"
                 )
+            marker = self.model.store.canary()
+            if marker is None or marker.get("version") != event.version:
+                # a canary that has ended since (a replay after a restart): its decision
+                # follows in the topic, which is one partition, and the marker is gone
+                _log.info("stale canary event skipped", extra={"model_version": event.version})
+                return
             self.model.start_canary(event.version, event.canary_share)
             return
         self.model.serve_only(event.version)  # PROMOTE or ROLLBACK: idempotent

@@ -11,17 +11,23 @@ Embeddings for the diversity guard come from each track's provenance object
 (``tracks/<track_id>.json``, field ``embedding``) written by the generator.
 
 Key-value layout: ``sel:scores`` hash track → JSON score; ``sel:trainset`` JSON of the last
-published set (pairs included); ``sel:model`` the served version.
+set (pairs included, and whether its event went out); ``sel:model`` the served version;
+``sel:purged`` hash target track → the iteration that purged it (a purged pair never returns).
+
+Crash safety: the set is saved before its event is published and marked published after, so a
+restart republishes a set whose event may not have gone out (same ``trainset_id``, derived from
+its pairs: the trainer trains each id once). A pass that fails keeps its new-score count, and a
+restart starts with one pass due, so no score that arrived before a crash is left unconsidered.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
 import threading
-import uuid
 from typing import Any
 
 import numpy as np
@@ -39,6 +45,7 @@ from riffloop.loop import (
     TrackProvenance,
     TrackScored,
     TrainingPair,
+    auto_near_duplicate,
     manifest_json,
     model_score_by_input,
 )
@@ -48,7 +55,7 @@ from riffloop.runtime import (
     scored_items,
     track_scored_to_proto,
 )
-from riffloop.v1 import events_pb2
+from riffloop.v1 import common_pb2, events_pb2
 from riffloop.v1 import selector_service_pb2 as pb
 from riffloop.v1 import selector_service_pb2_grpc as pb_grpc
 
@@ -124,6 +131,19 @@ class SelectorState:
                 )
             raw_set = kv.get("sel:trainset")
             self.trainset = json.loads(raw_set) if raw_set else None
+            # one pass is due after a restart: scores counted before the crash were not kept
+            self.new_scores = self.settings.min_new_scores if self.scores else 0
+        if self.trainset is not None and not self.trainset.get("published", True):
+            self._publish(self.trainset)  # saved, then the process died before its event
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        """The set's event, then its record marked published (a retry republishes it)."""
+        event = events_pb2.TrainsetPublished.FromString(bytes.fromhex(record["event"]))
+        self.ports.publish("trainset.published.v1", record["trainset_id"], event)
+        record = {**record, "published": True}
+        self.ports.kv.set("sel:trainset", json.dumps(record))
+        with self.lock:
+            self.trainset = record
 
     # -- events -------------------------------------------------------------------------------
 
@@ -163,7 +183,10 @@ class SelectorState:
         refuse_items(envelope, "track_scored_batch", refused, len(items))
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:
-        self.ports.kv.set("sel:model", envelope.model_published.version)
+        event = envelope.model_published
+        if event.action == common_pb2.MODEL_ACTION_CANARY:
+            return  # a canary serves a share only: the purge still compares with the served model
+        self.ports.kv.set("sel:model", event.version)
 
     # -- selection ----------------------------------------------------------------------------
 
@@ -182,10 +205,24 @@ class SelectorState:
         with self.lock:
             if not force and self.new_scores < self.settings.min_new_scores:
                 return None
-            self.new_scores = 0
+            counted = self.new_scores  # taken off only when this pass completes
             scores = dict(self.scores)
             provenances = dict(self.provenances)
             previous = self.trainset
+        if previous is not None and not previous.get("published", True):
+            self._publish(previous)  # an earlier pass saved it, then failed to publish it
+        event = self._select(scores, provenances, previous)
+        with self.lock:
+            self.new_scores = max(0, self.new_scores - counted)
+        return event
+
+    def _select(
+        self,
+        scores: dict[str, TrackScored],
+        provenances: dict[str, TrackProvenance],
+        previous: dict[str, Any] | None,
+    ) -> events_pb2.TrainsetPublished | None:
+        kv = self.ports.kv
         generated = [s.track_id for s in scores.values() if s.kind is TrackKind.GENERATED]
         embeddings = {t: self._embedding(t) for t in generated}
         iteration = (previous["iteration"] + 1) if previous else 1
@@ -193,9 +230,15 @@ class SelectorState:
         result = selector.select(scores, provenances, embeddings, iteration)
         old_pairs = [_pair_from_dict(p) for p in previous["pairs"]] if previous else []
         chosen = {p.target_track_id for p in old_pairs}
-        merged = old_pairs + [p for p in result.pairs if p.target_track_id not in chosen]
-        model = self.ports.kv.get("sel:model") or ""
-        purge = PurgeCycle(max_age=self.settings.max_age, cap_per_input=self.settings.cap_per_input)
+        purged = set(kv.hgetall("sel:purged"))
+        merged = old_pairs + [p for p in result.pairs if p.target_track_id not in chosen | purged]
+        model = kv.get("sel:model") or ""
+        purge = PurgeCycle(
+            max_age=self.settings.max_age,
+            # old and new pairs against each other: δ from their own spread (as the demo does)
+            near_duplicate=auto_near_duplicate([np.asarray(p.embedding) for p in merged]),
+            cap_per_input=self.settings.cap_per_input,
+        )
         kept = purge.apply(merged, iteration, model_score_by_input(scores, model, provenances)).kept
         if len(kept) < self.settings.min_pairs:
             _log.info(
@@ -205,7 +248,10 @@ class SelectorState:
             return None
         if previous and {p.target_track_id for p in kept} == chosen:
             return None  # nothing new survived: the last set stands
-        trainset_id = f"ts-{iteration:04d}-{uuid.uuid4().hex[:8]}"
+        kept_ids = sorted(p.target_track_id for p in kept)
+        # the same pairs give the same id, so a set republished after a crash is trained once
+        digest = hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()[:8]
+        trainset_id = f"ts-{iteration:04d}-{digest}"
         ref = self.ports.objects.put(
             "trainsets",
             f"{trainset_id}.json",
@@ -225,11 +271,16 @@ class SelectorState:
             "model_version": model,
             "pairs": [p.to_dict() for p in kept],
             "event": event.SerializeToString().hex(),
+            "published": False,
         }
-        self.ports.publish("trainset.published.v1", trainset_id, event)
-        self.ports.kv.set("sel:trainset", json.dumps(record))
+        # a purged pair stays purged: the next pass must not re-admit it as a fresh survivor
+        dropped = {p.target_track_id for p in merged} - set(kept_ids)
+        if dropped:
+            kv.hset("sel:purged", {t: str(iteration) for t in dropped})
+        kv.set("sel:trainset", json.dumps(record))  # saved first: a crash now republishes it
         with self.lock:
             self.trainset = record
+        self._publish(record)
         _log.info("training set published", extra={"trainset_id": trainset_id, "pairs": len(kept)})
         return event
 

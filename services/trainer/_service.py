@@ -21,6 +21,21 @@ On trainset.published.v1:
 Promote/Rollback RPCs move the registry and ``models/CURRENT`` and publish model.published.v1.
 At start-up, with no model at all, the trainer publishes the base model (``base_model_dir``, else
 a fresh ``base_preset`` model: tiny configurations for tests).
+
+Crash and outage safety (nothing decided is lost, nothing accepted is dropped):
+
+- Every model.published.v1 event has one key, ``models``: one partition, so every consumer sees
+  CANARY, PROMOTE and ROLLBACK in the order they were decided.
+- ``models/CURRENT`` and ``models/CANARY`` say what should be served; ``trainer:announced``
+  (key-value) what the last event that went out said. An announcement that failed, or a crash
+  between a decision and its event, leaves them apart; ``reconcile`` (at start-up, and before
+  the next event is handled after a failure) publishes what is missing.
+- A canary's evidence (each generated track's latest R) lives in ``trainer:canary:<version>``, so
+  a restart continues the comparison instead of starting it again.
+- A training set that arrives during a canary is kept in ``trainer:deferred`` (the newest wins:
+  the selector's sets are cumulative) and published again when the canary ends.
+- A set redelivered after a crash before its gate is trained again under the version it was
+  given; one with a final verdict is not.
 """
 
 from __future__ import annotations
@@ -64,6 +79,10 @@ from riffloop.v1 import trainer_service_pb2 as pb
 from riffloop.v1 import trainer_service_pb2_grpc as pb_grpc
 
 _log = logging.getLogger("riffloop.trainer")
+
+MODELS_KEY = "models"  # the one key of model.published.v1: one partition, events in order
+ANNOUNCED_KEY = "trainer:announced"
+DEFERRED_KEY = "trainer:deferred"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -148,6 +167,8 @@ class TrainerCore:
         # of every generated track of either: track → (version, R).
         self.watch: tuple[str, str] | None = None
         self.watch_scores: dict[str, tuple[str, float]] = {}
+        # True when an announcement may be missing (start-up, or a publish that failed)
+        self.unannounced = True
 
     def _set(self, **changes: Any) -> None:
         with self.lock:
@@ -162,6 +183,7 @@ class TrainerCore:
         current = self.store.current()
         if current is not None:
             self.resume_canary()
+            self.catch_up()
             return str(current["version"])
         from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
 
@@ -231,12 +253,103 @@ class TrainerCore:
         )
         if gate is not None:
             event.gate_report.CopyFrom(gate)
-        event_id = self.ports.publish("model.published.v1", version, event)
+        self.unannounced = True  # until the event is out and recorded
+        event_id = self.ports.publish("model.published.v1", MODELS_KEY, event)
+        said = self.announced() or {"current": "", "canary": ""}
+        if action == common_pb2.MODEL_ACTION_CANARY:
+            said = {**said, "canary": version}
+        else:  # PROMOTE or ROLLBACK: the version alone is served, any canary ended
+            said = {"current": version, "canary": ""}
+        self.ports.kv.set(ANNOUNCED_KEY, json.dumps(said))
+        self.unannounced = False
         if action != common_pb2.MODEL_ACTION_CANARY:
             metrics.set_current_model("trainer", version)
         self._set(state=pb.TRAINER_STATE_IDLE, candidate="")
         _log.info("model published", extra={"model_version": version, "action": action})
         return event_id
+
+    # -- announcements ------------------------------------------------------------------------
+
+    def announced(self) -> dict[str, str] | None:
+        raw = self.ports.kv.get(ANNOUNCED_KEY)
+        return dict(json.loads(raw)) if raw else None
+
+    def reconcile(self) -> list[str]:
+        """Publish what ``models/CURRENT`` and ``models/CANARY`` say but no event said yet (a
+        failed publish, or a crash between a decision and its event); returns the event ids."""
+        current = self.store.current()
+        if current is None:
+            return []
+        serving = str(current["version"])
+        marker = self.store.canary()
+        canary = ""
+        if marker is not None:
+            try:
+                running = self.registry.get(str(marker["version"])).status is VersionStatus.CANARY
+            except NotFoundError:
+                running = False
+            canary = str(marker["version"]) if running else ""
+        said = self.announced()
+        sent: list[str] = []
+        if said is None or said.get("current") != serving:
+            was = (said or {}).get("current", "")
+            back = (
+                bool(was)
+                and was in self.registry.versions()
+                and (serving in self.registry.lineage(was))
+            )
+            action = common_pb2.MODEL_ACTION_ROLLBACK if back else common_pb2.MODEL_ACTION_PROMOTE
+            record = self.registry.get(serving)
+            sent.append(
+                self._announce(serving, record.parent or "", record.trainset_id or "", None, action)
+            )
+            said = self.announced()
+        if said is not None and said.get("canary", "") != canary:
+            if canary and marker is not None:
+                record = self.registry.get(canary)
+                sent.append(
+                    self._announce(
+                        canary,
+                        record.parent or "",
+                        record.trainset_id or "",
+                        None,
+                        common_pb2.MODEL_ACTION_CANARY,
+                        canary_share=float(marker["share"]),
+                    )
+                )
+            else:  # the canary ended and no event said so: the served version alone
+                record = self.registry.get(serving)
+                sent.append(
+                    self._announce(
+                        serving, record.parent or "", "", None, common_pb2.MODEL_ACTION_ROLLBACK
+                    )
+                )
+        self.unannounced = False
+        if sent:
+            _log.warning("announcements reconciled", extra={"events": len(sent)})
+        return sent
+
+    def catch_up(self) -> None:
+        """Before an event is handled: send an announcement a failure left out, and a training
+        set kept during a canary that has ended since."""
+        if self.unannounced:
+            self.reconcile()
+        self.release_deferred()
+
+    def _defer(self, event: events_pb2.TrainsetPublished) -> None:
+        self.ports.kv.set(DEFERRED_KEY, event.SerializeToString().hex())
+
+    def release_deferred(self) -> str | None:
+        """No canary running: publish the training set kept while one ran (a fresh event, so
+        the consumers' de-duplication does not swallow it); returns its trainset id."""
+        raw = self.ports.kv.get(DEFERRED_KEY)
+        if not raw or self.running_canary() is not None:
+            return None
+        event = events_pb2.TrainsetPublished.FromString(bytes.fromhex(raw))
+        self.ports.publish("trainset.published.v1", event.trainset_id, event)
+        self.ports.kv.delete(DEFERRED_KEY)
+        _log.info("deferred training set released", extra={"trainset_id": event.trainset_id})
+        return event.trainset_id
 
     # -- fine-tuning --------------------------------------------------------------------------
 
@@ -267,15 +380,21 @@ class TrainerCore:
         from riffloop.music import MelDataset, Trainer, TrainingConfig, image_from_uint8
 
         event = envelope.trainset_published
-        for version in self.registry.versions():
-            if self.registry.get(version).trainset_id == event.trainset_id:
-                return  # already trained on this set (a redelivery)
+        self.catch_up()
+        unfinished = None  # the version a crash left before its gate: train it again
+        for known in self.registry.versions():
+            record = self.registry.get(known)
+            if record.trainset_id == event.trainset_id:
+                if record.status is not VersionStatus.CANDIDATE:
+                    return  # already trained and judged (a redelivery)
+                unfinished = known
         running = self.running_canary()
         if running is not None:
             # One experiment at a time: a second canary would replace this one before its
-            # ratings decide. The selector publishes a newer set (its pairs persist) later.
+            # ratings decide. The set waits (persisted) and is published again when it ends.
+            self._defer(event)
             _log.info(
-                "training set skipped: a canary is running",
+                "training set deferred: a canary is running",
                 extra={"trainset_id": event.trainset_id, "model_version": running},
             )
             return
@@ -293,7 +412,7 @@ class TrainerCore:
             weights.append(float(pair["weight"]))
         current = self.ensure_base()
         model = self.store.load(current)
-        version = f"v{len(self.registry.versions()) + 1:04d}"
+        version = unfinished or f"v{len(self.registry.versions()) + 1:04d}"
         replay_images = self._replay_images()
         replay = MelDataset.from_images(replay_images) if replay_images is not None else None
         settings = self.settings
@@ -337,16 +456,7 @@ class TrainerCore:
         candidate.parent = current
         gate, report = self._gate(model, candidate, replay_images)
         if not gate.passed:
-            self.store.publish(candidate)
-            self.registry.register(
-                ModelRecord(
-                    version,
-                    current,
-                    event.trainset_id,
-                    VersionStatus.CANDIDATE,
-                    self.store.pointer_key(version),
-                )
-            )
+            self._store_version(candidate, event.trainset_id)  # kept, for a look at why
             self.registry.gate(version, report)
             self._set(state=pb.TRAINER_STATE_IDLE, candidate="", gate=gate)
             _log.info("candidate rejected", extra={"model_version": version, "why": gate.summary})
@@ -417,11 +527,12 @@ class TrainerCore:
     def on_track_scored(self, envelope: events_pb2.Envelope) -> None:
         """Canary watch: compare the new version's generations with its parent's, roll back a
         significantly worse one (one-sided Mann-Whitney on per-track R, ``Canary.decide``)."""
+        self.catch_up()
         with self.lock:
             watch = self.watch
             if watch is None:
                 return
-            fresh = 0
+            fresh: dict[str, str] = {}
             for scored in scored_items(envelope):  # one score, or a chunk of a scoring pass
                 prov = scored.provenance
                 if prov.kind != common_pb2.TRACK_KIND_GENERATED or scored.rating_count < 1:
@@ -435,10 +546,11 @@ class TrainerCore:
                         prov.model_version,
                         float(scored.mean_rating),
                     )
-                    fresh += 1
+                    fresh[scored.track_id] = json.dumps(self.watch_scores[scored.track_id])
             if not fresh:
                 return
             parent, candidate = watch
+            self.ports.kv.hset(_evidence_key(candidate), fresh)  # a restart continues from it
             canary = Canary(
                 parent,
                 candidate,
@@ -455,6 +567,20 @@ class TrainerCore:
             if self.watch != watch:
                 return  # another decision or promotion happened meanwhile
             self.watch = None
+        try:
+            self._act_on(watch, verdict)
+        except Exception:
+            # the retry of this event must decide again: the watch comes back, and an
+            # announcement the failure left out is sent first (``catch_up``)
+            with self.lock:
+                if self.watch is None:
+                    self.watch = watch
+            raise
+        self.ports.kv.delete(_evidence_key(candidate))
+        self.release_deferred()
+
+    def _act_on(self, watch: tuple[str, str], verdict: Any) -> None:
+        parent, candidate = watch
         _log.info(
             "canary decided",
             extra={
@@ -478,8 +604,8 @@ class TrainerCore:
 
     def resume_canary(self) -> str | None:
         """After a restart: watch the canary ``models/CANARY`` names, if the registry still has
-        it as CANARY (a marker left by a crash after the decision is removed). The ratings seen
-        before the restart are gathered again from the TrackScored events that follow."""
+        it as CANARY (a marker left by a crash after the decision is removed), with the scores
+        gathered before the restart (``trainer:canary:<version>``)."""
         marker = self.store.canary()
         if marker is None:
             return None
@@ -491,12 +617,17 @@ class TrainerCore:
         if record is None or record.status is not VersionStatus.CANARY or not record.parent:
             self.store.clear_canary(version)
             return None
+        evidence = {
+            track: (str(v), float(r))
+            for track, raw in self.ports.kv.hgetall(_evidence_key(version)).items()
+            for v, r in [json.loads(raw)]
+        }
         with self.lock:
             resumed = self.watch is None
             if resumed:
-                self.watch, self.watch_scores = (record.parent, version), {}
+                self.watch, self.watch_scores = (record.parent, version), evidence
         if resumed:
-            _log.info("canary resumed", extra={"model_version": version})
+            _log.info("canary resumed", extra={"model_version": version, "scores": len(evidence)})
         return version
 
     def running_canary(self) -> str | None:
@@ -580,6 +711,11 @@ class TrainerCore:
             common_pb2.MODEL_ACTION_ROLLBACK,
         )
         return target, serving, event_id
+
+
+def _evidence_key(candidate: str) -> str:
+    """Key-value hash: generated track → [version, R] gathered by the canary of ``candidate``."""
+    return f"trainer:canary:{candidate}"
 
 
 class TrainerServicer(pb_grpc.TrainerServiceServicer):

@@ -1,4 +1,5 @@
-"""The selector's tracks.scored.v1 handler: a chunk's bad scores are refused alone."""
+"""The selector: a chunk's bad scores are refused alone; training sets survive crashes and
+failed publishes; purged pairs stay purged."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import pytest
 
 from riffloop.core import ItemsRefused, ValidationError, new_envelope
+from riffloop.runtime import Ports
 from riffloop.v1 import common_pb2, events_pb2
 from services.selector import SelectorSettings
 from services.selector._service import SelectorState
@@ -20,7 +22,12 @@ def _score(
     track: str, mean: float, confidence: float = 0.5, kind: int = common_pb2.TRACK_KIND_GENERATED
 ) -> events_pb2.TrackScored:
     prov = common_pb2.TrackProvenance(
-        kind=kind, model_version="v0001", input_song_ids=["a" * 64], similarity=0.5, quality=20
+        kind=kind,
+        model_version="v0001",
+        input_song_ids=["a" * 64],
+        similarity=0.5,
+        quality=20,
+        baseline_song_id="sample-1" if kind == common_pb2.TRACK_KIND_BASELINE else "",
     )
     return events_pb2.TrackScored(
         track_id=track, mean_rating=mean, rating_count=3, confidence=confidence, provenance=prov
@@ -57,3 +64,93 @@ def test_a_chunk_keeps_its_good_scores_and_refuses_the_bad_ones_alone() -> None:
     with pytest.raises(ValidationError):
         state.on_track_scored(new_envelope("feedback", _score("nan", math.nan)))
     assert set(state.scores) == {"good"}
+
+
+def _prepared() -> Ports:
+    ports = shared_ports()
+    ports.prepare()
+    return ports
+
+
+def _population(state: SelectorState, *scores: events_pb2.TrackScored) -> None:
+    state.on_track_scored(new_envelope("feedback", events_pb2.TrackScoredBatch(items=scores)))
+
+
+def _beaten_baseline() -> list[events_pb2.TrackScored]:
+    """One input merge: a baseline at 2 stars and two generations that beat it."""
+    return [
+        _score("base", 2.0, kind=common_pb2.TRACK_KIND_BASELINE),
+        _score("g1", 4.2),
+        _score("g2", 3.6),
+    ]
+
+
+def test_a_set_whose_event_failed_is_republished_with_its_id_and_its_scores_still_count() -> None:
+    ports = _prepared()
+    state = SelectorState(ports, SelectorSettings(min_new_scores=1))
+    _population(state, *_beaten_baseline())
+    sent: list[str] = []
+    real_publish = ports.publish
+
+    def broken(topic: str, key: str, payload: object) -> str:
+        raise ConnectionError("broker down")
+
+    ports.publish = broken  # type: ignore[method-assign]
+    with pytest.raises(ConnectionError):
+        state.select_once()
+    saved = json.loads(ports.kv.get("sel:trainset"))
+    assert saved["published"] is False and state.new_scores == 3  # nothing counted as done
+
+    def recording(topic: str, key: str, payload: object) -> str:
+        sent.append(key)
+        return real_publish(topic, key, payload)
+
+    ports.publish = recording  # type: ignore[method-assign]
+    state.select_once()  # the saved set goes out first, under its own id; nothing new to add
+    assert sent == [saved["trainset_id"]] and state.new_scores == 0
+    assert json.loads(ports.kv.get("sel:trainset"))["published"] is True
+
+    # killed between save and publish: a restarted selector publishes the saved set at once
+    ports.kv.set("sel:trainset", json.dumps(saved))
+    restarted = SelectorState(ports, SelectorSettings(min_new_scores=1))
+    restarted.rebuild()
+    assert sent == [saved["trainset_id"]] * 2
+    assert restarted.new_scores == 1  # and a pass is due: the crash lost the count
+
+
+def test_the_same_pairs_give_the_same_set_id() -> None:
+    ids = []
+    for _ in range(2):
+        state = SelectorState(_prepared(), SelectorSettings(min_new_scores=1))
+        _population(state, *_beaten_baseline())
+        event = state.select_once()
+        assert event is not None
+        ids.append(event.trainset_id)
+    assert ids[0] == ids[1] and ids[0].startswith("ts-0001-")
+
+
+def test_a_purged_pair_never_comes_back_and_a_canary_is_not_the_served_model() -> None:
+    ports = _prepared()
+    state = SelectorState(ports, SelectorSettings(min_new_scores=1, max_age=1))
+    _population(state, *_beaten_baseline())
+    first = state.select_once()
+    assert first is not None and first.pair_count == 2
+    # the next pass: both pairs are stale (max_age 1) and purged; a newcomer survives alone
+    _population(state, _score("g3", 3.9))
+    second = state.select_once()
+    assert second is not None
+    pairs = json.loads(ports.kv.get("sel:trainset"))["pairs"]
+    assert [p["target_track_id"] for p in pairs] == ["g3"]
+    assert set(ports.kv.hgetall("sel:purged")) == {"g1", "g2"}
+    # a third pass must not re-admit g1 and g2 as fresh survivors of their old scores
+    _population(state, _score("g4", 3.8))
+    state.select_once()
+    pairs = json.loads(ports.kv.get("sel:trainset"))["pairs"]
+    assert {"g1", "g2"}.isdisjoint(p["target_track_id"] for p in pairs)
+
+    canary = events_pb2.ModelPublished(version="v0002", action=common_pb2.MODEL_ACTION_CANARY)
+    state.on_model_published(new_envelope("trainer", canary))
+    assert ports.kv.get("sel:model") is None
+    promoted = events_pb2.ModelPublished(version="v0002", action=common_pb2.MODEL_ACTION_PROMOTE)
+    state.on_model_published(new_envelope("trainer", promoted))
+    assert ports.kv.get("sel:model") == "v0002"

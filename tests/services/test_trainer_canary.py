@@ -188,10 +188,14 @@ def test_generator_serves_a_published_canary_and_reports_it() -> None:
             action=common_pb2.MODEL_ACTION_CANARY,
             canary_share=0.3,
         )
-        gen.on_model_published(new_envelope("trainer", event))
         from riffloop.v1 import generator_service_pb2_grpc as gen_grpc
 
         stub = gen_grpc.GeneratorServiceStub(generator.channel)
+        # a canary event whose canary has ended (no marker: a replay after a restart) is stale
+        gen.on_model_published(new_envelope("trainer", event))
+        assert stub.CurrentModel(gen_pb.CurrentModelRequest(), timeout=10).canary_version == ""
+        core.store.set_canary("v0002", "v0001", 0.3)  # as the trainer writes before the event
+        gen.on_model_published(new_envelope("trainer", event))
         current = stub.CurrentModel(gen_pb.CurrentModelRequest(), timeout=10)
         assert (current.version, current.canary_version) == ("v0001", "v0002")
         assert current.canary_share == pytest.approx(0.3)
@@ -240,3 +244,70 @@ def test_a_stale_canary_marker_is_cleared_at_start_up(trainer: Running) -> None:
     wait_for(lambda: core.store.current() is not None, 60, "the base model")
     core.store.set_canary("v0001", "v0000", 0.2)  # v0001 serves: it is no canary
     assert core.resume_canary() is None and core.store.canary() is None
+
+
+def _worse_canary(core) -> None:  # type: ignore[no-untyped-def]
+    """Ratings that make the running canary v0002 significantly worse than v0001."""
+    for i in range(12):
+        core.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
+        core.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
+
+
+def test_a_decision_whose_event_failed_is_announced_on_the_retry(trainer: Running) -> None:
+    """The broker refuses the ROLLBACK event: the decision stands (registry, marker) and the next
+    event handled — the consumer's retry — sends it; every event has the one key "models"."""
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-announce", gate=None, report=PASSED)
+    sent: list[tuple[str, str, object]] = []
+    real = core.ports.publish
+
+    def broken(topic: str, key: str, payload: object) -> str:
+        raise ConnectionError("broker down")
+
+    core.ports.publish = broken
+    with pytest.raises(ConnectionError):
+        _worse_canary(core)
+    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.announced() == {"current": "v0001", "canary": "v0002"}  # what went out last
+
+    def recording(topic: str, key: str, payload: object) -> str:
+        sent.append((topic, key, payload))
+        return real(topic, key, payload)
+
+    core.ports.publish = recording
+    core.on_track_scored(_scored("late", "v0001", 3.0))  # the retry, or any next event
+    assert [(t, k, p.version, p.action) for t, k, p in sent] == [
+        ("model.published.v1", "models", "v0001", common_pb2.MODEL_ACTION_ROLLBACK)
+    ]
+    assert core.announced() == {"current": "v0001", "canary": ""}
+    assert core.watch is None and core.store.canary() is None
+
+
+def test_a_set_that_arrives_during_a_canary_is_trained_after_it(trainer: Running) -> None:
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-first", gate=None, report=PASSED)
+    sent: list[tuple[str, str, object]] = []
+    real = core.ports.publish
+
+    def recording(topic: str, key: str, payload: object) -> str:
+        sent.append((topic, key, payload))
+        return real(topic, key, payload)
+
+    core.ports.publish = recording
+    waiting = events_pb2.TrainsetPublished(trainset_id="ts-waiting", pair_count=2, iteration=2)
+    core.on_trainset_published(new_envelope("selector", waiting))
+    assert not sent and core.registry.versions() == ["v0001", "v0002"]  # nothing trained yet
+    # a restart in between keeps it, and the canary's evidence gathered so far
+    for i in range(5):
+        core.on_track_scored(_scored(f"p{i}", "v0001", 4.0))
+    from services.trainer import TrainerCore, TrainerSettings
+
+    restarted = TrainerCore(
+        TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
+    )
+    assert restarted.resume_canary() == "v0002" and len(restarted.watch_scores) == 5
+    core.ports.publish = recording
+    _worse_canary(core)  # decided: rolled back, then the kept set goes out again
+    released = [p for t, _, p in sent if t == "trainset.published.v1"]
+    assert [p.trainset_id for p in released] == ["ts-waiting"]
+    assert core.ports.kv.get("trainer:deferred") is None
