@@ -208,6 +208,18 @@ class Canary:
         self.max_ratings = max_ratings
         self._scores: dict[str, list[float]] = {current: [], candidate: []}
 
+    @staticmethod
+    def looks(min_ratings: int, max_ratings: int) -> list[int]:
+        """Sample sizes (ratings per side) at which a canary watched as ratings stream in is
+        tested: min_ratings, doubling, then max_ratings. Testing at every new rating would inflate
+        the error rate (each look is another chance of a false verdict); testing only at these K
+        looks, each at α / K (Bonferroni), keeps the overall rate ≤ α."""
+        sizes, n = [], max(1, min_ratings)
+        while n < max_ratings:
+            sizes.append(n)
+            n *= 2
+        return [*sizes, max(max_ratings, min_ratings)]
+
     def route(self, request_id: str) -> str:
         digest = hashlib.sha256(f"canary\x1f{self.candidate}\x1f{request_id}".encode()).digest()
         u = int.from_bytes(digest[:8], "big") / 2**64

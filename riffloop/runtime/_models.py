@@ -214,6 +214,21 @@ class ServedModel:
             self.start_canary(str(marker["version"]), float(marker["share"]))
         except NotFoundError:
             _log.warning("canary marker names a missing checkpoint", extra=marker)
+        self.drop_ended_canary()
+
+    def drop_ended_canary(self) -> None:
+        """After a canary is installed: end it if ``models/CANARY`` no longer names it. Loading
+        the candidate takes a while; a decision (ROLLBACK or PROMOTE) handled meanwhile found no
+        canary to end, and the trainer removes the marker before it announces a decision."""
+        version = self.canary_version
+        if version is None:
+            return
+        marker = self.store.canary()
+        if marker is None or marker.get("version") != version:
+            with self.lock:
+                if self.canary is not None and self.canary[1].version == version:
+                    self.canary = None
+            _log.info("ended canary dropped", extra={"model_version": version})
 
     def swap_to(self, version: str) -> bool:
         model = self.store.load(version)  # outside the lock: requests keep the old model

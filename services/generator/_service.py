@@ -306,6 +306,7 @@ class Generator:
                 _log.info("stale canary event skipped", extra={"model_version": event.version})
                 return
             self.model.start_canary(event.version, event.canary_share)
+            self.model.drop_ended_canary()  # decided while the candidate loaded
             return
         self.model.serve_only(event.version)  # PROMOTE or ROLLBACK: idempotent
 

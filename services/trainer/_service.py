@@ -40,6 +40,7 @@ Crash and outage safety (nothing decided is lost, nothing accepted is dropped):
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import json
 import logging
@@ -169,6 +170,7 @@ class TrainerCore:
         self.watch_scores: dict[str, tuple[str, float]] = {}
         # True when an announcement may be missing (start-up, or a publish that failed)
         self.unannounced = True
+        self.looks_taken = 0  # planned looks (Canary.looks) the watched canary has had
 
     def _set(self, **changes: Any) -> None:
         with self.lock:
@@ -226,6 +228,7 @@ class TrainerCore:
                 self.registry.gate(model.version, report)
             self.registry.promote(model.version)
             with self.lock:
+                self.looks_taken = 0
                 self.watch, self.watch_scores = (model.parent, model.version), {}
         self.store.set_current(model.version, model.parent or "")
         return self._announce(
@@ -481,6 +484,7 @@ class TrainerCore:
         self.registry.gate(model.version, report)  # passed: CANDIDATE → CANARY
         self.store.set_canary(model.version, model.parent, self.settings.canary_share)
         with self.lock:
+            self.looks_taken = 0
             self.watch, self.watch_scores = (model.parent, model.version), {}
         return self._announce(
             model.version,
@@ -551,10 +555,18 @@ class TrainerCore:
                 return
             parent, candidate = watch
             self.ports.kv.hset(_evidence_key(candidate), fresh)  # a restart continues from it
+            # group-sequential: test only when the smaller side reaches the next planned look,
+            # each look at α / K, so watching the stream does not inflate the error rate
+            looks = Canary.looks(self.settings.canary_min_ratings, self.settings.canary_max_ratings)
+            sides = [v for v, _ in self.watch_scores.values()]
+            reached = bisect.bisect_right(looks, min(sides.count(parent), sides.count(candidate)))
+            if reached <= self.looks_taken:
+                return
+            looked_before, self.looks_taken = self.looks_taken, reached
             canary = Canary(
                 parent,
                 candidate,
-                alpha=self.settings.canary_alpha,
+                alpha=self.settings.canary_alpha / len(looks),
                 min_ratings=self.settings.canary_min_ratings,
                 max_ratings=self.settings.canary_max_ratings,
             )
@@ -574,7 +586,7 @@ class TrainerCore:
             # announcement the failure left out is sent first (``catch_up``)
             with self.lock:
                 if self.watch is None:
-                    self.watch = watch
+                    self.watch, self.looks_taken = watch, looked_before  # the same look again
             raise
         self.ports.kv.delete(_evidence_key(candidate))
         self.release_deferred()
@@ -625,6 +637,7 @@ class TrainerCore:
         with self.lock:
             resumed = self.watch is None
             if resumed:
+                self.looks_taken = 0
                 self.watch, self.watch_scores = (record.parent, version), evidence
         if resumed:
             _log.info("canary resumed", extra={"model_version": version, "scores": len(evidence)})

@@ -129,3 +129,30 @@ def test_welch_ci_covers_the_true_difference() -> None:
         hits += lo <= 0.5 <= hi
         assert lo <= d <= hi
     assert hits / 200 > 0.9
+
+
+@pytest.mark.slow  # 5,000 Mann-Whitney tests: ≈ 13 s
+def test_planned_looks_keep_a_watched_canarys_false_rollbacks_within_alpha() -> None:
+    """A canary as good as its parent, watched as ratings stream in: testing at every new
+    rating at α rolls it back far more often than α; testing only at ``Canary.looks``, each at
+    α / K, stays within α (Bonferroni over the planned looks)."""
+    assert Canary.looks(20, 200) == [20, 40, 80, 160, 200]
+    assert Canary.looks(8, 12) == [8, 12] and Canary.looks(5, 5) == [5]
+    rng = np.random.default_rng(0)
+    alpha, low, high, trials = 0.05, 10, 60, 100
+    looks = Canary.looks(low, high)
+    every = planned = 0
+    for _ in range(trials):
+        stars = rng.integers(1, 6, size=(2, high)).astype(float)  # the same taste for both
+
+        def rolled_back(n: int, level: float) -> bool:
+            canary = Canary("p", "c", alpha=level, min_ratings=low, max_ratings=high)
+            for a, b in zip(stars[0, :n], stars[1, :n], strict=True):
+                canary.record("p", float(a))
+                canary.record("c", float(b))
+            return canary.decide().decision is CanaryDecision.ROLLBACK
+
+        every += any(rolled_back(n, alpha) for n in range(low, high + 1))
+        planned += any(rolled_back(n, alpha / len(looks)) for n in looks)
+    assert every / trials > 2 * alpha  # 0.12 with this seed
+    assert planned / trials <= alpha  # 0.02 with this seed

@@ -311,3 +311,24 @@ def test_a_set_that_arrives_during_a_canary_is_trained_after_it(trainer: Running
     released = [p for t, _, p in sent if t == "trainset.published.v1"]
     assert [p.trainset_id for p in released] == ["ts-waiting"]
     assert core.ports.kv.get("trainer:deferred") is None
+
+
+def test_a_canary_decided_while_its_candidate_loaded_is_not_installed(trainer: Running) -> None:
+    """Start-up race: the generator reads the marker, loads the candidate (slow), and the
+    trainer's decision lands meanwhile; the installed canary is dropped at once."""
+    from riffloop.runtime import ServedModel
+
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-race", gate=None, report=PASSED)
+    served = ServedModel(core.store, "generator-race")
+    real_load = core.store.load
+
+    def slow_load(version: str):  # type: ignore[no-untyped-def]
+        model = real_load(version)
+        if version == "v0002":
+            core.abort_canary("v0002")  # decided while the candidate was loading
+        return model
+
+    served.store.load = slow_load  # type: ignore[method-assign]
+    assert served.load_current()
+    assert (served.get().version, served.canary_version) == ("v0001", None)
