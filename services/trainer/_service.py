@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -155,6 +156,18 @@ def _embed(images: Any) -> Any:
     return images[:, 0].mean(dim=-1).double().numpy()
 
 
+def _one_decision_at_a_time(method: Any) -> Any:
+    """Registry and pointer changes are read-modify-write in the object store; gRPC threads
+    (Promote, Rollback) and the consumer thread (canary decisions, training) take turns."""
+
+    @functools.wraps(method)
+    def serialised(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.decisions:
+            return method(self, *args, **kwargs)
+
+    return serialised
+
+
 class TrainerCore:
     def __init__(self, settings: TrainerSettings, ports: Any) -> None:
         self.settings = settings
@@ -171,6 +184,7 @@ class TrainerCore:
         # True when an announcement may be missing (start-up, or a publish that failed)
         self.unannounced = True
         self.looks_taken = 0  # planned looks (Canary.looks) the watched canary has had
+        self.decisions = threading.RLock()  # see _one_decision_at_a_time
 
     def _set(self, **changes: Any) -> None:
         with self.lock:
@@ -219,6 +233,7 @@ class TrainerCore:
             )
         return checkpoint
 
+    @_one_decision_at_a_time
     def publish_version(
         self, model: Any, *, trainset_id: str, gate: Any, action: Any, report: Any = None
     ) -> str:
@@ -277,6 +292,7 @@ class TrainerCore:
         raw = self.ports.kv.get(ANNOUNCED_KEY)
         return dict(json.loads(raw)) if raw else None
 
+    @_one_decision_at_a_time
     def reconcile(self) -> list[str]:
         """Publish what ``models/CURRENT`` and ``models/CANARY`` say but no event said yet (a
         failed publish, or a crash between a decision and its event); returns the event ids."""
@@ -476,6 +492,7 @@ class TrainerCore:
             report=report,
         )
 
+    @_one_decision_at_a_time
     def start_canary(self, model: Any, *, trainset_id: str, gate: Any, report: GateReport) -> str:
         """Checkpoint, registry (CANARY), then model.published (CANARY): a share of requests."""
         if not model.parent:
@@ -591,6 +608,7 @@ class TrainerCore:
         self.ports.kv.delete(_evidence_key(candidate))
         self.release_deferred()
 
+    @_one_decision_at_a_time
     def _act_on(self, watch: tuple[str, str], verdict: Any) -> None:
         parent, candidate = watch
         _log.info(
@@ -651,6 +669,7 @@ class TrainerCore:
             return None
         return watch[1]
 
+    @_one_decision_at_a_time
     def abort_canary(self, candidate: str, verdict: Any = None) -> str:
         """The canary lost: mark it ROLLED_BACK; generators drop it and serve the parent."""
         record = self.registry.get(candidate)
@@ -667,6 +686,7 @@ class TrainerCore:
             parent.version, parent.parent or "", "", None, common_pb2.MODEL_ACTION_ROLLBACK
         )
 
+    @_one_decision_at_a_time
     def promote(self, version: str, verdict: Any = None) -> str:
         record = self.registry.get(version)  # NotFoundError for an unknown version
         if record.status not in (
@@ -689,6 +709,7 @@ class TrainerCore:
             common_pb2.MODEL_ACTION_PROMOTE,
         )
 
+    @_one_decision_at_a_time
     def rollback(self, version: str) -> tuple[str, str, str]:
         candidate = self.running_canary()
         if candidate is not None:
@@ -696,6 +717,7 @@ class TrainerCore:
             if version in ("", parent):
                 # A running canary is what "roll back" means to an operator: drop it.
                 return parent, candidate, self.abort_canary(candidate)
+            self.abort_canary(candidate)  # going back further ends the canary too
         current = self.store.current()
         if current is None:
             raise PermanentError("no model is served yet")

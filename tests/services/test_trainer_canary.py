@@ -94,6 +94,7 @@ def decode(message):  # type: ignore[no-untyped-def]
 
 
 PASSED = GateReport(True, 1.0, 1.0, 1.0, 1.0, 0.25, 0.15)
+PROMOTE = common_pb2.MODEL_ACTION_PROMOTE
 
 
 def test_a_canary_serves_a_share_and_is_promoted_when_not_worse(trainer: Running) -> None:
@@ -332,3 +333,16 @@ def test_a_canary_decided_while_its_candidate_loaded_is_not_installed(trainer: R
     served.store.load = slow_load  # type: ignore[method-assign]
     assert served.load_current()
     assert (served.get().version, served.canary_version) == ("v0001", None)
+
+
+def test_a_rollback_past_a_running_canarys_parent_ends_the_canary(trainer: Running) -> None:
+    core = trainer.state
+    core.publish_version(_child(core), trainset_id="ts-2", gate=None, action=PROMOTE, report=PASSED)
+    grandchild = _child(core, "v0003")
+    grandchild.parent = "v0002"
+    core.start_canary(grandchild, trainset_id="ts-3", gate=None, report=PASSED)
+    target, serving, _ = core.rollback("v0001")
+    assert (target, serving) == ("v0001", "v0002")
+    assert core.registry.get("v0003").status is VersionStatus.ROLLED_BACK
+    assert core.store.canary() is None and core.running_canary() is None
+    assert core.store.current()["version"] == "v0001"
