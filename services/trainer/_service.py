@@ -31,7 +31,8 @@ Crash and outage safety (nothing decided is lost, nothing accepted is dropped):
   between a decision and its event, leaves them apart; ``reconcile`` (at start-up, and before
   the next event is handled after a failure) publishes what is missing.
 - A canary's evidence (each generated track's latest R) lives in ``trainer:canary:<version>``, so
-  a restart continues the comparison instead of starting it again.
+  a restart continues the comparison instead of starting it again; a version promoted at once
+  is named in ``trainer:watch`` so its watch resumes too.
 - A training set that arrives during a canary is kept in ``trainer:deferred`` (the newest wins:
   the selector's sets are cumulative) and published again when the canary ends.
 - A set redelivered after a crash before its gate is trained again under the version it was
@@ -85,6 +86,7 @@ _log = logging.getLogger("riffloop.trainer")
 MODELS_KEY = "models"  # the one key of model.published.v1: one partition, events in order
 ANNOUNCED_KEY = "trainer:announced"
 DEFERRED_KEY = "trainer:deferred"
+WATCH_KEY = "trainer:watch"  # [parent, version] of a version promoted at once and watched
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -245,6 +247,7 @@ class TrainerCore:
             with self.lock:
                 self.looks_taken = 0
                 self.watch, self.watch_scores = (model.parent, model.version), {}
+            self.ports.kv.set(WATCH_KEY, json.dumps([model.parent, model.version]))
         self.store.set_current(model.version, model.parent or "")
         return self._announce(
             model.version, model.parent or "", trainset_id, gate, action, checkpoint
@@ -605,8 +608,15 @@ class TrainerCore:
                 if self.watch is None:
                     self.watch, self.looks_taken = watch, looked_before  # the same look again
             raise
-        self.ports.kv.delete(_evidence_key(candidate))
+        self._unwatch(candidate)
         self.release_deferred()
+
+    def _unwatch(self, candidate: str) -> None:
+        """The watch of ``candidate`` is over: its persisted evidence and marker go."""
+        self.ports.kv.delete(_evidence_key(candidate))
+        raw = self.ports.kv.get(WATCH_KEY)
+        if raw and json.loads(raw)[1] == candidate:
+            self.ports.kv.delete(WATCH_KEY)
 
     @_one_decision_at_a_time
     def _act_on(self, watch: tuple[str, str], verdict: Any) -> None:
@@ -638,7 +648,7 @@ class TrainerCore:
         gathered before the restart (``trainer:canary:<version>``)."""
         marker = self.store.canary()
         if marker is None:
-            return None
+            return self._resume_watch()
         version = str(marker["version"])
         try:
             record = self.registry.get(version)
@@ -661,6 +671,29 @@ class TrainerCore:
             _log.info("canary resumed", extra={"model_version": version, "scores": len(evidence)})
         return version
 
+    def _resume_watch(self) -> str | None:
+        """After a restart: watch again a version promoted at once (``canary_share`` 0) whose
+        watch had not decided, with the scores gathered before."""
+        raw = self.ports.kv.get(WATCH_KEY)
+        if not raw:
+            return None
+        parent, version = (str(v) for v in json.loads(raw))
+        current = self.store.current() or {}
+        if current.get("version") != version:
+            self._unwatch(version)  # rolled back or replaced since: nothing left to watch
+            return None
+        evidence = {
+            track: (str(v), float(r))
+            for track, raw_score in self.ports.kv.hgetall(_evidence_key(version)).items()
+            for v, r in [json.loads(raw_score)]
+        }
+        with self.lock:
+            if self.watch is None:
+                self.looks_taken = 0
+                self.watch, self.watch_scores = (parent, version), evidence
+        _log.info("watch resumed", extra={"model_version": version, "scores": len(evidence)})
+        return version
+
     def running_canary(self) -> str | None:
         """The candidate serving a canary share now, if any."""
         with self.lock:
@@ -681,6 +714,7 @@ class TrainerCore:
         with self.lock:
             if self.watch is not None and self.watch[1] == candidate:
                 self.watch = None
+        self._unwatch(candidate)
         parent = self.registry.get(record.parent)
         return self._announce(
             parent.version, parent.parent or "", "", None, common_pb2.MODEL_ACTION_ROLLBACK
@@ -697,8 +731,13 @@ class TrainerCore:
             raise PermanentError(f"model {version} is {record.status}; it cannot be promoted")
         self.registry.promote(version, verdict)
         with self.lock:
-            if self.watch is not None and self.watch[1] == version and verdict is not None:
+            watched = self.watch is not None and self.watch[1] == version
+            if watched and verdict is not None:
                 self.watch = None  # the canary decided; a manual promote keeps watching
+        if watched and verdict is not None:
+            self._unwatch(version)
+        elif watched and record.parent:  # watched on as a promoted version, across restarts
+            self.ports.kv.set(WATCH_KEY, json.dumps([record.parent, version]))
         self.store.set_current(version, record.parent or "")
         self.store.clear_canary(version)
         return self._announce(
@@ -737,7 +776,9 @@ class TrainerCore:
         self.store.set_current(target, self.registry.get(target).parent or "")
         metrics.MODEL_ROLLBACKS.inc()
         with self.lock:
-            self.watch = None
+            watched, self.watch = self.watch, None
+        if watched is not None:
+            self._unwatch(watched[1])
         event_id = self._announce(
             target,
             self.registry.get(target).parent or "",

@@ -346,3 +346,28 @@ def test_a_rollback_past_a_running_canarys_parent_ends_the_canary(trainer: Runni
     assert core.registry.get("v0003").status is VersionStatus.ROLLED_BACK
     assert core.store.canary() is None and core.running_canary() is None
     assert core.store.current()["version"] == "v0001"
+
+
+def test_a_version_promoted_at_once_is_still_watched_after_a_restart(trainer: Running) -> None:
+    """canary_share 0: the watch of the promoted version and its evidence survive a restart,
+    and the restarted trainer rolls a worse one back."""
+    from services.trainer import TrainerCore, TrainerSettings
+
+    core = trainer.state
+    core.publish_version(
+        _child(core), trainset_id="ts-now", gate=None, action=PROMOTE, report=PASSED
+    )
+    for i in range(6):
+        core.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
+        core.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
+    restarted = TrainerCore(
+        TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
+    )
+    restarted.ensure_base()
+    assert restarted.watch == ("v0001", "v0002") and len(restarted.watch_scores) == 12
+    for i in range(6, 12):
+        restarted.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
+        restarted.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
+    assert core.store.current()["version"] == "v0001"
+    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.ports.kv.get("trainer:watch") is None
