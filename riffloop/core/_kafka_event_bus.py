@@ -90,6 +90,7 @@ class KafkaEventBus(EventBus):
         session_timeout_ms: int = 10_000,
         topic_prefix: str = "",
         linger_ms: int = 0,
+        max_poll_interval_s: float = 300.0,
     ) -> None:
         if not bootstrap:
             raise ValidationError("Kafka bootstrap servers must be given (host:port)")
@@ -103,6 +104,7 @@ class KafkaEventBus(EventBus):
         # prefixed ones. validate_topic checks the combined name fits Kafka's rules.
         self._prefix = topic_prefix
         self._linger_ms = linger_ms
+        self._max_poll_interval_ms = int(max_poll_interval_s * 1000)
         self._producer: KafkaProducer | None = None
         self._admin: Any = None  # KafkaAdminClient, guarded by _admin_lock
         self._admin_lock = threading.Lock()
@@ -118,6 +120,7 @@ class KafkaEventBus(EventBus):
             replication_factor=settings.kafka_replication_factor,
             topic_prefix=settings.kafka_topic_prefix,
             linger_ms=settings.kafka_linger_ms,
+            max_poll_interval_s=settings.kafka_max_poll_interval_s,
         )
 
     def _physical(self, topic: str) -> str:
@@ -274,6 +277,7 @@ class KafkaEventBus(EventBus):
                 bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
                 session_timeout_ms=self._session_timeout_ms,
                 heartbeat_interval_ms=max(500, self._session_timeout_ms // 5),
+                max_poll_interval_ms=self._max_poll_interval_ms,
                 request_timeout_ms=max(
                     int(self._request_timeout_s * 1000), self._session_timeout_ms + 5000
                 ),

@@ -58,6 +58,10 @@ class Settings:
     kafka_topic_prefix: str = ""
     # Producer linger (ms): concurrent publishes (the gateway's RPC threads) share a request.
     kafka_linger_ms: int = 0
+    # Longest a consumer may spend on one batch of records before the group drops it and hands
+    # its partitions to another member (Kafka's max.poll.interval.ms). The trainer handles a
+    # training set in its consumer thread, so its default is longer (TrainerSettings).
+    kafka_max_poll_interval_s: float = 300.0
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = secret()
@@ -140,6 +144,11 @@ class Settings:
             _fail("dedupe_ttl_s", f"must be at least 1 second, got {self.dedupe_ttl_s}")
         if not self.service_name or not all(c.isalnum() or c in "-_" for c in self.service_name):
             _fail("service_name", "must be non-empty letters, digits, '-' or '_'")
+        if not 10 <= self.kafka_max_poll_interval_s <= 86_400:
+            _fail(
+                "kafka_max_poll_interval_s",
+                f"must lie in 10–86,400 s, got {self.kafka_max_poll_interval_s}",
+            )
         if not 0 <= self.kafka_linger_ms <= 1000:
             _fail("kafka_linger_ms", f"must lie in 0–1000, got {self.kafka_linger_ms}")
         if self.kafka_topic_prefix and not _TOPIC_PREFIX.fullmatch(self.kafka_topic_prefix):

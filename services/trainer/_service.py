@@ -97,6 +97,8 @@ class TrainerSettings(ServiceSettings):
     # Bootstrap: a MusicDiffusion folder (the trained base model), else a fresh preset model.
     base_model_dir: str = ""
     base_preset: str = "cpu_small"
+    # Training runs in the consumer thread (between polls): allow it up to 30 min per set.
+    kafka_max_poll_interval_s: float = 1800.0
     finetune_steps: int = 120
     batch_size: int = 8
     learning_rate: float = 5e-5

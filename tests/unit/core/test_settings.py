@@ -90,6 +90,7 @@ def test_tooling_variables_are_not_settings_but_tolerated() -> None:
         ("RIFFLOOP_S3_ENDPOINT", "minio:9000/bucket", "host:port"),
         ("RIFFLOOP_KAFKA_BOOTSTRAP", "localhost", "host:port"),
         ("RIFFLOOP_SERVICE_NAME", "my service", "letters"),
+        ("RIFFLOOP_KAFKA_MAX_POLL_INTERVAL_S", "5", "10–86,400 s"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str, expected: str) -> None:
