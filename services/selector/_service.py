@@ -273,8 +273,9 @@ class SelectorState:
             "event": event.SerializeToString().hex(),
             "published": False,
         }
-        # a purged pair stays purged: the next pass must not re-admit it as a fresh survivor
-        dropped = {p.target_track_id for p in merged} - set(kept_ids)
+        # a pair of the last set that the purge dropped stays dropped: the next pass must not
+        # re-admit it as a fresh survivor (a newcomer turned away by the cap may come back)
+        dropped = chosen - set(kept_ids)
         if dropped:
             kv.hset("sel:purged", {t: str(iteration) for t in dropped})
         kv.set("sel:trainset", json.dumps(record))  # saved first: a crash now republishes it

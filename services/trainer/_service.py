@@ -247,8 +247,11 @@ class TrainerCore:
                 self.registry.gate(model.version, report)
             self.registry.promote(model.version)
             with self.lock:
+                replaced = self.watch
                 self.looks_taken = 0
                 self.watch, self.watch_scores = (model.parent, model.version), {}
+            if replaced is not None and replaced[1] != model.version:
+                self._unwatch(replaced[1])
             self.ports.kv.set(WATCH_KEY, json.dumps([model.parent, model.version]))
         self.store.set_current(model.version, model.parent or "")
         return self._announce(
@@ -315,7 +318,12 @@ class TrainerCore:
             canary = str(marker["version"]) if running else ""
         said = self.announced()
         sent: list[str] = []
-        if said is None or said.get("current") != serving:
+        if said is None:
+            # a deployment from before this record: take the pointers as announced (generators
+            # load them at start-up) rather than re-announce and flap a running canary
+            self.ports.kv.set(ANNOUNCED_KEY, json.dumps({"current": serving, "canary": canary}))
+            said = self.announced()
+        if said is not None and said.get("current") != serving:
             was = (said or {}).get("current", "")
             back = (
                 bool(was)
@@ -506,8 +514,11 @@ class TrainerCore:
         self.registry.gate(model.version, report)  # passed: CANDIDATE → CANARY
         self.store.set_canary(model.version, model.parent, self.settings.canary_share)
         with self.lock:
+            replaced = self.watch
             self.looks_taken = 0
             self.watch, self.watch_scores = (model.parent, model.version), {}
+        if replaced is not None and replaced[1] != model.version:
+            self._unwatch(replaced[1])  # its persisted watch must not come back at a restart
         return self._announce(
             model.version,
             model.parent,
@@ -585,6 +596,7 @@ class TrainerCore:
             if reached <= self.looks_taken:
                 return
             looked_before, self.looks_taken = self.looks_taken, reached
+            self.ports.kv.set(_evidence_key(candidate) + ":looks", str(reached))
             canary = Canary(
                 parent,
                 candidate,
@@ -597,25 +609,40 @@ class TrainerCore:
         verdict = canary.decide()
         if verdict.decision is CanaryDecision.CONTINUE:
             return
-        with self.lock:
-            if self.watch != watch:
-                return  # another decision or promotion happened meanwhile
-            self.watch = None
-        try:
-            self._act_on(watch, verdict)
-        except Exception:
-            # the retry of this event must decide again: the watch comes back, and an
-            # announcement the failure left out is sent first (``catch_up``)
+        with self.decisions:  # an operator's Promote or Rollback waits, or went first
             with self.lock:
-                if self.watch is None:
-                    self.watch, self.looks_taken = watch, looked_before  # the same look again
-            raise
-        self._unwatch(candidate)
+                if self.watch != watch:
+                    return  # another decision or promotion happened meanwhile
+                self.watch = None
+            try:
+                self._act_on(watch, verdict)
+            except Exception:
+                # the retry of this event must decide again (the watch comes back) unless the
+                # decision got through before the failure; a missing announcement is sent
+                # first either way (``catch_up``)
+                if self._undecided(watch):
+                    with self.lock:
+                        if self.watch is None:
+                            self.watch, self.looks_taken = watch, looked_before
+                raise
+            self._unwatch(candidate)
         self.release_deferred()
+
+    def _undecided(self, watch: tuple[str, str]) -> bool:
+        """The watched candidate still runs as a canary, or still serves as promoted at once."""
+        try:
+            status = self.registry.get(watch[1]).status
+            current = (self.store.current() or {}).get("version")
+        except Exception:  # the store is what failed: keep watching, the retry will tell
+            return True
+        return status is VersionStatus.CANARY or (
+            status is VersionStatus.SERVING and current == watch[1]
+        )
 
     def _unwatch(self, candidate: str) -> None:
         """The watch of ``candidate`` is over: its persisted evidence and marker go."""
         self.ports.kv.delete(_evidence_key(candidate))
+        self.ports.kv.delete(_evidence_key(candidate) + ":looks")
         raw = self.ports.kv.get(WATCH_KEY)
         if raw and json.loads(raw)[1] == candidate:
             self.ports.kv.delete(WATCH_KEY)
@@ -659,19 +686,28 @@ class TrainerCore:
         if record is None or record.status is not VersionStatus.CANARY or not record.parent:
             self.store.clear_canary(version)
             return None
-        evidence = {
-            track: (str(v), float(r))
-            for track, raw in self.ports.kv.hgetall(_evidence_key(version)).items()
-            for v, r in [json.loads(raw)]
-        }
         with self.lock:
             resumed = self.watch is None
-            if resumed:
-                self.looks_taken = 0
-                self.watch, self.watch_scores = (record.parent, version), evidence
         if resumed:
+            evidence = self._watch_again(record.parent, version)
             _log.info("canary resumed", extra={"model_version": version, "scores": len(evidence)})
         return version
+
+    def _watch_again(self, parent: str, version: str) -> dict[str, tuple[str, float]]:
+        """Watch ``version`` against ``parent`` with the evidence and looks persisted so far
+        (unless a watch started meanwhile); returns that evidence."""
+        key = _evidence_key(version)
+        evidence = {
+            track: (str(v), float(r))
+            for track, raw in self.ports.kv.hgetall(key).items()
+            for v, r in [json.loads(raw)]
+        }
+        looks = int(self.ports.kv.get(key + ":looks") or 0)
+        with self.lock:
+            if self.watch is None:
+                self.looks_taken = looks
+                self.watch, self.watch_scores = (parent, version), evidence
+        return evidence
 
     def _resume_watch(self) -> str | None:
         """After a restart: watch again a version promoted at once (``canary_share`` 0) whose
@@ -684,15 +720,7 @@ class TrainerCore:
         if current.get("version") != version:
             self._unwatch(version)  # rolled back or replaced since: nothing left to watch
             return None
-        evidence = {
-            track: (str(v), float(r))
-            for track, raw_score in self.ports.kv.hgetall(_evidence_key(version)).items()
-            for v, r in [json.loads(raw_score)]
-        }
-        with self.lock:
-            if self.watch is None:
-                self.looks_taken = 0
-                self.watch, self.watch_scores = (parent, version), evidence
+        evidence = self._watch_again(parent, version)
         _log.info("watch resumed", extra={"model_version": version, "scores": len(evidence)})
         return version
 
@@ -758,7 +786,6 @@ class TrainerCore:
             if version in ("", parent):
                 # A running canary is what "roll back" means to an operator: drop it.
                 return parent, candidate, self.abort_canary(candidate)
-            self.abort_canary(candidate)  # going back further ends the canary too
         current = self.store.current()
         if current is None:
             raise PermanentError("no model is served yet")
@@ -771,6 +798,8 @@ class TrainerCore:
             raise ValidationError(f"model {target} is already served")
         if target not in self.registry.lineage(serving):
             raise ValidationError(f"model {target} is not an ancestor of {serving}")
+        if candidate is not None:
+            self.abort_canary(candidate)  # going back further ends the canary too
         if target == record.parent:
             self.registry.roll_back(serving)
         else:

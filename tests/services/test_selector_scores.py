@@ -144,7 +144,7 @@ def test_a_purged_pair_never_comes_back_and_a_canary_is_not_the_served_model() -
     assert set(ports.kv.hgetall("sel:purged")) == {"g1", "g2"}
     # a third pass must not re-admit g1 and g2 as fresh survivors of their old scores
     _population(state, _score("g4", 3.8))
-    state.select_once()
+    assert state.select_once() is not None
     pairs = json.loads(ports.kv.get("sel:trainset"))["pairs"]
     assert {"g1", "g2"}.isdisjoint(p["target_track_id"] for p in pairs)
 

@@ -371,3 +371,33 @@ def test_a_version_promoted_at_once_is_still_watched_after_a_restart(trainer: Ru
     assert core.store.current()["version"] == "v0001"
     assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
     assert core.ports.kv.get("trainer:watch") is None
+
+
+def test_a_refused_rollback_leaves_the_canary_running(trainer: Running) -> None:
+    from riffloop.core import NotFoundError, ValidationError
+
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-keep", gate=None, report=PASSED)
+    with pytest.raises((ValidationError, NotFoundError)):
+        core.rollback("v9999")
+    assert core.running_canary() == "v0002" and core.store.canary() is not None
+
+
+def test_a_deployment_without_an_announcement_record_takes_its_pointers_as_announced(
+    trainer: Running,
+) -> None:
+    """Upgrading a running deployment: no ``trainer:announced`` yet. The pointers are taken as
+    what generators already serve; nothing is re-announced (a PROMOTE would drop a canary)."""
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-upgrade", gate=None, report=PASSED)
+    core.ports.kv.delete("trainer:announced")
+    sent: list[object] = []
+    real = core.ports.publish
+    core.ports.publish = lambda topic, key, payload: (
+        sent.append(payload)
+        or real(  # type: ignore[method-assign]
+            topic, key, payload
+        )
+    )
+    assert core.reconcile() == [] and not sent
+    assert core.announced() == {"current": "v0001", "canary": "v0002"}
