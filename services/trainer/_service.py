@@ -417,6 +417,9 @@ class TrainerCore:
         for known in self.registry.versions():
             record = self.registry.get(known)
             if record.trainset_id == event.trainset_id:
+                if record.status is VersionStatus.CANARY and self.store.canary() is None:
+                    self._finish_canary_start(record)  # a crash came before its marker
+                    return
                 if record.status is not VersionStatus.CANDIDATE:
                     return  # already trained and judged (a redelivery)
                 unfinished = known
@@ -526,6 +529,26 @@ class TrainerCore:
             gate,
             common_pb2.MODEL_ACTION_CANARY,
             checkpoint,
+            canary_share=self.settings.canary_share,
+        )
+
+    @_one_decision_at_a_time
+    def _finish_canary_start(self, record: ModelRecord) -> str:
+        """A gated candidate the registry calls CANARY but no marker names (the process died
+        between the two writes): the marker, the watch and the CANARY event it never got."""
+        if not record.parent:
+            raise PermanentError(f"model {record.version} has no parent to run a canary against")
+        if self.settings.canary_share <= 0:  # configured since to promote at once
+            return self.promote(record.version)
+        self.store.set_canary(record.version, record.parent, self.settings.canary_share)
+        self._watch_again(record.parent, record.version)
+        _log.warning("canary start finished", extra={"model_version": record.version})
+        return self._announce(
+            record.version,
+            record.parent,
+            record.trainset_id or "",
+            None,
+            common_pb2.MODEL_ACTION_CANARY,
             canary_share=self.settings.canary_share,
         )
 

@@ -401,3 +401,27 @@ def test_a_deployment_without_an_announcement_record_takes_its_pointers_as_annou
     )
     assert core.reconcile() == [] and not sent
     assert core.announced() == {"current": "v0001", "canary": "v0002"}
+
+
+def test_a_canary_a_crash_left_without_its_marker_is_started_on_the_redelivery(
+    trainer: Running,
+) -> None:
+    """Killed between the registry write (CANARY) and the marker: the redelivered training set
+    finishes the start — marker, watch, CANARY event — instead of counting as judged."""
+    core = trainer.state
+    child = _child(core)
+    core._store_version(child, "ts-crash")
+    core.registry.gate("v0002", PASSED)  # CANDIDATE → CANARY; then the process died
+    sent: list[object] = []
+    real = core.ports.publish
+    core.ports.publish = lambda topic, key, payload: (
+        sent.append(payload)
+        or real(  # type: ignore[method-assign]
+            topic, key, payload
+        )
+    )
+    again = events_pb2.TrainsetPublished(trainset_id="ts-crash", pair_count=1, iteration=1)
+    core.on_trainset_published(new_envelope("selector", again))
+    assert core.store.canary() == {"version": "v0002", "parent": "v0001", "share": 0.25}
+    assert core.running_canary() == "v0002"
+    assert [(p.version, p.action) for p in sent] == [("v0002", common_pb2.MODEL_ACTION_CANARY)]
