@@ -5,6 +5,7 @@ way and rolled back when worse. The generator routes the canary share by request
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -247,6 +248,19 @@ def test_a_stale_canary_marker_is_cleared_at_start_up(trainer: Running) -> None:
     assert core.resume_canary() is None and core.store.canary() is None
 
 
+def _record_publishes(core) -> list[tuple[str, str, Any]]:  # type: ignore[no-untyped-def]
+    """From now on, every (topic, key, payload) the trainer publishes, still published."""
+    sent: list[tuple[str, str, Any]] = []
+    real = core.ports.publish
+
+    def recording(topic: str, key: str, payload: Any) -> str:
+        sent.append((topic, key, payload))
+        return real(topic, key, payload)
+
+    core.ports.publish = recording
+    return sent
+
+
 def _worse_canary(core) -> None:  # type: ignore[no-untyped-def]
     """Ratings that make the running canary v0002 significantly worse than v0001."""
     for i in range(12):
@@ -259,7 +273,6 @@ def test_a_decision_whose_event_failed_is_announced_on_the_retry(trainer: Runnin
     event handled — the consumer's retry — sends it; every event has the one key "models"."""
     core = trainer.state
     core.start_canary(_child(core), trainset_id="ts-announce", gate=None, report=PASSED)
-    sent: list[tuple[str, str, object]] = []
     real = core.ports.publish
 
     def broken(topic: str, key: str, payload: object) -> str:
@@ -270,12 +283,8 @@ def test_a_decision_whose_event_failed_is_announced_on_the_retry(trainer: Runnin
         _worse_canary(core)
     assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
     assert core.announced() == {"current": "v0001", "canary": "v0002"}  # what went out last
-
-    def recording(topic: str, key: str, payload: object) -> str:
-        sent.append((topic, key, payload))
-        return real(topic, key, payload)
-
-    core.ports.publish = recording
+    core.ports.publish = real
+    sent = _record_publishes(core)
     core.on_track_scored(_scored("late", "v0001", 3.0))  # the retry, or any next event
     assert [(t, k, p.version, p.action) for t, k, p in sent] == [
         ("model.published.v1", "models", "v0001", common_pb2.MODEL_ACTION_ROLLBACK)
@@ -287,14 +296,7 @@ def test_a_decision_whose_event_failed_is_announced_on_the_retry(trainer: Runnin
 def test_a_set_that_arrives_during_a_canary_is_trained_after_it(trainer: Running) -> None:
     core = trainer.state
     core.start_canary(_child(core), trainset_id="ts-first", gate=None, report=PASSED)
-    sent: list[tuple[str, str, object]] = []
-    real = core.ports.publish
-
-    def recording(topic: str, key: str, payload: object) -> str:
-        sent.append((topic, key, payload))
-        return real(topic, key, payload)
-
-    core.ports.publish = recording
+    sent = _record_publishes(core)
     waiting = events_pb2.TrainsetPublished(trainset_id="ts-waiting", pair_count=2, iteration=2)
     core.on_trainset_published(new_envelope("selector", waiting))
     assert not sent and core.registry.versions() == ["v0001", "v0002"]  # nothing trained yet
@@ -307,7 +309,6 @@ def test_a_set_that_arrives_during_a_canary_is_trained_after_it(trainer: Running
         TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
     )
     assert restarted.resume_canary() == "v0002" and len(restarted.watch_scores) == 5
-    core.ports.publish = recording
     _worse_canary(core)  # decided: rolled back, then the kept set goes out again
     released = [p for t, _, p in sent if t == "trainset.published.v1"]
     assert [p.trainset_id for p in released] == ["ts-waiting"]
@@ -391,14 +392,7 @@ def test_a_deployment_without_an_announcement_record_takes_its_pointers_as_annou
     core = trainer.state
     core.start_canary(_child(core), trainset_id="ts-upgrade", gate=None, report=PASSED)
     core.ports.kv.delete("trainer:announced")
-    sent: list[object] = []
-    real = core.ports.publish
-    core.ports.publish = lambda topic, key, payload: (
-        sent.append(payload)
-        or real(  # type: ignore[method-assign]
-            topic, key, payload
-        )
-    )
+    sent = _record_publishes(core)
     assert core.reconcile() == [] and not sent
     assert core.announced() == {"current": "v0001", "canary": "v0002"}
 
@@ -412,16 +406,11 @@ def test_a_canary_a_crash_left_without_its_marker_is_started_on_the_redelivery(
     child = _child(core)
     core._store_version(child, "ts-crash")
     core.registry.gate("v0002", PASSED)  # CANDIDATE → CANARY; then the process died
-    sent: list[object] = []
-    real = core.ports.publish
-    core.ports.publish = lambda topic, key, payload: (
-        sent.append(payload)
-        or real(  # type: ignore[method-assign]
-            topic, key, payload
-        )
-    )
+    sent = _record_publishes(core)
     again = events_pb2.TrainsetPublished(trainset_id="ts-crash", pair_count=1, iteration=1)
     core.on_trainset_published(new_envelope("selector", again))
     assert core.store.canary() == {"version": "v0002", "parent": "v0001", "share": 0.25}
     assert core.running_canary() == "v0002"
-    assert [(p.version, p.action) for p in sent] == [("v0002", common_pb2.MODEL_ACTION_CANARY)]
+    assert [(p.version, p.action) for _, _, p in sent] == [
+        ("v0002", common_pb2.MODEL_ACTION_CANARY)
+    ]
