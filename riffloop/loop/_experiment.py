@@ -702,7 +702,12 @@ class LoopExperiment:
                         else []
                     )
                 if not arm.pairs:
-                    self.progress(f"{name}: no generation beat its baseline; keeping the model")
+                    why = (
+                        "no generation beat its baseline"
+                        if name == "selected"
+                        else "no budget (the selected arm had no pairs)"
+                    )
+                    self.progress(f"{name}: {why}; keeping the model")
                     tuned = arm.model
                 else:
                     tuned = self._finetune(arm, arm.pairs, iteration - 1)
