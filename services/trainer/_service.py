@@ -34,7 +34,8 @@ Crash and outage safety (nothing decided is lost, nothing accepted is dropped):
   a restart continues the comparison instead of starting it again; a version promoted at once
   is named in ``trainer:watch`` so its watch resumes too.
 - A training set that arrives during a canary is kept in ``trainer:deferred`` (the newest wins:
-  the selector's sets are cumulative) and published again when the canary ends.
+  the selector's sets are cumulative) and published again when the canary ends, unless a newer
+  set was trained meanwhile (``trainer:last-iteration``).
 - A set redelivered after a crash before its gate is trained again under the version it was
   given; one with a final verdict is not.
 """
@@ -86,6 +87,7 @@ _log = logging.getLogger("riffloop.trainer")
 MODELS_KEY = "models"  # the one key of model.published.v1: one partition, events in order
 ANNOUNCED_KEY = "trainer:announced"
 DEFERRED_KEY = "trainer:deferred"
+LAST_ITERATION_KEY = "trainer:last-iteration"  # of the newest training set trained
 WATCH_KEY = "trainer:watch"  # [parent, version] of a version promoted at once and watched
 
 
@@ -369,6 +371,13 @@ class TrainerCore:
         self.release_deferred()
 
     def _defer(self, event: events_pb2.TrainsetPublished) -> None:
+        """Keep ``event`` for after the canary, unless a newer set (higher iteration) is kept:
+        the selector's sets are cumulative, so the newest one stands for the others."""
+        raw = self.ports.kv.get(DEFERRED_KEY)
+        if raw:
+            kept = events_pb2.TrainsetPublished.FromString(bytes.fromhex(raw))
+            if kept.iteration > event.iteration:
+                return
         self.ports.kv.set(DEFERRED_KEY, event.SerializeToString().hex())
 
     def release_deferred(self) -> str | None:
@@ -378,6 +387,11 @@ class TrainerCore:
         if not raw or self.running_canary() is not None:
             return None
         event = events_pb2.TrainsetPublished.FromString(bytes.fromhex(raw))
+        if event.iteration < int(self.ports.kv.get(LAST_ITERATION_KEY) or 0):
+            # a newer set overtook it while it waited: its surviving pairs are in that one
+            self.ports.kv.delete(DEFERRED_KEY)
+            _log.info("deferred training set superseded", extra={"trainset_id": event.trainset_id})
+            return None
         self.ports.publish("trainset.published.v1", event.trainset_id, event)
         self.ports.kv.delete(DEFERRED_KEY)
         _log.info("deferred training set released", extra={"trainset_id": event.trainset_id})
@@ -463,6 +477,7 @@ class TrainerCore:
             torch.tensor(weights),
             {"trainset_id": event.trainset_id, "pairs": len(pairs)},
         )
+        self.ports.kv.set(LAST_ITERATION_KEY, str(max(event.iteration, 0)))
         self._set(
             state=pb.TRAINER_STATE_TRAINING,
             candidate=version,

@@ -414,3 +414,24 @@ def test_a_canary_a_crash_left_without_its_marker_is_started_on_the_redelivery(
     assert [(p.version, p.action) for _, _, p in sent] == [
         ("v0002", common_pb2.MODEL_ACTION_CANARY)
     ]
+
+
+def test_a_deferred_set_overtaken_by_a_newer_trained_one_is_not_trained_after_it(
+    trainer: Running,
+) -> None:
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-c", gate=None, report=PASSED)
+    older = events_pb2.TrainsetPublished(trainset_id="ts-0002-old", pair_count=1, iteration=2)
+    newer = events_pb2.TrainsetPublished(trainset_id="ts-0004-new", pair_count=1, iteration=4)
+    core.on_trainset_published(new_envelope("selector", newer))
+    core.on_trainset_published(new_envelope("selector", older))  # the newest kept stays
+    kept = events_pb2.TrainsetPublished.FromString(
+        bytes.fromhex(core.ports.kv.get("trainer:deferred"))
+    )
+    assert kept.trainset_id == "ts-0004-new"
+    core.ports.kv.set("trainer:deferred", older.SerializeToString().hex())
+    core.ports.kv.set("trainer:last-iteration", "3")  # set 3 was trained meanwhile
+    sent = _record_publishes(core)
+    core.abort_canary("v0002")
+    assert core.release_deferred() is None and not sent[1:]  # only the ROLLBACK went out
+    assert core.ports.kv.get("trainer:deferred") is None
