@@ -96,6 +96,11 @@ def _score_from_event(scored: events_pb2.TrackScored, prov: TrackProvenance) -> 
         raise ValidationError(f"track {scored.track_id}: mean rating {scored.mean_rating}")
     if not 0.0 <= scored.confidence <= 1.0:  # also refuses NaN
         raise ValidationError(f"track {scored.track_id}: confidence {scored.confidence} ∉ [0, 1]")
+    if scored.rating_count == 0 and scored.confidence > 0:
+        # ω is the share of R that is data (docs/LOOP.md §3): no rating, no confidence
+        raise ValidationError(
+            f"track {scored.track_id}: confidence {scored.confidence} from no rating"
+        )
     return TrackScored(
         track_id=scored.track_id,
         kind=prov.kind,

@@ -19,7 +19,11 @@ pytestmark = pytest.mark.contract
 
 
 def _score(
-    track: str, mean: float, confidence: float = 0.5, kind: int = common_pb2.TRACK_KIND_GENERATED
+    track: str,
+    mean: float,
+    confidence: float = 0.5,
+    kind: int = common_pb2.TRACK_KIND_GENERATED,
+    count: int = 3,
 ) -> events_pb2.TrackScored:
     prov = common_pb2.TrackProvenance(
         kind=kind,
@@ -30,7 +34,7 @@ def _score(
         baseline_song_id="sample-1" if kind == common_pb2.TRACK_KIND_BASELINE else "",
     )
     return events_pb2.TrackScored(
-        track_id=track, mean_rating=mean, rating_count=3, confidence=confidence, provenance=prov
+        track_id=track, mean_rating=mean, rating_count=count, confidence=confidence, provenance=prov
     )
 
 
@@ -45,6 +49,7 @@ def test_a_chunk_keeps_its_good_scores_and_refuses_the_bad_ones_alone() -> None:
                 _score("nan", math.nan),
                 _score("no-kind", 3.0, kind=common_pb2.TRACK_KIND_UNSPECIFIED),
                 _score("omega", 3.0, confidence=1.5),
+                _score("unrated", 3.0, count=0),
             ]
         ),
     )
@@ -53,9 +58,14 @@ def test_a_chunk_keeps_its_good_scores_and_refuses_the_bad_ones_alone() -> None:
     assert set(state.scores) == {"good"} and state.new_scores == 1
     assert json.loads(ports.kv.hgetall("sel:scores")["good"])["score"]["score"] == 3.7
     rest = refused.value.rest
-    assert [s.track_id for s in rest.track_scored_batch.items] == ["nan", "no-kind", "omega"]
+    assert [s.track_id for s in rest.track_scored_batch.items] == [
+        "nan",
+        "no-kind",
+        "omega",
+        "unrated",
+    ]
     assert rest.event_id == f"{chunk.event_id}.refused"
-    assert "3 of 4 items refused" in refused.value.reason
+    assert "4 of 5 items refused" in refused.value.reason
 
     # a chunk with nothing to keep, or a single bad score, is dead-lettered whole
     with pytest.raises(ValidationError) as whole:
