@@ -169,7 +169,11 @@ def _one_decision_at_a_time(method: Any) -> Any:
     @functools.wraps(method)
     def serialised(self: Any, *args: Any, **kwargs: Any) -> Any:
         with self.decisions:
-            return method(self, *args, **kwargs)
+            try:
+                return method(self, *args, **kwargs)
+            except Exception:
+                self.unannounced = True  # half done, maybe: the next event reconciles first
+                raise
 
     return serialised
 
@@ -305,8 +309,14 @@ class TrainerCore:
     @_one_decision_at_a_time
     def reconcile(self) -> list[str]:
         """Publish what ``models/CURRENT`` and ``models/CANARY`` say but no event said yet (a
-        failed publish, or a crash between a decision and its event); returns the event ids."""
+        failed publish, or a crash between a decision and its event); returns the event ids.
+        A decision writes the registry first, then the pointers: when they disagree the registry
+        is right, and the pointers are finished first."""
         current = self.store.current()
+        decided = self.registry.serving()
+        if decided and (current is None or current.get("version") != decided):
+            self.store.set_current(decided, self.registry.get(decided).parent or "")
+            current = self.store.current()
         if current is None:
             return []
         serving = str(current["version"])
@@ -318,6 +328,8 @@ class TrainerCore:
             except NotFoundError:
                 running = False
             canary = str(marker["version"]) if running else ""
+            if not running:
+                self.store.clear_canary(str(marker["version"]))  # a decision left it behind
         said = self.announced()
         sent: list[str] = []
         if said is None:

@@ -435,3 +435,30 @@ def test_a_deferred_set_overtaken_by_a_newer_trained_one_is_not_trained_after_it
     core.abort_canary("v0002")
     assert core.release_deferred() is None and not sent[1:]  # only the ROLLBACK went out
     assert core.ports.kv.get("trainer:deferred") is None
+
+
+def test_a_promotion_that_failed_half_way_is_finished_by_the_next_event(trainer: Running) -> None:
+    """The registry says the canary won (SERVING), then writing ``models/CURRENT`` fails: the
+    next event handled finishes it — CURRENT, the marker, the PROMOTE event."""
+    core = trainer.state
+    core.start_canary(_child(core), trainset_id="ts-half", gate=None, report=PASSED)
+    real_set_current = core.store.set_current
+
+    def failing(version: str, parent: str = "") -> None:
+        raise ConnectionError("object store down")
+
+    core.store.set_current = failing
+    with pytest.raises(ConnectionError):
+        for i in range(12):  # the candidate is clearly better: PROMOTE
+            core.on_track_scored(_scored(f"p{i}", "v0001", 1.5 + (i % 3) * 0.3))
+            core.on_track_scored(_scored(f"c{i}", "v0002", 4.0 + (i % 3) * 0.3))
+    assert core.registry.get("v0002").status is VersionStatus.SERVING
+    assert core.store.current()["version"] == "v0001"  # half way
+    core.store.set_current = real_set_current
+    sent = _record_publishes(core)
+    core.on_track_scored(_scored("late", "v0002", 3.0))
+    assert core.store.current()["version"] == "v0002" and core.store.canary() is None
+    assert [(p.version, p.action) for _, _, p in sent] == [
+        ("v0002", common_pb2.MODEL_ACTION_PROMOTE)
+    ]
+    assert core.announced() == {"current": "v0002", "canary": ""}
