@@ -12,7 +12,8 @@ Per iteration k = 0 … K, for each arm (iteration 0 is shared: both arms start 
 4. Selection: SELECTED keeps generations with R > R_b(input) (``GeneticSelector``, ω as loss
    weight, purge at the boundary); CONTROL draws the same number of its own generations at random
    (ω = 1). Both fine-tune with the same budget, seed, replay data and LoRA settings.
-5. The next iteration's generations pass the offline gate (FD and diversity against the parent's);
+5. The next iteration's generations pass the offline gate (FD and diversity against the parent's
+   and, from the second fine-tune on, the base model's iteration-0 generations);
    a rejected candidate is replaced by its parent, and the canary compares the candidate's
    scores with the parent's on the same requests (Mann-Whitney, one-sided) before promotion.
 
@@ -92,8 +93,11 @@ class LoopConfig:
     seed: int = 0
     n_inputs: int = 16  # held-out clips in the input pool
     n_merges: int = 8  # input merges (pairs of clips)
-    requests_per_merge: int = 6  # ≈ 1.5 baselines per merge: most inputs get their own R_b
-    ratings_per_listener: int = 24  # tracks each listener hears per iteration
+    # 12 requests per merge: ≈ 9 generations compete with ≈ 3 baselines for each input, so
+    # selection picks the best few of many (at 6, only 2–7 pairs per iteration survived in
+    # protocol 3); 48 ratings per listener keep ≈ 25 ratings per track.
+    requests_per_merge: int = 12
+    ratings_per_listener: int = 48  # tracks each listener hears per iteration
     probes_per_listener: int = 2  # re-served baselines (consistency checks)
     baseline_share: float = 0.25
     similarity: float = 0.5
@@ -126,8 +130,10 @@ class LoopConfig:
     # training ω used relative to their mean (ω / ω̄: replay_ratio alone sets the training
     # data's share, whatever the level of ω), the control arm fine-tunes on as many random
     # generations as the selected arm had pairs — none when it had none — and listeners see
-    # opaque track ids.
-    protocol: int = 3
+    # opaque track ids; 4 = (session 9) 12 requests per merge and 48 ratings per listener (a
+    # stronger selection per iteration at the same ratings per track), and the gate also tests
+    # a candidate against the base model's generations (drift cannot compound over iterations).
+    protocol: int = 4
 
     def __post_init__(self) -> None:
         """Every field in its range, so a bad ``--flag`` fails before the model loads."""
@@ -726,7 +732,9 @@ class LoopExperiment:
                 new_tracks = self._serve(arm, f"it{iteration}")
                 gate_note = "—"
                 if tuned is not parent:
-                    report_g = self._gate(parent_tracks, new_tracks)
+                    # the base model's own generations bound the drift over iterations
+                    base_tracks = tracks0 if parent is not base else None
+                    report_g = self._gate(parent_tracks, new_tracks, base_tracks)
                     arm.registry.gate(tuned.version, report_g)
                     gate_note = (
                         "pass" if report_g.passed else "reject:" + ",".join(report_g.reasons)
@@ -819,7 +827,9 @@ class LoopExperiment:
             rows.append(replace(row, session="eval"))
         return rows
 
-    def _gate(self, parent_tracks: list[str], new_tracks: list[str]) -> GateReport:
+    def _gate(
+        self, parent_tracks: list[str], new_tracks: list[str], base_tracks: list[str] | None
+    ) -> GateReport:
         gate = OfflineGate(
             self.cfg.gate_fd_increase,
             self.cfg.gate_diversity_drop,
@@ -832,7 +842,12 @@ class LoopExperiment:
                 [self.embeddings[t] for t in ids if self.provenance[t].kind is TrackKind.GENERATED]
             )
 
-        return gate.evaluate(self.reference_embeddings, gens(parent_tracks), gens(new_tracks))
+        return gate.evaluate(
+            self.reference_embeddings,
+            gens(parent_tracks),
+            gens(new_tracks),
+            gens(base_tracks) if base_tracks is not None else None,
+        )
 
     def _canary(
         self,

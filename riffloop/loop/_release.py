@@ -43,6 +43,12 @@ class GateReport:
     # change stayed within its tolerance).
     p_fd: float = math.nan
     p_diversity: float = math.nan
+    # The same against the base model (the lineage's root), when the parent is not it: NaN when
+    # not compared.
+    fd_base: float = math.nan
+    diversity_base: float = math.nan
+    p_fd_base: float = math.nan
+    p_diversity_base: float = math.nan
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -53,6 +59,9 @@ class OfflineGate:
 
         FD_cand > (1 + max_fd_increase)·FD_parent  and  p_FD < α          → "frechet_distance"
         div_cand < (1 − max_diversity_drop)·div_parent  and  p_div < α    → "diversity"
+
+    and the same two against the base model's samples, when given (→ "…_vs_base"), so drift
+    cannot accumulate over iterations beyond one step's tolerance.
 
     Tolerances are relative because FD's scale depends on the embedding. A tolerance alone is
     not enough: at the sample sizes a loop iteration has (tens of clips) FD's own sampling noise
@@ -99,33 +108,27 @@ class OfflineGate:
         self._diversity = diversity
 
     def evaluate(
-        self, reference: np.ndarray, parent: np.ndarray, candidate: np.ndarray
+        self,
+        reference: np.ndarray,
+        parent: np.ndarray,
+        candidate: np.ndarray,
+        base: np.ndarray | None = None,
     ) -> GateReport:
-        """All three are embedding matrices [N, D] (reference = held-out corpus clips)."""
-        fd_p = float(self._frechet(reference, parent))
+        """All are embedding matrices [N, D] (reference = held-out corpus clips).
+
+        ``base``: samples of the lineage's root (the base model), when the parent is not the root.
+        The same two tests then run against it too ("…_vs_base"): each step within tolerance of
+        its parent could otherwise compound, e.g. two diversity drops of 15 % leave 0.85² ≈ 72 %
+        of the base model's diversity without a rejection."""
         fd_c = float(self._frechet(reference, candidate))
-        div_p = float(self._diversity(parent))
         div_c = float(self._diversity(candidate))
-        reasons = []
-        p_fd = p_div = math.nan
-        if fd_c > (1 + self.max_fd_increase) * fd_p:
-            p_fd = self._permutation_p(
-                parent,
-                candidate,
-                fd_c - fd_p,
-                lambda a, b: self._frechet(reference, b) - self._frechet(reference, a),
+        fd_p, div_p, p_fd, p_div, reasons = self._against(reference, parent, candidate, fd_c, div_c)
+        fd_b = div_b = p_fd_b = p_div_b = math.nan
+        if base is not None:
+            fd_b, div_b, p_fd_b, p_div_b, from_base = self._against(
+                reference, base, candidate, fd_c, div_c
             )
-            if p_fd < self.alpha:
-                reasons.append("frechet_distance")
-        if div_c < (1 - self.max_diversity_drop) * div_p:
-            p_div = self._permutation_p(
-                parent,
-                candidate,
-                div_p - div_c,
-                lambda a, b: self._diversity(a) - self._diversity(b),
-            )
-            if p_div < self.alpha:
-                reasons.append("diversity")
+            reasons += [f"{r}_vs_base" for r in from_base]
         return GateReport(
             passed=not reasons,
             fd_parent=fd_p,
@@ -137,7 +140,44 @@ class OfflineGate:
             reasons=tuple(reasons),
             p_fd=p_fd,
             p_diversity=p_div,
+            fd_base=fd_b,
+            diversity_base=div_b,
+            p_fd_base=p_fd_b,
+            p_diversity_base=p_div_b,
         )
+
+    def _against(
+        self,
+        reference: np.ndarray,
+        before: np.ndarray,
+        candidate: np.ndarray,
+        fd_c: float,
+        div_c: float,
+    ) -> tuple[float, float, float, float, list[str]]:
+        """(FD_before, div_before, p_FD, p_div, reasons) of ``candidate`` against ``before``."""
+        fd_b = float(self._frechet(reference, before))
+        div_b = float(self._diversity(before))
+        reasons = []
+        p_fd = p_div = math.nan
+        if fd_c > (1 + self.max_fd_increase) * fd_b:
+            p_fd = self._permutation_p(
+                before,
+                candidate,
+                fd_c - fd_b,
+                lambda a, b: self._frechet(reference, b) - self._frechet(reference, a),
+            )
+            if p_fd < self.alpha:
+                reasons.append("frechet_distance")
+        if div_c < (1 - self.max_diversity_drop) * div_b:
+            p_div = self._permutation_p(
+                before,
+                candidate,
+                div_b - div_c,
+                lambda a, b: self._diversity(a) - self._diversity(b),
+            )
+            if p_div < self.alpha:
+                reasons.append("diversity")
+        return fd_b, div_b, p_fd, p_div, reasons
 
     def _permutation_p(
         self,

@@ -8,7 +8,8 @@ On trainset.published.v1:
    EMA), replaying the encoded songs' real windows so the model does not forget; a few steps at a
    time so SIGTERM is honoured between chunks.
 3. Gate the EMA candidate with ``riffloop.loop.OfflineGate`` (Fréchet distance and diversity of
-   samples from the same x_T vs the real windows) unless ``gate_mode=skip``.
+   samples from the same x_T vs the real windows, against the parent's and, when the parent is
+   not the base model, the base model's) unless ``gate_mode=skip``.
 4. Canary (``canary_share`` > 0, the default): checkpoint parts, pointer, registry record
    (CANARY), then model.published.v1 (CANARY, share): generators serve the candidate to that share
    of requests, hash-routed by request id, and the parent to the rest. The trainer compares the
@@ -579,6 +580,14 @@ class TrainerCore:
             canary_share=self.settings.canary_share,
         )
 
+    def _root_of(self, version: str) -> str:
+        """The first version of ``version``'s lineage (the base model), following parents."""
+        seen = {version}
+        while (parent := self.registry.get(version).parent) and parent not in seen:
+            seen.add(parent)
+            version = parent
+        return version
+
     def _gate(self, parent: Any, candidate: Any, reference: Any) -> tuple[Any, GateReport]:
         """The offline gate's verdict as the event's summary and as the registry's report."""
         self._set(state=pb.TRAINER_STATE_GATING)
@@ -595,8 +604,17 @@ class TrainerCore:
             raise PermanentError("the gate needs encoded songs (reference windows and x_T)")
         parent_images = generate(parent, x_t, self.settings.gate_steps)
         candidate_images = generate(candidate, x_t, self.settings.gate_steps)
+        # and against the base model (the lineage's root), so drift cannot compound: each
+        # version within tolerance of its parent could otherwise walk far from where it began
+        root = self._root_of(parent.version)
+        base_images = None
+        if root != parent.version:
+            base_images = generate(self.store.load(root), x_t, self.settings.gate_steps)
         report = OfflineGate().evaluate(
-            _embed(reference), _embed(parent_images), _embed(candidate_images)
+            _embed(reference),
+            _embed(parent_images),
+            _embed(candidate_images),
+            _embed(base_images) if base_images is not None else None,
         )
         summary = common_pb2.GateReportSummary(
             passed=report.passed,

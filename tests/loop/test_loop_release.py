@@ -39,6 +39,29 @@ def test_gate_rejects_drift_and_collapse_and_passes_a_similar_model() -> None:
     assert not collapsed.passed and "diversity" in collapsed.reasons
 
 
+def test_gate_against_the_base_model_stops_drift_that_compounds_over_iterations() -> None:
+    """Each step keeps 88 % of its parent's spread (within the 15 % tolerance), two steps keep
+    77 % of the base model's: only the comparison with the base rejects the second."""
+    rng = np.random.default_rng(3)
+    ref = rng.normal(size=(256, 8))
+    base = rng.normal(size=(256, 8))
+    step1 = 0.88 * rng.normal(size=(256, 8))
+    step2 = 0.88**2 * rng.normal(size=(256, 8))
+
+    def centre_distance(a: np.ndarray, b: np.ndarray) -> float:  # blind to spread: only div tests
+        return float(((a.mean(0) - b.mean(0)) ** 2).sum())
+
+    gate = OfflineGate(frechet=centre_distance, diversity=_div)
+    assert gate.evaluate(ref, base, step1).passed
+    assert gate.evaluate(ref, step1, step2).passed  # the parent-only rule lets it through
+    report = gate.evaluate(ref, step1, step2, base=base)
+    assert not report.passed and report.reasons == ("diversity_vs_base",)
+    assert report.diversity_candidate < 0.85 * report.diversity_base
+    assert report.p_diversity_base < 0.05
+    unchanged = gate.evaluate(ref, step1, rng.normal(size=(256, 8)), base=base)
+    assert unchanged.passed and not unchanged.reasons
+
+
 def test_gate_tolerates_sampling_noise_that_a_bare_threshold_rejects() -> None:
     """Parent and candidate drawn from ONE distribution (a model equal to its parent), 16 clips
     each: FD's noise often exceeds +25 %, the permutation test keeps false rejections near α."""
@@ -145,7 +168,7 @@ def test_planned_looks_keep_a_watched_canarys_false_rollbacks_within_alpha() -> 
     for _ in range(trials):
         stars = rng.integers(1, 6, size=(2, high)).astype(float)  # the same taste for both
 
-        def rolled_back(n: int, level: float) -> bool:
+        def rolled_back(n: int, level: float, stars: np.ndarray = stars) -> bool:
             canary = Canary("p", "c", alpha=level, min_ratings=low, max_ratings=high)
             for a, b in zip(stars[0, :n], stars[1, :n], strict=True):
                 canary.record("p", float(a))

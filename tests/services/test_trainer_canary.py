@@ -462,3 +462,32 @@ def test_a_promotion_that_failed_half_way_is_finished_by_the_next_event(trainer:
         ("v0002", common_pb2.MODEL_ACTION_PROMOTE)
     ]
     assert core.announced() == {"current": "v0002", "canary": ""}
+
+
+def test_the_gate_compares_a_grandchild_with_the_base_model_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Drift must not compound: from the second fine-tune on, the candidate's samples are also
+    tested against the base model's (the lineage's root), not only its parent's."""
+    import torch
+
+    running = start_service("trainer", shared_ports(), gate_mode="offline", gate_steps=2)
+    try:
+        core = running.state
+        core.publish_version(_child(core), trainset_id="ts-g", gate=None, action=PROMOTE)
+        parent = core.store.load("v0002")
+        size = parent.mel.n_mels
+        monkeypatch.setattr(core, "_latents", lambda n: torch.randn(n, 1, size, size))
+        reference = torch.rand(16, 1, size, size) * 2 - 1
+        grandchild = core.store.load("v0002")
+        grandchild.version, grandchild.parent = "v0003", "v0002"
+        assert core._root_of("v0002") == "v0001"
+        _, report = core._gate(parent, grandchild, reference)
+        assert report.diversity_base == report.diversity_base  # compared (not NaN)
+        child = core.store.load("v0001")
+        child.version, child.parent = "v0004", "v0001"
+        _, first = core._gate(core.store.load("v0001"), child, reference)
+        assert first.diversity_base != first.diversity_base  # the parent is the base: NaN
+    finally:
+        running.channel.close()
+        running.runtime.stop()
