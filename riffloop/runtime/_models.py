@@ -134,6 +134,9 @@ class ServedModel:
         self.model: Any = None
         self.loaded_at = 0.0
         self.canary: tuple[Any, Any] | None = None  # (riffloop.loop.Canary router, candidate)
+        # Set when the first ``load_current`` finished: the current model *and* a running
+        # canary's candidate are held, so a new replica takes traffic only with both.
+        self._settled = threading.Event()
 
     def for_request(self, request_id: str) -> Any:
         """The model this request runs on: the candidate for its canary share, else current."""
@@ -188,7 +191,7 @@ class ServedModel:
 
     @property
     def ready(self) -> bool:
-        return self.model is not None
+        return self.model is not None and self._settled.is_set()
 
     def load_current(self) -> bool:
         """Load the version ``models/CURRENT`` names, if it is not the one held; True if held."""
@@ -198,6 +201,7 @@ class ServedModel:
         if self.model is None or self.model.version != current["version"]:
             self.swap_to(str(current["version"]))
         self.resume_canary()
+        self._settled.set()
         return True
 
     def resume_canary(self) -> None:

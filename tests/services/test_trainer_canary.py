@@ -230,7 +230,16 @@ def test_a_canary_survives_restarts_of_the_trainer_and_the_generator(trainer: Ru
     restarted.ensure_base()
     assert restarted.running_canary() == "v0002" and restarted.watch == ("v0001", "v0002")
     generator = ServedModel(core.store, "generator-restarted")
-    assert generator.load_current()
+    loading = generator.start_canary
+    ready_while_loading = []
+
+    def start_canary(version: str, share: float) -> None:  # the candidate loads: not ready yet
+        ready_while_loading.append(generator.ready)
+        loading(version, share)
+
+    generator.start_canary = start_canary  # type: ignore[method-assign]
+    assert generator.load_current() and generator.ready
+    assert ready_while_loading == [False]  # no traffic before the canary's share can be served
     assert (generator.get().version, generator.canary_version) == ("v0001", "v0002")
     for i in range(8):  # the restarted trainer decides: worse → rollback, marker gone
         restarted.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
