@@ -130,6 +130,9 @@ class Outcome(enum.StrEnum):
     DUPLICATE = "duplicate"
     FAILED = "failed"  # one failed attempt (the record may still succeed on a retry)
     DEAD_LETTERED = "dead_lettered"
+    # A batch record applied except for some items, which went to the DLQ on their own
+    # (``ItemsRefused``): counted once, as neither fully handled nor fully dead-lettered.
+    PARTLY_DEAD_LETTERED = "partly_dead_lettered"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -414,9 +417,8 @@ class Consumer:
                     "handler refused items of %s[%d]@%d: %s", *_where(message), refused.reason
                 )
                 self._dead_letter(message, refused.rest, refused, attempts=attempt)
-                self._hooks.outcome(message.topic, Outcome.DEAD_LETTERED)
                 marks.handled_here.add(envelope.event_id)
-                return self._finish(message, Outcome.HANDLED, envelope.event_id)
+                return self._finish(message, Outcome.PARTLY_DEAD_LETTERED, envelope.event_id)
             except Exception as exc:
                 error = exc
                 self._hooks.outcome(message.topic, Outcome.FAILED)
@@ -446,7 +448,7 @@ class Consumer:
             dedupe_key, attempts_key = self._keys(event_id)
             # A dead letter is NOT marked as handled: once the cause is fixed, replaying it
             # (replay_dead_letters) must run the handler again, with a fresh attempt budget.
-            if outcome is Outcome.HANDLED:
+            if outcome in (Outcome.HANDLED, Outcome.PARTLY_DEAD_LETTERED):
                 self._kv.set_if_absent(dedupe_key, outcome.value, ttl_s=self._dedupe_ttl_s)
             self._kv.delete(attempts_key)
         self._hooks.outcome(message.topic, outcome)

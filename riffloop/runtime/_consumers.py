@@ -44,7 +44,7 @@ class ConsumerWorker:
 
         def on_outcome(topic: str, outcome: Any) -> None:
             metrics.KAFKA_MESSAGES.labels(service, topic, str(outcome)).inc()
-            if str(outcome) == "dead_lettered":
+            if str(outcome) in ("dead_lettered", "partly_dead_lettered"):  # a DLQ record each
                 metrics.DLQ_MESSAGES.labels(service, topic).inc()
 
         def on_lag(topic: str, lag: int) -> None:

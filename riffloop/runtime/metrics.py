@@ -52,12 +52,14 @@ KAFKA_CONSUMER_LAG = Gauge(
 )
 KAFKA_MESSAGES = Counter(
     "riffloop_kafka_messages_total",
-    "Messages consumed, by outcome (handled, duplicate, failed, dead_lettered).",
+    "Messages consumed, by outcome (handled, duplicate, failed, dead_lettered, "
+    "partly_dead_lettered: a batch applied but for some items, dead-lettered on their own).",
     ["service", "topic", "outcome"],
 )
 DLQ_MESSAGES = Counter(
     "riffloop_dlq_messages_total",
-    "Messages sent to <topic>.dlq after max attempts.",
+    "Records sent to <topic>.dlq: poison messages after max attempts, and the refused items of "
+    "a partly applied batch.",
     ["service", "topic"],
 )
 RATINGS = Counter(
@@ -161,7 +163,7 @@ for _kind in ("rating", "listen"):
 for _reason in ("constant", "random", "no_listening", "burst", "inconsistent"):
     SPAM_CAUGHT.labels(_reason)
 
-CONSUMER_OUTCOMES = ("handled", "duplicate", "failed", "dead_lettered")
+CONSUMER_OUTCOMES = ("handled", "duplicate", "failed", "dead_lettered", "partly_dead_lettered")
 
 
 def init_consumer_series(service: str, topics: list[str]) -> None:

@@ -376,7 +376,13 @@ def test_constructor_validates() -> None:
 
 
 def test_outcome_values_match_the_metric_labels() -> None:
-    assert {o.value for o in Outcome} == {"handled", "duplicate", "failed", "dead_lettered"}
+    assert {o.value for o in Outcome} == {
+        "handled",
+        "duplicate",
+        "failed",
+        "dead_lettered",
+        "partly_dead_lettered",
+    }
 
 
 def test_dead_letters_replay_after_the_fix(bus: MemoryEventBus, kv: MemoryKeyValueStore) -> None:
@@ -459,7 +465,7 @@ def test_a_batch_handler_dead_letters_only_the_items_it_refused(
     bus.publish(TOPIC, "u1", batch)
     assert consumer.run_once() == 1
     assert applied == [(batch.event_id, "t1"), (batch.event_id, "t3")]
-    assert recorder.outcomes == {(TOPIC, "handled"): 1, (TOPIC, "dead_lettered"): 1}
+    assert recorder.outcomes == {(TOPIC, "partly_dead_lettered"): 1}  # one record, once
     [dead] = dead_letters(bus)
     assert dead.original_event_id == f"{batch.event_id}.refused"
     assert dead.error_type == "ItemsRefused" and "over 5 stars" in dead.error
