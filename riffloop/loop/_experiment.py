@@ -662,6 +662,10 @@ class LoopExperiment:
         for arm in arms.values():
             arm.registry.register(ModelRecord(base.version, None, None, VersionStatus.SERVING))
         state = {name: (tracks0, scores0, report0, now0) for name in arms}
+        # The generations and scores of the model each arm serves: what the gate and the canary
+        # compare a candidate with (after a rollback, ``state`` holds the rolled-back candidate's
+        # tracks, which are no longer the parent's).
+        served = {name: (tracks0, scores0) for name in arms}
         for name, arm in arms.items():
             row = self._row(arm, 0, tracks0, scores0, report0, now0, {"seconds": 0.0})
             result.rows.append(replace(row, arm=name))
@@ -727,7 +731,7 @@ class LoopExperiment:
                     )
                 t_ft = time.monotonic() - t1
                 # 5. generate with the candidate, gate against the parent's generations
-                parent, parent_tracks = arm.model, tracks
+                parent, parent_tracks = arm.model, served[name][0]
                 arm.model = tuned
                 new_tracks = self._serve(arm, f"it{iteration}")
                 gate_note = "—"
@@ -747,7 +751,7 @@ class LoopExperiment:
                 canary_note = "—"
                 rolled_back = None
                 if arm.model is tuned and tuned is not parent:
-                    verdict = self._canary(parent.version, tuned.version, state[name][1], scores_n)
+                    verdict = self._canary(parent.version, tuned.version, served[name][1], scores_n)
                     canary_note = f"{verdict.decision.value} (p_worse={verdict.p_worse:.2f})"
                     if verdict.decision is CanaryDecision.ROLLBACK:
                         arm.registry.roll_back(tuned.version, verdict)
@@ -755,6 +759,8 @@ class LoopExperiment:
                     else:
                         arm.registry.promote(tuned.version, verdict)
                 state[name] = (new_tracks, scores_n, report_n, now_n)
+                if rolled_back is None:  # the arm now serves the model that made new_tracks
+                    served[name] = (new_tracks, scores_n)
                 row = self._row(
                     arm,
                     iteration,

@@ -119,14 +119,18 @@ class OfflineGate:
         ``base``: samples of the lineage's root (the base model), when the parent is not the root.
         The same two tests then run against it too ("…_vs_base"): each step within tolerance of
         its parent could otherwise compound, e.g. two diversity drops of 15 % leave 0.85² ≈ 72 %
-        of the base model's diversity without a rejection."""
+        of the base model's diversity without a rejection. Two comparisons split α (α/2 each,
+        Bonferroni), so an unchanged model is not rejected twice as often."""
         fd_c = float(self._frechet(reference, candidate))
         div_c = float(self._diversity(candidate))
-        fd_p, div_p, p_fd, p_div, reasons = self._against(reference, parent, candidate, fd_c, div_c)
+        alpha = self.alpha if base is None else self.alpha / 2
+        fd_p, div_p, p_fd, p_div, reasons = self._against(
+            reference, parent, candidate, fd_c, div_c, alpha
+        )
         fd_b = div_b = p_fd_b = p_div_b = math.nan
         if base is not None:
             fd_b, div_b, p_fd_b, p_div_b, from_base = self._against(
-                reference, base, candidate, fd_c, div_c
+                reference, base, candidate, fd_c, div_c, alpha
             )
             reasons += [f"{r}_vs_base" for r in from_base]
         return GateReport(
@@ -153,6 +157,7 @@ class OfflineGate:
         candidate: np.ndarray,
         fd_c: float,
         div_c: float,
+        alpha: float,
     ) -> tuple[float, float, float, float, list[str]]:
         """(FD_before, div_before, p_FD, p_div, reasons) of ``candidate`` against ``before``."""
         fd_b = float(self._frechet(reference, before))
@@ -166,7 +171,7 @@ class OfflineGate:
                 fd_c - fd_b,
                 lambda a, b: self._frechet(reference, b) - self._frechet(reference, a),
             )
-            if p_fd < self.alpha:
+            if p_fd < alpha:
                 reasons.append("frechet_distance")
         if div_c < (1 - self.max_diversity_drop) * div_b:
             p_div = self._permutation_p(
@@ -175,7 +180,7 @@ class OfflineGate:
                 div_b - div_c,
                 lambda a, b: self._diversity(a) - self._diversity(b),
             )
-            if p_div < self.alpha:
+            if p_div < alpha:
                 reasons.append("diversity")
         return fd_b, div_b, p_fd, p_div, reasons
 

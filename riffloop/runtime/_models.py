@@ -127,9 +127,10 @@ class ServedModel:
     every replica and every replay routes a request the same way).
     """
 
-    def __init__(self, store: ModelStore, service: str) -> None:
+    def __init__(self, store: ModelStore, service: str, *, canaries: bool = True) -> None:
         self.store = store
         self.service = service
+        self.canaries = canaries  # False: serve the current model only (the encoder)
         self.lock = threading.Lock()
         self.model: Any = None
         self.loaded_at = 0.0
@@ -200,7 +201,12 @@ class ServedModel:
             return False
         if self.model is None or self.model.version != current["version"]:
             self.swap_to(str(current["version"]))
-        self.resume_canary()
+        try:
+            self.resume_canary()
+        except Exception:
+            # An unreadable candidate must not keep this replica out of service: it serves
+            # the current model (the canary's ratings come from the replicas that have it).
+            _log.exception("resuming the running canary failed; serving the current model")
         self._settled.set()
         return True
 
@@ -208,6 +214,8 @@ class ServedModel:
         """Serve the running canary's share too, if one runs against the model held (a process
         that starts mid-canary learns of it from ``models/CANARY``, not from the event it missed;
         the decision event, consumed afterwards, ends it as usual)."""
+        if not self.canaries:
+            return
         marker = self.store.canary()
         if marker is None or self.canary_version == marker.get("version"):
             return

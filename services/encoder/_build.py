@@ -26,7 +26,8 @@ def build(settings: EncoderSettings, ports: Ports) -> tuple[ServiceRuntime, Enco
 
     torch.set_num_threads(settings.torch_threads)
     ports.prepare(settings.kafka_partitions)
-    models = ServedModel(ModelStore(ports.objects), settings.service_name)
+    # the encoder inverts with the current model only; a canary is the generators' business
+    models = ServedModel(ModelStore(ports.objects), settings.service_name, canaries=False)
     encoder = Encoder(settings, ports, models)
     runtime = ServiceRuntime.from_settings(settings, max_workers=4)
     runtime.add_service(

@@ -44,6 +44,7 @@ Crash and outage safety (nothing decided is lost, nothing accepted is dropped):
 from __future__ import annotations
 
 import bisect
+import copy
 import dataclasses
 import functools
 import json
@@ -500,7 +501,8 @@ class TrainerCore:
         )
         try:
             with MODEL_CONSTRUCTION_LOCK:
-                trainer = Trainer(model, data, config, replay)
+                # a copy: Trainer trains in place, and the gate needs the parent as it was
+                trainer = Trainer(copy.deepcopy(model), data, config, replay)
             while trainer.step_count < config.total_steps:
                 if self.stopping.is_set():  # SIGTERM: the next trainer starts this set again
                     raise Interrupted("trainer stopping; the training set will be redelivered")
@@ -606,7 +608,13 @@ class TrainerCore:
         candidate_images = generate(candidate, x_t, self.settings.gate_steps)
         # and against the base model (the lineage's root), so drift cannot compound: each
         # version within tolerance of its parent could otherwise walk far from where it began
-        root = self._root_of(parent.version)
+        try:
+            root = self._root_of(parent.version)
+        except NotFoundError:  # a lineage the registry does not know (an older deployment)
+            _log.warning(
+                "no registry lineage for the gate", extra={"model_version": parent.version}
+            )
+            root = parent.version
         base_images = None
         if root != parent.version:
             base_images = generate(self.store.load(root), x_t, self.settings.gate_steps)

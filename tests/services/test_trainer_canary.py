@@ -240,6 +240,16 @@ def test_a_canary_survives_restarts_of_the_trainer_and_the_generator(trainer: Ru
     generator.start_canary = start_canary  # type: ignore[method-assign]
     assert generator.load_current() and generator.ready
     assert ready_while_loading == [False]  # no traffic before the canary's share can be served
+    broken = ServedModel(core.store, "generator-broken-candidate")
+
+    def unreadable(version: str, share: float) -> None:
+        raise OSError("truncated checkpoint")
+
+    broken.start_canary = unreadable  # type: ignore[method-assign]
+    assert broken.load_current() and broken.ready  # serves the current model, not stuck
+    assert (broken.get().version, broken.canary_version) == ("v0001", None)
+    encoder_side = ServedModel(core.store, "encoder", canaries=False)
+    assert encoder_side.load_current() and encoder_side.canary_version is None
     assert (generator.get().version, generator.canary_version) == ("v0001", "v0002")
     for i in range(8):  # the restarted trainer decides: worse → rollback, marker gone
         restarted.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
@@ -497,6 +507,52 @@ def test_the_gate_compares_a_grandchild_with_the_base_model_too(
         child.version, child.parent = "v0004", "v0001"
         _, first = core._gate(core.store.load("v0001"), child, reference)
         assert first.diversity_base != first.diversity_base  # the parent is the base: NaN
+    finally:
+        running.channel.close()
+        running.runtime.stop()
+
+
+def test_the_gate_sees_the_parent_as_it_was_before_fine_tuning(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fine-tune runs on a copy: the gate's "parent" samples come from the parent's weights,
+    not from the fine-tuned ones (the trainer trains its model in place)."""
+    import json
+
+    import torch
+
+    running = start_service(
+        "trainer", shared_ports(), gate_mode="offline", gate_steps=2, canary_share=0.0
+    )
+    try:
+        core = running.state
+        wait_for(lambda: core.store.current() is not None, 60, "the base model")
+        stored = core.store.load("v0001")
+        size = stored.mel.n_mels
+        images = torch.rand(4, 1, size, size) * 2 - 1
+        monkeypatch.setattr(core, "_latents", lambda n: torch.randn(n, 1, size, size))
+        monkeypatch.setattr(core, "_replay_images", lambda: images)
+        grid = torch.randint(0, 256, (size, size)).tolist()
+        pairs = []
+        for i in range(2):
+            core.ports.objects.put(
+                "tracks", f"t{i}.json", json.dumps({"image_uint8": grid}).encode()
+            )
+            pairs.append({"target_track_id": f"t{i}", "weight": 1.0})
+        core.ports.objects.put("trainsets", "ts-p.json", json.dumps({"pairs": pairs}).encode())
+        seen = []
+        gate = core._gate
+        monkeypatch.setattr(
+            core,
+            "_gate",
+            lambda parent, cand, ref: (seen.append(parent), gate(parent, cand, ref))[1],
+        )
+        event = events_pb2.TrainsetPublished(trainset_id="ts-p", pair_count=2, iteration=1)
+        event.manifest.bucket, event.manifest.key = "trainsets", "ts-p.json"
+        core.on_trainset_published(new_envelope("selector", event))
+        [parent] = seen
+        for name, weight in stored.unet.state_dict().items():
+            assert torch.equal(parent.unet.state_dict()[name], weight), name
     finally:
         running.channel.close()
         running.runtime.stop()
