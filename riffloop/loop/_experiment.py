@@ -93,9 +93,9 @@ class LoopConfig:
     seed: int = 0
     n_inputs: int = 16  # held-out clips in the input pool
     n_merges: int = 8  # input merges (pairs of clips)
-    # 12 requests per merge: ≈ 9 generations compete with ≈ 3 baselines for each input, so
-    # selection picks the best few of many (at 6, only 2–7 pairs per iteration survived in
-    # protocol 3); 48 ratings per listener keep ≈ 25 ratings per track.
+    # 12 requests per merge: ≈ 9 generations compete for each input, and R_b rests on ≈ 3
+    # baseline tracks instead of ≈ 1.5 (at 6, some inputs fell back to the pooled baseline
+    # mean); 48 ratings per listener keep ≈ 25 ratings per track.
     requests_per_merge: int = 12
     ratings_per_listener: int = 48  # tracks each listener hears per iteration
     probes_per_listener: int = 2  # re-served baselines (consistency checks)
