@@ -222,3 +222,27 @@ def test_a_foreign_listeners_bad_answers_are_refused_and_its_crash_is_named() ->
     assert result.iterations("selected")[1].ratings_used > 0  # the run went on
     with pytest.raises(ValidationError, match=r"listener .* raised RuntimeError: plug-in bug"):
         LoopExperiment(config, world, population(True), progress=lines.append).run()
+
+
+def test_after_a_rollback_the_next_candidate_is_judged_against_the_served_models_tracks() -> None:
+    """The canary rolls every candidate back (α ≈ 1) and the gate lets every one through: the
+    second candidate's gate must compare with the tracks of the model actually served (the base
+    model's, iteration 0), not with the rolled-back candidate's (iteration 1)."""
+    config = _tiny_config(
+        iterations=2, canary_alpha=0.999, gate_fd_increase=1e6, gate_diversity_drop=1.0
+    )
+    result = LoopExperiment(config, _tiny_world()).run()
+    versions = {v["version"]: v for v in result.registry_versions}
+    checked = 0
+    for arm in ("selected", "control"):
+        rows = result.iterations(arm)
+        first, second = versions.get(f"{arm}-v1"), versions.get(f"{arm}-v2")
+        if first is None or second is None or first["status"] != "rolled_back":
+            continue
+        assert second["parent"] == "base"
+        report = second["gate_report"]
+        assert report["diversity_parent"] == pytest.approx(rows[0].diversity)  # iteration 0
+        assert report["diversity_parent"] != pytest.approx(rows[1].diversity)
+        assert report["diversity_base"] != report["diversity_base"]  # parent is base: not compared
+        checked += 1
+    assert checked >= 1
