@@ -88,19 +88,34 @@ def model_identity(model_dir: Path) -> str:
 def evidence(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m riffloop.loop evidence")
     _config_args(p, Path("docs/results"))
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=3, help="how many seeds per family (default 3)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="run seeds first-seed … first-seed+seeds−1 (default 0); fresh seeds for a "
+        "confirmatory run whose count was fixed before it started",
+    )
     p.add_argument(
         "--families",
         default="riffloop.loop:bright_dense_listeners,riffloop.loop:dark_sparse_listeners",
         help="comma-separated listener factories",
     )
     ns = p.parse_args(argv)
+    if ns.seeds < 1:
+        p.error("--seeds must be an integer ≥ 1")
+    if ns.first_seed < 0:
+        p.error("--first-seed must be an integer ≥ 0")
+    try:
+        _config(ns, ns.first_seed)
+    except RiffloopError as exc:
+        p.error(exc.reason)  # usage and the reason, exit status 2, before anything loads
     results = {}
     try:
         model = model_identity(ns.model)
         for spec in ns.families.split(","):
             family = spec.split(":")[-1].removesuffix("_listeners")
-            for seed in range(ns.seeds):
+            for seed in range(ns.first_seed, ns.first_seed + ns.seeds):
                 config = replace(_config(ns, seed), listeners=spec)
                 stem = f"{family}-seed{seed}"
                 done = read_result(ns.out / "runs" / f"{stem}.csv", config, model)

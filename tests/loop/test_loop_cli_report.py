@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -115,3 +116,51 @@ def test_model_identity_names_version_and_weights(tmp_path: Path) -> None:
     assert model_identity(tmp_path) != first
     with pytest.raises(NotFoundError):
         model_identity(tmp_path / "missing")
+
+
+def test_evidence_runs_exactly_the_declared_fresh_seeds(tmp_path: Path, monkeypatch) -> None:
+    """``--first-seed 5 --seeds 3`` runs seeds 5, 6 and 7 per family and nothing else; a seed
+    already saved with the same config is reused, not rerun."""
+    import riffloop.loop._cli as cli
+
+    ran: list[tuple[str, int]] = []
+
+    class FakeExperiment:
+        def __init__(self, config: LoopConfig, world: object, progress: object) -> None:
+            self.config = config
+
+        def run(self) -> LoopResult:
+            ran.append((self.config.listeners, self.config.seed))
+            return LoopResult(self.config, _result(self.config.seed, 0.3, 0.1).rows)
+
+    monkeypatch.setattr(cli, "model_identity", lambda _: "base-v9:feed")
+    monkeypatch.setattr(cli, "load_world", lambda config, model: None)
+    monkeypatch.setattr(cli, "LoopExperiment", FakeExperiment)
+    spec = "riffloop.loop:bright_dense_listeners"
+    cfg = replace(LoopConfig(seed=6), listeners=spec)
+    save_run(
+        LoopResult(cfg, _result(6, 0.3, 0.1).rows),
+        tmp_path / "runs",
+        "bright_dense-seed6",
+        model="base-v9:feed",
+    )
+    argv = ["evidence", "--out", str(tmp_path), "--families", spec, "--first-seed", "5"]
+    assert main([*argv, "--seeds", "3"]) == 0
+    assert ran == [(spec, 5), (spec, 7)]
+    assert "| bright_dense | 3 |" in (tmp_path / "evidence.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "reason"),
+    [
+        (["--first-seed", "-1"], "--first-seed must be an integer ≥ 0"),
+        (["--seeds", "0"], "--seeds must be an integer ≥ 1"),
+        (["--spam-share", "1"], "spam_share must lie in [0, 1)"),
+    ],
+)
+def test_bad_evidence_flags_are_usage_errors(tmp_path: Path, capsys, flags, reason) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["evidence", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path), *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert reason in err and "Traceback" not in err
