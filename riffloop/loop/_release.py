@@ -53,6 +53,23 @@ class GateReport:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def headline(self) -> tuple[str, float, float, float]:
+        """(metric, value before, candidate's value, p) of the comparison that decided: the
+        first reason of a rejection, else the FD against the parent. p is 1.0 when that
+        comparison stayed within its tolerance and so was not tested."""
+        metric = self.reasons[0] if self.reasons else "frechet_distance"
+        before, candidate, p = {
+            "frechet_distance": (self.fd_parent, self.fd_candidate, self.p_fd),
+            "diversity": (self.diversity_parent, self.diversity_candidate, self.p_diversity),
+            "frechet_distance_vs_base": (self.fd_base, self.fd_candidate, self.p_fd_base),
+            "diversity_vs_base": (
+                self.diversity_base,
+                self.diversity_candidate,
+                self.p_diversity_base,
+            ),
+        }[metric]
+        return metric, before, candidate, p if p == p else 1.0  # NaN: not tested
+
 
 class OfflineGate:
     """Rejects a candidate whose samples moved away from the reference corpus or collapsed:

@@ -47,6 +47,7 @@ import bisect
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -197,6 +198,10 @@ class TrainerCore:
         self.unannounced = True
         self.looks_taken = 0  # planned looks (Canary.looks) the watched canary has had
         self.decisions = threading.RLock()  # see _one_decision_at_a_time
+        # The base model's gate samples: (root version, steps, digest of x_T) → images. The base
+        # never changes and x_T only when songs are encoded, so each gate after the first would
+        # otherwise load the base model and run its sampler again for the same images.
+        self._base_samples: tuple[tuple[str, int, str], Any] | None = None
 
     def _set(self, **changes: Any) -> None:
         with self.lock:
@@ -590,6 +595,17 @@ class TrainerCore:
             version = parent
         return version
 
+    def _base_gate_samples(self, root: str, x_t: Any) -> Any:
+        """The root model's samples from ``x_t``, generated once per (root, steps, x_T)."""
+        from riffloop.music import generate
+
+        digest = hashlib.sha256(x_t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        key = (root, self.settings.gate_steps, digest)
+        if self._base_samples is None or self._base_samples[0] != key:
+            images = generate(self.store.load(root), x_t, self.settings.gate_steps)
+            self._base_samples = (key, images)
+        return self._base_samples[1]
+
     def _gate(self, parent: Any, candidate: Any, reference: Any) -> tuple[Any, GateReport]:
         """The offline gate's verdict as the event's summary and as the registry's report."""
         self._set(state=pb.TRAINER_STATE_GATING)
@@ -617,19 +633,20 @@ class TrainerCore:
             root = parent.version
         base_images = None
         if root != parent.version:
-            base_images = generate(self.store.load(root), x_t, self.settings.gate_steps)
+            base_images = self._base_gate_samples(root, x_t)
         report = OfflineGate().evaluate(
             _embed(reference),
             _embed(parent_images),
             _embed(candidate_images),
             _embed(base_images) if base_images is not None else None,
         )
+        metric, before, after, p_value = report.headline()  # what decided, not always FD
         summary = common_pb2.GateReportSummary(
             passed=report.passed,
-            metric="frechet_distance",
-            current_value=report.fd_parent,
-            candidate_value=report.fd_candidate,
-            p_value=report.p_fd if report.p_fd == report.p_fd else 1.0,  # NaN: not tested
+            metric=metric,
+            current_value=before,
+            candidate_value=after,
+            p_value=p_value,
             sample_count=int(x_t.shape[0]),
             summary=("passed" if report.passed else "failed: " + ", ".join(report.reasons)),
         )

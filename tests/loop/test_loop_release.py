@@ -58,8 +58,17 @@ def test_gate_against_the_base_model_stops_drift_that_compounds_over_iterations(
     assert not report.passed and report.reasons == ("diversity_vs_base",)
     assert report.diversity_candidate < 0.85 * report.diversity_base
     assert report.p_diversity_base < 0.025  # α/2: two comparisons
+    # the event's summary names the comparison that decided, with its own figures
+    assert report.headline() == (
+        "diversity_vs_base",
+        report.diversity_base,
+        report.diversity_candidate,
+        report.p_diversity_base,
+    )
     unchanged = gate.evaluate(ref, step1, rng.normal(size=(256, 8)), base=base)
     assert unchanged.passed and not unchanged.reasons
+    metric, before, _, p = unchanged.headline()
+    assert (metric, before) == ("frechet_distance", unchanged.fd_parent) and 0 < p <= 1
 
 
 def test_gate_tolerates_sampling_noise_that_a_bare_threshold_rejects() -> None:

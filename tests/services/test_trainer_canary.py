@@ -501,8 +501,19 @@ def test_the_gate_compares_a_grandchild_with_the_base_model_too(
         grandchild = core.store.load("v0002")
         grandchild.version, grandchild.parent = "v0003", "v0002"
         assert core._root_of("v0002") == "v0001"
+        loads: list[str] = []
+        real_load = core.store.load
+        monkeypatch.setattr(core.store, "load", lambda v: loads.append(v) or real_load(v))
         _, report = core._gate(parent, grandchild, reference)
         assert report.diversity_base == report.diversity_base  # compared (not NaN)
+        # the base model's samples from the same x_T are made once, not at every gate
+        torch.manual_seed(1)
+        fixed = torch.randn(core.settings.gate_samples, 1, size, size)
+        monkeypatch.setattr(core, "_latents", lambda n: fixed.clone())
+        _, again = core._gate(parent, grandchild, reference)
+        _, third = core._gate(parent, grandchild, reference)
+        assert loads.count("v0001") == 2  # the first x_T, then the fixed one once
+        assert third.diversity_base == again.diversity_base
         child = core.store.load("v0001")
         child.version, child.parent = "v0004", "v0001"
         _, first = core._gate(core.store.load("v0001"), child, reference)
