@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, get_args, get_origin
 from urllib.parse import SplitResult, urlsplit
 
-from riffloop.core._errors import ConfigurationError
+from riffloop.core._errors import ConfigurationError, TransientError
 
 PREFIX = "RIFFLOOP_"
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -301,7 +301,10 @@ def _parse(variable: str, raw: str, annotation: Any) -> Any:
 def run_main(main: Callable[[], int | None], *, program: str | None = None) -> typing.NoReturn:
     """Run a process entry point; a ConfigurationError becomes one stderr line and exit code 2.
 
-    Any other exception propagates (a traceback is the right output for a bug); Ctrl-C exits 130.
+    A TransientError that reaches here (a dependency down at start-up, e.g. Kafka unreachable
+    while topics are created) is an outage, not a bug: one stderr line and exit code 1, so the
+    orchestrator restarts the process with back-off. Any other exception propagates (a
+    traceback is the right output for a bug); Ctrl-C exits 130.
     """
     name = program or Path(sys.argv[0]).name or "riffloop"
     try:
@@ -309,6 +312,9 @@ def run_main(main: Callable[[], int | None], *, program: str | None = None) -> t
     except ConfigurationError as exc:
         print(f"{name}: configuration error: {exc.reason}", file=sys.stderr)
         sys.exit(2)
+    except TransientError as exc:
+        print(f"{name}: cannot start, a dependency is unavailable: {exc.reason}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(0 if code is None else code)

@@ -159,6 +159,27 @@ def test_run_main_exits_2_with_one_line() -> None:
     assert lines == ["svc: configuration error: RIFFLOOP_GRPC_PORT must be an integer, got 'abc'"]
 
 
+def test_run_main_reports_a_dependency_outage_at_start_up_in_one_line() -> None:
+    code = (
+        "from riffloop.core import TransientError, run_main\n"
+        "def main():\n"
+        "    raise TransientError('create topics: Kafka error KafkaTimeoutError')\n"
+        "run_main(main, program='svc')\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[3])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "svc: cannot start, a dependency is unavailable: "
+        "create topics: Kafka error KafkaTimeoutError"
+    ]
+
+
 def test_run_main_passes_the_exit_code() -> None:
     with pytest.raises(SystemExit) as info:
         run_main(lambda: 3)
