@@ -29,7 +29,12 @@ from riffloop.runtime._interceptors import (
 from riffloop.runtime._keys import MODEL_RATINGS_KEY, TRACK_SCORES_KEY
 from riffloop.runtime._latents import LATENTS_BUCKET, LatentRecord
 from riffloop.runtime._logging import configure_logging, request_id_var
-from riffloop.runtime._models import MODEL_CONSTRUCTION_LOCK, ModelStore, ServedModel
+from riffloop.runtime._models import (
+    MODEL_CONSTRUCTION_LOCK,
+    ModelStore,
+    ServedModel,
+    keep_current,
+)
 from riffloop.runtime._ports import Ports, connect_ports
 from riffloop.runtime._ratelimit import SlidingWindowLimiter
 from riffloop.runtime._server import (
@@ -71,6 +76,7 @@ __all__ = [
     "configure_logging",
     "connect_ports",
     "current_user",
+    "keep_current",
     "metrics",
     "provenance_from_proto",
     "provenance_to_proto",

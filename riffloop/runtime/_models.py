@@ -14,6 +14,7 @@ import logging
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -125,13 +126,20 @@ class ServedModel:
     During a canary a second model (the candidate) is held beside it and ``for_request`` routes
     a share of requests to it by a hash of the request id (``riffloop.loop.Canary.route``, so
     every replica and every replay routes a request the same way).
+
+    model.published reaches one replica of a service (the replicas share a consumer group), so
+    each replica also reconciles with ``models/CURRENT`` and ``models/CANARY`` on a timer
+    (:func:`keep_current`): the event is the fast path, the markers are the truth.
     """
 
     def __init__(self, store: ModelStore, service: str, *, canaries: bool = True) -> None:
         self.store = store
         self.service = service
         self.canaries = canaries  # False: serve the current model only (the encoder)
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # guards the references requests read
+        # Serialises changes (event handler and reconciler): a slow load of an older version
+        # must not land after a newer one. Requests never take it.
+        self.changes = threading.RLock()
         self.model: Any = None
         self.loaded_at = 0.0
         self.canary: tuple[Any, Any] | None = None  # (riffloop.loop.Canary router, candidate)
@@ -159,30 +167,32 @@ class ServedModel:
         """Load ``version`` aside and route ``share`` of requests to it."""
         from riffloop.loop import Canary
 
-        current = self.get()
-        if version == current.version or version == self.canary_version:
-            return  # redelivered event: already serving it
-        router = Canary(current.version, version, share=share)  # validates 0 < share < 1
-        candidate = self.store.load(version)
-        candidate.unet.eval()
-        with self.lock:
-            self.canary = (router, candidate)
+        with self.changes:
+            current = self.get()
+            if version == current.version or version == self.canary_version:
+                return  # redelivered event: already serving it
+            router = Canary(current.version, version, share=share)  # validates 0 < share < 1
+            candidate = self.store.load(version)
+            candidate.unet.eval()
+            with self.lock:
+                self.canary = (router, candidate)
         _log.info("canary started", extra={"model_version": version, "share": share})
 
     def serve_only(self, version: str) -> None:
         """End any canary and serve ``version`` alone (PROMOTE or ROLLBACK); a promoted
         candidate is installed as loaded, without reading it again."""
-        with self.lock:
-            canary, self.canary = self.canary, None
-            promoted = canary[1] if canary and canary[1].version == version else None
+        with self.changes:
+            with self.lock:
+                canary, self.canary = self.canary, None
+                promoted = canary[1] if canary and canary[1].version == version else None
+                if promoted is not None:
+                    self.model, self.loaded_at = promoted, time.time()
+                held = self.model.version if self.model is not None else None
             if promoted is not None:
-                self.model, self.loaded_at = promoted, time.time()
-            held = self.model.version if self.model is not None else None
-        if promoted is not None:
-            metrics.set_current_model(self.service, version)
-            _log.info("canary promoted", extra={"model_version": version})
-        elif held != version:
-            self.swap_to(version)
+                metrics.set_current_model(self.service, version)
+                _log.info("canary promoted", extra={"model_version": version})
+            elif held != version:
+                self.swap_to(version)
 
     def get(self) -> Any:
         with self.lock:
@@ -195,20 +205,25 @@ class ServedModel:
         return self.model is not None and self._settled.is_set()
 
     def load_current(self) -> bool:
-        """Load the version ``models/CURRENT`` names, if it is not the one held; True if held."""
-        current = self.store.current()
-        if current is None:
-            return False
-        if self.model is None or self.model.version != current["version"]:
-            self.swap_to(str(current["version"]))
-        try:
-            self.resume_canary()
-        except Exception:
-            # An unreadable candidate must not keep this replica out of service: it serves
-            # the current model (the canary's ratings come from the replicas that have it).
-            _log.exception("resuming the running canary failed; serving the current model")
-        self._settled.set()
-        return True
+        """Reconcile with the markers: serve the version ``models/CURRENT`` names (a promoted
+        canary's candidate is installed as held, not read again), hold the canary
+        ``models/CANARY`` names against it, drop one it no longer names. True once a model is
+        held. Cheap when nothing changed: two small reads."""
+        with self.changes:
+            current = self.store.current()
+            if current is None:
+                return False
+            if self.model is None or self.model.version != current["version"]:
+                self.serve_only(str(current["version"]))  # a canary against the old one ends
+            try:
+                self.resume_canary()
+                self.drop_ended_canary()
+            except Exception:
+                # An unreadable candidate must not keep this replica out of service: it serves
+                # the current model (the canary's ratings come from the replicas that have it).
+                _log.exception("resuming the running canary failed; serving the current model")
+            self._settled.set()
+            return True
 
     def resume_canary(self) -> None:
         """Serve the running canary's share too, if one runs against the model held (a process
@@ -243,11 +258,32 @@ class ServedModel:
             _log.info("ended canary dropped", extra={"model_version": version})
 
     def swap_to(self, version: str) -> bool:
-        model = self.store.load(version)  # outside the lock: requests keep the old model
-        model.unet.eval()
-        with self.lock:
-            self.model = model
-            self.loaded_at = time.time()
+        with self.changes:
+            model = self.store.load(version)  # outside self.lock: requests keep the old model
+            model.unet.eval()
+            with self.lock:
+                self.model = model
+                self.loaded_at = time.time()
         metrics.set_current_model(self.service, version)
         _log.info("model loaded", extra={"model_version": version})
         return True
+
+
+def keep_current(
+    model: ServedModel, poll_s: float, retry_s: float = 2.0
+) -> Callable[[threading.Event], None]:
+    """A ``LoopWorker`` body: load the first model (retrying every ``retry_s`` until the trainer
+    has published one), then reconcile with the markers every ``poll_s``. A replica whose
+    consumer never saw a model.published event (another replica of the group took it) thus
+    serves the promoted, rolled-back or canary version within ``poll_s`` plus a load."""
+
+    def body(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                held = model.load_current()
+            except Exception:
+                _log.exception("loading the current model failed; retrying")
+                held = False
+            stop.wait(poll_s if held else min(poll_s, retry_s))
+
+    return body

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from riffloop.runtime import (
     ConsumerWorker,
@@ -14,6 +13,7 @@ from riffloop.runtime import (
     Ports,
     ServedModel,
     ServiceRuntime,
+    keep_current,
 )
 from riffloop.v1 import encoder_service_pb2_grpc as pb_grpc
 from services.encoder._service import Encoder, EncoderServicer, EncoderSettings
@@ -39,17 +39,8 @@ def build(settings: EncoderSettings, ports: Ports) -> tuple[ServiceRuntime, Enco
         runtime.readiness.add_check(dependency, check)
     runtime.readiness.add_check("model", lambda: models.ready)
 
-    def await_model(stop: threading.Event) -> None:
-        # Until the first model exists the process is alive but not ready.
-        while not stop.is_set():
-            try:
-                if models.load_current():
-                    return
-            except Exception:
-                _log.exception("loading the current model failed; retrying")
-            stop.wait(2.0)
-
-    runtime.add_worker(LoopWorker("encoder-model", await_model))
+    # the first model, then the markers every model_poll_s (the event reaches one replica)
+    runtime.add_worker(LoopWorker("encoder-model", keep_current(models, settings.model_poll_s)))
     router = EventRouter(
         {
             "songs.uploaded.v1": encoder.on_song_uploaded,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 from riffloop.runtime import (
     ConsumerWorker,
@@ -14,6 +13,7 @@ from riffloop.runtime import (
     Ports,
     ServedModel,
     ServiceRuntime,
+    keep_current,
 )
 from riffloop.v1 import generator_service_pb2_grpc as pb_grpc
 from services.generator._service import Generator, GeneratorServicer, GeneratorSettings
@@ -38,16 +38,8 @@ def build(settings: GeneratorSettings, ports: Ports) -> tuple[ServiceRuntime, Ge
         runtime.readiness.add_check(dependency, check)
     runtime.readiness.add_check("model", lambda: model.ready)
 
-    def await_model(stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                if model.load_current():
-                    return
-            except Exception:
-                _log.exception("loading the current model failed; retrying")
-            stop.wait(2.0)
-
-    runtime.add_worker(LoopWorker("generator-model", await_model))
+    # the first model, then the markers every model_poll_s (the event reaches one replica)
+    runtime.add_worker(LoopWorker("generator-model", keep_current(model, settings.model_poll_s)))
     router = EventRouter(
         {
             "generation.requested.v1": generator.on_generation_requested,
