@@ -45,6 +45,7 @@ CRD_GROUP = "monitoring.coreos.com/"
 # Secrets the production overlay references but the platform creates (docs/DEPLOY.md lists them).
 EXTERNAL_SECRETS = {"riffloop-s3", "riffloop-redis", "riffloop-gateway-auth", "riffloop-kafka"}
 HPA_SERVICES = {"gateway", "generator"}
+SINGLE_WRITERS = {"feedback", "selector", "trainer"}
 GPU = "nvidia.com/gpu"
 
 
@@ -481,6 +482,19 @@ def test_autoscalers(overlay: str, docs: list[dict[str, Any]]) -> None:
         if overlay == "production":
             assert hpa["spec"]["minReplicas"] >= 2, "production keeps two replicas at least"
         assert by_name(docs, "Deployment")[hpa["spec"]["scaleTargetRef"]["name"]]
+
+
+def test_single_writers_run_alone(docs: list[dict[str, Any]]) -> None:
+    """feedback, selector and trainer keep their state in one process (feedback's ledger and
+    spam filter see every rating of a rater): one replica, no autoscaler, and Recreate, so a
+    rollout never runs two in one consumer group."""
+    scaled = {h["spec"]["scaleTargetRef"]["name"] for h in of_kind(docs, "HorizontalPodAutoscaler")}
+    pods = deployments(docs)
+    for name in SINGLE_WRITERS:
+        deployment = pods[name]
+        assert deployment["spec"]["replicas"] == 1, name
+        assert deployment["spec"]["strategy"]["type"] == "Recreate", name
+        assert deployment["metadata"]["name"] not in scaled, name
 
 
 def test_consumers_do_not_outnumber_the_partitions(docs: list[dict[str, Any]]) -> None:
