@@ -120,6 +120,9 @@ class TrainerSettings(ServiceSettings):
     canary_max_ratings: int = 200
     canary_alpha: float = 0.05
     torch_threads: int = 1
+    # Where fine-tuning runs: auto (the GPU when the pod has one, else the CPU), cpu, cuda,
+    # cuda:N. The candidate comes back to the CPU for the gate and for serving.
+    device: str = "auto"
 
     def _validate(self) -> None:
         super()._validate()
@@ -144,6 +147,10 @@ class TrainerSettings(ServiceSettings):
             raise ConfigurationError("RIFFLOOP_REPLAY_RATIO must lie in [0, 1)")
         if self.base_model_dir and not Path(self.base_model_dir).is_dir():
             raise ConfigurationError(f"RIFFLOOP_BASE_MODEL_DIR {self.base_model_dir} is no folder")
+        try:
+            _device(self.device)  # a GPU named here must exist at start-up
+        except ValidationError as exc:
+            raise ConfigurationError(f"RIFFLOOP_DEVICE: {exc.reason}") from None
 
 
 @dataclasses.dataclass
@@ -158,6 +165,12 @@ class Status:
         default_factory=common_pb2.GateReportSummary
     )
     updated_at: float = dataclasses.field(default_factory=time.time)
+
+
+def _device(name: str) -> Any:
+    from riffloop.music import resolve_device
+
+    return resolve_device(name)
 
 
 def _embed(images: Any) -> Any:
@@ -198,6 +211,7 @@ class TrainerCore:
         self.unannounced = True
         self.looks_taken = 0  # planned looks (Canary.looks) the watched canary has had
         self.decisions = threading.RLock()  # see _one_decision_at_a_time
+        self.device = _device(settings.device)  # validated with the settings
         # The base model's gate samples: (root version, steps, digest of x_T) → images. The base
         # never changes and x_T only when songs are encoded, so each gate after the first would
         # otherwise load the base model and run its sampler again for the same images.
@@ -507,7 +521,7 @@ class TrainerCore:
         try:
             with MODEL_CONSTRUCTION_LOCK:
                 # a copy: Trainer trains in place, and the gate needs the parent as it was
-                trainer = Trainer(copy.deepcopy(model), data, config, replay)
+                trainer = Trainer(copy.deepcopy(model), data, config, replay, device=self.device)
             while trainer.step_count < config.total_steps:
                 if self.stopping.is_set():  # SIGTERM: the next trainer starts this set again
                     raise Interrupted("trainer stopping; the training set will be redelivered")

@@ -523,6 +523,20 @@ def test_the_gate_compares_a_grandchild_with_the_base_model_too(
         running.runtime.stop()
 
 
+def test_the_training_device_is_checked_at_start_up() -> None:
+    import torch
+
+    from riffloop.core import ConfigurationError
+    from services.trainer import TrainerSettings
+
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_DEVICE: unknown device 'gpu0'"):
+        TrainerSettings(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigurationError, match=r"RIFFLOOP_DEVICE: .*no CUDA device"):
+            TrainerSettings(device="cuda")
+    assert TrainerSettings(device="cpu").device == "cpu"
+
+
 def test_the_gate_sees_the_parent_as_it_was_before_fine_tuning(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -551,6 +565,16 @@ def test_the_gate_sees_the_parent_as_it_was_before_fine_tuning(
             )
             pairs.append({"target_track_id": f"t{i}", "weight": 1.0})
         core.ports.objects.put("trainsets", "ts-p.json", json.dumps({"pairs": pairs}).encode())
+        import riffloop.music
+
+        devices = []
+        real_trainer = riffloop.music.Trainer
+
+        def recording_trainer(*args: Any, **kwargs: Any) -> Any:
+            devices.append(kwargs.get("device"))
+            return real_trainer(*args, **kwargs)
+
+        monkeypatch.setattr(riffloop.music, "Trainer", recording_trainer)
         seen = []
         gate = core._gate
         monkeypatch.setattr(
@@ -564,6 +588,8 @@ def test_the_gate_sees_the_parent_as_it_was_before_fine_tuning(
         [parent] = seen
         for name, weight in stored.unet.state_dict().items():
             assert torch.equal(parent.unet.state_dict()[name], weight), name
+        # RIFFLOOP_DEVICE (auto) reaches the fine-tune: the GPU where the pod has one
+        assert devices == [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
     finally:
         running.channel.close()
         running.runtime.stop()
