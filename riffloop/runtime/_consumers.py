@@ -8,6 +8,7 @@ commits the in-flight record's offset before the process exits.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,6 +17,7 @@ from riffloop.core import Settings, ValidationError
 from riffloop.runtime import metrics
 
 EnvelopeHandler = Callable[[Any], None]
+_log = logging.getLogger("riffloop.runtime")
 
 
 class EventRouter:
@@ -59,7 +61,15 @@ class ConsumerWorker:
             handler=router,
             hooks=ConsumerHooks(on_outcome=on_outcome, on_lag=on_lag),
         )
-        self._thread = threading.Thread(target=self.consumer.run, name=self.name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.failed: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            self.consumer.run()
+        except BaseException as exc:  # a bug or an error the loop does not retry: the process
+            self.failed = exc  # is broken, and its liveness says so (ServiceRuntime)
+            _log.exception("consumer %s died", self.name)
 
     @property
     def alive(self) -> bool:

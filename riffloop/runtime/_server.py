@@ -47,6 +47,11 @@ class Worker(Protocol):
         ...
 
 
+def failure_of(worker: Any) -> BaseException | None:
+    """What killed ``worker``'s loop, if it died (a worker may have no ``failed`` attribute)."""
+    return getattr(worker, "failed", None)
+
+
 class LoopWorker:
     """Runs ``body(stop_event)`` in a daemon thread; ``stop`` sets the event and joins."""
 
@@ -104,6 +109,10 @@ class DeferredWorker:
         self._gate.stop(timeout_s)
         if self._started:
             self.inner.stop(timeout_s)
+
+    @property
+    def failed(self) -> BaseException | None:
+        return self._gate.failed or failure_of(self.inner)
 
 
 LIVENESS = "liveness"
@@ -180,6 +189,14 @@ class Readiness:
             self._draining = True
         self._publish()
 
+    def fail_liveness(self) -> None:
+        """A loop of the process died: NOT_SERVING everywhere, ``liveness`` included, so the
+        orchestrator restarts this process (restarting it is the only way it recovers)."""
+        with self._lock:
+            self._draining = True
+        self._health.set(LIVENESS, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._publish()
+
     def _publish(self) -> None:
         status = (
             health_pb2.HealthCheckResponse.SERVING
@@ -232,6 +249,7 @@ class ServiceRuntime:
         self._metrics_http: Any = None
         self._stopped = threading.Event()
         self._done = threading.Event()
+        self._broken = False  # a worker died: liveness is NOT_SERVING for good
         self.port = 0
         self.metrics_port = 0
 
@@ -275,6 +293,7 @@ class ServiceRuntime:
             )
             self.metrics_port = self._metrics_http.server_port
         self.readiness.refresh()
+        metrics.WORKER_FAILURES.labels(self.service)  # the zero series, for rate() and alerts
         self.server.start()
         for worker in self._workers:
             worker.start()
@@ -294,6 +313,15 @@ class ServiceRuntime:
     def _poll_readiness(self, stop: threading.Event) -> None:
         while not stop.wait(self._readiness_interval_s):
             self.readiness.refresh()
+            dead = {w.name: failure_of(w) for w in self._workers if failure_of(w) is not None}
+            if dead and not self._broken:
+                self._broken = True
+                _log.error(
+                    "worker died; liveness NOT_SERVING so the process is restarted",
+                    extra={"workers": {name: repr(exc) for name, exc in dead.items()}},
+                )
+                metrics.WORKER_FAILURES.labels(self.service).inc(len(dead))
+                self.readiness.fail_liveness()
 
     def stop(self) -> None:
         """Drain and stop; safe to call twice and from any thread."""

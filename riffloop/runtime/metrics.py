@@ -108,6 +108,13 @@ DEPENDENCY_READY = Gauge(
     ["service", "dependency"],
 )
 
+WORKER_FAILURES = Counter(
+    "riffloop_worker_failures_total",
+    "Background loops (a consumer, the scorer, the model keeper) that died; liveness then fails "
+    "and the process is restarted.",
+    ["service"],
+)
+
 GC_PAUSE_SECONDS = Histogram(
     "riffloop_gc_pause_seconds",
     "Python garbage-collector pauses (every thread stops), by generation.",

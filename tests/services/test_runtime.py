@@ -117,6 +117,65 @@ def test_health_follows_the_dependency_checks() -> None:
         rt.stop()
 
 
+def test_a_dead_worker_fails_liveness_so_the_process_is_restarted() -> None:
+    """A background loop that dies (a bug, an error its loop does not retry) leaves a process
+    that looks healthy but does nothing: liveness and readiness go NOT_SERVING."""
+    from riffloop.core import MemoryEventBus, Settings
+    from riffloop.runtime import ConsumerWorker, DeferredWorker, EventRouter, LoopWorker, metrics
+
+    def healthy(stop: threading.Event) -> None:
+        stop.wait()
+
+    def crashes(stop: threading.Event) -> None:
+        raise KeyError("a bug in the scoring loop")
+
+    rt = ServiceRuntime("deadsvc", grpc_port=0, metrics_port=None, readiness_interval_s=0.05)
+    rt.add_worker(LoopWorker("deadsvc-fine", healthy))
+    rt.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{rt.port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def status(service: str = "") -> int:
+                request = health_pb2.HealthCheckRequest(service=service)
+                return int(stub.Check(request, timeout=5).status)
+
+            time.sleep(0.3)  # several polls with every worker alive: still serving
+            assert status() == status("liveness") == health_pb2.HealthCheckResponse.SERVING
+            dying = LoopWorker("deadsvc-scorer", crashes)
+            rt.add_worker(dying)
+            dying.start()
+            deadline = time.monotonic() + 5
+            while status("liveness") != health_pb2.HealthCheckResponse.NOT_SERVING:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert metrics.WORKER_FAILURES.labels("deadsvc")._value.get() == 1
+    finally:
+        rt.stop()
+
+    # a consumer thread that dies records why (behind a DeferredWorker too)
+    class Ports:
+        bus, kv = MemoryEventBus(), MemoryKeyValueStore()
+
+    worker = ConsumerWorker(
+        Settings(service_name="deadsvc"), Ports(), EventRouter({"songs.uploaded.v1": print})
+    )
+
+    def broken_run() -> None:
+        raise KeyError("not a TransientError")
+
+    worker.consumer.run = broken_run  # type: ignore[method-assign]
+    deferred = DeferredWorker(worker, lambda: True, poll_s=0.01)
+    deferred.start()
+    deadline = time.monotonic() + 5
+    while deferred.failed is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert isinstance(worker.failed, KeyError) and not worker.alive
+    deferred.stop(1.0)
+
+
 def test_sliding_window_limiter_allows_the_burst_then_refills_at_the_rate() -> None:
     now = [1000.0]
     limiter = SlidingWindowLimiter(
