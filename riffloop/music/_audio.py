@@ -197,7 +197,10 @@ def _libsndfile_errors() -> tuple[type[BaseException], ...]:
     return (sf.LibsndfileError, RuntimeError, ValueError, TypeError, EOFError, OSError)
 
 
-def _read(data: bytes, fmt: str, limits: AudioLimits) -> tuple[np.ndarray, int]:
+def _read(data: bytes, fmt: str, limits: AudioLimits) -> tuple[np.ndarray, int, int, bool]:
+    """(mono float32 samples, rate, channels, all finite). Each block is down-mixed as it is
+    read, so the multichannel signal is never held whole: a 10-minute stereo 48 kHz upload
+    peaks at 0.23 GB of Python allocations instead of 0.57 GB (tracemalloc, session 10)."""
     errors = _libsndfile_errors()
     try:
         handle = sf.SoundFile(io.BytesIO(data))
@@ -236,12 +239,15 @@ def _read(data: bytes, fmt: str, limits: AudioLimits) -> tuple[np.ndarray, int]:
         # Read in blocks: memory follows the data actually present, not what the header claims.
         blocks: list[np.ndarray] = []
         got = 0
+        finite = True
         try:
             while got <= frames:
                 block = handle.read(frames=_BLOCK_FRAMES, dtype="float32", always_2d=True)
                 if block.shape[0] == 0:
                     break
-                blocks.append(block)
+                finite = finite and bool(np.isfinite(block).all())
+                # the down-mix of decode_audio's step 7, per block (same values: a row mean)
+                blocks.append(block.mean(axis=1, dtype=np.float64).astype(np.float32))
                 got += block.shape[0]
                 if got * channels > limits.max_decoded_values:
                     raise InvalidAudio(
@@ -251,7 +257,7 @@ def _read(data: bytes, fmt: str, limits: AudioLimits) -> tuple[np.ndarray, int]:
             raise InvalidAudio(
                 AudioErrorCode.TRUNCATED, f"the {fmt.upper()} file is cut off or damaged"
             ) from exc
-    samples = np.concatenate(blocks) if blocks else np.zeros((0, channels), dtype=np.float32)
+    mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
     # MP3 frame counts are estimates (Xing/VBRI headers); the other containers are exact.
     tolerance = 0.02 if fmt == "mp3" else 0.0
     if got < frames * (1.0 - tolerance):
@@ -259,7 +265,7 @@ def _read(data: bytes, fmt: str, limits: AudioLimits) -> tuple[np.ndarray, int]:
             AudioErrorCode.TRUNCATED,
             f"the {fmt.upper()} file is cut off: {got} of {frames} frames present",
         )
-    return samples, rate
+    return mono, rate, channels, finite
 
 
 def decode_audio(data: bytes, limits: AudioLimits | None = None) -> DecodedAudio:
@@ -286,13 +292,11 @@ def decode_audio(data: bytes, limits: AudioLimits | None = None) -> DecodedAudio
     if fmt == "wav" and _wav_declares_more_than(data):
         raise InvalidAudio(AudioErrorCode.TRUNCATED, "the WAV file is cut off")
     # 4–5. open and decode
-    samples, rate = _read(data, fmt, limits)
+    mono, rate, channels, finite = _read(data, fmt, limits)  # 7a. down-mixed as read
     # 6. non-finite samples
-    if not np.isfinite(samples).all():
+    if not finite:
         raise InvalidAudio(AudioErrorCode.NON_FINITE, "the audio contains NaN or infinite samples")
-    channels = samples.shape[1]
-    # 7. down-mix and resample
-    mono = samples.mean(axis=1, dtype=np.float64).astype(np.float32)
+    # 7b. resample
     if rate != SAMPLE_RATE and mono.size:
         with torch.inference_mode():
             mono = (

@@ -7,6 +7,7 @@ the bus (the path the generator takes), so the consumer side is exercised too.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 
 import grpc
@@ -143,6 +144,46 @@ def test_bad_uploads_are_refused_with_a_reason(
         "silent": lambda: upload(wav_bytes(2.0, amplitude=0.0)),
     }[case]
     expect(code, lambda: stub.UploadSong(requests(), metadata=auth("bob"), timeout=10), reason)
+
+
+def test_uploads_beyond_the_concurrency_limit_are_refused_until_one_finishes(auth: Auth) -> None:
+    """Each upload is held and decoded in the gateway: past RIFFLOOP_MAX_CONCURRENT_UPLOADS the
+    next one gets RESOURCE_EXHAUSTED before a byte is read, and succeeds once a slot is free."""
+    import threading
+
+    running = start_service("gateway", shared_ports(), max_concurrent_uploads=1)
+    stub = pb_grpc.GatewayServiceStub(running.channel)
+    proceed = threading.Event()
+
+    def slow_upload() -> Iterator[pb.UploadSongRequest]:
+        first, *rest = list(upload(wav_bytes(2.0, 440.0)))
+        yield first
+        proceed.wait(30)  # the client is still sending
+        yield from rest
+
+    try:
+        held: dict[str, object] = {}
+        sender = threading.Thread(
+            target=lambda: held.update(
+                song=stub.UploadSong(slow_upload(), metadata=auth("carol"), timeout=60)
+            )
+        )
+        sender.start()
+        time.sleep(0.5)  # the first upload holds the only slot
+        expect(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            lambda: stub.UploadSong(upload(wav_bytes(2.0)), metadata=auth("dave"), timeout=10),
+            "too many uploads in progress on this gateway (limit 1); retry",
+        )
+        proceed.set()
+        sender.join(30)
+        assert getattr(held["song"], "song_id", "")
+        song = stub.UploadSong(upload(wav_bytes(2.0)), metadata=auth("dave"), timeout=10)
+        assert len(song.song_id) == 64  # the slot came back
+    finally:
+        proceed.set()
+        running.channel.close()
+        running.runtime.stop()
 
 
 @pytest.mark.parametrize(
