@@ -55,6 +55,7 @@ class TrackInfo:
     status: str  # "pending", "ready" or "failed"
     duration_seconds: float
     size_bytes: int
+    failure_reason: str = ""  # why, when "failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,7 +166,9 @@ class GatewayClient:
     def get_track(self, track_id: str) -> TrackInfo:
         track = self._call(self._stub.GetTrack, pb.GetTrackRequest(track_id=track_id)).track
         status = pb.TrackStatus.Name(track.status).removeprefix("TRACK_STATUS_").lower()
-        return TrackInfo(track.track_id, status, track.duration_seconds, track.size_bytes)
+        return TrackInfo(
+            track.track_id, status, track.duration_seconds, track.size_bytes, track.failure_reason
+        )
 
     def wait_ready(
         self, track_id: str, *, timeout_s: float = 120.0, poll_s: float = 0.25
@@ -176,7 +179,7 @@ class GatewayClient:
             if info.status == "ready":
                 return info
             if info.status == "failed":
-                raise PermanentError(f"track {track_id} failed")
+                raise PermanentError(f"track {track_id} failed: {info.failure_reason}")
             if time.monotonic() >= deadline:
                 raise TransientError(f"track {track_id} not ready after {timeout_s:.0f} s")
             time.sleep(poll_s)

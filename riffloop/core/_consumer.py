@@ -45,7 +45,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from riffloop.core._envelopes import decode_envelope, dlq_topic, load_generated, new_envelope
+from riffloop.core._envelopes import (
+    DLQ_SUFFIX,
+    decode_envelope,
+    dlq_topic,
+    load_generated,
+    new_envelope,
+)
 from riffloop.core._errors import (
     PermanentError,
     RiffloopError,
@@ -498,6 +504,18 @@ def publish_dead_letter(
     events = load_generated("events_pb2")
     text = (error.reason if isinstance(error, RiffloopError) else str(error)) or repr(error)
     text = text[:_MAX_ERROR_CHARS]
+    if topic.endswith(DLQ_SUFFIX):
+        # A reader of a dead-letter topic (the gateway marks failed generations) could not
+        # handle one: there is no third level. The record stays in the DLQ for operators.
+        log.error(
+            "skipped %s[%d]@%d of a dead-letter topic after %d attempt(s): %s",
+            topic,
+            partition,
+            offset,
+            attempts,
+            text,
+        )
+        return
     dead = events.DeadLetter(
         original_topic=topic,
         original_partition=partition,

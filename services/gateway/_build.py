@@ -68,17 +68,20 @@ def build(
         max_workers=64,
     )
     probe = audio or audio_probe(settings)
-    servicer = GatewayServicer(settings, ports, probe, Dispatcher(seed=settings.dispatch_seed))
+    dispatcher = Dispatcher(seed=settings.dispatch_seed)
+    servicer = GatewayServicer(settings, ports, probe, dispatcher)
     runtime.add_service(
         pb_grpc.add_GatewayServiceServicer_to_server, servicer, "riffloop.v1.GatewayService"
     )
     for dependency, check in ports.readiness_checks().items():
         runtime.readiness.add_check(dependency, check)
-    events = GatewayEvents(ports)
+    events = GatewayEvents(ports, dispatcher)
     router = EventRouter(
         {
             "tracks.ready.v1": events.on_track_ready,
             "model.published.v1": events.on_model_published,
+            # requests the generator gave up on: their tracks turn failed, with the reason
+            "generation.requested.v1.dlq": events.on_generation_dead_lettered,
         }
     )
     runtime.add_worker(ConsumerWorker(settings, ports, router))

@@ -44,6 +44,7 @@ from riffloop.core import (
     RateLimitedError,
     RiffloopError,
     ValidationError,
+    decode_envelope,
 )
 from riffloop.runtime import (
     LATENTS_BUCKET,
@@ -558,17 +559,64 @@ def _track_message(track_id: str, record: dict[str, Any]) -> pb.Track:
         size_bytes=int(audio.get("size", 0)),
         content_type="audio/wav" if audio else "",
         requested_at=_now_ts(float(record["requested_at"])),
+        failure_reason=str(record.get("failure_reason", "")),
     )
 
 
 # -- event handlers (consumer side) -------------------------------------------------------------
 
 
+# Error types whose text (RiffloopError.reason) is safe to show a client.
+_CLIENT_SAFE_ERRORS = frozenset(
+    {
+        "ValidationError",
+        "NotFoundError",
+        "ConflictError",
+        "PermanentError",
+        "InvalidAudio",
+        "ChecksumMismatchError",
+    }
+)
+
+
 class GatewayEvents:
     """What the gateway does with the events it consumes; each handler is idempotent."""
 
-    def __init__(self, ports: Any) -> None:
+    def __init__(self, ports: Any, dispatcher: Any) -> None:
         self.ports = ports
+        self.dispatcher = dispatcher  # the servicer's: request id → the track id it returned
+
+    def on_generation_dead_lettered(self, envelope: events_pb2.Envelope) -> None:
+        """generation.requested.v1.dlq: the generator gave up on a request (its songs were
+        never encoded, an input it refuses, a bug). The client's track turns ``failed`` with
+        the reason, instead of ``pending`` for ever. A replay of the DLQ that then succeeds
+        makes it ``ready`` (on_track_ready overwrites the status)."""
+        dead = envelope.dead_letter
+        if dead.original_topic != "generation.requested.v1":
+            return
+        try:
+            original = decode_envelope(bytes(dead.original_value), dead.original_topic)
+        except ValidationError:
+            return  # poison that never was a request: no client waits for it
+        request_id = original.generation_requested.request_id
+        key = f"gw:track:{self.dispatcher.track_id_for(request_id)}"
+        raw = self.ports.kv.get(key)
+        if raw is None:
+            return  # requested elsewhere (the generator's own Generate RPC)
+        record = json.loads(raw)
+        if record["status"] == "ready":
+            return  # a replay made it meanwhile
+        # A RiffloopError's reason is written for clients; anything else may carry internals.
+        known = dead.error_type in _CLIENT_SAFE_ERRORS
+        record.update(
+            status="failed",
+            failure_reason=dead.error if known else "the generator failed on this request",
+        )
+        self.ports.kv.set(key, json.dumps(record))
+        _log.warning(
+            "generation failed",
+            extra={"track_id": key.removeprefix("gw:track:"), "request_id": request_id},
+        )
 
     def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
         ready = envelope.track_ready
@@ -587,6 +635,7 @@ class GatewayEvents:
         record.update(
             status="ready", audio=_ref_to_dict(ready.audio), duration=ready.duration_seconds
         )
+        record.pop("failure_reason", None)
         self.ports.kv.set(key, json.dumps(record))
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:

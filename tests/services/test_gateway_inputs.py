@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -70,6 +71,25 @@ def expect(code: grpc.StatusCode, call: Callable[[], object], reason: str) -> No
     assert "Traceback" not in (info.value.details() or "")
 
 
+def publish_track_ready(ports: Any, track_id: str, song_id: str, user: str) -> None:
+    """What the generator does when a track is made: its audio stored, TrackReady published."""
+    ref = ports.objects.put("tracks", f"{track_id}.wav", wav_bytes(0.5))
+    ready = events_pb2.TrackReady(
+        track_id=track_id,
+        audio=ref.to_proto(),
+        provenance=common_pb2.TrackProvenance(
+            kind=common_pb2.TRACK_KIND_GENERATED,
+            model_version="v0001",
+            input_song_ids=[song_id],
+            similarity=0.5,
+            quality=50,
+        ),
+        user_id=user,
+        duration_seconds=0.5,
+    )
+    ports.bus.publish("tracks.ready.v1", track_id, new_envelope("test", ready))
+
+
 def make_ready_track(
     gateway: Running, stub: pb_grpc.GatewayServiceStub, auth: Auth, user: str
 ) -> str:
@@ -77,23 +97,8 @@ def make_ready_track(
     response = stub.Generate(
         pb.GenerateRequest(song_ids=[song.song_id], similarity=0.5), metadata=auth(user), timeout=10
     )
-    audio = wav_bytes(0.5)
     bus_ports = gateway.state  # the gateway's ports (shared in-memory adapters)
-    ref = bus_ports.objects.put("tracks", f"{response.track_id}.wav", audio)
-    ready = events_pb2.TrackReady(
-        track_id=response.track_id,
-        audio=ref.to_proto(),
-        provenance=common_pb2.TrackProvenance(
-            kind=common_pb2.TRACK_KIND_GENERATED,
-            model_version="v0001",
-            input_song_ids=[song.song_id],
-            similarity=0.5,
-            quality=50,
-        ),
-        user_id=user,
-        duration_seconds=0.5,
-    )
-    bus_ports.bus.publish("tracks.ready.v1", response.track_id, new_envelope("test", ready))
+    publish_track_ready(bus_ports, response.track_id, song.song_id, user)
     key = f"gw:track:{response.track_id}"
     wait_for(lambda: '"ready"' in (bus_ports.kv.get(key) or ""), 10, "track ready")
     return response.track_id
@@ -498,6 +503,55 @@ def test_an_upload_retried_after_its_event_was_lost_is_still_encoded(
     subscription.close()
 
 
+def test_a_generation_the_generator_gave_up_on_turns_failed_with_its_reason(
+    gateway: Running, stub, auth: Auth
+) -> None:
+    """generation.requested.v1.dlq → the client's track is FAILED with the generator's reason
+    (a client-safe one; a bug's text is not shown), not PENDING for ever; a replay that then
+    succeeds makes it READY."""
+    from riffloop.core import ValidationError, publish_dead_letter
+
+    ports = gateway.state
+    requests = ports.bus.subscribe("test-requests", ["generation.requested.v1"])
+    requests.poll(0.1, 1000)  # from here on: this test's requests only
+    song = stub.UploadSong(upload(wav_bytes(2.0, 587.0)), metadata=auth("kim"), timeout=10)
+    tracks = []
+    for _ in range(2):
+        response = stub.Generate(
+            pb.GenerateRequest(song_ids=[song.song_id], similarity=0.5),
+            metadata=auth("kim"),
+            timeout=10,
+        )
+        tracks.append(response.track_id)
+    records = requests.poll(2.0, 10)
+    requests.close()
+    assert len(records) == 2
+    errors = [ValidationError(f"song {song.song_id[:8]} is not encoded"), KeyError("/srv/x")]
+    for record, error in zip(records, errors, strict=True):
+        publish_dead_letter(
+            ports.bus,
+            group="generator",
+            topic="generation.requested.v1",
+            key=record.key,
+            value=record.value,
+            event_id=events_pb2.Envelope.FromString(record.value).event_id,
+            error=error,
+            attempts=5,
+        )
+
+    def track(track_id: str) -> pb.Track:
+        request = pb.GetTrackRequest(track_id=track_id)
+        return stub.GetTrack(request, metadata=auth("kim"), timeout=10).track
+
+    wait_for(lambda: all(track(t).status == pb.TRACK_STATUS_FAILED for t in tracks), 10, "fail")
+    assert track(tracks[0]).failure_reason == f"song {song.song_id[:8]} is not encoded"
+    assert track(tracks[1]).failure_reason == "the generator failed on this request"
+    # the operator replays the DLQ after the fix, and the generator makes the track
+    publish_track_ready(ports, tracks[0], song.song_id, "kim")
+    wait_for(lambda: track(tracks[0]).status == pb.TRACK_STATUS_READY, 10, "ready")
+    assert track(tracks[0]).failure_reason == ""
+
+
 def test_a_track_ready_the_feedback_service_would_refuse_is_not_ready_here(
     gateway: Running,
 ) -> None:
@@ -523,9 +577,10 @@ def test_a_track_ready_the_feedback_service_would_refuse_is_not_ready_here(
             duration_seconds=1.0,
         ),
     ]
+    from riffloop.loop import Dispatcher
     from services.gateway._service import GatewayEvents
 
-    events = GatewayEvents(state)
+    events = GatewayEvents(state, Dispatcher())
     for ready in bad:
         with pytest.raises(ValidationError):
             events.on_track_ready(new_envelope("test", ready))

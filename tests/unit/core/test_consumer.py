@@ -508,3 +508,25 @@ def test_a_handler_interrupted_by_a_drain_leaves_its_record_for_the_next_owner(
     effect: list[Delivery] = []
     last = make(bus, kv, effect.append)
     assert last.run_once() == 1 and effect[0].attempt == 1
+
+
+def test_a_record_of_a_dead_letter_topic_has_no_further_dead_letter_topic(caplog) -> None:
+    """The gateway reads generation.requested.v1.dlq; a record it cannot handle is logged and
+    skipped (it stays in that DLQ), not sent to a ``.dlq.dlq`` that does not exist."""
+    from riffloop.core import MemoryEventBus, ValidationError, all_topics, publish_dead_letter
+
+    bus = MemoryEventBus()
+    bus.ensure_topics(all_topics(), partitions=1)
+    seen = bus.subscribe("watcher", ["generation.requested.v1.dlq"])
+    publish_dead_letter(
+        bus,
+        group="gateway",
+        topic="generation.requested.v1.dlq",
+        key="k",
+        value=b"\x00not an envelope",
+        event_id="",
+        error=ValidationError("message is not a riffloop.v1.Envelope"),
+        attempts=1,
+    )
+    assert seen.poll(0.1, 10) == []
+    assert "skipped generation.requested.v1.dlq" in caplog.text
