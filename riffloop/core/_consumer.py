@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from riffloop.core._context import handling
 from riffloop.core._envelopes import (
     DLQ_SUFFIX,
     decode_envelope,
@@ -393,7 +394,12 @@ class Consumer:
                 log.error("poison record %s[%d]@%d: %s", *_where(message), exc.reason)
                 self._dead_letter(message, None, exc, attempts=1)
                 return self._finish(message, Outcome.DEAD_LETTERED, None)
+        with handling(envelope):  # logs and the events the handler makes carry its ids
+            return self._process_envelope(message, envelope, marks)
 
+    def _process_envelope(
+        self, message: Message, envelope: events_pb2.Envelope, marks: _Marks
+    ) -> Outcome | None:
         dedupe_key, attempts_key = self._keys(envelope.event_id)
         if envelope.event_id in marks.handled_here or marks.read(self._kv, dedupe_key) is not None:
             return self._finish(message, Outcome.DUPLICATE, None)

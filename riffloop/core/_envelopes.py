@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 
+from riffloop.core._context import correlation_id_var
 from riffloop.core._errors import ConfigurationError, ValidationError
 
 if TYPE_CHECKING:
@@ -108,11 +109,16 @@ def new_envelope(
     event_id: str | None = None,
     occurred_at: datetime | None = None,
 ) -> events_pb2.Envelope:
-    """Wrap a payload: event_id (UUID4 unless given), occurred_at (now, UTC), producer."""
+    """Wrap a payload: event_id (UUID4 unless given), occurred_at (now, UTC), producer, and
+    the current correlation id (the gRPC call or the event being handled)."""
     events = load_generated("events_pb2")
     if not producer:
         raise ValidationError("an envelope needs a producer name")
-    envelope = events.Envelope(event_id=event_id or str(uuid.uuid4()), producer=producer)
+    envelope = events.Envelope(
+        event_id=event_id or str(uuid.uuid4()),
+        producer=producer,
+        correlation_id=correlation_id_var.get(),  # riffloop.core._context
+    )
     envelope.occurred_at.FromDatetime(occurred_at or datetime.now(UTC))
     getattr(envelope, _payload_field_for(events.Envelope, payload)).CopyFrom(payload)
     return envelope

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import grpc
 
 from riffloop.core import RateLimitedError, RiffloopError, UnauthenticatedError
+from riffloop.core._context import correlation_id_var
 from riffloop.runtime import metrics
 from riffloop.runtime._logging import request_id_var, user_id_var
 
@@ -98,6 +99,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
                 def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                     token = request_id_var.set(request_id)
+                    correlation = correlation_id_var.set(request_id)  # events it makes carry it
                     started = time.perf_counter()
                     code = "OK"
                     try:
@@ -107,12 +109,14 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                         code = self._fail(exc, context, full_method, request_id)
                     finally:
                         self._observe(method, code, context, started, full_method)
+                        correlation_id_var.reset(correlation)
                         request_id_var.reset(token)
 
                 return stream_behavior
 
             def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
                 token = request_id_var.set(request_id)
+                correlation = correlation_id_var.set(request_id)  # events it makes carry it
                 started = time.perf_counter()
                 code = "OK"
                 try:
@@ -122,6 +126,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     code = self._fail(exc, context, full_method, request_id)
                 finally:
                     self._observe(method, code, context, started, full_method)
+                    correlation_id_var.reset(correlation)
                     request_id_var.reset(token)
 
             return unary_behavior

@@ -1,4 +1,5 @@
-"""Structured JSON logs, one object per line, carrying the request id of the current call."""
+"""Structured JSON logs, one object per line, carrying the request id of the current call, or
+the event id and correlation id of the event being handled (riffloop.core._context)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+from riffloop.core._context import correlation_id_var, event_id_var
 
 # Set by the request interceptor for the duration of one call; "" outside calls.
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
@@ -38,6 +41,10 @@ class JsonFormatter(logging.Formatter):
         user_id = user_id_var.get()
         if user_id:
             entry["user_id"] = user_id
+        for name, var in (("event_id", event_id_var), ("correlation_id", correlation_id_var)):
+            value = var.get()
+            if value and value != request_id:  # inside a call the two ids are the same
+                entry[name] = value
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 entry[key] = value

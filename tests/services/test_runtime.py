@@ -32,6 +32,15 @@ def _missing(request: bytes, context: grpc.ServicerContext) -> bytes:
     raise NotFoundError("track t1 does not exist")
 
 
+def _correlate(request: bytes, context: grpc.ServicerContext) -> bytes:
+    """What an event published by this call would carry as its correlation id."""
+    from riffloop.core import new_envelope
+    from riffloop.v1 import events_pb2
+
+    envelope = new_envelope("testsvc", events_pb2.TrackScored(track_id="t"))
+    return envelope.correlation_id.encode()
+
+
 def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
     release.wait(10)
     return b"done"
@@ -44,6 +53,7 @@ def runtime() -> Iterator[ServiceRuntime]:
         "Boom": grpc.unary_unary_rpc_method_handler(_boom),
         "Missing": grpc.unary_unary_rpc_method_handler(_missing),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
+        "Correlate": grpc.unary_unary_rpc_method_handler(_correlate),
     }
     rt.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Svc", handlers),))
     rt.readiness.add_check("kafka", lambda: True)
@@ -64,6 +74,13 @@ def test_unexpected_exception_is_internal_with_request_id_and_no_traceback(runti
     assert info.value.code() is grpc.StatusCode.INTERNAL
     assert info.value.details() == "internal error (request id req-42)"
     assert ("x-request-id", "req-42") in tuple(info.value.trailing_metadata() or ())
+
+
+def test_events_published_by_a_call_carry_its_request_id(runtime) -> None:
+    given = _call(runtime, "Correlate", timeout=5, metadata=(("x-request-id", "req-7"),))
+    assert given == b"req-7"
+    made_up = _call(runtime, "Correlate", timeout=5)  # none given: the one the server made
+    assert len(made_up) == 32 and made_up != given
 
 
 def test_riffloop_error_maps_to_its_code_with_the_reason(runtime) -> None:

@@ -530,3 +530,49 @@ def test_a_record_of_a_dead_letter_topic_has_no_further_dead_letter_topic(caplog
     )
     assert seen.poll(0.1, 10) == []
     assert "skipped generation.requested.v1.dlq" in caplog.text
+
+
+def test_events_made_while_handling_carry_the_correlation_id_and_logs_the_ids(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    """A chain of events keeps the id of what started it: an event made inside a call carries
+    the call's id, one made while handling an event carries that event's correlation id (or
+    its event id, when it has none); the JSON log lines of the handler name both ids."""
+    import json
+    import logging
+
+    from riffloop.core._context import correlated
+    from riffloop.runtime._logging import JsonFormatter
+
+    with correlated("req-42"):
+        started = rating("t1", 4)
+    assert started.correlation_id == "req-42" and rating("t2", 3).correlation_id == ""
+    made: list[events_pb2.Envelope] = []
+    lines: list[str] = []
+    formatter = JsonFormatter("test")
+
+    class Capture(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(formatter.format(record))
+
+    def handle(delivery: Delivery) -> None:
+        logging.getLogger("riffloop.test").warning("handling")
+        made.append(new_envelope("feedback", events_pb2.TrackScored(track_id="t")))
+
+    capture = Capture()
+    logging.getLogger("riffloop.test").addHandler(capture)
+    try:
+        consumer = make(bus, kv, handle)
+        uncorrelated = rating("t2", 3)
+        bus.publish(TOPIC, "t1", started)
+        bus.publish(TOPIC, "t2", uncorrelated)
+        assert consumer.run_once() == 2
+    finally:
+        logging.getLogger("riffloop.test").removeHandler(capture)
+    assert [m.correlation_id for m in made] == ["req-42", uncorrelated.event_id]
+    logged = [json.loads(line) for line in lines]
+    assert [(e["event_id"], e["correlation_id"]) for e in logged] == [
+        (started.event_id, "req-42"),
+        (uncorrelated.event_id, uncorrelated.event_id),
+    ]
+    assert new_envelope("x", events_pb2.TrackScored(track_id="t")).correlation_id == ""  # after
