@@ -133,8 +133,26 @@ def test_six_processes_close_the_loop(service_stack) -> None:
         assert _metric(url, "riffloop_dependency_ready", dependency="kafka") == 1
         # the start-up heap is frozen and every collection since is timed
         assert _metric(url, "riffloop_gc_pause_seconds_count") >= 1
-    trainer_url = f"http://127.0.0.1:{procs['trainer'].metrics_port}/metrics"
-    assert _metric(trainer_url, "riffloop_training_steps_total") >= 4
+
+    # Each process's own domain metrics, read from that process (not a shared registry).
+    def url(service: str) -> str:
+        return f"http://127.0.0.1:{procs[service].metrics_port}/metrics"
+
+    assert _metric(url("trainer"), "riffloop_training_steps_total") >= 4
+    serving = generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version
+    assert serving > base
+    assert _metric(url("generator"), "riffloop_model_current_info", version=serving) == 1
+    assert _metric(url("generator"), "riffloop_model_current_info", version=base) == 0
+    generated_here = _metric(url("generator"), "riffloop_tracks_generated_total")
+    assert generated_here >= len(kinds) + 1  # every track of this test, wherever served
+    assert _metric(url("generator"), "riffloop_generation_seconds_count") >= generated_here
+    assert _metric(url("gateway"), "riffloop_ratings_total", outcome="accepted") >= len(kinds)
+    recorded = _metric(url("feedback"), "riffloop_feedback_recorded_total", outcome="recorded")
+    assert recorded >= 2 * len(kinds)  # a rating and a listen per track
+    assert _metric(url("feedback"), "riffloop_mean_rating", model_version=base) > 0
+    assert _metric(url("gateway"), "riffloop_grpc_requests_total", method="Rate", code="OK") >= (
+        len(kinds)
+    )
     # SIGTERM drains: every service exits 0.
     codes = stack.down(grace_s=30.0)
     assert codes == dict.fromkeys(reversed(ALL), 0), codes
