@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import grpc
 import pytest
@@ -99,16 +100,45 @@ def test_loop_publishes_a_new_model_that_the_generator_serves(
     from riffloop.v1 import trainer_service_pb2 as tr_pb
     from riffloop.v1 import trainer_service_pb2_grpc as tr_grpc
 
+    # ... while requests keep coming: the swap drops none of them.
+    stop = threading.Event()
+    served_by: list[str] = []
+    failures: list[BaseException] = []
+
+    def keep_generating() -> None:
+        request = gen_pb.GeneratorServiceGenerateRequest(
+            song_ids=songs[1:], similarity=0.3, quality=5, kind=1
+        )
+        while not stop.is_set():
+            try:
+                served_by.append(generator.Generate(request, timeout=60).provenance.model_version)
+            except BaseException as exc:  # any failure during the swap is the finding
+                failures.append(exc)
+
+    load = [threading.Thread(target=keep_generating) for _ in range(3)]
+    for thread in load:
+        thread.start()
+    wait_for(lambda: len(served_by) >= 3, 60, "requests on the new version")
     trainer = tr_grpc.TrainerServiceStub(all_services["trainer"].channel)
     rolled = trainer.Rollback(tr_pb.RollbackRequest(), timeout=30)
     assert rolled.previous_version >= "v0002" and rolled.version < rolled.previous_version
-    wait_for(
-        lambda: (
-            generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version
-            == rolled.version
-        ),
-        60,
-        "the generator rolling back",
-    )
+    try:
+        wait_for(
+            lambda: (
+                generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version
+                == rolled.version
+            ),
+            60,
+            "the generator rolling back",
+        )
+        after = len(served_by)
+        wait_for(lambda: len(served_by) >= after + 3, 60, "requests on the rolled-back version")
+    finally:
+        stop.set()
+        for thread in load:
+            thread.join(60)
+    assert failures == []
+    assert set(served_by) == {rolled.previous_version, rolled.version}
+    assert served_by[-1] == rolled.version
     for user in users:
         user.close()
