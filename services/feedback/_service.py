@@ -69,6 +69,9 @@ from services.feedback._scorer import (
     register_record,
 )
 
+# How long a refused envelope's count is remembered against a redelivery (a week: far beyond any
+# consumer back-off or restart).
+_REFUSED_ONCE_TTL_S = 7 * 24 * 3600.0
 _log = logging.getLogger("riffloop.feedback")
 
 #: Hash of the feedback events waiting for their tracks.ready: event id → base64 envelope.
@@ -307,6 +310,7 @@ class FeedbackState:
                     # (the tracks are all known here, so "not served to this user" will not
                     # change on a retry: the item is refused like an invalid one)
                     if not batched:  # a poison event: the consumer dead-letters it at once
+                        self._count_refused(envelope, [event])
                         raise ValidationError(exc.reason) from exc
                     # one bad item must not sink the user's other items (the gateway checked
                     # them all, so this is a bug or a replay of old data): it goes to the DLQ
@@ -338,8 +342,25 @@ class FeedbackState:
             metrics.FEEDBACK_RECORDED.labels(
                 event.WhichOneof("feedback") or "none", "refused"
             ).inc()
+        self._count_refused(envelope, [event for event, _ in refused])
         # (out of every item: a batch split for parking is never refused whole)
         refuse_items(envelope, "feedback_batch", refused, len(total))
+
+    def _count_refused(
+        self, envelope: events_pb2.Envelope, events: list[events_pb2.FeedbackReceived]
+    ) -> None:
+        """Ratings refused here, per rater, in ``fb:refused`` (RaterReport's rejected_ratings):
+        once per envelope, however often it is redelivered."""
+        per_rater: dict[str, float] = {}
+        for event in events:
+            if event.WhichOneof("feedback") == "rating":
+                per_rater[event.user_id] = per_rater.get(event.user_id, 0.0) + 1.0
+        if per_rater:
+            self.ports.kv.apply_once(
+                f"fb:refused-once:{envelope.event_id}",
+                _REFUSED_ONCE_TTL_S,
+                {"fb:refused": per_rater},
+            )
 
     def _park(self, envelope: events_pb2.Envelope) -> None:
         """Keep feedback that overtook its tracks.ready until that arrives (on_track_ready
@@ -520,7 +541,9 @@ class FeedbackServicer(pb_grpc.FeedbackServiceServicer):
         return pb.RaterReportResponse(
             user_id=request.user_id,
             accepted_ratings=len(stars),
-            rejected_ratings=0,
+            rejected_ratings=int(
+                float(self.state.ports.kv.hget("fb:refused", request.user_id) or 0)
+            ),
             reliability=reliability,
             flagged=bool(reasons),
             reasons=reasons,

@@ -279,13 +279,27 @@ def test_rater_report_counts_one_raters_ratings() -> None:
     state.on_feedback(_batch("ann", ("t1", 5), ("t2", 3), ("t3", 1)))
     state.on_feedback(_batch("bob", ("t4", 4)))
     servicer = FeedbackServicer(state)
+    # ann rates bob's track: refused here, counted once however often it is redelivered
+    stray = _batch("ann", ("t1", 4), ("t4", 2))
+    for _ in range(2):
+        with pytest.raises(ItemsRefused):
+            state.on_feedback(stray)
+    single = new_envelope(
+        "gateway",
+        events_pb2.FeedbackReceived(
+            user_id="ann", track_id="t4", rating=events_pb2.TrackRating(stars=5)
+        ),
+    )
+    with pytest.raises(ValidationError):
+        state.on_feedback(single)
     ann = servicer.RaterReport(fb.RaterReportRequest(user_id="ann"), None)
     assert ann.accepted_ratings == 3 and ann.mean_stars == pytest.approx(3.0)
+    assert ann.rejected_ratings == 2
     assert ann.stddev_stars == pytest.approx((8 / 3) ** 0.5)
     rebuilt = FeedbackState(ports)  # restored from the key-value store
     rebuilt.rebuild()
     bob = FeedbackServicer(rebuilt).RaterReport(fb.RaterReportRequest(user_id="bob"), None)
-    assert bob.accepted_ratings == 1 and bob.mean_stars == 4.0
+    assert bob.accepted_ratings == 1 and bob.mean_stars == 4.0 and bob.rejected_ratings == 0
     with pytest.raises(NotFoundError):
         servicer.RaterReport(fb.RaterReportRequest(user_id="cat"), None)
 
