@@ -33,6 +33,8 @@ from riffloop.runtime._interceptors import ObservabilityInterceptor
 _log = logging.getLogger("riffloop.runtime")
 
 MiB = 1024 * 1024
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 30 * 1000
 
 
 class Worker(Protocol):
@@ -220,11 +222,13 @@ class ServiceRuntime:
         max_message_bytes: int = 4 * MiB,
         max_workers: int = 16,
         grace_s: float = 10.0,
+        drain_delay_s: float = 0.0,
         readiness_interval_s: float = 1.0,
         host: str = "127.0.0.1",
     ) -> None:
         self.service = service
         self.grace_s = grace_s
+        self.drain_delay_s = drain_delay_s
         self._host = host
         self._requested_port = grpc_port
         self._metrics_port = metrics_port
@@ -236,6 +240,11 @@ class ServiceRuntime:
                 ("grpc.max_receive_message_length", max_message_bytes),
                 ("grpc.max_send_message_length", max_message_bytes),
                 ("grpc.so_reuseport", 0),
+                # Clients reconnect every few minutes, so a scaled-out Deployment behind a
+                # ClusterIP Service (L4: one connection sticks to one pod) gets its share of
+                # long-lived channels; calls in flight get the grace period to finish.
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
             ],
             maximum_concurrent_rpcs=max_workers * 8,
         )
@@ -262,6 +271,7 @@ class ServiceRuntime:
             metrics_port=settings.metrics_port,
             host=settings.bind_host,
             grace_s=settings.drain_grace_s,
+            drain_delay_s=settings.drain_delay_s,
             **options,
         )
 
@@ -329,14 +339,18 @@ class ServiceRuntime:
             self._done.wait()
             return
         self._stopped.set()
-        _log.info("draining", extra={"grace_s": self.grace_s})
+        _log.info("draining", extra={"grace_s": self.grace_s, "delay_s": self.drain_delay_s})
         self.readiness.drain()
         self._poller.stop(1.0)
+        # 0. NOT_SERVING but still serving, while load balancers take this process out
+        time.sleep(self.drain_delay_s)
         # 1. refuse new calls, let in-flight ones finish within the grace period
         self.server.stop(self.grace_s).wait(self.grace_s + 1)
-        # 2. stop the consumers: each finishes its message and commits its offsets
+        # 2. stop the workers (consumers finish their message and commit its offsets), all
+        # within one more grace period however many there are
+        deadline = time.monotonic() + self.grace_s
         for worker in reversed(self._workers):
-            worker.stop(self.grace_s)
+            worker.stop(max(0.1, deadline - time.monotonic()))
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

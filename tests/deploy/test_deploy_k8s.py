@@ -572,10 +572,14 @@ def test_referenced_configmaps_and_secrets_exist(overlay: str, docs: list[dict[s
 def test_drain_fits_in_the_termination_grace_period(docs: list[dict[str, Any]]) -> None:
     for name, deployment in deployments(docs).items():
         (container,) = pod_spec(deployment)["containers"]
-        drain = float(container_env(docs, container).get("RIFFLOOP_DRAIN_GRACE_S", "10"))
+        env = container_env(docs, container)
+        drain = float(env.get("RIFFLOOP_DRAIN_GRACE_S", "10"))
+        delay = float(env.get("RIFFLOOP_DRAIN_DELAY_S", "0"))
         grace = pod_spec(deployment).get("terminationGracePeriodSeconds", 30)
-        # gRPC drain, then the consumer loop, each up to `drain`, before the kubelet's SIGKILL.
-        assert 2 * drain <= grace, f"{name}: drain {drain}s x2 exceeds the grace period {grace}s"
+        # the delay while endpoints drop the pod, then the gRPC drain and the workers, each up
+        # to `drain`, before the kubelet's SIGKILL
+        assert delay >= 1, f"{name}: no delay between NOT_SERVING and refusing calls"
+        assert delay + 2 * drain <= grace, f"{name}: {delay}s + 2 x {drain}s > {grace}s"
 
 
 def test_torch_threads_match_the_cpu_limit(docs: list[dict[str, Any]]) -> None:

@@ -193,6 +193,29 @@ def test_a_dead_worker_fails_liveness_so_the_process_is_restarted() -> None:
     deferred.stop(1.0)
 
 
+def test_after_sigterm_it_reports_not_serving_but_serves_for_the_drain_delay() -> None:
+    """Kubernetes drops a pod from its endpoints only after it sees NOT_SERVING (or the pod
+    terminating); calls still routed to it meanwhile are served, not refused."""
+    rt = ServiceRuntime("delaysvc", grpc_port=0, metrics_port=None, grace_s=2.0, drain_delay_s=1.0)
+    handlers = {"Correlate": grpc.unary_unary_rpc_method_handler(_correlate)}
+    rt.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Svc", handlers),))
+    rt.start()
+    with grpc.insecure_channel(f"127.0.0.1:{rt.port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        call = channel.unary_unary("/t.Svc/Correlate")
+        stopping = threading.Thread(target=rt.stop)
+        started = time.monotonic()
+        stopping.start()
+        time.sleep(0.3)
+        status = stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert call(b"", timeout=5, metadata=(("x-request-id", "late-1"),)) == b"late-1"
+        stopping.join(10)
+        assert time.monotonic() - started >= 1.0
+        with pytest.raises(grpc.RpcError):
+            call(b"", timeout=2)
+
+
 def test_sliding_window_limiter_allows_the_burst_then_refills_at_the_rate() -> None:
     now = [1000.0]
     limiter = SlidingWindowLimiter(
