@@ -101,7 +101,15 @@ class FeedbackOutcome:
 def _translate(error: grpc.RpcError) -> RiffloopError:
     code = error.code()
     cls = _ERRORS.get(code, RiffloopError)
-    return cls(f"{code.name}: {error.details() or ''}")
+    reason = f"{code.name}: {error.details() or ''}"
+    if cls is RateLimitedError:
+        trailers = dict(getattr(error, "trailing_metadata", lambda: None)() or ())
+        try:
+            retry_after_s: float | None = int(trailers["retry-after-ms"]) / 1000
+        except (KeyError, ValueError):
+            retry_after_s = None
+        return RateLimitedError(reason, retry_after_s=retry_after_s)
+    return cls(reason)
 
 
 class GatewayClient:

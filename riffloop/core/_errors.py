@@ -50,7 +50,14 @@ class PermissionDeniedError(RiffloopError):
 
 
 class RateLimitedError(RiffloopError):
+    """Too much at once; ``retry_after_s`` says when a retry can succeed (the gateway sends it
+    as the ``retry-after-ms`` trailer), when known."""
+
     grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
 
 
 class TransientError(RiffloopError):

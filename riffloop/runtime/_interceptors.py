@@ -11,6 +11,7 @@ INTERNAL with a request id and no traceback (the traceback goes to the log).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 import uuid
@@ -158,6 +159,14 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 "rpc failed",
                 extra={"method": full_method, "code": code.name, "reason": exc.reason},
             )
+            retry_after = getattr(exc, "retry_after_s", None)
+            if retry_after is not None:  # machine-readable, beside the request id
+                context.set_trailing_metadata(
+                    (
+                        ("x-request-id", request_id),
+                        ("retry-after-ms", str(max(1, math.ceil(retry_after * 1000)))),
+                    )
+                )
             context.abort(code, exc.reason)
         existing = _status_of(context)
         if existing is not None and existing is not grpc.StatusCode.OK:
@@ -296,7 +305,8 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
             wait_s = self.limiter.try_acquire(user, cost)
             if wait_s > 0:
                 raise RateLimitedError(
-                    f"rate limit exceeded for user {user} on {method}; retry in {wait_s:.2f} s"
+                    f"rate limit exceeded for user {user} on {method}; retry in {wait_s:.2f} s",
+                    retry_after_s=wait_s,
                 )
 
         def wrap(behavior: Behavior, streams: bool) -> Behavior:

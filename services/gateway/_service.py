@@ -240,7 +240,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if not self.upload_slots.acquire(timeout=1.0):
             raise RateLimitedError(
                 "too many uploads in progress on this gateway (limit "
-                f"{self.settings.max_concurrent_uploads}); retry in a few seconds"
+                f"{self.settings.max_concurrent_uploads}); retry in a few seconds",
+                retry_after_s=2.0,
             )
         try:
             return self._upload(request_iterator)

@@ -423,7 +423,9 @@ def test_expired_token_is_refused(stub) -> None:
     )
 
 
-def test_rate_limit_is_per_user_and_the_gateway_keeps_serving(stub, auth: Auth) -> None:
+def test_rate_limit_is_per_user_and_the_gateway_keeps_serving(
+    gateway: Running, stub, auth: Auth
+) -> None:
     codes = []
     for _ in range(60):
         try:
@@ -432,9 +434,21 @@ def test_rate_limit_is_per_user_and_the_gateway_keeps_serving(stub, auth: Auth) 
         except grpc.RpcError as error:
             assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "rate limit exceeded" in (error.details() or "")
+            trailers = dict(error.trailing_metadata() or ())
+            # when to come back, for clients (≈ one token at 10/s), and the request id
+            assert 1 <= int(trailers["retry-after-ms"]) <= 100 and trailers["x-request-id"]
             codes.append("LIMITED")
     assert 38 <= codes.count("OK") <= 48, codes  # burst 40 (+ refill at 10/s meanwhile)
     assert codes[-1] == "LIMITED"
+    # the typed client hands the wait on
+    from riffloop.client import GatewayClient
+    from riffloop.core import RateLimitedError
+
+    token = dict(auth("greedy"))["authorization"].removeprefix("Bearer ")
+    client = GatewayClient("unused", token, channel=gateway.channel)
+    with pytest.raises(RateLimitedError) as limited:
+        client.list_models()
+    assert limited.value.retry_after_s is not None and 0 < limited.value.retry_after_s <= 0.1
     # Another user is unaffected, and so is the health probe.
     stub.ListModels(pb.ListModelsRequest(), metadata=auth("patient"), timeout=5)
 
