@@ -10,7 +10,7 @@ import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 
@@ -148,16 +148,31 @@ class GatewayClient:
     # -- songs and tracks -----------------------------------------------------------------------
 
     def upload_song(
-        self, audio: bytes | Path, *, title: str = "", content_type: str = "audio/wav"
+        self,
+        audio: bytes | Path | BinaryIO,
+        *,
+        title: str = "",
+        content_type: str = "audio/wav",
     ) -> UploadedSong:
-        data = audio.read_bytes() if isinstance(audio, Path) else audio
+        """Upload audio given as bytes, a path, or an open binary file (read and sent in
+        chunks, never whole)."""
+
+        def chunks() -> Iterator[bytes]:
+            if isinstance(audio, bytes | bytearray):
+                for offset in range(0, len(audio), UPLOAD_CHUNK):
+                    yield bytes(audio[offset : offset + UPLOAD_CHUNK])
+            elif isinstance(audio, Path):
+                with audio.open("rb") as file:
+                    yield from iter(lambda: file.read(UPLOAD_CHUNK), b"")
+            else:
+                yield from iter(lambda: audio.read(UPLOAD_CHUNK), b"")
 
         def parts() -> Iterator[pb.UploadSongRequest]:
             yield pb.UploadSongRequest(
                 metadata=pb.UploadSongMetadata(title=title, content_type=content_type)
             )
-            for offset in range(0, len(data), UPLOAD_CHUNK):
-                yield pb.UploadSongRequest(chunk=data[offset : offset + UPLOAD_CHUNK])
+            for chunk in chunks():
+                yield pb.UploadSongRequest(chunk=chunk)
 
         response = self._call(self._stub.UploadSong, parts(), timeout_s=max(self.timeout_s, 60))
         return UploadedSong(response.song_id, response.duration_seconds, response.already_existed)
@@ -193,12 +208,19 @@ class GatewayClient:
             time.sleep(poll_s)
 
     def audio(self, track_id: str, *, chunk_size: int = 0) -> bytes:
+        """The whole WAV file of a ready track."""
+        return b"".join(self.iter_audio(track_id, chunk_size=chunk_size))
+
+    def iter_audio(self, track_id: str, *, chunk_size: int = 0) -> Iterator[bytes]:
+        """The WAV file of a ready track as it streams in (for playback that starts at once, or
+        to write it out without holding it in memory)."""
         request = pb.StreamAudioRequest(track_id=track_id, chunk_size=chunk_size)
         try:
             stream = self._stub.StreamAudio(
                 request, metadata=self._metadata, timeout=self.timeout_s
             )
-            return b"".join(message.chunk for message in stream)
+            for message in stream:
+                yield message.chunk
         except grpc.RpcError as error:
             raise _translate(error) from None
 

@@ -124,6 +124,29 @@ def test_upload_generate_and_stream_round_trip(gateway: Running, stub, auth: Aut
     assert rated.event_id
 
 
+def test_the_typed_client_streams_uploads_and_audio(
+    gateway: Running, stub, auth: Auth, tmp_path
+) -> None:
+    """Bytes, a path and an open file upload the same song; audio comes as a stream."""
+    import io
+
+    from riffloop.client import GatewayClient
+
+    token = dict(auth("lee"))["authorization"].removeprefix("Bearer ")
+    client = GatewayClient("unused", token, channel=gateway.channel)
+    data = wav_bytes(2.0, 612.0)
+    (tmp_path / "song.wav").write_bytes(data)
+    first = client.upload_song(data)
+    from_path = client.upload_song(tmp_path / "song.wav")
+    from_file = client.upload_song(io.BytesIO(data))
+    assert first.song_id == from_path.song_id == from_file.song_id
+    assert from_path.already_existed and from_file.already_existed
+    track_id = make_ready_track(gateway, stub, auth, "lee")
+    chunks = list(client.iter_audio(track_id, chunk_size=4096))
+    assert len(chunks) > 1 and all(len(c) <= 4096 for c in chunks)
+    assert b"".join(chunks) == client.audio(track_id)
+
+
 @pytest.mark.parametrize(
     ("case", "code", "reason"),
     [
