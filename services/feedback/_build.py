@@ -56,6 +56,10 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
                     state.publish_scores()
                 except Exception:  # a failed pass retries on the next tick; tracks stay dirty
                     _log.exception("scoring pass failed")
+                try:
+                    state.expire_parked(settings.park_max_age_s)
+                except Exception:  # retried on the next tick; nothing was forgotten
+                    _log.exception("expiring parked feedback failed")
                 last_pass_s = time.monotonic() - started
         finally:
             state.close()  # the scorer's child process ends with the loop

@@ -30,6 +30,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from typing import Any
 
 from riffloop.core import (
@@ -104,6 +105,9 @@ class FeedbackSettings(ServiceSettings):
     scorer_niceness: int = 5
     # A pass that has not answered within this is a hung child: it is killed and replaced.
     score_timeout_s: float = 300.0
+    # Feedback parked for a track whose tracks.ready has not come after this long will not get
+    # one (the track failed, or the event was lost): it goes to the DLQ with the reason.
+    park_max_age_s: float = 24 * 3600.0
 
     def _validate(self) -> None:
         super()._validate()
@@ -111,6 +115,8 @@ class FeedbackSettings(ServiceSettings):
             raise ConfigurationError('RIFFLOOP_SCORER must be "process" or "inline"')
         if not 0 <= self.scorer_niceness <= 19:
             raise ConfigurationError("RIFFLOOP_SCORER_NICENESS must lie in [0, 19]")
+        if not 60 <= self.park_max_age_s <= 30 * 24 * 3600:
+            raise ConfigurationError("RIFFLOOP_PARK_MAX_AGE_S must lie in 60 s – 30 days")
         if self.score_timeout_s <= 0:
             raise ConfigurationError("RIFFLOOP_SCORE_TIMEOUT_S must be positive")
         if not 1e-5 <= self.gil_switch_interval_s <= 0.1:
@@ -220,24 +226,50 @@ class FeedbackState:
             try:
                 self.on_feedback(envelope)
             except (ValidationError, PermissionDeniedError) as exc:  # ItemsRefused included
-                rest = exc.rest if isinstance(exc, ItemsRefused) else envelope
-                publish_dead_letter(
-                    self.ports.bus,
-                    group=self.ports.producer,
-                    topic=FEEDBACK_TOPIC,
-                    key=_feedback_items(rest)[0].user_id or rest.event_id,
-                    value=rest.SerializeToString(),
-                    event_id=rest.event_id,
-                    error=exc,
-                    attempts=1,
-                )
-                metrics.DLQ_MESSAGES.labels(self.ports.producer, FEEDBACK_TOPIC).inc()
+                self._dead_letter(exc.rest if isinstance(exc, ItemsRefused) else envelope, exc)
             self.ports.kv.hdel(PARKED_KEY, [event_id])
             with self.lock:
                 self._forget_parked(event_id)
         if ready:
             metrics.FEEDBACK_PARKED.set(len(self._parked))
         return len(ready)
+
+    def expire_parked(self, max_age_s: float, now_s: float | None = None) -> int:
+        """Dead-letter parked feedback older than ``max_age_s`` (by its envelope's time): its
+        tracks never became ready, and waiting longer only keeps it in memory and Redis. The
+        DLQ record says which tracks; a replay after their tracks.ready applies it. Returns
+        how many events expired."""
+        now_s = time.time() if now_s is None else now_s
+        with self.lock:
+            expired = [
+                (event_id, envelope, sorted(t for t in tracks if not self.ledger.knows(t)))
+                for event_id, (envelope, tracks) in self._parked.items()
+                if now_s - envelope.occurred_at.ToNanoseconds() / 1e9 > max_age_s
+            ]
+        for event_id, envelope, missing in expired:
+            why = f"track(s) {', '.join(missing[:5])} never became ready within {max_age_s:.0f} s"
+            self._dead_letter(envelope, NotFoundError(why + " of this feedback"))
+            self.ports.kv.hdel(PARKED_KEY, [event_id])
+            with self.lock:
+                self._forget_parked(event_id)
+        if expired:
+            metrics.FEEDBACK_PARKED.set(len(self._parked))
+            _log.warning("parked feedback expired to the DLQ", extra={"events": len(expired)})
+        return len(expired)
+
+    def _dead_letter(self, envelope: events_pb2.Envelope, error: Exception) -> None:
+        """Feedback whose record was committed long ago (parked) to the DLQ, from here."""
+        publish_dead_letter(
+            self.ports.bus,
+            group=self.ports.producer,
+            topic=FEEDBACK_TOPIC,
+            key=_feedback_items(envelope)[0].user_id or envelope.event_id,
+            value=envelope.SerializeToString(),
+            event_id=envelope.event_id,
+            error=error,
+            attempts=1,
+        )
+        metrics.DLQ_MESSAGES.labels(self.ports.producer, FEEDBACK_TOPIC).inc()
 
     def _track_ids(self) -> list[str]:
         return [p.track_id for p in self.ledger.provenances()]

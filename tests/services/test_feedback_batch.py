@@ -141,6 +141,38 @@ def test_a_failed_release_stays_parked_and_a_refused_parked_item_is_dead_lettere
     assert decode_envelope(dead[0].original_value).feedback_batch.items[0].track_id == "t3"
 
 
+def test_feedback_whose_track_never_becomes_ready_expires_to_the_dlq() -> None:
+    """Parked feedback waits for its tracks.ready, but not for ever: past the age limit it goes
+    to the DLQ naming the missing tracks, and leaves memory and the mirror (restarts too)."""
+    import time
+
+    from riffloop.core import decode_envelope, dlq_topic
+    from riffloop.runtime import metrics
+    from services.feedback._service import PARKED_KEY
+
+    ports = shared_ports()
+    ports.bus.ensure_topics([dlq_topic("feedback.received.v1")])
+    state = FeedbackState(ports)
+    old, fresh = _batch("xan", ("t5", 4)), _batch("xan", ("t6", 2))
+    old.occurred_at.FromSeconds(int(time.time()) - 7200)  # two hours ago
+    state.on_feedback(old)
+    state.on_feedback(fresh)
+    assert state.expire_parked(max_age_s=3 * 3600) == 0  # neither is that old
+    assert state.expire_parked(max_age_s=3600) == 1
+    assert set(ports.kv.hgetall(PARKED_KEY)) == {fresh.event_id}
+    assert metrics.FEEDBACK_PARKED._value.get() == 1
+    reader = ports.bus.subscribe("dlq-expiry", [dlq_topic("feedback.received.v1")])
+    dead = [decode_envelope(m.value, m.topic).dead_letter for m in reader.poll(1.0, 10)]
+    assert [d.original_event_id for d in dead] == [old.event_id]
+    assert "t5 never became ready within 3600 s" in dead[0].error
+    assert dead[0].error_type == "NotFoundError"
+    restarted = FeedbackState(ports)
+    restarted.rebuild()
+    assert restarted.expire_parked(max_age_s=3600) == 0  # gone for good, not re-expired
+    _ready(restarted, "t6", "xan")
+    assert _ratings(restarted) == [("t6", "xan", 2)]
+
+
 def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
     ports = shared_ports()
     state = FeedbackState(ports)
