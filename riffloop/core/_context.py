@@ -2,8 +2,12 @@
 
 - ``correlation_id``: the id of what started a chain of events, the client's request id when a
   gRPC call started it. ``new_envelope`` copies it into every event it makes, and a consumer
-  handling an event makes the event's correlation id current again, so every log line and every
-  event downstream of one ``Rate`` or ``Generate`` call carries that call's request id.
+  handling an event makes the event's correlation id current again, so the log lines and events
+  that follow from one ``Upload``, ``Generate`` or ``Rate`` call (upload → encoded → requested
+  → ready; rating → recorded) carry that call's request id. Work a timer starts (the feedback
+  service's scoring pass, the selector's selection, training on its set) aggregates many calls
+  and starts a chain of its own: its events carry an empty correlation id, and their handlers
+  log under the event's own id.
 - ``event_id``: the event a consumer is handling now (logs only).
 
 Context variables: each gRPC call and each consumer thread sees its own values.

@@ -246,8 +246,11 @@ def _read(data: bytes, fmt: str, limits: AudioLimits) -> tuple[np.ndarray, int, 
                 if block.shape[0] == 0:
                     break
                 finite = finite and bool(np.isfinite(block).all())
-                # the down-mix of decode_audio's step 7, per block (same values: a row mean)
-                blocks.append(block.mean(axis=1, dtype=np.float64).astype(np.float32))
+                # the down-mix of decode_audio's step 7, per block (same values: a row mean);
+                # +inf and −inf in one frame would warn here: such audio is refused anyway
+                with np.errstate(invalid="ignore", over="ignore"):
+                    mono_block = block.mean(axis=1, dtype=np.float64).astype(np.float32)
+                blocks.append(mono_block)
                 got += block.shape[0]
                 if got * channels > limits.max_decoded_values:
                     raise InvalidAudio(

@@ -324,6 +324,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValidationError(f"device {name!r}: this machine has no CUDA device")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValidationError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
     elif device.type != "cpu":

@@ -246,12 +246,17 @@ class ServedModel:
     def drop_ended_canary(self) -> None:
         """After a canary is installed: end it if ``models/CANARY`` no longer names it. Loading
         the candidate takes a while; a decision (ROLLBACK or PROMOTE) handled meanwhile found no
-        canary to end, and the trainer removes the marker before it announces a decision."""
+        canary to end, and the trainer removes the marker before it announces a decision. A
+        candidate that ``models/CURRENT`` names was promoted: it is installed, not dropped."""
         version = self.canary_version
         if version is None:
             return
         marker = self.store.canary()
         if marker is None or marker.get("version") != version:
+            current = self.store.current()
+            if current is not None and current.get("version") == version:
+                self.serve_only(version)  # it was promoted: the loaded candidate serves
+                return
             with self.lock:
                 if self.canary is not None and self.canary[1].version == version:
                     self.canary = None

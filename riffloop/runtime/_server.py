@@ -34,7 +34,7 @@ _log = logging.getLogger("riffloop.runtime")
 
 MiB = 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
-MAX_CONNECTION_AGE_GRACE_MS = 30 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 180 * 1000  # above the longest call a client allows (uploads: 60 s)
 
 
 class Worker(Protocol):
@@ -119,14 +119,17 @@ class DeferredWorker:
 
 LIVENESS = "liveness"
 """Health entry for startup and liveness probes: SERVING while the process serves, whatever its
-dependencies say, so a Kafka outage marks pods unready instead of restarting all of them at once."""
+dependencies say, so a Kafka outage marks pods unready instead of restarting all of them at once;
+NOT_SERVING only once a worker of the process died (a restart is its only way back)."""
 
 
 class Readiness:
     """Per-dependency readiness driving the gRPC health status and a gauge.
 
     The overall entry ``""`` (and each service name) is SERVING only when every dependency check
-    passes and the process is not draining; the ``liveness`` entry stays SERVING throughout.
+    passes and the process is not draining; the ``liveness`` entry stays SERVING through
+    dependency outages and drains, and turns NOT_SERVING only when a worker of the process died
+    (``fail_liveness``).
     """
 
     def __init__(
@@ -258,7 +261,7 @@ class ServiceRuntime:
         self._metrics_http: Any = None
         self._stopped = threading.Event()
         self._done = threading.Event()
-        self._broken = False  # a worker died: liveness is NOT_SERVING for good
+        self._dead: set[str] = set()  # workers seen dead: liveness is NOT_SERVING for good
         self.port = 0
         self.metrics_port = 0
 
@@ -323,9 +326,13 @@ class ServiceRuntime:
     def _poll_readiness(self, stop: threading.Event) -> None:
         while not stop.wait(self._readiness_interval_s):
             self.readiness.refresh()
-            dead = {w.name: failure_of(w) for w in self._workers if failure_of(w) is not None}
-            if dead and not self._broken:
-                self._broken = True
+            dead = {
+                w.name: failure_of(w)
+                for w in self._workers
+                if failure_of(w) is not None and w.name not in self._dead
+            }
+            if dead:
+                self._dead.update(dead)
                 _log.error(
                     "worker died; liveness NOT_SERVING so the process is restarted",
                     extra={"workers": {name: repr(exc) for name, exc in dead.items()}},

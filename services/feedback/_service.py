@@ -199,6 +199,8 @@ class FeedbackState:
                 self._waiting.setdefault(track_id, set()).add(event_id)
 
     def _forget_parked(self, event_id: str) -> None:
+        if event_id not in self._parked:
+            return  # expired meanwhile (expire_parked claims under the lock)
         _, tracks = self._parked.pop(event_id)
         for track_id in tracks:
             waiting = self._waiting.get(track_id)
@@ -235,23 +237,35 @@ class FeedbackState:
         return len(ready)
 
     def expire_parked(self, max_age_s: float, now_s: float | None = None) -> int:
-        """Dead-letter parked feedback older than ``max_age_s`` (by its envelope's time): its
-        tracks never became ready, and waiting longer only keeps it in memory and Redis. The
-        DLQ record says which tracks; a replay after their tracks.ready applies it. Returns
-        how many events expired."""
+        """Dead-letter parked feedback older than ``max_age_s`` (by its envelope's time) that
+        still waits for a track: that track never became ready, and waiting longer only keeps
+        it in memory and Redis. The DLQ record, under the id ``<event id>.expired`` (the
+        original id is marked handled, so a replay of it would be skipped as a duplicate),
+        names the tracks; a replay after their tracks.ready applies it. Returns how many
+        expired."""
         now_s = time.time() if now_s is None else now_s
-        with self.lock:
-            expired = [
-                (event_id, envelope, sorted(t for t in tracks if not self.ledger.knows(t)))
-                for event_id, (envelope, tracks) in self._parked.items()
-                if now_s - envelope.occurred_at.ToNanoseconds() / 1e9 > max_age_s
-            ]
-        for event_id, envelope, missing in expired:
+        with self.lock:  # claimed here: a concurrent release_parked no longer sees them
+            expired = []
+            for event_id, (envelope, tracks) in list(self._parked.items()):
+                missing = sorted(t for t in tracks if not self.ledger.knows(t))
+                age_s = now_s - envelope.occurred_at.ToNanoseconds() / 1e9
+                if missing and age_s > max_age_s:  # all known: release_parked applies it
+                    self._forget_parked(event_id)
+                    expired.append((event_id, envelope, missing))
+        for done, (event_id, envelope, missing) in enumerate(expired):
             why = f"track(s) {', '.join(missing[:5])} never became ready within {max_age_s:.0f} s"
-            self._dead_letter(envelope, NotFoundError(why + " of this feedback"))
-            self.ports.kv.hdel(PARKED_KEY, [event_id])
-            with self.lock:
-                self._forget_parked(event_id)
+            renamed = type(envelope)()
+            renamed.CopyFrom(envelope)
+            renamed.event_id = f"{envelope.event_id}.expired"
+            try:
+                self._dead_letter(renamed, NotFoundError(why + " of this feedback"))
+                self.ports.kv.hdel(PARKED_KEY, [event_id])
+            except Exception:
+                with self.lock:  # parked again, the rest too: the next tick retries them
+                    for again, envelope_again, _ in expired[done:]:
+                        if again not in self._parked:
+                            self._index_parked(again, envelope_again)
+                raise
         if expired:
             metrics.FEEDBACK_PARKED.set(len(self._parked))
             _log.warning("parked feedback expired to the DLQ", extra={"events": len(expired)})

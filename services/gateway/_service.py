@@ -235,8 +235,10 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     # -- uploads ------------------------------------------------------------------------------
 
-    def UploadSong(self, request_iterator: Iterator[pb.UploadSongRequest], context: Any) -> Any:
-        # Refused before a byte is read: the client retries, and memory stays bounded.
+    def _decode_in_a_slot(self, data: bytes) -> float:
+        """Decoding is what costs memory (≈ 0.3 GB for a 10-minute stereo upload), so at most
+        ``max_concurrent_uploads`` run at once; the stream itself is read without a slot, so
+        slow or stalled clients cannot hold the slots for everyone."""
         if not self.upload_slots.acquire(timeout=1.0):
             raise RateLimitedError(
                 "too many uploads in progress on this gateway (limit "
@@ -244,11 +246,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 retry_after_s=2.0,
             )
         try:
-            return self._upload(request_iterator)
+            return float(self.audio(data))  # raises ValidationError (InvalidAudio) with a reason
         finally:
             self.upload_slots.release()
 
-    def _upload(self, request_iterator: Iterator[pb.UploadSongRequest]) -> Any:
+    def UploadSong(self, request_iterator: Iterator[pb.UploadSongRequest], context: Any) -> Any:
         user = current_user()
         metadata: pb.UploadSongMetadata | None = None
         chunks: list[bytes] = []
@@ -280,7 +282,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         data = b"".join(chunks)
         if not data:
             raise ValidationError("the upload carries no audio bytes")
-        duration = self.audio(data)  # raises ValidationError (InvalidAudio) with a reason
+        duration = self._decode_in_a_slot(data)
         objects = self.ports.objects
         existed = False
         try:

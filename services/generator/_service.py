@@ -308,7 +308,9 @@ class Generator:
             self.model.start_canary(event.version, event.canary_share)
             self.model.drop_ended_canary()  # decided while the candidate loaded
             return
-        self.model.serve_only(event.version)  # PROMOTE or ROLLBACK: idempotent
+        # PROMOTE or ROLLBACK: serve what models/CURRENT names now (the trainer writes it
+        # before it announces), not the event's version, which a late or replayed event names
+        self.model.load_current()
 
 
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):

@@ -62,8 +62,9 @@ def start_service(name: str, ports: Ports, **overrides: Any) -> Running:
     if name == "gateway":
         from services.gateway import GatewaySettings, build
 
+        audio = overrides.pop("audio", None)  # a stand-in for the upload decoder
         settings = GatewaySettings(**common, auth_secret=SECRET, **overrides)
-        runtime, state = build(settings, own), own
+        runtime, state = build(settings, own, audio=audio), own
     elif name == "feedback":
         from services.feedback import FeedbackSettings
         from services.feedback import build as build_feedback

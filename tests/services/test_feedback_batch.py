@@ -163,7 +163,7 @@ def test_feedback_whose_track_never_becomes_ready_expires_to_the_dlq() -> None:
     assert metrics.FEEDBACK_PARKED._value.get() == 1
     reader = ports.bus.subscribe("dlq-expiry", [dlq_topic("feedback.received.v1")])
     dead = [decode_envelope(m.value, m.topic).dead_letter for m in reader.poll(1.0, 10)]
-    assert [d.original_event_id for d in dead] == [old.event_id]
+    assert [d.original_event_id for d in dead] == [f"{old.event_id}.expired"]
     assert "t5 never became ready within 3600 s" in dead[0].error
     assert dead[0].error_type == "NotFoundError"
     restarted = FeedbackState(ports)
@@ -171,6 +171,17 @@ def test_feedback_whose_track_never_becomes_ready_expires_to_the_dlq() -> None:
     assert restarted.expire_parked(max_age_s=3600) == 0  # gone for good, not re-expired
     _ready(restarted, "t6", "xan")
     assert _ratings(restarted) == [("t6", "xan", 2)]
+    # t5 turns up after all; the operator replays the DLQ: its record is new, not a duplicate
+    _ready(restarted, "t5", "xan")
+    restarted.on_feedback(decode_envelope(dead[0].original_value))
+    assert _ratings(restarted) == [("t5", "xan", 4), ("t6", "xan", 2)]
+    # feedback whose tracks all arrived is never expired, however old (release applies it)
+    late = _batch("xan", ("t7", 3))
+    late.occurred_at.FromSeconds(int(time.time()) - 7200)
+    restarted.on_feedback(late)
+    ports.kv.hset("fb:tracks", {"t7": ports.kv.hget("fb:tracks", "t5").replace("t5", "t7")})
+    restarted.rebuild()  # t7's TrackReady stored, not yet released: the start-up case
+    assert restarted.expire_parked(max_age_s=3600) == 0 and restarted.release_parked() == 1
 
 
 def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:

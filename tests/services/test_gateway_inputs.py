@@ -7,7 +7,6 @@ the bus (the path the generator takes), so the consumer side is exercised too.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -175,41 +174,57 @@ def test_bad_uploads_are_refused_with_a_reason(
 
 
 def test_uploads_beyond_the_concurrency_limit_are_refused_until_one_finishes(auth: Auth) -> None:
-    """Each upload is held and decoded in the gateway: past RIFFLOOP_MAX_CONCURRENT_UPLOADS the
-    next one gets RESOURCE_EXHAUSTED before a byte is read, and succeeds once a slot is free."""
+    """Each upload is decoded in the gateway: past RIFFLOOP_MAX_CONCURRENT_UPLOADS decodes at
+    once the next upload gets RESOURCE_EXHAUSTED (with retry-after-ms), and succeeds once the
+    slot is free. A client still sending holds no slot."""
     import threading
 
-    running = start_service("gateway", shared_ports(), max_concurrent_uploads=1)
-    stub = pb_grpc.GatewayServiceStub(running.channel)
-    proceed = threading.Event()
+    from services.gateway._build import audio_probe
+    from services.gateway._service import GatewaySettings
 
-    def slow_upload() -> Iterator[pb.UploadSongRequest]:
-        first, *rest = list(upload(wav_bytes(2.0, 440.0)))
+    decoding, proceed = threading.Event(), threading.Event()
+    real = audio_probe(GatewaySettings(auth_secret="x" * 16))
+
+    def slow_decode(data: bytes) -> float:
+        decoding.set()
+        proceed.wait(30)
+        return float(real(data))
+
+    running = start_service("gateway", shared_ports(), max_concurrent_uploads=1, audio=slow_decode)
+    stub = pb_grpc.GatewayServiceStub(running.channel)
+    stalled = threading.Event()
+
+    def stalled_upload() -> Iterator[pb.UploadSongRequest]:
+        first, *_ = list(upload(wav_bytes(2.0, 440.0)))
         yield first
-        proceed.wait(30)  # the client is still sending
-        yield from rest
+        stalled.wait(30)  # a client that stops sending
 
     try:
+        stalling = stub.UploadSong.future(stalled_upload(), metadata=auth("eve"), timeout=60)
         held: dict[str, object] = {}
         sender = threading.Thread(
             target=lambda: held.update(
-                song=stub.UploadSong(slow_upload(), metadata=auth("carol"), timeout=60)
+                song=stub.UploadSong(upload(wav_bytes(2.0, 441.0)), metadata=auth("carol"))
             )
         )
         sender.start()
-        time.sleep(0.5)  # the first upload holds the only slot
-        expect(
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            lambda: stub.UploadSong(upload(wav_bytes(2.0)), metadata=auth("dave"), timeout=10),
-            "too many uploads in progress on this gateway (limit 1); retry",
-        )
+        assert decoding.wait(30)  # carol's upload is decoding: the only slot is taken
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UploadSong(upload(wav_bytes(2.0)), metadata=auth("dave"), timeout=10)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "too many uploads in progress on this gateway (limit 1)" in info.value.details()
+        assert dict(info.value.trailing_metadata())["retry-after-ms"] == "2000"
         proceed.set()
         sender.join(30)
         assert getattr(held["song"], "song_id", "")
+        # eve is still stalled mid-stream, and holds nothing
         song = stub.UploadSong(upload(wav_bytes(2.0)), metadata=auth("dave"), timeout=10)
-        assert len(song.song_id) == 64  # the slot came back
+        assert len(song.song_id) == 64
+        stalled.set()
+        stalling.cancel()
     finally:
         proceed.set()
+        stalled.set()
         running.channel.close()
         running.runtime.stop()
 

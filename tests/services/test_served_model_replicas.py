@@ -76,12 +76,24 @@ def test_a_replica_that_missed_the_events_follows_canary_promotion_and_rollback(
     missed.load_current()
     assert (missed.get().version, missed.canary_version) == ("v0002", None)
 
+    # promoted while this replica was still loading the candidate: installed, not dropped
+    store.set_canary("v0003", "v0002", 0.25)
+    store.clear_canary("v0003")
+    store.set_current("v0003", "v0002")  # decided before the load below finished
+    missed.start_canary("v0003", 0.25)  # the CANARY event, late
+    missed.drop_ended_canary()
+    assert (missed.get().version, missed.canary_version) == ("v0003", None)
+    assert loads[-1] == "v0003" and loads.count("v0003") == 2  # the canary above, then this
+    missed.load_current()
+    assert loads.count("v0003") == 2  # not read again
+    store.set_current("v0002")
+
     # a rollback of CURRENT itself (an operator's Rollback to the parent)
     store.set_current("v0001")
     missed.load_current()
     assert missed.get().version == "v0001"
     missed.load_current()  # nothing changed: nothing is loaded again
-    assert loads == ["v0002", "v0003", "v0001"]
+    assert loads[-1] == "v0001" and loads.count("v0001") == 1
 
 
 def test_keep_current_reconciles_on_its_timer() -> None:

@@ -204,10 +204,17 @@ def test_generator_serves_a_published_canary_and_reports_it() -> None:
         bad = events_pb2.ModelPublished(version="v0003", action=common_pb2.MODEL_ACTION_CANARY)
         with pytest.raises(ValidationError):  # no share: poison, dead-lettered by the consumer
             gen.on_model_published(new_envelope("trainer", bad))
+        # PROMOTE: the trainer ends the marker and moves CURRENT, then announces
+        core.store.clear_canary("v0002")
+        core.store.set_current("v0002", "v0001")
         promote = events_pb2.ModelPublished(version="v0002", action=common_pb2.MODEL_ACTION_PROMOTE)
         gen.on_model_published(new_envelope("trainer", promote))
         current = stub.CurrentModel(gen_pb.CurrentModelRequest(), timeout=10)
         assert (current.version, current.canary_version) == ("v0002", "")
+        # a late ROLLBACK event naming v0001, after CURRENT has stayed at v0002: v0002 serves
+        late = events_pb2.ModelPublished(version="v0001", action=common_pb2.MODEL_ACTION_ROLLBACK)
+        gen.on_model_published(new_envelope("trainer", late))
+        assert stub.CurrentModel(gen_pb.CurrentModelRequest(), timeout=10).version == "v0002"
     finally:
         for running in (generator, trainer):
             running.channel.close()
