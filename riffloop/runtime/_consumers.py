@@ -46,7 +46,9 @@ class ConsumerWorker:
 
         def on_outcome(topic: str, outcome: Any) -> None:
             metrics.KAFKA_MESSAGES.labels(service, topic, str(outcome)).inc()
-            if str(outcome) in ("dead_lettered", "partly_dead_lettered"):  # a DLQ record each
+            if str(outcome) in ("dead_lettered", "partly_dead_lettered") and not topic.endswith(
+                ".dlq"
+            ):  # a DLQ record each (a DLQ's own unreadable record is skipped, not sent on)
                 metrics.DLQ_MESSAGES.labels(service, topic).inc()
 
         def on_lag(topic: str, lag: int) -> None:
