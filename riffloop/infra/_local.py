@@ -107,6 +107,16 @@ class ServerStatus:
     log_path: Path
 
 
+def new_cluster_id() -> str:
+    """A Kafka cluster id: 16 random bytes in unpadded URL-safe base64, never starting with "-"
+    (one in 64 would, and StorageTool's argument parser then reads ``-t -abc…`` as a missing
+    value and an unknown option; Kafka's own Uuid.randomUuid redraws those too)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass
 class _State:
     """The contents of infra.json."""
@@ -120,8 +130,7 @@ class _State:
     @classmethod
     def new(cls) -> _State:
         return cls(
-            # Kafka cluster ids are 16 random bytes in unpadded URL-safe base64.
-            cluster_id=base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="),
+            cluster_id=new_cluster_id(),
             access_key="riffloop",
             secret_key=secrets.token_urlsafe(24),
         )

@@ -153,6 +153,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "riffloop_model_rollbacks_total",
     "riffloop_mean_rating",
     "riffloop_dependency_ready",
+    "riffloop_worker_failures_total",
     "riffloop_gc_pause_seconds",
     "riffloop_scoring_pass_seconds",
     "riffloop_scorer_restarts_total",
