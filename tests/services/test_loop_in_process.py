@@ -138,7 +138,14 @@ def test_loop_publishes_a_new_model_that_the_generator_serves(
         for thread in load:
             thread.join(60)
     assert failures == []
-    assert set(served_by) == {rolled.previous_version, rolled.version}
-    assert served_by[-1] == rolled.version
+    # The loop keeps running meanwhile: the trainer may publish a version from a late training
+    # set while the load runs (CI once saw v0004 and v0005 served, then v0006 rolled back to v0005
+    # before the generator's poll had reached v0006). Every version served was published, and
+    # once the rollback is seen the rolled-back version is not served again (a version newer
+    # than it may follow, from a later training set).
+    published = {m.version for m in users[0].list_models()}
+    assert set(served_by) <= published, (served_by, published)
+    assert rolled.version in served_by[after:]
+    assert served_by[-1] == rolled.version or served_by[-1] > rolled.previous_version
     for user in users:
         user.close()
