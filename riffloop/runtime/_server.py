@@ -1,7 +1,8 @@
 """Start-up and shutdown of one service process (grpc ``examples/python/health_checking``).
 
 1. ``ServiceRuntime(...)`` builds a ``grpc.server`` with the interceptors and message-size limits,
-   the health service (``grpc.health.v1``) and reflection (``grpc.reflection.v1alpha``).
+   the health service (``grpc.health.v1``) and reflection (``grpc.reflection.v1``, and
+   ``v1alpha`` for older clients).
 2. ``readiness.add_check(name, fn)`` registers a dependency (kafka, s3, redis, model); a thread
    re-runs the checks and the health status is SERVING only while all of them pass and the
    process is not draining. ``riffloop_dependency_ready`` mirrors each check.
@@ -23,8 +24,9 @@ from concurrent import futures
 from typing import Any, Protocol
 
 import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from prometheus_client import REGISTRY, start_http_server
 
 from riffloop.runtime import metrics
@@ -35,6 +37,51 @@ _log = logging.getLogger("riffloop.runtime")
 MiB = 1024 * 1024
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
 MAX_CONNECTION_AGE_GRACE_MS = 180 * 1000  # above the longest call a client allows (uploads: 60 s)
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+_REFLECTION_V1_FILE = "grpc/reflection/v1/reflection.proto"
+
+
+def _register_reflection_v1_descriptor() -> None:
+    """Put ``grpc/reflection/v1/reflection.proto`` in the default descriptor pool (once), made
+    from the v1alpha file with the package renamed, so ``describe`` on the v1 service works."""
+    pool = descriptor_pool.Default()
+    try:
+        pool.FindFileByName(_REFLECTION_V1_FILE)
+        return
+    except KeyError:
+        pass
+    proto = descriptor_pb2.FileDescriptorProto()
+    reflection_pb2.DESCRIPTOR.CopyToProto(proto)
+    proto.name, proto.package = _REFLECTION_V1_FILE, "grpc.reflection.v1"
+    proto.options.ClearField("deprecated")
+    renamed = ".grpc.reflection.v1alpha.", ".grpc.reflection.v1."
+    for message in proto.message_type:
+        for field in message.field:
+            if field.HasField("type_name"):
+                field.type_name = field.type_name.replace(*renamed)
+    for method in proto.service[0].method:
+        method.input_type = method.input_type.replace(*renamed)
+        method.output_type = method.output_type.replace(*renamed)
+    pool.Add(proto)
+
+
+def _add_reflection(service_names: Sequence[str], server: grpc.Server) -> None:
+    """Server reflection under both names clients ask for. grpcio-reflection ships only
+    ``v1alpha``; ``grpc.reflection.v1`` (what grpcurl and grpcui try first, and all that some
+    newer clients speak) has the same messages field for field, so the same servicer answers it
+    through a handler registered under the v1 name."""
+    _register_reflection_v1_descriptor()
+    names = [*service_names, reflection.SERVICE_NAME, REFLECTION_V1]
+    servicer = reflection.ReflectionServicer(names)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    for name in (reflection.SERVICE_NAME, REFLECTION_V1):
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}),)
+        )
 
 
 class Worker(Protocol):
@@ -294,9 +341,7 @@ class ServiceRuntime:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> int:
-        reflection.enable_server_reflection(
-            [*self._service_names, reflection.SERVICE_NAME], self.server
-        )
+        _add_reflection(self._service_names, self.server)
         self.port = self.server.add_insecure_port(f"{self._host}:{self._requested_port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {self._requested_port} on {self._host}")

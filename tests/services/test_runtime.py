@@ -324,3 +324,54 @@ def test_settle_garbage_collector_freezes_the_heap_and_times_every_collection() 
     finally:
         gc.callbacks[:] = callbacks
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_answers_as_v1_and_v1alpha_as_grpcurl_asks(version: str) -> None:
+    """grpcurl and grpcui try ``grpc.reflection.v1`` first (some newer clients speak only that);
+    both names list the services and resolve a symbol to its file."""
+    from google.protobuf import descriptor_pb2
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    from riffloop.v1 import gateway_service_pb2_grpc
+
+    rt = ServiceRuntime("reflectsvc", grpc_port=0, metrics_port=None)
+    rt.add_service(
+        gateway_service_pb2_grpc.add_GatewayServiceServicer_to_server,
+        gateway_service_pb2_grpc.GatewayServiceServicer(),
+        "riffloop.v1.GatewayService",
+    )
+    rt.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{rt.port}") as channel:
+            info = channel.stream_stream(
+                f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            requests = [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="riffloop.v1.GatewayService"
+                ),
+                reflection_pb2.ServerReflectionRequest(
+                    file_containing_symbol="grpc.reflection.v1.ServerReflection"
+                ),
+            ]
+            listed, gateway, reflection_v1 = list(info(iter(requests), timeout=5))
+    finally:
+        rt.stop()
+    names = {s.name for s in listed.list_services_response.service}
+    assert {
+        "riffloop.v1.GatewayService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= names
+
+    def file_names(response: reflection_pb2.ServerReflectionResponse) -> set[str]:
+        protos = response.file_descriptor_response.file_descriptor_proto
+        return {descriptor_pb2.FileDescriptorProto.FromString(p).name for p in protos}
+
+    assert any(n.endswith("gateway_service.proto") for n in file_names(gateway))
+    assert "grpc/reflection/v1/reflection.proto" in file_names(reflection_v1)
