@@ -99,7 +99,7 @@ def _time_baseline(pipe, noise: torch.Tensor, steps: int, batch: int) -> tuple[T
         return out
 
     pipe.mel.image_to_audio = timed
-    images = []
+    images: list[np.ndarray] = []
     t0 = time.perf_counter()
     try:
         for i in range(0, noise.shape[0], batch):

@@ -150,6 +150,7 @@ def decode_envelope(data: bytes, topic: str | None = None) -> events_pb2.Envelop
         raise ValidationError(f"event {envelope.event_id!r} carries no payload")
     if topic is not None:
         base = topic.removesuffix(DLQ_SUFFIX)
+        accepted: tuple[str, ...]
         if topic.endswith(DLQ_SUFFIX):
             expected = "dead_letter"
             accepted = (expected,)

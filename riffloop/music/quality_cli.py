@@ -210,8 +210,8 @@ def _report(args: argparse.Namespace) -> int:
     )
     # FD from n clips is noisy (the floor's own spread is in the embedding report): more draws
     # of n clips each, from seeds seed+1…, give its mean and spread (reference embedded once).
-    reference = embedding.embed(heldout.images) if args.draws > 1 else None
     fds = [r["fd"]]
+    reference = embedding.embed(heldout.images) if args.draws > 1 else torch.empty(0)
     for k in range(1, args.draws):
         x_t = torch.randn(
             args.n, *model.image_shape, generator=torch.Generator().manual_seed(args.seed + k)
