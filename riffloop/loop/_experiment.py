@@ -162,7 +162,7 @@ class LoopConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValidationError(f"{name} must be an integer ≥ {low}, got {value!r}")
-        shares = {  # name: (low, high, high included?)
+        shares: dict[str, tuple[float, float, bool]] = {  # name: (low, high, high included?)
             "spam_share": (0.0, 1.0, False),
             "baseline_share": (0.0, 1.0, True),
             "similarity": (0.0, 1.0, False),
@@ -172,13 +172,13 @@ class LoopConfig:
             "gate_fd_increase": (0.0, math.inf, False),
             "gate_diversity_drop": (0.0, 1.0, True),
         }
-        for name, (low, high, closed) in shares.items():
+        for name, (floor, ceiling, closed) in shares.items():
             value = getattr(self, name)
-            inside = low <= value <= high if closed else low <= value < high
+            inside = floor <= value <= ceiling if closed else floor <= value < ceiling
             if not (isinstance(value, int | float) and math.isfinite(value) and inside):
                 bracket = "]" if closed else ")"
                 raise ValidationError(
-                    f"{name} must lie in [{low:g}, {high:g}{bracket}, got {value!r}"
+                    f"{name} must lie in [{floor:g}, {ceiling:g}{bracket}, got {value!r}"
                 )
         if self.canary_alpha == 0 or self.learning_rate == 0:
             raise ValidationError("canary_alpha and learning_rate must be above 0")
@@ -364,7 +364,7 @@ class LoopExperiment:
         self.public_ids: dict[str, str] = {}
         self.made_at: dict[str, int] = {}  # model version → the iteration that fine-tuned it
         self._id_key = hashlib.sha256(f"riffloop-public-id/{config.seed}".encode()).digest()
-        self._merged_images: dict[str, torch.Tensor] = {}
+        self._merged_images: dict[tuple[str, tuple[Any, ...]], torch.Tensor] = {}
 
     # 1. set-up ---------------------------------------------------------------------------------
     def _prepare(self) -> None:
