@@ -18,26 +18,20 @@ from riffloop.runtime import TokenSigner
 from riffloop.v1 import common_pb2, events_pb2
 from riffloop.v1 import gateway_service_pb2 as pb
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
-from tests.services.conftest import SECRET, shared_ports, start_service, wait_for
+from tests.services.conftest import (
+    SECRET,
+    generated_track_ready,
+    shared_ports,
+    start_service,
+    wait_for,
+)
 
 
 def _ready(track_id: str, user: str) -> events_pb2.Envelope:
-    ready = events_pb2.TrackReady(
-        track_id=track_id,
-        user_id=user,
-        duration_seconds=6.0,
-        audio=common_pb2.ObjectRef(
-            bucket="tracks", key=f"{track_id}.wav", size_bytes=10, sha256="a" * 64
-        ),
-        provenance=common_pb2.TrackProvenance(
-            kind=common_pb2.TRACK_KIND_GENERATED,
-            model_version="v1",
-            input_song_ids=["a" * 64],
-            similarity=0.5,
-            quality=5,
-        ),
+    audio = common_pb2.ObjectRef(
+        bucket="tracks", key=f"{track_id}.wav", size_bytes=10, sha256="a" * 64
     )
-    return new_envelope("generator", ready)
+    return new_envelope("generator", generated_track_ready(track_id, user, audio=audio))
 
 
 def main() -> None:

@@ -45,9 +45,9 @@ from riffloop.core import KafkaEventBus, S3ObjectStore, Settings, new_envelope
 from riffloop.infra import InfraAddresses, LocalInfra, drop_topics
 from riffloop.runtime import TokenSigner
 from riffloop.stack import ServiceProcesses
-from riffloop.v1 import common_pb2, events_pb2
 from riffloop.v1 import gateway_service_pb2 as pb
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
+from tests.services.conftest import generated_track_ready
 
 TARGET_RATE = 5000.0
 TARGET_P99_MS = 50.0
@@ -207,18 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(options.ratings):
             user = f"bench-{run}-{i % options.users}"
             track_id = f"b{run}-{i}"
-            ready = events_pb2.TrackReady(
-                track_id=track_id,
-                audio=ref.to_proto(),
-                user_id=user,
-                duration_seconds=0.5,
-                provenance=common_pb2.TrackProvenance(
-                    kind=common_pb2.TRACK_KIND_GENERATED,
-                    model_version="v0001",
-                    input_song_ids=["a" * 64],
-                    similarity=0.5,
-                    quality=5,
-                ),
+            ready = generated_track_ready(
+                track_id, user, duration_seconds=0.5, model_version="v0001", audio=ref.to_proto()
             )
             ready_events.append((track_id, new_envelope("bench", ready)))
             jobs.append((track_id, user, int(rng.integers(1, 6))))

@@ -20,8 +20,33 @@ import soundfile
 
 from riffloop.core import MemoryEventBus, MemoryKeyValueStore, MemoryObjectStore
 from riffloop.runtime import Ports, ServiceRuntime, TokenSigner
+from riffloop.v1 import common_pb2, events_pb2
 
 SECRET = "test-secret-0123456789"
+
+
+def generated_track_ready(
+    track_id: str,
+    user: str,
+    *,
+    duration_seconds: float = 6.0,
+    model_version: str = "v1",
+    audio: common_pb2.ObjectRef | None = None,
+) -> events_pb2.TrackReady:
+    """A TrackReady for a generated track served to ``user`` (tests and benchmarks)."""
+    return events_pb2.TrackReady(
+        track_id=track_id,
+        user_id=user,
+        duration_seconds=duration_seconds,
+        audio=audio,
+        provenance=common_pb2.TrackProvenance(
+            kind=common_pb2.TRACK_KIND_GENERATED,
+            model_version=model_version,
+            input_song_ids=["a" * 64],
+            similarity=0.5,
+            quality=5,
+        ),
+    )
 
 
 def wav_bytes(

@@ -10,27 +10,15 @@ import json
 import pytest
 
 from riffloop.core import ItemsRefused, NotFoundError, ValidationError, new_envelope
-from riffloop.v1 import common_pb2, events_pb2
+from riffloop.v1 import events_pb2
 from services.feedback._service import FeedbackState
-from tests.services.conftest import shared_ports
+from tests.services.conftest import generated_track_ready, shared_ports
 
 pytestmark = pytest.mark.contract
 
 
 def _ready(state: FeedbackState, track_id: str, user: str) -> None:
-    ready = events_pb2.TrackReady(
-        track_id=track_id,
-        user_id=user,
-        duration_seconds=6.0,
-        provenance=common_pb2.TrackProvenance(
-            kind=common_pb2.TRACK_KIND_GENERATED,
-            model_version="v1",
-            input_song_ids=["a" * 64],
-            similarity=0.5,
-            quality=5,
-        ),
-    )
-    state.on_track_ready(new_envelope("generator", ready))
+    state.on_track_ready(new_envelope("generator", generated_track_ready(track_id, user)))
 
 
 def _batch(user: str, *items: tuple[str, int | float]) -> events_pb2.Envelope:
