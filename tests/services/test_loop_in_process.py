@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 
 import grpc
 import pytest
@@ -100,9 +101,36 @@ def test_loop_publishes_a_new_model_that_the_generator_serves(
     from riffloop.v1 import trainer_service_pb2 as tr_pb
     from riffloop.v1 import trainer_service_pb2_grpc as tr_grpc
 
+    # Quiesce the loop first, so that the only version change below is the rollback: no new
+    # training sets (selector stopped), the trainer idle with nothing left to pick up, and the
+    # generator on the trainer's current version. (CI saw a live loop publish a version during
+    # this part: once before the rollback, v0006 not yet polled; once right after it.)
+    trainer = tr_grpc.TrainerServiceStub(all_services["trainer"].channel)
+    all_services["selector"].runtime.stop()
+
+    def trainer_status() -> tr_pb.TrainStatusResponse:
+        return trainer.TrainStatus(tr_pb.TrainStatusRequest(), timeout=5)
+
+    quiet_since = [time.monotonic()]
+
+    def trainer_quiet_for_2_s() -> bool:
+        if trainer_status().state != tr_pb.TRAINER_STATE_IDLE:
+            quiet_since[0] = time.monotonic()
+        return time.monotonic() - quiet_since[0] >= 2.0
+
+    wait_for(trainer_quiet_for_2_s, 300, "the trainer idle with no training set left")
+    current = trainer_status().current_version
+    wait_for(
+        lambda: generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version == current,
+        60,
+        "the generator on the trainer's current version",
+    )
+
     # ... while requests keep coming: the swap drops none of them.
     stop = threading.Event()
-    served_by: list[str] = []
+    served_by: list[str] = []  # in the order the calls finished
+    started_after_swap: list[str] = []  # calls begun once CurrentModel showed the rollback
+    swapped = threading.Event()
     failures: list[BaseException] = []
 
     def keep_generating() -> None:
@@ -110,8 +138,12 @@ def test_loop_publishes_a_new_model_that_the_generator_serves(
             song_ids=songs[1:], similarity=0.3, quality=5, kind=1
         )
         while not stop.is_set():
+            after_swap = swapped.is_set()
             try:
-                served_by.append(generator.Generate(request, timeout=60).provenance.model_version)
+                version = generator.Generate(request, timeout=60).provenance.model_version
+                served_by.append(version)
+                if after_swap:
+                    started_after_swap.append(version)
             except BaseException as exc:  # any failure during the swap is the finding
                 failures.append(exc)
 
@@ -119,7 +151,6 @@ def test_loop_publishes_a_new_model_that_the_generator_serves(
     for thread in load:
         thread.start()
     wait_for(lambda: len(served_by) >= 3, 60, "requests on the new version")
-    trainer = tr_grpc.TrainerServiceStub(all_services["trainer"].channel)
     rolled = trainer.Rollback(tr_pb.RollbackRequest(), timeout=30)
     assert rolled.previous_version >= "v0002" and rolled.version < rolled.previous_version
     try:
@@ -131,21 +162,20 @@ def test_loop_publishes_a_new_model_that_the_generator_serves(
             60,
             "the generator rolling back",
         )
-        after = len(served_by)
-        wait_for(lambda: len(served_by) >= after + 3, 60, "requests on the rolled-back version")
+        swapped.set()
+        wait_for(lambda: len(started_after_swap) >= 3, 60, "requests on the rolled-back version")
     finally:
         stop.set()
         for thread in load:
             thread.join(60)
     assert failures == []
-    # The loop keeps running meanwhile: the trainer may publish a version from a late training
-    # set while the load runs (CI once saw v0004 and v0005 served, then v0006 rolled back to v0005
-    # before the generator's poll had reached v0006). Every version served was published, and
-    # once the rollback is seen the rolled-back version is not served again (a version newer
-    # than it may follow, from a later training set).
+    assert rolled.previous_version == current
     published = {m.version for m in users[0].list_models()}
     assert set(served_by) <= published, (served_by, published)
-    assert rolled.version in served_by[after:]
-    assert served_by[-1] == rolled.version or served_by[-1] > rolled.previous_version
+    assert set(served_by) == {rolled.previous_version, rolled.version}
+    # A call begun before the swap may finish after it, on the version it started with; every
+    # call begun after it is served by the rolled-back-to version.
+    assert len(started_after_swap) >= 3
+    assert set(started_after_swap) == {rolled.version}, started_after_swap
     for user in users:
         user.close()
