@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from riffloop.core import (
     ConflictError,
@@ -71,19 +72,30 @@ class ModelInfo:
 
 @dataclasses.dataclass(frozen=True)
 class Rating:
-    """A feedback item for ``submit_feedback``: stars 1–5 for a track served to the caller."""
+    """A feedback item for ``submit_feedback``: stars 1–5 for a track served to the caller.
+    ``at``: when the listener rated it (Unix seconds, this device's clock); None: now."""
 
     track_id: str
     stars: int
+    at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Listen:
-    """A feedback item for ``submit_feedback``: seconds listened to a track."""
+    """A feedback item for ``submit_feedback``: seconds listened to a track, and when playback
+    stopped (``at``, as for Rating)."""
 
     track_id: str
     seconds: float
     completed: bool = False
+    at: float | None = None
+
+
+def _timestamp(at: float | None) -> Timestamp:
+    """The client time of a feedback item: ``at``, else now (this device's clock)."""
+    ts = Timestamp()
+    ts.FromNanoseconds(int((time.time() if at is None else at) * 1e9))
+    return ts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,14 +238,30 @@ class GatewayClient:
 
     # -- feedback and models --------------------------------------------------------------------
 
-    def rate(self, track_id: str, stars: int) -> str:
-        return str(
-            self._call(self._stub.Rate, pb.RateRequest(track_id=track_id, stars=stars)).event_id
+    def next_track(self) -> TrackInfo | None:
+        """The next track the listening queue serves the caller (ready, blind), or None when
+        nothing is waiting for them now."""
+        response = self._call(self._stub.NextTrack, pb.NextTrackRequest())
+        if not response.HasField("track"):
+            return None
+        track = response.track
+        status = pb.TrackStatus.Name(track.status).removeprefix("TRACK_STATUS_").lower()
+        return TrackInfo(
+            track.track_id, status, track.duration_seconds, track.size_bytes, track.failure_reason
         )
 
-    def report_listen(self, track_id: str, seconds: float, *, completed: bool = False) -> str:
+    def rate(self, track_id: str, stars: int, *, at: float | None = None) -> str:
+        request = pb.RateRequest(track_id=track_id, stars=stars, client_time=_timestamp(at))
+        return str(self._call(self._stub.Rate, request).event_id)
+
+    def report_listen(
+        self, track_id: str, seconds: float, *, completed: bool = False, at: float | None = None
+    ) -> str:
         request = pb.ReportListenRequest(
-            track_id=track_id, seconds_listened=seconds, completed=completed
+            track_id=track_id,
+            seconds_listened=seconds,
+            completed=completed,
+            client_time=_timestamp(at),
         )
         return str(self._call(self._stub.ReportListen, request).event_id)
 
@@ -244,13 +272,18 @@ class GatewayClient:
         request = pb.SubmitFeedbackRequest()
         for item in items:
             if isinstance(item, Rating):
-                request.items.add(rating=pb.RateRequest(track_id=item.track_id, stars=item.stars))
+                request.items.add(
+                    rating=pb.RateRequest(
+                        track_id=item.track_id, stars=item.stars, client_time=_timestamp(item.at)
+                    )
+                )
             elif isinstance(item, Listen):
                 request.items.add(
                     listen=pb.ReportListenRequest(
                         track_id=item.track_id,
                         seconds_listened=item.seconds,
                         completed=item.completed,
+                        client_time=_timestamp(item.at),
                     )
                 )
             else:

@@ -46,6 +46,7 @@ from riffloop.loop._listeners import (
     taste_population,
 )
 from riffloop.loop._provenance import TrackKind, TrackProvenance
+from riffloop.loop._queue import QueuedTrack, QueuePolicy, choose_next_track
 from riffloop.loop._selection import (
     GeneticSelector,
     PurgeCycle,
@@ -150,6 +151,8 @@ __all__ = [
     "OfflineGate",
     "PurgeCycle",
     "PurgeResult",
+    "QueuePolicy",
+    "QueuedTrack",
     "RandomBot",
     "RandomSelector",
     "RaterNormaliser",
@@ -172,6 +175,7 @@ __all__ = [
     "baseline_scores",
     "bright_dense_listeners",
     "checked_answer",
+    "choose_next_track",
     "cosine_distance",
     "dark_sparse_listeners",
     "demo",

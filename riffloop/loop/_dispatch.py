@@ -1,12 +1,18 @@
 """Blind dispatch: per request, Bernoulli(p) → the baseline z0, else a fresh generation ẑ.
 
-The draw is a pure function of (seed, request id), not of arrival order, so any number of
+The draw is a pure function of (key, request id), not of arrival order, so any number of
 generator replicas agree on it and a replay of the request log reproduces every track.
+
+The key is a secret (RIFFLOOP_DISPATCH_KEY in the services): every derived value is
+HMAC-SHA256(key, …), so a client that knows its request id, its track id and this code still
+cannot tell whether its track is the baseline. With a guessable key (the old integer seed 0)
+it could, and the paper's comparison would no longer be blind.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -15,9 +21,17 @@ from riffloop.core import ValidationError
 from riffloop.loop._provenance import TrackKind, TrackProvenance
 
 
-def _stream(seed: int, *parts: str) -> np.random.Generator:
-    """An independent random stream keyed by (seed, parts): sha256 → SeedSequence entropy."""
-    digest = hashlib.sha256("\x1f".join((str(seed), *parts)).encode()).digest()
+def _key_bytes(key: str | bytes | int) -> bytes:
+    return key if isinstance(key, bytes) else str(key).encode()
+
+
+def _mac(key: bytes, *parts: str) -> bytes:
+    return hmac.new(key, "\x1f".join(parts).encode(), hashlib.sha256).digest()
+
+
+def _stream(key: bytes, *parts: str) -> np.random.Generator:
+    """An independent random stream keyed by (key, parts): HMAC → SeedSequence entropy."""
+    digest = _mac(key, *parts)
     return np.random.default_rng(np.random.SeedSequence(int.from_bytes(digest[:16], "big")))
 
 
@@ -28,22 +42,31 @@ class Dispatcher:
     every input has a reference rated by the same people under the same conditions).
     """
 
-    def __init__(self, baseline_share: float = 0.25, seed: int = 0) -> None:
+    def __init__(self, baseline_share: float = 0.25, key: str | bytes | int = 0) -> None:
+        """``key``: the secret every draw is derived from. Services pass the dispatch key
+        (riffloop.runtime.dispatch_key); simulations and tests may pass any value, an int
+        seed included, since their listeners never see the code or the ids."""
         if not 0.0 <= baseline_share <= 1.0:
             raise ValidationError("baseline_share must be a probability")
         self.baseline_share = baseline_share
-        self.seed = seed
+        self._key = _key_bytes(key)
 
     def kind_for(self, request_id: str) -> TrackKind:
-        u = _stream(self.seed, "dispatch", request_id).random()
+        u = _stream(self._key, "dispatch", request_id).random()
         return TrackKind.BASELINE if u < self.baseline_share else TrackKind.GENERATED
 
     def track_id_for(self, request_id: str) -> str:
         """Opaque id: reveals neither the kind nor the request (the listener stays blind)."""
-        return hashlib.sha256(f"{self.seed}\x1ftrack\x1f{request_id}".encode()).hexdigest()[:20]
+        return self.opaque_id("track", request_id)
+
+    def opaque_id(self, *parts: str) -> str:
+        """A 20-hex id derived from ``parts`` under the key: every id a client receives (a
+        track's, a consistency probe's) has this one form, so no id tells one kind of track
+        from another."""
+        return _mac(self._key, *parts).hex()[:20]
 
     def generation_seed_for(self, request_id: str) -> int:
-        return int(_stream(self.seed, "generation-seed", request_id).integers(0, 2**31 - 1))
+        return int(_stream(self._key, "generation-seed", request_id).integers(0, 2**31 - 1))
 
     def dispatch(
         self,

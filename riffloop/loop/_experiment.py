@@ -352,7 +352,7 @@ class LoopExperiment:
         self.progress = progress
         shape = (int(world.inputs.shape[-2]), int(world.inputs.shape[-1]))
         self.embed, self.frechet, self.diversity, self.embedding_name = _quality(shape)
-        self.dispatcher = Dispatcher(config.baseline_share, seed=config.seed)
+        self.dispatcher = Dispatcher(config.baseline_share, key=config.seed)
         self.images: dict[str, torch.Tensor] = {}
         self.audio: dict[str, np.ndarray] = {}
         self.embeddings: dict[str, np.ndarray] = {}

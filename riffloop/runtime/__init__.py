@@ -45,7 +45,7 @@ from riffloop.runtime._server import (
     ServiceRuntime,
     Worker,
 )
-from riffloop.runtime._settings import ServiceSettings
+from riffloop.runtime._settings import DispatchKeyed, ServiceSettings
 
 __all__ = [
     "LATENTS_BUCKET",
@@ -55,6 +55,7 @@ __all__ = [
     "BearerAuthInterceptor",
     "ConsumerWorker",
     "DeferredWorker",
+    "DispatchKeyed",
     "EventRouter",
     "LatentRecord",
     "LoopWorker",

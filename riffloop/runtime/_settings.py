@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import secrets
 
 from riffloop.core import ConfigurationError, Settings
 
@@ -36,3 +37,37 @@ class ServiceSettings(Settings):
             raise ConfigurationError("RIFFLOOP_DRAIN_DELAY_S must lie in [0, 60]")
         if not 0.1 <= self.model_poll_s <= 3600:
             raise ConfigurationError("RIFFLOOP_MODEL_POLL_S must lie in [0.1, 3600]")
+
+
+# One key per process for the embedded backend (every service of an embedded stack runs in one
+# process, so they agree); real backends must be given one (DispatchKeyed._validate).
+_EPHEMERAL_DISPATCH_KEY = secrets.token_hex(24)
+MIN_DISPATCH_KEY_CHARS = 16
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class DispatchKeyed(ServiceSettings):
+    """Settings of the services that derive blind ids and draws (gateway, generator).
+
+    The dispatch key decides, per request, baseline or generation, and derives every track id
+    (riffloop.loop.Dispatcher): a client that could compute it would no longer be blind, so on
+    real backends it is a required secret, the same in the gateway and every generator."""
+
+    dispatch_key: str = dataclasses.field(default="", metadata={"secret": True})
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.backend == "real" and len(self.dispatch_key) < MIN_DISPATCH_KEY_CHARS:
+            raise ConfigurationError(
+                f"RIFFLOOP_DISPATCH_KEY must be set (at least {MIN_DISPATCH_KEY_CHARS} "
+                "characters, the same in the gateway and the generators): it keeps the "
+                "baseline blind, so the services refuse to run on real backends without it"
+            )
+        if self.dispatch_key and len(self.dispatch_key) < MIN_DISPATCH_KEY_CHARS:
+            raise ConfigurationError(
+                f"RIFFLOOP_DISPATCH_KEY is shorter than {MIN_DISPATCH_KEY_CHARS} characters"
+            )
+
+    def effective_dispatch_key(self) -> str:
+        """The configured key, or this process's random one on the embedded backend."""
+        return self.dispatch_key or _EPHEMERAL_DISPATCH_KEY

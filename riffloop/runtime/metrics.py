@@ -67,6 +67,14 @@ RATINGS = Counter(
     "Ratings received by the gateway, accepted or rejected.",
     ["outcome"],
 )
+QUEUE_SERVED = Counter(
+    "riffloop_queue_served_total",
+    "Tracks the gateway's listening queue served to listeners (NextTrack), probes included.",
+)
+QUEUE_PROBES = Counter(
+    "riffloop_queue_probes_total",
+    "Consistency probes: rated baselines the listening queue served again under a new id.",
+)
 FEEDBACK_RECORDED = Counter(
     "riffloop_feedback_recorded_total",
     "Ratings and listens the feedback service recorded (each once), or refused, by kind.",
@@ -158,6 +166,8 @@ METRIC_NAMES: tuple[str, ...] = (
     "riffloop_scoring_pass_seconds",
     "riffloop_scorer_restarts_total",
     "riffloop_feedback_parked_events",
+    "riffloop_queue_served_total",
+    "riffloop_queue_probes_total",
 )
 
 
@@ -206,6 +216,8 @@ __all__ = [
     "METRIC_NAMES",
     "MODEL_CURRENT_INFO",
     "MODEL_ROLLBACKS",
+    "QUEUE_PROBES",
+    "QUEUE_SERVED",
     "RATINGS",
     "SPAM_CAUGHT",
     "TRACKS_GENERATED",

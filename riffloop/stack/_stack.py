@@ -30,10 +30,13 @@ from riffloop.core import TransientError
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SERVICES: tuple[str, ...] = ("trainer", "encoder", "generator", "feedback", "selector", "gateway")
 
-# Settings for a quick stack on a laptop or in a test: tiny model, few steps, gate skipped, and
-# a new version promoted at once (then watched) instead of a canary that needs 20+ ratings a side.
+# Settings for a quick stack on a laptop or in a test: an untrained tiny model (its tracks are
+# noise; without --tiny the trainer serves the trained assets/base-model), few steps, gate
+# skipped, and a new version promoted at once (then watched) instead of a canary that needs 20+
+# ratings a side.
 TINY: dict[str, dict[str, str]] = {
     "trainer": {
+        "RIFFLOOP_UNTRAINED_BASE": "1",
         "RIFFLOOP_BASE_PRESET": "tiny",
         "RIFFLOOP_FINETUNE_STEPS": "4",
         "RIFFLOOP_BATCH_SIZE": "2",
@@ -93,12 +96,15 @@ class ServiceProcess:
 @dataclass
 class StackState:
     auth_secret: str
+    # RIFFLOOP_DISPATCH_KEY of the gateway and the generator (blind dispatch; never shown).
+    dispatch_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         body = {
             "auth_secret": self.auth_secret,
+            "dispatch_key": self.dispatch_key,
             "processes": {k: asdict(v) for k, v in self.processes.items()},
         }
         tmp = path.with_suffix(".tmp")
@@ -112,7 +118,10 @@ class StackState:
             return None
         body = json.loads(path.read_text())
         processes = {k: ServiceProcess(**v) for k, v in body["processes"].items()}
-        return cls(body["auth_secret"], processes)
+        state = cls(body["auth_secret"], processes=processes)
+        if body.get("dispatch_key"):  # (a state file written before the key existed has none)
+            state.dispatch_key = body["dispatch_key"]
+        return state
 
 
 def _parent_death_signal() -> Callable[[], None] | None:
@@ -168,6 +177,8 @@ class ServiceProcesses:
         )
         if name == "gateway":
             env["RIFFLOOP_AUTH_SECRET"] = self.state.auth_secret
+        if name in ("gateway", "generator"):
+            env["RIFFLOOP_DISPATCH_KEY"] = self.state.dispatch_key
         env.update(self.overrides.get(name, {}))
         return env
 

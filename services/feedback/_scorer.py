@@ -153,7 +153,9 @@ class ScoreMirror:
             elif kind == "track":
                 register_record(self.ledger, value)
             else:
-                # the parent accepted it once; a replayed op is a no-op
+                # the parent accepted it once (so it was served to its rater, by the queue if
+                # not their own); a replayed op is a no-op
+                self.ledger.mark_served(value.track_id, value.rater_id, value.submitted_at)
                 with contextlib.suppress(ConflictError):
                     (self.ledger.rate if kind == "rating" else self.ledger.listen)(value)
 

@@ -177,11 +177,16 @@ class FeedbackState:
             for raw in kv.hgetall("fb:tracks").values():
                 register_record(self.ledger, json.loads(raw))
             for track_id in list(self._track_ids()):
+                # (an accepted item was served to its rater: by the queue, if not their own)
                 for raw in kv.hgetall(f"fb:ratings:{track_id}").values():
-                    self._apply_rating(Rating(**json.loads(raw)))
+                    rating = Rating(**json.loads(raw))
+                    self.ledger.mark_served(track_id, rating.rater_id, rating.submitted_at)
+                    self._apply_rating(rating)
                     ratings += 1
                 for raw in kv.hgetall(f"fb:listens:{track_id}").values():
-                    self._apply_listen(ListenEvent(**json.loads(raw)))
+                    listen = ListenEvent(**json.loads(raw))
+                    self.ledger.mark_served(track_id, listen.rater_id, listen.submitted_at)
+                    self._apply_listen(listen)
                 self.dirty.add(track_id)
             self._pending, self._replica_stale = [], True
             self._parked, self._waiting = {}, {}
@@ -349,7 +354,21 @@ class FeedbackState:
         with self.lock:
             for event in events:
                 try:
-                    kind, value = self._checked(event, submitted_at)
+                    if event.HasField("served_at") and event.track_id:
+                        # The gateway's word that it served the track to this user (the
+                        # listening queue). Marking is idempotent and grants nothing but the
+                        # right to rate once, so it need not wait for the write below.
+                        self.ledger.mark_served(
+                            event.track_id,
+                            event.user_id,
+                            event.served_at.ToNanoseconds() / 1e9,
+                        )
+                    at = (
+                        event.client_time.ToNanoseconds() / 1e9
+                        if event.HasField("client_time")
+                        else submitted_at
+                    )
+                    kind, value = self._checked(event, at)
                 except ConflictError:
                     continue  # recorded before (a redelivery): nothing to do
                 except (ValidationError, PermissionDeniedError) as exc:

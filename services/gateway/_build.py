@@ -68,7 +68,7 @@ def build(
         max_workers=64,
     )
     probe = audio or audio_probe(settings)
-    dispatcher = Dispatcher(seed=settings.dispatch_seed)
+    dispatcher = Dispatcher(key=settings.effective_dispatch_key())
     servicer = GatewayServicer(settings, ports, probe, dispatcher)
     runtime.add_service(
         pb_grpc.add_GatewayServiceServicer_to_server, servicer, "riffloop.v1.GatewayService"

@@ -9,8 +9,17 @@ ListModels reads the per-version mean ratings from the feedback service's read m
 5,000 ratings/s that consumer was an eighth of the gateway's CPU. Auth and the per-user rate
 limit are interceptors (riffloop.runtime), not handler code.
 
+NextTrack serves the listening queue (riffloop.loop.choose_next_track): every ready track,
+baseline or generation, for anyone's inputs, until enough listeners have heard it. A user may
+fetch, rate and report on a track once it was served to them: their own request, or the queue.
+
 Key-value layout (prefix ``gw:``):
-  gw:track:<track_id>          JSON track record (owner, status, audio ref, duration)
+  gw:track:<track_id>          JSON track record (owner, status, audio ref, duration; once ready
+                               also its kind and provenance, which no client ever sees)
+  gw:served:<track_id>:<user>  when the queue served the track to a listener (not its owner)
+  gw:heard:<user>              hash track → served at: every track served to the user
+  gw:queue                     hash track → JSON QueuedTrack fields: the tracks still waiting
+  gw:queue:served              hash track → listeners the queue served it to
   gw:rated:<track_id>:<user>   set once: a second rating of the same track is ALREADY_EXISTS
   gw:models                    hash version → JSON (parent, published_at)
   gw:models:current            the version generators serve
@@ -20,11 +29,13 @@ Read, owned by the feedback service:
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import hashlib
 import json
 import logging
 import math
+import random
 import re
 import threading
 import time
@@ -46,11 +57,12 @@ from riffloop.core import (
     ValidationError,
     decode_envelope,
 )
+from riffloop.loop import QueuedTrack, QueuePolicy, TrackKind, choose_next_track
 from riffloop.runtime import (
     LATENTS_BUCKET,
     MODEL_RATINGS_KEY,
+    DispatchKeyed,
     LatentRecord,
-    ServiceSettings,
     checked_track_ready,
     current_user,
     metrics,
@@ -90,7 +102,7 @@ ENCODER_MAX_SECONDS = 600.0
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(DispatchKeyed):
     service_name: str = "gateway"
     grpc_port: int = 50051
     metrics_port: int = 9101
@@ -112,10 +124,26 @@ class GatewaySettings(ServiceSettings):
     default_quality: int = 50
     max_quality: int = 1000
     stream_chunk_bytes: int = 64 * 1024
-    # Seed of the blind dispatch; the generator must use the same one (track ids agree).
-    dispatch_seed: int = 0
     # Most items in one SubmitFeedback call (each costs one token of the per-user rate limit).
     max_feedback_batch: int = 100
+    # The listening queue (riffloop.loop.QueuePolicy): listeners a track is served to before it
+    # leaves the queue, how long it may wait, the baseline share of what each listener hears
+    # (the generator's dispatch share) and the share of consistency probes.
+    queue_target_listeners: int = 10
+    queue_max_age_s: float = 7 * 24 * 3600.0
+    baseline_share: float = 0.25
+    probe_share: float = 0.04
+    # A rating's client_time may differ this much from the server's clock (a device set to the
+    # wrong day is refused; a few minutes' drift is clamped into the serving-to-receipt span).
+    client_time_max_skew_s: float = 24 * 3600.0
+
+    def queue_policy(self) -> QueuePolicy:
+        return QueuePolicy(
+            target_listeners=self.queue_target_listeners,
+            max_age_s=self.queue_max_age_s,
+            baseline_share=self.baseline_share,
+            probe_share=self.probe_share,
+        )
 
     def _validate(self) -> None:
         super()._validate()
@@ -146,6 +174,12 @@ class GatewaySettings(ServiceSettings):
             raise ConfigurationError("RIFFLOOP_MAX_CONCURRENT_UPLOADS must lie in 1–64")
         if not 1024 <= self.stream_chunk_bytes <= 1024 * 1024:
             raise ConfigurationError("RIFFLOOP_STREAM_CHUNK_BYTES must lie in 1 KiB–1 MiB")
+        try:
+            self.queue_policy()
+        except ValidationError as exc:
+            raise ConfigurationError(f"listening queue settings: {exc.reason}") from None
+        if not 60.0 <= self.client_time_max_skew_s <= 7 * 24 * 3600.0:
+            raise ConfigurationError("RIFFLOOP_CLIENT_TIME_MAX_SKEW_S must lie in 60 s – 7 days")
 
 
 def feedback_batch_size(request: pb.SubmitFeedbackRequest, limit: int) -> int:
@@ -183,8 +217,29 @@ def _once_key(track_id: str, user: str) -> str:
     return f"gw:rated:{track_id}:{user}"
 
 
+def _served_key(track_id: str, user: str) -> str:
+    return f"gw:served:{track_id}:{user}"
+
+
+def _client_time(given: Timestamp, served_at: float, now_s: float, max_skew_s: float) -> float:
+    """The item's time by the client's clock, checked: more than ``max_skew_s`` off the
+    server's clock is a client bug (INVALID_ARGUMENT); otherwise it is kept within
+    [served_at, now], the span in which the listener can have heard and rated the track. Unset:
+    the receipt time. The spam filter's burst check reads these times, so a batch of ratings a
+    client queued and sends at once keeps the spacing the listener actually rated with."""
+    if not given.seconds and not given.nanos:
+        return now_s
+    at = given.ToNanoseconds() / 1e9
+    if abs(at - now_s) > max_skew_s:
+        raise ValidationError(
+            f"client_time is {abs(at - now_s) / 3600:.1f} h off the server's clock (more than "
+            f"{max_skew_s / 3600:g} h): check the device's clock"
+        )
+    return min(max(at, served_at), now_s)
+
+
 def _listen_event(
-    user: str, listen: pb.ReportListenRequest, record: dict[str, Any]
+    user: str, listen: pb.ReportListenRequest, record: dict[str, Any], times: tuple[float, float]
 ) -> events_pb2.FeedbackReceived:
     """The FeedbackReceived of a listen report; the clip length comes from the track record.
 
@@ -199,13 +254,22 @@ def _listen_event(
         )
     if clip > 0:
         seconds = min(seconds, clip)
-    return events_pb2.FeedbackReceived(
+    event = events_pb2.FeedbackReceived(
         user_id=user,
         track_id=listen.track_id,
         listen=events_pb2.ListenReport(
             seconds_listened=seconds, clip_seconds=clip, completed=listen.completed
         ),
     )
+    _stamp(event, times)
+    return event
+
+
+def _stamp(event: events_pb2.FeedbackReceived, times: tuple[float, float]) -> None:
+    """Set the item's (client time, served at) on its FeedbackReceived."""
+    client_time, served_at = times
+    event.client_time.FromNanoseconds(int(client_time * 1e9))
+    event.served_at.FromNanoseconds(int(served_at * 1e9))
 
 
 def _now_ts(at: float | None = None) -> Timestamp:
@@ -227,6 +291,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.audio = audio  # decodes and checks an upload (riffloop.music.decode_audio)
         self.dispatcher = dispatcher  # riffloop.loop.Dispatcher: opaque track ids
         self.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
+        self.queue = settings.queue_policy()
+        # The queue's draws (kind, probes) must not be predictable by a client.
+        self._draw = random.SystemRandom()
 
     # -- uploads ------------------------------------------------------------------------------
 
@@ -334,13 +401,16 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 raise NotFoundError(f"song {song_id} was never uploaded")
         request_id = uuid.uuid4().hex
         track_id = self.dispatcher.track_id_for(request_id)
+        now = time.time()
         record = {
             "owner": current_user(),
             "status": "pending",
-            "requested_at": time.time(),
+            "requested_at": now,
             "request_id": request_id,
         }
         self.ports.kv.set(f"gw:track:{track_id}", json.dumps(record))
+        # heard by its requester: the queue never serves them their own track again
+        self.ports.kv.hset(f"gw:heard:{current_user()}", {track_id: repr(now)})
         payload = events_pb2.GenerationRequested(
             request_id=request_id,
             user_id=current_user(),
@@ -352,24 +422,30 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.ports.publish("generation.requested.v1", request_id, payload)
         return pb.GenerateResponse(request_id=request_id, track_id=track_id)
 
-    def _track(self, track_id: str, *, owned: bool = True) -> dict[str, Any]:
+    def _track(self, track_id: str) -> tuple[dict[str, Any], float | None]:
+        """The record of a track served to the caller, and when the queue served it to them
+        (None for the track's owner); PERMISSION_DENIED for a track never served to them."""
         raw = self.ports.kv.get(f"gw:track:{_check_track_id(track_id)}")
         if raw is None:
             raise NotFoundError(f"track {track_id} does not exist")
         record: dict[str, Any] = json.loads(raw)
-        if owned and record.get("owner") != current_user():
+        user = current_user()
+        if record.get("owner") == user:
+            return record, None
+        served = self.ports.kv.get(_served_key(track_id, user))
+        if served is None:
             raise PermissionDeniedError(f"track {track_id} was not served to you")
-        return record
+        return record, float(served)
 
     def GetTrack(self, request: pb.GetTrackRequest, context: Any) -> pb.GetTrackResponse:
-        record = self._track(request.track_id)
+        record, _ = self._track(request.track_id)
         return pb.GetTrackResponse(track=_track_message(request.track_id, record))
 
     def StreamAudio(self, request: pb.StreamAudioRequest, context: Any) -> Iterator[Any]:
         chunk = request.chunk_size or self.settings.stream_chunk_bytes
         if not 1024 <= chunk <= 1024 * 1024:
             raise ValidationError("chunk_size must lie in 1024–1048576 bytes (or 0)")
-        record = self._track(request.track_id)
+        record, _ = self._track(request.track_id)
         if record["status"] != "ready":
             raise PermanentError(f"track {request.track_id} is not ready yet")
         audio = record["audio"]
@@ -382,18 +458,136 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 offset=offset, chunk=data[offset : offset + chunk], total_size_bytes=total
             )
 
+    # -- the listening queue ------------------------------------------------------------------
+
+    def NextTrack(self, request: pb.NextTrackRequest, context: Any) -> pb.NextTrackResponse:
+        """The caller's next track: a consistency probe now and then, else the queue's pick
+        (riffloop.loop.choose_next_track). Serving it records who heard it, so the caller may
+        then fetch, rate and report on it."""
+        user = current_user()
+        kv = self.ports.kv
+        now = time.time()
+        heard = kv.hgetall(f"gw:heard:{user}")
+        track_id: str | None = None
+        if self._draw.random() < self.queue.probe_share:
+            track_id = self._consistency_probe(user, heard, now)
+        if track_id is None:
+            track_id = self._from_queue(user, heard, now)
+        if track_id is None:
+            return pb.NextTrackResponse(retry_after_ms=5000)
+        record = json.loads(kv.get(f"gw:track:{track_id}") or "{}")
+        metrics.QUEUE_SERVED.inc()
+        return pb.NextTrackResponse(track=_track_message(track_id, record))
+
+    def _from_queue(self, user: str, heard: dict[str, str], now: float) -> str | None:
+        kv = self.ports.kv
+        served = kv.hgetall("gw:queue:served")
+        waiting = []
+        closed = []
+        for track_id, raw in kv.hgetall("gw:queue").items():
+            fields = json.loads(raw)
+            track = QueuedTrack(
+                track_id=track_id,
+                kind=TrackKind(fields["kind"]),
+                owner=fields["owner"],
+                ready_at=float(fields["ready_at"]),
+                served=int(float(served.get(track_id, 0))),
+            )
+            (waiting if self.queue.is_open(track, now) else closed).append(track)
+        if closed:  # enough listeners, or stale: out of the queue
+            kv.hdel("gw:queue", [t.track_id for t in closed])
+            kv.hdel("gw:queue:served", [t.track_id for t in closed])
+        pick = choose_next_track(self.queue, waiting, user, heard, self._draw.random(), now)
+        if pick is None:
+            return None
+        self._mark_served(pick.track_id, user, now)
+        if kv.hincrbyfloat("gw:queue:served", pick.track_id, 1.0) >= self.queue.target_listeners:
+            kv.hdel("gw:queue", [pick.track_id])
+            kv.hdel("gw:queue:served", [pick.track_id])
+        return pick.track_id
+
+    def _mark_served(self, track_id: str, user: str, now: float) -> None:
+        self.ports.kv.set(_served_key(track_id, user), repr(now))
+        self.ports.kv.hset(f"gw:heard:{user}", {track_id: repr(now)})
+
+    def _consistency_probe(self, user: str, heard: dict[str, str], now: float) -> str | None:
+        """Re-serve a baseline the caller rated, under a new opaque id (rule 4 of
+        riffloop.loop._queue). The new id is announced on tracks.ready.v1 with the original's
+        provenance (same z0, same ``baseline_sample_id``), so the feedback service registers it
+        and the spam filter compares the caller's two ratings of the same sample."""
+        kv = self.ports.kv
+        ids = list(heard)
+        if not ids:
+            return None
+        records = kv.get_many([f"gw:track:{t}" for t in ids])
+        rated = kv.get_many([_once_key(t, user) for t in ids])
+        candidates = [
+            (track_id, json.loads(raw))
+            for track_id, raw, was_rated in zip(ids, records, rated, strict=True)
+            if raw and was_rated
+        ]
+        candidates = [
+            (t, r)
+            for t, r in candidates
+            if r.get("kind") == TrackKind.BASELINE.value and r.get("provenance")
+        ]
+        if not candidates:
+            return None
+        original_id, original = self._draw.choice(candidates)
+        probe_id = self.dispatcher.opaque_id("probe", original_id, user, uuid.uuid4().hex)
+        provenance = common_pb2.TrackProvenance.FromString(base64.b64decode(original["provenance"]))
+        provenance.request_id = uuid.uuid4().hex
+        record = {
+            "owner": "",
+            "status": "ready",
+            "requested_at": now,
+            "ready_at": now,
+            "audio": original["audio"],
+            "duration": original["duration"],
+            "kind": original["kind"],
+            "probe_of": original_id,
+        }
+        kv.set(f"gw:track:{probe_id}", json.dumps(record))
+        self._mark_served(probe_id, user, now)
+        audio = original["audio"]
+        ready = events_pb2.TrackReady(
+            track_id=probe_id,
+            audio=common_pb2.ObjectRef(
+                bucket=audio["bucket"],
+                key=audio["key"],
+                sha256=audio["sha256"],
+                size_bytes=int(audio["size"]),
+            ),
+            provenance=provenance,
+            user_id=user,
+            duration_seconds=float(original["duration"]),
+        )
+        self.ports.publish("tracks.ready.v1", probe_id, ready)
+        metrics.QUEUE_PROBES.inc()
+        return probe_id
+
     # -- feedback -----------------------------------------------------------------------------
 
-    def _ready_track_for_feedback(self, track_id: str) -> dict[str, Any]:
-        record = self._track(track_id)
-        _check_ready(track_id, record)
-        return record
+    def _feedback_times(
+        self, record: dict[str, Any], queue_served: float | None, given: Timestamp
+    ) -> tuple[float, float]:
+        """(the item's client time, when the track was served to the caller), checked."""
+        served_at = (
+            queue_served  # through the queue; the owner heard it from the moment it was ready
+            if queue_served is not None
+            else float(record.get("ready_at", record.get("requested_at", 0.0)))
+        )
+        now = time.time()
+        client = _client_time(given, served_at, now, self.settings.client_time_max_skew_s)
+        return client, served_at
 
     def Rate(self, request: pb.RateRequest, context: Any) -> pb.RateResponse:
         try:
             _check_stars(request.stars)
-            self._ready_track_for_feedback(request.track_id)
+            record, queue_served = self._track(request.track_id)
+            _check_ready(request.track_id, record)
             user = current_user()
+            times = self._feedback_times(record, queue_served, request.client_time)
             once_key = _once_key(request.track_id, user)
             if not self.ports.kv.set_if_absent(once_key, "1"):
                 raise ConflictError(f"you already rated track {request.track_id}")
@@ -402,6 +596,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 track_id=request.track_id,
                 rating=events_pb2.TrackRating(stars=request.stars),
             )
+            _stamp(payload, times)
             try:
                 event_id = self.ports.publish("feedback.received.v1", request.track_id, payload)
             except BaseException:
@@ -415,8 +610,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
 
     def ReportListen(self, request: pb.ReportListenRequest, context: Any) -> Any:
         _check_seconds(request.seconds_listened)
-        record = self._ready_track_for_feedback(request.track_id)
-        payload = _listen_event(current_user(), request, record)
+        record, queue_served = self._track(request.track_id)
+        _check_ready(request.track_id, record)
+        user = current_user()
+        times = self._feedback_times(record, queue_served, request.client_time)
+        payload = _listen_event(user, request, record, times)
         event_id = self.ports.publish("feedback.received.v1", request.track_id, payload)
         return pb.ReportListenResponse(event_id=event_id)
 
@@ -449,6 +647,18 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         wanted = sorted({track for i, (_, _, track) in enumerate(parsed) if i not in refused})
         raws = self.ports.kv.get_many([f"gw:track:{t}" for t in wanted])
         records = {t: json.loads(raw) for t, raw in zip(wanted, raws, strict=True) if raw}
+        # Tracks of others need the queue's word that they were served to the caller.
+        foreign = [t for t, r in records.items() if r.get("owner") != user]
+        queue_served = {
+            t: float(at)
+            for t, at in zip(
+                foreign,
+                self.ports.kv.get_many([_served_key(t, user) for t in foreign]),
+                strict=True,
+            )
+            if at is not None
+        }
+        times: dict[int, tuple[float, float]] = {}
         listens: dict[int, events_pb2.FeedbackReceived] = {}
         rated: list[int] = []  # ratings that passed every check so far: they need their claim
         for i, (which, body, track_id) in enumerate(parsed):
@@ -458,11 +668,14 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 record = records.get(track_id)
                 if record is None:
                     raise NotFoundError(f"track {track_id} does not exist")
-                if record.get("owner") != user:
+                if record.get("owner") != user and track_id not in queue_served:
                     raise PermissionDeniedError(f"track {track_id} was not served to you")
                 _check_ready(track_id, record)
+                times[i] = self._feedback_times(
+                    record, queue_served.get(track_id), body.client_time
+                )
                 if which == "listen":
-                    listens[i] = _listen_event(user, body, record)
+                    listens[i] = _listen_event(user, body, record, times[i])
                 else:
                     rated.append(i)
             except RiffloopError as exc:
@@ -478,7 +691,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             if i in refused:
                 continue
             if which == "rating":
-                batch.items.add(user_id=user, track_id=track_id).rating.stars = body.stars
+                item = batch.items.add(user_id=user, track_id=track_id)
+                item.rating.stars = body.stars
+                _stamp(item, times[i])
             else:
                 batch.items.append(listens[i])
         event_id = ""
@@ -616,8 +831,12 @@ class GatewayEvents:
         )
 
     def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
+        """A track turns ready for its owner and enters the listening queue. The kind and the
+        provenance are kept in the record for the queue's rules; no response ever carries
+        them. Idempotent: a redelivered TrackReady of a ready track changes nothing, so a
+        track that has left the queue does not come back."""
         ready = envelope.track_ready
-        checked_track_ready(ready)  # what the feedback service refuses is never "ready" here
+        prov = checked_track_ready(ready)  # what the feedback service refuses is never "ready"
         key = f"gw:track:{ready.track_id}"
         raw = self.ports.kv.get(key)
         record: dict[str, Any] = (
@@ -629,8 +848,19 @@ class GatewayEvents:
                 "request_id": ready.provenance.request_id,
             }
         )
+        if record.get("status") == "ready":
+            return
+        ready_at = time.time()
+        if "probe_of" not in record:  # a consistency probe is served once, to one listener
+            queued = {"kind": prov.kind.value, "owner": record["owner"], "ready_at": ready_at}
+            self.ports.kv.hset("gw:queue", {ready.track_id: json.dumps(queued)})
         record.update(
-            status="ready", audio=_ref_to_dict(ready.audio), duration=ready.duration_seconds
+            status="ready",
+            audio=_ref_to_dict(ready.audio),
+            duration=ready.duration_seconds,
+            ready_at=ready_at,
+            kind=prov.kind.value,
+            provenance=base64.b64encode(ready.provenance.SerializeToString()).decode(),
         )
         record.pop("failure_reason", None)
         self.ports.kv.set(key, json.dumps(record))

@@ -34,9 +34,9 @@ from riffloop.core import ConfigurationError, NotFoundError, TransientError, Val
 from riffloop.loop import Dispatcher, TrackKind
 from riffloop.runtime import (
     LATENTS_BUCKET,
+    DispatchKeyed,
     LatentRecord,
     ServedModel,
-    ServiceSettings,
     metrics,
     provenance_to_proto,
 )
@@ -49,12 +49,11 @@ _SONG_ID_CHARS = set("0123456789abcdef")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class GeneratorSettings(ServiceSettings):
+class GeneratorSettings(DispatchKeyed):
     service_name: str = "generator"
     grpc_port: int = 50053
     metrics_port: int = 9103
     baseline_share: float = 0.25
-    dispatch_seed: int = 0
     default_quality: int = 50
     max_quality: int = 1000
     # How long a request waits for its songs' latents (the encoder may still be working).
@@ -102,7 +101,7 @@ class Generator:
         self.settings = settings
         self.ports = ports
         self.model = model
-        self.dispatcher = Dispatcher(settings.baseline_share, seed=settings.dispatch_seed)
+        self.dispatcher = Dispatcher(settings.baseline_share, key=settings.effective_dispatch_key())
         self._records: dict[str, LatentRecord] = {}
         self._records_lock = threading.Lock()
         # z0 candidates: every encoded window, vectorised (riffloop.music.BaselineIndex).

@@ -43,7 +43,13 @@ NAMESPACES = {"dev": "riffloop-dev", "production": "riffloop"}
 GRPC_PORT, METRICS_PORT = 50051, 9100
 CRD_GROUP = "monitoring.coreos.com/"
 # Secrets the production overlay references but the platform creates (docs/DEPLOY.md lists them).
-EXTERNAL_SECRETS = {"riffloop-s3", "riffloop-redis", "riffloop-gateway-auth", "riffloop-kafka"}
+EXTERNAL_SECRETS = {
+    "riffloop-s3",
+    "riffloop-redis",
+    "riffloop-gateway-auth",
+    "riffloop-dispatch-key",
+    "riffloop-kafka",
+}
 HPA_SERVICES = {"gateway", "generator"}
 SINGLE_WRITERS = {"feedback", "selector", "trainer"}
 GPU = "nvidia.com/gpu"

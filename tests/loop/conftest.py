@@ -12,4 +12,4 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def dispatcher() -> Dispatcher:
-    return Dispatcher(baseline_share=0.25, seed=7)
+    return Dispatcher(baseline_share=0.25, key=7)

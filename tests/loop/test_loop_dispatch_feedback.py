@@ -29,18 +29,18 @@ def _prov(track_id: str = "t1", kind: TrackKind = TrackKind.GENERATED) -> TrackP
 
 
 def test_dispatch_share_is_bernoulli_p_and_reproducible() -> None:
-    d = Dispatcher(baseline_share=0.25, seed=1)
+    d = Dispatcher(baseline_share=0.25, key=1)
     kinds = [d.kind_for(f"req{i}") for i in range(4000)]
     share = sum(k is TrackKind.BASELINE for k in kinds) / len(kinds)
     # binomial sd at n=4000 is 0.0068: 4σ band
     assert abs(share - 0.25) < 0.028
-    assert kinds == [Dispatcher(0.25, seed=1).kind_for(f"req{i}") for i in range(4000)]
-    other = [Dispatcher(0.25, seed=2).kind_for(f"req{i}") for i in range(4000)]
+    assert kinds == [Dispatcher(0.25, key=1).kind_for(f"req{i}") for i in range(4000)]
+    other = [Dispatcher(0.25, key=2).kind_for(f"req{i}") for i in range(4000)]
     assert other != kinds
 
 
 def test_dispatch_provenance_records_everything_and_hides_the_kind() -> None:
-    d = Dispatcher(baseline_share=0.5, seed=3)
+    d = Dispatcher(baseline_share=0.5, key=3)
     calls: list[int] = []
 
     def nearest() -> str:
