@@ -62,14 +62,24 @@ from riffloop.music._train import (
     resolve_device,
     weighted_diffusion_loss,
 )
+from riffloop.music._training_index import (
+    INDEX_FILE,
+    BaselinePick,
+    TrainingIndex,
+    Winner,
+    base_windows,
+    tone_windows,
+)
 
 __all__ = [
     "CORPUS_VERSION",
+    "INDEX_FILE",
     "INSTRUMENTS",
     "AudioEmbedding",
     "AudioErrorCode",
     "AudioLimits",
     "BaselineIndex",
+    "BaselinePick",
     "CorpusPiece",
     "CorpusSplit",
     "CosineSimilarity",
@@ -92,8 +102,11 @@ __all__ = [
     "TrackRequest",
     "Trainer",
     "TrainingConfig",
+    "TrainingIndex",
     "TrainingReport",
+    "Winner",
     "apply_adapter",
+    "base_windows",
     "build_corpus",
     "corpus_dir",
     "decode_audio",
@@ -116,5 +129,6 @@ __all__ = [
     "slerp",
     "spectral_flatness",
     "to_uint8",
+    "tone_windows",
     "weighted_diffusion_loss",
 ]

@@ -1,4 +1,5 @@
-"""``python -m riffloop.music corpus|train|export`` — build the corpus, train, export weights."""
+"""``python -m riffloop.music corpus|train|export|baseline-index`` — build the corpus, train,
+export weights, index a model's training windows for the baseline z0."""
 
 from __future__ import annotations
 
@@ -263,6 +264,37 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baseline_index(args: argparse.Namespace) -> int:
+    """Invert a strided subset of the corpus's training windows with the model and store the
+    index in the model folder (``baseline-index.safetensors``), where the trainer finds it
+    when it publishes the folder as the base model."""
+    from riffloop.music._training_index import TrainingIndex, base_windows
+
+    torch.set_num_threads(args.threads)
+    model = MusicDiffusion.from_pretrained(args.model)
+    res = model.image_shape[1]
+    split = load_corpus(_mel_dir(args, res), "train")
+    if split.mel != model.mel:
+        raise ValidationError("the corpus was sliced with another mel config than the model's")
+    images, ids = base_windows(split, args.rows)
+    started = time.perf_counter()
+    index = TrainingIndex.build(model, images, ids, args.steps, model_version=model.version)
+    seconds = time.perf_counter() - started
+    out = index.save(Path(args.out) if args.out else Path(args.model))
+    print(
+        json.dumps(
+            {
+                **index.describe(),
+                "corpus_windows": len(split),
+                "seconds": round(seconds, 1),
+                "file": str(out),
+                "file_bytes": out.stat().st_size,
+            }
+        )
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m riffloop.music", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,6 +365,18 @@ def _parser() -> argparse.ArgumentParser:
         help="reference windows for the Fréchet distance (train: to pick between runs)",
     )
     evaluate.set_defaults(handler=_evaluate)
+
+    index = sub.add_parser(
+        "baseline-index", help="index a model's base-corpus windows for the baseline z0"
+    )
+    index.add_argument("--model", required=True, help="MusicDiffusion folder")
+    index.add_argument("--out", help="folder for the index (default: the model folder)")
+    index.add_argument("--rows", type=int, default=512, help="windows, strided through the split")
+    index.add_argument("--steps", type=int, default=50, help="DDIM inversion steps")
+    index.add_argument("--threads", type=int, default=2)
+    index.add_argument("--corpus", help="corpus mel folder (default: the cache's)")
+    index.add_argument("--cache", help="cache folder (default: RIFFLOOP_CACHE or ~/.cache)")
+    index.set_defaults(handler=_baseline_index)
     return parser
 
 

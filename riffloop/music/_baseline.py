@@ -236,7 +236,12 @@ class BaselineIndex:
             "dim": str(self.dim),
             "ids": json.dumps(self._ids),
         }
-        return st_save({"rows": torch.cat(self._blocks).contiguous()}, metadata=metadata)
+        return st_save({"rows": self.rows}, metadata=metadata)
+
+    @property
+    def rows(self) -> Tensor:
+        """The stored row features φ_r(z) ``[M, D']`` (what ``to_bytes`` writes)."""
+        return torch.cat(self._blocks).contiguous()
 
     @classmethod
     def from_bytes(cls, data: bytes, *, chunk_rows: int = DEFAULT_CHUNK_ROWS) -> BaselineIndex:
@@ -252,6 +257,20 @@ class BaselineIndex:
             raise ValidationError(f"not a baseline index: {exc}") from exc
         if fmt != FORMAT_VERSION:
             raise ValidationError(f"baseline index format {fmt} is not {FORMAT_VERSION}")
+        return cls.from_rows(rows, ids, name, dim, chunk_rows=chunk_rows)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: Tensor,
+        ids: list[str],
+        similarity: str,
+        dim: int,
+        *,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    ) -> BaselineIndex:
+        """An index from stored row features (``rows``), e.g. read back from a file."""
+        name = similarity
         if name not in _SIMILARITIES:
             raise ValidationError(f"baseline index uses unknown similarity {name!r}")
         if rows.ndim != 2 or rows.shape[0] != len(ids):

@@ -9,6 +9,7 @@ Folder layout written by :meth:`MusicDiffusion.save_pretrained` (diffusers' own 
     <dir>/vqvae/...                       (only for latent models)
     <dir>/mel_config.json                 MelConfig.to_dict()
     <dir>/model_card.json                 version, parent, model config name, training manifest
+    <dir>/baseline-index.safetensors      the version's training index Z_V (TrainingIndex), if built
 
 :meth:`MusicDiffusion.from_pretrained` also reads a teticio/audio-diffusion folder (``unet/``,
 ``scheduler/`` — their DDPM config is read as DDIM —, optional ``vqvae/``, and
@@ -19,6 +20,7 @@ before returning.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field, fields
@@ -39,6 +41,7 @@ NUM_TRAIN_TIMESTEPS = 1000
 
 MEL_CONFIG_FILE = "mel_config.json"
 MODEL_CARD_FILE = "model_card.json"
+INDEX_FILE = "baseline-index.safetensors"  # riffloop.music._training_index.INDEX_FILE
 
 
 @dataclass(frozen=True)
@@ -191,6 +194,9 @@ class MusicDiffusion:
     parent: str | None = None
     vqvae: AutoencoderKL | None = None
     card: dict[str, Any] = field(default_factory=dict)
+    # Z_V, the version's training latents for the baseline z0 (riffloop.music.TrainingIndex);
+    # saved beside the weights as ``baseline-index.safetensors``. None until one is built.
+    baseline_index: Any = None
 
     def __post_init__(self) -> None:
         self.check_architecture()
@@ -280,6 +286,8 @@ class MusicDiffusion:
         card = dict(self.card)
         card.update(version=self.version, parent=self.parent)
         (tmp / MODEL_CARD_FILE).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        if self.baseline_index is not None:
+            self.baseline_index.save(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old")
             if old.exists():
@@ -310,7 +318,7 @@ class MusicDiffusion:
         version = str(card.pop("version", None) or root.name)
         parent = card.pop("parent", None)
         unet.eval()
-        return cls(
+        model = cls(
             unet=unet,
             scheduler=scheduler,
             mel=mel,
@@ -319,6 +327,18 @@ class MusicDiffusion:
             vqvae=vqvae,
             card=card,
         )
+        index_path = root / INDEX_FILE
+        if index_path.is_file():
+            from riffloop.music._training_index import TrainingIndex
+
+            index = TrainingIndex.from_bytes(index_path.read_bytes())
+            if index.index.dim != math.prod(model.image_shape):
+                raise ValidationError(
+                    f"baseline index at {root} holds latents of {index.index.dim} values, "
+                    f"the model makes {math.prod(model.image_shape)}"
+                )
+            model.baseline_index = index
+        return model
 
 
 def _read_mel_config(root: Path) -> MelConfig:

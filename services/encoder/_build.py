@@ -16,7 +16,7 @@ from riffloop.runtime import (
     keep_current,
 )
 from riffloop.v1 import encoder_service_pb2_grpc as pb_grpc
-from services.encoder._service import Encoder, EncoderServicer, EncoderSettings
+from services.encoder._service import Encoder, EncoderServicer, EncoderSettings, keep_latents
 
 _log = logging.getLogger("riffloop.encoder")
 
@@ -41,6 +41,8 @@ def build(settings: EncoderSettings, ports: Ports) -> tuple[ServiceRuntime, Enco
 
     # the first model, then the markers every model_poll_s (the event reaches one replica)
     runtime.add_worker(LoopWorker("encoder-model", keep_current(models, settings.model_poll_s)))
+    # every known song's latents under each served version (a new one, a canary's candidate)
+    runtime.add_worker(LoopWorker("encoder-latents", keep_latents(encoder, settings.model_poll_s)))
     router = EventRouter(
         {
             "songs.uploaded.v1": encoder.on_song_uploaded,

@@ -3,8 +3,15 @@
 songs.uploaded.v1 (or the Encode RPC) → read the audio (claim check), decode to mono at the
 model's sample rate, cut into mel windows (``MelCodec.audio_to_images``), keep up to
 ``max_slices`` evenly spaced windows, ``invert`` them with the served model, store a
-``LatentRecord`` at ``latents/<song_id>.pt`` and publish songs.encoded.v1. Idempotent: a song
-already encoded is answered from the store.
+``LatentRecord`` at ``latents/<song_id>/<version>.pt`` and, once, the song's windows at
+``latents/<song_id>.pt``, and publish songs.encoded.v1. Idempotent: a song already encoded is
+answered from the store.
+
+Latents belong to a model version (riffloop.runtime.LatentRecord). The encoder owns inversion:
+during a canary an upload is inverted by the candidate too, and model.published (or the timer,
+``model_poll_s``) makes ``keep_latents`` invert every known song's stored windows for each
+version the generators serve (``models/CURRENT`` and ``models/CANARY``). A generator that
+needs a song's latents for its version waits for them (``latent_wait_s``).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from riffloop.core import (
@@ -66,11 +74,54 @@ class Encoder:
         self.ports = ports
         self.models = models
         self._lock = threading.Lock()  # one inversion at a time: 2 cores, shared
+        # A served version other than the current one (a running canary's candidate), loaded
+        # to invert songs for the generators that serve it; at most one is held.
+        self._other: tuple[str, Any] | None = None
+        self._other_lock = threading.Lock()
+        self._done: set[tuple[str, str]] = set()  # (song, version) known to be stored
+        self.wake = threading.Event()  # set by model.published: reconcile now, not at the timer
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def served_versions(self) -> list[str]:
+        """What the generators serve now: ``models/CURRENT``'s version and a running canary's."""
+        store = self.models.store
+        versions = []
+        for marker in (store.current(), store.canary()):
+            if marker is not None and marker.get("version") not in versions:
+                versions.append(str(marker["version"]))
+        return versions
+
+    def _model(self, version: str) -> Any:
+        held = self.models.get()
+        if held.version == version:
+            return held
+        with self._other_lock:
+            if self._other is None or self._other[0] != version:
+                model = self.models.store.load(version)
+                model.unet.eval()
+                self._other = (version, model)
+            return self._other[1]
+
+    # -- inversion ----------------------------------------------------------------------------
 
     def encode(self, song_id: str, audio_ref: common_pb2.ObjectRef | None = None) -> LatentRecord:
+        """The song's latents under the current version (and a running canary's, stored too).
+        The first encoding cuts the song into windows and stores them with the latents
+        (``LatentRecord.key``); later versions invert those windows (``invert_for``)."""
         key = LatentRecord.key(song_id)
         if self.ports.objects.exists(LATENTS_BUCKET, key):
-            return LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key))
+            song = LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key))
+        else:
+            song = self._first_encoding(song_id, audio_ref)
+        current = self.models.get().version
+        record = self.invert_for(song, current)
+        for version in self.served_versions():
+            if version != current:
+                self.invert_for(song, version)
+        return record
+
+    def _first_encoding(self, song_id: str, audio_ref: common_pb2.ObjectRef | None) -> LatentRecord:
         bucket, obj = (audio_ref.bucket, audio_ref.key) if audio_ref else ("songs", song_id)
         try:
             data = self.ports.objects.get(bucket, obj)
@@ -101,11 +152,84 @@ class Encoder:
             mel=model.mel.to_dict(),
             inversion_steps=self.settings.inversion_steps,
         )
-        self.ports.objects.put(LATENTS_BUCKET, key, record.to_bytes())
+        data = record.to_bytes()
+        # the version's key first: the song key, written last, says the song is encoded
+        self.ports.objects.put(
+            LATENTS_BUCKET, LatentRecord.version_key(song_id, model.version), data
+        )
+        self.ports.objects.put(LATENTS_BUCKET, LatentRecord.key(song_id), data)
+        self._done.add((song_id, model.version))
         return record
 
+    def invert_for(self, song: LatentRecord, version: str) -> LatentRecord:
+        """The song's latents under ``version``: read when stored, else its stored windows
+        inverted by that version (x_T = DDIM⁻¹_V(x_0), ``inversion_steps`` steps)."""
+        key = LatentRecord.version_key(song.song_id, version)
+        objects = self.ports.objects
+        if objects.exists(LATENTS_BUCKET, key):
+            self._done.add((song.song_id, version))
+            return LatentRecord.from_bytes(objects.get(LATENTS_BUCKET, key))
+        if song.model_version == version:  # a first encoding stored before versioned keys
+            record = song
+        else:
+            from riffloop.music import image_from_uint8, invert
+
+            model = self._model(version)
+            if model.mel.to_dict() != song.mel:
+                raise ValidationError(
+                    f"song {song.song_id} was cut for another mel config than {version}'s"
+                )
+            with self._lock:
+                latents = invert(
+                    model, image_from_uint8(song.images), self.settings.inversion_steps
+                )
+            record = dataclasses.replace(
+                song,
+                latents=latents.contiguous(),
+                model_version=version,
+                inversion_steps=self.settings.inversion_steps,
+            )
+        objects.put(LATENTS_BUCKET, key, record.to_bytes())
+        self._done.add((song.song_id, version))
+        return record
+
+    def reconcile(self, stop: threading.Event | None = None) -> int:
+        """Latents under every served version for every encoded song that lacks them; returns
+        how many were stored. A song that cannot be inverted is logged and skipped."""
+        if not self.models.ready:
+            return 0
+        stored = 0
+        versions = self.served_versions()
+        with self._other_lock:
+            if self._other is not None and self._other[0] not in versions:
+                self._other = None  # the canary ended: its candidate is not needed any more
+        for key in LatentRecord.song_keys(self.ports.objects):
+            song_id = key.removesuffix(".pt")
+            missing = [v for v in versions if (song_id, v) not in self._done]
+            if not missing:
+                continue
+            song = LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key))
+            for version in missing:
+                if stop is not None and stop.is_set():
+                    return stored
+                stored_before = (song_id, version) in self._done
+                try:
+                    self.invert_for(song, version)
+                except (ValidationError, NotFoundError) as exc:
+                    _log.warning(
+                        "song not inverted for a version",
+                        extra={"song_id": song_id, "model_version": version, "why": str(exc)},
+                    )
+                    continue
+                stored += not stored_before
+        if stored:
+            _log.info("latents inverted for served versions", extra={"songs": stored})
+        return stored
+
     def publish(self, record: LatentRecord) -> events_pb2.SongEncoded:
-        ref = self.ports.objects.stat(LATENTS_BUCKET, LatentRecord.key(record.song_id))
+        ref = self.ports.objects.stat(
+            LATENTS_BUCKET, LatentRecord.version_key(record.song_id, record.model_version)
+        )
         payload = events_pb2.SongEncoded(
             song_id=record.song_id,
             latent=ref.to_proto(),
@@ -122,7 +246,29 @@ class Encoder:
         self.publish(self.encode(uploaded.song_id, uploaded.audio))
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:
+        """Serve the current version, then have the latents worker invert every known song for
+        the versions now served (a new current one, or a canary's candidate)."""
         self.models.load_current()
+        self.wake.set()
+
+
+def keep_latents(encoder: Encoder, poll_s: float) -> Callable[[threading.Event], None]:
+    """A ``LoopWorker`` body: ``reconcile`` at once when model.published wakes it, else every
+    ``poll_s`` (the event reaches one replica; the markers are the truth for all)."""
+
+    def body(stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                encoder.reconcile(stop)
+            except Exception:
+                _log.exception("inverting songs for the served versions failed; retrying")
+            # wait for the wake-up or the timer, looking at ``stop`` every 0.2 s
+            waited = 0.0
+            while waited < poll_s and not stop.is_set() and not encoder.wake.wait(0.2):
+                waited += 0.2
+            encoder.wake.clear()
+
+    return body
 
 
 class EncoderServicer(pb_grpc.EncoderServiceServicer):

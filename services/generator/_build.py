@@ -44,7 +44,6 @@ def build(settings: GeneratorSettings, ports: Ports) -> tuple[ServiceRuntime, Ge
         {
             "generation.requested.v1": generator.on_generation_requested,
             "model.published.v1": generator.on_model_published,
-            "songs.encoded.v1": generator.on_song_encoded,
         }
     )
     runtime.add_worker(DeferredWorker(ConsumerWorker(settings, ports, router), lambda: model.ready))

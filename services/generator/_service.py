@@ -4,12 +4,16 @@ Per request (generation.requested.v1 or the Generate RPC):
 
 1. ``Dispatcher.dispatch`` (riffloop.loop) draws the kind blindly: Bernoulli(0.25) → the
    baseline z0, else a generation ẑ; the track id and seed are pure functions of the request id.
-2. The inputs' latents come from the encoder's ``LatentRecord``s (one window per song, picked by
-   the seed); ``merge_latents`` gives z_agg.
+2. The request runs on one model version V (the current one, or a canary's candidate for its
+   share). The inputs' latents are the encoder's ``LatentRecord``s *inverted by V* (one window
+   per song, picked by the seed; the encoder stores them when a song is uploaded or V is
+   published, and a request waits ``latent_wait_s`` for them); ``merge_latents`` gives z_agg.
 3. Generation: x̂_0 = ``decode_latents``(z_agg), then ``inject_at_step`` with the
-   ``InjectionPlan`` of (s, q). Baseline: z0 = argmax_z Γ(z_agg, z) over the windows of the other
-   encoded songs (Γ = cosine similarity of latents, ``riffloop.music.BaselineIndex``, extended as
-   songs are encoded), served as-is from its stored mel window.
+   ``InjectionPlan`` of (s, q). Baseline: z0 = argmax_{z ∈ Z_V} Γ(z_agg, z) over V's training
+   index (``riffloop.music.TrainingIndex``, stored with V's checkpoint and loaded with it, so it
+   hot-swaps with the model, canary included): the base-corpus windows and the generations
+   kept for training, or the generation that replaced the input's baseline. Never an upload.
+   A baseline is served as-is from the index's stored mel window.
 4. Griffin-Lim (``MelCodec.images_to_audio``) → WAV at ``tracks/<track_id>.wav``, provenance
    (+ the per-mel-bin mean of the image as the selector's embedding) at
    ``tracks/<track_id>.json``, then tracks.ready.v1.
@@ -31,7 +35,7 @@ import time
 from typing import Any
 
 from riffloop.core import ConfigurationError, NotFoundError, TransientError, ValidationError
-from riffloop.loop import Dispatcher, TrackKind
+from riffloop.loop import Dispatcher, ReadyDelay, TrackKind
 from riffloop.runtime import (
     LATENTS_BUCKET,
     DispatchKeyed,
@@ -102,68 +106,53 @@ class Generator:
         self.ports = ports
         self.model = model
         self.dispatcher = Dispatcher(settings.baseline_share, key=settings.effective_dispatch_key())
-        self._records: dict[str, LatentRecord] = {}
+        # (song, version) → that version's latents of the song (riffloop.runtime.LatentRecord)
+        self._records: dict[tuple[str, str], LatentRecord] = {}
         self._records_lock = threading.Lock()
-        # z0 candidates: every encoded window, vectorised (riffloop.music.BaselineIndex).
-        self._index: Any = None  # riffloop.music.BaselineIndex once a song is loaded
         self._compute = threading.Lock()  # one generation at a time: 2 shared cores
+        self.ready_delay = ReadyDelay()  # baselines ready after generations' delays
 
     # -- latents ------------------------------------------------------------------------------
 
-    def _record(self, song_id: str, wait_s: float) -> LatentRecord:
+    def _record(self, song_id: str, version: str, wait_s: float) -> LatentRecord:
+        """The song's latents inverted by ``version`` (the version serving the request). The
+        encoder owns inversion and stores them when the song is uploaded or the version is
+        published; until then this waits up to ``wait_s``."""
         with self._records_lock:
-            cached = self._records.get(song_id)
+            cached = self._records.get((song_id, version))
         if cached is not None:
             return cached
+        objects = self.ports.objects
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 record = LatentRecord.from_bytes(
-                    self.ports.objects.get(LATENTS_BUCKET, LatentRecord.key(song_id))
+                    objects.get(LATENTS_BUCKET, LatentRecord.version_key(song_id, version))
                 )
                 break
             except NotFoundError:
-                if not self.ports.objects.exists("songs", song_id):
+                if not objects.exists("songs", song_id):
                     raise NotFoundError(f"song {song_id} was never uploaded") from None
                 if time.monotonic() >= deadline:
-                    raise TransientError(f"song {song_id} is not encoded yet") from None
+                    raise TransientError(
+                        f"song {song_id} has no latents for model {version} yet"
+                    ) from None
                 time.sleep(0.5)
+        if record.model_version != version:
+            raise ValidationError(f"latents of {song_id} stored for {version} name another model")
         with self._records_lock:
-            if song_id in self._records:  # another thread loaded it meanwhile
-                return self._records[song_id]
-            self._records[song_id] = record
-            self._index_song(record)
+            self._records[(song_id, version)] = record
         return record
 
-    def _index_song(self, record: LatentRecord) -> None:
-        """Add a song's windows to the baseline index (ids ``<song>#<window>``); lock held."""
-        from riffloop.music import BaselineIndex
-
-        ids = [f"{record.song_id}#{j}" for j in range(int(record.latents.shape[0]))]
-        try:
-            if self._index is None:
-                self._index = BaselineIndex(record.latents, ids)
-            else:
-                self._index.extend(record.latents, ids)
-        except ValidationError as exc:  # e.g. encoded for another mel resolution: not comparable
-            _log.warning(
-                "song not indexed for baselines",
-                extra={"song_id": record.song_id, "why": exc.reason},
-            )
-
-    def known_records(self) -> list[LatentRecord]:
-        """Every encoded song (the baseline's candidates), loaded once and cached."""
-        for key in self.ports.objects.list(LATENTS_BUCKET):
-            song_id = key.removesuffix(".pt")
-            with self._records_lock:
-                known = song_id in self._records
-            if not known:
-                self._record(song_id, 0.0)
+    def forget_unserved(self) -> None:
+        """Drop cached latents of versions no longer served (after a swap or a canary's end)."""
+        model = self.model.model
+        served = {model.version} if model is not None else set()
+        if (canary := self.model.canary_version) is not None:
+            served.add(canary)
         with self._records_lock:
-            return list(self._records.values())
-
-    def on_song_encoded(self, envelope: events_pb2.Envelope) -> None:
-        self._record(envelope.song_encoded.song_id, 0.0)
+            for key in [k for k in self._records if k[1] not in served]:
+                del self._records[key]
 
     # -- one track ----------------------------------------------------------------------------
 
@@ -187,7 +176,9 @@ class Generator:
         # This request keeps this reference through a hot swap; during a canary its request id
         # decides between the candidate and the current model.
         model = self.model.for_request(request.request_id)
-        records = [self._record(s, self.settings.latent_wait_s) for s in request.song_ids]
+        records = [
+            self._record(s, model.version, self.settings.latent_wait_s) for s in request.song_ids
+        ]
         seed = request.seed or self.dispatcher.generation_seed_for(request.request_id)
         picks = [seed % int(r.latents.shape[0]) for r in records]
         z = torch.stack([r.latents[i] for r, i in zip(records, picks, strict=True)])
@@ -195,21 +186,16 @@ class Generator:
         chosen: dict[str, Any] = {}
 
         def nearest_baseline() -> str:
-            # z0 = argmax_z Γ(z_agg, z), Γ = cosine similarity, over the other songs' windows
-            # (the request's own songs only when nothing else is encoded yet). Asking for one
-            # more neighbour than the request's own windows guarantees a foreign one if any.
-            self.known_records()
-            own = set(request.song_ids)
-            k = 1 + sum(int(r.latents.shape[0]) for r in records)
-            with self._records_lock:
-                index = self._index
-                if index is None:
-                    raise TransientError("no encoded song is indexed for baselines yet")
-                neighbours = index.nearest(z_agg, k=min(k, len(index)))
-            best = next((n for n in neighbours if n.id.split("#")[0] not in own), neighbours[0])
-            song_id, window = best.id.split("#")
-            chosen["record"], chosen["window"] = self._records[song_id], int(window)
-            return best.id
+            # z0 = argmax_{z ∈ Z_V} Γ(z_agg, z), Z_V the training index of the version V serving
+            # this request (its base-corpus windows and the generations kept for training, all
+            # inverted by V; never an upload), or the generation that replaced the input's
+            # baseline (the genetic step): riffloop.music.TrainingIndex.baseline_for.
+            index = model.baseline_index
+            if index is None:
+                raise TransientError(f"model {model.version} has no baseline index")
+            pick = index.baseline_for("+".join(sorted(request.song_ids)), z_agg)
+            chosen["pick"] = pick
+            return str(pick.id)
 
         prov = self.dispatcher.dispatch(
             request.request_id,
@@ -227,15 +213,25 @@ class Generator:
                 start_step=plan.start_step if request.kind is TrackKind.GENERATED else None,
             )
         prov = dataclasses.replace(prov, seed=seed)
-        if prov.kind is TrackKind.BASELINE:
-            record, window = chosen["record"], chosen["window"]
-            image = image_from_uint8(record.images[window : window + 1])
-        else:
-            steps = records[0].inversion_steps
+
+        def generate() -> Any:
             with self._compute:
-                merged = decode_latents(model, z_agg[None], steps)
+                merged = decode_latents(model, z_agg[None], records[0].inversion_steps)
                 generator = torch.Generator().manual_seed(seed)
-                image = inject_at_step(model, merged, plan, generator)
+                return inject_at_step(model, merged, plan, generator)
+
+        # Blindness in time (riffloop.loop.ReadyDelay): a baseline is held until a duration
+        # drawn from recent generations of the same cost (steps run) has passed; with none
+        # timed yet, the generation is run anyway and discarded.
+        cost = (plan.total_steps - plan.start_step,)
+        hold: float | None = None
+        if prov.kind is TrackKind.BASELINE:
+            image = image_from_uint8(chosen["pick"].image)  # the stored training window
+            hold = self.ready_delay.draw(cost)
+            if hold is None:
+                generate()
+        else:
+            image = generate()
         with self._compute:
             audio = MelCodec(model.mel).images_to_audio(image)[0]
         wav = io.BytesIO()
@@ -260,6 +256,11 @@ class Generator:
             json.dumps(sidecar).encode(),
             content_type="application/json",
         )
+        elapsed = time.perf_counter() - started
+        if prov.kind is TrackKind.GENERATED:
+            self.ready_delay.record(cost, elapsed)
+        elif hold is not None and hold > elapsed:
+            time.sleep(hold - elapsed)  # (no CPU: the compute lock is free meanwhile)
         ready = events_pb2.TrackReady(
             track_id=prov.track_id,
             audio=audio_ref.to_proto(),
@@ -310,6 +311,7 @@ class Generator:
         # PROMOTE or ROLLBACK: serve what models/CURRENT names now (the trainer writes it
         # before it announces), not the event's version, which a late or replayed event names
         self.model.load_current()
+        self.forget_unserved()
 
 
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):

@@ -102,6 +102,14 @@ class TrainerSettings(ServiceSettings):
     # Bootstrap: a MusicDiffusion folder (the trained base model), else a fresh preset model.
     base_model_dir: str = ""
     base_preset: str = "cpu_small"
+    # The baseline index Z_V stored with every version (riffloop.music.TrainingIndex): a base
+    # model folder that ships baseline-index.safetensors is published with it; otherwise the
+    # trainer builds it from ``baseline_rows`` windows strided through the train split of the
+    # corpus mel folder ``base_corpus_dir`` (the untrained smoke-test model: synthetic tones),
+    # each inverted with ``baseline_inversion_steps`` DDIM steps (the encoder's default).
+    base_corpus_dir: str = ""
+    baseline_rows: int = 512
+    baseline_inversion_steps: int = 50
     # Training runs in the consumer thread (between polls): allow it up to 30 min per set.
     kafka_max_poll_interval_s: float = 1800.0
     finetune_steps: int = 120
@@ -145,6 +153,14 @@ class TrainerSettings(ServiceSettings):
             raise ConfigurationError("RIFFLOOP_CANARY_SHARE must lie in [0, 1)")
         if not 0 <= self.replay_ratio < 1:
             raise ConfigurationError("RIFFLOOP_REPLAY_RATIO must lie in [0, 1)")
+        if self.baseline_rows < 1 or not 1 <= self.baseline_inversion_steps <= 1000:
+            raise ConfigurationError(
+                "RIFFLOOP_BASELINE_ROWS ≥ 1 and RIFFLOOP_BASELINE_INVERSION_STEPS in 1–1000"
+            )
+        if self.base_corpus_dir and not (Path(self.base_corpus_dir) / "manifest.json").is_file():
+            raise ConfigurationError(
+                f"RIFFLOOP_BASE_CORPUS_DIR {self.base_corpus_dir} is no corpus mel folder"
+            )
         if self.base_model_dir and not Path(self.base_model_dir).is_dir():
             raise ConfigurationError(f"RIFFLOOP_BASE_MODEL_DIR {self.base_model_dir} is no folder")
         try:
@@ -243,10 +259,69 @@ class TrainerCore:
                 mel = MelConfig(n_mels=config.resolution, x_res=config.resolution)
                 model = MusicDiffusion.create(config, mel, version="v0001")
         model.parent = None
+        if model.baseline_index is None:
+            model.baseline_index = self._base_index(model)
         self.publish_version(
             model, trainset_id="", gate=None, action=common_pb2.MODEL_ACTION_PROMOTE
         )
         return model.version
+
+    def _base_index(self, model: Any) -> Any:
+        """Z_V of a base model: its corpus windows (or synthetic tones for an untrained model
+        without a corpus), inverted by ``model``. Never a user's upload."""
+        from riffloop.music import TrainingIndex, base_windows, load_corpus, tone_windows
+
+        settings = self.settings
+        if settings.base_corpus_dir:
+            split = load_corpus(Path(settings.base_corpus_dir), "train")
+            if split.mel != model.mel:
+                raise ConfigurationError(
+                    f"corpus {settings.base_corpus_dir} was sliced with another mel config"
+                )
+            images, ids = base_windows(split, settings.baseline_rows)
+        else:
+            _log.warning(
+                "no base corpus (RIFFLOOP_BASE_CORPUS_DIR): the base index holds synthetic tones"
+            )
+            images, ids = tone_windows(model.mel, min(settings.baseline_rows, 64))
+        return self._timed_index(
+            lambda: TrainingIndex.build(
+                model,
+                images,
+                ids,
+                settings.baseline_inversion_steps,
+                model_version=model.version,
+            )
+        )
+
+    def _next_index(self, parent: Any, candidate: Any, pairs: Any, images: Any) -> Any:
+        """Z_V of a fine-tuned version: the parent's rows plus this set's winners, re-inverted
+        by the candidate; each input's best new winner becomes its baseline (the genetic step,
+        riffloop.music.TrainingIndex.next_version)."""
+        from riffloop.music import Winner, to_uint8
+
+        base = parent.baseline_index or self._base_index(parent)  # a parent from before indexes
+        winners = [
+            Winner(
+                input_key=str(pair["input_key"]),
+                track_id=str(pair["target_track_id"]),
+                score=float(pair["score"]),
+                image=to_uint8(image[0]),
+            )
+            for pair, image in zip(pairs, images, strict=True)
+        ]
+        return self._timed_index(
+            lambda: base.next_version(candidate, winners, model_version=candidate.version)
+        )
+
+    def _timed_index(self, build: Any) -> Any:
+        started = time.perf_counter()
+        index = build()
+        _log.info(
+            "baseline index built",
+            extra={**index.describe(), "seconds": round(time.perf_counter() - started, 2)},
+        )
+        return index
 
     def _store_version(self, model: Any, trainset_id: str) -> Any:
         """Checkpoint parts and pointer, then the registry record (a redelivery finds it)."""
@@ -438,7 +513,7 @@ class TrainerCore:
         from riffloop.music import image_from_uint8
 
         images = []
-        for key in self.ports.objects.list(LATENTS_BUCKET):
+        for key in LatentRecord.song_keys(self.ports.objects):  # one record per song
             record = LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key))
             images.append(image_from_uint8(record.images))
         return torch.cat(images) if images else None
@@ -447,7 +522,7 @@ class TrainerCore:
         import torch
 
         rows = []
-        for key in self.ports.objects.list(LATENTS_BUCKET):
+        for key in LatentRecord.song_keys(self.ports.objects):  # one record per song
             rows.append(
                 LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key)).latents
             )
@@ -538,6 +613,7 @@ class TrainerCore:
         with MODEL_CONSTRUCTION_LOCK:
             candidate = trainer.ema_model(version)
         candidate.parent = current
+        candidate.baseline_index = self._next_index(model, candidate, pairs, images)
         gate, report = self._gate(model, candidate, replay_images)
         if not gate.passed:
             self._store_version(candidate, event.trainset_id)  # kept, for a look at why
