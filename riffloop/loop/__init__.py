@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from riffloop.loop._confidence import ConfidenceWeight, TrackScored, TrackScores
-from riffloop.loop._dispatch import Dispatcher
+from riffloop.loop._dispatch import Dispatcher, ReadyDelay
 from riffloop.loop._feedback import (
     FeedbackLedger,
     ListenEvent,
@@ -158,6 +158,7 @@ __all__ = [
     "RaterNormaliser",
     "RaterScale",
     "Rating",
+    "ReadyDelay",
     "SelectionResult",
     "SpamFilter",
     "SpamReason",

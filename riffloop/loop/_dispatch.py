@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
+import random
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -92,3 +95,40 @@ class Dispatcher:
             start_step=start_step if kind is TrackKind.GENERATED else None,
             baseline_sample_id=nearest_baseline(),
         )
+
+
+class ReadyDelay:
+    """Baselines become ready after the same delay distribution as generations.
+
+    A baseline z0 is a stored window: it needs no denoising, so served as soon as it is made it
+    would be ready seconds before a generation of the same request, and a client timing its
+    tracks could tell the kinds apart. The generator records how long each generation took
+    (per cost key: the denoising steps run and the windows made) and holds a baseline until a
+    duration drawn from the recent generations of the same cost has passed. With no generation
+    of that cost recorded yet, ``draw`` returns None and the generator runs the generation
+    anyway (and discards it), which also records the first duration. Draws come from the
+    operating system's random source, unseen by clients.
+    """
+
+    def __init__(self, window: int = 64) -> None:
+        if window < 1:
+            raise ValidationError("window must be ≥ 1")
+        self.window = window
+        self._seconds: dict[tuple[int, ...], list[float]] = {}
+        self._lock = threading.Lock()
+        self._draws = random.SystemRandom()
+
+    def record(self, cost: tuple[int, ...], seconds: float) -> None:
+        """Note how long a generation of this cost took (its recent ``window`` are kept)."""
+        if not (math.isfinite(seconds) and seconds >= 0):
+            raise ValidationError("a generation's duration must be a finite number ≥ 0")
+        with self._lock:
+            recent = self._seconds.setdefault(cost, [])
+            recent.append(seconds)
+            del recent[: -self.window]
+
+    def draw(self, cost: tuple[int, ...]) -> float | None:
+        """A duration from the recent generations of this cost, or None if none is known."""
+        with self._lock:
+            recent = self._seconds.get(cost)
+            return self._draws.choice(recent) if recent else None

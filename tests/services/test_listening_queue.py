@@ -191,8 +191,7 @@ def test_a_batch_keeps_each_items_client_time_and_refuses_a_clock_a_day_off(
     _queued(services["gateway"], 4)
     ids = [stub.NextTrack(pb.NextTrackRequest(), metadata=auth("dan")).track.track_id]
     ids += [
-        stub.NextTrack(pb.NextTrackRequest(), metadata=auth("dan")).track.track_id
-        for _ in range(3)
+        stub.NextTrack(pb.NextTrackRequest(), metadata=auth("dan")).track.track_id for _ in range(3)
     ]
     now = time.time()
     later = [now + 0.5 * i for i in range(3)]  # within [served, receipt]: clamped to receipt

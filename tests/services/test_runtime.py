@@ -271,6 +271,40 @@ def test_service_settings_fail_fast() -> None:
     assert "x" * 20 not in repr(settings)
 
 
+@pytest.mark.parametrize("service", ["gateway", "generator"])
+def test_the_blind_services_refuse_real_backends_without_a_dispatch_key(service: str) -> None:
+    """On real backends the dispatch key is a required secret: with a guessable one, a client
+    could compute from its request id whether its track is the baseline."""
+    import importlib
+
+    module = importlib.import_module(f"services.{service}")
+    settings_class = getattr(module, f"{service.capitalize()}Settings")
+    real = {
+        "RIFFLOOP_BACKEND": "real",
+        "RIFFLOOP_KAFKA_BOOTSTRAP": "127.0.0.1:9092",
+        "RIFFLOOP_S3_ENDPOINT": "http://127.0.0.1:9000",
+        "RIFFLOOP_S3_ACCESS_KEY": "riffloop",
+        "RIFFLOOP_S3_SECRET_KEY": "very-secret-key",
+        "RIFFLOOP_REDIS_URL": "redis://127.0.0.1:6379/0",
+    }
+    if service == "gateway":
+        real["RIFFLOOP_AUTH_SECRET"] = "x" * 20
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_DISPATCH_KEY must be set"):
+        settings_class.from_env(real)
+    with pytest.raises(ConfigurationError, match="shorter than 16"):
+        settings_class.from_env({**real, "RIFFLOOP_DISPATCH_KEY": "0"})
+    key = "k" * 32
+    settings = settings_class.from_env({**real, "RIFFLOOP_DISPATCH_KEY": key})
+    assert settings.effective_dispatch_key() == key
+    assert key not in repr(settings) and settings.describe()["dispatch_key"] == "****"
+    # embedded: one random key per process, shared by every service in it
+    secret = {"RIFFLOOP_AUTH_SECRET": "x" * 20} if service == "gateway" else {}
+    embedded = settings_class.from_env(secret)
+    other = settings_class.from_env(secret)
+    assert embedded.effective_dispatch_key() == other.effective_dispatch_key()
+    assert len(embedded.effective_dispatch_key()) >= 16
+
+
 @pytest.mark.parametrize(
     ("service", "env", "reason"),
     [
