@@ -16,7 +16,9 @@ hypothesis fuzz test in tests/music/test_audio.py holds this):
    outside [4 kHz, 192 kHz] or more than 32 channels → ``unsupported_format``; declared duration
    over ``limits.max_seconds`` → ``too_long`` (before decoding anything).
 5. decode as float32, at most max_seconds of frames; a decoder error or fewer frames than the
-   header declared → ``truncated``; an open error on a sniffed container → ``corrupt``.
+   header declared, beyond the container's tolerance (:data:`DECLARED_FRAMES_TOLERANCE`),
+   → ``truncated``; an open error on a sniffed container → ``corrupt``. Within the tolerance
+   the decoded length is the length (what players do).
 6. NaN/inf samples (float WAV can carry them) → ``non_finite``.
 7. down-mix to mono (the mean of the channels), then resample to 22,050 Hz with
    ``torchaudio.functional.resample`` (its defaults: windowed-sinc, Hann window,
@@ -40,6 +42,7 @@ import torchaudio
 from riffloop.core import ValidationError
 
 __all__ = [
+    "DECLARED_FRAMES_TOLERANCE",
     "SAMPLE_RATE",
     "AudioErrorCode",
     "AudioLimits",
@@ -53,6 +56,24 @@ MIN_SOURCE_RATE = 4000
 MAX_SOURCE_RATE = 192000
 MAX_CHANNELS = 32
 _BLOCK_FRAMES = 65536
+
+# How many frames the decoded length may fall short of the header's, per container, as
+# (frames, fraction of the declared length); the larger of the two applies.
+# - WAV, FLAC: exact (the RIFF data size and FLAC STREAMINFO total_samples count every frame), so
+#   any shortfall is a cut-off file.
+# - OGG: libsndfile declares the last page's granule position; Vorbis encoders may set it past
+#   the samples the final packet yields (104 frames in 3 of 287 Debian music-package files), and
+#   players play what decodes. A shortfall within one block is padding: 8,192 frames is the
+#   largest Vorbis block (blocksize_1 ≤ 2^13) and above Opus's 120 ms frame (5,760 at 48 kHz).
+#   An OGG cut mid-stream declares the granule of the last complete page, so it decodes to its
+#   declared length and the shortfall check cannot see it; a larger shortfall is damage.
+# - MP3: frame counts are estimates (Xing/VBRI headers), so 2 %.
+DECLARED_FRAMES_TOLERANCE: dict[str, tuple[int, float]] = {
+    "wav": (0, 0.0),
+    "flac": (0, 0.0),
+    "ogg": (8192, 0.0),
+    "mp3": (0, 0.02),
+}
 
 
 class AudioErrorCode(StrEnum):
@@ -261,9 +282,8 @@ def _read(data: bytes, fmt: str, limits: AudioLimits) -> tuple[np.ndarray, int, 
                 AudioErrorCode.TRUNCATED, f"the {fmt.upper()} file is cut off or damaged"
             ) from exc
     mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
-    # MP3 frame counts are estimates (Xing/VBRI headers); the other containers are exact.
-    tolerance = 0.02 if fmt == "mp3" else 0.0
-    if got < frames * (1.0 - tolerance):
+    tolerance_frames, tolerance_fraction = DECLARED_FRAMES_TOLERANCE[fmt]
+    if frames - got > max(tolerance_frames, frames * tolerance_fraction):
         raise InvalidAudio(
             AudioErrorCode.TRUNCATED,
             f"the {fmt.upper()} file is cut off: {got} of {frames} frames present",

@@ -200,3 +200,63 @@ def test_fuzz_spliced_garbage(container: str, at: int, garbage: bytes) -> None:
     data = valid_file(container)
     at %= len(data)
     _outcome(data[:at] + garbage + data[at + len(garbage) :])
+
+
+# -- declared vs decoded length ----------------------------------------------------------------
+
+
+def _ogg_crc(page: bytes) -> int:
+    """The Ogg page checksum: CRC-32, polynomial 0x04C11DB7, not reflected, initial value 0."""
+    crc = 0
+    for byte in page:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+def with_last_granule(ogg: bytes, granule: int) -> bytes:
+    """The same OGG with its last page's granule position (the length libsndfile declares) set
+    to ``granule`` and the page checksum redone: what a Vorbis encoder that pads the end writes."""
+    start = ogg.rindex(b"OggS")
+    segments = ogg[start + 26]
+    length = 27 + segments + sum(ogg[start + 27 : start + 27 + segments])
+    assert start + length == len(ogg)
+    page = bytearray(ogg[start:])
+    page[6:14] = granule.to_bytes(8, "little", signed=True)
+    page[22:26] = bytes(4)
+    page[22:26] = _ogg_crc(bytes(page)).to_bytes(4, "little")
+    return ogg[:start] + bytes(page)
+
+
+def declared_and_decoded(data: bytes) -> tuple[int, int]:
+    with sf.SoundFile(io.BytesIO(data)) as handle:
+        return handle.frames, handle.read(dtype="float32", always_2d=True).shape[0]
+
+
+def test_ogg_declaring_a_little_more_than_decodes_is_accepted_at_its_decoded_length() -> None:
+    """Players ignore Vorbis end padding: a header 104 frames past the decodable samples (as in
+    3 of 287 Debian music-package files) is audio of the decoded length, not a cut-off file."""
+    ogg = valid_file("ogg")
+    decodable = declared_and_decoded(with_last_granule(ogg, 10**6))[1]  # all the packets yield
+    padded = with_last_granule(ogg, decodable + 104)
+    assert declared_and_decoded(padded) == (decodable + 104, decodable)
+    audio = decode_audio(padded)
+    assert audio.samples.size == pytest.approx(decodable * SAMPLE_RATE / 44100, abs=2)
+    assert dominant_hz(audio) == pytest.approx(440.0, abs=2.0)
+    # one largest Vorbis block is the bound; past it the file is refused with its reason
+    assert decode_audio(with_last_granule(ogg, decodable + 8192)).samples.size
+    with pytest.raises(InvalidAudio, match=r"cut off: \d+ of \d+ frames") as info:
+        decode_audio(with_last_granule(ogg, decodable + 8193))
+    assert info.value.code == AudioErrorCode.TRUNCATED
+    with pytest.raises(InvalidAudio) as info:
+        decode_audio(with_last_granule(ogg, 4 * decodable))
+    assert info.value.code == AudioErrorCode.TRUNCATED
+
+
+@pytest.mark.parametrize("container", ["wav", "flac"])
+@pytest.mark.parametrize("cut", [1, 4, 100, 2000])
+def test_wav_and_flac_stay_exact_a_few_bytes_short_is_truncated(container: str, cut: int) -> None:
+    """WAV and FLAC headers count every frame: the OGG tolerance must not hide a cut tail."""
+    assert code_of(valid_file(container)[:-cut]) == AudioErrorCode.TRUNCATED
