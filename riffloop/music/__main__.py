@@ -1,5 +1,10 @@
 """``python -m riffloop.music corpus|train|export|baseline-index`` — build the corpus, train,
-export weights, index a model's training windows for the baseline z0."""
+export weights, index a model's training windows for the baseline z0.
+
+``train`` also runs data-parallel over several processes, machines or GPUs, launched by torchrun
+(or a Kubeflow PyTorchJob, deploy/k8s/training/), e.g.
+``torchrun --nproc-per-node 2 -m riffloop.music train --device cpu …``: ``--batch-size`` is the
+global batch, shared out among the ranks; rank 0 writes the checkpoint and the export."""
 
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from riffloop.music._corpus import (
     load_corpus,
     pack_corpus,
 )
+from riffloop.music._distributed import TrainingWorld, init_training_world
 from riffloop.music._mel import MelConfig
 from riffloop.music._model import ModelConfig, MusicDiffusion
 from riffloop.music._train import (
@@ -82,13 +88,20 @@ def _corpus_dataset(args: argparse.Namespace, resolution: int) -> MelDataset:
 
 
 def _steps_per_second(
-    model: MusicDiffusion, data: MelDataset, config: TrainingConfig, device: torch.device
+    model: MusicDiffusion,
+    data: MelDataset,
+    config: TrainingConfig,
+    device: torch.device,
+    world: TrainingWorld,
 ) -> float:
-    """Time a few steps of a throw-away copy (the real run's RNG streams are untouched)."""
+    """Time a few steps of a throw-away copy (the real run's RNG streams are untouched). With
+    several ranks each times its own share of the batch alone (the all-reduce is not counted)
+    and the slowest rank's rate is the world's."""
+    share = -(-config.batch_size // world.world_size)
     probe = Trainer(
         copy.deepcopy(model),
         data,
-        TrainingConfig(total_steps=100, seed=12345, batch_size=config.batch_size, lora=config.lora),
+        TrainingConfig(total_steps=100, seed=12345, batch_size=share, lora=config.lora),
         device=device,
     )
     fast = device.type != "cpu"
@@ -98,12 +111,28 @@ def _steps_per_second(
     n = 40 if fast else 4
     for _ in range(n):
         probe.step()  # each step reads its loss back, so the device is in sync when it returns
-    return n / (time.monotonic() - started)
+    rate = torch.tensor([n / (time.monotonic() - started)], device=device)
+    if world.distributed:
+        torch.distributed.all_reduce(rate, op=torch.distributed.ReduceOp.MIN)
+    return float(rate.item())
+
+
+def _say(world: TrainingWorld, message: str) -> None:
+    if world.is_main:
+        print(message, flush=True)
 
 
 def _train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    world, device = init_training_world(args.device)  # one process unless WORLD_SIZE > 1
+    try:
+        return _train_in(world, device, args)
+    finally:
+        if world.distributed:
+            torch.distributed.destroy_process_group()
+
+
+def _train_in(world: TrainingWorld, device: torch.device, args: argparse.Namespace) -> int:
     started = time.monotonic()
     deadline = started + args.minutes * 60.0 if args.minutes else None
     out = Path(args.out)
@@ -111,10 +140,9 @@ def _train(args: argparse.Namespace) -> int:
     resolution = ModelConfig.preset(args.config).resolution
     data = _corpus_dataset(args, resolution)
     if (resume_dir / CHECKPOINT_FILE).exists():
-        trainer = Trainer.resume(resume_dir, data, device=device)
-        print(
-            f"resumed {resume_dir} at step {trainer.step_count}/{trainer.config.total_steps}",
-            flush=True,
+        trainer = Trainer.resume(resume_dir, data, device=device, world=world)
+        _say(
+            world, f"resumed {resume_dir} at step {trainer.step_count}/{trainer.config.total_steps}"
         )
     else:
         if args.resume:
@@ -132,17 +160,21 @@ def _train(args: argparse.Namespace) -> int:
         if not args.steps:
             if not args.minutes:
                 raise ValidationError("give --steps, --minutes or both")
-            rate = _steps_per_second(model, data, config, device)
+            rate = _steps_per_second(model, data, config, device, world)
             steps = max(1, int(rate * (args.minutes * 60.0 - (time.monotonic() - started))))
-            print(f"measured {rate:.3f} steps/s → schedule of {steps} steps", flush=True)
+            if world.distributed:  # every rank must run the same schedule
+                agreed = torch.tensor([steps], device=device)
+                torch.distributed.broadcast(agreed, src=0)
+                steps = int(agreed.item())
+            _say(world, f"measured {rate:.3f} steps/s → schedule of {steps} steps")
             config = TrainingConfig(
                 total_steps=steps, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
             )
-        trainer = Trainer(model, data, config, device=device)
-        print(
-            f"new run on {device}: {model.num_parameters():,} parameters, {len(data)} windows, "
-            f"{config.total_steps} steps of batch {config.batch_size}",
-            flush=True,
+        trainer = Trainer(model, data, config, device=device, world=world)
+        _say(
+            world,
+            f"new run on {device} × {world.world_size}: {model.num_parameters():,} parameters, "
+            f"{len(data)} windows, {config.total_steps} steps of batch {config.batch_size}",
         )
     stop_steps = None
     if args.stop_at_step is not None:
@@ -156,13 +188,13 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every_s=args.checkpoint_minutes * 60.0,
         progress=True,
     )
-    print(
+    _say(
+        world,
         f"steps {report.start_step}→{report.end_step} in {report.seconds / 60:.1f} min "
         f"({report.steps_per_second:.3f} steps/s), stopped by {report.stopped_by}, "
         f"last loss {report.losses[-1][1] if report.losses else float('nan'):.4f}",
-        flush=True,
     )
-    if args.export:
+    if args.export and world.is_main:
         export_checkpoint(out, args.export, args.version)
         print(f"exported EMA weights to {args.export}", flush=True)
     return 0

@@ -23,6 +23,12 @@ One optimiser step (``Trainer.step``):
    cosine decay to ``min_lr_fraction`` · lr; EMA of the trainable weights with decay
    min(ema_decay, (1 + n) / (10 + n)) at update n (the usual EMA warm-up).
 
+Past one process (``world``, a ``TrainingWorld`` under torchrun or a Kubeflow PyTorchJob):
+every rank draws the same global batch, t and ε, computes steps 3–5 on its shard with the
+global Σ ω_i as the denominator (times the world size, which DDP's gradient average divides
+out), so W ranks take the step one process would take with the same ``batch_size``
+(riffloop/music/_distributed.py has the derivation); only rank 0 writes checkpoints.
+
 Checkpoints (``save_checkpoint``) hold everything a bit-exact resume needs: weights, EMA,
 optimiser and LR-scheduler state, the torch / numpy / Python RNG states and the trainer's own
 noise generator, the data-order position of each source, step, configs, data manifests and the
@@ -52,6 +58,7 @@ from diffusers import DDIMScheduler
 from tqdm import tqdm
 
 from riffloop.core import ConflictError, NotFoundError, ValidationError
+from riffloop.music._distributed import TrainingWorld
 from riffloop.music._mel import MelConfig
 from riffloop.music._model import ModelConfig, MusicDiffusion, architecture_of
 
@@ -299,10 +306,12 @@ def weighted_diffusion_loss(
     target: torch.Tensor,
     snr_weights: torch.Tensor,
     omega: torch.Tensor,
+    omega_total: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """L = Σ ω_i · w(t_i) · mean‖target_i − out_i‖² / Σ ω_i (step 5)."""
+    """L = Σ ω_i · w(t_i) · mean‖target_i − out_i‖² / Σ ω_i (step 5). ``omega_total`` replaces
+    the denominator when the batch is one rank's shard of a global batch (the global Σ ω_i)."""
     per_sample = ((prediction.float() - target.float()) ** 2).mean(dim=(1, 2, 3))
-    total = omega.sum()
+    total = omega.sum() if omega_total is None else omega_total
     if not float(total) > 0:
         raise ValidationError("the batch's confidence weights ω sum to zero")
     return (omega * snr_weights * per_sample).sum() / total
@@ -357,9 +366,11 @@ def _lora_wrap(model: MusicDiffusion, settings: LoraSettings, seed: int) -> Any:
 
 class Trainer:
     """Trains ``model`` on ``data`` (plus optional ``replay``) in one process, on the CPU or on
-    ``device`` (e.g. ``"cuda"``). The data stays in host memory; each batch is copied over. On
-    a GPU the noise ε and timesteps t come from a generator on that device, so a run is
-    reproducible on one kind of device but a checkpoint resumes only on the kind it was made on.
+    ``device`` (e.g. ``"cuda"``), or as one rank of ``world`` (data-parallel, DDP; the process
+    group must be initialised, e.g. by :func:`init_training_world`). The data stays in host
+    memory; each batch is copied over. On a GPU the noise ε and timesteps t come from a
+    generator on that device, so a run is reproducible on one kind of device but a checkpoint
+    resumes only on the kind it was made on (on any number of ranks).
     """
 
     def __init__(
@@ -369,6 +380,7 @@ class Trainer:
         config: TrainingConfig,
         replay: MelDataset | None = None,
         device: str | torch.device = "cpu",
+        world: TrainingWorld | None = None,
     ) -> None:
         if model.vqvae is not None:
             raise ValidationError("training latent (VAE) models is not supported")
@@ -382,6 +394,11 @@ class Trainer:
             raise ValidationError("replay_ratio > 0 needs replay data")
         if config.replay_per_batch >= config.batch_size:
             raise ValidationError("replay would leave no room for training data in a batch")
+        self.world = world or TrainingWorld()
+        if self.world.distributed and config.batch_size < self.world.world_size:
+            raise ValidationError(
+                f"batch_size {config.batch_size} leaves ranks of {self.world.world_size} idle"
+            )
         self.device = torch.device(device)
         model.unet.to(self.device)
         self.model = model
@@ -416,6 +433,17 @@ class Trainer:
             weight_decay=config.weight_decay,
         )
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, config.lr_factor)
+        # The module the forward pass goes through: DDP all-reduces (averages) the gradients of
+        # the trainable parameters across ranks during backward; its constructor broadcasts
+        # rank 0's weights, so every rank starts from the same model.
+        self._forward: Any = model.unet
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self._forward = DistributedDataParallel(
+                model.unet,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            )
         self.noise_generator = torch.Generator(device=self.device).manual_seed(config.seed)
         # 1 / ω̄ over the whole training set (step 1): its ω average 1 against replay's
         self._omega_scale = len(data) / float(data.weights.sum())
@@ -444,22 +472,31 @@ class Trainer:
     def compute_loss(
         self, x0: torch.Tensor, omega: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
-        """Steps 2–5 for one batch (differentiable)."""
+        """Steps 2–5 for one batch (differentiable). With a distributed world, ``x0`` and
+        ``omega`` are the global batch: t and ε are drawn for all of it, then this rank's shard
+        is kept and the loss is W · (its part of the global numerator) / (the global Σ ω)."""
         g = generator if generator is not None else self.noise_generator
         n = x0.shape[0]
         t = torch.randint(0, self._num_train_timesteps, (n,), generator=g, device=g.device)
         noise = torch.randn(x0.shape, generator=g, device=g.device)
+        omega_total: torch.Tensor | None = None
+        scale = 1.0
+        if self.world.distributed:
+            shard = self.world.shard(n)
+            omega_total = omega.sum()
+            scale = float(self.world.world_size)
+            x0, omega, t, noise = x0[shard], omega[shard], t[shard], noise[shard]
         scheduler = self.model.scheduler
         x_t = scheduler.add_noise(x0, noise, t)
         if self.model.prediction_type == "v_prediction":
             target = scheduler.get_velocity(x0, noise, t)
         else:
             target = noise
-        out = self.model.unet(x_t, t).sample
+        out = self._forward(x_t, t).sample
         w = min_snr_weights(
             self._alphas_cumprod, t, self.config.min_snr_gamma, self.model.prediction_type
         )
-        return weighted_diffusion_loss(out, target, w, omega)
+        return scale * weighted_diffusion_loss(out, target, w, omega, omega_total)
 
     def step(self) -> float:
         """One optimiser step (steps 1–6); returns the batch loss."""
@@ -474,11 +511,32 @@ class Trainer:
         self.lr_scheduler.step()
         self._update_ema()
         self.step_count += 1
-        value = float(loss.detach())
+        value = float(self._global_loss(loss.detach()))
         self._pending_losses.append(value)
         if len(self._pending_losses) >= self.config.log_every:
             self._flush_losses()
         return value
+
+    def _global_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The global batch's L: the mean over ranks of the scaled shard losses."""
+        if not self.world.distributed:
+            return loss
+        import torch.distributed as dist
+
+        total = loss.clone()
+        dist.all_reduce(total)
+        return total / self.world.world_size
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True when ``flag`` holds on some rank: every rank stops at the same step (one that
+        stopped alone would leave the others waiting in the next all-reduce)."""
+        if not self.world.distributed:
+            return flag
+        import torch.distributed as dist
+
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
 
     def _flush_losses(self) -> None:
         if self._pending_losses:
@@ -511,7 +569,9 @@ class Trainer:
     ) -> TrainingReport:
         """Run ``steps`` more steps (default: up to ``total_steps``), stopping early at the
         ``time.monotonic()`` ``deadline``; checkpoint every ``checkpoint_every_s`` and at the
-        end."""
+        end. Distributed: every rank calls it with the same arguments; ranks stop together
+        (at the first deadline any of them sees) and only rank 0 checkpoints, and reports
+        progress, and calls ``on_checkpoint``; the others wait for its final checkpoint."""
         start_step = self.step_count
         target = self.config.total_steps
         if steps is not None:
@@ -524,7 +584,7 @@ class Trainer:
         bar = tqdm(
             total=self.config.total_steps,
             initial=self.step_count,
-            disable=not progress,
+            disable=not progress or not self.world.is_main,
             file=sys.stderr,
             mininterval=5.0,
             unit="step",
@@ -532,7 +592,7 @@ class Trainer:
         )
         try:
             while self.step_count < target:
-                if deadline is not None and time.monotonic() >= deadline:
+                if deadline is not None and self._any_rank(time.monotonic() >= deadline):
                     stopped_by = "deadline"
                     break
                 loss = self.step()
@@ -542,15 +602,19 @@ class Trainer:
                 if checkpoint_dir is not None and now - last_checkpoint >= checkpoint_every_s:
                     self.save_checkpoint(checkpoint_dir)
                     last_checkpoint = now
-                    if on_checkpoint is not None:
+                    if on_checkpoint is not None and self.world.is_main:
                         on_checkpoint(self)
         finally:
             bar.close()
         self._flush_losses()
         if checkpoint_dir is not None and self.step_count > start_step:
             self.save_checkpoint(checkpoint_dir)
-            if on_checkpoint is not None:
+            if on_checkpoint is not None and self.world.is_main:
                 on_checkpoint(self)
+            if self.world.distributed:
+                import torch.distributed as dist
+
+                dist.barrier()  # the checkpoint is complete when train returns on any rank
         return TrainingReport(
             start_step=start_step,
             end_step=self.step_count,
@@ -614,8 +678,11 @@ class Trainer:
 
     def save_checkpoint(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``<directory>/trainer_state.pt`` atomically (temp file + rename) plus a small
-        human-readable ``checkpoint.json``."""
+        human-readable ``checkpoint.json``. On ranks other than 0 it writes nothing (their
+        state equals rank 0's) and returns the path rank 0 writes."""
         folder = Path(directory)
+        if not self.world.is_main:
+            return folder / CHECKPOINT_FILE
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{CHECKPOINT_FILE}.tmp"
         torch.save(self.state_dict(), tmp)
@@ -683,6 +750,7 @@ class Trainer:
         replay: MelDataset | None = None,
         config: TrainingConfig | None = None,
         device: str | torch.device = "cpu",
+        world: TrainingWorld | None = None,
     ) -> Trainer:
         """Rebuild the trainer from a checkpoint folder; ``config``, when given, must equal the
         saved one (it is the saved one otherwise). The model is rebuilt from the checkpoint's own
@@ -693,7 +761,7 @@ class Trainer:
         if config is not None and config != saved_config:
             raise ConflictError("the given training config differs from the checkpoint's")
         model = _model_from_state(state)
-        trainer = cls(model, data, saved_config, replay, device=device)
+        trainer = cls(model, data, saved_config, replay, device=device, world=world)
         trainer.load_state_dict(state)
         return trainer
 
