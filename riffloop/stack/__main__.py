@@ -2,6 +2,8 @@
 
 ``up`` starts Kafka, MinIO and Redis (``riffloop.infra``), then every service process, and
 waits until each answers SERVING; it prints the gateway address and a token for a test user.
+The trainer serves the trained ``assets/base-model``; ``--tiny`` swaps in an untrained tiny model
+(RIFFLOOP_UNTRAINED_BASE=1: fast, but its tracks are noise) for smoke tests.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=("up", "down", "status"))
     parser.add_argument("--state-dir", type=Path, default=default_state_dir().parent / "stack")
     parser.add_argument(
-        "--tiny", action="store_true", help="tiny model and few steps (tests, demos on a laptop)"
+        "--tiny",
+        action="store_true",
+        help="untrained tiny model (noise) and few steps: smoke tests only",
     )
     parser.add_argument(
         "--timeout",

@@ -1,6 +1,11 @@
 """The trainer service: training sets → gated model versions (``python -m services.trainer``)."""
 
 from services.trainer._build import build
-from services.trainer._service import TrainerCore, TrainerServicer, TrainerSettings
+from services.trainer._service import (
+    BUNDLED_BASE_MODEL,
+    TrainerCore,
+    TrainerServicer,
+    TrainerSettings,
+)
 
-__all__ = ["TrainerCore", "TrainerServicer", "TrainerSettings", "build"]
+__all__ = ["BUNDLED_BASE_MODEL", "TrainerCore", "TrainerServicer", "TrainerSettings", "build"]

@@ -9,6 +9,7 @@ from services.trainer import TrainerSettings, build
 
 def main() -> int:
     settings = TrainerSettings.from_env()
+    settings.base_model_path()  # before any connection: refuse without a trained base model
     configure_logging(settings.service_name, settings.log_level)
     ports = connect_ports(settings)
     runtime, _ = build(settings, ports)

@@ -22,6 +22,7 @@ _log = logging.getLogger("riffloop.trainer")
 def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, TrainerCore]:
     import torch
 
+    settings.base_model_path()  # no trained base model and no RIFFLOOP_UNTRAINED_BASE: refuse
     torch.set_num_threads(settings.torch_threads)
     ports.prepare(settings.kafka_partitions)
     core = TrainerCore(settings, ports)

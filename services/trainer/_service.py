@@ -20,8 +20,11 @@ On trainset.published.v1:
    comparison watches it afterwards. A failed gate registers a REJECTED version.
 
 Promote/Rollback RPCs move the registry and ``models/CURRENT`` and publish model.published.v1.
-At start-up, with no model at all, the trainer publishes the base model (``base_model_dir``, else
-a fresh ``base_preset`` model: tiny configurations for tests).
+At start-up, with no model at all, the trainer publishes the base model: the trained one in
+``base_model_dir`` (by default the bundled ``assets/base-model``, docs/BASE_MODEL.md). Only with
+``untrained_base`` set (RIFFLOOP_UNTRAINED_BASE=1, for smoke tests) does it publish a fresh,
+untrained ``base_preset`` model instead, whose samples are noise; without a trained base model
+and without that flag the trainer refuses to start (ConfigurationError, exit 2).
 
 Crash and outage safety (nothing decided is lost, nothing accepted is dropped):
 
@@ -92,6 +95,9 @@ ANNOUNCED_KEY = "trainer:announced"
 DEFERRED_KEY = "trainer:deferred"
 LAST_ITERATION_KEY = "trainer:last-iteration"  # of the newest training set trained
 WATCH_KEY = "trainer:watch"  # [parent, version] of a version promoted at once and watched
+# The trained base model shipped with the code (docs/BASE_MODEL.md): <root>/assets/base-model,
+# /app/assets/base-model in the trainer image (services/trainer/Dockerfile copies it there).
+BUNDLED_BASE_MODEL = Path(__file__).resolve().parents[2] / "assets" / "base-model"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -99,8 +105,12 @@ class TrainerSettings(ServiceSettings):
     service_name: str = "trainer"
     grpc_port: int = 50056
     metrics_port: int = 9106
-    # Bootstrap: a MusicDiffusion folder (the trained base model), else a fresh preset model.
+    # Bootstrap: the trained base model, a MusicDiffusion folder; "" = the bundled
+    # assets/base-model next to the code (/app/assets/base-model in the trainer image).
     base_model_dir: str = ""
+    # Smoke tests only: publish a fresh, untrained ``base_preset`` model (its samples are noise)
+    # instead of a trained one. Never set together with base_model_dir.
+    untrained_base: bool = False
     base_preset: str = "cpu_small"
     # The baseline index Z_V stored with every version (riffloop.music.TrainingIndex): a base
     # model folder that ships baseline-index.safetensors is published with it; otherwise the
@@ -161,12 +171,31 @@ class TrainerSettings(ServiceSettings):
             raise ConfigurationError(
                 f"RIFFLOOP_BASE_CORPUS_DIR {self.base_corpus_dir} is no corpus mel folder"
             )
-        if self.base_model_dir and not Path(self.base_model_dir).is_dir():
-            raise ConfigurationError(f"RIFFLOOP_BASE_MODEL_DIR {self.base_model_dir} is no folder")
+        if self.untrained_base and self.base_model_dir:
+            raise ConfigurationError(
+                "RIFFLOOP_UNTRAINED_BASE and RIFFLOOP_BASE_MODEL_DIR exclude each other: the "
+                "first publishes a fresh, untrained model, the second a trained one"
+            )
         try:
             _device(self.device)  # a GPU named here must exist at start-up
         except ValidationError as exc:
             raise ConfigurationError(f"RIFFLOOP_DEVICE: {exc.reason}") from None
+
+    def base_model_path(self) -> Path | None:
+        """The trained base model's folder, or None with ``untrained_base``. Checked when the
+        trainer starts (not when the settings parse, so a manifest's settings can be checked
+        where the image's folder does not exist): no trained model and no flag → refuse."""
+        if self.untrained_base:
+            return None
+        path = Path(self.base_model_dir) if self.base_model_dir else BUNDLED_BASE_MODEL
+        if not (path / "unet").is_dir() or not (path / "model_card.json").is_file():
+            where = "RIFFLOOP_BASE_MODEL_DIR" if self.base_model_dir else "the bundled default"
+            raise ConfigurationError(
+                f"no trained base model at {path} ({where}): point RIFFLOOP_BASE_MODEL_DIR at a "
+                "MusicDiffusion folder (docs/BASE_MODEL.md), or set RIFFLOOP_UNTRAINED_BASE=1 "
+                "for a smoke test with an untrained model, whose tracks are noise"
+            )
+        return path
 
 
 @dataclasses.dataclass
@@ -250,11 +279,17 @@ class TrainerCore:
             return str(current["version"])
         from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
 
+        base_dir = self.settings.base_model_path()
         with MODEL_CONSTRUCTION_LOCK:
-            if self.settings.base_model_dir:
-                model = MusicDiffusion.from_pretrained(self.settings.base_model_dir)
+            if base_dir is not None:
+                model = MusicDiffusion.from_pretrained(base_dir)
                 model.version = "v0001"
             else:
+                _log.warning(
+                    "RIFFLOOP_UNTRAINED_BASE: publishing an untrained %s model (noise, smoke "
+                    "tests only)",
+                    self.settings.base_preset,
+                )
                 config = ModelConfig.preset(self.settings.base_preset)
                 mel = MelConfig(n_mels=config.resolution, x_res=config.resolution)
                 model = MusicDiffusion.create(config, mel, version="v0001")

@@ -85,6 +85,11 @@ def test_base_image() -> None:
     assert set(" ".join(args_of(instructions, "EXPOSE")).split()) == {"50051", "9100"}
 
 
+# Beyond its own folder, what a service image carries: the trainer publishes the trained base
+# model at first start (RIFFLOOP_BASE_MODEL_DIR, docs/BASE_MODEL.md).
+IMAGE_ASSETS: dict[str, tuple[str, ...]] = {"trainer": ("assets/base-model/",)}
+
+
 def _base_user() -> str | None:
     return final_user(parse(BASE_DOCKERFILE))
 
@@ -100,7 +105,8 @@ def test_service_image(service: str) -> None:
     user = final_user(instructions, inherited=_base_user())
     assert user and user.split(":")[0] not in ROOT_USERS, f"final USER is {user!r}"
     copies = [s for i in instructions if i.keyword == "COPY" for s in copy_sources(i)]
-    assert copies == [f"services/{service}/"], f"copies {copies}: only its own folder"
+    expected = [f"services/{service}/", *IMAGE_ASSETS.get(service, ())]
+    assert copies == expected, f"copies {copies}: only its own folder (and its assets)"
     (cmd,) = args_of(instructions, "CMD")
     assert json.loads(cmd) == ["python", "-m", f"services.{service}"], "exec-form CMD"
     assert set(" ".join(args_of(instructions, "EXPOSE")).split()) == {"50051", "9100"}

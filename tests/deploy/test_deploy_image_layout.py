@@ -12,7 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_support import BASE_DOCKERFILE, REPO, SERVICES, copy_sources, ignored, parse, run
+from deploy_support import (
+    BASE_DOCKERFILE,
+    OVERLAYS,
+    REPO,
+    SERVICES,
+    copy_sources,
+    ignored,
+    of_kind,
+    parse,
+    render,
+    run,
+)
 
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
@@ -70,3 +81,27 @@ def test_services_import_from_the_image_tree(tmp_path: Path) -> None:
     )
     result = run([sys.executable, "-c", script], cwd=app, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_trainer_image_carries_the_base_model_its_settings_name(
+    tmp_path: Path, overlay: str
+) -> None:
+    """Every overlay serves the trained base model: RIFFLOOP_BASE_MODEL_DIR names the copy the
+    trainer image holds (every file of assets/base-model, weights included), and no overlay
+    turns on the untrained smoke-test model."""
+    app = tmp_path / "app"
+    lay_out(REPO / "services" / "trainer" / "Dockerfile", app)
+    (settings,) = [
+        c["data"]
+        for c in of_kind(render(overlay), "ConfigMap")
+        if c["metadata"]["name"].startswith("riffloop-trainer-settings")
+    ]
+    assert "RIFFLOOP_UNTRAINED_BASE" not in settings
+    path = settings["RIFFLOOP_BASE_MODEL_DIR"]
+    assert path.startswith("/app/"), path  # WORKDIR /app of the base image
+    copied = app / path.removeprefix("/app/")
+    source = REPO / "assets" / "base-model"
+    expected = sorted(p.relative_to(source) for p in source.rglob("*") if p.is_file())
+    assert sorted(p.relative_to(copied) for p in copied.rglob("*") if p.is_file()) == expected
+    assert (copied / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size > 1_000_000

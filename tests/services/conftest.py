@@ -119,6 +119,8 @@ def start_service(name: str, ports: Ports, **overrides: Any) -> Running:
         settings_t = TrainerSettings(
             **common,
             **{
+                # an untrained tiny model keeps these tests fast (explicitly: it draws noise)
+                "untrained_base": True,
                 "base_preset": "tiny",
                 "finetune_steps": 4,
                 "batch_size": 2,
