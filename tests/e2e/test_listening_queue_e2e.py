@@ -54,7 +54,8 @@ def _recording(piece: str, instrument: str, tmp: Path, seconds: float = 12.0) ->
 
 
 def _listen_and_rate(client: GatewayClient, seed: int, errors: list[BaseException]) -> None:
-    """An honest listener: plays each track to its end (in real time), then rates it with
+    """An honest listener: plays each track to its end (in real time), takes a moment to decide
+    (no person clicks within half a second: the spam filter's human floor), then rates it with
     stars of their own taste and some noise, until the queue has nothing left for them."""
     rng = random.Random(seed)
     try:
@@ -63,6 +64,7 @@ def _listen_and_rate(client: GatewayClient, seed: int, errors: list[BaseExceptio
             assert audio[:4] == b"RIFF"
             time.sleep(track.duration_seconds)
             client.report_listen(track.track_id, track.duration_seconds, completed=True)
+            time.sleep(0.6)
             client.rate(track.track_id, rng.randint(2, 5))
     except BaseException as exc:  # (reported by the test thread)
         errors.append(exc)
@@ -139,10 +141,21 @@ def test_listeners_hear_everyones_tracks_blind_and_only_tracks(
         return feedback.TrackScore(fb_pb.TrackScoreRequest(track_id=track_id), timeout=5)
 
     busy = served[0]
+    # (TrackScore counts ratings live; ω is the last scoring pass's: published, then a pass more)
     wait_for(lambda: score(busy).score.rating_count == 10, 120, "ten ratings of one track")
     wait_for(lambda: score(lonely).score.rating_count == 1, 120, "one rating of the new track")
+    wait_for(
+        lambda: all(score(t).score.HasField("provenance") for t in (busy, lonely)),
+        120,
+        "scores published",
+    )
+    time.sleep(3.0)
     omega_busy, omega_lonely = score(busy).score.confidence, score(lonely).score.confidence
-    assert omega_busy > omega_lonely, (omega_busy, omega_lonely)
+    raters = [f"listener-{i}" for i in range(9)] + ["carol", "alice"]
+    reports = {
+        r: feedback.RaterReport(fb_pb.RaterReportRequest(user_id=r), timeout=5) for r in raters
+    }
+    assert omega_busy > omega_lonely, (omega_busy, omega_lonely, score(busy), reports)
 
     # 4. A bot: takes tracks and rates them at once, never listening. Flagged.
     for _ in range(3):  # fresh tracks for it to rate
