@@ -200,6 +200,22 @@ def _train_in(world: TrainingWorld, device: torch.device, args: argparse.Namespa
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    """A fine-tune bundle written by the trainer service (riffloop/music/_pytorchjob.py), run
+    by every rank of a PyTorchJob under torchrun."""
+    from riffloop.music._pytorchjob import run_bundle
+
+    torch.set_num_threads(args.threads)
+    world, device = init_training_world(args.device)
+    try:
+        step = run_bundle(args.bundle, device, world, args.checkpoint_minutes * 60.0)
+    finally:
+        if world.distributed:
+            torch.distributed.destroy_process_group()
+    _say(world, f"fine-tune {args.bundle} at step {step} on {device} × {world.world_size}")
+    return 0
+
+
 def _export(args: argparse.Namespace) -> int:
     if args.parent is None:
         model = export_checkpoint(args.checkpoint, args.out, args.version)
@@ -369,6 +385,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--corpus", help="corpus mel folder (default: the cache's)")
     train.add_argument("--cache", help="cache folder (default: RIFFLOOP_CACHE or ~/.cache)")
     train.set_defaults(handler=_train)
+
+    finetune = sub.add_parser(
+        "finetune", help="run a fine-tune bundle the trainer service wrote (under torchrun)"
+    )
+    finetune.add_argument("--bundle", required=True, help="the bundle folder (shared volume)")
+    finetune.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    finetune.add_argument("--threads", type=int, default=2)
+    finetune.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    finetune.set_defaults(handler=_finetune)
 
     export = sub.add_parser("export", help="write a checkpoint's EMA weights as a model folder")
     export.add_argument("--checkpoint", required=True)
