@@ -327,8 +327,20 @@ class PyTorchJobLauncher:
         stopping: threading.Event | None = None,
     ) -> MusicDiffusion:
         """Steps 1–4: the candidate ``version`` fine-tuned from ``model`` in a PyTorchJob."""
+        bundle = self.launch(model, data, config, replay, version)
+        self.wait(bundle.name, stopping)
+        return read_result(bundle, version)
+
+    def launch(
+        self,
+        model: MusicDiffusion,
+        data: MelDataset,
+        config: TrainingConfig,
+        replay: MelDataset | None,
+        version: str,
+    ) -> Path:
+        """Steps 1–2; returns the bundle folder, named like its job."""
         name = self.job_name(version)
         bundle = write_bundle(self.jobs_dir / name, model, data, config, replay)
         self.submit(self.job(name, bundle))
-        self.wait(name, stopping)
-        return read_result(bundle, version)
+        return bundle

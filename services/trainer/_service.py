@@ -141,6 +141,13 @@ class TrainerSettings(ServiceSettings):
     # Where fine-tuning runs: auto (the GPU when the pod has one, else the CPU), cpu, cuda,
     # cuda:N. The candidate comes back to the CPU for the gate and for serving.
     device: str = "auto"
+    # Or fine-tune in a Kubeflow PyTorchJob (data-parallel GPU pods): "pytorchjob" creates one
+    # per training set from the PyTorchJob manifest ``train_job_template`` (a mounted ConfigMap)
+    # with its bundle in ``train_job_dir``, a volume the job's pods mount at the same path
+    # (riffloop/music/_pytorchjob.py; RBAC and volumes in docs/DEPLOY.md).
+    train_launcher: str = "in_process"  # in_process | pytorchjob
+    train_job_template: str = ""
+    train_job_dir: str = ""
 
     def _validate(self) -> None:
         super()._validate()
@@ -180,6 +187,15 @@ class TrainerSettings(ServiceSettings):
             _device(self.device)  # a GPU named here must exist at start-up
         except ValidationError as exc:
             raise ConfigurationError(f"RIFFLOOP_DEVICE: {exc.reason}") from None
+        if self.train_launcher not in ("in_process", "pytorchjob"):
+            raise ConfigurationError("RIFFLOOP_TRAIN_LAUNCHER must be in_process or pytorchjob")
+        if self.train_launcher == "pytorchjob" and not (
+            self.train_job_template and self.train_job_dir
+        ):
+            raise ConfigurationError(
+                "RIFFLOOP_TRAIN_LAUNCHER=pytorchjob needs RIFFLOOP_TRAIN_JOB_TEMPLATE and "
+                "RIFFLOOP_TRAIN_JOB_DIR"
+            )
 
     def base_model_path(self) -> Path | None:
         """The trained base model's folder, or None with ``untrained_base``. Checked when the
@@ -257,6 +273,16 @@ class TrainerCore:
         self.looks_taken = 0  # planned looks (Canary.looks) the watched canary has had
         self.decisions = threading.RLock()  # see _one_decision_at_a_time
         self.device = _device(settings.device)  # validated with the settings
+        self.job_launcher: Any = None
+        if settings.train_launcher == "pytorchjob":
+            from riffloop.music._pytorchjob import PyTorchJobLauncher
+
+            try:  # in the pod: its service account, namespace and the mounted template
+                self.job_launcher = PyTorchJobLauncher.from_files(
+                    settings.train_job_template, settings.train_job_dir
+                )
+            except (ValidationError, OSError) as exc:
+                raise ConfigurationError(f"RIFFLOOP_TRAIN_LAUNCHER=pytorchjob: {exc}") from None
         # The base model's gate samples: (root version, steps, digest of x_T) → images. The base
         # never changes and x_T only when songs are encoded, so each gate after the first would
         # otherwise load the base model and run its sampler again for the same images.
@@ -629,24 +655,29 @@ class TrainerCore:
             total_steps=settings.finetune_steps,
         )
         try:
-            with MODEL_CONSTRUCTION_LOCK:
-                # a copy: Trainer trains in place, and the gate needs the parent as it was
-                trainer = Trainer(copy.deepcopy(model), data, config, replay, device=self.device)
-            while trainer.step_count < config.total_steps:
-                if self.stopping.is_set():  # SIGTERM: the next trainer starts this set again
-                    raise Interrupted("trainer stopping; the training set will be redelivered")
-                before = trainer.step_count
-                progress = trainer.train(settings.steps_per_chunk, progress=False)
-                metrics.TRAINING_STEPS.inc(trainer.step_count - before)
-                loss = progress.losses[-1][1] if progress.losses else self.status.last_loss
-                self._set(step=trainer.step_count, last_loss=loss)
+            if self.job_launcher is not None:
+                candidate = self._fine_tune_in_job(model, data, config, replay, version)
+            else:
+                with MODEL_CONSTRUCTION_LOCK:
+                    # a copy: Trainer trains in place, and the gate needs the parent as it was
+                    trainer = Trainer(
+                        copy.deepcopy(model), data, config, replay, device=self.device
+                    )
+                while trainer.step_count < config.total_steps:
+                    if self.stopping.is_set():  # SIGTERM: the next trainer starts this set again
+                        raise Interrupted("trainer stopping; the training set will be redelivered")
+                    before = trainer.step_count
+                    progress = trainer.train(settings.steps_per_chunk, progress=False)
+                    metrics.TRAINING_STEPS.inc(trainer.step_count - before)
+                    loss = progress.losses[-1][1] if progress.losses else self.status.last_loss
+                    self._set(step=trainer.step_count, last_loss=loss)
+                with MODEL_CONSTRUCTION_LOCK:
+                    candidate = trainer.ema_model(version)
         except Exception as exc:
             if not isinstance(exc, Interrupted):
                 metrics.TRAINING_FAILURES.inc()
             self._set(state=pb.TRAINER_STATE_IDLE, candidate="")
             raise
-        with MODEL_CONSTRUCTION_LOCK:
-            candidate = trainer.ema_model(version)
         candidate.parent = current
         candidate.baseline_index = self._next_index(model, candidate, pairs, images)
         gate, report = self._gate(model, candidate, replay_images)
@@ -667,6 +698,21 @@ class TrainerCore:
             action=common_pb2.MODEL_ACTION_PROMOTE,
             report=report,
         )
+
+    def _fine_tune_in_job(
+        self, model: Any, data: Any, config: Any, replay: Any, version: str
+    ) -> Any:
+        """The fine-tune in a PyTorchJob (RIFFLOOP_TRAIN_LAUNCHER=pytorchjob). On SIGTERM the
+        job keeps running; the redelivered set finds it by its name and waits again."""
+        from riffloop.music._pytorchjob import read_result
+
+        bundle = self.job_launcher.launch(model, data, config, replay, version)
+        self.job_launcher.wait(bundle.name, self.stopping)
+        with MODEL_CONSTRUCTION_LOCK:
+            candidate = read_result(bundle, version)
+        metrics.TRAINING_STEPS.inc(config.total_steps)
+        self._set(step=config.total_steps)
+        return candidate
 
     @_one_decision_at_a_time
     def start_canary(self, model: Any, *, trainset_id: str, gate: Any, report: GateReport) -> str:
