@@ -42,7 +42,9 @@ class TrackScores:
     omega: np.ndarray  # ω_j
     n_ratings: np.ndarray  # n_j
     effective_n: np.ndarray  # m_j
-    mean_stars: np.ndarray
+    mean_stars: np.ndarray  # raw mean of trusted raters' stars (NaN without one)
+    n_trusted: np.ndarray  # the trusted raters' ratings behind mean_stars
+    sum_sq_stars: np.ndarray  # Σ stars² over them (with mean_stars: their variance, pooled)
 
     def scored(self, j: int) -> TrackScored:
         o = self.first[j]
@@ -135,6 +137,7 @@ class ConfidenceWeight:
         n_trusted = per_track(trusted)
         with np.errstate(invalid="ignore", divide="ignore"):
             mean_stars = np.where(n_trusted > 0, per_track(stars * trusted) / n_trusted, math.nan)
+        sum_sq_stars = per_track(stars * stars * trusted)
         self.kappa = self._estimate_kappa(codes, a, x, k)
         if self.uniform:
             m = n_trusted
@@ -145,7 +148,9 @@ class ConfidenceWeight:
             m = per_track(a)  # m_j = Σ_i a_i
             r = (per_track(a * x) + self.kappa * mu) / (m + self.kappa)  # R_j
             omega = m / (m + self.kappa)  # ω_j
-        return TrackScores(first, index, r, omega, n_ratings, m, mean_stars)
+        return TrackScores(
+            first, index, r, omega, n_ratings, m, mean_stars, n_trusted, sum_sq_stars
+        )
 
     def _estimate_kappa(self, codes: np.ndarray, a: np.ndarray, x: np.ndarray, k: int) -> float:
         """κ = σ²_e/τ² by the method of moments on tracks with ≥ 2 trusted, heard ratings."""

@@ -530,8 +530,8 @@ class FeedbackState:
             self.ports.kv.hset_many({MODEL_RATINGS_KEY: changed})
             self._model_ratings_written.update(changed)
         for version, r in ratings.items():
-            if r.generated_count:
-                metrics.MEAN_RATING.labels(version).set(r.generated_mean)
+            if r.generated.normalised_rating_count:
+                metrics.MEAN_RATING.labels(version).set(r.generated.mean_normalised_score)
 
     def publish_scores(self) -> int:
         """One scoring pass: publish the changed tracks' scores as TrackScoredBatch chunks of

@@ -24,7 +24,8 @@ Key-value layout (prefix ``gw:``):
   gw:models                    hash version → JSON (parent, published_at)
   gw:models:current            the version generators serve
 Read, owned by the feedback service:
-  fb:model-ratings             hash version → JSON mean and count, generated and baseline apart
+  fb:model-ratings             hash version → JSON stars (mean, 95 % interval, counts) and the
+                               normalised score, generated and baseline apart
 """
 
 from __future__ import annotations
@@ -732,20 +733,41 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         ratings = kv.hgetall(MODEL_RATINGS_KEY)
         published = kv.hgetall("gw:models")
         out = []
+
         # A version that served rated tracks is listed even if it was never announced on
         # model.published.v1 (the base model a trainer starts from is not).
+        def summary(kind: dict[str, Any]) -> pb.ModelRatingSummary:
+            """One kind's ratings (feedback's KindRatings JSON): stars with their 95 %
+            t-interval (absent below 2 ratings), and the normalised score apart."""
+            message = pb.ModelRatingSummary(
+                mean_stars=float(kind.get("mean_stars", 0.0)),
+                rating_count=int(kind.get("rating_count", 0)),
+                track_count=int(kind.get("track_count", 0)),
+                mean_normalised_score=float(kind.get("mean_normalised_score", 0.0)),
+                normalised_rating_count=int(kind.get("normalised_rating_count", 0)),
+            )
+            if kind.get("stars_low") is not None and kind.get("stars_high") is not None:
+                message.mean_stars_interval.low = float(kind["stars_low"])
+                message.mean_stars_interval.high = float(kind["stars_high"])
+            return message
+
         for version in sorted(published.keys() | ratings.keys()):
             info = json.loads(published[version]) if version in published else {}
             rated = json.loads(ratings[version]) if version in ratings else {}
+            generated = summary(rated.get("generated", {}))
+            baseline = summary(rated.get("baseline", {}))
             out.append(
                 pb.ModelSummary(
                     version=version,
                     parent_version=info.get("parent", ""),
                     current=version == current,
-                    mean_rating=float(rated.get("generated_mean", 0.0)),
-                    rating_count=int(rated.get("generated_count", 0)),
-                    baseline_mean_rating=float(rated.get("baseline_mean", 0.0)),
-                    baseline_rating_count=int(rated.get("baseline_count", 0)),
+                    generated=generated,
+                    baseline=baseline,
+                    # the deprecated fields, for older clients: the normalised score, as before
+                    mean_rating=generated.mean_normalised_score,
+                    rating_count=generated.normalised_rating_count,
+                    baseline_mean_rating=baseline.mean_normalised_score,
+                    baseline_rating_count=baseline.normalised_rating_count,
                     published_at=_now_ts(float(info.get("published_at", 0.0))),
                 )
             )

@@ -202,8 +202,9 @@ def test_a_bad_item_does_not_sink_the_rest_of_its_batch() -> None:
 
 
 def test_the_scoring_pass_writes_each_versions_mean_rating_for_list_models() -> None:
-    """fb:model-ratings: Σ R_j n_j / Σ n_j per version, generated and baseline apart, written
-    by the pass that scores the tracks, and the riffloop_mean_rating gauge beside it."""
+    """fb:model-ratings: per version, generated and baseline apart, the mean stars with their
+    interval and Σ R_j n_j / Σ n_j, written by the pass that scores the tracks, and the
+    riffloop_mean_rating gauge (the normalised score) beside it."""
     from riffloop.runtime import MODEL_RATINGS_KEY, metrics
 
     ports = shared_ports()
@@ -218,8 +219,18 @@ def test_the_scoring_pass_writes_each_versions_mean_rating_for_list_models() -> 
     rated = json.loads(ports.kv.hget(MODEL_RATINGS_KEY, "v1") or "{}")
     scores = state.scores  # the published TrackScored of each track
     expected = (scores["g1"].mean_rating * 2 + scores["g2"].mean_rating * 1) / 3
-    assert rated["generated_count"] == 3 and rated["baseline_count"] == 0
-    assert rated["generated_mean"] == pytest.approx(expected)
+    generated, baseline = rated["generated"], rated["baseline"]
+    assert generated["normalised_rating_count"] == 3 and baseline["normalised_rating_count"] == 0
+    assert generated["mean_normalised_score"] == pytest.approx(expected)
+    # stars 5, 3, 4: mean 4, t-interval 4 ± 4.30·1/√3, clipped to [1, 5]
+    assert (generated["mean_stars"], generated["rating_count"], generated["track_count"]) == (
+        4.0,
+        3,
+        2,
+    )
+    assert generated["stars_low"] == pytest.approx(4 - 4.302653 / 3**0.5)
+    assert generated["stars_high"] == 5.0
+    assert baseline["rating_count"] == 0 and baseline["stars_low"] is None
     assert metrics.MEAN_RATING.labels("v1")._value.get() == pytest.approx(expected)
     # nothing new: nothing rewritten (the pass is cheap when idle)
     ports.kv.hset(MODEL_RATINGS_KEY, {"v1": "sentinel"})

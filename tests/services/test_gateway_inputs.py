@@ -507,16 +507,40 @@ def test_list_models_reports_published_versions_and_mean_ratings(
         "the published version in ListModels",
     )
     (model,) = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
-    assert model.version == "v0001" and model.current and model.rating_count == 0
-    rated = {"generated_mean": 3.5, "generated_count": 4, "baseline_mean": 3.0, "baseline_count": 2}
-    base = {"generated_mean": 2.5, "generated_count": 2, "baseline_mean": 0.0, "baseline_count": 0}
+    assert model.version == "v0001" and model.current and model.generated.rating_count == 0
+    assert not model.generated.HasField("mean_stars_interval")
+
+    def kind(stars: float, low: float | None, high: float | None, n: int, score: float) -> dict:
+        return {
+            "mean_stars": stars,
+            "stars_low": low,
+            "stars_high": high,
+            "rating_count": n,
+            "track_count": 1,
+            "mean_normalised_score": score,
+            "normalised_rating_count": n + 1,
+        }
+
+    rated = {
+        "generated": kind(4.0, 3.2, 4.8, 4, 3.5),
+        "baseline": kind(3.0, 1.0, 5.0, 2, 3.1),
+    }
+    base = {"generated": kind(2.0, None, None, 1, 2.5), "baseline": {}}
     ports.kv.hset(MODEL_RATINGS_KEY, {"v0001": json.dumps(rated), "v0000": json.dumps(base)})
     # v0000 was never announced (a base model is not): listed all the same, first, no parent
     first, model = stub.ListModels(pb.ListModelsRequest(), metadata=auth("lister")).models
     assert (first.version, first.parent_version, first.current) == ("v0000", "", False)
-    assert (first.mean_rating, first.rating_count) == (2.5, 2)
-    assert (model.mean_rating, model.rating_count) == (3.5, 4)
-    assert (model.baseline_mean_rating, model.baseline_rating_count) == (3.0, 2)
+    assert (first.generated.mean_stars, first.generated.rating_count) == (2.0, 1)
+    assert not first.generated.HasField("mean_stars_interval")  # one rating: no interval
+    assert first.baseline == pb.ModelRatingSummary()
+    g, b = model.generated, model.baseline
+    assert (g.mean_stars, g.mean_stars_interval.low, g.mean_stars_interval.high) == (4.0, 3.2, 4.8)
+    assert (g.rating_count, g.track_count) == (4, 1)
+    assert (g.mean_normalised_score, g.normalised_rating_count) == (3.5, 5)
+    assert (b.mean_stars, b.mean_stars_interval.low, b.rating_count) == (3.0, 1.0, 2)
+    # the deprecated fields carry the normalised score, as before
+    assert (model.mean_rating, model.rating_count) == (3.5, 5)
+    assert (model.baseline_mean_rating, model.baseline_rating_count) == (3.1, 3)
     assert json.loads(ports.kv.hget("gw:models", "v0001"))["parent"] == ""
 
 
