@@ -261,6 +261,8 @@ class PyTorchJobLauncher:
         job["metadata"].pop("generateName", None)
         args = ["-m", "riffloop.music", "finetune", f"--bundle={bundle}"]
         for replica in job["spec"]["pytorchReplicaSpecs"].values():
+            # YAML anchors (template: *pod) load as one shared object: give each its own
+            replica["template"] = copy.deepcopy(replica["template"])
             for container in replica["template"]["spec"]["containers"]:
                 if container["name"] == "pytorch":
                     container["args"] = [*container.get("args", []), *args]

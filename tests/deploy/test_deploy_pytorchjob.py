@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -229,3 +230,160 @@ def test_ranks_may_reach_each_other_through_the_default_deny(
         (allowed,) = policy["spec"][rule]
         assert "ports" not in allowed  # every port
         assert allowed[peers] == [{"podSelector": {"matchLabels": selector}}]
+
+
+# -- the trainer's launcher (components/pytorchjob-launcher on the production overlay) ---------
+
+LAUNCHER = K8S / "components" / "pytorchjob-launcher"
+
+
+@pytest.fixture(scope="module")
+def with_launcher(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    """The production overlay with the component, as a site's overlay would add it."""
+    kubectl = require_tool("kubectl")
+    root = tmp_path_factory.mktemp("overlay")
+    overlay = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "namespace": "riffloop",
+        "resources": [os.path.relpath(K8S / "overlays" / "production", root)],
+        "components": [os.path.relpath(LAUNCHER, root)],
+    }
+    (root / "kustomization.yaml").write_text(yaml.safe_dump(overlay))
+    result = run([kubectl, "kustomize", str(root)])
+    assert result.returncode == 0, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    (found,) = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].startswith(name)]
+    return found
+
+
+def _trainer(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    return _one(docs, "Deployment", "riffloop-trainer")
+
+
+def _template(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    data = _one(docs, "ConfigMap", "riffloop-finetune-job")["data"]
+    return dict(yaml.safe_load(data["finetune-job.yaml"]))
+
+
+def _trainer_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    from test_deploy_k8s import container_env
+
+    (container,) = _trainer(docs)["spec"]["template"]["spec"]["containers"]
+    return {k: v for k, v in container_env(docs, container).items() if k.startswith("RIFFLOOP_")}
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_overlay_with_the_launcher_validates_strictly(
+    with_launcher: list[dict[str, Any]], version: str, tmp_path: Path
+) -> None:
+    validator = require_tool("kubernetes-validate")
+    core = [d for d in with_launcher if not d["apiVersion"].startswith("monitoring.coreos.com/")]
+    template = _template(with_launcher)
+    for kind, pod in pod_templates(template).items():
+        core.append(
+            {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": kind.lower()}}
+            | {"template": pod}
+        )
+    path = tmp_path / "launcher.yaml"
+    path.write_text(yaml.safe_dump_all(core))
+    result = run([validator, "--strict", "--kubernetes-version", version, str(path)])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "Couldn't find schema" not in output, output
+    assert output.count(" passed for resource ") == len(core), output
+
+
+def test_the_jobs_the_launcher_creates_pass_the_crd_and_the_operator(
+    with_launcher: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    from riffloop.music.__main__ import _parser
+    from riffloop.music._pytorchjob import KubernetesApi, PyTorchJobLauncher
+
+    env = _trainer_env(with_launcher)
+    launcher = PyTorchJobLauncher(
+        KubernetesApi("https://kubernetes.invalid"),
+        "riffloop",
+        _template(with_launcher),
+        Path(env["RIFFLOOP_TRAIN_JOB_DIR"]),
+    )
+    name = launcher.job_name("v0002")
+    job = launcher.job(name, launcher.jobs_dir / name)
+    assert schema_errors(job) == [] and webhook_errors(job) == []
+    (trainer,) = _trainer(with_launcher)["spec"]["template"]["spec"]["containers"]
+    for pod in pod_templates(job).values():
+        container = pytorch_container(pod)
+        assert container["image"] == trainer["image"]  # ConfigMap data: kept in step by hand
+        args = container["args"]
+        parsed = _parser().parse_args(args[args.index("riffloop.music") + 1 :])
+        assert parsed.command == "finetune" and parsed.bundle == f"/jobs/{name}"
+        # the bundle's volume: the trainer's claim, at the same path in both pods
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        assert mounts["jobs"] == env["RIFFLOOP_TRAIN_JOB_DIR"]
+        assert claims["jobs"] == "riffloop-training-jobs"
+    trainer_mounts = {m["name"]: m["mountPath"] for m in trainer["volumeMounts"]}
+    assert trainer_mounts["jobs"] == env["RIFFLOOP_TRAIN_JOB_DIR"]
+
+
+def test_the_trainer_may_do_what_the_launcher_does_and_no_more(
+    with_launcher: list[dict[str, Any]],
+) -> None:
+    from riffloop.music._pytorchjob import SERVICE_ACCOUNT_DIR
+
+    role = _one(with_launcher, "Role", "riffloop-trainer-pytorchjobs")
+    assert role["rules"] == [
+        {
+            "apiGroups": ["kubeflow.org"],
+            "resources": ["pytorchjobs"],
+            "verbs": ["create", "get", "delete"],
+        }
+    ]
+    binding = _one(with_launcher, "RoleBinding", "riffloop-trainer-pytorchjobs")
+    pod = _trainer(with_launcher)["spec"]["template"]["spec"]
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": pod["serviceAccountName"], "namespace": "riffloop"}
+    ]
+    # a short-lived projected token where the launcher reads it; no automounted one
+    assert pod["automountServiceAccountToken"] is False
+    (trainer,) = pod["containers"]
+    mounts = {m["name"]: m for m in trainer["volumeMounts"]}
+    assert mounts["kube-api-access"]["mountPath"] == str(SERVICE_ACCOUNT_DIR)
+    assert mounts["kube-api-access"]["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "kube-api-access"]
+    paths = set()
+    for source in volume["projected"]["sources"]:
+        if "serviceAccountToken" in source:
+            paths.add(source["serviceAccountToken"]["path"])
+            assert source["serviceAccountToken"]["expirationSeconds"] <= 3600
+        for key in ("configMap", "downwardAPI"):
+            paths |= {item["path"] for item in source.get(key, {}).get("items", [])}
+    assert paths == {"token", "ca.crt", "namespace"}
+    template_file = Path(_trainer_env(with_launcher)["RIFFLOOP_TRAIN_JOB_TEMPLATE"])
+    assert mounts["finetune-job"]["mountPath"] == str(template_file.parent)
+
+
+def test_the_trainer_settings_accept_the_launcher_and_refuse_a_wrong_one(
+    with_launcher: list[dict[str, Any]],
+) -> None:
+    from riffloop.core import ConfigurationError
+    from services.trainer import TrainerSettings
+
+    env = _trainer_env(with_launcher)
+    settings = TrainerSettings.from_env(env)
+    assert settings.train_launcher == "pytorchjob"
+    assert TrainerSettings.from_env({}).train_launcher == "in_process"  # the default
+    with pytest.raises(ConfigurationError, match="in_process or pytorchjob"):
+        TrainerSettings.from_env({**env, "RIFFLOOP_TRAIN_LAUNCHER": "kubectl"})
+    without = {k: v for k, v in env.items() if k != "RIFFLOOP_TRAIN_JOB_TEMPLATE"}
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_TRAIN_JOB_TEMPLATE"):
+        TrainerSettings.from_env(without)

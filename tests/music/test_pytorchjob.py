@@ -43,13 +43,17 @@ spec:
     Master:
       replicas: 1
       restartPolicy: OnFailure
-      template:
+      template: &pod
         spec:
           containers:
             - name: pytorch
               image: riffloop/trainer:0.1.0
               command: [python, -m, torch.distributed.run]
               args: [--max-restarts=0]
+    Worker:
+      replicas: 1
+      restartPolicy: OnFailure
+      template: *pod
 """
 
 
@@ -195,6 +199,10 @@ def test_a_fine_tune_runs_in_the_job_and_comes_back_as_the_candidate(
     job = server.jobs[name]
     assert job["metadata"]["namespace"] == NAMESPACE
     assert job["metadata"]["labels"] == {"app.kubernetes.io/component": "training-job"}
+    bundle = f"--bundle={launcher.jobs_dir / name}"
+    for replica in job["spec"]["pytorchReplicaSpecs"].values():  # one template (a YAML anchor)
+        (container,) = replica["template"]["spec"]["containers"]
+        assert container["args"] == ["--max-restarts=0", "-m", "riffloop.music", "finetune", bundle]
     assert server.runs == 1
     # the same fine-tune in this process: the candidate is its EMA model
     reference = Trainer(model, data, config, replay)
