@@ -7,8 +7,9 @@ spammers and rater reliability ρ, ``ConfidenceWeight`` gives R and ω. This she
 2. feedback.received.v1 (one FeedbackReceived, or a FeedbackBatch of one user's items) →
    ``ledger.rate`` / ``ledger.listen``, at the item's own client time; an item carrying
    ``served_at`` (the gateway's listening queue served the track to this user) first marks the
-   track served to them, so any listener the queue served may rate it; a duplicate (ConflictError) is
-   the same rating delivered again and is ignored, so every accepted rating counts exactly once.
+   track served to them, so any listener the queue served may rate it; a duplicate
+   (ConflictError) is the same rating delivered again and is ignored, so every accepted rating
+   counts exactly once.
    Each accepted input is also written to the key-value store as an upsert keyed by
    (track, rater), from which a restarted process rebuilds the ledger (kill -9 safe: the
    rebuilt ledger plus Kafka's redelivery of uncommitted records gives the same state).
