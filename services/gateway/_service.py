@@ -483,8 +483,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def _from_queue(self, user: str, heard: dict[str, str], now: float) -> str | None:
         kv = self.ports.kv
         served = kv.hgetall("gw:queue:served")
-        waiting = []
-        closed = []
+        waiting: list[QueuedTrack] = []
+        closed: list[QueuedTrack] = []
         for track_id, raw in kv.hgetall("gw:queue").items():
             fields = json.loads(raw)
             track = QueuedTrack(
