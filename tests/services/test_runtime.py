@@ -46,6 +46,10 @@ def _slow(request: bytes, context: grpc.ServicerContext) -> bytes:
     return b"done"
 
 
+def _echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+    return b"echo"
+
+
 @pytest.fixture
 def runtime() -> Iterator[ServiceRuntime]:
     rt = ServiceRuntime("testsvc", grpc_port=0, metrics_port=None, grace_s=5.0)
@@ -53,6 +57,7 @@ def runtime() -> Iterator[ServiceRuntime]:
         "Boom": grpc.unary_unary_rpc_method_handler(_boom),
         "Missing": grpc.unary_unary_rpc_method_handler(_missing),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
+        "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Correlate": grpc.unary_unary_rpc_method_handler(_correlate),
     }
     rt.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.Svc", handlers),))
@@ -92,6 +97,7 @@ def test_riffloop_error_maps_to_its_code_with_the_reason(runtime) -> None:
 
 def test_drain_finishes_in_flight_calls_and_refuses_new_ones(runtime) -> None:
     release.clear()
+    assert _call(runtime, "Echo", timeout=5) == b"echo"  # served before the drain
     result: dict[str, object] = {}
 
     def slow_call() -> None:
@@ -104,8 +110,10 @@ def test_drain_finishes_in_flight_calls_and_refuses_new_ones(runtime) -> None:
     stopper.start()
     time.sleep(0.3)
     assert runtime.readiness.ready is False  # NOT_SERVING while draining
-    with pytest.raises(grpc.RpcError):
-        _call(runtime, "Missing", timeout=2)
+    # A call that succeeds on a serving process is refused once the drain has begun.
+    with pytest.raises(grpc.RpcError) as refused:
+        _call(runtime, "Echo", timeout=2)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
     release.set()
     caller.join(10)
     stopper.join(10)
