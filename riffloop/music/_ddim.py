@@ -39,9 +39,23 @@ equal. (diffusers' AudioDiffusionPipeline noises to timesteps[start−1] but the
 timesteps[start:], feeding the UNet a sample one step noisier than the timestep it is told; we do
 not copy that off-by-one.) start = 0 (s = 0) means no injection: denoise fresh noise ε from t_0.
 
+**Fewer steps** (``generate(..., sampler="dpmsolver++")``): DPM-Solver++ (Lu et al. 2022; diffusers'
+``DPMSolverMultistepScheduler``, 2nd-order multistep, ``algorithm_type="dpmsolver++"``) on the same
+noise schedule, prediction type and timestep spacing. It solves the same probability-flow ODE as
+DDIM η = 0 with a 2nd-order step in log-SNR, so it needs fewer steps for the same end point
+(the quality figures of 20 and 10 steps against DDIM 50 are in ``bench/README.md``). DDIM's
+``clip_sample`` (x̂_0 clipped to [−1, 1]) becomes DPM-Solver's ``thresholding`` with
+``sample_max_value = clip_sample_range``: its dynamic threshold s = quantile(|x̂_0|) is clamped
+to [1, sample_max_value] = {1}, i.e. the same clip. Only unconditional generation takes it:
+``decode_latents`` and injection stay DDIM, whose steps are the exact inverse of ``invert``.
+
 All entry points are batched (``batch_size`` chunks), run under ``torch.inference_mode`` on the
-UNet's device (CPU or CUDA), and never mutate the model's own scheduler (each call builds a private
-``DDIMScheduler`` from its config, so concurrent requests cannot race on ``set_timesteps``).
+UNet's device (CPU or CUDA), and never mutate the model (neither its weights' layout nor its own
+scheduler: each call builds a private scheduler from its config, so concurrent requests cannot race
+on ``set_timesteps``). On the CPU the UNet's input is handed over in ``channels_last`` (NHWC)
+layout: oneDNN then runs every convolution in NHWC without reordering activations to its blocked
+layout and back on each call (faster per UNet call on an AVX2 EPYC; figures in
+``bench/README.md``); results equal the NCHW path to float rounding.
 ``MusicGenerator`` strings it together for the services: song audio → mel windows → z_i
 (``encode_audio``), and batches of ``TrackRequest`` → merged inputs → injected images → audio.
 Latent models (``model.vqvae`` set) invert/generate in the VAE's latent space: images are encoded
@@ -56,7 +70,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from torch import Tensor
 
 from riffloop.core import ValidationError
@@ -67,6 +81,7 @@ if TYPE_CHECKING:
     from riffloop.music._model import MusicDiffusion
 
 __all__ = [
+    "SAMPLERS",
     "DenoisingModel",
     "GeneratedTrack",
     "InjectionPlan",
@@ -80,6 +95,7 @@ __all__ = [
 
 MAX_STEPS = 1000
 DEFAULT_BATCH = 32
+SAMPLERS = ("ddim", "dpmsolver++")
 
 
 class DenoisingModel(Protocol):
@@ -99,6 +115,42 @@ def _scheduler(model: DenoisingModel, steps: int, device: torch.device) -> DDIMS
     scheduler = DDIMScheduler.from_config(model.scheduler.config)
     scheduler.set_timesteps(steps, device=device)
     return scheduler
+
+
+def _dpm_solver(
+    model: DenoisingModel, steps: int, device: torch.device
+) -> DPMSolverMultistepScheduler:
+    """DPM-Solver++ (2M) on the model's own noise schedule; a fresh one per batch, since the
+    multistep solver keeps the previous model outputs and its step index as state."""
+    _scheduler(model, steps, device)  # the same validation of ``steps``
+    c = model.scheduler.config
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=c.num_train_timesteps,
+        beta_start=c.beta_start,
+        beta_end=c.beta_end,
+        beta_schedule=c.beta_schedule,
+        trained_betas=c.trained_betas,
+        prediction_type=c.prediction_type,
+        timestep_spacing=c.timestep_spacing,
+        steps_offset=c.steps_offset,
+        algorithm_type="dpmsolver++",
+        solver_order=2,
+        # clip x̂_0 to [−1, 1] as DDIM's clip_sample does: s = clamp(quantile, 1, max) = 1
+        thresholding=bool(c.get("clip_sample", False)),
+        sample_max_value=float(c.get("clip_sample_range", 1.0)),
+    )
+    scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
+def _unet_layout(x: Tensor, channels_last: bool | None) -> Tensor:
+    """x in the layout the UNet runs fastest in: NHWC on the CPU (``channels_last=None``).
+
+    ``.to`` rather than ``.contiguous``: with C = 1 an NCHW tensor already counts as
+    channels_last-contiguous, keeps its NCHW strides, and oneDNN would then pick NCHW."""
+    if channels_last is None:
+        channels_last = x.device.type == "cpu"
+    return x.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _device_dtype(model: DenoisingModel) -> tuple[torch.device, torch.dtype]:
@@ -166,19 +218,24 @@ def _decode(model: DenoisingModel, x: Tensor) -> Tensor:
 
 def _denoise(
     model: DenoisingModel,
-    scheduler: DDIMScheduler,
+    scheduler: DDIMScheduler | DPMSolverMultistepScheduler,
     x: Tensor,
     first_index: int,
     eta: float,
     generator: torch.Generator | None,
+    channels_last: bool | None = None,
 ) -> Tensor:
-    """Run ``DDIMScheduler.step`` for timesteps[first_index:], starting from x at that level."""
+    """Run ``scheduler.step`` for timesteps[first_index:], starting from x at that level."""
+    x = _unet_layout(x, channels_last)
     for t in scheduler.timesteps[first_index:]:
         model_output = model.unet(x, t).sample
-        x = scheduler.step(
-            model_output, int(t), x, eta=eta, generator=generator, return_dict=True
-        ).prev_sample
-    return x
+        if isinstance(scheduler, DDIMScheduler):
+            x = scheduler.step(
+                model_output, int(t), x, eta=eta, generator=generator, return_dict=True
+            ).prev_sample
+        else:
+            x = scheduler.step(model_output, t, x, return_dict=True).prev_sample
+    return x.contiguous()
 
 
 # -- public API -------------------------------------------------------------------------------
@@ -196,7 +253,7 @@ def invert(
     prediction_type = str(scheduler.config.prediction_type)
     outs = []
     for part in _chunks(images.shape[0], batch_size):
-        x = _encode(model, images[part].to(device=device, dtype=dtype))
+        x = _unet_layout(_encode(model, images[part].to(device=device, dtype=dtype)), None)
         for t in scheduler.timesteps.flip(0):
             _, alpha_prev = _alpha_prev(scheduler, int(t))
             alpha_t = scheduler.alphas_cumprod[int(t)]
@@ -204,7 +261,7 @@ def invert(
             eps = _epsilon(model.unet(x, t).sample, x, alpha_t, prediction_type)
             x0 = (x - (1 - alpha_prev).sqrt() * eps) / alpha_prev.sqrt()
             x = alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * eps
-        outs.append(x.to(device=images.device, dtype=torch.float32))
+        outs.append(x.to(device=images.device, dtype=torch.float32).contiguous())
     return torch.cat(outs)
 
 
@@ -217,19 +274,32 @@ def generate(
     *,
     eta: float = 0.0,
     batch_size: int = DEFAULT_BATCH,
+    sampler: str = "ddim",
+    channels_last: bool | None = None,
 ) -> Tensor:
-    """Denoise x_T ``[B, C, h, w]`` with ``steps`` DDIM steps into mel images ``[B, 1, H, W]``.
+    """Denoise x_T ``[B, C, h, w]`` with ``steps`` steps of ``sampler`` into mel images
+    ``[B, 1, H, W]``.
 
-    With η = 0 (default) this is deterministic and ``generator`` is unused; with η > 0 the
-    scheduler draws its per-step variance noise from ``generator``."""
+    ``"ddim"`` (default): with η = 0 this is deterministic and ``generator`` is unused; with η > 0
+    the scheduler draws its per-step variance noise from ``generator``. ``"dpmsolver++"``:
+    DPM-Solver++ (2M), deterministic, η must be 0; fewer steps for the same ODE (module
+    docstring). ``channels_last``: None = NHWC on the CPU, NCHW elsewhere (a speed lever only)."""
     _check_batch(model, x_T, "x_T", pixel=False)
     if not math.isfinite(eta) or eta < 0:
         raise ValidationError(f"eta must be a finite number ≥ 0, got {eta}")
+    if sampler not in SAMPLERS:
+        raise ValidationError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler != "ddim" and eta != 0:
+        raise ValidationError(f"eta > 0 needs the ddim sampler, not {sampler}")
     device, dtype = _device_dtype(model)
     scheduler = _scheduler(model, steps, device)
     outs = []
     for part in _chunks(x_T.shape[0], batch_size):
-        x = _denoise(model, scheduler, x_T[part].to(device, dtype), 0, eta, generator)
+        if sampler == "dpmsolver++":
+            scheduler = _dpm_solver(model, steps, device)
+        x = _denoise(
+            model, scheduler, x_T[part].to(device, dtype), 0, eta, generator, channels_last
+        )
         outs.append(_decode(model, x).to(device=x_T.device, dtype=torch.float32))
     return torch.cat(outs)
 

@@ -6,10 +6,11 @@ held-out-piece accuracy and the sensitivity test (blur, 10 dB noise vs the floor
 ``riffloop.music._quality``), prints the figures and saves weights + report to
 ``assets/quality-embedding/``.
 
-``report`` draws ``--n`` unconditional samples (DDIM, η = 0, ``--steps`` steps, seeded x_T) from a
-model, and prints their Fréchet distance to the held-out corpus in the embedding (next to the
-floor), the spectral flatness of generated vs held-out mels, and the diversity of both; it writes
-``sheet.png`` (held-out corpus mels above generated mels) and a few WAVs to ``--out``.
+``report`` draws ``--n`` unconditional samples (``--sampler``: DDIM η = 0 or DPM-Solver++;
+``--steps`` steps; seeded x_T) from a model, and prints their Fréchet distance to the held-out
+corpus in the embedding (next to the floor), the spectral flatness of generated vs held-out mels,
+and the diversity of both; it writes ``sheet.png`` (held-out corpus mels above generated mels)
+and a few WAVs to ``--out``.
 :func:`quality_report` is the same as a function, for other CLIs (training, the demo).
 """
 
@@ -27,7 +28,7 @@ import torch
 
 from riffloop.core import RiffloopError, ValidationError
 from riffloop.music._corpus import CorpusPiece, CorpusSplit, corpus_dir, load_corpus
-from riffloop.music._ddim import generate
+from riffloop.music._ddim import SAMPLERS, generate
 from riffloop.music._mel import MelCodec
 from riffloop.music._model import MusicDiffusion
 from riffloop.music._quality import (
@@ -152,13 +153,14 @@ def quality_report(
     seed: int = 0,
     out_dir: Path | None = None,
     wavs: int = 4,
+    sampler: str = "ddim",
 ) -> dict[str, Any]:
     """Generate ``n`` unconditional clips and measure them against the held-out corpus."""
     if n < 2:
         raise ValidationError("the report needs at least 2 generated clips")
     shape = model.image_shape
     x_t = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
-    images = generate(model, x_t, steps).clamp(-1, 1)
+    images = generate(model, x_t, steps, sampler=sampler).clamp(-1, 1)
     gen_feats = embedding.embed(images)
     ref_feats = embedding.embed(heldout.images)
     pick = torch.randperm(len(heldout), generator=torch.Generator().manual_seed(seed + 1))
@@ -168,6 +170,7 @@ def quality_report(
         "model": model.version,
         "clips": n,
         "steps": steps,
+        "sampler": sampler,
         "fd": frechet_distance(gen_feats, ref_feats),
         "fd_floor": embedding.report.fd_floor_mean,
         "flatness_generated": float(spectral_flatness(images, top_db=top_db).mean()),
@@ -206,7 +209,14 @@ def _report(args: argparse.Namespace) -> int:
     model.unet.to(resolve_device(args.device))
     out = Path(args.out)
     r = quality_report(
-        model, heldout, embedding, n=args.n, steps=args.steps, seed=args.seed, out_dir=out
+        model,
+        heldout,
+        embedding,
+        n=args.n,
+        steps=args.steps,
+        seed=args.seed,
+        out_dir=out,
+        sampler=args.sampler,
     )
     # FD from n clips is noisy (the floor's own spread is in the embedding report): more draws
     # of n clips each, from seeds seed+1…, give its mean and spread (reference embedded once).
@@ -216,9 +226,9 @@ def _report(args: argparse.Namespace) -> int:
         x_t = torch.randn(
             args.n, *model.image_shape, generator=torch.Generator().manual_seed(args.seed + k)
         )
-        images = generate(model, x_t, args.steps).clamp(-1, 1)
+        images = generate(model, x_t, args.steps, sampler=args.sampler).clamp(-1, 1)
         fds.append(frechet_distance(embedding.embed(images), reference))
-    print(f"model {r['model']}: {r['clips']} clips, {r['steps']} DDIM steps")
+    print(f"model {r['model']}: {r['clips']} clips, {r['steps']} {args.sampler} steps")
     if args.draws > 1:
         mean = float(np.mean(fds))
         print(
@@ -265,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--embedding", default=str(DEFAULT_EMBEDDING_DIR))
     r.add_argument("--n", type=int, default=64)
     r.add_argument("--steps", type=int, default=50)
+    r.add_argument("--sampler", choices=SAMPLERS, default="ddim")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--out", default="out/quality")
     r.add_argument("--draws", type=int, default=1, help="draws of --n clips for the FD's mean")
