@@ -1,7 +1,7 @@
 """Generation throughput: Riffloop's batched path vs diffusers' AudioDiffusionPipeline.
 
-    nice .venv/bin/python -m bench.bench_generation [--model assets/base-model] [--clips 16]
-        [--steps 50] [--batch 16] [--threads 1] [--repeats 2]
+    bin/riffloop bench generation [--model assets/base-model] [--clips 16] [--batch 16]
+        [--steps 50] [--fast-steps 20] [--threads 1 2] [--repeats 2]
 
 Both sides use the *same* UNet object (identical weights), the same DDIM scheduler config, step
 count, mel resolution and Griffin-Lim iteration count (``MelConfig.n_iter``), and the same x_T
@@ -9,25 +9,34 @@ noise, so their images agree (checked and printed: max |Δ| in 8-bit grey levels
 
 - **baseline** — ``diffusers.pipelines.deprecated.audio_diffusion.AudioDiffusionPipeline`` (still
   shipped in diffusers 0.42, deprecated), called once per clip as teticio/audio-diffusion and the
-  paper's prototype serve requests: 50 DDIM steps on a batch of one, 8-bit PIL image, then
-  ``Mel.image_to_audio`` = ``librosa.feature.inverse.mel_to_audio`` (NNLS mel inversion +
-  librosa Griffin-Lim, n_iter iterations). Also timed with ``batch_size=B`` (its UNet batched, its
-  audio still one librosa call per image) to split the gain between batching and Griffin-Lim.
-- **ours** — ``riffloop.music.generate`` on batches of B x_T (η = 0, float images, no uint8
-  round trip) and ``MelCodec.images_to_audio`` (one batched torchaudio InverseMelScale +
-  GriffinLim call for the whole batch).
+  paper's prototype serve requests: ``--steps`` DDIM steps on a batch of one, 8-bit PIL image, then
+  ``Mel.image_to_audio`` = ``librosa.feature.inverse.mel_to_audio`` (NNLS mel inversion + librosa
+  Griffin-Lim, n_iter iterations). Also timed with ``batch_size=B`` (its UNet batched, its audio
+  still one librosa call per image) to split the gain between batching and Griffin-Lim.
+- **ours** — ``riffloop.music.generate`` on batches of B x_T (η = 0, float images, no uint8 round
+  trip; UNet input in channels_last on the CPU) and ``MelCodec.images_to_audio`` (one batched
+  torchaudio InverseMelScale + GriffinLim call for the whole batch). Also timed with the layout
+  lever off (``channels_last=False``, NCHW) and, with ``--fast-steps N``, with DPM-Solver++ at N
+  steps (``sampler="dpmsolver++"``: fewer UNet calls; its quality is a separate question, answered
+  by ``python -m riffloop.music.quality_cli report --sampler``).
 
-Reported: clips/s of each, the ratio, the share of wall time spent in Griffin-Lim (mel → audio)
-for each, and single-clip latency (one request, batch of one) of each. Median of ``--repeats``.
-Without ``--model`` (or when ``assets/base-model`` is absent) a freshly initialised ``cpu_small``
-model is used: throughput does not depend on the weights' values.
+Each repeat runs every side once, baseline and ours alternating, at each ``--threads`` count in
+turn, and prints its own table with the 1-minute load average sampled before every side: a repeat
+is *steady* when those samples stay within 0.5 and *quiet* when they stay below the core count;
+quote a ratio only from a steady, quiet repeat. Per side: clips/s (wall), CPU seconds of the
+process (``time.process_time``, all threads; a cross-check that other processes' load inflates
+less than wall time), Griffin-Lim share, and the UNet's achieved GFLOP/s (FLOPs of one forward
+counted with ``torch.utils.flop_counter.FlopCounterMode``) next to the peak of a 2048² float32
+``torch.matmul`` at the same thread count, measured in the same repeat. Single-clip latency is one
+request, batch of one. Without ``--model`` (or when ``assets/base-model`` is absent) a freshly
+initialised ``cpu_small`` model is used: throughput does not depend on the weights' values.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import statistics
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -37,18 +46,26 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from torch.utils.flop_counter import FlopCounterMode
 
 from riffloop.music import MelCodec, ModelConfig, MusicDiffusion, to_uint8
 from riffloop.music._ddim import generate
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "base-model"
+STEADY = 0.5  # max spread of the 1-min load average within a repeat to call it steady
+
+
+def load1() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 @dataclass
 class Timing:
-    seconds: float
-    gl_seconds: float
+    seconds: float  # wall
+    cpu_seconds: float  # process CPU time, all threads
+    gl_seconds: float  # wall spent in mel → audio
     clips: int
+    unet_calls_per_clip: int
 
     @property
     def clips_per_s(self) -> float:
@@ -58,13 +75,10 @@ class Timing:
     def gl_share(self) -> float:
         return self.gl_seconds / self.seconds
 
-
-def _median(runs: list[Timing]) -> Timing:
-    return Timing(
-        statistics.median(r.seconds for r in runs),
-        statistics.median(r.gl_seconds for r in runs),
-        runs[0].clips,
-    )
+    def unet_gflops(self, flops_per_clip_call: float) -> float:
+        """Achieved GFLOP/s of the UNet: its FLOPs over the wall time outside Griffin-Lim."""
+        flops = flops_per_clip_call * self.clips * self.unet_calls_per_clip
+        return flops / (self.seconds - self.gl_seconds) / 1e9
 
 
 def _baseline_pipeline(model: MusicDiffusion):  # type: ignore[no-untyped-def]
@@ -100,7 +114,7 @@ def _time_baseline(pipe, noise: torch.Tensor, steps: int, batch: int) -> tuple[T
 
     pipe.mel.image_to_audio = timed
     images: list[np.ndarray] = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     try:
         for i in range(0, noise.shape[0], batch):
             out = pipe(
@@ -109,22 +123,114 @@ def _time_baseline(pipe, noise: torch.Tensor, steps: int, batch: int) -> tuple[T
             images.extend(np.asarray(img) for img in out.images)
     finally:
         pipe.mel.image_to_audio = original
-    return Timing(time.perf_counter() - t0, gl[0], noise.shape[0]), np.stack(images)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return Timing(wall, cpu, gl[0], noise.shape[0], steps), np.stack(images)
 
 
 def _time_ours(
-    model: MusicDiffusion, codec: MelCodec, noise: torch.Tensor, steps: int, batch: int
-) -> tuple[Timing, np.ndarray]:
+    model: MusicDiffusion,
+    codec: MelCodec,
+    noise: torch.Tensor,
+    steps: int,
+    batch: int,
+    **generate_kwargs: object,
+) -> tuple[Timing, torch.Tensor]:
     gl = 0.0
     images = []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(0, noise.shape[0], batch):
-        imgs = generate(model, noise[i : i + batch], steps, batch_size=batch)
+        imgs = generate(model, noise[i : i + batch], steps, batch_size=batch, **generate_kwargs)  # type: ignore[arg-type]
         t1 = time.perf_counter()
         codec.images_to_audio(imgs)
         gl += time.perf_counter() - t1
-        images.append(to_uint8(imgs)[:, 0].numpy())
-    return Timing(time.perf_counter() - t0, gl, noise.shape[0]), np.concatenate(images)
+        images.append(imgs)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return Timing(wall, cpu, gl, noise.shape[0], steps), torch.cat(images)
+
+
+def unet_flops(model: MusicDiffusion, batch: int) -> float:
+    """FLOPs of one UNet forward on ``batch`` clips (FlopCounterMode: conv, matmul, attention)."""
+    x = torch.zeros(batch, *model.image_shape)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.unet(x, torch.tensor(500))
+    return float(counter.get_total_flops())
+
+
+def matmul_peak(n: int = 2048, tries: int = 5) -> tuple[float, float]:
+    """(wall, CPU-time) GFLOP/s of the best of ``tries`` n×n float32 matmuls at the current
+    thread count: the machine's practical limit for dense float32 work."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    wall, cpu = [], []
+    for _ in range(tries):
+        t0, c0 = time.perf_counter(), time.process_time()
+        a @ b
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - c0)
+    flops = 2.0 * n**3
+    return flops / min(wall) / 1e9, flops / min(cpu) / 1e9
+
+
+def _report(
+    rep: int,
+    threads: int,
+    cores: int,
+    loads: list[float],
+    peak: tuple[float, float],
+    t: dict[str, Timing],
+    out: dict[str, object],
+    labels: dict[str, str],
+    per_clip: float,
+) -> None:
+    """One repeat's table, its ratios, and whether it may be quoted."""
+    spread = max(loads) - min(loads)
+    steady, quiet = spread <= STEADY, max(loads) < cores
+    print(
+        f"\nrepeat {rep + 1}, {threads} thread(s): 1-min load "
+        f"{' → '.join(f'{x:.2f}' for x in loads)} ({'steady' if steady else 'CHANGED'}, "
+        f"spread {spread:.2f}; {'quiet' if quiet else f'BUSY: above {cores} cores'})"
+    )
+    print(f"  matmul peak (2048² float32): {peak[0]:.1f} GFLOP/s wall, {peak[1]:.1f} per CPU-s")
+    for (key, x), load in zip(t.items(), loads[1:], strict=True):
+        print(
+            f"  {labels[key]:<44} {x.clips_per_s:7.3f} clips/s {x.seconds:7.2f} s wall "
+            f"{x.cpu_seconds:7.2f} s CPU  GL {100 * x.gl_share:4.1f} %  "
+            f"UNet {x.unet_gflops(per_clip):5.1f} GFLOP/s  (load after {load:.2f})"
+        )
+    tag = "" if steady and quiet else "  [not quotable: load changed or machine busy]"
+    pipe1, pipe_b, ours, nchw = t["pipe1"], t["pipeB"], t["ours"], t["nchw"]
+    for key in ("ours", "fast"):
+        if key in t:
+            x = t[key]
+            print(
+                f"  {labels[key]} / {labels['pipe1']}: {x.clips_per_s / pipe1.clips_per_s:.2f}× "
+                f"clips/s ({pipe1.cpu_seconds / x.cpu_seconds:.2f}× by CPU time); vs pipeline "
+                f"batched {x.clips_per_s / pipe_b.clips_per_s:.2f}×{tag}"
+            )
+    print(
+        f"  channels_last lever (NCHW / ours): {nchw.seconds / ours.seconds:.2f}× wall, "
+        f"{nchw.cpu_seconds / ours.cpu_seconds:.2f}× CPU time"
+    )
+    lat = ", ".join(
+        f"{labels[k].removeprefix('latency: ')} {t[k].seconds:.2f} s (GL {t[k].gl_seconds:.2f} s)"
+        for k in ("lat_p", "lat_o", "lat_f")
+        if k in t
+    )
+    print(f"  single-clip latency: {lat}")
+    u8_pipe = np.asarray(out["pipe1"]).astype(np.int16)
+    img_ours = out["ours"]
+    assert isinstance(img_ours, torch.Tensor)
+    u8_ours = to_uint8(img_ours)[:, 0].numpy().astype(np.int16)
+    nchw_diff = float((out["nchw"] - img_ours).abs().max())  # type: ignore[operator]
+    line = (
+        f"  images: ours vs pipeline max |Δ| {int(np.abs(u8_pipe - u8_ours).max())} grey levels "
+        f"(8-bit; the pipeline quantises, we do not); NCHW vs channels_last max |Δ| {nchw_diff:.1e}"
+    )
+    if "fast" in out:
+        fast = to_uint8(out["fast"]).float()  # type: ignore[arg-type]
+        d = float((fast - to_uint8(img_ours).float()).abs().mean())
+        line += f"; DPM-Solver++ vs DDIM mean |Δ| {d:.2f} grey levels"
+    print(line, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,12 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--clips", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps, both sides")
+    parser.add_argument(
+        "--fast-steps", type=int, default=20, help="DPM-Solver++ steps for ours (0: skip)"
+    )
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
 
     path = args.model or (DEFAULT_MODEL if (DEFAULT_MODEL / "unet").is_dir() else None)
     if path is not None:
@@ -151,54 +259,65 @@ def main(argv: list[str] | None = None) -> int:
     pipe = _baseline_pipeline(model)
     c, h, w = model.image_shape
     noise = torch.randn(args.clips, c, h, w, generator=torch.Generator().manual_seed(args.seed))
+    flops_b = unet_flops(model, args.batch)
+    per_clip = flops_b / args.batch
+    cores = os.cpu_count() or 1
     print(
         f"model: {source}, {model.num_parameters() / 1e6:.2f} M params, {h}×{w} mel, "
-        f"{model.prediction_type}; {args.steps} DDIM steps; Griffin-Lim n_iter={model.mel.n_iter}; "
-        f"{args.clips} clips; batch {args.batch}; torch threads {args.threads}"
+        f"{model.prediction_type}; {args.steps} DDIM steps (ours fast: DPM-Solver++ "
+        f"{args.fast_steps}); Griffin-Lim n_iter={model.mel.n_iter}; {args.clips} clips; batch "
+        f"{args.batch}; torch threads {args.threads}; {cores} cores\n"
+        f"UNet forward: {flops_b / 1e9:.2f} GFLOP at batch {args.batch} "
+        f"({per_clip / 1e9:.3f} GFLOP per clip)",
+        flush=True,
     )
 
-    # warm-up (allocators, librosa's numba caches) outside the timings
-    _time_baseline(pipe, noise[:1], 2, 1)
-    _time_ours(model, codec, noise[:1], 2, 1)
+    # warm-up (allocators, oneDNN primitive caches, librosa's numba caches) outside the timings
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        _time_baseline(pipe, noise[:1], 2, 1)
+        _time_ours(model, codec, noise[: args.batch], 2, args.batch)
+        _time_ours(model, codec, noise[:1], 2, 1)
+        if args.fast_steps:
+            _time_ours(model, codec, noise[:1], 2, 1, sampler="dpmsolver++")
 
-    runs: dict[str, list[Timing]] = {"pipe1": [], "pipeB": [], "ours": [], "lat_p": [], "lat_o": []}
-    img_pipe = img_ours = None
-    for _ in range(args.repeats):  # interleaved so background load hits every side alike
-        t, img_pipe = _time_baseline(pipe, noise, args.steps, 1)
-        runs["pipe1"].append(t)
-        runs["pipeB"].append(_time_baseline(pipe, noise, args.steps, args.batch)[0])
-        t, img_ours = _time_ours(model, codec, noise, args.steps, args.batch)
-        runs["ours"].append(t)
-        runs["lat_p"].append(_time_baseline(pipe, noise[:1], args.steps, 1)[0])
-        runs["lat_o"].append(_time_ours(model, codec, noise[:1], args.steps, 1)[0])
-    res = {k: _median(v) for k, v in runs.items()}
-    assert img_pipe is not None and img_ours is not None
-    diff = np.abs(img_pipe.astype(np.int16) - img_ours.astype(np.int16))
+    b, n, f = args.batch, args.steps, args.fast_steps
+    labels = {
+        "pipe1": f"pipeline, one clip per call, DDIM {n}",
+        "ours": f"ours, batch {b}, DDIM {n}",
+        "pipeB": f"pipeline, batch_size={b}, DDIM {n}",
+        "nchw": f"ours, batch {b}, DDIM {n}, NCHW (lever off)",
+        "fast": f"ours, batch {b}, DPM-Solver++ {f}",
+        "lat_p": f"latency: pipeline, DDIM {n}",
+        "lat_o": f"latency: ours, DDIM {n}",
+        "lat_f": f"latency: ours, DPM-Solver++ {f}",
+    }
+    one = noise[:1]
+    dpm = {"sampler": "dpmsolver++"}
+    plan: dict[str, Callable[[], tuple[Timing, object]]] = {  # baseline and ours alternate
+        "pipe1": lambda: _time_baseline(pipe, noise, n, 1),
+        "ours": lambda: _time_ours(model, codec, noise, n, b),
+        "pipeB": lambda: _time_baseline(pipe, noise, n, b),
+        "nchw": lambda: _time_ours(model, codec, noise, n, b, channels_last=False),
+        "fast": lambda: _time_ours(model, codec, noise, f, b, **dpm),
+        "lat_p": lambda: _time_baseline(pipe, one, n, 1),
+        "lat_o": lambda: _time_ours(model, codec, one, n, 1),
+        "lat_f": lambda: _time_ours(model, codec, one, f, 1, **dpm),
+    }
+    if not f:
+        del plan["fast"], plan["lat_f"]
 
-    def row(name: str, t: Timing) -> str:
-        return (
-            f"  {name:<44} {t.clips_per_s:7.3f} clips/s  {t.seconds:8.2f} s  "
-            f"Griffin-Lim {100 * t.gl_share:5.1f} %"
-        )
-
-    print("throughput (median of repeats):")
-    print(row("AudioDiffusionPipeline, one clip per call", res["pipe1"]))
-    print(row(f"AudioDiffusionPipeline, batch_size={args.batch}", res["pipeB"]))
-    print(row(f"riffloop generate + MelCodec, batch {args.batch}", res["ours"]))
-    ratio = res["ours"].clips_per_s / res["pipe1"].clips_per_s
-    print(
-        f"  ratio ours / pipeline (per clip): {ratio:.2f}×; "
-        f"vs pipeline batched: {res['ours'].clips_per_s / res['pipeB'].clips_per_s:.2f}×"
-    )
-    print("single-clip latency (one request, batch of one):")
-    print(
-        f"  pipeline {res['lat_p'].seconds:.2f} s (Griffin-Lim {res['lat_p'].gl_seconds:.2f} s), "
-        f"ours {res['lat_o'].seconds:.2f} s (Griffin-Lim {res['lat_o'].gl_seconds:.2f} s)"
-    )
-    print(
-        f"same images: max |Δ| {int(diff.max())} grey levels, mean {diff.mean():.3f} "
-        f"(8-bit; the pipeline quantises, we do not)"
-    )
+    for rep in range(args.repeats):
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            loads = [load1()]
+            peak_wall, peak_cpu = matmul_peak()
+            t: dict[str, Timing] = {}
+            out: dict[str, object] = {}
+            for key, fn in plan.items():
+                t[key], out[key] = fn()
+                loads.append(load1())
+            _report(rep, threads, cores, loads, (peak_wall, peak_cpu), t, out, labels, per_clip)
     return 0
 
 

@@ -42,6 +42,7 @@ from riffloop.music._ddim import (
     invert,
 )
 from riffloop.music._mel import MelCodec, MelConfig, image_from_uint8, to_uint8
+from riffloop.music._mel_image import mel_png
 from riffloop.music._merge import merge_latents, slerp
 from riffloop.music._model import ModelConfig, MusicDiffusion, PredictionType
 from riffloop.music._quality import (
@@ -120,6 +121,7 @@ __all__ = [
     "inject_at_step",
     "invert",
     "load_corpus",
+    "mel_png",
     "merge_latents",
     "min_snr_weights",
     "pack_corpus",

@@ -8,7 +8,7 @@ per-user rate limit), the shared rate limiter, bearer tokens, JSON logging, the 
 """
 
 from riffloop.runtime import metrics
-from riffloop.runtime._auth import TokenSigner
+from riffloop.runtime._auth import JwtVerifier, TokenSigner, hmac_kid
 from riffloop.runtime._consumers import ConsumerWorker, EventRouter
 from riffloop.runtime._convert import (
     checked_track_ready,
@@ -23,6 +23,7 @@ from riffloop.runtime._interceptors import (
     RateLimiter,
     RateLimitInterceptor,
     TokenVerifier,
+    bearer_user,
     current_user,
     remaining_seconds,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "DeferredWorker",
     "DispatchKeyed",
     "EventRouter",
+    "JwtVerifier",
     "LatentRecord",
     "LoopWorker",
     "MiB",
@@ -73,10 +75,12 @@ __all__ = [
     "TokenSigner",
     "TokenVerifier",
     "Worker",
+    "bearer_user",
     "checked_track_ready",
     "configure_logging",
     "connect_ports",
     "current_user",
+    "hmac_kid",
     "keep_current",
     "metrics",
     "provenance_from_proto",

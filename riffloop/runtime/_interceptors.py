@@ -211,6 +211,18 @@ class TokenVerifier(Protocol):
         ...
 
 
+def bearer_user(header: str, verifier: TokenVerifier) -> str:
+    """The user an ``authorization`` header value stands for (``Bearer <token>``); raises
+    UnauthenticatedError with the reason. The gRPC interceptor and the Connect (browser) API
+    both call it, so a call is refused the same way on either."""
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise UnauthenticatedError("missing authorization metadata (expected 'Bearer <token>')")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthenticatedError("authorization metadata must be 'Bearer <token>'")
+    return verifier.verify(token.strip())
+
+
 class BearerAuthInterceptor(grpc.ServerInterceptor):
     """``authorization: Bearer <token>`` on every call but health and reflection.
 
@@ -225,19 +237,12 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
-        header = str(metadata.get("authorization", ""))
-        scheme, _, token = header.partition(" ")
         user_id = ""
         problem = ""
-        if not header:
-            problem = "missing authorization metadata (expected 'Bearer <token>')"
-        elif scheme.lower() != "bearer" or not token.strip():
-            problem = "authorization metadata must be 'Bearer <token>'"
-        else:
-            try:
-                user_id = self.verifier.verify(token.strip())
-            except UnauthenticatedError as err:
-                problem = err.reason
+        try:
+            user_id = bearer_user(str(metadata.get("authorization", "")), self.verifier)
+        except UnauthenticatedError as err:
+            problem = err.reason
 
         def wrap(behavior: Behavior, streams: bool) -> Behavior:
             if streams:
@@ -289,25 +294,30 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
         self.limiter = limiter
         self.costs = dict(costs or {})
 
+    def charge(self, method: str, request: Any = None) -> None:
+        """Take the call's tokens from the verified user's bucket, or raise RateLimitedError.
+        ``request`` None (a streamed request) costs one token. The Connect (browser) API calls
+        this too, so both transports draw on one bucket per user."""
+        user = user_id_var.get()
+        if not user:
+            return  # unauthenticated calls were refused by the auth interceptor already
+        cost_of = self.costs.get(method)
+        cost = 1 if cost_of is None or request is None else max(1, int(cost_of(request)))
+        wait_s = self.limiter.try_acquire(user, cost)
+        if wait_s > 0:
+            raise RateLimitedError(
+                f"rate limit exceeded for user {user} on {method}; retry in {wait_s:.2f} s",
+                retry_after_s=wait_s,
+            )
+
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
             return handler
         _, method = _split_method(handler_call_details.method)
 
-        cost_of = self.costs.get(method)
-
         def check(request: Any = None) -> None:
-            user = user_id_var.get()
-            if not user:
-                return  # unauthenticated calls were refused by the auth interceptor already
-            cost = 1 if cost_of is None or request is None else max(1, int(cost_of(request)))
-            wait_s = self.limiter.try_acquire(user, cost)
-            if wait_s > 0:
-                raise RateLimitedError(
-                    f"rate limit exceeded for user {user} on {method}; retry in {wait_s:.2f} s",
-                    retry_after_s=wait_s,
-                )
+            self.charge(method, request)
 
         def wrap(behavior: Behavior, streams: bool) -> Behavior:
             if streams:

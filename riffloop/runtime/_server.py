@@ -338,6 +338,13 @@ class ServiceRuntime:
     def add_worker(self, worker: Worker) -> None:
         self._workers.append(worker)
 
+    def worker(self, name: str) -> Worker:
+        """The worker added under ``name`` (a server beside gRPC exposes its port there)."""
+        for worker in self._workers:
+            if worker.name == name:
+                return worker
+        raise KeyError(name)
+
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> int:

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from riffloop.core import ConfigurationError
 from riffloop.loop import Dispatcher
 from riffloop.runtime import (
     BearerAuthInterceptor,
     ConsumerWorker,
     EventRouter,
+    JwtVerifier,
     MiB,
     Ports,
     RateLimitInterceptor,
     ServiceRuntime,
     SlidingWindowLimiter,
     TokenSigner,
+    hmac_kid,
 )
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
 from services.gateway._service import (
@@ -41,38 +49,98 @@ def audio_probe(settings: GatewaySettings) -> Callable[[bytes], float]:
     return probe
 
 
+def mel_renderer() -> Callable[[bytes], tuple[bytes, int, int]]:
+    """``riffloop.music.mel_png``: a track's mel spectrogram as a PNG (GetTrackMelImage)."""
+    from riffloop.music import mel_png
+
+    return mel_png
+
+
+def token_verifier(settings: GatewaySettings) -> JwtVerifier:
+    """Tokens signed with RIFFLOOP_AUTH_SECRET (TokenSigner, its kid) and, when configured,
+    the identity provider's public keys by kid: a JWKS URL and/or a JSON file {kid: PEM}."""
+    public_keys: dict[str, Any] = {}
+    if settings.auth_public_keys_file:
+        path = Path(settings.auth_public_keys_file)
+        try:
+            pems = json.loads(path.read_text())
+            if not isinstance(pems, dict):
+                raise ValueError("not a JSON object")
+            for kid, pem in pems.items():
+                public_keys[str(kid)] = load_pem_public_key(str(pem).encode())
+        except (OSError, ValueError) as err:
+            raise ConfigurationError(
+                f"RIFFLOOP_AUTH_PUBLIC_KEYS_FILE {path}: expected JSON {{kid: PEM public key}} "
+                f"({err})"
+            ) from None
+    return JwtVerifier(
+        hmac_secrets={hmac_kid(settings.auth_secret): settings.auth_secret},
+        public_keys=public_keys,
+        jwks_url=settings.auth_jwks_url,
+        issuer=settings.auth_issuer,
+        audience=settings.auth_audience,
+    )
+
+
 def build(
-    settings: GatewaySettings, ports: Ports, *, audio: Callable[[bytes], float] | None = None
+    settings: GatewaySettings,
+    ports: Ports,
+    *,
+    audio: Callable[[bytes], float] | None = None,
+    web_root: Path | None = None,
 ) -> ServiceRuntime:
     ports.prepare(settings.kafka_partitions)
     limiter = SlidingWindowLimiter(
         ports.kv, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
     )
+    verifier = token_verifier(settings)
+    # SubmitFeedback pays one token per item: the limit counts ratings, not calls. A batch of
+    # the wrong size is refused (INVALID_ARGUMENT) before it pays anything.
+    rate_limit = RateLimitInterceptor(
+        limiter,
+        {
+            "SubmitFeedback": lambda request: feedback_batch_size(
+                request, settings.max_feedback_batch
+            )
+        },
+    )
     runtime = ServiceRuntime.from_settings(
         settings,
-        interceptors=[
-            BearerAuthInterceptor(TokenSigner(settings.auth_secret)),
-            # SubmitFeedback pays one token per item: the limit counts ratings, not calls. A
-            # batch of the wrong size is refused (INVALID_ARGUMENT) before it pays anything.
-            RateLimitInterceptor(
-                limiter,
-                {
-                    "SubmitFeedback": lambda request: feedback_batch_size(
-                        request, settings.max_feedback_batch
-                    )
-                },
-            ),
-        ],
+        interceptors=[BearerAuthInterceptor(verifier), rate_limit],
         # One upload chunk per message: a little above the chunk size clients use (1 MiB).
         max_message_bytes=2 * MiB,
         max_workers=64,
     )
     probe = audio or audio_probe(settings)
     dispatcher = Dispatcher(key=settings.effective_dispatch_key())
-    servicer = GatewayServicer(settings, ports, probe, dispatcher)
+    servicer = GatewayServicer(settings, ports, probe, dispatcher, mel_image=mel_renderer())
     runtime.add_service(
         pb_grpc.add_GatewayServiceServicer_to_server, servicer, "riffloop.v1.GatewayService"
     )
+    if settings.connect_port >= 0:  # the browser API and the page (services/gateway/_connect.py)
+        from services.gateway._connect import (
+            WEB_ROOT,
+            ConnectGateway,
+            ConnectServer,
+            GatewayWebApp,
+        )
+
+        gateway = ConnectGateway(
+            servicer,
+            verifier,
+            rate_limit,
+            service_name=settings.service_name,
+            max_upload_bytes=settings.max_upload_bytes,
+        )
+        signer = (
+            TokenSigner(
+                settings.auth_secret, issuer=settings.auth_issuer, audience=settings.auth_audience
+            )
+            if settings.dev_sign_in
+            else None
+        )
+        app = GatewayWebApp(gateway, dev_signer=signer, web_root=web_root or WEB_ROOT)
+        runtime.add_worker(ConnectServer(app, settings.bind_host, settings.connect_port))
     for dependency, check in ports.readiness_checks().items():
         runtime.readiness.add_check(dependency, check)
     events = GatewayEvents(ports, dispatcher)

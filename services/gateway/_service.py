@@ -137,6 +137,19 @@ class GatewaySettings(DispatchKeyed):
     # A rating's client_time may differ this much from the server's clock (a device set to the
     # wrong day is refused; a few minutes' drift is clamped into the serving-to-receipt span).
     client_time_max_skew_s: float = 24 * 3600.0
+    # Bearer JWTs (riffloop.runtime.JwtVerifier): the issuer and audience every token must
+    # name. Tokens signed with RIFFLOOP_AUTH_SECRET (HS256, riffloop.runtime.TokenSigner) are
+    # always accepted; an identity provider's keys come from its JWKS URL and/or a JSON file
+    # {kid: PEM public key} (docs/DEPLOY.md, "Sign-in").
+    auth_issuer: str = "riffloop"
+    auth_audience: str = "riffloop-gateway"
+    auth_jwks_url: str = ""
+    auth_public_keys_file: str = ""
+    # The browser API (Connect protocol over HTTP, and the listen-and-rate page) on its own
+    # port (8080 in deploy/k8s); 0 picks a free port, -1 (the default) turns it off.
+    connect_port: int = -1
+    # Development only: the page's sign-in form issues a token for any name. Never in production.
+    dev_sign_in: bool = False
 
     def queue_policy(self) -> QueuePolicy:
         return QueuePolicy(
@@ -181,6 +194,23 @@ class GatewaySettings(DispatchKeyed):
             raise ConfigurationError(f"listening queue settings: {exc.reason}") from None
         if not 60.0 <= self.client_time_max_skew_s <= 7 * 24 * 3600.0:
             raise ConfigurationError("RIFFLOOP_CLIENT_TIME_MAX_SKEW_S must lie in 60 s – 7 days")
+        if not -1 <= self.connect_port <= 65535:
+            raise ConfigurationError("RIFFLOOP_CONNECT_PORT must be a port, 0 (any) or -1 (off)")
+        if not self.auth_issuer or not self.auth_audience:
+            raise ConfigurationError("RIFFLOOP_AUTH_ISSUER and RIFFLOOP_AUTH_AUDIENCE must be set")
+        if (
+            self.dev_sign_in
+            and self.backend == "real"
+            and self.bind_host
+            not in (
+                "127.0.0.1",
+                "localhost",
+            )
+        ):
+            raise ConfigurationError(
+                "RIFFLOOP_DEV_SIGN_IN lets anyone sign in as anyone: it is refused on a gateway "
+                "that listens beyond loopback on real backends"
+            )
 
 
 def feedback_batch_size(request: pb.SubmitFeedbackRequest, limit: int) -> int:
@@ -286,8 +316,17 @@ def _ref_to_dict(ref: common_pb2.ObjectRef) -> dict[str, Any]:
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
     """Handlers: validate, call a port or the loop, publish an event. Nothing else."""
 
-    def __init__(self, settings: GatewaySettings, ports: Any, audio: Any, dispatcher: Any) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        ports: Any,
+        audio: Any,
+        dispatcher: Any,
+        mel_image: Any = None,
+    ) -> None:
         self.settings = settings
+        # renders a track's WAV as a mel PNG → (png, width, height) (riffloop.music.mel_png)
+        self.mel_image = mel_image
         self.ports = ports  # riffloop.runtime.Ports: bus, objects, kv
         self.audio = audio  # decodes and checks an upload (riffloop.music.decode_audio)
         self.dispatcher = dispatcher  # riffloop.loop.Dispatcher: opaque track ids
@@ -314,7 +353,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             self.upload_slots.release()
 
     def UploadSong(self, request_iterator: Iterator[pb.UploadSongRequest], context: Any) -> Any:
-        user = current_user()
         metadata: pb.UploadSongMetadata | None = None
         chunks: list[bytes] = []
         size = 0
@@ -334,6 +372,26 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 raise ValidationError(f"upload message {index} carries neither metadata nor chunk")
         if metadata is None:
             raise ValidationError("an upload must start with a metadata message")
+        return self._store_upload(metadata, b"".join(chunks))
+
+    def UploadWholeSong(
+        self, request: pb.UploadWholeSongRequest, context: Any
+    ) -> pb.UploadWholeSongResponse:
+        """UploadSong in one message (browsers cannot stream a request): the same checks."""
+        limit = self.settings.max_upload_bytes
+        if len(request.audio) > limit:
+            raise ValidationError(f"upload exceeds the limit of {limit} bytes")
+        stored = self._store_upload(request.metadata, request.audio)
+        return pb.UploadWholeSongResponse(
+            song_id=stored.song_id,
+            audio=stored.audio,
+            duration_seconds=stored.duration_seconds,
+            already_existed=stored.already_existed,
+        )
+
+    def _store_upload(self, metadata: pb.UploadSongMetadata, data: bytes) -> Any:
+        """Check, decode and store one upload; announce it on songs.uploaded.v1."""
+        user = current_user()
         if len(metadata.title) > _TITLE_MAX:
             raise ValidationError(f"title is longer than {_TITLE_MAX} characters")
         content_type = metadata.content_type.strip().lower()
@@ -342,7 +400,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 f"content_type {content_type!r} is not supported; use one of "
                 + ", ".join(sorted(c for c in _CONTENT_TYPES if c))
             )
-        data = b"".join(chunks)
         if not data:
             raise ValidationError("the upload carries no audio bytes")
         duration = self._decode_in_a_slot(data)
@@ -458,6 +515,18 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             yield pb.StreamAudioResponse(
                 offset=offset, chunk=data[offset : offset + chunk], total_size_bytes=total
             )
+
+    def GetTrackMelImage(
+        self, request: pb.GetTrackMelImageRequest, context: Any
+    ) -> pb.GetTrackMelImageResponse:
+        record, _ = self._track(request.track_id)
+        if record["status"] != "ready":
+            raise PermanentError(f"track {request.track_id} is not ready yet")
+        if self.mel_image is None:
+            raise PermanentError("this gateway renders no mel images")
+        audio = record["audio"]
+        png, width, height = self.mel_image(self.ports.objects.get(audio["bucket"], audio["key"]))
+        return pb.GetTrackMelImageResponse(png=png, width=width, height=height)
 
     # -- the listening queue ------------------------------------------------------------------
 

@@ -1,0 +1,187 @@
+"""The gateway's browser API (Connect protocol, services/gateway/_connect.py) against its gRPC API:
+the same handlers, the same token checks, one rate-limit bucket per user across both, the same
+error reasons, and the dev sign-in only when switched on."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from riffloop.runtime import TokenSigner
+from riffloop.v1 import gateway_service_pb2 as pb
+from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
+from tests.services.conftest import SECRET, Running, shared_ports, start_service, wav_bytes
+
+pytestmark = pytest.mark.unit
+
+BURST = 6
+
+
+@pytest.fixture(scope="module")
+def gateway() -> Iterator[Running]:
+    running = start_service(
+        "gateway",
+        shared_ports(),
+        connect_port=0,
+        rate_limit_burst=BURST,
+        rate_limit_per_s=0.01,
+        max_feedback_batch=BURST,
+        dev_sign_in=True,
+    )
+    try:
+        yield running
+    finally:
+        running.channel.close()
+        running.runtime.stop()
+
+
+def base_url(gateway: Running) -> str:
+    return f"http://127.0.0.1:{cast(Any, gateway.runtime.worker('connect')).port}"
+
+
+def connect(
+    gateway: Running, method: str, body: bytes, token: str | None, kind: str = "json"
+) -> tuple[int, bytes]:
+    """One Connect unary call; (HTTP status, body)."""
+    headers = {"content-type": f"application/{kind}", "connect-protocol-version": "1"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        f"{base_url(gateway)}/riffloop.v1.GatewayService/{method}", body, headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as err:
+        with err:
+            return err.code, err.read()
+
+
+def grpc_reason(call: Any) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code(), caught.value.details()
+
+
+def test_a_call_over_connect_reaches_the_same_handlers(gateway: Running) -> None:
+    token = TokenSigner(SECRET).issue("connie")
+    status, body = connect(gateway, "ListModels", b"{}", token)
+    assert status == 200, body
+    assert json.loads(body) == {}  # no models yet: the empty ListModelsResponse
+    status, body = connect(
+        gateway, "GetTrack", pb.GetTrackRequest(track_id="nope").SerializeToString(), token, "proto"
+    )
+    stub = pb_grpc.GatewayServiceStub(gateway.channel)
+    code, reason = grpc_reason(
+        lambda: stub.GetTrack(
+            pb.GetTrackRequest(track_id="nope"), metadata=(("authorization", f"Bearer {token}"),)
+        )
+    )
+    assert code is grpc.StatusCode.NOT_FOUND
+    assert status == 404 and json.loads(body) == {"code": "not_found", "message": reason}
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (None, "missing authorization"),
+        (TokenSigner(SECRET, clock=lambda: 1_000.0).issue("old", ttl_s=1), "expired"),
+        (TokenSigner("another-secret-0123").issue("eve"), "unknown key"),
+        (TokenSigner(SECRET, audience="someone-else").issue("eve"), "audience"),
+    ],
+)
+def test_bad_tokens_are_refused_as_over_grpc(
+    gateway: Running, token: str | None, reason: str
+) -> None:
+    status, body = connect(gateway, "ListModels", b"{}", token)
+    error = json.loads(body)
+    assert status == 401 and error["code"] == "unauthenticated" and reason in error["message"]
+    stub = pb_grpc.GatewayServiceStub(gateway.channel)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    code, grpc_message = grpc_reason(
+        lambda: stub.ListModels(pb.ListModelsRequest(), metadata=metadata)
+    )
+    assert code is grpc.StatusCode.UNAUTHENTICATED and grpc_message == error["message"]
+
+
+def test_the_rate_limit_is_one_bucket_across_grpc_and_connect(gateway: Running) -> None:
+    token = TokenSigner(SECRET).issue("greedy")
+    stub = pb_grpc.GatewayServiceStub(gateway.channel)
+    for _ in range(BURST // 2):  # half the burst over gRPC ...
+        stub.ListModels(pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {token}"),))
+    statuses = [connect(gateway, "ListModels", b"{}", token)[0] for _ in range(BURST // 2)]
+    assert statuses == [200] * (BURST // 2)  # ... the other half over Connect
+    status, body = connect(gateway, "ListModels", b"{}", token)
+    error = json.loads(body)
+    assert status == 429 and error["code"] == "resource_exhausted"
+    assert "rate limit exceeded for user greedy" in error["message"]
+    code, _ = grpc_reason(
+        lambda: stub.ListModels(
+            pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {token}"),)
+        )
+    )
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    # another user's bucket is untouched
+    assert connect(gateway, "ListModels", b"{}", TokenSigner(SECRET).issue("modest"))[0] == 200
+
+
+def test_whole_song_upload_has_the_streams_checks_and_reasons(gateway: Running) -> None:
+    token = TokenSigner(SECRET).issue("uploader")
+    wav = wav_bytes(2.0)
+    good = pb.UploadWholeSongRequest(
+        metadata=pb.UploadSongMetadata(title="a", content_type="audio/wav"), audio=wav
+    )
+    status, body = connect(gateway, "UploadWholeSong", good.SerializeToString(), token, "proto")
+    assert status == 200, body
+    answer = pb.UploadWholeSongResponse.FromString(body)
+    assert len(answer.song_id) == 64 and answer.duration_seconds == pytest.approx(2.0, abs=0.01)
+    bad = pb.UploadWholeSongRequest(
+        metadata=pb.UploadSongMetadata(content_type="audio/wav"), audio=b"not audio at all" * 100
+    )
+    status, body = connect(gateway, "UploadWholeSong", bad.SerializeToString(), token, "proto")
+    error = json.loads(body)
+    stub = pb_grpc.GatewayServiceStub(gateway.channel)
+    parts = iter(
+        [
+            pb.UploadSongRequest(metadata=bad.metadata),
+            pb.UploadSongRequest(chunk=bad.audio),
+        ]
+    )
+    code, reason = grpc_reason(
+        lambda: stub.UploadSong(parts, metadata=(("authorization", f"Bearer {token}"),))
+    )
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert status == 400 and error == {"code": "invalid_argument", "message": reason}
+
+
+def test_dev_sign_in_issues_a_token_the_gateway_accepts(gateway: Running) -> None:
+    url = f"{base_url(gateway)}/auth/dev-token"
+    request = urllib.request.Request(
+        url, json.dumps({"name": "dana"}).encode(), {"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        token = json.loads(response.read())["token"]
+    assert connect(gateway, "ListModels", b"{}", token)[0] == 200
+    with urllib.request.urlopen(f"{base_url(gateway)}/auth/config", timeout=10) as response:
+        assert json.loads(response.read()) == {"devSignIn": True}
+
+
+def test_dev_sign_in_is_off_unless_switched_on() -> None:
+    running = start_service("gateway", shared_ports(), connect_port=0)
+    try:
+        request = urllib.request.Request(
+            f"{base_url(running)}/auth/dev-token", b'{"name": "x"}', method="POST"
+        )
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=10)
+        with caught.value:
+            assert caught.value.code == 404
+    finally:
+        running.channel.close()
+        running.runtime.stop()
