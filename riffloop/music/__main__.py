@@ -428,7 +428,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     index.add_argument("--model", required=True, help="MusicDiffusion folder")
     index.add_argument("--out", help="folder for the index (default: the model folder)")
-    index.add_argument("--rows", type=int, default=512, help="windows, strided through the split")
+    index.add_argument("--rows", type=int, default=256, help="windows, strided through the split")
     index.add_argument("--steps", type=int, default=50, help="DDIM inversion steps")
     index.add_argument("--threads", type=int, default=2)
     index.add_argument("--corpus", help="corpus mel folder (default: the cache's)")

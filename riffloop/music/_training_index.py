@@ -10,9 +10,11 @@ Rows of Z_V:
 
 1. The base model: a bounded, evenly strided subset of the base corpus's training windows
    (``base_windows``: ``rows`` windows out of the split, spread over pieces and instruments),
-   inverted with a fixed number of DDIM steps. Inverting all ≈ 10k windows on two CPU cores
-   would take far longer than the fine-tune it serves; 512 windows cover every piece and
-   instrument of the corpus several times over.
+   inverted with a fixed number of DDIM steps (the encoder's, 50, so z_agg and the rows are
+   inverted alike). Building costs rows × steps UNet evaluations: 256 × 50 = 12,800 for the
+   trainer's default, against ≈ 540,000 for all ≈ 10.8k windows of the full corpus, which two
+   CPU cores cannot afford at every fine-tune; 256 evenly strided windows still visit every
+   piece and instrument of a corpus of a few hundred renders.
 2. A fine-tuned version V with parent P: P's rows plus the targets of the training pairs the
    selector kept for V's training set (the generations that beat their input's baseline), every
    row inverted again by V (``next_version``). Re-inverting rather than carrying P's latents

@@ -121,7 +121,9 @@ class ModelStore:
 class ServedModel:
     """The model a process serves, loaded from the store and hot-swapped: the new version is
     loaded aside (requests keep using the old one), then the reference is swapped under a lock;
-    a request holds the reference it got for its whole run, so no request is dropped.
+    a request holds the reference it got for its whole run, so no request is dropped. A
+    version's training index (``model.baseline_index``, the baseline z0's candidates, a part of
+    its checkpoint) is loaded with it, so the index swaps with the model, canary included.
 
     During a canary a second model (the candidate) is held beside it and ``for_request`` routes
     a share of requests to it by a hash of the request id (``riffloop.loop.Canary.route``, so

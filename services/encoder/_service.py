@@ -203,16 +203,21 @@ class Encoder:
         with self._other_lock:
             if self._other is not None and self._other[0] not in versions:
                 self._other = None  # the canary ended: its candidate is not needed any more
-        for key in LatentRecord.song_keys(self.ports.objects):
+        for done in [d for d in list(self._done) if d[1] not in versions]:
+            self._done.discard(done)  # versions no longer served
+        objects = self.ports.objects
+        for key in LatentRecord.song_keys(objects):
             song_id = key.removesuffix(".pt")
-            missing = [v for v in versions if (song_id, v) not in self._done]
-            if not missing:
-                continue
-            song = LatentRecord.from_bytes(self.ports.objects.get(LATENTS_BUCKET, key))
-            for version in missing:
+            song: LatentRecord | None = None
+            for version in versions:
                 if stop is not None and stop.is_set():
                     return stored
-                stored_before = (song_id, version) in self._done
+                if (song_id, version) in self._done:
+                    continue
+                if objects.exists(LATENTS_BUCKET, LatentRecord.version_key(song_id, version)):
+                    self._done.add((song_id, version))
+                    continue
+                song = song or LatentRecord.from_bytes(objects.get(LATENTS_BUCKET, key))
                 try:
                     self.invert_for(song, version)
                 except (ValidationError, NotFoundError) as exc:
@@ -221,7 +226,7 @@ class Encoder:
                         extra={"song_id": song_id, "model_version": version, "why": str(exc)},
                     )
                     continue
-                stored += not stored_before
+                stored += 1
         if stored:
             _log.info("latents inverted for served versions", extra={"songs": stored})
         return stored

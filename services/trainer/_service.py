@@ -118,7 +118,7 @@ class TrainerSettings(ServiceSettings):
     # corpus mel folder ``base_corpus_dir`` (the untrained smoke-test model: synthetic tones),
     # each inverted with ``baseline_inversion_steps`` DDIM steps (the encoder's default).
     base_corpus_dir: str = ""
-    baseline_rows: int = 512
+    baseline_rows: int = 256
     baseline_inversion_steps: int = 50
     # Training runs in the consumer thread (between polls): allow it up to 30 min per set.
     kafka_max_poll_interval_s: float = 1800.0
@@ -362,15 +362,18 @@ class TrainerCore:
         from riffloop.music import Winner, to_uint8
 
         base = parent.baseline_index or self._base_index(parent)  # a parent from before indexes
-        winners = [
-            Winner(
-                input_key=str(pair["input_key"]),
-                track_id=str(pair["target_track_id"]),
-                score=float(pair["score"]),
-                image=to_uint8(image[0]),
-            )
-            for pair, image in zip(pairs, images, strict=True)
-        ]
+        try:
+            winners = [
+                Winner(
+                    input_key=str(pair["input_key"]),
+                    track_id=str(pair["target_track_id"]),
+                    score=float(pair["score"]),
+                    image=to_uint8(image[0]),
+                )
+                for pair, image in zip(pairs, images, strict=True)
+            ]
+        except KeyError as exc:  # the manifest is riffloop.loop.TrainingPair.to_dict()
+            raise ValidationError(f"a training pair names no {exc.args[0]}") from None
         return self._timed_index(
             lambda: base.next_version(candidate, winners, model_version=candidate.version)
         )

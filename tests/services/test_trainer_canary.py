@@ -570,7 +570,9 @@ def test_the_gate_sees_the_parent_as_it_was_before_fine_tuning(
             core.ports.objects.put(
                 "tracks", f"t{i}.json", json.dumps({"image_uint8": grid}).encode()
             )
-            pairs.append({"target_track_id": f"t{i}", "weight": 1.0})
+            pairs.append(
+                {"target_track_id": f"t{i}", "weight": 1.0, "input_key": f"in{i}", "score": 4.0}
+            )
         core.ports.objects.put("trainsets", "ts-p.json", json.dumps({"pairs": pairs}).encode())
         import riffloop.music
 
