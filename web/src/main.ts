@@ -341,7 +341,8 @@ function svg(tag: string, attributes: Record<string, string | number>, text?: st
 }
 
 function chart(models: ModelSummary[]): SVGElement {
-  const width = 640;
+  // about one CSS pixel per unit on a 360 px phone; wider as versions accumulate
+  const width = Math.max(320, 60 + 90 * models.length);
   const height = 300;
   const left = 44;
   const bottom = 56;
@@ -382,7 +383,7 @@ function chart(models: ModelSummary[]): SVGElement {
       );
     }
   });
-  root.append(svg("text", { x: left, y: height - 10, "font-size": 12 }, "● generated   □ baseline   (● after a version: served now)"));
+  root.append(svg("text", { x: 8, y: height - 10, "font-size": 12 }, "● after a version: served now"));
   return root;
 }
 
@@ -417,7 +418,7 @@ async function loadHistory(): Promise<void> {
       return row;
     });
     $("#history-table tbody").replaceChildren(...rows);
-    say(status, models.length ? `${models.length} model versions.` : "No model versions yet.");
+    say(status, models.length === 1 ? "1 model version." : `${models.length || "No"} model versions.`);
   } catch (error) {
     say(status, `Refused: ${reason(error)}`, "refused");
   }
