@@ -211,6 +211,38 @@ class MelCodec:
                 )
         return audio.numpy().astype(np.float32, copy=False)
 
+    def track_to_audio(self, image: torch.Tensor | np.ndarray) -> np.ndarray:
+        """One image of any width ``[1, n_mels, T]`` (or ``[1, 1, n_mels, T]``), e.g. a long
+        track of crossfaded windows (``riffloop.music.generate_long``), → float32 audio of
+        ``T·hop − 1`` samples, phased by one Griffin-Lim over the whole image (seeded as
+        :meth:`images_to_audio`; T = ``x_res`` gives the same audio as that method)."""
+        tensor = torch.as_tensor(image)
+        c = self.config
+        if tensor.ndim == 4:
+            tensor = tensor[:, 0] if tensor.shape[1] == 1 else tensor
+        if tensor.ndim != 3 or tensor.shape[0] != 1 or tensor.shape[1] != c.n_mels:
+            raise ValidationError(
+                f"one image [1, {c.n_mels}, T] expected, got {tuple(tensor.shape)}"
+            )
+        frames = int(tensor.shape[-1])
+        if frames < 1:
+            raise ValidationError("the image has no frames")
+        griffin_lim = torchaudio.transforms.GriffinLim(
+            n_fft=c.n_fft,
+            n_iter=c.n_iter,
+            hop_length=c.hop_length,
+            power=2.0,
+            length=frames * c.hop_length - 1,
+        )
+        with torch.inference_mode():
+            x = tensor.to(torch.float32).clamp(-1.0, 1.0)
+            db = (x + 1.0) / 2.0 * c.top_db - c.top_db
+            linear_power = self._inverse_mel(torch.pow(10.0, db / 10.0))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_GRIFFIN_LIM_SEED)
+                audio = griffin_lim(linear_power)[0]
+        return audio.numpy().astype(np.float32, copy=False)
+
     def _phased(self, linear_power: torch.Tensor) -> torch.Tensor:
         torch.manual_seed(_GRIFFIN_LIM_SEED)
         return self._griffin_lim(linear_power)

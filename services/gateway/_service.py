@@ -124,6 +124,10 @@ class GatewaySettings(DispatchKeyed):
     # Generation requests: quality q when the client sends 0, and the largest q accepted.
     default_quality: int = 50
     max_quality: int = 1000
+    # Track lengths a request may ask for (0 = the generator's default, 5.9 s): one mel window
+    # of the served 64-frame model (32,767 samples at 22,050 Hz) to the generator's maximum.
+    min_track_seconds: float = 1.486
+    max_track_seconds: float = 60.0
     stream_chunk_bytes: int = 64 * 1024
     # Most items in one SubmitFeedback call (each costs one token of the per-user rate limit).
     max_feedback_batch: int = 100
@@ -178,6 +182,10 @@ class GatewaySettings(DispatchKeyed):
         if not 1 <= self.default_quality <= self.max_quality <= 1000:
             raise ConfigurationError(
                 "need 1 ≤ RIFFLOOP_DEFAULT_QUALITY ≤ RIFFLOOP_MAX_QUALITY ≤ 1000"
+            )
+        if not 0 < self.min_track_seconds <= self.max_track_seconds:
+            raise ConfigurationError(
+                "need 0 < RIFFLOOP_MIN_TRACK_SECONDS ≤ RIFFLOOP_MAX_TRACK_SECONDS"
             )
         if not 1 <= self.max_feedback_batch <= self.rate_limit_burst:
             raise ConfigurationError(
@@ -454,6 +462,13 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             raise ValidationError(f"quality must lie in 1–{self.settings.max_quality}, got {q}")
         if request.seed < 0:
             raise ValidationError("seed must not be negative")
+        d = request.duration_seconds
+        lo, hi = self.settings.min_track_seconds, self.settings.max_track_seconds
+        if not math.isfinite(d) or not (d == 0 or lo <= d <= hi):
+            raise ValidationError(
+                f"duration_seconds must lie in [{lo:g}, {hi:g}] (one window to the maximum), "
+                f"or be 0 for the default; got {d!r}"
+            )
         for song_id in ids:
             if not self.ports.objects.exists(SONGS_BUCKET, song_id):
                 raise NotFoundError(f"song {song_id} was never uploaded")
@@ -476,6 +491,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             similarity=s,
             quality=q,
             seed=request.seed,
+            duration_seconds=d,
         )
         self.ports.publish("generation.requested.v1", request_id, payload)
         return pb.GenerateResponse(request_id=request_id, track_id=track_id)

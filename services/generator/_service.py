@@ -63,6 +63,10 @@ class GeneratorSettings(DispatchKeyed):
     # How long a request waits for its songs' latents (the encoder may still be working).
     latent_wait_s: float = 60.0
     torch_threads: int = 1
+    # Track length when a request asks for 0 s, and the longest it may ask for
+    # (riffloop.music.TrackLength: overlapping windows, each continuing the last one's tail).
+    default_track_seconds: float = 5.9
+    max_track_seconds: float = 60.0
 
     def _validate(self) -> None:
         super()._validate()
@@ -72,6 +76,10 @@ class GeneratorSettings(DispatchKeyed):
             raise ConfigurationError("need 1 ≤ RIFFLOOP_DEFAULT_QUALITY ≤ _MAX_QUALITY ≤ 1000")
         if self.latent_wait_s < 0 or self.torch_threads < 1:
             raise ConfigurationError("RIFFLOOP_LATENT_WAIT_S ≥ 0, RIFFLOOP_TORCH_THREADS ≥ 1")
+        if not 0 < self.default_track_seconds <= self.max_track_seconds <= 600:
+            raise ConfigurationError(
+                "need 0 < RIFFLOOP_DEFAULT_TRACK_SECONDS ≤ RIFFLOOP_MAX_TRACK_SECONDS ≤ 600"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +91,7 @@ class Request:
     seed: int
     user_id: str
     kind: TrackKind | None = None  # None: the dispatcher draws it
+    duration_seconds: float = 0.0  # 0: the default track length
 
 
 def validate_request(settings: GeneratorSettings, request: Request) -> Request:
@@ -163,11 +172,13 @@ class Generator:
         from riffloop.music import (
             InjectionPlan,
             MelCodec,
+            TrackLength,
+            baseline_track,
             decode_latents,
-            image_from_uint8,
-            inject_at_step,
+            generate_long,
             merge_latents,
             to_uint8,
+            track_noise,
         )
 
         request = validate_request(self.settings, request)
@@ -176,6 +187,13 @@ class Generator:
         # This request keeps this reference through a hot swap; during a canary its request id
         # decides between the candidate and the current model.
         model = self.model.for_request(request.request_id)
+        # n overlapping windows of the model's mel config covering the requested seconds
+        length = TrackLength.for_seconds(
+            request.duration_seconds,
+            model.mel,
+            default=self.settings.default_track_seconds,
+            maximum=self.settings.max_track_seconds,
+        )
         records = [
             self._record(s, model.version, self.settings.latent_wait_s) for s in request.song_ids
         ]
@@ -215,25 +233,32 @@ class Generator:
         prov = dataclasses.replace(prov, seed=seed)
 
         def generate() -> Any:
+            # window 0 injected from x̂_0(z_agg) with ε_0 (the seed's first draw), each later
+            # window continuing the previous one's tail with ε_k (riffloop.music.generate_long)
             with self._compute:
                 merged = decode_latents(model, z_agg[None], records[0].inversion_steps)
-                generator = torch.Generator().manual_seed(seed)
-                return inject_at_step(model, merged, plan, generator)
+                noise = track_noise(tuple(model.image_shape), length.windows, seed)[None]
+                return generate_long(model, merged, plan, length, noise, top_db=model.mel.top_db)
 
         # Blindness in time (riffloop.loop.ReadyDelay): a baseline is held until a duration
-        # drawn from recent generations of the same cost (steps run) has passed; with none
-        # timed yet, the generation is run anyway and discarded.
-        cost = (plan.total_steps - plan.start_step,)
+        # drawn from recent generations of the same cost (steps run per window, windows) has
+        # passed; with none timed yet, the generation is run anyway and discarded.
+        cost = (plan.total_steps - plan.start_step, length.windows)
         hold: float | None = None
         if prov.kind is TrackKind.BASELINE:
-            image = image_from_uint8(chosen["pick"].image)  # the stored training window
+            # the stored training windows from z0 on, joined like a generation: same frames,
+            # same WAV size (riffloop.music.baseline_track)
+            index = model.baseline_index
+            image = baseline_track(
+                index.ids, index.images, chosen["pick"].row, length, model.mel.top_db
+            )
             hold = self.ready_delay.draw(cost)
             if hold is None:
                 generate()
         else:
             image = generate()
         with self._compute:
-            audio = MelCodec(model.mel).images_to_audio(image)[0]
+            audio = MelCodec(model.mel).track_to_audio(image[0])
         wav = io.BytesIO()
         soundfile.write(wav, audio, model.mel.sample_rate, format="WAV", subtype="PCM_16")
         duration = len(audio) / model.mel.sample_rate
@@ -246,9 +271,10 @@ class Generator:
             "user_id": request.user_id,
             "clip_seconds": duration,
             "total_steps": plan.total_steps,
+            "windows": length.windows,
             "embedding": [float(v) for v in image[0, 0].mean(dim=-1)],
-            # The window itself (8-bit), the trainer's target when this track is selected.
-            "image_uint8": to_uint8(image)[0, 0].tolist(),
+            # The track's first window (8-bit), the trainer's target when it is selected.
+            "image_uint8": to_uint8(image[..., : model.mel.x_res])[0, 0].tolist(),
         }
         self.ports.objects.put(
             "tracks",
@@ -287,6 +313,7 @@ class Generator:
                 quality=event.quality,
                 seed=event.seed,
                 user_id=event.user_id,
+                duration_seconds=event.duration_seconds,
             )
         )
 
@@ -339,6 +366,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
                 seed=request.seed,
                 user_id=request.user_id or "tool",
                 kind=kinds[request.kind],
+                duration_seconds=request.duration_seconds,
             )
         )
         return pb.GeneratorServiceGenerateResponse(
