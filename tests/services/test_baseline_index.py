@@ -236,3 +236,50 @@ def test_latents_of_a_new_version_are_produced_and_used() -> None:
     assert ready.provenance.model_version == "v0002"
     assert loop.generator._records[(song, "v0002")].model_version == "v0002"
     assert loop.ports.objects.exists(LATENTS_BUCKET, LatentRecord.key(song))  # the marker
+
+
+def test_the_trainer_publishes_each_version_with_its_index_and_the_winner_in_it() -> None:
+    import torch
+
+    from riffloop.core import new_envelope
+    from riffloop.runtime import ModelStore
+    from riffloop.v1 import events_pb2
+    from services.trainer import TrainerSettings
+    from services.trainer._service import TrainerCore
+
+    ports = shared_ports()
+    ports.prepare()
+    settings = TrainerSettings(
+        untrained_base=True,
+        base_preset="tiny",
+        finetune_steps=2,
+        batch_size=2,
+        gate_mode="skip",
+        canary_share=0.0,
+        baseline_rows=8,
+        baseline_inversion_steps=STEPS,
+    )
+    core = TrainerCore(settings, ports)
+    assert core.ensure_base() == "v0001"
+    store = ModelStore(ports.objects)
+    base = store.load("v0001").baseline_index
+    assert base.model_version == "v0001" and len(base) == 8
+    assert all(i.startswith("tone:") for i in base.ids) and not base.champions
+
+    # the selector kept one generation that beat the baseline of input "a+b"
+    size = store.load("v0001").mel.n_mels
+    window = torch.randint(0, 256, (size, size), dtype=torch.uint8)
+    ports.objects.put("tracks", "t-win.json", json.dumps({"image_uint8": window.tolist()}).encode())
+    pair = {"target_track_id": "t-win", "weight": 0.8, "input_key": "a+b", "score": 4.4}
+    ports.objects.put("trainsets", "ts-1.json", json.dumps({"pairs": [pair]}).encode())
+    event = events_pb2.TrainsetPublished(trainset_id="ts-1", pair_count=1, iteration=1)
+    event.manifest.bucket, event.manifest.key = "trainsets", "ts-1.json"
+    core.on_trainset_published(new_envelope("selector", event))
+
+    assert store.current()["version"] == "v0002"
+    child = store.load("v0002").baseline_index
+    assert child.model_version == "v0002" and child.ids == [*base.ids, "track:t-win"]
+    assert child.champions == {"a+b": "track:t-win"}
+    assert torch.equal(child.images[-1, 0], window)
+    z_agg = torch.randn(*store.load("v0002").image_shape)
+    assert child.baseline_for("a+b", z_agg).id == "track:t-win"
