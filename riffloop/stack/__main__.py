@@ -1,7 +1,8 @@
 """``python -m riffloop.stack up|down|status [--tiny]``: infra + the six services, locally.
 
 ``up`` starts Kafka, MinIO and Redis (``riffloop.infra``), then every service process, and
-waits until each answers SERVING; it prints the gateway address and a token for a test user.
+waits until each answers SERVING; it prints the gateway address, a token for a test user and the
+web page's URL (the gateway's browser API, web/; built by ``bin/riffloop stack up``).
 The trainer serves the trained ``assets/base-model``; ``--tiny`` swaps in an untrained tiny model
 (RIFFLOOP_UNTRAINED_BASE=1: fast, but its tracks are noise) for smoke tests.
 """
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway = processes.state.processes["gateway"]
             token = TokenSigner(processes.state.auth_secret).issue("demo")
             print(f"gateway {gateway.target}\ntoken (user demo) {token}")
+            print(f"web page {gateway.web_url} (sign in with any name: a development stack)")
             for name, line in processes.status().items():
                 print(f"{name:10} {line}")
             return 0

@@ -63,10 +63,17 @@ class ServiceProcess:
     grpc_port: int
     metrics_port: int
     log: str
+    # The gateway's browser API and web page (RIFFLOOP_CONNECT_PORT); 0 for the other services.
+    web_port: int = 0
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def web_url(self) -> str:
+        """The page's address ("" for a service without one)."""
+        return f"http://127.0.0.1:{self.web_port}/" if self.web_port else ""
 
     def alive(self) -> bool:
         """Whether the pid runs (a zombie counts as dead)."""
@@ -177,6 +184,10 @@ class ServiceProcesses:
         )
         if name == "gateway":
             env["RIFFLOOP_AUTH_SECRET"] = self.state.auth_secret
+            # The page on loopback; a local stack is a development stack, so its sign-in page
+            # issues tokens for any name (RIFFLOOP_DEV_SIGN_IN; never in production).
+            env["RIFFLOOP_CONNECT_PORT"] = str(process.web_port)
+            env["RIFFLOOP_DEV_SIGN_IN"] = "true"
         if name in ("gateway", "generator"):
             env["RIFFLOOP_DISPATCH_KEY"] = self.state.dispatch_key
         env.update(self.overrides.get(name, {}))
@@ -187,9 +198,12 @@ class ServiceProcesses:
         old = self.state.processes.get(name)
         grpc_port = old.grpc_port if old else free_port()
         metrics_port = old.metrics_port if old else free_port()
+        web_port = 0
+        if name == "gateway":
+            web_port = old.web_port if old and old.web_port else free_port()
         log = self.state_dir / "logs" / f"{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        placeholder = ServiceProcess(name, 0, grpc_port, metrics_port, str(log))
+        placeholder = ServiceProcess(name, 0, grpc_port, metrics_port, str(log), web_port)
         with log.open("ab") as out:
             child = subprocess.Popen(
                 [sys.executable, "-m", f"services.{name}"],
@@ -200,7 +214,7 @@ class ServiceProcesses:
                 start_new_session=True,
                 preexec_fn=_parent_death_signal() if self.tied_to_parent else None,
             )
-        process = ServiceProcess(name, child.pid, grpc_port, metrics_port, str(log))
+        process = ServiceProcess(name, child.pid, grpc_port, metrics_port, str(log), web_port)
         self._children[child.pid] = child
         self.state.processes[name] = process
         self.state.save(self.state_path)

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.unit
 # The oldest Kubernetes minor the manifests promise to work on, and the newest the validator knows.
 KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 NAMESPACES = {"dev": "riffloop-dev", "production": "riffloop"}
-GRPC_PORT, METRICS_PORT = 50051, 9100
+GRPC_PORT, METRICS_PORT, WEB_PORT = 50051, 9100, 8080
 CRD_GROUP = "monitoring.coreos.com/"
 # Secrets the production overlay references but the platform creates (docs/DEPLOY.md lists them).
 EXTERNAL_SECRETS = {
@@ -359,7 +359,8 @@ def test_three_grpc_probes_on_the_configured_port(docs: list[dict[str, Any]]) ->
         assert env.get("RIFFLOOP_METRICS_PORT") == str(METRICS_PORT), name
         assert env.get("RIFFLOOP_BIND_HOST") == "0.0.0.0", f"{name} would listen on loopback only"
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT}, name
+        web = {"web": WEB_PORT} if name == "gateway" else {}  # its browser API (Connect)
+        assert ports == {"grpc": GRPC_PORT, "metrics": METRICS_PORT, **web}, name
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert probe in container, f"{name} has no {probe}"
             assert container[probe]["grpc"]["port"] == GRPC_PORT, (name, probe)
@@ -656,6 +657,25 @@ def _ports(rule: dict[str, Any]) -> set[tuple[str, int, int | None]]:
     return {(p.get("protocol", "TCP"), p["port"], p.get("endPort")) for p in rule["ports"]}
 
 
+def test_the_web_page_is_routed_to_the_gateways_web_port(docs: list[dict[str, Any]]) -> None:
+    """Ingress riffloop-web -> Service riffloop-gateway-web -> the container port the gateway's
+    Connect server listens on (RIFFLOOP_CONNECT_PORT in its settings)."""
+    (ingress,) = of_kind(docs, "Ingress")
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    services = {s["metadata"]["name"]: s for s in of_kind(docs, "Service")}
+    web = services[backend["name"]]
+    (port,) = [p for p in web["spec"]["ports"] if p["name"] == backend["port"]["name"]]
+    (container,) = pod_spec(deployments(docs)["gateway"])["containers"]
+    (target,) = [p for p in container["ports"] if p["name"] == port["targetPort"]]
+    settings = {
+        k: v
+        for c in of_kind(docs, "ConfigMap")
+        if c["metadata"]["name"].startswith("riffloop-gateway-settings")
+        for k, v in c["data"].items()
+    }
+    assert target["containerPort"] == WEB_PORT == int(settings["RIFFLOOP_CONNECT_PORT"])
+
+
 def test_default_deny_covers_every_pod(docs: list[dict[str, Any]]) -> None:
     for name, deployment in deployments(docs).items():
         labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -680,7 +700,7 @@ def test_ingress_only_clients_to_gateway_and_prometheus_to_metrics(
                 for port in _ports(rule):
                     allowed.setdefault(port, []).append(rule.get("from"))
         expected = {("TCP", METRICS_PORT, None)} | (
-            {("TCP", GRPC_PORT, None)} if name == "gateway" else set()
+            {("TCP", GRPC_PORT, None), ("TCP", WEB_PORT, None)} if name == "gateway" else set()
         )
         assert set(allowed) == expected, f"{name} accepts {sorted(allowed)}"
         for source in allowed[("TCP", METRICS_PORT, None)]:
