@@ -69,6 +69,12 @@ class JwtVerifier:
         self.audience = audience
         self.leeway_s = leeway_s
         self._now = clock
+        # token → (user, exp) of tokens that verified: a client sends the same token with every
+        # call, and a full JWT check costs ~0.1 ms of CPU (ten times the HMAC compare it replaced).
+        # Bounded: emptied when full. Expiry is still checked on every hit.
+        self._verified: dict[str, tuple[str, float]] = {}
+
+    _CACHE_SIZE = 20_000
 
     def _key(self, kid: str) -> tuple[Any, list[str]]:
         if kid in self._hmac:
@@ -83,6 +89,19 @@ class JwtVerifier:
         raise UnauthenticatedError(f"bearer token is signed with an unknown key (kid {kid[:40]!r})")
 
     def verify(self, token: str) -> str:
+        known = self._verified.get(token)
+        if known is not None:
+            user_id, expiry = known
+            if expiry + self.leeway_s < self._now():
+                raise UnauthenticatedError("bearer token expired")
+            return user_id
+        user_id, expiry = self._verify(token)
+        if len(self._verified) >= self._CACHE_SIZE:
+            self._verified.clear()
+        self._verified[token] = (user_id, expiry)
+        return user_id
+
+    def _verify(self, token: str) -> tuple[str, float]:
         if token.count(".") != 2:
             raise UnauthenticatedError("malformed bearer token (expected a JWT)")
         try:
@@ -126,7 +145,7 @@ class JwtVerifier:
         user_id = claims["sub"]
         if not isinstance(user_id, str) or not _USER_ID.match(user_id):
             raise UnauthenticatedError("bearer token names an invalid user id")
-        return user_id
+        return user_id, float(expiry)
 
 
 class TokenSigner:

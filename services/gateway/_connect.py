@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import mimetypes
 import re
 import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,9 @@ class ConnectGateway:
 
     # 1. auth, 2. rate limit, 3. the handler: what the gRPC interceptors do, in their order.
     def _invoke(
-        self, name: str, headers: Mapping[str, str], request: Any, run: Callable[[], Any]
+        self, name: str, ctx: RequestContext[Any, Any], request: Any, run: Callable[[], Any]
     ) -> Any:
+        headers = ctx.request_headers
         given = str(headers.get("x-request-id", ""))
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         rid = request_id_var.set(request_id)
@@ -144,6 +146,9 @@ class ConnectGateway:
             _log.log(
                 level, "rpc failed", extra={"method": name, "code": code, "reason": exc.reason}
             )
+            retry_after = getattr(exc, "retry_after_s", None)
+            if retry_after is not None:  # as the gRPC trailer: machine-readable, in ms
+                ctx.response_headers["retry-after-ms"] = str(max(1, math.ceil(retry_after * 1000)))
             raise ConnectError(Code[exc.grpc_code], exc.reason) from None
         except Exception as exc:
             code = "INTERNAL"
@@ -161,9 +166,8 @@ class ConnectGateway:
         handler = getattr(self.servicer, name)
 
         async def call(request: Any, ctx: RequestContext[Any, Any]) -> Any:
-            headers = ctx.request_headers
             return await asyncio.to_thread(
-                self._invoke, name, headers, request, lambda: handler(request, _CallContext())
+                self._invoke, name, ctx, request, lambda: handler(request, _CallContext())
             )
 
         return call
@@ -174,11 +178,10 @@ class ConnectGateway:
         async def call(request: Any, ctx: RequestContext[Any, Any]) -> AsyncIterator[Any]:
             # Tracks are seconds long (a few MB at most): the handler's chunks are gathered in
             # the worker thread, then sent, so every error surfaces before the first message.
-            headers = ctx.request_headers
             chunks = await asyncio.to_thread(
                 self._invoke,
                 name,
-                headers,
+                ctx,
                 request,
                 lambda: list(handler(request, _CallContext())),
             )
@@ -199,14 +202,13 @@ class ConnectGateway:
                 if size > limit + 64 * 1024:  # the handler refuses with the reason; stop reading
                     break
                 messages.append(message)
-            headers = ctx.request_headers
 
             def run() -> Any:
                 if size > limit + 64 * 1024:
                     raise ValidationError(f"upload exceeds the limit of {limit} bytes")
                 return handler(iter(messages), _CallContext())
 
-            return await asyncio.to_thread(self._invoke, name, headers, None, run)
+            return await asyncio.to_thread(self._invoke, name, ctx, None, run)
 
         return call
 

@@ -21,6 +21,7 @@ from tests.services.conftest import SECRET, Running, shared_ports, start_service
 pytestmark = pytest.mark.unit
 
 BURST = 6
+last_headers: dict[str, str] = {}  # of the last connect() call
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +58,13 @@ def connect(
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
+            last_headers.clear()
+            last_headers.update({k.lower(): v for k, v in response.headers.items()})
             return response.status, response.read()
     except urllib.error.HTTPError as err:
         with err:
+            last_headers.clear()
+            last_headers.update({k.lower(): v for k, v in err.headers.items()})
             return err.code, err.read()
 
 
@@ -121,6 +126,7 @@ def test_the_rate_limit_is_one_bucket_across_grpc_and_connect(gateway: Running) 
     error = json.loads(body)
     assert status == 429 and error["code"] == "resource_exhausted"
     assert "rate limit exceeded for user greedy" in error["message"]
+    assert int(last_headers["retry-after-ms"]) > 0  # as the gRPC trailer
     code, _ = grpc_reason(
         lambda: stub.ListModels(
             pb.ListModelsRequest(), metadata=(("authorization", f"Bearer {token}"),)
