@@ -1,6 +1,6 @@
 """A track's log-mel spectrogram as a PNG, for people to look at (the web page's player).
 
-1. Decode the audio as the encoder does (``decode_audio``: mono, 22,050 Hz).
+1. Decode the audio as the encoder does (``decode_audio``: mono, 22,050 Hz), any length.
 2. Cut it into the model's mel windows (``MelCodec.audio_to_images``: x_res frames each, dB
    relative to each window's peak, floored at −top_db, scaled to [−1, 1]); a trailing partial
    window is dropped, as the model never sees one. A track shorter than one window is padded
@@ -15,7 +15,7 @@ import io
 
 import numpy as np
 
-from riffloop.music._audio import decode_audio
+from riffloop.music._audio import AudioLimits, decode_audio
 from riffloop.music._mel import MelCodec, MelConfig
 
 
@@ -26,7 +26,8 @@ def mel_png(data: bytes, config: MelConfig | None = None) -> tuple[bytes, int, i
 
     codec = MelCodec(config)
     c = codec.config
-    samples = decode_audio(data).samples
+    # a track may be one window (1.49 s), shorter than an upload may be
+    samples = decode_audio(data, AudioLimits(min_seconds=0.0)).samples
     if samples.shape[0] < c.slice_samples:
         samples = np.pad(samples, (0, c.slice_samples - samples.shape[0]))
     images = codec.audio_to_images(samples)[:, 0].numpy()  # [N, n_mels, x_res] in [-1, 1]
