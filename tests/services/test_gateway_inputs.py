@@ -250,6 +250,19 @@ def test_uploads_beyond_the_concurrency_limit_are_refused_until_one_finishes(aut
             grpc.StatusCode.INVALID_ARGUMENT,
             "quality",
         ),
+        *[
+            (
+                pb.GenerateRequest(song_ids=["a" * 64], duration_seconds=d),
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "duration_seconds must lie in",
+            )
+            for d in (-1.0, 1.0, 61.0, float("nan"), float("inf"))
+        ],
+        (
+            pb.GenerateRequest(song_ids=["a" * 64], duration_seconds=30.0),
+            grpc.StatusCode.NOT_FOUND,
+            "never uploaded",
+        ),
         (pb.GenerateRequest(song_ids=["a" * 64]), grpc.StatusCode.NOT_FOUND, "never uploaded"),
     ],
 )
