@@ -65,6 +65,16 @@ function show(page: Page): void {
   if (page === "history") void loadHistory();
 }
 
+/** The user a stored token names (its ``sub``), to show who is signed in; "" if unreadable. */
+function tokenUser(value: string): string {
+  try {
+    const payload = value.split(".")[1].replace(/-/g, "+").replace(/_/g, "/");
+    return String(JSON.parse(atob(payload)).sub ?? "");
+  } catch {
+    return "";
+  }
+}
+
 function route(): void {
   const wanted = location.hash.slice(1) as Page;
   const page: Page = !token() ? "signin" : PAGES.includes(wanted) ? wanted : "create";
@@ -430,6 +440,7 @@ window.addEventListener("hashchange", route);
 document.addEventListener("DOMContentLoaded", () => {
   void setUpSignIn();
   setUpUploads();
+  if (token()) $("#signin-link").textContent = `Signed in: ${tokenUser(token()) || "yes"}`;
   $("#generate").addEventListener("click", () => void generate());
   $("#next").addEventListener("click", () => void nextTrack());
   $("#refresh").addEventListener("click", () => void loadHistory());
