@@ -191,3 +191,30 @@ def test_dev_sign_in_is_off_unless_switched_on() -> None:
     finally:
         running.channel.close()
         running.runtime.stop()
+
+
+def test_the_upload_limit_is_the_same_over_connect() -> None:
+    limit = 100_000
+    running = start_service("gateway", shared_ports(), connect_port=0, max_upload_bytes=limit)
+    try:
+        token = TokenSigner(SECRET).issue("big")
+        over = pb.UploadWholeSongRequest(
+            metadata=pb.UploadSongMetadata(content_type="audio/wav"), audio=b"\0" * (limit + 1)
+        )
+        status, body = connect(running, "UploadWholeSong", over.SerializeToString(), token, "proto")
+        stub = pb_grpc.GatewayServiceStub(running.channel)
+        parts = iter(
+            [pb.UploadSongRequest(metadata=over.metadata), pb.UploadSongRequest(chunk=over.audio)]
+        )
+        code, reason = grpc_reason(
+            lambda: stub.UploadSong(parts, metadata=(("authorization", f"Bearer {token}"),))
+        )
+        assert code is grpc.StatusCode.INVALID_ARGUMENT
+        assert status == 400 and json.loads(body) == {"code": "invalid_argument", "message": reason}
+        # far beyond the limit the Connect server stops reading before the handler runs
+        huge = pb.UploadWholeSongRequest(audio=b"\0" * (limit + 200_000)).SerializeToString()
+        status, body = connect(running, "UploadWholeSong", huge, token, "proto")
+        assert status == 429 and json.loads(body)["code"] == "resource_exhausted", body
+    finally:
+        running.channel.close()
+        running.runtime.stop()
