@@ -238,6 +238,16 @@ class BaselineIndex:
         }
         return st_save({"rows": self.rows}, metadata=metadata)
 
+    def row(self, i: int) -> Tensor:
+        """The stored features φ_r(z) of row ``i`` (no copy of the other rows)."""
+        if not 0 <= i < len(self._ids):
+            raise ValidationError(f"row {i} is not in an index of {len(self._ids)}")
+        for block in self._blocks:
+            if i < block.shape[0]:
+                return block[i]
+            i -= block.shape[0]
+        raise AssertionError("unreachable: the blocks hold every row")
+
     @property
     def rows(self) -> Tensor:
         """The stored row features φ_r(z) ``[M, D']`` (what ``to_bytes`` writes)."""

@@ -207,7 +207,7 @@ class TrainingIndex:
         """Γ(z_agg, z_row) through the index's feature maps."""
         similarity = self.index.similarity
         q = similarity.query_features(z_agg.detach().reshape(1, -1).to(torch.float32))
-        r = self.index.rows[row].to(torch.float32)
+        r = self.index.row(row).to(torch.float32)
         return float(q[0] @ r)
 
     # -- persistence ------------------------------------------------------------------------

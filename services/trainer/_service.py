@@ -322,6 +322,8 @@ class TrainerCore:
         model.parent = None
         if model.baseline_index is None:
             model.baseline_index = self._base_index(model)
+        else:  # shipped with the folder, inverted by these weights under the folder's name
+            model.baseline_index.model_version = model.version
         self.publish_version(
             model, trainset_id="", gate=None, action=common_pb2.MODEL_ACTION_PROMOTE
         )
