@@ -280,9 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--out", default="out/quality")
     r.add_argument("--draws", type=int, default=1, help="draws of --n clips for the FD's mean")
     r.add_argument("--device", default="cpu", help="where to sample (cpu, cuda)")
+    r.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     r.set_defaults(func=_report)
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(getattr(args, "threads", 2))
     try:
         return int(args.func(args))
     except RiffloopError as exc:
