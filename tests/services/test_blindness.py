@@ -67,15 +67,14 @@ def test_ids_fields_sizes_and_ready_delays_do_not_tell_the_kinds_apart(
         delay = time.perf_counter() - asked
         seen[track_id] = {"info": info, "delay": delay, "size": len(client.audio(track_id))}
     objects = gateway.state.objects
-    kinds = {
-        t: json.loads(objects.get("tracks", f"{t}.json"))["provenance"]["kind"] for t in seen
-    }
+    kinds = {t: json.loads(objects.get("tracks", f"{t}.json"))["provenance"]["kind"] for t in seen}
     baselines = [t for t, k in kinds.items() if k == "baseline"]
     generated = [t for t, k in kinds.items() if k == "generated"]
     assert len(baselines) >= 4 and len(generated) >= 4, kinds  # P(fewer) < 1e-3 at p = 0.25
 
     # 1. Ids: one form (20 hex characters), whatever the kind.
     assert all(re.fullmatch(r"[0-9a-f]{20}", t) for t in seen)
+
     # 2. Every field a client receives, but the id and the request time, and the audio's size.
     def observable(t: str) -> tuple[object, ...]:
         info = seen[t]["info"]
