@@ -45,10 +45,11 @@ class Dispatcher:
     every input has a reference rated by the same people under the same conditions).
     """
 
-    def __init__(self, baseline_share: float = 0.25, key: str | bytes | int = 0) -> None:
+    def __init__(self, baseline_share: float = 0.25, *, key: str | bytes | int) -> None:
         """``key``: the secret every draw is derived from. Services pass the dispatch key
-        (riffloop.runtime.dispatch_key); simulations and tests may pass any value, an int
-        seed included, since their listeners never see the code or the ids."""
+        (``effective_dispatch_key()`` of their settings); simulations and tests may pass any
+        value, an int seed included, since their listeners never see the code or the ids.
+        There is no default: a fixed key would let a client compute the kind."""
         if not 0.0 <= baseline_share <= 1.0:
             raise ValidationError("baseline_share must be a probability")
         self.baseline_share = baseline_share

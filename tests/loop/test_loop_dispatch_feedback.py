@@ -66,7 +66,7 @@ def test_provenance_validation() -> None:
     with pytest.raises(ValidationError):
         TrackProvenance("t", TrackKind.BASELINE, "v0", ("a",), 1, 0.5, 20, None, None)
     with pytest.raises(ValidationError):
-        Dispatcher(baseline_share=1.5)
+        Dispatcher(baseline_share=1.5, key=0)
 
 
 @pytest.fixture

@@ -669,7 +669,7 @@ def test_a_track_ready_the_feedback_service_would_refuse_is_not_ready_here(
     from riffloop.loop import Dispatcher
     from services.gateway._service import GatewayEvents
 
-    events = GatewayEvents(state, Dispatcher())
+    events = GatewayEvents(state, Dispatcher(key="test-dispatch-key"))
     for ready in bad:
         with pytest.raises(ValidationError):
             events.on_track_ready(new_envelope("test", ready))
