@@ -18,7 +18,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -235,8 +235,12 @@ def test_sign_in_upload_generate_listen_rate_and_see_it_counted(
     page.goto("/#listen")
     page.get_by_role("button", name="Next track").click()
     play_to_the_end_and_rate(page, "#listen-player", 5, skip=True)
+
     # Honest listening time: the pause adds nothing, the jump skips what it jumped over.
-    (listen,) = [e for e in _feedback(stack) if e.track_id == other and e.HasField("listen")]
+    def listens(events: list[Any]) -> list[Any]:
+        return [e for e in events if e.track_id == other and e.HasField("listen")]
+
+    (listen,) = listens(_feedback(stack, until=lambda events: bool(listens(events))))
     assert listen.user_id == "wendy" and listen.listen.completed
     assert 2.5 <= listen.listen.seconds_listened <= 3.6 < listen.listen.clip_seconds - 1
     assert axe_violations(page) == []
@@ -284,24 +288,31 @@ def _listener(target: str, user: str, stars: int) -> None:
             client.rate(track.track_id, stars)
 
 
-def _feedback(stack: dict[str, Running]) -> list[Any]:
-    """Every FeedbackReceived the gateway published so far (a fresh consumer group)."""
+def _feedback(
+    stack: dict[str, Running], until: Callable[[list[Any]], bool], timeout_s: float = 30.0
+) -> list[Any]:
+    """Every FeedbackReceived the gateway published, read until `until` holds (a fresh group).
+
+    One poll is not enough: Kafka answers a poll with whatever one partition's fetch returned
+    first, so the event we look for may still be in another partition's next fetch.
+    """
     from riffloop.core import decode_envelope
 
     bus = stack["gateway"].state.bus
     subscription = bus.subscribe(f"web-test-{time.monotonic_ns()}", ["feedback.received.v1"])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
     try:
-        messages = subscription.poll(1.0, max_records=10_000)
+        while not until(out) and time.monotonic() < deadline:
+            for message in subscription.poll(1.0, max_records=10_000):
+                envelope = decode_envelope(message.value, message.topic)
+                kind = envelope.WhichOneof("payload")
+                if kind == "feedback_received":
+                    out.append(envelope.feedback_received)
+                elif kind == "feedback_batch":
+                    out.extend(envelope.feedback_batch.items)
     finally:
         subscription.close()
-    out = []
-    for message in messages:
-        envelope = decode_envelope(message.value, message.topic)
-        kind = envelope.WhichOneof("payload")
-        if kind == "feedback_received":
-            out.append(envelope.feedback_received)
-        elif kind == "feedback_batch":
-            out.extend(envelope.feedback_batch.items)
     return out
 
 
