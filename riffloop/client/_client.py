@@ -190,11 +190,25 @@ class GatewayClient:
         return UploadedSong(response.song_id, response.duration_seconds, response.already_existed)
 
     def generate(
-        self, song_ids: list[str], *, similarity: float = 0.5, quality: int = 0, seed: int = 0
+        self,
+        song_ids: list[str],
+        *,
+        similarity: float = 0.5,
+        quality: int = 0,
+        seed: int = 0,
+        duration_seconds: float = 0.0,
+        client_request_id: str = "",
     ) -> str:
-        """Ask for a track; returns its id (pending until the generator publishes it)."""
+        """Ask for a track; returns its id (pending until the generator publishes it).
+        ``client_request_id``: an idempotency key; calling again with it returns the same
+        track instead of asking for a second one."""
         request = pb.GenerateRequest(
-            song_ids=song_ids, similarity=similarity, quality=quality, seed=seed
+            song_ids=song_ids,
+            similarity=similarity,
+            quality=quality,
+            seed=seed,
+            duration_seconds=duration_seconds,
+            client_request_id=client_request_id,
         )
         return str(self._call(self._stub.Generate, request).track_id)
 

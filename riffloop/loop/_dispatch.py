@@ -59,6 +59,11 @@ class Dispatcher:
         u = _stream(self._key, "dispatch", request_id).random()
         return TrackKind.BASELINE if u < self.baseline_share else TrackKind.GENERATED
 
+    def request_id_for(self, user_id: str, client_key: str) -> str:
+        """The request id of a client's idempotency key: 32 hex under the key, so a retry
+        (or a paired deployment sharing the key) meets the same request, draw and seed."""
+        return _mac(self._key, "request", user_id, client_key).hex()[:32]
+
     def track_id_for(self, request_id: str) -> str:
         """Opaque id: reveals neither the kind nor the request (the listener stays blind)."""
         return self.opaque_id("track", request_id)

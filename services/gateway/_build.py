@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -88,10 +90,14 @@ def build(
     *,
     audio: Callable[[bytes], float] | None = None,
     web_root: Path | None = None,
+    clock: Callable[[], float] = time.time,
+    draw: random.Random | None = None,
 ) -> ServiceRuntime:
+    """``clock`` and ``draw``: the server's time and the queue's randomness (wall time and OS
+    entropy unless a simulation passes its own, riffloop.sim)."""
     ports.prepare(settings.kafka_partitions)
     limiter = SlidingWindowLimiter(
-        ports.kv, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst
+        ports.kv, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst, clock=clock
     )
     verifier = token_verifier(settings)
     # SubmitFeedback pays one token per item: the limit counts ratings, not calls. A batch of
@@ -113,7 +119,9 @@ def build(
     )
     probe = audio or audio_probe(settings)
     dispatcher = Dispatcher(key=settings.effective_dispatch_key())
-    servicer = GatewayServicer(settings, ports, probe, dispatcher, mel_image=mel_renderer())
+    servicer = GatewayServicer(
+        settings, ports, probe, dispatcher, mel_image=mel_renderer(), clock=clock, draw=draw
+    )
     runtime.add_service(
         pb_grpc.add_GatewayServiceServicer_to_server, servicer, "riffloop.v1.GatewayService"
     )
@@ -143,7 +151,7 @@ def build(
         runtime.add_worker(ConnectServer(app, settings.bind_host, settings.connect_port))
     for dependency, check in ports.readiness_checks().items():
         runtime.readiness.add_check(dependency, check)
-    events = GatewayEvents(ports, dispatcher)
+    events = GatewayEvents(ports, dispatcher, clock)
     router = EventRouter(
         {
             "tracks.ready.v1": events.on_track_ready,

@@ -41,7 +41,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -83,6 +83,7 @@ _log = logging.getLogger("riffloop.gateway")
 
 SONG_ID = re.compile(r"^[0-9a-f]{64}$")
 TRACK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 SONGS_BUCKET = "songs"
 _TITLE_MAX = 200
 _CONTENT_TYPES = {
@@ -331,8 +332,15 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         audio: Any,
         dispatcher: Any,
         mel_image: Any = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        draw: random.Random | None = None,
     ) -> None:
         self.settings = settings
+        # The server's clock (serving, receipt and the client-time checks read it) and the
+        # queue's draws. Production: wall time and the OS's entropy, which no client can
+        # predict. A simulation that replays a day of listening in minutes passes its own.
+        self.clock = clock
         # renders a track's WAV as a mel PNG → (png, width, height) (riffloop.music.mel_png)
         self.mel_image = mel_image
         self.ports = ports  # riffloop.runtime.Ports: bus, objects, kv
@@ -340,8 +348,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.dispatcher = dispatcher  # riffloop.loop.Dispatcher: opaque track ids
         self.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
         self.queue = settings.queue_policy()
-        # The queue's draws (kind, probes) must not be predictable by a client.
-        self._draw = random.SystemRandom()
+        self._draw = draw or random.SystemRandom()
 
     # -- uploads ------------------------------------------------------------------------------
 
@@ -472,27 +479,50 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         for song_id in ids:
             if not self.ports.objects.exists(SONGS_BUCKET, song_id):
                 raise NotFoundError(f"song {song_id} was never uploaded")
-        request_id = uuid.uuid4().hex
-        track_id = self.dispatcher.track_id_for(request_id)
-        now = time.time()
-        record = {
-            "owner": current_user(),
-            "status": "pending",
-            "requested_at": now,
-            "request_id": request_id,
-        }
-        self.ports.kv.set(f"gw:track:{track_id}", json.dumps(record))
-        # heard by its requester: the queue never serves them their own track again
-        self.ports.kv.hset(f"gw:heard:{current_user()}", {track_id: repr(now)})
+        user = current_user()
         payload = events_pb2.GenerationRequested(
-            request_id=request_id,
-            user_id=current_user(),
+            user_id=user,
             song_ids=ids,
             similarity=s,
             quality=q,
             seed=request.seed,
             duration_seconds=d,
         )
+        # Idempotency: a client key names one request of its user. The request id is keyed by
+        # the dispatch secret, so the same key always meets the same draw and track id, and a
+        # retry after a lost response finds its request instead of making a second one.
+        idempotency = request.client_request_id
+        if idempotency and not CLIENT_REQUEST_ID.match(idempotency):
+            raise ValidationError(
+                "client_request_id must be 1–128 characters of A–Z, a–z, 0–9, '.', '_', ':', '-'"
+            )
+        fingerprint = hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
+        request_id = (
+            self.dispatcher.request_id_for(user, idempotency) if idempotency else uuid.uuid4().hex
+        )
+        payload.request_id = request_id
+        track_id = self.dispatcher.track_id_for(request_id)
+        key = f"gw:track:{track_id}"
+        if idempotency and (raw := self.ports.kv.get(key)) is not None:
+            earlier: dict[str, Any] = json.loads(raw)
+            if earlier.get("fingerprint") != fingerprint:
+                raise ValidationError(
+                    f"client_request_id {idempotency!r} already named a different request"
+                )
+            if earlier.get("status") == "pending":  # its event may not have gone out
+                self.ports.publish("generation.requested.v1", request_id, payload)
+            return pb.GenerateResponse(request_id=request_id, track_id=track_id)
+        now = self.clock()
+        record = {
+            "owner": user,
+            "status": "pending",
+            "requested_at": now,
+            "request_id": request_id,
+            "fingerprint": fingerprint,
+        }
+        self.ports.kv.set(key, json.dumps(record))
+        # heard by its requester: the queue never serves them their own track again
+        self.ports.kv.hset(f"gw:heard:{user}", {track_id: repr(now)})
         self.ports.publish("generation.requested.v1", request_id, payload)
         return pb.GenerateResponse(request_id=request_id, track_id=track_id)
 
@@ -552,7 +582,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         then fetch, rate and report on it."""
         user = current_user()
         kv = self.ports.kv
-        now = time.time()
+        now = self.clock()
         heard = kv.hgetall(f"gw:heard:{user}")
         track_id: str | None = None
         if self._draw.random() < self.queue.probe_share:
@@ -663,7 +693,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             if queue_served is not None
             else float(record.get("ready_at", record.get("requested_at", 0.0)))
         )
-        now = time.time()
+        now = self.clock()
         client = _client_time(given, served_at, now, self.settings.client_time_max_skew_s)
         return client, served_at
 
@@ -901,7 +931,8 @@ _CLIENT_SAFE_ERRORS = frozenset(
 class GatewayEvents:
     """What the gateway does with the events it consumes; each handler is idempotent."""
 
-    def __init__(self, ports: Any, dispatcher: Any) -> None:
+    def __init__(self, ports: Any, dispatcher: Any, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
         self.ports = ports
         self.dispatcher = dispatcher  # the servicer's: request id → the track id it returned
 
@@ -951,13 +982,13 @@ class GatewayEvents:
             if raw
             else {
                 "owner": ready.user_id,
-                "requested_at": time.time(),
+                "requested_at": self.clock(),
                 "request_id": ready.provenance.request_id,
             }
         )
         if record.get("status") == "ready":
             return
-        ready_at = time.time()
+        ready_at = self.clock()
         if "probe_of" not in record:  # a consistency probe is served once, to one listener
             queued = {"kind": prov.kind.value, "owner": record["owner"], "ready_at": ready_at}
             self.ports.kv.hset("gw:queue", {ready.track_id: json.dumps(queued)})

@@ -41,6 +41,7 @@ from riffloop.core import (
 from riffloop.loop import (
     GeneticSelector,
     PurgeCycle,
+    RandomSelector,
     TrackKind,
     TrackProvenance,
     TrackScored,
@@ -74,6 +75,12 @@ class SelectorSettings(ServiceSettings):
     min_pairs: int = 1
     cap_per_input: int = 3
     max_age: int = 2
+    # "genetic" (the loop: survivors beat their input's baseline) or "random" (a control arm:
+    # ``random_pairs`` generations drawn uniformly from those scored since the last set, ω = 1,
+    # the ratings unused; seeded by ``random_seed`` and the iteration).
+    selection: str = "genetic"
+    random_pairs: int = 8
+    random_seed: int = 0
 
     def _validate(self) -> None:
         super()._validate()
@@ -81,6 +88,10 @@ class SelectorSettings(ServiceSettings):
             raise ConfigurationError(
                 "RIFFLOOP_SELECT_INTERVAL_S, _MIN_NEW_SCORES and _MIN_PAIRS must be positive"
             )
+        if self.selection not in ("genetic", "random"):
+            raise ConfigurationError("RIFFLOOP_SELECTION must be genetic or random")
+        if self.random_pairs < 1:
+            raise ConfigurationError("RIFFLOOP_RANDOM_PAIRS must be at least 1")
         if self.cap_per_input < 1 or self.max_age < 1:
             raise ConfigurationError(
                 "RIFFLOOP_CAP_PER_INPUT and RIFFLOOP_MAX_AGE must be at least 1 (0 purges every "
@@ -123,6 +134,7 @@ class SelectorState:
         self.embeddings: dict[str, np.ndarray] = {}
         self.new_scores = 0
         self.trainset: dict[str, Any] | None = None
+        self.select_lock = threading.Lock()
 
     def rebuild(self) -> None:
         kv = self.ports.kv
@@ -206,27 +218,71 @@ class SelectorState:
             self.embeddings[track_id] = cached
         return cached
 
-    def select_once(self, *, force: bool = False) -> events_pb2.TrainsetPublished | None:
-        with self.lock:
-            if not force and self.new_scores < self.settings.min_new_scores:
-                return None
-            counted = self.new_scores  # taken off only when this pass completes
-            scores = dict(self.scores)
-            provenances = dict(self.provenances)
-            previous = self.trainset
-        if previous is not None and not previous.get("published", True):
-            self._publish(previous)  # an earlier pass saved it, then failed to publish it
-        event = self._select(scores, provenances, previous)
-        with self.lock:
-            self.new_scores = max(0, self.new_scores - counted)
-        return event
+    def select_once(
+        self, *, force: bool = False, pair_budget: int = 0
+    ) -> events_pb2.TrainsetPublished | None:
+        return self.run_pass(force=force, pair_budget=pair_budget).trainset
+
+    def run_pass(self, *, force: bool = False, pair_budget: int = 0) -> SelectionPass:
+        """One selection pass (the periodic one, or an operator's ``RunSelection``, forced)."""
+        if pair_budget and self.settings.selection != "random":
+            raise ValidationError("pair_budget is for random selection (a control arm) only")
+        if pair_budget < 0:
+            raise ValidationError("pair_budget must not be negative")
+        with self.select_lock:  # the periodic pass and an operator's never overlap
+            with self.lock:
+                if not force and self.new_scores < self.settings.min_new_scores:
+                    return SelectionPass(None, 0, 0, "waiting for new scores")
+                counted = self.new_scores  # taken off only when this pass completes
+                scores = dict(self.scores)
+                provenances = dict(self.provenances)
+                previous = self.trainset
+            if previous is not None and not previous.get("published", True):
+                self._publish(previous)  # an earlier pass saved it, then failed to publish it
+            if self.settings.selection == "random":
+                outcome = self._select_random(
+                    scores, provenances, previous, pair_budget or self.settings.random_pairs
+                )
+            else:
+                outcome = self._select(scores, provenances, previous)
+            with self.lock:
+                self.new_scores = max(0, self.new_scores - counted)
+            return outcome
+
+    def _select_random(
+        self,
+        scores: dict[str, TrackScored],
+        provenances: dict[str, TrackProvenance],
+        previous: dict[str, Any] | None,
+        budget: int,
+    ) -> SelectionPass:
+        """The control arm: ``budget`` generations scored since the last set, drawn at random
+        (ω = 1). Each set replaces the last (nothing carries over, nothing is purged), so the
+        arm differs from the genetic one only in who chose the pairs."""
+        iteration = (previous["iteration"] + 1) if previous else 1
+        earlier = set(previous.get("seen", [])) if previous else set()
+        fresh = [
+            provenances[t]
+            for t, s in scores.items()
+            if s.kind is TrackKind.GENERATED and t not in earlier
+        ]
+        embeddings = {p.track_id: self._embedding(p.track_id) for p in fresh}
+        pairs = RandomSelector(self.settings.random_seed * 1000 + iteration).select(
+            fresh, embeddings, budget, iteration
+        )
+        if len(pairs) < self.settings.min_pairs:
+            return SelectionPass(None, len(fresh), 0, "too few pairs")
+        event = self._save_and_publish(
+            pairs, iteration, previous, seen=sorted(earlier | {p.track_id for p in fresh})
+        )
+        return SelectionPass(event, len(fresh), 0, "published")
 
     def _select(
         self,
         scores: dict[str, TrackScored],
         provenances: dict[str, TrackProvenance],
         previous: dict[str, Any] | None,
-    ) -> events_pb2.TrainsetPublished | None:
+    ) -> SelectionPass:
         kv = self.ports.kv
         generated = [s.track_id for s in scores.values() if s.kind is TrackKind.GENERATED]
         embeddings = {t: self._embedding(t) for t in generated}
@@ -245,14 +301,32 @@ class SelectorState:
             cap_per_input=self.settings.cap_per_input,
         )
         kept = purge.apply(merged, iteration, model_score_by_input(scores, model, provenances)).kept
+        counts = (result.candidates, result.survivors)
         if len(kept) < self.settings.min_pairs:
             _log.info(
                 "no training set",
                 extra={"candidates": result.candidates, "survivors": result.survivors},
             )
-            return None
+            return SelectionPass(None, *counts, "too few pairs")
         if previous and {p.target_track_id for p in kept} == chosen:
-            return None  # nothing new survived: the last set stands
+            return SelectionPass(None, *counts, "unchanged")  # the last set stands
+        # a pair of the last set that the purge dropped stays dropped: the next pass must not
+        # re-admit it as a fresh survivor (a newcomer turned away by the cap may come back)
+        dropped = chosen - {p.target_track_id for p in kept}
+        if dropped:
+            kv.hset("sel:purged", {t: str(iteration) for t in dropped})
+        event = self._save_and_publish(kept, iteration, previous)
+        return SelectionPass(event, *counts, "published")
+
+    def _save_and_publish(
+        self,
+        kept: list[TrainingPair],
+        iteration: int,
+        previous: dict[str, Any] | None,
+        **extra: Any,
+    ) -> events_pb2.TrainsetPublished:
+        kv = self.ports.kv
+        model = kv.get("sel:model") or ""
         kept_ids = sorted(p.target_track_id for p in kept)
         # the same pairs give the same id, so a set republished after a crash is trained once
         digest = hashlib.sha256("\n".join(kept_ids).encode()).hexdigest()[:8]
@@ -277,18 +351,24 @@ class SelectorState:
             "pairs": [p.to_dict() for p in kept],
             "event": event.SerializeToString().hex(),
             "published": False,
+            **extra,
         }
-        # a pair of the last set that the purge dropped stays dropped: the next pass must not
-        # re-admit it as a fresh survivor (a newcomer turned away by the cap may come back)
-        dropped = chosen - set(kept_ids)
-        if dropped:
-            kv.hset("sel:purged", {t: str(iteration) for t in dropped})
         kv.set("sel:trainset", json.dumps(record))  # saved first: a crash now republishes it
         with self.lock:
             self.trainset = record
         self._publish(record)
         _log.info("training set published", extra={"trainset_id": trainset_id, "pairs": len(kept)})
         return event
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectionPass:
+    """What one selection pass did: the set it published (None when none) and why."""
+
+    trainset: events_pb2.TrainsetPublished | None
+    candidates: int
+    survivors: int
+    outcome: str
 
 
 def _pair_from_dict(raw: dict[str, Any]) -> TrainingPair:
@@ -312,6 +392,17 @@ class SelectorServicer(pb_grpc.SelectorServiceServicer):
             return pb.CurrentTrainsetResponse()
         event = events_pb2.TrainsetPublished.FromString(bytes.fromhex(record["event"]))
         return pb.CurrentTrainsetResponse(trainset=event)
+
+    def RunSelection(
+        self, request: pb.RunSelectionRequest, context: Any
+    ) -> pb.RunSelectionResponse:
+        done = self.state.run_pass(force=True, pair_budget=request.pair_budget)
+        return pb.RunSelectionResponse(
+            trainset=done.trainset,
+            candidates=done.candidates,
+            survivors=done.survivors,
+            outcome=done.outcome,
+        )
 
     def Population(self, request: pb.PopulationRequest, context: Any) -> pb.PopulationResponse:
         size = request.page_size or 100

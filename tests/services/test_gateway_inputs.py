@@ -429,6 +429,41 @@ def test_submit_feedback_batch_limits_and_item_priced_rate_limit(stub, auth: Aut
     )
 
 
+def test_a_client_request_id_names_one_request_per_user(gateway: Running, stub, auth: Auth) -> None:
+    song = stub.UploadSong(upload(wav_bytes(2.0, 620.0)), metadata=auth("ivy"), timeout=10)
+    bus = gateway.state.bus
+    subscription = bus.subscribe("idempotency-test", ["generation.requested.v1"])
+    subscription.poll(0.1)
+
+    def ask(user: str, key: str, similarity: float = 0.4) -> pb.GenerateResponse:
+        request = pb.GenerateRequest(
+            song_ids=[song.song_id], similarity=similarity, client_request_id=key
+        )
+        return stub.Generate(request, metadata=auth(user), timeout=5)
+
+    first, retry = ask("ivy", "session-1:m0:r0"), ask("ivy", "session-1:m0:r0")
+    assert (retry.request_id, retry.track_id) == (first.request_id, first.track_id)
+    # the retry found its pending request and sent its event again (the first may be lost);
+    # the generator's consumer is idempotent per request id
+    sent = [m.key for m in subscription.poll(1.0, max_records=100)]
+    assert sent == [first.request_id, first.request_id]
+    # another user's key, or another key, is another request
+    assert ask("jon", "session-1:m0:r0").track_id != first.track_id
+    assert ask("ivy", "session-1:m0:r1").track_id != first.track_id
+    subscription.close()
+    # a key reused for different fields is a client bug
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: ask("ivy", "session-1:m0:r0", similarity=0.7),
+        "already named a different request",
+    )
+    expect(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        lambda: ask("ivy", "spaces are not allowed"),
+        "client_request_id must be",
+    )
+
+
 def test_pending_track_cannot_be_streamed_or_rated(stub, auth: Auth) -> None:
     song = stub.UploadSong(upload(wav_bytes(2.0, 550.0)), metadata=auth("fay"), timeout=10)
     response = stub.Generate(pb.GenerateRequest(song_ids=[song.song_id]), metadata=auth("fay"))
