@@ -2,12 +2,12 @@
 
 dispatch → feedback → quality control → confidence ω → genetic selection + purge → fine-tune →
 gate → canary → registry. No transport here: services call these objects from their handlers,
-state goes through ``riffloop.core`` ports, and the demo runs everything in one process.
+and state goes through ``riffloop.core`` ports. The simulated listeners, the demo's experiment,
+its report and its CLI are ``riffloop.sim``, a client of this package (never the reverse).
 
-The torch-bound parts (the experiment, the release gate and canary, the demo's CLI and report)
-load on first use (PEP 562): a process that only records and scores feedback, such as the
-feedback service's scoring child, imports numpy and scipy but not torch (≈ 2.5 s and ≈ 200 MB
-less per process).
+The torch-bound part (the release gate and canary) loads on first use (PEP 562): a process that
+only records and scores feedback, such as the feedback service's scoring child, imports numpy and
+scipy but not torch (≈ 2.5 s and ≈ 200 MB less per process).
 """
 
 from __future__ import annotations
@@ -24,26 +24,6 @@ from riffloop.loop._feedback import (
     RaterNormaliser,
     RaterScale,
     Rating,
-)
-from riffloop.loop._listeners import (
-    FEATURES,
-    TASTE_FAMILIES,
-    AudioFeatures,
-    BurstBot,
-    ConstantBot,
-    Listener,
-    ListenerFactory,
-    ListenOutcome,
-    RandomBot,
-    TasteListener,
-    ZeroListenBot,
-    audio_features,
-    bright_dense_listeners,
-    checked_answer,
-    dark_sparse_listeners,
-    load_listener_factory,
-    make_population,
-    taste_population,
 )
 from riffloop.loop._provenance import TrackKind, TrackProvenance
 from riffloop.loop._queue import QueuedTrack, QueuePolicy, choose_next_track
@@ -64,15 +44,6 @@ from riffloop.loop._selection import (
 from riffloop.loop._spam import SpamFilter, SpamReason, SpamReport
 
 if TYPE_CHECKING:
-    from riffloop.loop._cli import demo, evidence
-    from riffloop.loop._experiment import (
-        IterationRow,
-        LoopConfig,
-        LoopExperiment,
-        LoopResult,
-        LoopWorld,
-        load_world,
-    )
     from riffloop.loop._release import (
         Canary,
         CanaryDecision,
@@ -84,27 +55,16 @@ if TYPE_CHECKING:
         VersionStatus,
         welch_ci,
     )
-    from riffloop.loop._report import format_table, paired_interval
 
 _LAZY = {
     "Canary": "riffloop.loop._release",
     "CanaryDecision": "riffloop.loop._release",
     "CanaryVerdict": "riffloop.loop._release",
     "GateReport": "riffloop.loop._release",
-    "IterationRow": "riffloop.loop._experiment",
-    "LoopConfig": "riffloop.loop._experiment",
-    "LoopExperiment": "riffloop.loop._experiment",
-    "LoopResult": "riffloop.loop._experiment",
-    "LoopWorld": "riffloop.loop._experiment",
     "ModelRecord": "riffloop.loop._release",
     "ModelRegistry": "riffloop.loop._release",
     "OfflineGate": "riffloop.loop._release",
     "VersionStatus": "riffloop.loop._release",
-    "demo": "riffloop.loop._cli",
-    "evidence": "riffloop.loop._cli",
-    "format_table": "riffloop.loop._report",
-    "load_world": "riffloop.loop._experiment",
-    "paired_interval": "riffloop.loop._report",
     "welch_ci": "riffloop.loop._release",
 }
 
@@ -123,28 +83,15 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "FEATURES",
-    "TASTE_FAMILIES",
-    "AudioFeatures",
-    "BurstBot",
     "Canary",
     "CanaryDecision",
     "CanaryVerdict",
     "ConfidenceWeight",
-    "ConstantBot",
     "Dispatcher",
     "FeedbackLedger",
     "GateReport",
     "GeneticSelector",
-    "IterationRow",
     "ListenEvent",
-    "ListenOutcome",
-    "Listener",
-    "ListenerFactory",
-    "LoopConfig",
-    "LoopExperiment",
-    "LoopResult",
-    "LoopWorld",
     "ModelRecord",
     "ModelRegistry",
     "Observation",
@@ -153,7 +100,6 @@ __all__ = [
     "PurgeResult",
     "QueuePolicy",
     "QueuedTrack",
-    "RandomBot",
     "RandomSelector",
     "RaterNormaliser",
     "RaterScale",
@@ -163,32 +109,18 @@ __all__ = [
     "SpamFilter",
     "SpamReason",
     "SpamReport",
-    "TasteListener",
     "TrackKind",
     "TrackProvenance",
     "TrackScored",
     "TrackScores",
     "TrainingPair",
     "VersionStatus",
-    "ZeroListenBot",
-    "audio_features",
     "auto_near_duplicate",
     "baseline_scores",
-    "bright_dense_listeners",
-    "checked_answer",
     "choose_next_track",
     "cosine_distance",
-    "dark_sparse_listeners",
-    "demo",
     "diversity_guard",
-    "evidence",
-    "format_table",
-    "load_listener_factory",
-    "load_world",
-    "make_population",
     "manifest_json",
     "model_score_by_input",
-    "paired_interval",
-    "taste_population",
     "welch_ci",
 ]

@@ -126,9 +126,9 @@ def test_without_purge_the_training_set_fills_with_near_duplicates() -> None:
 
 
 def test_a_deliberately_bad_model_is_rejected_by_the_gate_and_rolled_back_by_the_canary() -> None:
-    from riffloop.loop._experiment import _mean_pairwise_distance, _mel_stats_embedding
-    from riffloop.loop._ml import InjectionPlan, inject_at_step
     from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
+    from riffloop.sim._experiment import _mean_pairwise_distance, _mel_stats_embedding
+    from riffloop.sim._ml import InjectionPlan, inject_at_step
 
     torch.set_num_threads(1)
     mel = MelConfig(n_mels=16, x_res=16)

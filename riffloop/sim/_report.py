@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from riffloop.loop._experiment import IterationRow, LoopConfig, LoopResult
+from riffloop.sim._experiment import IterationRow, LoopConfig, LoopResult
 
 DIVERSITY_KEPT = 0.80  # the bar: an arm's diversity stays ≥ 80 % of the base model's
 
@@ -137,7 +137,14 @@ def read_result(csv_path: Path, config: LoopConfig, model: str = "") -> LoopResu
     if not (csv_path.exists() and sidecar.exists()):
         return None
     saved = json.loads(sidecar.read_text())
-    if saved.get("config") != asdict(config) or saved.get("model", "") != model:
+    recorded = saved.get("config")
+    if isinstance(recorded, dict) and isinstance(recorded.get("listeners"), str):
+        # a record naming a factory by its riffloop.loop path (docs/results/*/runs) names the
+        # same riffloop.sim factory
+        module, sep, attr = recorded["listeners"].partition(":")
+        if module == "riffloop.loop" and sep:
+            recorded = {**recorded, "listeners": f"riffloop.sim:{attr}"}
+    if recorded != asdict(config) or saved.get("model", "") != model:
         return None
     kinds = {f.name: str(getattr(f.type, "__name__", f.type)) for f in fields(IterationRow)}
     rows = []

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from riffloop.loop import IterationRow, LoopConfig, LoopResult, format_table, paired_interval
-from riffloop.loop._cli import main
-from riffloop.loop._report import read_result, save_run, write_evidence
+from riffloop.sim import IterationRow, LoopConfig, LoopResult, format_table, paired_interval
+from riffloop.sim._cli import main
+from riffloop.sim._report import read_result, save_run, write_evidence
 
 pytestmark = pytest.mark.unit
 
@@ -97,6 +98,20 @@ def test_saved_run_resumes_only_with_the_same_config(tmp_path: Path) -> None:
     assert read_result(tmp_path / "absent.csv", LoopConfig(seed=1)) is None
 
 
+def test_a_run_recorded_under_the_riffloop_loop_factory_path_is_reused(tmp_path: Path) -> None:
+    """docs/results/*/runs name the populations riffloop.loop:<factory>; the same factories are
+    riffloop.sim:<factory>, so those runs still resume the evidence."""
+    paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1")
+    sidecar = paths["csv"].with_suffix(".run.json")
+    saved = json.loads(sidecar.read_text())
+    assert saved["config"]["listeners"] == "riffloop.sim:bright_dense_listeners"
+    saved["config"]["listeners"] = "riffloop.loop:bright_dense_listeners"
+    sidecar.write_text(json.dumps(saved))
+    assert read_result(paths["csv"], LoopConfig(seed=1)) is not None
+    other = replace(LoopConfig(seed=1), listeners="riffloop.sim:dark_sparse_listeners")
+    assert read_result(paths["csv"], other) is None
+
+
 def test_a_saved_run_is_not_reused_for_another_base_model(tmp_path: Path) -> None:
     paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1", model="base-v1:aaaa")
     assert read_result(paths["csv"], LoopConfig(seed=1), "base-v1:aaaa") is not None
@@ -105,7 +120,7 @@ def test_a_saved_run_is_not_reused_for_another_base_model(tmp_path: Path) -> Non
 
 def test_model_identity_names_version_and_weights(tmp_path: Path) -> None:
     from riffloop.core import NotFoundError
-    from riffloop.loop._cli import model_identity
+    from riffloop.sim._cli import model_identity
 
     (tmp_path / "unet").mkdir()
     (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"w1")
@@ -121,7 +136,7 @@ def test_model_identity_names_version_and_weights(tmp_path: Path) -> None:
 def test_evidence_runs_exactly_the_declared_fresh_seeds(tmp_path: Path, monkeypatch) -> None:
     """``--first-seed 5 --seeds 3`` runs seeds 5, 6 and 7 per family and nothing else; a seed
     already saved with the same config is reused, not rerun."""
-    import riffloop.loop._cli as cli
+    import riffloop.sim._cli as cli
 
     ran: list[tuple[str, int]] = []
 
@@ -136,7 +151,7 @@ def test_evidence_runs_exactly_the_declared_fresh_seeds(tmp_path: Path, monkeypa
     monkeypatch.setattr(cli, "model_identity", lambda _: "base-v9:feed")
     monkeypatch.setattr(cli, "load_world", lambda config, model: None)
     monkeypatch.setattr(cli, "LoopExperiment", FakeExperiment)
-    spec = "riffloop.loop:bright_dense_listeners"
+    spec = "riffloop.sim:bright_dense_listeners"
     cfg = replace(LoopConfig(seed=6), listeners=spec)
     save_run(
         LoopResult(cfg, _result(6, 0.3, 0.1).rows),
@@ -156,6 +171,14 @@ def test_evidence_runs_exactly_the_declared_fresh_seeds(tmp_path: Path, monkeypa
         (["--first-seed", "-1"], "--first-seed must be an integer ≥ 0"),
         (["--seeds", "0"], "--seeds must be an integer ≥ 1"),
         (["--spam-share", "1"], "spam_share must lie in [0, 1)"),
+        (
+            [
+                "--families",
+                "riffloop.sim:bright_dense_listeners,riffloop.loop:dark_sparse_listeners",
+            ],
+            "live in riffloop.sim, not riffloop.loop (use 'riffloop.sim:dark_sparse_listeners')",
+        ),
+        (["--families", "riffloop.sim:no_such_population"], "is not a callable factory"),
     ],
 )
 def test_bad_evidence_flags_are_usage_errors(tmp_path: Path, capsys, flags, reason) -> None:
@@ -164,3 +187,24 @@ def test_bad_evidence_flags_are_usage_errors(tmp_path: Path, capsys, flags, reas
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert reason in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["demo", "evidence"])
+def test_an_old_listeners_spec_names_the_new_module(tmp_path: Path, capsys, command) -> None:
+    """--listeners riffloop.loop:<factory> is a usage error naming riffloop.sim, before anything
+    loads (the model folder does not even exist)."""
+    with pytest.raises(SystemExit) as info:
+        main(
+            [
+                command,
+                "--model",
+                str(tmp_path / "nothing"),
+                "--out",
+                str(tmp_path),
+                "--listeners",
+                "riffloop.loop:bright_dense_listeners",
+            ]
+        )
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "use 'riffloop.sim:bright_dense_listeners'" in err and "Traceback" not in err

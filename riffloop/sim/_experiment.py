@@ -43,10 +43,35 @@ import numpy as np
 import torch
 
 from riffloop.core import MemoryObjectStore, PermanentError, ValidationError
-from riffloop.loop._confidence import ConfidenceWeight, TrackScored
-from riffloop.loop._dispatch import Dispatcher
-from riffloop.loop._feedback import FeedbackLedger, ListenEvent, Observation, Rating
-from riffloop.loop._listeners import (
+from riffloop.loop import (
+    Canary,
+    CanaryDecision,
+    ConfidenceWeight,
+    Dispatcher,
+    FeedbackLedger,
+    GateReport,
+    GeneticSelector,
+    ListenEvent,
+    ModelRecord,
+    ModelRegistry,
+    Observation,
+    OfflineGate,
+    PurgeCycle,
+    RandomSelector,
+    Rating,
+    SpamFilter,
+    SpamReport,
+    TrackKind,
+    TrackProvenance,
+    TrackScored,
+    TrainingPair,
+    VersionStatus,
+    auto_near_duplicate,
+    baseline_scores,
+    model_score_by_input,
+    welch_ci,
+)
+from riffloop.sim._listeners import (
     Listener,
     ListenerFactory,
     TasteListener,
@@ -55,27 +80,6 @@ from riffloop.loop._listeners import (
     load_listener_factory,
     make_population,
 )
-from riffloop.loop._provenance import TrackKind, TrackProvenance
-from riffloop.loop._release import (
-    Canary,
-    CanaryDecision,
-    GateReport,
-    ModelRecord,
-    ModelRegistry,
-    OfflineGate,
-    VersionStatus,
-    welch_ci,
-)
-from riffloop.loop._selection import (
-    GeneticSelector,
-    PurgeCycle,
-    RandomSelector,
-    TrainingPair,
-    auto_near_duplicate,
-    baseline_scores,
-    model_score_by_input,
-)
-from riffloop.loop._spam import SpamFilter, SpamReport
 
 Progress = Callable[[str], None]
 _EVAL_SESSION = 10_000  # the listening session number of the evaluation (iterations are 0 … K)
@@ -89,7 +93,7 @@ class LoopConfig:
     iterations: int = 2  # fine-tuning rounds; the table has iterations + 1 rows per arm
     n_listeners: int = 50
     spam_share: float = 0.2
-    listeners: str = "riffloop.loop:bright_dense_listeners"
+    listeners: str = "riffloop.sim:bright_dense_listeners"
     seed: int = 0
     n_inputs: int = 16  # held-out clips in the input pool
     n_merges: int = 8  # input merges (pairs of clips)
@@ -368,7 +372,7 @@ class LoopExperiment:
 
     # 1. set-up ---------------------------------------------------------------------------------
     def _prepare(self) -> None:
-        from riffloop.loop._ml import BaselineIndex, MelCodec, invert
+        from riffloop.sim._ml import BaselineIndex, MelCodec, invert
 
         cfg, world = self.cfg, self.world
         self.codec = MelCodec(world.model.mel)
@@ -402,7 +406,7 @@ class LoopExperiment:
         )
 
     def _z_agg(self, merge: tuple[int, int]) -> torch.Tensor:
-        from riffloop.loop._ml import merge_latents
+        from riffloop.sim._ml import merge_latents
 
         return merge_latents(self.input_latents[list(merge)]).unsqueeze(0)  # z_agg [1, C, h, w]
 
@@ -418,7 +422,7 @@ class LoopExperiment:
         ``arm.model``; returns the track ids in request order. The generated tracks of a session
         are denoised as one batch, each from its own request's seeded ε, so a track does not
         depend on which other requests share its batch."""
-        from riffloop.loop._ml import InjectionPlan, decode_latents, inject_at_step
+        from riffloop.sim._ml import InjectionPlan, decode_latents, inject_at_step
 
         cfg = self.cfg
         merges = list(self.merges if merges is None else merges)
@@ -598,7 +602,7 @@ class LoopExperiment:
 
     # 5. fine-tuning -------------------------------------------------------------------------------
     def _finetune(self, arm: _Arm, pairs: list[TrainingPair], iteration: int) -> Any:
-        from riffloop.loop._ml import LoraSettings, MelDataset, Trainer, TrainingConfig
+        from riffloop.sim._ml import LoraSettings, MelDataset, Trainer, TrainingConfig
 
         cfg = self.cfg
         images = torch.stack([self.images[p.target_track_id] for p in pairs])

@@ -1,4 +1,4 @@
-"""The command line: ``demo`` and ``evidence`` (``python -m riffloop.loop``)."""
+"""The command line: ``demo`` and ``evidence`` (``python -m riffloop.sim``)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from riffloop.core import NotFoundError, RiffloopError
-from riffloop.loop._experiment import DEFAULT_MODEL_DIR, LoopConfig, LoopExperiment, load_world
-from riffloop.loop._report import (
+from riffloop.sim._experiment import DEFAULT_MODEL_DIR, LoopConfig, LoopExperiment, load_world
+from riffloop.sim._listeners import load_listener_factory
+from riffloop.sim._report import (
     format_table,
     read_result,
     save_run,
@@ -42,12 +43,14 @@ def _config(ns: argparse.Namespace, seed: int) -> LoopConfig:
         for f in fields(LoopConfig)
         if f.name not in ("seed", "protocol")
     }
-    return LoopConfig(seed=seed, **values)
+    config = LoopConfig(seed=seed, **values)
+    load_listener_factory(config.listeners)  # a bad --listeners fails before the model loads
+    return config
 
 
 def demo(argv: list[str] | None = None) -> int:
     """The demo as a function (the top-level ``./riffloop demo`` calls it)."""
-    p = argparse.ArgumentParser(prog="python -m riffloop.loop demo")
+    p = argparse.ArgumentParser(prog="python -m riffloop.sim demo")
     # A user's demo run writes outside the tracked tree; the committed results come from
     # `evidence` (docs/results) or an explicit --out.
     _config_args(p, Path(".riffloop/results"))
@@ -86,7 +89,7 @@ def model_identity(model_dir: Path) -> str:
 
 
 def evidence(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m riffloop.loop evidence")
+    p = argparse.ArgumentParser(prog="python -m riffloop.sim evidence")
     _config_args(p, Path("docs/results"))
     p.add_argument("--seeds", type=int, default=3, help="how many seeds per family (default 3)")
     p.add_argument(
@@ -98,7 +101,7 @@ def evidence(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--families",
-        default="riffloop.loop:bright_dense_listeners,riffloop.loop:dark_sparse_listeners",
+        default="riffloop.sim:bright_dense_listeners,riffloop.sim:dark_sparse_listeners",
         help="comma-separated listener factories",
     )
     ns = p.parse_args(argv)
@@ -108,6 +111,8 @@ def evidence(argv: list[str] | None = None) -> int:
         p.error("--first-seed must be an integer ≥ 0")
     try:
         _config(ns, ns.first_seed)
+        for spec in ns.families.split(","):
+            load_listener_factory(spec)
     except RiffloopError as exc:
         p.error(exc.reason)  # usage and the reason, exit status 2, before anything loads
     results = {}
@@ -140,6 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = {"demo": demo, "evidence": evidence}
     if not argv or argv[0] not in commands:
-        print("usage: python -m riffloop.loop {demo|evidence} [options]  (--help per command)")
+        print("usage: python -m riffloop.sim {demo|evidence} [options]  (--help per command)")
         return 2
     return commands[argv[0]](argv[1:])

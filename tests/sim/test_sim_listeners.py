@@ -3,9 +3,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import riffloop.loop as loop
 from riffloop.core import ValidationError
-from riffloop.loop import (
+from riffloop.sim import (
     ListenOutcome,
     TasteListener,
     audio_features,
@@ -115,8 +114,8 @@ def test_spam_share_and_bot_kinds() -> None:
 
 
 def test_factory_plugin_loading() -> None:
-    assert load_listener_factory("riffloop.loop:dark_sparse_listeners") is dark_sparse_listeners
-    for bad in ("riffloop.loop", "no.such.module:f", "riffloop.loop:nothing_here"):
+    assert load_listener_factory("riffloop.sim:dark_sparse_listeners") is dark_sparse_listeners
+    for bad in ("riffloop.loop", "no.such.module:f", "riffloop.sim:nothing_here"):
         with pytest.raises(ValidationError):
             load_listener_factory(bad)
 
@@ -157,11 +156,3 @@ def test_a_foreign_population_is_checked_where_it_plugs_in() -> None:
     ]:
         with pytest.raises(ValidationError):
             checked_answer(bad, 2.0)
-
-
-def test_public_surface_matches_all() -> None:
-    public = {n for n in dir(loop) if not n.startswith("_")}
-    modules = {"annotations"}
-    assert set(loop.__all__) == public - modules - {
-        n for n in public if type(getattr(loop, n)).__name__ == "module"
-    }

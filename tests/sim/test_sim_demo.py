@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from riffloop.loop import LoopConfig, LoopExperiment, LoopWorld, format_table
-from riffloop.loop._report import write_result
+from riffloop.sim import LoopConfig, LoopExperiment, LoopWorld, format_table
+from riffloop.sim._report import write_result
 
 pytestmark = pytest.mark.slow
 
@@ -99,7 +99,7 @@ def test_evaluation_session_is_paired_same_model_same_row() -> None:
     from dataclasses import replace
 
     from riffloop.loop import FeedbackLedger
-    from riffloop.loop._listeners import load_listener_factory
+    from riffloop.sim import load_listener_factory
 
     world = _tiny_world()
     model = world.model
@@ -152,7 +152,7 @@ def test_listeners_see_opaque_ids_the_same_for_a_request_in_every_arm() -> None:
     import copy
 
     from riffloop.loop import FeedbackLedger
-    from riffloop.loop._listeners import load_listener_factory
+    from riffloop.sim import load_listener_factory
 
     world = _tiny_world()
     config = _tiny_config()
@@ -181,7 +181,7 @@ class _Sloppy:
         self.kind = getattr(inner, "kind", "honest")
 
     def listen(self, track_id: str, audio: object, sample_rate: int) -> object:
-        from riffloop.loop import ListenOutcome
+        from riffloop.sim import ListenOutcome
 
         self.calls += 1
         out = self.inner.listen(track_id, audio, sample_rate)  # type: ignore[attr-defined]
@@ -194,7 +194,7 @@ class _Sloppy:
 
 def test_a_foreign_listeners_bad_answers_are_refused_and_its_crash_is_named() -> None:
     from riffloop.core import ValidationError
-    from riffloop.loop import dark_sparse_listeners
+    from riffloop.sim import dark_sparse_listeners
 
     def population(fail: bool):  # type: ignore[no-untyped-def]
         def factory(n: int, spam_share: float, seed: int) -> list[object]:

@@ -322,6 +322,12 @@ def load_listener_factory(spec: str) -> ListenerFactory:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ValidationError(f"listener factory must be 'package.module:factory', got {spec!r}")
+    if module_name == "riffloop.loop" or module_name.startswith("riffloop.loop."):
+        # the domain package holds the loop's rules only; populations are simulation
+        raise ValidationError(
+            f"{spec!r}: listener populations live in riffloop.sim, not riffloop.loop "
+            f"(use 'riffloop.sim:{attr}')"
+        )
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -1,0 +1,106 @@
+"""The simulation around the loop: simulated listeners, the embedded experiment, its report and
+its command line (design.md §6).
+
+A client of ``riffloop.loop``, whose rules it drives; the domain never imports it. Listener
+populations are plug-ins (``--listeners package.module:factory``, docs/LISTENERS.md). Commands:
+``python -m riffloop.sim demo|evidence``.
+
+The listeners need only numpy and load at once; the torch-bound parts (the experiment, its report
+and CLI) load on first use (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from riffloop.sim._listeners import (
+    FEATURES,
+    TASTE_FAMILIES,
+    AudioFeatures,
+    BurstBot,
+    ConstantBot,
+    Listener,
+    ListenerFactory,
+    ListenOutcome,
+    RandomBot,
+    TasteListener,
+    ZeroListenBot,
+    audio_features,
+    bright_dense_listeners,
+    checked_answer,
+    dark_sparse_listeners,
+    load_listener_factory,
+    make_population,
+    taste_population,
+)
+
+if TYPE_CHECKING:
+    from riffloop.sim._cli import demo, evidence
+    from riffloop.sim._experiment import (
+        IterationRow,
+        LoopConfig,
+        LoopExperiment,
+        LoopResult,
+        LoopWorld,
+        load_world,
+    )
+    from riffloop.sim._report import format_table, paired_interval
+
+_LAZY = {
+    "IterationRow": "riffloop.sim._experiment",
+    "LoopConfig": "riffloop.sim._experiment",
+    "LoopExperiment": "riffloop.sim._experiment",
+    "LoopResult": "riffloop.sim._experiment",
+    "LoopWorld": "riffloop.sim._experiment",
+    "demo": "riffloop.sim._cli",
+    "evidence": "riffloop.sim._cli",
+    "format_table": "riffloop.sim._report",
+    "load_world": "riffloop.sim._experiment",
+    "paired_interval": "riffloop.sim._report",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'riffloop.sim' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next lookup is a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+__all__ = [
+    "FEATURES",
+    "TASTE_FAMILIES",
+    "AudioFeatures",
+    "BurstBot",
+    "ConstantBot",
+    "IterationRow",
+    "ListenOutcome",
+    "Listener",
+    "ListenerFactory",
+    "LoopConfig",
+    "LoopExperiment",
+    "LoopResult",
+    "LoopWorld",
+    "RandomBot",
+    "TasteListener",
+    "ZeroListenBot",
+    "audio_features",
+    "bright_dense_listeners",
+    "checked_answer",
+    "dark_sparse_listeners",
+    "demo",
+    "evidence",
+    "format_table",
+    "load_listener_factory",
+    "load_world",
+    "make_population",
+    "paired_interval",
+    "taste_population",
+]

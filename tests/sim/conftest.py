@@ -1,0 +1,7 @@
+"""Simulation test fixtures."""
+
+from __future__ import annotations
+
+import torch
+
+torch.set_num_threads(1)
