@@ -12,7 +12,8 @@ the last pass and parses the finished TrackScoredBatch chunks.
 Protocol (one request, one reply, over a ``multiprocessing`` pipe, driven by the parent's
 scoring thread so the consumer never blocks on it):
 
-    parent → child   (ops, changed)   ops: ("reset", ledger snapshot) | ("track", record)
+    parent → child   (ops, changed)   ops: riffloop.loop.ReplicaOp, applied by ``replay_ops``
+                                            ("reset", ledger snapshot) | ("track", TrackRecord)
                                             | ("rating", Rating) | ("listen", ListenEvent)
                      None             close
     child → parent   PassResult | _Failure
@@ -30,30 +31,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import multiprocessing
 import os
 import signal
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-import numpy as np
-from scipy import stats
-
-from riffloop.core import ConflictError
 from riffloop.loop import (
     ConfidenceWeight,
     FeedbackLedger,
+    ModelRatings,
+    ReplicaOp,
     SpamFilter,
     SpamReport,
-    TrackKind,
-    TrackProvenance,
-    TrackScores,
+    model_ratings,
+    replay_ops,
 )
 from riffloop.runtime import metrics, track_scored_to_proto
 from riffloop.v1 import events_pb2
@@ -64,8 +60,6 @@ _log = logging.getLogger("riffloop.feedback")
 # Kafka's 1 MB default message limit, and a consumer's retry of one record redoes little.
 SCORES_PER_RECORD = 500
 
-Op = tuple[str, Any]
-
 # A spawned child imports numpy, scipy and the loop package before it can score (≈ 2 s idle).
 _START_TIMEOUT_S = 120.0
 _NO_REQUEST = object()  # ProcessScorer._exchange: only wait for the child's message
@@ -73,112 +67,6 @@ _NO_REQUEST = object()  # ProcessScorer._exchange: only wait for the child's mes
 
 class ScorerError(RuntimeError):
     """The scoring pass failed (the child died, hung, or raised); the next pass starts over."""
-
-
-STAR_INTERVAL_LEVEL = 0.95
-
-
-@dataclasses.dataclass(frozen=True)
-class KindRatings:
-    """What listeners said of one kind of track (generated or baseline) of one model version.
-
-    Stars, for people: the raw stars x_i ∈ {1 … 5} of the accepted ratings whose raters quality
-    control trusts (ρ_r > 0; a caught spammer or bot has ρ_r = 0), pooled over the tracks:
-
-        x̄ = Σ x_i / n      s² = (Σ x_i² − n·x̄²) / (n − 1)
-        95 % interval  x̄ ± t_{0.975, n−1} · s / √n, clipped to the star range [1, 5];
-        none when n < 2 (``stars_low``/``stars_high`` None); [x̄, x̄] when every star is equal.
-
-    The t-interval treats the ratings as independent. Ratings of one track share that track's
-    quality, so when a few tracks carry most ratings the interval is narrower than the
-    uncertainty about the version (a bootstrap over tracks would widen it).
-
-    Normalised score, for the loop: Σ_j R_j·n_j / Σ_j n_j over the tracks j (R_j the track's
-    shrunk, rater-normalised score, n_j its accepted ratings, trusted or not): what the
-    selector and the canary compare, on the star scale but not a mean of stars."""
-
-    mean_stars: float = 0.0
-    stars_low: float | None = None
-    stars_high: float | None = None
-    rating_count: int = 0  # n, the ratings behind mean_stars
-    track_count: int = 0  # the tracks they rate
-    mean_normalised_score: float = 0.0
-    normalised_rating_count: int = 0  # Σ_j n_j
-
-
-def star_summary(n: int, total: float, total_sq: float) -> tuple[float, float | None, float | None]:
-    """(x̄, low, high) of n stars from Σ x and Σ x² (the t-interval of :class:`KindRatings`)."""
-    if n < 1:
-        return 0.0, None, None
-    mean = total / n
-    if n < 2:
-        return mean, None, None
-    variance = max(0.0, (total_sq - n * mean * mean) / (n - 1))  # round-off can dip below 0
-    half = float(stats.t.ppf(0.5 + STAR_INTERVAL_LEVEL / 2, n - 1)) * math.sqrt(variance / n)
-    return mean, max(1.0, mean - half), min(5.0, mean + half)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelRatings:
-    """What listeners think of one model version, generated and baseline tracks apart — the
-    baseline z0 is served under the version that was current, so the pair compares the model
-    with its own training data on the same requests. The ``fb:model-ratings`` value."""
-
-    generated: KindRatings = KindRatings()
-    baseline: KindRatings = KindRatings()
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
-
-
-def model_ratings(
-    scores: TrackScores, provenance: Callable[[str], TrackProvenance]
-) -> dict[str, ModelRatings]:
-    """Per-version aggregates of the latest scores (tracks without a version are skipped)."""
-    groups: dict[tuple[str, TrackKind], int] = {}  # (version, kind) → g
-    codes = np.full(len(scores.first), -1, dtype=np.int64)
-    for j, o in enumerate(scores.first):
-        prov = provenance(o.track_id)
-        if prov.model_version:
-            codes[j] = groups.setdefault((prov.model_version, prov.kind), len(groups))
-    k = len(groups)
-
-    def per_group(keep: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        return np.bincount(codes[keep], weights=weights[keep], minlength=k)
-
-    # the normalised score: Σ R_j n_j and Σ n_j
-    rated = (codes >= 0) & (scores.n_ratings > 0)
-    n = scores.n_ratings.astype(float)
-    score_total, score_count = per_group(rated, scores.score * n), per_group(rated, n)
-    # the stars: Σ x, Σ x², n over trusted ratings, and the tracks they rate
-    trusted = (codes >= 0) & (scores.n_trusted > 0)
-    n_t = scores.n_trusted.astype(float)
-    with np.errstate(invalid="ignore"):  # mean_stars is NaN where n_trusted = 0 (not kept)
-        star_total = per_group(trusted, scores.mean_stars * n_t)
-    star_sq, star_count = per_group(trusted, scores.sum_sq_stars), per_group(trusted, n_t)
-    tracks = per_group(trusted, np.ones(len(codes)))
-
-    def of(version: str, kind: TrackKind) -> KindRatings:
-        g = groups.get((version, kind))
-        if g is None:
-            return KindRatings()
-        count = round(float(star_count[g]))
-        mean, low, high = star_summary(count, float(star_total[g]), float(star_sq[g]))
-        scored = int(score_count[g])
-        return KindRatings(
-            mean_stars=mean,
-            stars_low=low,
-            stars_high=high,
-            rating_count=count,
-            track_count=int(tracks[g]),
-            mean_normalised_score=float(score_total[g] / scored) if scored else 0.0,
-            normalised_rating_count=scored,
-        )
-
-    return {
-        version: ModelRatings(of(version, TrackKind.GENERATED), of(version, TrackKind.BASELINE))
-        for version in {version for version, _ in groups}
-    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,14 +81,6 @@ class PassResult:
     seconds: float
 
 
-def register_record(ledger: FeedbackLedger, record: dict[str, Any]) -> None:
-    """Apply one ``fb:tracks`` record (provenance, clip length, who it was served to)."""
-    prov = TrackProvenance.from_json(record["provenance"])
-    ledger.register_track(prov, float(record["clip_seconds"]))
-    for user, served_at in record["served_to"].items():
-        ledger.mark_served(prov.track_id, user, float(served_at))
-
-
 class ScoreMirror:
     """A ledger fed the consumer's accepted inputs, and the O(N) pass over it."""
 
@@ -209,18 +89,8 @@ class ScoreMirror:
         self.confidence = confidence
         self.ledger = FeedbackLedger()
 
-    def apply(self, ops: Sequence[Op]) -> None:
-        for kind, value in ops:
-            if kind == "reset":
-                self.ledger = FeedbackLedger.restore(value)
-            elif kind == "track":
-                register_record(self.ledger, value)
-            else:
-                # the parent accepted it once (so it was served to its rater, by the queue if
-                # not their own); a replayed op is a no-op
-                self.ledger.mark_served(value.track_id, value.rater_id, value.submitted_at)
-                with contextlib.suppress(ConflictError):
-                    (self.ledger.rate if kind == "rating" else self.ledger.listen)(value)
+    def apply(self, ops: Sequence[ReplicaOp]) -> None:
+        self.ledger = replay_ops(self.ledger, ops)
 
     def score(self, changed: set[str]) -> PassResult:
         """Re-score everything (ω pools all raters); serialize the changed tracks' scores."""
@@ -270,7 +140,7 @@ class InlineScorer:
     def start(self) -> None:
         pass
 
-    def run(self, ops: Sequence[Op], changed: set[str]) -> PassResult:
+    def run(self, ops: Sequence[ReplicaOp], changed: set[str]) -> PassResult:
         self._mirror.apply(ops)
         self.needs_reset = False
         return self._mirror.score(changed)
@@ -369,7 +239,7 @@ class ProcessScorer:
             raise ScorerError(f"the scorer process said {ready!r} instead of 'ready'")
         _log.info("scorer process started", extra={"pid": process.pid})
 
-    def run(self, ops: Sequence[Op], changed: set[str]) -> PassResult:
+    def run(self, ops: Sequence[ReplicaOp], changed: set[str]) -> PassResult:
         self.start()
         reply = self._exchange(
             (list(ops), changed),

@@ -12,14 +12,17 @@ from scipy import stats
 from riffloop.core import new_envelope
 from riffloop.loop import (
     ConfidenceWeight,
+    KindRatings,
+    ModelRatings,
     Observation,
     SpamReason,
     SpamReport,
     TrackKind,
     TrackProvenance,
+    model_ratings,
+    star_summary,
 )
 from riffloop.v1 import events_pb2
-from services.feedback._scorer import KindRatings, ModelRatings, model_ratings, star_summary
 from services.feedback._service import FeedbackState
 from tests.services.conftest import generated_track_ready, shared_ports
 
