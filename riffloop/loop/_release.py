@@ -49,6 +49,8 @@ class GateReport:
     diversity_base: float = math.nan
     p_fd_base: float = math.nan
     p_diversity_base: float = math.nan
+    # The embedding the samples were compared in (riffloop.loop.QualityEmbedding's name).
+    embedding: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
