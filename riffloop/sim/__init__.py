@@ -6,7 +6,7 @@ populations are plug-ins (``--listeners package.module:factory``, docs/LISTENERS
 ``python -m riffloop.sim demo|evidence``.
 
 The listeners need only numpy and load at once; the torch-bound parts (the experiment, its report
-and CLI) load on first use (PEP 562).
+and CLI, the random-taste population over the audio embedding) load on first use (PEP 562).
 """
 
 from __future__ import annotations
@@ -45,19 +45,31 @@ if TYPE_CHECKING:
         LoopWorld,
         load_world,
     )
+    from riffloop.sim._random_taste import (
+        ClipVector,
+        RandomTasteListener,
+        TasteSpace,
+        random_taste_listeners,
+        random_taste_population,
+    )
     from riffloop.sim._report import format_table, paired_interval
 
 _LAZY = {
+    "ClipVector": "riffloop.sim._random_taste",
     "IterationRow": "riffloop.sim._experiment",
     "LoopConfig": "riffloop.sim._experiment",
     "LoopExperiment": "riffloop.sim._experiment",
     "LoopResult": "riffloop.sim._experiment",
     "LoopWorld": "riffloop.sim._experiment",
+    "RandomTasteListener": "riffloop.sim._random_taste",
+    "TasteSpace": "riffloop.sim._random_taste",
     "demo": "riffloop.sim._cli",
     "evidence": "riffloop.sim._cli",
     "format_table": "riffloop.sim._report",
     "load_world": "riffloop.sim._experiment",
     "paired_interval": "riffloop.sim._report",
+    "random_taste_listeners": "riffloop.sim._random_taste",
+    "random_taste_population": "riffloop.sim._random_taste",
 }
 
 
@@ -79,6 +91,7 @@ __all__ = [
     "TASTE_FAMILIES",
     "AudioFeatures",
     "BurstBot",
+    "ClipVector",
     "ConstantBot",
     "IterationRow",
     "ListenOutcome",
@@ -89,7 +102,9 @@ __all__ = [
     "LoopResult",
     "LoopWorld",
     "RandomBot",
+    "RandomTasteListener",
     "TasteListener",
+    "TasteSpace",
     "ZeroListenBot",
     "audio_features",
     "bright_dense_listeners",
@@ -102,5 +117,7 @@ __all__ = [
     "load_world",
     "make_population",
     "paired_interval",
+    "random_taste_listeners",
+    "random_taste_population",
     "taste_population",
 ]

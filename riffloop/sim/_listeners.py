@@ -145,19 +145,28 @@ class TasteListener:
         return float(self.weights @ z / np.linalg.norm(self.weights))
 
     def listen(self, track_id: str, audio: np.ndarray, sample_rate: int) -> ListenOutcome:
-        clip = audio.size / sample_rate
         u = self.utility(audio, sample_rate, learn=True)
-        frac = 1.0 / (1.0 + math.exp(-(1.5 * u + 1.0 + self.rng.normal(0, 0.5))))
-        seconds = clip * frac
-        think = float(self.rng.uniform(1.0, 4.0))
-        stars = int(
-            np.clip(np.rint(3 + self.gain * u + self.bias + self.rng.normal(0, self.noise)), 1, 5)
+        return honest_answer(
+            u, audio.size / sample_rate, self.rng, self.gain, self.bias, self.noise
         )
-        # drawn on every call, skipped or not, so a listener consumes the same random numbers
-        # whatever it heard: two arms replaying one listener stay paired draw for draw
-        unrated = self.rng.random() < 0.3
-        rating: int | None = None if frac < 0.35 and unrated else stars
-        return ListenOutcome(rating, seconds, seconds + think)
+
+
+def honest_answer(
+    u: float, clip_seconds: float, rng: np.random.Generator, gain: float, bias: float, noise: float
+) -> ListenOutcome:
+    """An honest listener's answer to a clip it likes by u (standardised, ≈ N(0, 1) over what it
+    hears): listened fraction sigmoid(1.5·u + 1 + η), η ~ N(0, 0.5²); 1–4 s to judge and click;
+    stars = round(3 + gain·u + bias + ε), ε ~ N(0, noise²), clipped to 1–5; a skip below 35 %
+    leaves no rating 30 % of the time."""
+    frac = 1.0 / (1.0 + math.exp(-(1.5 * u + 1.0 + rng.normal(0, 0.5))))
+    seconds = clip_seconds * frac
+    think = float(rng.uniform(1.0, 4.0))
+    stars = int(np.clip(np.rint(3 + gain * u + bias + rng.normal(0, noise)), 1, 5))
+    # drawn on every call, skipped or not, so a listener consumes the same random numbers
+    # whatever it heard: two arms replaying one listener stay paired draw for draw
+    unrated = rng.random() < 0.3
+    rating: int | None = None if frac < 0.35 and unrated else stars
+    return ListenOutcome(rating, seconds, seconds + think)
 
 
 # 3. Spammers and bots -------------------------------------------------------------------------
@@ -220,27 +229,42 @@ def taste_population(family: str, n: int, spam_share: float, seed: int) -> list[
     noise sd drawn in [0.4, 0.8]."""
     if family not in TASTE_FAMILIES:
         raise ValidationError(f"unknown taste family {family!r}: {sorted(TASTE_FAMILIES)}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7_311]))
+
+    def honest(listener_id: str, child: np.random.Generator) -> Listener:
+        w = TASTE_FAMILIES[family] + child.normal(0, 0.25, size=len(FEATURES))
+        return TasteListener(
+            listener_id,
+            w,
+            child,
+            noise=float(child.uniform(0.4, 0.8)),
+            bias=float(child.normal(0, 0.4)),
+        )
+
+    return mixed_population(family, n, spam_share, rng, honest)
+
+
+def mixed_population(
+    prefix: str,
+    n: int,
+    spam_share: float,
+    rng: np.random.Generator,
+    honest: Callable[[str, np.random.Generator], Listener],
+) -> list[Listener]:
+    """``n`` listeners ``<prefix>-L000…``, each with a generator of its own drawn from ``rng``:
+    the first round(n·spam_share) are bots (the four kinds in turn), the rest ``honest(id,
+    generator)``; the list is then shuffled by ``rng`` so that bots are not the first ids."""
     if not 0.0 <= spam_share < 1.0 or n < 1:
         raise ValidationError("need n ≥ 1 and 0 ≤ spam_share < 1")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 7_311]))
     n_spam = round(n * spam_share)
     out: list[Listener] = []
     for i in range(n):
         child = np.random.default_rng(rng.integers(0, 2**63))
-        if i < n_spam:
-            out.append(_BOTS[i % len(_BOTS)](f"{family}-L{i:03d}", child))
-        else:
-            w = TASTE_FAMILIES[family] + child.normal(0, 0.25, size=len(FEATURES))
-            out.append(
-                TasteListener(
-                    f"{family}-L{i:03d}",
-                    w,
-                    child,
-                    noise=float(child.uniform(0.4, 0.8)),
-                    bias=float(child.normal(0, 0.4)),
-                )
-            )
-    order = rng.permutation(n)  # bots are not the first ids
+        listener_id = f"{prefix}-L{i:03d}"
+        out.append(
+            _BOTS[i % len(_BOTS)](listener_id, child) if i < n_spam else honest(listener_id, child)
+        )
+    order = rng.permutation(n)
     return [out[i] for i in order]
 
 
