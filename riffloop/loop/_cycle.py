@@ -556,7 +556,12 @@ class ReleaseCycle:
         except KeyError as exc:  # the manifest is riffloop.loop.TrainingPair.to_dict()
             raise ValidationError(f"a training pair names no {exc.args[0]}") from None
         return self._timed_index(
-            lambda: base.next_version(candidate, winners, model_version=candidate.version)
+            lambda: base.next_version(
+                candidate,
+                winners,
+                model_version=candidate.version,
+                steps=self.settings.baseline_inversion_steps,
+            )
         )
 
     @staticmethod
