@@ -14,18 +14,19 @@ from riffloop.runtime import (
     ServiceRuntime,
 )
 from riffloop.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.trainer._service import TrainerCore, TrainerServicer, TrainerSettings
+from services.trainer._service import TrainerHandlers, TrainerServicer
+from services.trainer._settings import TrainerSettings
 
 _log = logging.getLogger("riffloop.trainer")
 
 
-def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, TrainerCore]:
+def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, TrainerHandlers]:
     import torch
 
     settings.base_model_path()  # no trained base model and no RIFFLOOP_UNTRAINED_BASE: refuse
     torch.set_num_threads(settings.torch_threads)
     ports.prepare(settings.kafka_partitions)
-    core = TrainerCore(settings, ports)
+    core = TrainerHandlers(settings, ports)
     runtime = ServiceRuntime.from_settings(settings, max_workers=4)
     runtime.add_service(
         pb_grpc.add_TrainerServiceServicer_to_server,
@@ -64,7 +65,7 @@ def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, Trai
             pass
 
         def stop(self, timeout_s: float) -> None:
-            core.stopping.set()
+            core.cycle.stopping.set()
 
     runtime.add_worker(_StopTraining())
     return runtime, core

@@ -248,8 +248,7 @@ def test_the_trainer_publishes_each_version_with_its_index_and_the_winner_in_it(
     from riffloop.core import new_envelope
     from riffloop.runtime import ModelStore
     from riffloop.v1 import events_pb2
-    from services.trainer import TrainerSettings
-    from services.trainer._service import TrainerCore
+    from services.trainer import TrainerHandlers, TrainerSettings
 
     ports = shared_ports()
     ports.prepare()
@@ -263,7 +262,7 @@ def test_the_trainer_publishes_each_version_with_its_index_and_the_winner_in_it(
         baseline_rows=8,
         baseline_inversion_steps=STEPS,
     )
-    core = TrainerCore(settings, ports)
+    core = TrainerHandlers(settings, ports)
     assert core.ensure_base() == "v0001"
     store = ModelStore(ports.objects)
     base = store.load("v0001").baseline_index

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from riffloop.core import ConfigurationError
-from services.trainer import BUNDLED_BASE_MODEL, TrainerCore, TrainerSettings, build
+from services.trainer import BUNDLED_BASE_MODEL, TrainerHandlers, TrainerSettings, build
 from tests.services.conftest import shared_ports
 
 REPO = Path(__file__).resolve().parents[2]
@@ -102,7 +102,7 @@ def test_the_default_base_model_draws_music_like_tracks_and_an_untrained_one_doe
     ):
         ports = shared_ports()
         ports.prepare(settings.kafka_partitions)
-        core = TrainerCore(settings, ports)
+        core = TrainerHandlers(settings, ports)
         version = core.ensure_base()
         model = core.store.load(version)  # what a generator serves
         assert (version, model.parent) == ("v0001", None)

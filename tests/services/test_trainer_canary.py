@@ -10,12 +10,14 @@ from typing import Any
 import pytest
 
 from riffloop.core import new_envelope
-from riffloop.loop import GateReport, VersionStatus
+from riffloop.loop import GateReport, GateVerdict, TrainingSet, VersionStatus
 from riffloop.runtime import metrics
 from riffloop.v1 import common_pb2, events_pb2
 from tests.services.conftest import Running, shared_ports, start_service, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+PASSED = GateVerdict(GateReport(True, 1.0, 1.0, 1.0, 1.0, 0.25, 0.15), samples=16)
 
 
 @pytest.fixture
@@ -45,14 +47,8 @@ def _child(core, version: str = "v0002"):  # type: ignore[no-untyped-def]
 
 def test_a_significantly_worse_new_version_is_rolled_back(trainer: Running) -> None:
     core = trainer.state
-    core.publish_version(
-        _child(core),
-        trainset_id="ts-canary",
-        gate=None,
-        action=common_pb2.MODEL_ACTION_PROMOTE,
-        report=GateReport(True, 0.0, 0.0, 0.0, 0.0, 0.25, 0.15),
-    )
-    assert core.store.current()["version"] == "v0002" and core.watch == ("v0001", "v0002")
+    core.cycle.publish_version(_child(core), trainset_id="ts-canary", gate=PASSED)
+    assert core.store.current()["version"] == "v0002" and core.cycle.watch == ("v0001", "v0002")
     rollbacks = metrics.MODEL_ROLLBACKS._value.get()
     core.on_track_scored(_scored("nan", "v0002", float("nan")))  # ignored, never poisons the watch
     for i in range(7):  # fewer than min_ratings per side: no decision yet
@@ -63,20 +59,14 @@ def test_a_significantly_worse_new_version_is_rolled_back(trainer: Running) -> N
         core.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
         core.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
     assert core.store.current()["version"] == "v0001"
-    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
-    assert core.watch is None
+    assert core.cycle.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.cycle.watch is None
     assert metrics.MODEL_ROLLBACKS._value.get() == rollbacks + 1
 
 
 def test_an_equal_new_version_stays(trainer: Running) -> None:
     core = trainer.state
-    core.publish_version(
-        _child(core),
-        trainset_id="ts-equal",
-        gate=None,
-        action=common_pb2.MODEL_ACTION_PROMOTE,
-        report=GateReport(True, 0.0, 0.0, 0.0, 0.0, 0.25, 0.15),
-    )
+    core.cycle.publish_version(_child(core), trainset_id="ts-equal", gate=PASSED)
     for i in range(12):
         core.on_track_scored(_scored(f"p{i}", "v0001", 3.0 + (i % 4) * 0.2))
         core.on_track_scored(_scored(f"c{i}", "v0002", 3.0 + ((i + 1) % 4) * 0.2))
@@ -84,7 +74,9 @@ def test_an_equal_new_version_stays(trainer: Running) -> None:
 
 
 def _published(core) -> list[events_pb2.ModelPublished]:  # type: ignore[no-untyped-def]
-    sub = core.ports.bus.subscribe(f"probe-{len(core.registry.versions())}", ["model.published.v1"])
+    sub = core.ports.bus.subscribe(
+        f"probe-{len(core.cycle.registry.versions())}", ["model.published.v1"]
+    )
     return [decode(m).model_published for m in sub.poll(0.5, 100)]
 
 
@@ -94,14 +86,10 @@ def decode(message):  # type: ignore[no-untyped-def]
     return decode_envelope(message.value, message.topic)
 
 
-PASSED = GateReport(True, 1.0, 1.0, 1.0, 1.0, 0.25, 0.15)
-PROMOTE = common_pb2.MODEL_ACTION_PROMOTE
-
-
 def test_a_canary_serves_a_share_and_is_promoted_when_not_worse(trainer: Running) -> None:
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-c", gate=None, report=PASSED)
-    assert core.registry.get("v0002").status is VersionStatus.CANARY
+    core.cycle.start_canary(_child(core), trainset_id="ts-c", gate=PASSED)
+    assert core.cycle.registry.get("v0002").status is VersionStatus.CANARY
     assert core.store.current()["version"] == "v0001"  # CURRENT moves only on promotion
     canary = _published(core)[-1]
     assert canary.action == common_pb2.MODEL_ACTION_CANARY and canary.canary_share == 0.25
@@ -109,21 +97,21 @@ def test_a_canary_serves_a_share_and_is_promoted_when_not_worse(trainer: Running
         core.on_track_scored(_scored(f"p{i}", "v0001", 3.0 + (i % 4) * 0.2))
         core.on_track_scored(_scored(f"c{i}", "v0002", 3.0 + ((i + 1) % 4) * 0.2))
     assert core.store.current()["version"] == "v0002"
-    record = core.registry.get("v0002")
+    record = core.cycle.registry.get("v0002")
     assert record.status is VersionStatus.SERVING and record.canary["decision"] == "promote"
     assert _published(core)[-1].action == common_pb2.MODEL_ACTION_PROMOTE
 
 
 def test_a_worse_canary_is_rolled_back_without_ever_becoming_current(trainer: Running) -> None:
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-w", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-w", gate=PASSED)
     rollbacks = metrics.MODEL_ROLLBACKS._value.get()
     for i in range(8):
         core.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
         core.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
     assert core.store.current()["version"] == "v0001"
-    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
-    assert core.registry.serving() == "v0001" and core.watch is None
+    assert core.cycle.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.cycle.registry.serving() == "v0001" and core.cycle.watch is None
     last = _published(core)[-1]
     assert last.action == common_pb2.MODEL_ACTION_ROLLBACK and last.version == "v0001"
     assert metrics.MODEL_ROLLBACKS._value.get() == rollbacks + 1
@@ -131,15 +119,15 @@ def test_a_worse_canary_is_rolled_back_without_ever_becoming_current(trainer: Ru
 
 def test_the_rollback_rpc_aborts_a_running_canary(trainer: Running) -> None:
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-r", gate=None, report=PASSED)
-    assert core.running_canary() == "v0002"
+    core.cycle.start_canary(_child(core), trainset_id="ts-r", gate=PASSED)
+    assert core.cycle.running_canary() == "v0002"
     # A training set arriving meanwhile waits for the decision (no manifest is even read).
     later = events_pb2.TrainsetPublished(trainset_id="ts-later")
     core.on_trainset_published(new_envelope("selector", later))
-    assert core.registry.versions() == ["v0001", "v0002"]
-    target, dropped, _ = core.rollback("")
+    assert core.cycle.registry.versions() == ["v0001", "v0002"]
+    target, dropped, _ = core.cycle.rollback("")
     assert (target, dropped) == ("v0001", "v0002")
-    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.cycle.registry.get("v0002").status is VersionStatus.ROLLED_BACK
     assert core.store.current()["version"] == "v0001"
 
 
@@ -225,17 +213,20 @@ def test_a_canary_survives_restarts_of_the_trainer_and_the_generator(trainer: Ru
     """``models/CANARY`` carries a running canary across restarts: a new trainer process
     resumes watching it, a new generator serves its share; the decision removes the marker."""
     from riffloop.runtime import ServedModel
-    from services.trainer import TrainerCore, TrainerSettings
+    from services.trainer import TrainerHandlers, TrainerSettings
 
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-restart", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-restart", gate=PASSED)
     assert core.store.canary() == {"version": "v0002", "parent": "v0001", "share": 0.25}
-    restarted = TrainerCore(
+    restarted = TrainerHandlers(
         TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
     )
-    assert restarted.running_canary() is None  # before its bootstrap
+    assert restarted.cycle.running_canary() is None  # before its bootstrap
     restarted.ensure_base()
-    assert restarted.running_canary() == "v0002" and restarted.watch == ("v0001", "v0002")
+    assert restarted.cycle.running_canary() == "v0002" and restarted.cycle.watch == (
+        "v0001",
+        "v0002",
+    )
     generator = ServedModel(core.store, "generator-restarted")
     loading = generator.start_canary
     ready_while_loading = []
@@ -261,7 +252,7 @@ def test_a_canary_survives_restarts_of_the_trainer_and_the_generator(trainer: Ru
     for i in range(8):  # the restarted trainer decides: worse → rollback, marker gone
         restarted.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
         restarted.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
-    assert restarted.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert restarted.cycle.registry.get("v0002").status is VersionStatus.ROLLED_BACK
     assert core.store.canary() is None
     late = ServedModel(core.store, "generator-late")
     assert late.load_current() and late.canary_version is None
@@ -271,7 +262,7 @@ def test_a_stale_canary_marker_is_cleared_at_start_up(trainer: Running) -> None:
     core = trainer.state
     wait_for(lambda: core.store.current() is not None, 60, "the base model")
     core.store.set_canary("v0001", "v0000", 0.2)  # v0001 serves: it is no canary
-    assert core.resume_canary() is None and core.store.canary() is None
+    assert core.cycle.resume_canary() is None and core.store.canary() is None
 
 
 def _record_publishes(core) -> list[tuple[str, str, Any]]:  # type: ignore[no-untyped-def]
@@ -298,7 +289,7 @@ def test_a_decision_whose_event_failed_is_announced_on_the_retry(trainer: Runnin
     """The broker refuses the ROLLBACK event: the decision stands (registry, marker) and the next
     event handled — the consumer's retry — sends it; every event has the one key "models"."""
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-announce", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-announce", gate=PASSED)
     real = core.ports.publish
 
     def broken(topic: str, key: str, payload: object) -> str:
@@ -307,34 +298,34 @@ def test_a_decision_whose_event_failed_is_announced_on_the_retry(trainer: Runnin
     core.ports.publish = broken
     with pytest.raises(ConnectionError):
         _worse_canary(core)
-    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
-    assert core.announced() == {"current": "v0001", "canary": "v0002"}  # what went out last
+    assert core.cycle.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.cycle.announced() == {"current": "v0001", "canary": "v0002"}  # what went out last
     core.ports.publish = real
     sent = _record_publishes(core)
     core.on_track_scored(_scored("late", "v0001", 3.0))  # the retry, or any next event
     assert [(t, k, p.version, p.action) for t, k, p in sent] == [
         ("model.published.v1", "models", "v0001", common_pb2.MODEL_ACTION_ROLLBACK)
     ]
-    assert core.announced() == {"current": "v0001", "canary": ""}
-    assert core.watch is None and core.store.canary() is None
+    assert core.cycle.announced() == {"current": "v0001", "canary": ""}
+    assert core.cycle.watch is None and core.store.canary() is None
 
 
 def test_a_set_that_arrives_during_a_canary_is_trained_after_it(trainer: Running) -> None:
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-first", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-first", gate=PASSED)
     sent = _record_publishes(core)
     waiting = events_pb2.TrainsetPublished(trainset_id="ts-waiting", pair_count=2, iteration=2)
     core.on_trainset_published(new_envelope("selector", waiting))
-    assert not sent and core.registry.versions() == ["v0001", "v0002"]  # nothing trained yet
+    assert not sent and core.cycle.registry.versions() == ["v0001", "v0002"]  # nothing trained yet
     # a restart in between keeps it, and the canary's evidence gathered so far
     for i in range(5):
         core.on_track_scored(_scored(f"p{i}", "v0001", 4.0))
-    from services.trainer import TrainerCore, TrainerSettings
+    from services.trainer import TrainerHandlers, TrainerSettings
 
-    restarted = TrainerCore(
+    restarted = TrainerHandlers(
         TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
     )
-    assert restarted.resume_canary() == "v0002" and len(restarted.watch_scores) == 5
+    assert restarted.cycle.resume_canary() == "v0002" and len(restarted.cycle.evidence) == 5
     _worse_canary(core)  # decided: rolled back, then the kept set goes out again
     released = [p for t, _, p in sent if t == "trainset.published.v1"]
     assert [p.trainset_id for p in released] == ["ts-waiting"]
@@ -347,14 +338,14 @@ def test_a_canary_decided_while_its_candidate_loaded_is_not_installed(trainer: R
     from riffloop.runtime import ServedModel
 
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-race", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-race", gate=PASSED)
     served = ServedModel(core.store, "generator-race")
     real_load = core.store.load
 
     def slow_load(version: str):  # type: ignore[no-untyped-def]
         model = real_load(version)
         if version == "v0002":
-            core.abort_canary("v0002")  # decided while the candidate was loading
+            core.cycle.abort_canary("v0002")  # decided while the candidate was loading
         return model
 
     served.store.load = slow_load  # type: ignore[method-assign]
@@ -364,39 +355,37 @@ def test_a_canary_decided_while_its_candidate_loaded_is_not_installed(trainer: R
 
 def test_a_rollback_past_a_running_canarys_parent_ends_the_canary(trainer: Running) -> None:
     core = trainer.state
-    core.publish_version(_child(core), trainset_id="ts-2", gate=None, action=PROMOTE, report=PASSED)
+    core.cycle.publish_version(_child(core), trainset_id="ts-2", gate=PASSED)
     grandchild = _child(core, "v0003")
     grandchild.parent = "v0002"
-    core.start_canary(grandchild, trainset_id="ts-3", gate=None, report=PASSED)
-    target, serving, _ = core.rollback("v0001")
+    core.cycle.start_canary(grandchild, trainset_id="ts-3", gate=PASSED)
+    target, serving, _ = core.cycle.rollback("v0001")
     assert (target, serving) == ("v0001", "v0002")
-    assert core.registry.get("v0003").status is VersionStatus.ROLLED_BACK
-    assert core.store.canary() is None and core.running_canary() is None
+    assert core.cycle.registry.get("v0003").status is VersionStatus.ROLLED_BACK
+    assert core.store.canary() is None and core.cycle.running_canary() is None
     assert core.store.current()["version"] == "v0001"
 
 
 def test_a_version_promoted_at_once_is_still_watched_after_a_restart(trainer: Running) -> None:
     """canary_share 0: the watch of the promoted version and its evidence survive a restart,
     and the restarted trainer rolls a worse one back."""
-    from services.trainer import TrainerCore, TrainerSettings
+    from services.trainer import TrainerHandlers, TrainerSettings
 
     core = trainer.state
-    core.publish_version(
-        _child(core), trainset_id="ts-now", gate=None, action=PROMOTE, report=PASSED
-    )
+    core.cycle.publish_version(_child(core), trainset_id="ts-now", gate=PASSED)
     for i in range(6):
         core.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
         core.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
-    restarted = TrainerCore(
+    restarted = TrainerHandlers(
         TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
     )
     restarted.ensure_base()
-    assert restarted.watch == ("v0001", "v0002") and len(restarted.watch_scores) == 12
+    assert restarted.cycle.watch == ("v0001", "v0002") and len(restarted.cycle.evidence) == 12
     for i in range(6, 12):
         restarted.on_track_scored(_scored(f"p{i}", "v0001", 4.0 + (i % 3) * 0.3))
         restarted.on_track_scored(_scored(f"c{i}", "v0002", 1.5 + (i % 3) * 0.3))
     assert core.store.current()["version"] == "v0001"
-    assert core.registry.get("v0002").status is VersionStatus.ROLLED_BACK
+    assert core.cycle.registry.get("v0002").status is VersionStatus.ROLLED_BACK
     assert core.ports.kv.get("trainer:watch") is None
 
 
@@ -404,10 +393,10 @@ def test_a_refused_rollback_leaves_the_canary_running(trainer: Running) -> None:
     from riffloop.core import NotFoundError, ValidationError
 
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-keep", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-keep", gate=PASSED)
     with pytest.raises((ValidationError, NotFoundError)):
-        core.rollback("v9999")
-    assert core.running_canary() == "v0002" and core.store.canary() is not None
+        core.cycle.rollback("v9999")
+    assert core.cycle.running_canary() == "v0002" and core.store.canary() is not None
 
 
 def test_a_deployment_without_an_announcement_record_takes_its_pointers_as_announced(
@@ -416,11 +405,11 @@ def test_a_deployment_without_an_announcement_record_takes_its_pointers_as_annou
     """Upgrading a running deployment: no ``trainer:announced`` yet. The pointers are taken as
     what generators already serve; nothing is re-announced (a PROMOTE would drop a canary)."""
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-upgrade", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-upgrade", gate=PASSED)
     core.ports.kv.delete("trainer:announced")
     sent = _record_publishes(core)
-    assert core.reconcile() == [] and not sent
-    assert core.announced() == {"current": "v0001", "canary": "v0002"}
+    assert core.cycle.reconcile() == [] and not sent
+    assert core.cycle.announced() == {"current": "v0001", "canary": "v0002"}
 
 
 def test_a_canary_a_crash_left_without_its_marker_is_started_on_the_redelivery(
@@ -430,13 +419,13 @@ def test_a_canary_a_crash_left_without_its_marker_is_started_on_the_redelivery(
     finishes the start — marker, watch, CANARY event — instead of counting as judged."""
     core = trainer.state
     child = _child(core)
-    core._store_version(child, "ts-crash")
-    core.registry.gate("v0002", PASSED)  # CANDIDATE → CANARY; then the process died
+    core.cycle._store_version(child, "ts-crash")
+    core.cycle.registry.gate("v0002", PASSED.report)  # CANDIDATE → CANARY; then the process died
     sent = _record_publishes(core)
     again = events_pb2.TrainsetPublished(trainset_id="ts-crash", pair_count=1, iteration=1)
     core.on_trainset_published(new_envelope("selector", again))
     assert core.store.canary() == {"version": "v0002", "parent": "v0001", "share": 0.25}
-    assert core.running_canary() == "v0002"
+    assert core.cycle.running_canary() == "v0002"
     assert [(p.version, p.action) for _, _, p in sent] == [
         ("v0002", common_pb2.MODEL_ACTION_CANARY)
     ]
@@ -446,20 +435,18 @@ def test_a_deferred_set_overtaken_by_a_newer_trained_one_is_not_trained_after_it
     trainer: Running,
 ) -> None:
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-c", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-c", gate=PASSED)
     older = events_pb2.TrainsetPublished(trainset_id="ts-0002-old", pair_count=1, iteration=2)
     newer = events_pb2.TrainsetPublished(trainset_id="ts-0004-new", pair_count=1, iteration=4)
     core.on_trainset_published(new_envelope("selector", newer))
     core.on_trainset_published(new_envelope("selector", older))  # the newest kept stays
-    kept = events_pb2.TrainsetPublished.FromString(
-        bytes.fromhex(core.ports.kv.get("trainer:deferred"))
-    )
-    assert kept.trainset_id == "ts-0004-new"
-    core.ports.kv.set("trainer:deferred", older.SerializeToString().hex())
+    kept = TrainingSet.from_json(core.ports.kv.get("trainer:deferred"))
+    assert (kept.trainset_id, kept.iteration) == ("ts-0004-new", 4)
+    core.ports.kv.set("trainer:deferred", TrainingSet("ts-0002-old", "", "", 1, 2).to_json())
     core.ports.kv.set("trainer:last-iteration", "3")  # set 3 was trained meanwhile
     sent = _record_publishes(core)
-    core.abort_canary("v0002")
-    assert core.release_deferred() is None and not sent[1:]  # only the ROLLBACK went out
+    core.cycle.abort_canary("v0002")
+    assert core.cycle.release_deferred() is None and not sent[1:]  # only the ROLLBACK went out
     assert core.ports.kv.get("trainer:deferred") is None
 
 
@@ -467,7 +454,7 @@ def test_a_promotion_that_failed_half_way_is_finished_by_the_next_event(trainer:
     """The registry says the canary won (SERVING), then writing ``models/CURRENT`` fails: the
     next event handled finishes it — CURRENT, the marker, the PROMOTE event."""
     core = trainer.state
-    core.start_canary(_child(core), trainset_id="ts-half", gate=None, report=PASSED)
+    core.cycle.start_canary(_child(core), trainset_id="ts-half", gate=PASSED)
     real_set_current = core.store.set_current
 
     def failing(version: str, parent: str = "") -> None:
@@ -478,7 +465,7 @@ def test_a_promotion_that_failed_half_way_is_finished_by_the_next_event(trainer:
         for i in range(12):  # the candidate is clearly better: PROMOTE
             core.on_track_scored(_scored(f"p{i}", "v0001", 1.5 + (i % 3) * 0.3))
             core.on_track_scored(_scored(f"c{i}", "v0002", 4.0 + (i % 3) * 0.3))
-    assert core.registry.get("v0002").status is VersionStatus.SERVING
+    assert core.cycle.registry.get("v0002").status is VersionStatus.SERVING
     assert core.store.current()["version"] == "v0001"  # half way
     core.store.set_current = real_set_current
     sent = _record_publishes(core)
@@ -487,47 +474,7 @@ def test_a_promotion_that_failed_half_way_is_finished_by_the_next_event(trainer:
     assert [(p.version, p.action) for _, _, p in sent] == [
         ("v0002", common_pb2.MODEL_ACTION_PROMOTE)
     ]
-    assert core.announced() == {"current": "v0002", "canary": ""}
-
-
-def test_the_gate_compares_a_grandchild_with_the_base_model_too(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Drift must not compound: from the second fine-tune on, the candidate's samples are also
-    tested against the base model's (the lineage's root), not only its parent's."""
-    import torch
-
-    running = start_service("trainer", shared_ports(), gate_mode="offline", gate_steps=2)
-    try:
-        core = running.state
-        core.publish_version(_child(core), trainset_id="ts-g", gate=None, action=PROMOTE)
-        parent = core.store.load("v0002")
-        size = parent.mel.n_mels
-        monkeypatch.setattr(core, "_latents", lambda n: torch.randn(n, 1, size, size))
-        reference = torch.rand(16, 1, size, size) * 2 - 1
-        grandchild = core.store.load("v0002")
-        grandchild.version, grandchild.parent = "v0003", "v0002"
-        assert core._root_of("v0002") == "v0001"
-        loads: list[str] = []
-        real_load = core.store.load
-        monkeypatch.setattr(core.store, "load", lambda v: loads.append(v) or real_load(v))
-        _, report = core._gate(parent, grandchild, reference)
-        assert report.diversity_base == report.diversity_base  # compared (not NaN)
-        # the base model's samples from the same x_T are made once, not at every gate
-        torch.manual_seed(1)
-        fixed = torch.randn(core.settings.gate_samples, 1, size, size)
-        monkeypatch.setattr(core, "_latents", lambda n: fixed.clone())
-        _, again = core._gate(parent, grandchild, reference)
-        _, third = core._gate(parent, grandchild, reference)
-        assert loads.count("v0001") == 2  # the first x_T, then the fixed one once
-        assert third.diversity_base == again.diversity_base
-        child = core.store.load("v0001")
-        child.version, child.parent = "v0004", "v0001"
-        _, first = core._gate(core.store.load("v0001"), child, reference)
-        assert first.diversity_base != first.diversity_base  # the parent is the base: NaN
-    finally:
-        running.channel.close()
-        running.runtime.stop()
+    assert core.cycle.announced() == {"current": "v0002", "canary": ""}
 
 
 def test_the_training_device_is_checked_at_start_up() -> None:
@@ -542,63 +489,3 @@ def test_the_training_device_is_checked_at_start_up() -> None:
         with pytest.raises(ConfigurationError, match=r"RIFFLOOP_DEVICE: .*no CUDA device"):
             TrainerSettings(device="cuda")
     assert TrainerSettings(device="cpu").device == "cpu"
-
-
-def test_the_gate_sees_the_parent_as_it_was_before_fine_tuning(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The fine-tune runs on a copy: the gate's "parent" samples come from the parent's weights,
-    not from the fine-tuned ones (the trainer trains its model in place)."""
-    import json
-
-    import torch
-
-    running = start_service(
-        "trainer", shared_ports(), gate_mode="offline", gate_steps=2, canary_share=0.0
-    )
-    try:
-        core = running.state
-        wait_for(lambda: core.store.current() is not None, 60, "the base model")
-        stored = core.store.load("v0001")
-        size = stored.mel.n_mels
-        images = torch.rand(4, 1, size, size) * 2 - 1
-        monkeypatch.setattr(core, "_latents", lambda n: torch.randn(n, 1, size, size))
-        monkeypatch.setattr(core, "_replay_images", lambda: images)
-        grid = torch.randint(0, 256, (size, size)).tolist()
-        pairs = []
-        for i in range(2):
-            core.ports.objects.put(
-                "tracks", f"t{i}.json", json.dumps({"image_uint8": grid}).encode()
-            )
-            pairs.append(
-                {"target_track_id": f"t{i}", "weight": 1.0, "input_key": f"in{i}", "score": 4.0}
-            )
-        core.ports.objects.put("trainsets", "ts-p.json", json.dumps({"pairs": pairs}).encode())
-        import riffloop.music
-
-        devices = []
-        real_trainer = riffloop.music.Trainer
-
-        def recording_trainer(*args: Any, **kwargs: Any) -> Any:
-            devices.append(kwargs.get("device"))
-            return real_trainer(*args, **kwargs)
-
-        monkeypatch.setattr(riffloop.music, "Trainer", recording_trainer)
-        seen = []
-        gate = core._gate
-        monkeypatch.setattr(
-            core,
-            "_gate",
-            lambda parent, cand, ref: (seen.append(parent), gate(parent, cand, ref))[1],
-        )
-        event = events_pb2.TrainsetPublished(trainset_id="ts-p", pair_count=2, iteration=1)
-        event.manifest.bucket, event.manifest.key = "trainsets", "ts-p.json"
-        core.on_trainset_published(new_envelope("selector", event))
-        [parent] = seen
-        for name, weight in stored.unet.state_dict().items():
-            assert torch.equal(parent.unet.state_dict()[name], weight), name
-        # RIFFLOOP_DEVICE (auto) reaches the fine-tune: the GPU where the pod has one
-        assert devices == [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
-    finally:
-        running.channel.close()
-        running.runtime.stop()
