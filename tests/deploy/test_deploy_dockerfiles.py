@@ -90,10 +90,11 @@ def test_base_image() -> None:
 
 
 # Beyond its own folder, what a service image carries: the trainer publishes the trained base
-# model at first start (RIFFLOOP_BASE_MODEL_DIR, docs/BASE_MODEL.md).
+# model at first start (RIFFLOOP_BASE_MODEL_DIR, docs/BASE_MODEL.md) and gates candidates in the
+# trained quality embedding.
 # The gateway serves the built web page (web/, `npm run build`) on its web port.
 IMAGE_ASSETS: dict[str, tuple[str, ...]] = {
-    "trainer": ("assets/base-model/",),
+    "trainer": ("assets/base-model/", "assets/quality-embedding/"),
     "gateway": ("web/dist/",),
 }
 IMAGE_PORTS: dict[str, set[str]] = {"gateway": {"8080"}}
