@@ -539,7 +539,9 @@ class ReleaseCycle:
     ) -> Any:
         """Z_V of a fine-tuned version: the parent's rows plus this set's winners (``images``
         [N, 1, H, W] in [−1, 1], one per pair), re-inverted by the candidate; each input's best
-        new winner becomes its baseline (the genetic step)."""
+        new winner becomes its baseline (the genetic step). A pair with no rated score (NaN: a
+        control arm's random draw, chosen without ratings) trains the model but wins nothing:
+        it never replaces a baseline."""
         from riffloop.music import Winner, to_uint8
 
         base = parent.baseline_index or self.base_index(parent)
@@ -552,6 +554,7 @@ class ReleaseCycle:
                     image=to_uint8(image[0]),
                 )
                 for pair, image in zip(pairs, images, strict=True)
+                if math.isfinite(float(pair.get("score", math.nan)))
             ]
         except KeyError as exc:  # the manifest is riffloop.loop.TrainingPair.to_dict()
             raise ValidationError(f"a training pair names no {exc.args[0]}") from None
