@@ -181,6 +181,30 @@ class MelCodec:
             images = torch.where(ref <= _AMIN, torch.full_like(images, -1.0), images)
         return images.unsqueeze(1).clone()
 
+    def audio_to_track_image(self, samples: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Mono samples of any length ≥ 1 → one image ``[1, n_mels, T]`` in [−1, 1] of the whole
+        recording, T = 1 + len // hop (centred STFT), in dB relative to the *recording's*
+        maximum (not each window's), so a level change between windows stays visible. The
+        inverse of :meth:`track_to_audio` in frame count: T·hop − 1 samples give T frames, and
+        one window of ``slice_samples`` gives the same image as :meth:`audio_to_images`."""
+        audio = torch.as_tensor(samples)
+        if audio.ndim != 1 or audio.shape[0] == 0:
+            raise ValidationError(f"mono 1-D samples expected, got shape {tuple(audio.shape)}")
+        if not torch.is_floating_point(audio):
+            raise ValidationError(f"float samples expected, got dtype {audio.dtype}")
+        audio = audio.to(torch.float32)
+        if not bool(torch.isfinite(audio).all()):
+            raise ValidationError("samples contain NaN or infinity")
+        c = self.config
+        with torch.inference_mode():
+            power = self._mel(audio[None])  # [1, n_mels, T]
+            ref = power.amax()
+            if float(ref) <= _AMIN:
+                return torch.full_like(power, -1.0)
+            db = 10.0 * torch.log10(power.clamp_min(_AMIN)) - 10.0 * torch.log10(ref)
+            db = db.clamp(min=-c.top_db, max=0.0)
+            return (2.0 * (db + c.top_db) / c.top_db - 1.0).clone()
+
     def images_to_audio(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """``[N, 1, n_mels, x_res]`` (or ``[N, n_mels, x_res]``) images in [−1, 1] → float32
         ``[N, slice_samples]`` audio. Values outside [−1, 1] are clipped first. The level is

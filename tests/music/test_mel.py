@@ -147,3 +147,41 @@ def test_uint8_convention_of_teticio() -> None:
     assert torch.equal(to_uint8(torch.tensor([-2.0, 0.0, 2.0])), torch.tensor([0, 128, 255]).byte())
     with pytest.raises(ValidationError):
         image_from_uint8(torch.zeros(3))
+
+
+def test_track_image_of_one_window_is_that_window_and_its_frames_invert_track_to_audio() -> None:
+    codec = MelCodec(MelConfig())
+    c = codec.config
+    rng = np.random.default_rng(3)
+    one = (0.1 * rng.standard_normal(c.slice_samples)).astype(np.float32)
+    track = codec.audio_to_track_image(one)
+    assert track.shape == (1, c.n_mels, c.x_res)
+    assert torch.allclose(track, codec.audio_to_images(one)[0], atol=1e-5)
+    # T frames of image → T·hop − 1 samples → T frames again
+    image = torch.rand(1, c.n_mels, 150) * 2 - 1
+    audio = codec.track_to_audio(image)
+    assert codec.audio_to_track_image(audio).shape == (1, c.n_mels, 150)
+
+
+def test_track_image_keeps_a_level_change_that_windows_hide() -> None:
+    codec = MelCodec(MelConfig())
+    c = codec.config
+    t = np.arange(2 * c.slice_samples + 1) / c.sample_rate
+    tone = np.sin(2 * np.pi * 440 * t).astype(np.float32)
+    tone[c.slice_samples + 1 :] *= 0.01  # −40 dB in the second window
+    windows = codec.audio_to_images(tone)
+    # each window is relative to its own peak: both peak at 1 (0 dB)
+    assert windows[0].amax() == pytest.approx(1.0) and windows[1].amax() == pytest.approx(1.0)
+    track = codec.audio_to_track_image(tone)[0]
+    late = track[:, c.x_res + 8 :].amax()
+    # −40 dB of an 80 dB range: 1 − 2·40/80 = 0 in image units
+    assert float(late) == pytest.approx(0.0, abs=0.05)
+    assert torch.equal(codec.audio_to_track_image(np.zeros(4000, np.float32)), torch.full(
+        (1, c.n_mels, 1 + 4000 // c.hop_length), -1.0
+    ))
+    with pytest.raises(ValidationError):
+        codec.audio_to_track_image(np.zeros((2, 10), np.float32))
+    with pytest.raises(ValidationError):
+        codec.audio_to_track_image(np.array([0.0, np.nan], np.float32))
+    with pytest.raises(ValidationError):
+        codec.audio_to_track_image(np.zeros(0, np.float32))
