@@ -1,4 +1,4 @@
-"""The simulation around the loop: simulated listeners, the embedded experiment, its report and
+"""The simulation around the loop: simulated listeners, the experiment that drives the six services, its report and
 its command line (design.md §6).
 
 A client of ``riffloop.loop``, whose rules it drives; the domain never imports it. Listener
@@ -37,13 +37,14 @@ from riffloop.sim._listeners import (
 
 if TYPE_CHECKING:
     from riffloop.sim._cli import demo, evidence
+    from riffloop.sim._deployment import EmbeddedDeployment, SimClock
     from riffloop.sim._experiment import (
+        InputSong,
         IterationRow,
         LoopConfig,
         LoopExperiment,
         LoopResult,
-        LoopWorld,
-        load_world,
+        load_inputs,
     )
     from riffloop.sim._random_taste import (
         ClipVector,
@@ -60,13 +61,15 @@ _LAZY = {
     "LoopConfig": "riffloop.sim._experiment",
     "LoopExperiment": "riffloop.sim._experiment",
     "LoopResult": "riffloop.sim._experiment",
-    "LoopWorld": "riffloop.sim._experiment",
+    "EmbeddedDeployment": "riffloop.sim._deployment",
+    "InputSong": "riffloop.sim._experiment",
+    "SimClock": "riffloop.sim._deployment",
     "RandomTasteListener": "riffloop.sim._random_taste",
     "TasteSpace": "riffloop.sim._random_taste",
     "demo": "riffloop.sim._cli",
     "evidence": "riffloop.sim._cli",
     "format_table": "riffloop.sim._report",
-    "load_world": "riffloop.sim._experiment",
+    "load_inputs": "riffloop.sim._experiment",
     "paired_interval": "riffloop.sim._report",
     "random_taste_listeners": "riffloop.sim._random_taste",
     "random_taste_population": "riffloop.sim._random_taste",
@@ -93,6 +96,8 @@ __all__ = [
     "BurstBot",
     "ClipVector",
     "ConstantBot",
+    "EmbeddedDeployment",
+    "InputSong",
     "IterationRow",
     "ListenOutcome",
     "Listener",
@@ -100,9 +105,9 @@ __all__ = [
     "LoopConfig",
     "LoopExperiment",
     "LoopResult",
-    "LoopWorld",
     "RandomBot",
     "RandomTasteListener",
+    "SimClock",
     "TasteListener",
     "TasteSpace",
     "ZeroListenBot",
@@ -113,8 +118,8 @@ __all__ = [
     "demo",
     "evidence",
     "format_table",
+    "load_inputs",
     "load_listener_factory",
-    "load_world",
     "make_population",
     "paired_interval",
     "random_taste_listeners",

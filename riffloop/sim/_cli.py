@@ -10,7 +10,7 @@ from dataclasses import fields, replace
 from pathlib import Path
 
 from riffloop.core import NotFoundError, RiffloopError
-from riffloop.sim._experiment import DEFAULT_MODEL_DIR, LoopConfig, LoopExperiment, load_world
+from riffloop.sim._experiment import DEFAULT_MODEL_DIR, LoopConfig, LoopExperiment, load_inputs
 from riffloop.sim._listeners import load_listener_factory
 from riffloop.sim._report import (
     format_table,
@@ -61,11 +61,11 @@ def demo(argv: list[str] | None = None) -> int:
     except RiffloopError as exc:
         p.error(exc.reason)  # usage and the reason, exit status 2
     try:
-        world = load_world(config, ns.model)
-        print(
-            f"model {world.model.version} from {ns.model}; {len(world.inputs)} inputs", flush=True
-        )
-        result = LoopExperiment(config, world, progress=lambda s: print(s, flush=True)).run()
+        inputs = load_inputs(config)
+        print(f"base model {model_identity(ns.model)} from {ns.model}; {len(inputs)} input songs")
+        result = LoopExperiment(
+            config, inputs, progress=lambda s: print(s, flush=True), model_dir=ns.model
+        ).run()
     except RiffloopError as exc:
         print(f"demo: {exc.reason}", file=sys.stderr)
         return 2
@@ -83,7 +83,7 @@ def model_identity(model_dir: Path) -> str:
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     card = folder / "model_card.json"
     if not (weights.exists() and card.exists()):
-        raise NotFoundError(f"no MusicDiffusion model at {folder}")
+        raise NotFoundError(f"no base model (a MusicDiffusion folder) at {folder}")
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     return f"{json.loads(card.read_text()).get('version', '?')}:{digest}"
 
@@ -128,9 +128,11 @@ def evidence(argv: list[str] | None = None) -> int:
                     print(f"== {family} seed {seed}: reusing {ns.out / 'runs' / stem}.csv")
                     results[(family, seed)] = done
                     continue
-                world = load_world(config, ns.model)
+                inputs = load_inputs(config)
                 print(f"== {family} seed {seed}", flush=True)
-                res = LoopExperiment(config, world, progress=lambda s: print(s, flush=True)).run()
+                res = LoopExperiment(
+                    config, inputs, progress=lambda s: print(s, flush=True), model_dir=ns.model
+                ).run()
                 save_run(res, ns.out / "runs", stem=stem, model=model)
                 results[(family, seed)] = res
     except RiffloopError as exc:

@@ -25,7 +25,7 @@ def test_cli_usage_and_missing_model_exit_2(tmp_path: Path, capsys) -> None:
     ("flags", "reason"),
     [
         (["--torch-threads", "0"], "torch_threads must be an integer ≥ 1"),
-        (["--baseline-pool", "-1000"], "baseline_pool must be an integer ≥ 1"),
+        (["--finetune-batch", "1"], "finetune_batch must be an integer ≥ 2"),
         (["--seed", "-1"], "seed must be an integer ≥ 0"),
         (["--spam-share", "1"], "spam_share must lie in [0, 1)"),
         (["--learning-rate", "nan"], "learning_rate must lie in"),
@@ -141,7 +141,9 @@ def test_evidence_runs_exactly_the_declared_fresh_seeds(tmp_path: Path, monkeypa
     ran: list[tuple[str, int]] = []
 
     class FakeExperiment:
-        def __init__(self, config: LoopConfig, world: object, progress: object) -> None:
+        def __init__(
+            self, config: LoopConfig, inputs: object, progress: object, model_dir: Path
+        ) -> None:
             self.config = config
 
         def run(self) -> LoopResult:
@@ -149,7 +151,7 @@ def test_evidence_runs_exactly_the_declared_fresh_seeds(tmp_path: Path, monkeypa
             return LoopResult(self.config, _result(self.config.seed, 0.3, 0.1).rows)
 
     monkeypatch.setattr(cli, "model_identity", lambda _: "base-v9:feed")
-    monkeypatch.setattr(cli, "load_world", lambda config, model: None)
+    monkeypatch.setattr(cli, "load_inputs", lambda config: [])
     monkeypatch.setattr(cli, "LoopExperiment", FakeExperiment)
     spec = "riffloop.sim:bright_dense_listeners"
     cfg = replace(LoopConfig(seed=6), listeners=spec)
