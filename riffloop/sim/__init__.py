@@ -1,5 +1,5 @@
-"""The simulation around the loop: simulated listeners, the experiment that drives the six services, its report and
-its command line (design.md §6).
+"""The simulation around the loop: simulated listeners, the experiment that drives the six
+services through their APIs, its report and its command line (design.md §6).
 
 A client of ``riffloop.loop``, whose rules it drives; the domain never imports it. Listener
 populations are plug-ins (``--listeners package.module:factory``, docs/LISTENERS.md). Commands:
