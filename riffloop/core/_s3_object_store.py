@@ -35,8 +35,11 @@ T = TypeVar("T")
 class S3ObjectStore(ObjectStore):
     """S3 adapter; the minio client is injected (see :meth:`from_settings` for the usual one)."""
 
-    def __init__(self, client: Minio) -> None:
+    def __init__(self, client: Minio, bucket_prefix: str = "") -> None:
+        """``bucket_prefix``: prepended to every bucket name on the server (not in the
+        ``ObjectRef``s, which name the logical bucket), so several deployments share one S3."""
         self._client = client
+        self._prefix = bucket_prefix
 
     @classmethod
     def connect(
@@ -49,6 +52,7 @@ class S3ObjectStore(ObjectStore):
         region: str = "us-east-1",
         timeout_s: float = 10.0,
         retries: int = 2,
+        bucket_prefix: str = "",
     ) -> S3ObjectStore:
         """A client with bounded timeouts and retries (the SDK default retries for minutes)."""
         import urllib3
@@ -68,7 +72,7 @@ class S3ObjectStore(ObjectStore):
             region=region,
             http_client=http,
         )
-        return cls(client)
+        return cls(client, bucket_prefix)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3ObjectStore:
@@ -78,6 +82,7 @@ class S3ObjectStore(ObjectStore):
             settings.s3_secret_key,
             secure=settings.s3_uses_tls,
             region=settings.s3_region,
+            bucket_prefix=settings.s3_bucket_prefix,
         )
 
     # -- error mapping ------------------------------------------------------------------------
@@ -107,10 +112,10 @@ class S3ObjectStore(ObjectStore):
         validate_bucket(bucket)
 
         def create() -> None:
-            if self._client.bucket_exists(bucket):
+            if self._client.bucket_exists(self._prefix + bucket):
                 return
             try:
-                self._client.make_bucket(bucket)
+                self._client.make_bucket(self._prefix + bucket)
             except S3Error as exc:  # a concurrent creator won the race
                 if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
                     raise
@@ -127,7 +132,7 @@ class S3ObjectStore(ObjectStore):
         self._call(
             f"put {bucket}/{key}",
             lambda: self._client.put_object(
-                bucket,
+                self._prefix + bucket,
                 key,
                 io.BytesIO(blob),
                 len(blob),
@@ -142,7 +147,7 @@ class S3ObjectStore(ObjectStore):
         validate_key(key)
 
         def read() -> tuple[bytes, Any]:
-            response = self._client.get_object(bucket, key)
+            response = self._client.get_object(self._prefix + bucket, key)
             try:
                 return response.read(), response.headers.get(_SHA_HEADER)
             finally:
@@ -157,7 +162,9 @@ class S3ObjectStore(ObjectStore):
     def stat(self, bucket: str, key: str) -> ObjectRef:
         validate_bucket(bucket)
         validate_key(key)
-        info = self._call(f"stat {bucket}/{key}", lambda: self._client.stat_object(bucket, key))
+        info = self._call(
+            f"stat {bucket}/{key}", lambda: self._client.stat_object(self._prefix + bucket, key)
+        )
         metadata = info.metadata or {}
         expected = metadata.get(_SHA_HEADER) or metadata.get(_SHA_HEADER.title())
         if not expected:
@@ -168,9 +175,11 @@ class S3ObjectStore(ObjectStore):
         validate_bucket(bucket)
 
         def collect() -> list[str]:
-            if not self._client.bucket_exists(bucket):
+            if not self._client.bucket_exists(self._prefix + bucket):
                 raise NotFoundError(f"bucket {bucket!r} does not exist")
-            objects = self._client.list_objects(bucket, prefix=prefix or None, recursive=True)
+            objects = self._client.list_objects(
+                self._prefix + bucket, prefix=prefix or None, recursive=True
+            )
             return sorted(o.object_name for o in objects if o.object_name is not None)
 
         return self._call(f"list {bucket}/{prefix}", collect)
@@ -178,7 +187,9 @@ class S3ObjectStore(ObjectStore):
     def delete(self, bucket: str, key: str) -> None:
         validate_bucket(bucket)
         validate_key(key)
-        self._call(f"delete {bucket}/{key}", lambda: self._client.remove_object(bucket, key))
+        self._call(
+            f"delete {bucket}/{key}", lambda: self._client.remove_object(self._prefix + bucket, key)
+        )
 
     def ping(self) -> None:
         self._call("list buckets", self._client.list_buckets)

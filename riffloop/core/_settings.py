@@ -25,6 +25,7 @@ from riffloop.core._errors import ConfigurationError, TransientError
 
 PREFIX = "RIFFLOOP_"
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,100}")
+_BUCKET_PREFIX = re.compile(r"[a-z][a-z0-9-]{0,23}")
 _MASK = "****"
 
 Backend = Literal["embedded", "real"]
@@ -67,6 +68,9 @@ class Settings:
     s3_secret_key: str = secret()
     s3_region: str = "us-east-1"
     s3_secure: bool = False
+    # Prepended to every bucket name on the server ("" = none), as kafka_topic_prefix is to
+    # topics: several deployments share one S3 without reading each other's objects.
+    s3_bucket_prefix: str = ""
     redis_url: str = ""
     grpc_port: int = 50051
     metrics_port: int = 9100
@@ -155,6 +159,12 @@ class Settings:
             _fail(
                 "kafka_topic_prefix",
                 f"must be ≤ 100 letters, digits, '.', '_' or '-', got {self.kafka_topic_prefix!r}",
+            )
+        if self.s3_bucket_prefix and not _BUCKET_PREFIX.fullmatch(self.s3_bucket_prefix):
+            _fail(
+                "s3_bucket_prefix",
+                "must be ≤ 24 lower-case letters, digits or '-', starting with a letter, got "
+                f"{self.s3_bucket_prefix!r}",
             )
         if self.kafka_bootstrap:
             for server in self.kafka_bootstrap.split(","):

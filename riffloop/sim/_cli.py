@@ -37,6 +37,25 @@ def _config_args(p: argparse.ArgumentParser, out: Path) -> None:
             p.add_argument(flag, type=kind, default=f.default)
 
 
+def _stack_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--stack",
+        action="store_true",
+        help="run each deployment as the six service processes on the local Kafka, MinIO and "
+        "Redis (started as `bin/riffloop stack up` starts them) instead of embedded; listeners "
+        "then listen in real time",
+    )
+
+
+def _stack_env(ns: argparse.Namespace) -> dict[str, str] | None:
+    """The local infrastructure's settings with --stack (started if it is not running)."""
+    if not ns.stack:
+        return None
+    from riffloop.infra import LocalInfra, default_state_dir
+
+    return LocalInfra(default_state_dir()).start().env()
+
+
 def _config(ns: argparse.Namespace, seed: int) -> LoopConfig:
     values = {
         f.name: getattr(ns, f.name)
@@ -54,6 +73,7 @@ def demo(argv: list[str] | None = None) -> int:
     # A user's demo run writes outside the tracked tree; the committed results come from
     # `evidence` (docs/results) or an explicit --out.
     _config_args(p, Path(".riffloop/results"))
+    _stack_args(p)
     p.add_argument("--seed", type=int, default=0)
     ns = p.parse_args(argv)
     try:
@@ -64,7 +84,11 @@ def demo(argv: list[str] | None = None) -> int:
         inputs = load_inputs(config)
         print(f"base model {model_identity(ns.model)} from {ns.model}; {len(inputs)} input songs")
         result = LoopExperiment(
-            config, inputs, progress=lambda s: print(s, flush=True), model_dir=ns.model
+            config,
+            inputs,
+            progress=lambda s: print(s, flush=True),
+            model_dir=ns.model,
+            stack=_stack_env(ns),
         ).run()
     except RiffloopError as exc:
         print(f"demo: {exc.reason}", file=sys.stderr)
@@ -91,6 +115,7 @@ def model_identity(model_dir: Path) -> str:
 def evidence(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m riffloop.sim evidence")
     _config_args(p, Path("docs/results"))
+    _stack_args(p)
     p.add_argument("--seeds", type=int, default=3, help="how many seeds per family (default 3)")
     p.add_argument(
         "--first-seed",
@@ -131,7 +156,11 @@ def evidence(argv: list[str] | None = None) -> int:
                 inputs = load_inputs(config)
                 print(f"== {family} seed {seed}", flush=True)
                 res = LoopExperiment(
-                    config, inputs, progress=lambda s: print(s, flush=True), model_dir=ns.model
+                    config,
+                    inputs,
+                    progress=lambda s: print(s, flush=True),
+                    model_dir=ns.model,
+                    stack=_stack_env(ns),
                 ).run()
                 save_run(res, ns.out / "runs", stem=stem, model=model)
                 results[(family, seed)] = res

@@ -5,6 +5,9 @@ this process, each with its own ``build()`` (the code ``python -m services.<name
 embedded backends: one in-process event bus, object store and key-value store per deployment, so
 two deployments (a selected arm and its control) share nothing but the machine.
 
+``StackDeployment`` is the same interface over six service processes on the local Kafka, MinIO
+and Redis (``bin/riffloop infra up``), each deployment in its own namespace on those servers.
+
 The simulated listeners use only ``gateway()``, a ``GatewayClient`` as an app would. The
 experimenter (an operator) also uses the internal RPCs: ``RunSelection`` to close a listening
 session, ``TrainStatus`` to wait for the release step, ``TrackScore`` / ``RaterReport`` to read
@@ -15,11 +18,14 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 
@@ -198,4 +204,101 @@ class EmbeddedDeployment:
         self._running.clear()
 
 
-Deployment = EmbeddedDeployment
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _redis_db(url: str, db: int) -> str:
+    """``url`` naming database ``db`` (redis://host:port/<db>)."""
+    parts = urlsplit(url)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{db}", parts.query, parts.fragment))
+
+
+@dataclass
+class StackDeployment:
+    """The six services as processes (``python -m services.<name>``, riffloop.stack) on the
+    local Kafka, MinIO and Redis, namespaced so that several deployments share the servers:
+    topics under ``sim-<run>-<name>.``, buckets under ``sim-<run>-<name>-``, Redis database
+    ``db``. The gateway keeps wall time: listeners here listen in real time.
+
+    Each run takes a fresh namespace (``run``), so a later run never reads an earlier one's
+    models or ratings; ``bin/riffloop infra down`` removes them all."""
+
+    name: str
+    settings: Mapping[str, Mapping[str, Any]]
+    dispatch_key: str
+    infra_env: Mapping[str, str]
+    db: int
+    state_root: Path
+    run: str
+    clock: Callable[[], float] = time.time
+    auth_secret: str = "riffloop-simulation-secret"
+    _channels: dict[str, grpc.Channel] = field(default_factory=dict)
+
+    def start(self) -> StackDeployment:
+        import redis
+
+        from riffloop.core import S3ObjectStore
+        from riffloop.stack import ServiceProcesses
+
+        prefix = f"sim-{self.run}-{self.name}"
+        redis_url = _redis_db(self.infra_env["RIFFLOOP_REDIS_URL"], self.db)
+        with redis.Redis.from_url(redis_url) as client:
+            client.flushdb()  # this deployment's database, left over from an earlier run
+        shutil.rmtree(self.state_root / self.name, ignore_errors=True)
+        namespace = {
+            "RIFFLOOP_KAFKA_TOPIC_PREFIX": f"{prefix}.",
+            "RIFFLOOP_S3_BUCKET_PREFIX": f"{prefix}-",
+            "RIFFLOOP_REDIS_URL": redis_url,
+        }
+        overrides = {
+            service: {
+                **namespace,
+                **{
+                    f"RIFFLOOP_{key.upper()}": _env_value(value)
+                    for key, value in self.settings.get(service, {}).items()
+                    if key != "scorer"  # a process stack scores in its child process
+                },
+            }
+            for service in SERVICES
+        }
+        self.processes = ServiceProcesses(
+            self.state_root / self.name, self.infra_env, overrides=overrides, tied_to_parent=True
+        )
+        self.processes.state.auth_secret = self.auth_secret
+        self.processes.state.dispatch_key = self.dispatch_key
+        try:
+            self.processes.up(timeout_s=900.0)
+        except BaseException:
+            self.processes.down()
+            raise
+        self.objects = S3ObjectStore.connect(
+            self.infra_env["RIFFLOOP_S3_ENDPOINT"],
+            self.infra_env["RIFFLOOP_S3_ACCESS_KEY"],
+            self.infra_env["RIFFLOOP_S3_SECRET_KEY"],
+            bucket_prefix=f"{prefix}-",
+        )
+        return self
+
+    def target(self, service: str) -> str:
+        return str(self.processes.state.processes[service].target)
+
+    gateway = EmbeddedDeployment.gateway
+    _channel = EmbeddedDeployment._channel
+    run_selection = EmbeddedDeployment.run_selection
+    train_status = EmbeddedDeployment.train_status
+    track_score = EmbeddedDeployment.track_score
+    rater_report = EmbeddedDeployment.rater_report
+    track_embedding = EmbeddedDeployment.track_embedding
+
+    def stop(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        if hasattr(self, "processes"):
+            self.processes.down()
+
+
+Deployment = EmbeddedDeployment | StackDeployment

@@ -33,9 +33,12 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ import numpy as np
 
 from riffloop.core import RiffloopError, TransientError, ValidationError
 from riffloop.loop import TrackKind, welch_ci
-from riffloop.sim._deployment import EmbeddedDeployment, SimClock
+from riffloop.sim._deployment import Deployment, EmbeddedDeployment, SimClock, StackDeployment
 from riffloop.sim._listeners import (
     Listener,
     ListenerFactory,
@@ -273,12 +276,17 @@ class ServedTrack:
 @dataclass
 class _Arm:
     name: str
-    deployment: EmbeddedDeployment
-    clock: SimClock
+    deployment: Deployment
+    clock: Callable[[], float]
     listeners: list[Listener]
     pairs: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     audio: dict[str, np.ndarray] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # listeners in threads (stack)
+
+    def refuse(self, reason: str) -> None:
+        with self.lock:
+            self.refused[reason] += 1
 
 
 def _request_seed(key: str) -> int:
@@ -296,9 +304,14 @@ class LoopExperiment:
         progress: Progress = print,
         model_dir: Path = DEFAULT_MODEL_DIR,
         overrides: Mapping[str, Mapping[str, Any]] | None = None,
+        stack: Mapping[str, str] | None = None,
     ) -> None:
         """``overrides``: per service, settings laid over the experiment's (a test's untrained
-        tiny model, say); ``model_dir``: the trained base model every deployment starts from."""
+        tiny model, say); ``model_dir``: the trained base model every deployment starts from;
+        ``stack``: the local infrastructure's settings (``riffloop.infra``), to run each
+        deployment as six processes on real Kafka, MinIO and Redis instead of embedded."""
+        self.stack = dict(stack) if stack is not None else None
+        self.run_id = uuid.uuid4().hex[:6]
         self.cfg = config
         self.model_dir = Path(model_dir).resolve()
         self.overrides = {k: dict(v) for k, v in (overrides or {}).items()}
@@ -361,9 +374,17 @@ class LoopExperiment:
         settings = self.settings(selection)
         for service, changes in self.overrides.items():
             settings[service] = {**settings.get(service, {}), **changes}
-        deployment = EmbeddedDeployment(
-            name, settings, key, clock=clock, queue_seed=self.cfg.seed
-        ).start()
+        deployment: Deployment
+        if self.stack is None:
+            deployment = EmbeddedDeployment(
+                name, settings, key, clock=clock, queue_seed=self.cfg.seed
+            ).start()
+        else:
+            db = 1 + len(self.arms)  # Redis databases 1–3; 0 stays the stack's own
+            deployment = StackDeployment(
+                name, settings, key, self.stack, db, Path(".riffloop/sim-stack"), self.run_id
+            ).start()
+            clock = deployment.clock  # type: ignore[assignment]
         listeners = make_population(
             self.factory, self.cfg.n_listeners, self.cfg.spam_share, self.cfg.seed
         )
@@ -394,45 +415,65 @@ class LoopExperiment:
                     studio.wait_ready(tracks[f"{label}:m{m}:r{r}"], timeout_s=left)
         return tracks
 
-    # 2. listening --------------------------------------------------------------------------------
+    # 2. listening ---------------------------------------------------------------------------
     def _listen(self, arm: _Arm, per_listener: int) -> int:
+        """Every listener's session. Embedded: one after another, the gateway's clock skipping
+        each track's listening time (``SimClock``). On the process stack the servers keep wall
+        time, so the listeners listen at once, each waiting out what it hears."""
+        if isinstance(arm.clock, SimClock):
+            heard = 0
+            for listener in arm.listeners:
+                heard += self._hear(arm, listener, per_listener, arm.clock.skip)
+                arm.clock.skip(3600.0)  # an hour before the next listener's session
+            return heard
+        with ThreadPoolExecutor(max_workers=len(arm.listeners)) as pool:
+            sessions = [
+                pool.submit(self._hear, arm, listener, per_listener, time.sleep)
+                for listener in arm.listeners
+            ]
+            return sum(session.result() for session in sessions)
+
+    def _hear(
+        self, arm: _Arm, listener: Listener, per_listener: int, wait: Callable[[float], None]
+    ) -> int:
+        """One listener's session through the gateway: up to ``per_listener`` tracks from
+        NextTrack, each streamed, heard, then its listening time reported and its stars given,
+        stamped with the listener's own clock (after ``wait``ing out the time it took)."""
         heard = 0
-        for listener in arm.listeners:
-            with arm.deployment.gateway(listener.listener_id) as client:
-                for _ in range(per_listener):
-                    info = client.next_track()
-                    if info is None:
-                        break
-                    audio = arm.audio.get(info.track_id)
-                    if audio is None:
-                        audio = _decode(client.audio(info.track_id))
-                        arm.audio[info.track_id] = audio
-                    clip = audio.size / SAMPLE_RATE
-                    try:
-                        answer = listener.listen(info.track_id, audio, SAMPLE_RATE)
-                    except Exception as exc:  # a bug in the plug-in: stop, naming it
-                        raise ValidationError(
-                            f"listener {listener.listener_id} ({type(listener).__name__}) "
-                            f"raised {type(exc).__name__}: {exc}"
-                        ) from exc
-                    try:
-                        stars, seconds, elapsed = checked_answer(answer, clip)
-                    except ValidationError as exc:  # what the gateway would refuse anyway
-                        arm.refused[exc.reason] += 1
-                        continue
-                    arm.clock.skip(elapsed)
-                    at = arm.clock()
-                    try:
-                        client.report_listen(
-                            info.track_id, seconds, completed=seconds >= clip - 1e-3, at=at
-                        )
-                        if stars is not None:
-                            client.rate(info.track_id, stars, at=at)
-                    except RiffloopError as exc:  # refused by the gateway: counted, not fatal
-                        arm.refused[exc.reason[:60]] += 1
-                        continue
-                    heard += 1
-            arm.clock.skip(3600.0)  # an hour before the next listener's session
+        with arm.deployment.gateway(listener.listener_id) as client:
+            for _ in range(per_listener):
+                info = client.next_track()
+                if info is None:
+                    break
+                audio = arm.audio.get(info.track_id)
+                if audio is None:
+                    audio = _decode(client.audio(info.track_id))
+                    arm.audio[info.track_id] = audio
+                clip = audio.size / SAMPLE_RATE
+                try:
+                    answer = listener.listen(info.track_id, audio, SAMPLE_RATE)
+                except Exception as exc:  # a bug in the plug-in: stop, naming it
+                    raise ValidationError(
+                        f"listener {listener.listener_id} ({type(listener).__name__}) "
+                        f"raised {type(exc).__name__}: {exc}"
+                    ) from exc
+                try:
+                    stars, seconds, elapsed = checked_answer(answer, clip)
+                except ValidationError as exc:  # what the gateway would refuse anyway
+                    arm.refuse(exc.reason)
+                    continue
+                wait(elapsed)
+                at = arm.clock()
+                try:
+                    client.report_listen(
+                        info.track_id, seconds, completed=seconds >= clip - 1e-3, at=at
+                    )
+                    if stars is not None:
+                        client.rate(info.track_id, stars, at=at)
+                except RiffloopError as exc:  # refused by the gateway: counted, not fatal
+                    arm.refuse(exc.reason[:60])
+                    continue
+                heard += 1
         return heard
 
     # 3. scoring ----------------------------------------------------------------------------------

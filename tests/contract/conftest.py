@@ -37,6 +37,8 @@ REAL = pytest.mark.integration
         "memory",
         "localdir",
         pytest.param("s3", marks=REAL),
+        # a deployment's bucket prefix: the same contract on logical names
+        pytest.param("s3-prefixed", marks=REAL),
     ]
 )
 def object_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StoreUnderTest]:
@@ -59,13 +61,16 @@ def object_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Sto
         store, tamper = local, tamper_file
     else:
         infra = request.getfixturevalue("real_infra")
-        s3 = S3ObjectStore.connect(infra.s3_endpoint, infra.s3_access_key, infra.s3_secret_key)
+        prefix = "dep-a-" if kind == "s3-prefixed" else ""
+        s3 = S3ObjectStore.connect(
+            infra.s3_endpoint, infra.s3_access_key, infra.s3_secret_key, bucket_prefix=prefix
+        )
         raw = s3._client
 
         def tamper_s3(key: str, data: bytes) -> None:
-            stat = raw.stat_object(bucket, key)
+            stat = raw.stat_object(prefix + bucket, key)
             raw.put_object(
-                bucket,
+                prefix + bucket,
                 key,
                 io.BytesIO(data),
                 len(data),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from riffloop.core import (
     ValidationError,
     sha256_hex,
 )
-from tests.contract.adapters import StoreUnderTest
+from tests.contract.adapters import StoreUnderTest, fresh_name
 
 pytestmark = pytest.mark.contract
 
@@ -124,3 +125,27 @@ class TestObjectStoreContract:
             object_store.store.publish_artifact(
                 object_store.bucket, "models/v9", {"a": b"a"}, "models/v9/CURRENT"
             )
+
+
+@pytest.mark.integration
+def test_two_bucket_prefixes_share_one_s3_without_seeing_each_other(real_infra: Any) -> None:
+    from riffloop.core import NotFoundError, S3ObjectStore
+
+    def store(prefix: str) -> S3ObjectStore:
+        return S3ObjectStore.connect(
+            real_infra.s3_endpoint,
+            real_infra.s3_access_key,
+            real_infra.s3_secret_key,
+            bucket_prefix=prefix,
+        )
+
+    bucket = fresh_name("tracks")
+    first, second = store("dep-a-"), store("dep-b-")
+    for s in (first, second):
+        s.ensure_bucket(bucket)
+    ref = first.put(bucket, "t.wav", b"first")
+    assert ref.bucket == bucket  # refs name the logical bucket: events carry no prefix
+    assert first.get(bucket, "t.wav") == b"first"
+    with pytest.raises(NotFoundError):
+        second.get(bucket, "t.wav")
+    assert second.list(bucket) == []

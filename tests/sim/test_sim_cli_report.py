@@ -142,7 +142,12 @@ def test_evidence_runs_exactly_the_declared_fresh_seeds(tmp_path: Path, monkeypa
 
     class FakeExperiment:
         def __init__(
-            self, config: LoopConfig, inputs: object, progress: object, model_dir: Path
+            self,
+            config: LoopConfig,
+            inputs: object,
+            progress: object,
+            model_dir: Path,
+            stack: object,
         ) -> None:
             self.config = config
 
