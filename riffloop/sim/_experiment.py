@@ -503,10 +503,7 @@ class LoopExperiment:
             s = scores[track_id]
             prov = s.provenance
             audio = arm.audio.get(track_id)
-            liking = math.nan
-            if audio is not None and honest and hasattr(honest[0], "liking"):
-                features = audio_features(audio, SAMPLE_RATE)
-                liking = float(np.mean([x.liking(features) for x in honest]))  # type: ignore[attr-defined]
+            liking = _hidden_liking(honest, audio) if audio is not None else math.nan
             out.append(
                 ServedTrack(
                     track_id=track_id,
@@ -698,6 +695,25 @@ class LoopExperiment:
                 arm.deployment.stop()
         result.timings["total"] = time.monotonic() - started
         return result
+
+
+def _hidden_liking(honest: Sequence[Listener], audio: np.ndarray) -> float:
+    """Mean true liking u of the honest listeners for a track (the column the services never
+    see): ``utility(audio, rate)`` where a population offers it, else ``liking(features)``."""
+    values: list[float] = []
+    features = None
+    space = getattr(honest[0], "space", None) if honest else None
+    if space is not None and hasattr(space, "liking"):
+        # a random-taste population: its seed's direction d, shared by its listeners (each
+        # jittered around it), from one embedding of the track instead of one per listener
+        return float(space.liking(audio, SAMPLE_RATE))
+    for listener in honest:
+        if hasattr(listener, "utility"):
+            values.append(float(listener.utility(audio, SAMPLE_RATE)))
+        elif hasattr(listener, "liking"):
+            features = features or audio_features(audio, SAMPLE_RATE)
+            values.append(float(listener.liking(features)))
+    return float(np.mean(values)) if values else math.nan
 
 
 def _decode(wav: bytes) -> np.ndarray:
