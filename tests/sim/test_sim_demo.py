@@ -143,3 +143,44 @@ def test_the_sim_clock_skips_listening_time_and_never_goes_back() -> None:
         clock.skip(-1.0)
     with pytest.raises(ValueError, match="cannot skip"):
         clock.skip(float("nan"))
+
+
+@pytest.mark.unit
+def test_a_stack_deployment_names_its_own_redis_database_and_env_values() -> None:
+    from riffloop.sim._deployment import _env_value, _redis_db
+
+    assert _redis_db("redis://127.0.0.1:6390", 2) == "redis://127.0.0.1:6390/2"
+    assert (
+        _redis_db("redis://127.0.0.1:6390/0?timeout=1", 3) == "redis://127.0.0.1:6390/3?timeout=1"
+    )
+    assert [_env_value(v) for v in (True, False, 0.25, 7, "x")] == [
+        "true",
+        "false",
+        "0.25",
+        "7",
+        "x",
+    ]
+
+
+@pytest.mark.unit
+def test_hidden_liking_reads_each_populations_own_taste() -> None:
+    import numpy as np
+
+    from riffloop.sim import bright_dense_listeners
+    from riffloop.sim._experiment import SAMPLE_RATE, _hidden_liking
+    from riffloop.sim._listeners import audio_features
+
+    tone = np.sin(2 * np.pi * 440.0 * np.arange(SAMPLE_RATE * 2) / SAMPLE_RATE).astype("float32")
+    honest = [x for x in bright_dense_listeners(10, 0.0, 3) if x.kind == "honest"]
+    expected = np.mean([x.liking(audio_features(tone, SAMPLE_RATE)) for x in honest])
+    assert _hidden_liking(honest, tone) == pytest.approx(expected)
+
+    class Space:
+        def liking(self, audio: Any, rate: int) -> float:
+            return 0.75
+
+    class Drawn:
+        kind, space = "honest", Space()
+
+    assert _hidden_liking([Drawn()], tone) == 0.75  # type: ignore[list-item]
+    assert np.isnan(_hidden_liking([], tone))
