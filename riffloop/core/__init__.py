@@ -11,6 +11,8 @@ this package stays light (checked by tests/unit/core/test_public_surface.py).
 """
 
 from riffloop.core._consumer import (
+    BatchHandler,
+    BatchResult,
     Consumer,
     ConsumerHooks,
     Delivery,
@@ -23,6 +25,7 @@ from riffloop.core._consumer import (
     refused_items_envelope,
     replay_dead_letters,
 )
+from riffloop.core._context import handling
 from riffloop.core._envelopes import (
     Topic,
     all_topics,
@@ -63,6 +66,8 @@ from riffloop.core._settings import Settings, run_main
 
 __all__ = [
     "ArtifactPointer",
+    "BatchHandler",
+    "BatchResult",
     "ChecksumMismatchError",
     "ConfigurationError",
     "ConflictError",
@@ -100,6 +105,7 @@ __all__ = [
     "all_topics",
     "decode_envelope",
     "dlq_topic",
+    "handling",
     "new_envelope",
     "partition_for",
     "payload_of",

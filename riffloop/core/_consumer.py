@@ -18,6 +18,14 @@ For each record (one thread, in order per partition):
    (event id ``<original>.refused``), and the original counts as handled — one bad item no longer
    sends a whole chunk of accepted ones to the DLQ. A handler stopped by a drain raises
    :class:`Interrupted`: the record stays uncommitted and the try is not counted.
+Batch handlers: a topic may have a handler of its deliveries *together* (the generator runs one
+UNet batch for many requests). The records of that topic in one poll (up to ``max_batch``, in
+order) go through steps 1–3 one by one, then ONE call of the batch handler with every record
+still to handle; it returns a :class:`BatchResult` naming the records that failed, each with
+its own error, and step 4 applies to each of those alone (a retry calls the handler again with
+the failed records only; a non-retryable one is dead-lettered alone, its batch-mates count as
+handled). An exception out of the batch handler is every record's failure.
+
 5. Only after success mark the dedupe key (a dead letter stays unmarked so that a replay from
    the DLQ, after the cause is fixed, is handled). Offsets are committed once per
    polled batch, past the last finished record of each partition (committing every record held
@@ -31,8 +39,9 @@ effects idempotent (content-addressed object keys, upserts keyed by the event's 
 ``KeyValueStore.apply_once(event_id…)`` for counters); the dedupe key then only saves work in the
 common case. tests/integration/test_consumer_crash.py kills a real consumer inside that window.
 
-``stop()`` (any thread, e.g. SIGTERM) lets the in-flight record finish, commits what finished, then
-leaves the group; records polled but not started are left uncommitted for the next owner.
+``stop()`` (any thread, e.g. SIGTERM) lets the in-flight record (or batch) finish, commits what
+finished, then leaves the group; records polled but not started are left uncommitted for the next
+owner.
 """
 
 from __future__ import annotations
@@ -42,7 +51,7 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from riffloop.core._context import handling
@@ -166,6 +175,26 @@ Handler = Callable[[Delivery], None]
 
 
 @dataclasses.dataclass(frozen=True)
+class BatchResult:
+    """What a batch handler reports: the deliveries it could not handle, by event id, each with
+    its own error (the same errors a per-record handler raises: TransientError or any other
+    exception is retried, ValidationError / PermanentError dead-letter at once, ItemsRefused and
+    Interrupted as in the module docstring). Every other delivery of the call counts as handled.
+    """
+
+    failed: Mapping[str, BaseException] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for event_id, error in self.failed.items():
+            if not isinstance(event_id, str) or not isinstance(error, BaseException):
+                raise ValidationError("BatchResult.failed maps event ids to exceptions")
+
+
+#: A handler of several deliveries of one topic at once (None: all handled).
+BatchHandler = Callable[[Sequence[Delivery]], BatchResult | None]
+
+
+@dataclasses.dataclass(frozen=True)
 class ConsumerHooks:
     """Metric callbacks (the runtime wires them to Prometheus); each gets the topic first."""
 
@@ -199,6 +228,17 @@ class _Marks:
         return self.values[key] if key in self.values else kv.get(key)
 
 
+@dataclasses.dataclass
+class _BatchItem:
+    """A record of a batch still to handle: its position in the batch and its tries so far."""
+
+    index: int
+    message: Message
+    envelope: events_pb2.Envelope
+    attempts_key: str
+    attempt: int
+
+
 class Consumer:
     """Idempotent consumer loop over an EventBus subscription; see the module docstring."""
 
@@ -218,11 +258,20 @@ class Consumer:
         max_records: int = 50,
         lag_interval_s: float = 5.0,
         hooks: ConsumerHooks | None = None,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
+        max_batch: int = 16,
     ) -> None:
         if max_attempts < 1:
             raise ValidationError("max_attempts must be at least 1")
         if not topics:
             raise ValidationError("a consumer needs at least one topic")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValidationError(f"max_batch must be an integer ≥ 1, got {max_batch!r}")
+        if isinstance(max_records, bool) or not isinstance(max_records, int) or max_records < 1:
+            raise ValidationError(f"max_records must be an integer ≥ 1, got {max_records!r}")
+        batch_handlers = dict(batch_handlers or {})
+        if unknown := sorted(set(batch_handlers) - set(topics)):
+            raise ValidationError(f"batch handlers for topics not consumed: {unknown}")
         self._bus = bus
         self._kv = kv
         self._group = validate_group(group)
@@ -236,6 +285,8 @@ class Consumer:
         self._max_records = max_records
         self._lag_interval_s = lag_interval_s
         self._hooks = hooks or ConsumerHooks()
+        self._batch_handlers = batch_handlers
+        self._max_batch = max_batch
         self._stopping = threading.Event()
         self._subscription: Subscription | None = None
         self._last_lag = 0.0
@@ -250,8 +301,15 @@ class Consumer:
         topics: Sequence[str],
         handler: Handler,
         hooks: ConsumerHooks | None = None,
+        batch_handlers: Mapping[str, BatchHandler] | None = None,
+        max_batch: int = 16,
     ) -> Consumer:
-        """The usual wiring: the consumer group is the service name."""
+        """The usual wiring: the consumer group is the service name. With batch handlers a poll
+        takes whole batches (``max_records`` rounded up to a multiple of ``max_batch``), so a
+        backed-up topic is not cut into a small remainder batch each poll."""
+        max_records = 50
+        if batch_handlers:
+            max_records = -(-max_records // max_batch) * max_batch
         return cls(
             bus,
             kv,
@@ -262,7 +320,10 @@ class Consumer:
             dedupe_ttl_s=settings.dedupe_ttl_s,
             retry_backoff_s=settings.consumer_retry_backoff_s,
             poll_timeout_s=settings.consumer_poll_timeout_s,
+            max_records=max_records,
             hooks=hooks,
+            batch_handlers=batch_handlers,
+            max_batch=max_batch,
         )
 
     @property
@@ -291,16 +352,42 @@ class Consumer:
             batch = subscription.poll(timeout, self._max_records)
             self._report_lag(subscription)
             done = 0
+            # per partition: the last record of its finished prefix (the commit point); a
+            # partition with an unfinished record (a stop mid-batch) advances no further
             finished: dict[tuple[str, int], Message] = {}
+            blocked: set[tuple[str, int]] = set()
             marks = self._prefetch_marks(batch)
+            taken: set[int] = set()  # positions already handled as part of a batch
             try:
-                for message in batch:
+                for position, message in enumerate(batch):
+                    if position in taken:
+                        continue
                     if self._stopping.is_set():
                         break  # left uncommitted: the next owner gets it
-                    if self._process(message, marks) is None:
-                        break  # stopped during a back-off
-                    finished[(message.topic, message.partition)] = message
-                    done += 1
+                    batch_handler = self._batch_handlers.get(message.topic)
+                    if batch_handler is None:
+                        group = [message]
+                        outcomes = [self._process(message, marks)]
+                    else:
+                        # this record and the next ones of its topic in the poll, in order
+                        picks = [
+                            i
+                            for i in range(position, len(batch))
+                            if batch[i].topic == message.topic and i not in taken
+                        ][: self._max_batch]
+                        taken.update(picks)
+                        group = [batch[i] for i in picks]
+                        outcomes = self._process_batch(batch_handler, group, marks)
+                    for record, outcome in zip(group, outcomes, strict=True):
+                        where = (record.topic, record.partition)
+                        if outcome is None:
+                            blocked.add(where)
+                            continue
+                        done += 1
+                        if where not in blocked:
+                            finished[where] = record
+                    if None in outcomes:
+                        break  # stopped during a back-off, or the handler was interrupted
             finally:
                 self._commit(subscription, finished.values())
             return done
@@ -416,32 +503,13 @@ class Consumer:
             try:
                 self._handler(Delivery(message, envelope, attempt))
             except Interrupted as exc:
-                log.info("handler interrupted on %s[%d]@%d: %s", *_where(message), exc.reason)
-                if attempt > 1:
-                    self._kv.set(attempts_key, str(attempt - 1), ttl_s=self._dedupe_ttl_s)
-                else:
-                    self._kv.delete(attempts_key)
-                self.stop()  # the service is draining (the handler said so): no retry here
+                self._interrupted(message, attempts_key, attempt, exc)
                 return None  # left uncommitted: the next owner handles it from the start
             except ItemsRefused as refused:
-                # The good items are applied; the refused ones go to the DLQ on their own.
-                log.warning(
-                    "handler refused items of %s[%d]@%d: %s", *_where(message), refused.reason
-                )
-                self._dead_letter(message, refused.rest, refused, attempts=attempt)
-                marks.handled_here.add(envelope.event_id)
-                return self._finish(message, Outcome.PARTLY_DEAD_LETTERED, envelope.event_id)
+                return self._refused(message, envelope, refused, attempt, marks)
             except Exception as exc:
                 error = exc
-                self._hooks.outcome(message.topic, Outcome.FAILED)
-                log.warning(
-                    "handler failed on %s[%d]@%d (attempt %d/%d): %s: %s",
-                    *_where(message),
-                    attempt,
-                    self._max_attempts,
-                    type(exc).__name__,
-                    exc,
-                )
+                self._failed(message, attempt, exc)
                 if isinstance(exc, NON_RETRYABLE):
                     break
                 if attempt < self._max_attempts:
@@ -454,6 +522,137 @@ class Consumer:
 
         self._dead_letter(message, envelope, error, attempts=attempt)
         return self._finish(message, Outcome.DEAD_LETTERED, envelope.event_id)
+
+    def _interrupted(
+        self, message: Message, attempts_key: str, attempt: int, exc: Interrupted
+    ) -> None:
+        """The try stopped by a drain does not count; the service is draining: no retry."""
+        log.info("handler interrupted on %s[%d]@%d: %s", *_where(message), exc.reason)
+        if attempt > 1:
+            self._kv.set(attempts_key, str(attempt - 1), ttl_s=self._dedupe_ttl_s)
+        else:
+            self._kv.delete(attempts_key)
+        self.stop()
+
+    def _refused(
+        self,
+        message: Message,
+        envelope: events_pb2.Envelope,
+        refused: ItemsRefused,
+        attempt: int,
+        marks: _Marks,
+    ) -> Outcome:
+        """The good items are applied; the refused ones go to the DLQ on their own."""
+        log.warning("handler refused items of %s[%d]@%d: %s", *_where(message), refused.reason)
+        self._dead_letter(message, refused.rest, refused, attempts=attempt)
+        marks.handled_here.add(envelope.event_id)
+        return self._finish(message, Outcome.PARTLY_DEAD_LETTERED, envelope.event_id)
+
+    def _failed(self, message: Message, attempt: int, exc: BaseException) -> None:
+        self._hooks.outcome(message.topic, Outcome.FAILED)
+        log.warning(
+            "handler failed on %s[%d]@%d (attempt %d/%d): %s: %s",
+            *_where(message),
+            attempt,
+            self._max_attempts,
+            type(exc).__name__,
+            exc,
+        )
+
+    # -- one batch ----------------------------------------------------------------------------
+
+    def _process_batch(
+        self, handler: BatchHandler, messages: Sequence[Message], marks: _Marks
+    ) -> list[Outcome | None]:
+        """Steps 1–5 for records of one topic with ONE handler call per try: each record's
+        outcome, None for one left uncommitted (a stop during the back-off, or a drain)."""
+        outcomes: list[Outcome | None] = [None] * len(messages)
+        pending: list[_BatchItem] = []
+        pending_ids: set[str] = set()  # an event twice in one batch runs once
+        for i, message in enumerate(messages):
+            envelope = marks.envelopes.get((message.topic, message.partition, message.offset))
+            if envelope is None:  # poison, or an envelope not prefetched: the per-record path
+                outcomes[i] = self._process(message, marks)
+                continue
+            dedupe_key, attempts_key = self._keys(envelope.event_id)
+            with handling(envelope):
+                if (
+                    envelope.event_id in marks.handled_here
+                    or envelope.event_id in pending_ids
+                    or marks.read(self._kv, dedupe_key) is not None
+                ):
+                    outcomes[i] = self._finish(message, Outcome.DUPLICATE, None)
+                    continue
+                previous = int(marks.read(self._kv, attempts_key) or 0)
+                if previous >= self._max_attempts:
+                    died = TransientError(
+                        f"the consumer process died while handling this event {previous} time(s)"
+                    )
+                    self._dead_letter(message, envelope, died, attempts=previous)
+                    outcomes[i] = self._finish(message, Outcome.DEAD_LETTERED, envelope.event_id)
+                    continue
+            pending.append(_BatchItem(i, message, envelope, attempts_key, previous))
+            pending_ids.add(envelope.event_id)
+
+        while pending:
+            for item in pending:
+                item.attempt += 1
+                self._kv.set(item.attempts_key, str(item.attempt), ttl_s=self._dedupe_ttl_s)
+            failed = self._call_batch(handler, pending)
+            retry: list[_BatchItem] = []
+            interrupted = False
+            for item in pending:
+                error = failed.get(item.envelope.event_id)
+                message, envelope = item.message, item.envelope
+                with handling(envelope):
+                    if error is None:
+                        marks.handled_here.add(envelope.event_id)
+                        outcomes[item.index] = self._finish(
+                            message, Outcome.HANDLED, envelope.event_id
+                        )
+                    elif isinstance(error, Interrupted):
+                        self._interrupted(message, item.attempts_key, item.attempt, error)
+                        interrupted = True
+                    elif isinstance(error, ItemsRefused):
+                        outcomes[item.index] = self._refused(
+                            message, envelope, error, item.attempt, marks
+                        )
+                    else:
+                        self._failed(message, item.attempt, error)
+                        if isinstance(error, NON_RETRYABLE) or item.attempt >= self._max_attempts:
+                            self._dead_letter(message, envelope, error, attempts=item.attempt)
+                            outcomes[item.index] = self._finish(
+                                message, Outcome.DEAD_LETTERED, envelope.event_id
+                            )
+                        else:
+                            retry.append(item)
+            if interrupted or not retry:
+                break  # an interrupted record and the retries stay uncommitted (None)
+            first = min(item.attempt for item in retry)
+            backoff = min(self._max_backoff_s, self._retry_backoff_s * 2 ** (first - 1))
+            if self._stopping.wait(backoff):
+                break  # stopping: the retries are left uncommitted for the next owner
+            pending = retry
+        return outcomes
+
+    def _call_batch(
+        self, handler: BatchHandler, items: Sequence[_BatchItem]
+    ) -> Mapping[str, BaseException]:
+        """One call of the batch handler: the failed deliveries by event id (an exception out of
+        the handler is every delivery's failure)."""
+        deliveries = [Delivery(i.message, i.envelope, i.attempt) for i in items]
+        try:
+            result = handler(deliveries)
+        except Exception as exc:
+            return {i.envelope.event_id: exc for i in items}
+        if result is None:
+            return {}
+        if not isinstance(result, BatchResult):
+            raise TypeError(f"a batch handler returns a BatchResult or None, not {type(result)}")
+        known = {i.envelope.event_id for i in items}
+        if unknown := sorted(set(result.failed) - known):
+            log.error("batch handler named event ids it was not given: %s", unknown[:5])
+        return result.failed
 
     def _finish(self, message: Message, outcome: Outcome, event_id: str | None) -> Outcome:
         if event_id is not None and outcome is not Outcome.DUPLICATE:

@@ -1,7 +1,10 @@
 """A service's Kafka consumer loop as a process worker, with its metrics wired in.
 
 ``EventRouter`` maps each topic to one handler taking the decoded Envelope (services write
-``{"tracks.ready.v1": events.on_track_ready}``); ``ConsumerWorker`` runs the shared idempotent
+``{"tracks.ready.v1": events.on_track_ready}``), and a topic to a *batch* handler taking the
+decoded Envelopes of one poll together (up to ``max_batch``, in order) and returning a
+``riffloop.core.BatchResult`` that names the envelopes it failed on (the generator batches its
+UNet this way); ``ConsumerWorker`` runs the shared idempotent
 ``riffloop.core.Consumer`` (dedupe, retries, DLQ) in a thread and stops it on drain, which
 commits the in-flight record's offset before the process exits.
 """
@@ -10,29 +13,50 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from riffloop.core import Settings, ValidationError
+from riffloop.core import BatchResult, Settings, ValidationError
 from riffloop.runtime import metrics
 
 EnvelopeHandler = Callable[[Any], None]
+BatchEnvelopeHandler = Callable[[Sequence[Any]], BatchResult | None]
 _log = logging.getLogger("riffloop.runtime")
 
 
 class EventRouter:
-    def __init__(self, handlers: Mapping[str, EnvelopeHandler]) -> None:
+    def __init__(
+        self,
+        handlers: Mapping[str, EnvelopeHandler],
+        batches: Mapping[str, BatchEnvelopeHandler] | None = None,
+        *,
+        max_batch: int = 16,
+    ) -> None:
         self.handlers = dict(handlers)
+        self.batches = dict(batches or {})
+        if both := sorted(set(self.handlers) & set(self.batches)):
+            raise ValidationError(f"topics with a handler and a batch handler: {both}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValidationError(f"max_batch must be an integer ≥ 1, got {max_batch!r}")
+        self.max_batch = max_batch
 
     @property
     def topics(self) -> list[str]:
-        return sorted(self.handlers)
+        return sorted({*self.handlers, *self.batches})
 
     def __call__(self, delivery: Any) -> None:
         handler = self.handlers.get(delivery.message.topic)
         if handler is None:
             raise ValidationError(f"no handler for topic {delivery.message.topic}")
         handler(delivery.envelope)
+
+    def batch_handlers(self) -> dict[str, Callable[[Sequence[Any]], BatchResult | None]]:
+        """The consumer's batch handlers: each passes the deliveries' envelopes on."""
+
+        def of(handler: BatchEnvelopeHandler) -> Callable[[Sequence[Any]], BatchResult | None]:
+            return lambda deliveries: handler([d.envelope for d in deliveries])
+
+        return {topic: of(handler) for topic, handler in self.batches.items()}
 
 
 class ConsumerWorker:
@@ -62,6 +86,8 @@ class ConsumerWorker:
             topics=router.topics,
             handler=router,
             hooks=ConsumerHooks(on_outcome=on_outcome, on_lag=on_lag),
+            batch_handlers=router.batch_handlers(),
+            max_batch=router.max_batch,
         )
         self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
         self.failed: BaseException | None = None

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from riffloop.core import (
+    BatchResult,
     Consumer,
     ConsumerHooks,
     Delivery,
@@ -576,3 +577,210 @@ def test_events_made_while_handling_carry_the_correlation_id_and_logs_the_ids(
         (uncorrelated.event_id, uncorrelated.event_id),
     ]
     assert new_envelope("x", events_pb2.TrackScored(track_id="t")).correlation_id == ""  # after
+
+
+# -- batch handlers -------------------------------------------------------------------------------
+
+OTHER = Topic.TRACKS_READY.value
+
+
+def make_batched(
+    bus: MemoryEventBus,
+    kv: KeyValueStore,
+    batch: Callable[[list[Delivery]], BatchResult | None],
+    recorder: Recorder | None = None,
+    *,
+    other: Callable[[Delivery], None] | None = None,
+    max_batch: int = 16,
+    retry_backoff_s: float = 0.0,
+) -> Consumer:
+    """TOPIC through ``batch``; OTHER (when ``other`` is given) record by record."""
+    bus.ensure_topics([OTHER, dlq_topic(OTHER)])
+
+    def per_record(delivery: Delivery) -> None:
+        assert other is not None and delivery.message.topic == OTHER
+        other(delivery)
+
+    return Consumer(
+        bus,
+        kv,
+        group="feedback",
+        topics=[TOPIC, OTHER] if other else [TOPIC],
+        handler=per_record,
+        batch_handlers={TOPIC: lambda ds: batch(list(ds))},
+        max_batch=max_batch,
+        retry_backoff_s=retry_backoff_s,
+        poll_timeout_s=0.01,
+        lag_interval_s=0.0,
+        hooks=recorder.hooks if recorder else None,
+    )
+
+
+def tracks(deliveries: list[Delivery]) -> list[str]:
+    return [d.envelope.feedback_received.track_id for d in deliveries]
+
+
+def tries(deliveries: list[Delivery]) -> list[tuple[str, int]]:
+    return [(d.envelope.feedback_received.track_id, d.attempt) for d in deliveries]
+
+
+def test_a_batch_handler_gets_its_topics_records_of_one_poll_in_order_up_to_max_batch(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    calls: list[list[str]] = []
+    others: list[str] = []
+    recorder = Recorder()
+    consumer = make_batched(
+        bus,
+        kv,
+        lambda ds: calls.append(tracks(ds)),
+        recorder,
+        other=lambda d: others.append(d.event_id),
+        max_batch=2,
+    )
+    ready = new_envelope("generator", events_pb2.TrackReady(track_id="x"))
+    for i in range(5):
+        bus.publish(TOPIC, "one-partition", rating(f"t{i}", 3))
+        if i == 1:
+            bus.publish(OTHER, "x", ready)
+    assert consumer.run_once() == 6
+    assert calls == [["t0", "t1"], ["t2", "t3"], ["t4"]]
+    assert others == [ready.event_id]  # the other topic's record, on its own
+    assert recorder.outcomes == {(TOPIC, "handled"): 5, (OTHER, "handled"): 1}
+    consumer.close()
+    again = make_batched(bus, kv, lambda ds: calls.append(tracks(ds)), other=others.append)
+    assert again.run_once() == 0  # all committed
+    assert len(calls) == 3
+
+
+def test_a_batch_skips_handled_events_and_an_event_twice_in_one_poll(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    calls: list[list[str]] = []
+    old, new = rating("t-old", 3), rating("t-new", 4)
+    bus.publish(TOPIC, "k", old)
+    first = make_batched(bus, kv, lambda ds: calls.append(tracks(ds)))
+    first.run_once()
+    recorder = Recorder()
+    for envelope in (old, new, new):  # a redelivery, then one event published twice
+        bus.publish(TOPIC, "k", envelope)
+    make_batched(bus, kv, lambda ds: calls.append(tracks(ds)), recorder).run_once()
+    assert calls == [["t-old"], ["t-new"]]
+    assert recorder.outcomes == {(TOPIC, "duplicate"): 2, (TOPIC, "handled"): 1}
+
+
+def test_a_failed_item_is_retried_or_dead_lettered_alone(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    """t1 is invalid (dead-lettered at once, with its reason), t2 fails once (retried alone),
+    t0 and t3 are handled by the first call."""
+    calls: list[list[tuple[str, int]]] = []
+
+    def batch(deliveries: list[Delivery]) -> BatchResult:
+        calls.append([(t, d.attempt) for t, d in zip(tracks(deliveries), deliveries, strict=True)])
+        failed: dict[str, BaseException] = {}
+        for track, delivery in zip(tracks(deliveries), deliveries, strict=True):
+            if track == "t1":
+                failed[delivery.event_id] = ValidationError("t1: stars out of range")
+            elif track == "t2" and delivery.attempt == 1:
+                failed[delivery.event_id] = TransientError("s3 down")
+        return BatchResult(failed)
+
+    recorder = Recorder()
+    consumer = make_batched(bus, kv, batch, recorder)
+    sent = [rating(f"t{i}", 3) for i in range(4)]
+    for envelope in sent:
+        bus.publish(TOPIC, "k", envelope)
+    assert consumer.run_once() == 4
+    assert calls == [[("t0", 1), ("t1", 1), ("t2", 1), ("t3", 1)], [("t2", 2)]]
+    [dead] = dead_letters(bus)
+    assert dead.original_event_id == sent[1].event_id
+    assert dead.error == "t1: stars out of range" and dead.error_type == "ValidationError"
+    assert decode_envelope(dead.original_value, TOPIC) == sent[1]
+    assert recorder.outcomes == {
+        (TOPIC, "handled"): 3,
+        (TOPIC, "failed"): 2,
+        (TOPIC, "dead_lettered"): 1,
+    }
+    consumer.close()
+    assert make_batched(bus, kv, batch).run_once() == 0
+
+
+def test_an_exception_out_of_the_batch_handler_fails_every_item(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    def batch(deliveries: list[Delivery]) -> None:
+        raise RuntimeError("model not loaded")
+
+    recorder = Recorder()
+    for i in range(2):
+        bus.publish(TOPIC, "k", rating(f"t{i}", 3))
+    make_batched(bus, kv, batch, recorder).run_once()
+    assert sorted(d.attempts for d in dead_letters(bus)) == [3, 3]
+    assert recorder.outcomes == {(TOPIC, "failed"): 6, (TOPIC, "dead_lettered"): 2}
+
+
+def test_a_stop_during_a_batch_retry_commits_only_the_finished_prefix(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    """t1 fails and waits for its retry; t0 and t2 were handled. Stopping leaves t1 for the next
+    owner: the commit stops before t1, so t2 comes back too and is skipped as handled."""
+    failing = threading.Event()
+    handled: list[str] = []
+
+    def batch(deliveries: list[Delivery]) -> BatchResult:
+        failed: dict[str, BaseException] = {}
+        for track, delivery in zip(tracks(deliveries), deliveries, strict=True):
+            if track == "t1":
+                failed[delivery.event_id] = TransientError("s3 down")
+            else:
+                handled.append(track)
+        failing.set()
+        return BatchResult(failed)
+
+    for i in range(3):
+        bus.publish(TOPIC, "one-partition", rating(f"t{i}", 3))
+    consumer = make_batched(bus, kv, batch, retry_backoff_s=30.0)
+    runner = threading.Thread(target=consumer.run)
+    runner.start()
+    assert failing.wait(10)
+    consumer.stop()
+    runner.join(10)
+    assert not runner.is_alive()
+    assert handled == ["t0", "t2"] and dead_letters(bus) == []
+    later: list[tuple[str, int]] = []
+    recorder = Recorder()
+    successor = make_batched(
+        bus,
+        kv,
+        lambda ds: later.extend((d.envelope.feedback_received.track_id, d.attempt) for d in ds),
+        recorder,
+    )
+    assert successor.run_once() == 2
+    assert later == [("t1", 2)]  # the earlier try still counts
+    assert recorder.outcomes == {(TOPIC, "duplicate"): 1, (TOPIC, "handled"): 1}
+
+
+def test_an_interrupted_batch_is_left_for_the_next_owner(
+    bus: MemoryEventBus, kv: MemoryKeyValueStore
+) -> None:
+    def batch(deliveries: list[Delivery]) -> None:
+        raise Interrupted("draining")
+
+    for i in range(2):
+        bus.publish(TOPIC, "k", rating(f"t{i}", 3))
+    consumer = make_batched(bus, kv, batch)
+    assert consumer.run_once() == 0
+    assert consumer.stopping and dead_letters(bus) == []
+    later: list[tuple[str, int]] = []
+    make_batched(bus, kv, lambda ds: later.extend(tries(ds))).run_once()
+    assert later == [("t0", 1), ("t1", 1)]  # the interrupted try did not count
+
+
+def test_batch_options_are_validated(bus: MemoryEventBus, kv: MemoryKeyValueStore) -> None:
+    with pytest.raises(ValidationError, match="max_batch"):
+        make_batched(bus, kv, lambda ds: None, max_batch=0)
+    with pytest.raises(ValidationError, match="not consumed"):
+        Consumer(bus, kv, group="g", topics=[OTHER], handler=print, batch_handlers={TOPIC: print})
+    with pytest.raises(ValidationError, match="event ids to exceptions"):
+        BatchResult({"e1": "not an exception"})  # type: ignore[dict-item]
