@@ -41,10 +41,9 @@ def build(settings: GeneratorSettings, ports: Ports) -> tuple[ServiceRuntime, Ge
     # the first model, then the markers every model_poll_s (the event reaches one replica)
     runtime.add_worker(LoopWorker("generator-model", keep_current(model, settings.model_poll_s)))
     router = EventRouter(
-        {
-            "generation.requested.v1": generator.on_generation_requested,
-            "model.published.v1": generator.on_model_published,
-        }
+        {"model.published.v1": generator.on_model_published},
+        {"generation.requested.v1": generator.on_generation_requests},
+        max_batch=settings.generation_batch,
     )
     runtime.add_worker(DeferredWorker(ConsumerWorker(settings, ports, router), lambda: model.ready))
     return runtime, generator

@@ -1,6 +1,7 @@
 """The generator: generation requests → tracks (design.md §3), with model hot-swap.
 
-Per request (generation.requested.v1 or the Generate RPC):
+The consumer hands over the generation.requested.v1 records of one poll together (up to
+``generation_batch``); the Generate RPC is a batch of one. Per request:
 
 1. ``Dispatcher.dispatch`` (riffloop.loop) draws the kind blindly: Bernoulli(0.25) → the
    baseline z0, else a generation ẑ; the track id and seed are pure functions of the request id.
@@ -8,15 +9,18 @@ Per request (generation.requested.v1 or the Generate RPC):
    share). The inputs' latents are the encoder's ``LatentRecord``s *inverted by V* (one window
    per song, picked by the seed; the encoder stores them when a song is uploaded or V is
    published, and a request waits ``latent_wait_s`` for them); ``merge_latents`` gives z_agg.
-3. Generation: x̂_0 = ``decode_latents``(z_agg), then ``inject_at_step`` with the
-   ``InjectionPlan`` of (s, q). Baseline: z0 = argmax_{z ∈ Z_V} Γ(z_agg, z) over V's training
-   index (``riffloop.music.TrainingIndex``, stored with V's checkpoint and loaded with it, so it
-   hot-swaps with the model, canary included): the base-corpus windows and the generations
-   kept for training, or the generation that replaced the input's baseline. Never an upload.
-   A baseline is served as-is from the index's stored mel window.
-4. Griffin-Lim (``MelCodec.images_to_audio``) → WAV at ``tracks/<track_id>.wav``, provenance
-   (+ the per-mel-bin mean of the image as the selector's embedding) at
-   ``tracks/<track_id>.json``, then tracks.ready.v1.
+3. Generation: x̂_0 = ``decode_latents``(z_agg), then ``generate_long`` (injection with the
+   ``InjectionPlan`` of (s, q), window after window), batched: the requests of one (model
+   version, plan, length) share one call of each per chunk of ``generation_batch``, each with
+   its own seed's noise ε_k, so a track does not depend on its batch-mates. Baseline:
+   z0 = argmax_{z ∈ Z_V} Γ(z_agg, z) over V's training index (``riffloop.music.TrainingIndex``,
+   stored with V's checkpoint and loaded with it, so it hot-swaps with the model, canary
+   included): the base-corpus windows and the generations kept for training, or the
+   generation that replaced the input's baseline. Never an upload. A baseline is served as-is
+   from the index's stored mel windows, published with its chunk's generations.
+4. Griffin-Lim (``MelCodec.track_to_audio``, one track at a time) → WAV at
+   ``tracks/<track_id>.wav``, provenance (+ the per-mel-bin mean of the image as the selector's
+   embedding) at ``tracks/<track_id>.json``, then tracks.ready.v1.
 
 model.published.v1 → PROMOTE / ROLLBACK: ``ServedModel.serve_only`` (the new version loads aside
 and the reference is swapped under a lock, so in-flight requests finish on the old model);
@@ -26,15 +30,24 @@ share of requests (hash of the request id) to it until the PROMOTE or ROLLBACK t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import threading
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from riffloop.core import ConfigurationError, NotFoundError, TransientError, ValidationError
+from riffloop.core import (
+    BatchResult,
+    ConfigurationError,
+    NotFoundError,
+    TransientError,
+    ValidationError,
+    handling,
+)
 from riffloop.loop import Dispatcher, ReadyDelay, TrackKind
 from riffloop.runtime import (
     LATENTS_BUCKET,
@@ -67,6 +80,9 @@ class GeneratorSettings(DispatchKeyed):
     # (riffloop.music.TrackLength: overlapping windows, each continuing the last one's tail).
     default_track_seconds: float = 5.9
     max_track_seconds: float = 60.0
+    # Requests of one (model version, plan, length) denoised in one UNet batch, and the most
+    # generation.requested.v1 records the consumer hands over together.
+    generation_batch: int = 16
 
     def _validate(self) -> None:
         super()._validate()
@@ -76,6 +92,10 @@ class GeneratorSettings(DispatchKeyed):
             raise ConfigurationError("need 1 ≤ RIFFLOOP_DEFAULT_QUALITY ≤ _MAX_QUALITY ≤ 1000")
         if self.latent_wait_s < 0 or self.torch_threads < 1:
             raise ConfigurationError("RIFFLOOP_LATENT_WAIT_S ≥ 0, RIFFLOOP_TORCH_THREADS ≥ 1")
+        if not 1 <= self.generation_batch <= 256:
+            raise ConfigurationError(
+                f"RIFFLOOP_GENERATION_BATCH must lie in [1, 256], got {self.generation_batch}"
+            )
         if not 0 < self.default_track_seconds <= self.max_track_seconds <= 600:
             raise ConfigurationError(
                 "need 0 < RIFFLOOP_DEFAULT_TRACK_SECONDS ≤ RIFFLOOP_MAX_TRACK_SECONDS ≤ 600"
@@ -107,6 +127,24 @@ def validate_request(settings: GeneratorSettings, request: Request) -> Request:
     if not 1 <= q <= settings.max_quality:
         raise ValidationError(f"quality must lie in 1–{settings.max_quality}, got {q}")
     return dataclasses.replace(request, quality=q)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """One prepared request of a batch: its model version, plan, length, z_agg and draw."""
+
+    index: int  # position in the batch
+    request: Request
+    context: Callable[[], contextlib.AbstractContextManager[None]]
+    started: float  # perf_counter when its preparation began
+    model: Any
+    plan: Any  # riffloop.music.InjectionPlan
+    length: Any  # riffloop.music.TrackLength
+    inversion_steps: int
+    seed: int
+    z_agg: Any  # [C, h, w]
+    prov: Any  # riffloop.loop.TrackProvenance
+    baseline_row: int  # z0's row in the version's training index
 
 
 class Generator:
@@ -163,27 +201,67 @@ class Generator:
             for key in [k for k in self._records if k[1] not in served]:
                 del self._records[key]
 
-    # -- one track ----------------------------------------------------------------------------
+    # -- tracks -------------------------------------------------------------------------------
 
     def make_track(self, request: Request) -> events_pb2.TrackReady:
-        import soundfile
+        """One request (the Generate RPC, tools): :meth:`make_tracks` of one; raises its error."""
+        [result] = self.make_tracks([request])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def make_tracks(
+        self,
+        requests: Sequence[Request],
+        envelopes: Sequence[events_pb2.Envelope] | None = None,
+    ) -> list[events_pb2.TrackReady | Exception]:
+        """Each request's TrackReady, or the error that stopped it alone, in order.
+
+        1. Each request is prepared on its own (validation, model version, z_agg, the blind
+           draw): an invalid one fails alone.
+        2. Requests are grouped by (model version object, InjectionPlan, TrackLength, inversion
+           steps) and each group runs in chunks of at most ``generation_batch`` requests in
+           request order: one ``decode_latents`` and one ``generate_long`` for the chunk's
+           generations, each with its own seed's noise ε_0 … ε_{n−1} (``track_noise``), so a
+           track does not depend on its batch-mates.
+        3. A chunk's tracks are published together (see :meth:`_run_chunk` for the baselines).
+
+        ``envelopes`` (one per request) make each request's event current while its work runs,
+        so its logs and its tracks.ready.v1 carry its correlation id.
+        """
+        if envelopes is not None and len(envelopes) != len(requests):
+            raise ValidationError("one envelope per request expected")
+        results: list[events_pb2.TrackReady | Exception | None] = [None] * len(requests)
+        groups: dict[tuple[Any, ...], list[_Job]] = {}
+        for i, request in enumerate(requests):
+            context = _context(envelopes, i)
+            try:
+                with context():
+                    job = self._prepare(i, request, context)
+            except Exception as exc:
+                results[i] = exc
+                continue
+            key = (id(job.model), job.plan, job.length, job.inversion_steps)
+            groups.setdefault(key, []).append(job)
+        size = self.settings.generation_batch
+        for jobs in groups.values():
+            for first in range(0, len(jobs), size):
+                chunk = jobs[first : first + size]
+                for job, result in zip(chunk, self._run_chunk(chunk), strict=True):
+                    results[job.index] = result
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, missing  # every request was prepared or failed, then run
+        return [r for r in results if r is not None]
+
+    def _prepare(self, index: int, request: Request, context: Callable[[], Any]) -> _Job:
+        """Validate one request, pick its model version and z_agg, draw its kind."""
         import torch
 
-        from riffloop.music import (
-            InjectionPlan,
-            MelCodec,
-            TrackLength,
-            baseline_track,
-            decode_latents,
-            generate_long,
-            merge_latents,
-            to_uint8,
-            track_noise,
-        )
+        from riffloop.music import InjectionPlan, TrackLength, merge_latents
 
+        started = time.perf_counter()
         request = validate_request(self.settings, request)
         plan = InjectionPlan.from_similarity(request.similarity, request.quality)
-        started = time.perf_counter()
         # This request keeps this reference through a hot swap; during a canary its request id
         # decides between the candidate and the current model.
         model = self.model.for_request(request.request_id)
@@ -197,6 +275,9 @@ class Generator:
         records = [
             self._record(s, model.version, self.settings.latent_wait_s) for s in request.song_ids
         ]
+        steps = {int(r.inversion_steps) for r in records}
+        if len(steps) != 1:
+            raise ValidationError(f"the inputs' latents were inverted with {sorted(steps)} steps")
         seed = request.seed or self.dispatcher.generation_seed_for(request.request_id)
         picks = [seed % int(r.latents.shape[0]) for r in records]
         z = torch.stack([r.latents[i] for r, i in zip(records, picks, strict=True)])
@@ -231,34 +312,115 @@ class Generator:
                 start_step=plan.start_step if request.kind is TrackKind.GENERATED else None,
             )
         prov = dataclasses.replace(prov, seed=seed)
+        return _Job(
+            index,
+            request,
+            context,
+            started,
+            model,
+            plan,
+            length,
+            steps.pop(),
+            seed,
+            z_agg,
+            prov,
+            chosen["pick"].row,
+        )
 
-        def generate() -> Any:
-            # window 0 injected from x̂_0(z_agg) with ε_0 (the seed's first draw), each later
-            # window continuing the previous one's tail with ε_k (riffloop.music.generate_long)
-            with self._compute:
-                merged = decode_latents(model, z_agg[None], records[0].inversion_steps)
-                noise = track_noise(tuple(model.image_shape), length.windows, seed)[None]
-                return generate_long(model, merged, plan, length, noise, top_db=model.mel.top_db)
+    def _generate(self, jobs: Sequence[_Job]) -> Any:
+        """Long images ``[B, 1, H, T]`` of one group's ``jobs``: window 0 injected from
+        x̂_0(z_agg) with ε_0 (each request's seed's first draw), each later window continuing
+        the previous one's tail with ε_k (riffloop.music.generate_long), one batch for all."""
+        import torch
 
-        # Blindness in time (riffloop.loop.ReadyDelay): a baseline is held until a duration
-        # drawn from recent generations of the same cost (steps run per window, windows) has
-        # passed; with none timed yet, the generation is run anyway and discarded.
-        cost = (plan.total_steps - plan.start_step, length.windows)
-        hold: float | None = None
-        if prov.kind is TrackKind.BASELINE:
-            # the stored training windows from z0 on, joined like a generation: same frames,
-            # same WAV size (riffloop.music.baseline_track)
-            index = model.baseline_index
-            image = baseline_track(
-                index.ids, index.images, chosen["pick"].row, length, model.mel.top_db
-            )
-            hold = self.ready_delay.draw(cost)
-            if hold is None:
-                generate()
-        else:
-            image = generate()
+        from riffloop.music import decode_latents, generate_long, track_noise
+
+        model, plan, length = jobs[0].model, jobs[0].plan, jobs[0].length
+        z_agg = torch.stack([job.z_agg for job in jobs])
+        noise = torch.stack(
+            [track_noise(tuple(model.image_shape), length.windows, job.seed) for job in jobs]
+        )
         with self._compute:
-            audio = MelCodec(model.mel).track_to_audio(image[0])
+            merged = decode_latents(model, z_agg, jobs[0].inversion_steps)
+            return generate_long(
+                model, merged, plan, length, noise, top_db=model.mel.top_db, batch_size=len(jobs)
+            )
+
+    def _run_chunk(self, chunk: Sequence[_Job]) -> list[events_pb2.TrackReady | Exception]:
+        """Make, store and publish one chunk's tracks (one group: same model, plan, length).
+
+        Blindness in time (riffloop.loop.ReadyDelay): every track of a chunk is published at
+        the same moment, so a baseline in a chunk with generations takes exactly as long as
+        they do. A chunk of baselines alone is held for a duration drawn from recent chunks of
+        the same cost — denoising steps per window, windows, and the chunk's size in requests
+        (both kinds) — so a lone baseline waits as long as a lone generation, and a chunk of k
+        baselines as long as k requests of that cost took together (not k × a per-request
+        share of a batch, which would make a lone baseline fast). With no such chunk timed
+        yet, the generations are run anyway and discarded, which times the first one.
+        """
+        from riffloop.music import MelCodec, baseline_track
+
+        started = time.perf_counter()
+        model, plan, length = chunk[0].model, chunk[0].plan, chunk[0].length
+        cost = (plan.total_steps - plan.start_step, length.windows, len(chunk))
+        generated = [job for job in chunk if job.prov.kind is TrackKind.GENERATED]
+        images: dict[int, Any] = {}
+        hold: float | None = None
+        try:
+            if generated:
+                for job, image in zip(generated, self._generate(generated), strict=True):
+                    images[job.index] = image[None]
+            else:
+                hold = self.ready_delay.draw(cost)
+                if hold is None:
+                    self._generate(chunk)
+        except Exception as exc:  # the chunk's one computation: every request of it failed
+            return [exc] * len(chunk)
+        results: dict[int, events_pb2.TrackReady | Exception] = {}
+        codec = MelCodec(model.mel)
+        for job in chunk:
+            try:
+                with job.context():
+                    if job.index not in images:
+                        # the stored training windows from z0 on, joined like a generation:
+                        # same frames, same WAV size (riffloop.music.baseline_track)
+                        index = model.baseline_index
+                        images[job.index] = baseline_track(
+                            index.ids, index.images, job.baseline_row, length, model.mel.top_db
+                        )
+                    results[job.index] = self._store(job, images[job.index], codec)
+            except Exception as exc:
+                results[job.index] = exc
+        elapsed = time.perf_counter() - started
+        if generated or hold is None:
+            self.ready_delay.record(cost, elapsed)
+        elif hold > elapsed:
+            time.sleep(hold - elapsed)  # (no CPU: the compute lock is free meanwhile)
+        for job in chunk:
+            ready = results[job.index]
+            if isinstance(ready, Exception):
+                continue
+            try:
+                with job.context():
+                    self.ports.publish("tracks.ready.v1", job.prov.track_id, ready)
+            except Exception as exc:
+                results[job.index] = exc
+                continue
+            metrics.TRACKS_GENERATED.labels(str(job.prov.kind)).inc()
+            metrics.GENERATION_SECONDS.observe(time.perf_counter() - job.started)
+        return [results[job.index] for job in chunk]
+
+    def _store(self, job: _Job, image: Any, codec: Any) -> events_pb2.TrackReady:
+        """Griffin-Lim of one long image ``[1, 1, H, T]`` (one track at a time: the phases are
+        seeded per image, so a track's audio does not depend on its batch-mates) → WAV and the
+        provenance sidecar in ``tracks``; the TrackReady to publish."""
+        import soundfile
+
+        from riffloop.music import to_uint8
+
+        model, prov, request = job.model, job.prov, job.request
+        with self._compute:
+            audio = codec.track_to_audio(image[0])
         wav = io.BytesIO()
         soundfile.write(wav, audio, model.mel.sample_rate, format="WAV", subtype="PCM_16")
         duration = len(audio) / model.mel.sample_rate
@@ -270,8 +432,8 @@ class Generator:
             "request_id": request.request_id,
             "user_id": request.user_id,
             "clip_seconds": duration,
-            "total_steps": plan.total_steps,
-            "windows": length.windows,
+            "total_steps": job.plan.total_steps,
+            "windows": job.length.windows,
             "embedding": [float(v) for v in image[0, 0].mean(dim=-1)],
             # The track's first window (8-bit), the trainer's target when it is selected.
             "image_uint8": to_uint8(image[..., : model.mel.x_res])[0, 0].tolist(),
@@ -282,39 +444,28 @@ class Generator:
             json.dumps(sidecar).encode(),
             content_type="application/json",
         )
-        elapsed = time.perf_counter() - started
-        if prov.kind is TrackKind.GENERATED:
-            self.ready_delay.record(cost, elapsed)
-        elif hold is not None and hold > elapsed:
-            time.sleep(hold - elapsed)  # (no CPU: the compute lock is free meanwhile)
-        ready = events_pb2.TrackReady(
+        return events_pb2.TrackReady(
             track_id=prov.track_id,
             audio=audio_ref.to_proto(),
             provenance=provenance_to_proto(
-                prov, request_id=request.request_id, total_steps=plan.total_steps
+                prov, request_id=request.request_id, total_steps=job.plan.total_steps
             ),
             user_id=request.user_id,
             duration_seconds=duration,
         )
-        self.ports.publish("tracks.ready.v1", prov.track_id, ready)
-        metrics.TRACKS_GENERATED.labels(str(prov.kind)).inc()
-        metrics.GENERATION_SECONDS.observe(time.perf_counter() - started)
-        return ready
 
     # -- events -------------------------------------------------------------------------------
 
-    def on_generation_requested(self, envelope: events_pb2.Envelope) -> None:
-        event = envelope.generation_requested
-        self.make_track(
-            Request(
-                request_id=event.request_id,
-                song_ids=tuple(event.song_ids),
-                similarity=event.similarity,
-                quality=event.quality,
-                seed=event.seed,
-                user_id=event.user_id,
-                duration_seconds=event.duration_seconds,
-            )
+    def on_generation_requests(self, envelopes: Sequence[events_pb2.Envelope]) -> BatchResult:
+        """generation.requested.v1, the records of one poll together (:meth:`make_tracks`); the
+        consumer retries or dead-letters each failed request alone, with its own error."""
+        results = self.make_tracks([_request_of(e) for e in envelopes], envelopes)
+        return BatchResult(
+            {
+                str(e.event_id): result
+                for e, result in zip(envelopes, results, strict=True)
+                if isinstance(result, Exception)
+            }
         )
 
     def on_model_published(self, envelope: events_pb2.Envelope) -> None:
@@ -339,6 +490,29 @@ class Generator:
         # before it announces), not the event's version, which a late or replayed event names
         self.model.load_current()
         self.forget_unserved()
+
+
+def _request_of(envelope: events_pb2.Envelope) -> Request:
+    event = envelope.generation_requested
+    return Request(
+        request_id=event.request_id,
+        song_ids=tuple(event.song_ids),
+        similarity=event.similarity,
+        quality=event.quality,
+        seed=event.seed,
+        user_id=event.user_id,
+        duration_seconds=event.duration_seconds,
+    )
+
+
+def _context(
+    envelopes: Sequence[events_pb2.Envelope] | None, i: int
+) -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """Request i's event made current (its ids in logs and events), or nothing (an RPC)."""
+    if envelopes is None:
+        return contextlib.nullcontext
+    envelope = envelopes[i]
+    return lambda: handling(envelope)
 
 
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
