@@ -208,10 +208,19 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
         "Diversity / base = the arm's generations' diversity over the base model's on the same",
         "evaluation requests (mean over seeds, worst seed in brackets); the bar is ≥ 80 %.",
         "",
-        "| family | seeds | Δrating sel − ctl [95 % CI] | hidden liking sel − ctl [95 % CI] | "
-        "lift selected / control (Δ rating) | diversity / base, selected · control [worst] | "
-        "per-seed Δrating differences |",
-        "|---|---|---|---|---|---|---|",
+        "R generated = mean rating R (the feedback service's, spam-weighted, per-rater normalised)",
+        "of the generated tracks; since the loop runs through the services (protocol 5) it is "
+        "the primary",
+        "measure: the genetic step moves SELECTED's baselines to its winners, so Δ (generated − "
+        "baseline)",
+        "compares each arm with a different reference. Lift of R generated = the arm's minus "
+        "the base model's.",
+        "",
+        "| family | seeds | R generated sel − ctl [95 % CI] | lift of R generated over base, "
+        "selected [95 % CI] / control | Δrating sel − ctl [95 % CI] | hidden liking sel − ctl "
+        "[95 % CI] | lift selected / control (Δ rating) | diversity / base, selected · control "
+        "[worst] | per-seed R generated differences |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     families = sorted({f for f, _ in results})
     fig, axes = plt.subplots(1, len(families), figsize=(5 * len(families), 4), squeeze=False)
@@ -222,10 +231,12 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
             for s in seeds
         ]
         d_rating = [sel.delta - ctl.delta for sel, ctl in finals]
+        d_gen = [sel.mean_generated - ctl.mean_generated for sel, ctl in finals]
+        m0, lo0, hi0 = paired_interval(d_gen)
         d_hidden = [sel.hidden_generated - ctl.hidden_generated for sel, ctl in finals]
         m1, lo1, hi1 = paired_interval(d_rating)
         m2, lo2, hi2 = paired_interval(d_hidden)
-        lifts = diversity = "—"
+        lifts = diversity = lift_gen = "—"
         base_rows = [_eval_row(results[(family, s)], "base") for s in seeds]
         bases = [b for b in base_rows if b is not None]
         if len(bases) == len(seeds):
@@ -233,17 +244,25 @@ def write_evidence(results: dict[tuple[str, int], LoopResult], out_dir: Path) ->
             lift_s = float(np.mean([sel.delta - b.delta for (sel, _), b in pairs]))
             lift_c = float(np.mean([ctl.delta - b.delta for (_, ctl), b in pairs]))
             lifts = f"{_f(lift_s, sign=True)} / {_f(lift_c, sign=True)}"
+            up_s = [sel.mean_generated - b.mean_generated for (sel, _), b in pairs]
+            up_c = [ctl.mean_generated - b.mean_generated for (_, ctl), b in pairs]
+            ms, los, his = paired_interval(up_s)
+            lift_gen = (
+                f"{_f(ms, sign=True)} [{_f(los, sign=True)}, {_f(his, sign=True)}] / "
+                f"{_f(float(np.mean(up_c)), sign=True)}"
+            )
             diversity = " · ".join(
                 _diversity_kept([(arm_rows[k], b) for arm_rows, b in pairs]) for k in (0, 1)
             )
         observed = sum(math.isfinite(x) for x in d_rating)  # a seed without a difference is not one
         lines.append(
-            f"| {family} | {observed} | {_f(m1, sign=True)} [{_f(lo1, sign=True)}, "
+            f"| {family} | {observed} | {_f(m0, sign=True)} [{_f(lo0, sign=True)}, "
+            f"{_f(hi0, sign=True)}] | {lift_gen} | {_f(m1, sign=True)} [{_f(lo1, sign=True)}, "
             f"{_f(hi1, sign=True)}] | {_f(m2, 3, True)} [{_f(lo2, 3, True)}, {_f(hi2, 3, True)}]"
-            f" | {lifts} | {diversity} | {', '.join(_f(x, 2, True) for x in d_rating)} |"
+            f" | {lifts} | {diversity} | {', '.join(_f(x, 2, True) for x in d_gen)} |"
         )
         x = np.arange(len(seeds))
-        ax.bar(x - 0.2, d_rating, width=0.4, color="tab:blue", label="Δ rating")
+        ax.bar(x - 0.2, d_gen, width=0.4, color="tab:blue", label="R generated")
         ax.bar(x + 0.2, d_hidden, width=0.4, color="tab:green", label="hidden liking")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set(title=family, xlabel="seed", ylabel="selected − control")
