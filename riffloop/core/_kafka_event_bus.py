@@ -271,7 +271,9 @@ class KafkaEventBus(EventBus):
                 KafkaConsumer,
                 bootstrap_servers=self._bootstrap,
                 client_id=f"{self._client_id}-{group}",
-                group_id=group,
+                # the topic prefix names the deployment: its consumer groups are its own too
+                # (two deployments' encoders in one group would split each other's partitions)
+                group_id=self._prefix + group,
                 enable_auto_commit=False,
                 auto_offset_reset="earliest",
                 bootstrap_timeout_ms=int(self._request_timeout_s * 1000),

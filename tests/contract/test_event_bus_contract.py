@@ -205,3 +205,37 @@ class TestEventBusContract:
             # No rebalance happened meanwhile (a starved heartbeat can cause one, and then
             # redeliveries are allowed): each partition was read by exactly one member.
             assert not {r.partition for r in received[0]} & {r.partition for r in received[1]}
+
+
+@pytest.mark.integration
+def test_two_topic_prefixes_share_a_broker_and_a_group_name(real_infra: object) -> None:
+    """Two deployments on one Kafka, each with its own prefix: the same consumer group name in
+    each gets all of its own deployment's events and none of the other's."""
+    from riffloop.core import KafkaEventBus
+
+    bootstrap = real_infra.kafka_bootstrap  # type: ignore[attr-defined]
+    run = uuid.uuid4().hex[:6]
+    buses = {
+        name: KafkaEventBus(
+            bootstrap, client_id=name, session_timeout_ms=10_000, topic_prefix=f"{run}-{name}."
+        )
+        for name in ("a", "b")
+    }
+    try:
+        subscriptions = {}
+        for name, bus in buses.items():
+            bus.ensure_topics(["songs.uploaded.v1"], partitions=3)
+            subscriptions[name] = bus.subscribe("encoder", ["songs.uploaded.v1"])
+        for name, bus in buses.items():
+            for i in range(6):
+                bus.publish("songs.uploaded.v1", f"{name}-{i}", scored(f"{name}-{i}", 3.0))
+        for name, subscription in subscriptions.items():
+            keys: set[str] = set()
+            deadline = time.monotonic() + 60
+            while len(keys) < 6 and time.monotonic() < deadline:
+                keys |= {m.key for m in subscription.poll(1.0, max_records=100)}
+            assert keys == {f"{name}-{i}" for i in range(6)}
+            subscription.close()
+    finally:
+        for bus in buses.values():
+            bus.close()
