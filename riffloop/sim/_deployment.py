@@ -71,8 +71,62 @@ class _Running:
     state: Any
 
 
+class _ServiceApis:
+    """The calls a deployment offers the experiment: the public API as a listener's app, the
+    internal RPCs and the object store as an operator. Needs ``target(service)``,
+    ``auth_secret``, ``objects`` and a ``_channels`` cache."""
+
+    auth_secret: str
+    objects: Any
+    _channels: dict[str, grpc.Channel]
+
+    def target(self, service: str) -> str:
+        raise NotImplementedError
+
+    def gateway(self, user: str, timeout_s: float = 60.0) -> GatewayClient:
+        """A signed-in client of the public API, as an app would hold one."""
+        return GatewayClient(
+            self.target("gateway"), TokenSigner(self.auth_secret).issue(user), timeout_s=timeout_s
+        )
+
+    def _channel(self, service: str) -> grpc.Channel:
+        if service not in self._channels:
+            self._channels[service] = grpc.insecure_channel(self.target(service))
+        return self._channels[service]
+
+    def run_selection(self, pair_budget: int = 0) -> selector_pb.RunSelectionResponse:
+        stub = selector_grpc.SelectorServiceStub(self._channel("selector"))
+        return stub.RunSelection(selector_pb.RunSelectionRequest(pair_budget=pair_budget))
+
+    def train_status(self) -> trainer_pb.TrainStatusResponse:
+        stub = trainer_grpc.TrainerServiceStub(self._channel("trainer"))
+        return stub.TrainStatus(trainer_pb.TrainStatusRequest(), timeout=30)
+
+    def track_score(self, track_id: str) -> Any:
+        stub = feedback_grpc.FeedbackServiceStub(self._channel("feedback"))
+        return stub.TrackScore(feedback_pb.TrackScoreRequest(track_id=track_id), timeout=30).score
+
+    def rater_report(self, user_id: str) -> feedback_pb.RaterReportResponse | None:
+        """The feedback service's view of a rater; None for one with no accepted rating."""
+        stub = feedback_grpc.FeedbackServiceStub(self._channel("feedback"))
+        try:
+            return stub.RaterReport(feedback_pb.RaterReportRequest(user_id=user_id), timeout=30)
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.NOT_FOUND:
+                return None
+            raise
+
+    def track_embedding(self, track_id: str) -> list[float]:
+        """The quality embedding the generator stored with the track (its provenance object)."""
+        try:
+            raw = json.loads(self.objects.get("tracks", f"{track_id}.json"))
+        except NotFoundError:
+            return []
+        return [float(v) for v in raw.get("embedding") or []]
+
+
 @dataclass
-class EmbeddedDeployment:
+class EmbeddedDeployment(_ServiceApis):
     """Six services in this process on embedded backends.
 
     ``settings``: per service, overrides of its settings dataclass (field names, as in
@@ -153,48 +207,6 @@ class EmbeddedDeployment:
     def target(self, service: str) -> str:
         return f"127.0.0.1:{self._running[service].runtime.port}"
 
-    def gateway(self, user: str, timeout_s: float = 60.0) -> GatewayClient:
-        """A signed-in client of the public API, as an app would hold one."""
-        return GatewayClient(
-            self.target("gateway"), TokenSigner(self.auth_secret).issue(user), timeout_s=timeout_s
-        )
-
-    def _channel(self, service: str) -> grpc.Channel:
-        if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(self.target(service))
-        return self._channels[service]
-
-    # -- the operator's side -------------------------------------------------------------------
-    def run_selection(self, pair_budget: int = 0) -> selector_pb.RunSelectionResponse:
-        stub = selector_grpc.SelectorServiceStub(self._channel("selector"))
-        return stub.RunSelection(selector_pb.RunSelectionRequest(pair_budget=pair_budget))
-
-    def train_status(self) -> trainer_pb.TrainStatusResponse:
-        stub = trainer_grpc.TrainerServiceStub(self._channel("trainer"))
-        return stub.TrainStatus(trainer_pb.TrainStatusRequest(), timeout=30)
-
-    def track_score(self, track_id: str) -> Any:
-        stub = feedback_grpc.FeedbackServiceStub(self._channel("feedback"))
-        return stub.TrackScore(feedback_pb.TrackScoreRequest(track_id=track_id), timeout=30).score
-
-    def rater_report(self, user_id: str) -> feedback_pb.RaterReportResponse | None:
-        """The feedback service's view of a rater; None for one with no accepted rating."""
-        stub = feedback_grpc.FeedbackServiceStub(self._channel("feedback"))
-        try:
-            return stub.RaterReport(feedback_pb.RaterReportRequest(user_id=user_id), timeout=30)
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.NOT_FOUND:
-                return None
-            raise
-
-    def track_embedding(self, track_id: str) -> list[float]:
-        """The quality embedding the generator stored with the track (its provenance object)."""
-        try:
-            raw = json.loads(self.objects.get("tracks", f"{track_id}.json"))
-        except NotFoundError:
-            return []
-        return [float(v) for v in raw.get("embedding") or []]
-
     def stop(self) -> None:
         for channel in self._channels.values():
             channel.close()
@@ -217,7 +229,7 @@ def _redis_db(url: str, db: int) -> str:
 
 
 @dataclass
-class StackDeployment:
+class StackDeployment(_ServiceApis):
     """The six services as processes (``python -m services.<name>``, riffloop.stack) on the
     local Kafka, MinIO and Redis, namespaced so that several deployments share the servers:
     topics under ``sim-<run>-<name>.``, buckets under ``sim-<run>-<name>-``, Redis database
@@ -284,14 +296,6 @@ class StackDeployment:
 
     def target(self, service: str) -> str:
         return str(self.processes.state.processes[service].target)
-
-    gateway = EmbeddedDeployment.gateway
-    _channel = EmbeddedDeployment._channel
-    run_selection = EmbeddedDeployment.run_selection
-    train_status = EmbeddedDeployment.train_status
-    track_score = EmbeddedDeployment.track_score
-    rater_report = EmbeddedDeployment.rater_report
-    track_embedding = EmbeddedDeployment.track_embedding
 
     def stop(self) -> None:
         for channel in self._channels.values():
