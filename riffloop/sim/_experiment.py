@@ -77,10 +77,11 @@ class LoopConfig:
     seed: int = 0
     n_inputs: int = 16  # held-out recordings in the input pool
     n_merges: int = 8  # input merges (pairs of recordings), each one studio user's request
-    # 12 requests per merge: ≈ 9 generations compete for each input, and R_b rests on ≈ 3
-    # baseline tracks; 48 tracks per listener and 25 listeners per track in the queue keep
-    # ≈ 25 ratings per track.
-    requests_per_merge: int = 12
+    # 6 requests per merge: ≈ 4.5 generations compete for each input and R_b rests on ≈ 1.5
+    # baseline tracks. Every track is 4 windows (5.94 s) and a session of 96 took 7 min here,
+    # so the demo asks for half as many; 25 listeners per track in the queue keep ≈ 25 ratings
+    # per track.
+    requests_per_merge: int = 6
     ratings_per_listener: int = 48  # NextTrack calls per listener and session
     queue_target_listeners: int = 25  # the gateway's RIFFLOOP_QUEUE_TARGET_LISTENERS
     baseline_share: float = 0.25
@@ -101,7 +102,7 @@ class LoopConfig:
     # The evaluation session after the last iteration: fresh requests (merges no iteration used)
     # served by BASE, SELECTED and CONTROL under the same request keys (common random numbers).
     # 0 merges: off.
-    eval_merges: int = 16
+    eval_merges: int = 8
     eval_requests_per_merge: int = 6
     eval_ratings_per_listener: int = 48
     # What a saved run was made with beyond these numbers (a run is reused only when equal):
