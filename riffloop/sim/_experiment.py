@@ -571,10 +571,12 @@ class LoopExperiment:
             return 0
         trainset = done.trainset.trainset_id
         arm.pairs = int(done.trainset.pair_count)
-        self.progress(
-            f"[{arm.name}] selection: {arm.pairs} pairs ({done.survivors} of "
-            f"{done.candidates} generations beat their baseline) → {trainset}"
+        why = (
+            f"drawn at random from {done.candidates} new generations"
+            if pair_budget
+            else f"{done.survivors} of {done.candidates} generations beat their baseline"
         )
+        self.progress(f"[{arm.name}] selection: {arm.pairs} pairs ({why}) → {trainset}")
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
             status = arm.deployment.train_status()
