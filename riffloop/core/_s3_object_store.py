@@ -35,11 +35,12 @@ T = TypeVar("T")
 class S3ObjectStore(ObjectStore):
     """S3 adapter; the minio client is injected (see :meth:`from_settings` for the usual one)."""
 
-    def __init__(self, client: Minio, bucket_prefix: str = "") -> None:
+    def __init__(self, client: Minio, bucket_prefix: str = "", http: Any = None) -> None:
         """``bucket_prefix``: prepended to every bucket name on the server (not in the
         ``ObjectRef``s, which name the logical bucket), so several deployments share one S3."""
         self._client = client
         self._prefix = bucket_prefix
+        self._http = http  # the connection pool ``connect`` made (closed by ``close``)
 
     @classmethod
     def connect(
@@ -72,7 +73,7 @@ class S3ObjectStore(ObjectStore):
             region=region,
             http_client=http,
         )
-        return cls(client, bucket_prefix)
+        return cls(client, bucket_prefix, http)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> S3ObjectStore:
@@ -193,3 +194,7 @@ class S3ObjectStore(ObjectStore):
 
     def ping(self) -> None:
         self._call("list buckets", self._client.list_buckets)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.clear()  # urllib3: close every pooled connection

@@ -149,3 +149,5 @@ def test_two_bucket_prefixes_share_one_s3_without_seeing_each_other(real_infra: 
     with pytest.raises(NotFoundError):
         second.get(bucket, "t.wav")
     assert second.list(bucket) == []
+    first.close()
+    second.close()

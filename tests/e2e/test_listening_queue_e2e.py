@@ -185,7 +185,12 @@ def test_listeners_hear_everyones_tracks_blind_and_only_tracks(
     assert all(o.accepted for o in outcomes), [o.error for o in outcomes if o.error]
 
     def report(user: str) -> fb_pb.RaterReportResponse:
-        return feedback.RaterReport(fb_pb.RaterReportRequest(user_id=user), timeout=5)
+        try:
+            return feedback.RaterReport(fb_pb.RaterReportRequest(user_id=user), timeout=5)
+        except grpc.RpcError as exc:  # none of their ratings recorded yet (a busy machine)
+            if exc.code() is not grpc.StatusCode.NOT_FOUND:
+                raise
+            return fb_pb.RaterReportResponse(user_id=user)
 
     wait_for(lambda: report("bot-1").flagged, 120, "the bot flagged")
     wait_for(lambda: report("dora").accepted_ratings == len(heard), 120, "dora's batch recorded")

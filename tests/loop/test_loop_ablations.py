@@ -126,8 +126,8 @@ def test_without_purge_the_training_set_fills_with_near_duplicates() -> None:
 
 
 def test_a_deliberately_bad_model_is_rejected_by_the_gate_and_rolled_back_by_the_canary() -> None:
+    from riffloop.loop._cycle import mel_statistics
     from riffloop.music import MelConfig, ModelConfig, MusicDiffusion
-    from riffloop.sim._experiment import _mean_pairwise_distance, _mel_stats_embedding
     from riffloop.sim._ml import InjectionPlan, inject_at_step
 
     torch.set_num_threads(1)
@@ -144,10 +144,10 @@ def test_a_deliberately_bad_model_is_rejected_by_the_gate_and_rolled_back_by_the
 
     def samples(model: MusicDiffusion) -> np.ndarray:
         images = inject_at_step(model, inputs, plan, torch.Generator().manual_seed(1))
-        return _mel_stats_embedding(images)
+        return mel_statistics(images)
 
-    reference = _mel_stats_embedding(inputs)
-    gate = OfflineGate(diversity=_mean_pairwise_distance)  # FD: the ML core's frechet_distance
+    reference = mel_statistics(inputs)
+    gate = OfflineGate()  # FD: the ML core's frechet_distance; diversity: mean pairwise distance
     report = gate.evaluate(reference, samples(parent), samples(bad))
     assert not report.passed
     same = gate.evaluate(reference, samples(parent), samples(parent))

@@ -176,9 +176,10 @@ def test_track_image_keeps_a_level_change_that_windows_hide() -> None:
     late = track[:, c.x_res + 8 :].amax()
     # −40 dB of an 80 dB range: 1 − 2·40/80 = 0 in image units
     assert float(late) == pytest.approx(0.0, abs=0.05)
-    assert torch.equal(codec.audio_to_track_image(np.zeros(4000, np.float32)), torch.full(
-        (1, c.n_mels, 1 + 4000 // c.hop_length), -1.0
-    ))
+    assert torch.equal(
+        codec.audio_to_track_image(np.zeros(4000, np.float32)),
+        torch.full((1, c.n_mels, 1 + 4000 // c.hop_length), -1.0),
+    )
     with pytest.raises(ValidationError):
         codec.audio_to_track_image(np.zeros((2, 10), np.float32))
     with pytest.raises(ValidationError):
