@@ -1,10 +1,11 @@
 """The demo and the evidence through the services: simulated people as clients of the gateway.
 
-Three deployments of the six services (``riffloop.sim.EmbeddedDeployment``), identical but for
-one setting: SELECTED (the selector keeps generations that beat their input's baseline),
-CONTROL (the selector draws the same number of generations at random, ω = 1) and BASE (never
-fine-tuned; it serves the iteration-0 and evaluation sessions only). All three share the
-dispatch key, so a request key meets the same blind draw (baseline or generation) and seed in
+Three deployments of the six services (``riffloop.sim.EmbeddedDeployment``; with ``stack``,
+``StackDeployment``: processes on real Kafka, MinIO and Redis), identical but for one setting:
+SELECTED (the selector keeps generations that beat their input's baseline), CONTROL (the
+selector draws the same number of generations at random, ω = 1) and BASE (never fine-tuned; it
+serves the iteration-0 and evaluation sessions only). All three share the dispatch key, so a
+request key meets the same blind draw (baseline or generation) and seed in
 each: common random numbers, the pairing the evidence rests on.
 
 Per session (``it0`` … ``itK``, then ``eval``) in each deployment:
