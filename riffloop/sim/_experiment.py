@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 import threading
 import time
@@ -48,6 +49,7 @@ import numpy as np
 
 from riffloop.core import RiffloopError, TransientError, ValidationError
 from riffloop.loop import TrackKind, welch_ci
+from riffloop.runtime import provenance_from_proto
 from riffloop.sim._deployment import Deployment, EmbeddedDeployment, SimClock, StackDeployment
 from riffloop.sim._listeners import (
     Listener,
@@ -60,7 +62,6 @@ from riffloop.sim._listeners import (
 
 Progress = Callable[[str], None]
 SAMPLE_RATE = 22_050
-_KINDS = {1: TrackKind.GENERATED, 2: TrackKind.BASELINE}  # common.proto TrackKind numbers
 
 
 DEFAULT_MODEL_DIR = Path("assets/base-model")
@@ -222,8 +223,6 @@ def load_inputs(config: LoopConfig) -> list[InputSong]:
         raise ValidationError(
             f"no corpus at {corpus_dir()}: build it with `python -m riffloop.music corpus`"
         )
-    import json
-
     pieces = json.loads(manifest.read_text())["pieces"]
     heldout = sorted(
         {
@@ -345,8 +344,6 @@ class LoopExperiment:
             "gateway": {
                 "queue_target_listeners": cfg.queue_target_listeners,
                 "baseline_share": cfg.baseline_share,
-                "rate_limit_per_s": 1000.0,
-                "rate_limit_burst": 1000,
             },
             "generator": {"baseline_share": cfg.baseline_share, "torch_threads": cfg.torch_threads},
             "encoder": {"inversion_steps": cfg.invert_steps, "torch_threads": cfg.torch_threads},
@@ -503,15 +500,15 @@ class LoopExperiment:
         out = []
         for key, track_id in tracks.items():
             s = scores[track_id]
-            prov = s.provenance
+            prov = provenance_from_proto(track_id, s.provenance)
             audio = arm.audio.get(track_id)
             liking = _hidden_liking(honest, audio) if audio is not None else math.nan
             out.append(
                 ServedTrack(
                     track_id=track_id,
                     key=key,
-                    kind=_KINDS.get(int(prov.kind), TrackKind.GENERATED),
-                    input_key=",".join(sorted(prov.input_song_ids)),
+                    kind=prov.kind,
+                    input_key=prov.input_key,
                     model_version=prov.model_version,
                     score=float(s.mean_rating),
                     omega=float(s.confidence),
@@ -626,6 +623,7 @@ class LoopExperiment:
         t_gen = time.monotonic() - t0
         heard = self._listen(arm, per_listener)
         served = self._served(arm, tracks)
+        arm.audio.clear()  # this session's tracks leave the queue with it (≈ 0.5 MB each)
         row = self._row(
             arm, iteration, served, "eval" if label == "eval" else "train", time.monotonic() - t0
         )

@@ -496,7 +496,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             raise ValidationError(
                 "client_request_id must be 1–128 characters of A–Z, a–z, 0–9, '.', '_', ':', '-'"
             )
-        fingerprint = hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
+        # the request's fields, kept so a reused key can be told from a retry (keyed requests)
+        fingerprint = (
+            hashlib.sha256(payload.SerializeToString(deterministic=True)).hexdigest()
+            if idempotency
+            else ""
+        )
         request_id = (
             self.dispatcher.request_id_for(user, idempotency) if idempotency else uuid.uuid4().hex
         )
@@ -518,8 +523,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             "status": "pending",
             "requested_at": now,
             "request_id": request_id,
-            "fingerprint": fingerprint,
         }
+        if fingerprint:
+            record["fingerprint"] = fingerprint
         self.ports.kv.set(key, json.dumps(record))
         # heard by its requester: the queue never serves them their own track again
         self.ports.kv.hset(f"gw:heard:{user}", {track_id: repr(now)})
