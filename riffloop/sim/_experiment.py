@@ -263,12 +263,10 @@ class ServedTrack:
     """What the experimenter knows of one track after its session (the operator's view)."""
 
     track_id: str
-    key: str  # the client request key, the same in every deployment (pairing)
     kind: TrackKind
     input_key: str
     model_version: str
     score: float  # R
-    omega: float
     ratings: int
     embedding: np.ndarray
     liking: float  # mean hidden liking of the honest listeners who could hear it
@@ -498,7 +496,7 @@ class LoopExperiment:
         scores = self._settled_scores(arm, list(tracks.values()))
         honest = [x for x in arm.listeners if getattr(x, "kind", "") == "honest"]
         out = []
-        for key, track_id in tracks.items():
+        for track_id in tracks.values():
             s = scores[track_id]
             prov = provenance_from_proto(track_id, s.provenance)
             audio = arm.audio.get(track_id)
@@ -506,12 +504,10 @@ class LoopExperiment:
             out.append(
                 ServedTrack(
                     track_id=track_id,
-                    key=key,
                     kind=prov.kind,
                     input_key=prov.input_key,
                     model_version=prov.model_version,
                     score=float(s.mean_rating),
-                    omega=float(s.confidence),
                     ratings=int(s.rating_count),
                     embedding=np.asarray(arm.deployment.track_embedding(track_id), dtype=float),
                     liking=liking,
