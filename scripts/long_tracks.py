@@ -78,6 +78,7 @@ from riffloop.music import (  # noqa: E402
     spectral_flatness,
     spectral_flux,
     track_noise,
+    unet_grid,
 )
 from riffloop.music._corpus import corpus_dir  # noqa: E402
 
@@ -332,10 +333,12 @@ def cmd_sheet(args: argparse.Namespace) -> int:
     track = codec.audio_to_track_image(samples)
     source = codec.audio_to_track_image(decoded(data, model.mel.sample_rate))
     source = source[..., : track.shape[-1]]
-    report = seam_flux(track, length)
+    report = seam_flux(track, length, grid=unet_grid(model))
     print(
         f"served WAV's mel: median flux at the {len(length.joins())} joins {report.join_flux:.4f}, "
-        f"within windows {report.within_flux:.4f} (ratio {report.ratio:.2f}); "
+        f"within windows {report.within_flux:.4f} (ratio {report.ratio:.2f}), on the joins' "
+        f"phase of the UNet's {unet_grid(model)}-column grid {report.phase_flux:.4f} (ratio "
+        f"{report.phase_ratio:.2f}); "
         f"flatness track {float(spectral_flatness(track[None]).mean()):.4f}, "
         f"input {float(spectral_flatness(source[None]).mean()):.4f}"
     )
@@ -483,10 +486,11 @@ def cmd_figures(args: argparse.Namespace) -> int:
     codec = MelCodec(mel)
     seam_long, seam_render, seam_cut = [], [], []
     hard = TrackLength(windows=args.windows_per_input, x_res=mel.x_res, overlap=0)
+    grid = unet_grid(model)
     for i in range(n_in):
-        seam_long.append(seam_flux(long_images[i * per : (i + 1) * per], length))
+        seam_long.append(seam_flux(long_images[i * per : (i + 1) * per], length, grid=grid))
         render = codec.audio_to_track_image(songs[i][: length.samples(mel.hop_length)])
-        seam_render.append(seam_flux(render, length))
+        seam_render.append(seam_flux(render, length, grid=grid))
         own = single_images[i * args.windows_per_input : (i + 1) * args.windows_per_input]
         seam_cut.append(seam_flux(naive_concatenation(own), hard))
 
@@ -498,6 +502,29 @@ def cmd_figures(args: argparse.Namespace) -> int:
         "long tracks (joins vs within)": bootstrap(n_in, ratio_of(seam_long), **boot),
         "input render, same frames": bootstrap(n_in, ratio_of(seam_render), **boot),
         "single windows butted together": bootstrap(n_in, ratio_of(seam_cut), **boot),
+    }
+    # the same on the UNet's grid: joins vs the other pairs of their phase (the seam's own
+    # excess), and that phase vs the rest in single windows, which have no join (the grid's)
+    phases = {j % grid for j in length.joins()}
+    single_flux = spectral_flux(single_images[:, 0]).reshape(n_in, args.windows_per_input, -1)
+    on_phase = torch.tensor([(c + 1) % grid in phases for c in range(single_flux.shape[-1])])
+    single_grid = [
+        float(single_flux[i][:, on_phase].median() / single_flux[i][:, ~on_phase].median())
+        for i in range(n_in)
+    ]
+    seams_grid = {
+        "long tracks (joins vs same grid phase)": bootstrap(
+            n_in, lambda idx: np.mean([seam_long[k].phase_ratio for k in idx]), **boot
+        ),
+        "input render, same frames": bootstrap(
+            n_in, lambda idx: np.mean([seam_render[k].phase_ratio for k in idx]), **boot
+        ),
+        "single windows (grid phase vs other pairs)": bootstrap(
+            n_in, lambda idx: np.mean([single_grid[k] for k in idx]), **boot
+        ),
+        "long tracks (grid phase vs other pairs, no joins)": bootstrap(
+            n_in, lambda idx: np.mean([seam_long[k].grid_ratio for k in idx]), **boot
+        ),
     }
     seam_means = bootstrap(
         n_in,
@@ -579,6 +606,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
         f"{fmt(seams['single windows butted together'], 2)} | input render at the same frames: "
         f"{fmt(seams['input render, same frames'], 2)} |",
         f"| seam flux ratio of means | {fmt(seam_means, 2)} | | |",
+        f"| seam flux ratio on the UNet's {grid}-column grid, median at joins / median of "
+        f"the other pairs of the joins' phase | "
+        f"{fmt(seams_grid['long tracks (joins vs same grid phase)'], 2)} | | "
+        f"input render at the same frames: "
+        f"{fmt(seams_grid['input render, same frames'], 2)} |",
+        f"| grid excess without joins, median on the joins' phase / median of other pairs | "
+        f"{fmt(seams_grid['long tracks (grid phase vs other pairs, no joins)'], 2)} | "
+        f"{fmt(seams_grid['single windows (grid phase vs other pairs)'], 2)} | |",
         f"| spectral flatness (mel), mean of {n_windows} windows | {fmt(flat_l, 4)} | "
         f"{fmt(flat_s, 4)} | held-out corpus windows: {ref_flat:.4f} |",
         f"| flatness long − single | {fmt(flat_d, 4)} | | |",
@@ -596,6 +631,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
     )
     per_input = [f"{inputs[i].name}: {seam_long[i].ratio:.2f}" for i in range(n_in)]
     print("seam ratio per input: " + ", ".join(per_input))
+    per_input = [f"{inputs[i].name}: {seam_long[i].phase_ratio:.2f}" for i in range(n_in)]
+    print(f"seam ratio on the {grid}-column grid per input: " + ", ".join(per_input))
     if check:
         print(check)
     if args.json:
@@ -606,6 +643,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
                     "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
                     "seams": seams,
                     "seam_ratio_of_means": seam_means,
+                    "unet_grid": grid,
+                    "seams_on_grid": seams_grid,
                     "flatness_long": flat_l,
                     "flatness_single": flat_s,
                     "flatness_diff": flat_d,

@@ -53,6 +53,7 @@ from riffloop.music._long import (
     generate_long,
     naive_concatenation,
     seam_flux,
+    unet_grid,
     spectral_flux,
     track_noise,
 )
@@ -153,6 +154,7 @@ __all__ = [
     "register_similarity",
     "resolve_device",
     "seam_flux",
+    "unet_grid",
     "select_pieces",
     "slerp",
     "spectral_flatness",

@@ -52,10 +52,9 @@ to [1, sample_max_value] = {1}, i.e. the same clip. Only unconditional generatio
 All entry points are batched (``batch_size`` chunks), run under ``torch.inference_mode`` on the
 UNet's device (CPU or CUDA), and never mutate the model (neither its weights' layout nor its own
 scheduler: each call builds a private scheduler from its config, so concurrent requests cannot race
-on ``set_timesteps``). On the CPU the UNet's input is handed over in ``channels_last`` (NHWC)
-layout: oneDNN then runs every convolution in NHWC without reordering activations to its blocked
-layout and back on each call (faster per UNet call on an AVX2 EPYC; figures in
-``bench/README.md``); results equal the NCHW path to float rounding.
+on ``set_timesteps``). The UNet's input stays in the default NCHW layout: handing it over in
+``channels_last`` (NHWC, ``channels_last=True``) measured 10–13 % *slower* at 1 torch thread on a
+quiet AVX2 EPYC and ±15 % either way at 2 (``bench/README.md``); results equal to float rounding.
 ``MusicGenerator`` strings it together for the services: song audio → mel windows → z_i
 (``encode_audio``), and batches of ``TrackRequest`` → merged inputs → injected images → audio.
 Latent models (``model.vqvae`` set) invert/generate in the VAE's latent space: images are encoded
@@ -144,12 +143,10 @@ def _dpm_solver(
 
 
 def _unet_layout(x: Tensor, channels_last: bool | None) -> Tensor:
-    """x in the layout the UNet runs fastest in: NHWC on the CPU (``channels_last=None``).
+    """x in the requested layout: ``channels_last`` None or False = NCHW, True = NHWC.
 
     ``.to`` rather than ``.contiguous``: with C = 1 an NCHW tensor already counts as
     channels_last-contiguous, keeps its NCHW strides, and oneDNN would then pick NCHW."""
-    if channels_last is None:
-        channels_last = x.device.type == "cpu"
     return x.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
@@ -283,7 +280,8 @@ def generate(
     ``"ddim"`` (default): with η = 0 this is deterministic and ``generator`` is unused; with η > 0
     the scheduler draws its per-step variance noise from ``generator``. ``"dpmsolver++"``:
     DPM-Solver++ (2M), deterministic, η must be 0; fewer steps for the same ODE (module
-    docstring). ``channels_last``: None = NHWC on the CPU, NCHW elsewhere (a speed lever only)."""
+    docstring). ``channels_last``: True hands the UNet NHWC input (a speed lever only; None or
+    False: NCHW, the measured faster on this CPU)."""
     _check_batch(model, x_T, "x_T", pixel=False)
     if not math.isfinite(eta) or eta < 0:
         raise ValidationError(f"eta must be a finite number ≥ 0, got {eta}")

@@ -54,6 +54,14 @@ indexed window; a row without a source in the corpus (a kept generation ``track:
 the dB image; the joins are the frame pairs where one window's frames give way to the next (the
 start of each crossfade and the end of the previous window); a track has no seam when the median
 flux at its joins is no larger than the median flux between all other frames.
+
+The UNet halves the columns at each of its down blocks and doubles them back with nearest
+upsampling, so even a single window, with no join, has a faint grid: frame pairs that straddle a
+multiple of the total stride g (``unet_grid``: 8 columns for four levels) differ a little more
+than the pairs inside a cell. The joins of W = 64, o = 16 (frames 48k and 48k + 16) all sit on that
+grid. ``seam_flux(..., grid=g)`` therefore also reports the median flux of the other frame pairs
+*of the joins' grid phase* (``phase_flux``): the seam's own excess is join/phase, the grid's
+is phase/within.
 """
 
 from __future__ import annotations
@@ -92,6 +100,7 @@ __all__ = [
     "seam_flux",
     "spectral_flux",
     "track_noise",
+    "unet_grid",
 ]
 
 # The paper's prototype served 5.94 s windows (256 frames); a request may ask for up to a minute.
@@ -362,13 +371,16 @@ def baseline_track(
 class SeamReport:
     """Spectral flux at the joins and between all other consecutive frames: medians (the
     verdict) and means. The median asks whether joins are *typically* rougher than the inside
-    of a window; a note onset that happens to land on one of a few joins moves the mean."""
+    of a window; a note onset that happens to land on one of a few joins moves the mean.
+    ``phase_flux``: the median over the other frame pairs of the joins' phase on the UNet's
+    grid (module docstring; NaN when no grid was given or no such pair exists)."""
 
     join_flux: float
     within_flux: float
     join_mean: float
     within_mean: float
     joins: int
+    phase_flux: float = math.nan
 
     @property
     def ratio(self) -> float:
@@ -376,8 +388,32 @@ class SeamReport:
         return self.join_flux / max(self.within_flux, 1e-12)
 
     @property
+    def phase_ratio(self) -> float:
+        """Median flux at the joins / median flux of the other pairs on the same grid phase:
+        what the seams add beyond the grid every window has."""
+        return self.join_flux / max(self.phase_flux, 1e-12)
+
+    @property
+    def grid_ratio(self) -> float:
+        """Median flux of the non-join pairs on the joins' grid phase / all other pairs: the
+        UNet grid's own excess, present without any join."""
+        return self.phase_flux / max(self.within_flux, 1e-12)
+
+    @property
     def seamless(self) -> bool:
         return self.join_flux <= self.within_flux
+
+
+def unet_grid(model: DenoisingModel) -> int:
+    """g: the image columns one column of the UNet's coarsest feature map covers, 2 per
+    down block that downsamples (all but the last in diffusers' UNet2DModel), times the VAE's
+    downsampling for latent models."""
+    levels = len(model.unet.config.block_out_channels)
+    grid = 2 ** (levels - 1)
+    vqvae = getattr(model, "vqvae", None)
+    if vqvae is not None:
+        grid *= 2 ** (len(vqvae.config.block_out_channels) - 1)
+    return grid
 
 
 def spectral_flux(image: Tensor) -> Tensor:
@@ -388,21 +424,37 @@ def spectral_flux(image: Tensor) -> Tensor:
     return diff.pow(2).mean(dim=-2).sqrt()
 
 
-def seam_flux(image: Tensor, length: TrackLength) -> SeamReport:
+def seam_flux(image: Tensor, length: TrackLength, *, grid: int | None = None) -> SeamReport:
     """``SeamReport`` of one long image ``[1, H, T]`` or ``[1, 1, H, T]`` joined per ``length``
-    (several images ``[B, 1, H, T]`` pool their joins and their other frames)."""
+    (several images ``[B, 1, H, T]`` pool their joins and their other frames). ``grid`` g
+    (``unet_grid``) adds ``phase_flux``: the other pairs (j − 1, j) with j mod g among the
+    joins' j mod g."""
     x = image.reshape(-1, image.shape[-2], image.shape[-1])
     if x.shape[-1] != length.frames:
         raise ValidationError(f"image has {x.shape[-1]} frames, the length {length.frames}")
+    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
+        raise ValidationError(f"grid must be a whole number of columns ≥ 1, got {grid!r}")
     flux = spectral_flux(x)  # flux[:, j − 1] is between frames j − 1 and j
-    joins = [j - 1 for j in length.joins()]
-    if not joins:
+    join_frames = length.joins()
+    if not join_frames:
         raise ValidationError("a one-window track has no joins")
     mask = torch.zeros(flux.shape[-1], dtype=torch.bool)
-    mask[joins] = True
+    mask[[j - 1 for j in join_frames]] = True
     at, rest = flux[:, mask].flatten(), flux[:, ~mask].flatten()
+    phase = math.nan
+    if grid is not None:
+        phases = {j % grid for j in join_frames}
+        frames = torch.arange(1, flux.shape[-1] + 1)  # pair index i is the pair (i, i + 1)
+        same = torch.tensor([int(j) % grid in phases for j in frames]) & ~mask
+        if bool(same.any()):
+            phase = float(flux[:, same].flatten().median())
     return SeamReport(
-        float(at.median()), float(rest.median()), float(at.mean()), float(rest.mean()), len(at)
+        float(at.median()),
+        float(rest.median()),
+        float(at.mean()),
+        float(rest.mean()),
+        len(at),
+        phase,
     )
 
 

@@ -25,6 +25,7 @@ from riffloop.music import (
     seam_flux,
     to_uint8,
     track_noise,
+    unet_grid,
 )
 
 torch.set_num_threads(1)
@@ -140,3 +141,37 @@ def test_joins_of_a_long_track_are_no_rougher_than_its_windows() -> None:
     naive_report = seam_flux(naive, TrackLength(length.windows, length.x_res, overlap=0))
     assert not naive_report.seamless and naive_report.ratio > 3 * report.ratio, naive_report
     assert to_uint8(long).shape == (3, 1, 64, 256)
+
+
+@pytest.mark.unit
+def test_seam_flux_tells_the_unet_grid_from_a_seam() -> None:
+    """A track whose every 8th frame pair steps (the grid every window has) and whose joins step
+    no more: the plain ratio sees an excess, the grid-phase ratio sees none. Add a step at the
+    joins only and the grid-phase ratio sees it."""
+    length = TrackLength(windows=5, x_res=64, overlap=16)
+    gen = torch.Generator().manual_seed(0)
+    steps = 0.1 * torch.rand((1, 1, length.frames - 1), generator=gen) + 1.0  # flux ≈ 1 … 1.1
+    on_grid = torch.arange(1, length.frames) % 8 == 0  # pair (j − 1, j), j on the 8-grid
+    steps[..., on_grid] *= 1.5
+    # an image whose flux is `steps`: all bins move together by the step
+    image = torch.cat([torch.zeros(1, 1, 1), steps.cumsum(-1)], dim=-1).expand(1, 4, -1)
+    report = seam_flux(image, length, grid=8)
+    assert report.ratio > 1.3  # the joins sit on the grid
+    assert report.grid_ratio > 1.3
+    assert report.phase_ratio == pytest.approx(1.0, abs=0.1)
+
+    joins = torch.tensor(length.joins()) - 1
+    seamed = steps.clone()
+    seamed[..., joins] *= 2.0
+    image = torch.cat([torch.zeros(1, 1, 1), seamed.cumsum(-1)], dim=-1).expand(1, 4, -1)
+    assert seam_flux(image, length, grid=8).phase_ratio > 1.8
+    assert seam_flux(image, length).phase_flux != seam_flux(image, length).phase_flux  # NaN
+    with pytest.raises(ValidationError, match="grid"):
+        seam_flux(image, length, grid=0)
+
+
+@pytest.mark.unit
+def test_unet_grid_is_the_stride_of_the_coarsest_feature_map() -> None:
+    model = MusicDiffusion.from_pretrained(BASE_MODEL)
+    levels = len(model.unet.config.block_out_channels)
+    assert unet_grid(model) == 2 ** (levels - 1) == 8  # four levels: 64 → 32 → 16 → 8 columns
