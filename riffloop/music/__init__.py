@@ -53,9 +53,9 @@ from riffloop.music._long import (
     generate_long,
     naive_concatenation,
     seam_flux,
-    unet_grid,
     spectral_flux,
     track_noise,
+    unet_grid,
 )
 from riffloop.music._mel import MelCodec, MelConfig, image_from_uint8, to_uint8
 from riffloop.music._mel_image import mel_png
@@ -154,7 +154,6 @@ __all__ = [
     "register_similarity",
     "resolve_device",
     "seam_flux",
-    "unet_grid",
     "select_pieces",
     "slerp",
     "spectral_flatness",
@@ -162,5 +161,6 @@ __all__ = [
     "to_uint8",
     "tone_windows",
     "track_noise",
+    "unet_grid",
     "weighted_diffusion_loss",
 ]
