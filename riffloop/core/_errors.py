@@ -8,6 +8,7 @@
     ├── PermissionDeniedError PERMISSION_DENIED   not allowed (rating a track never served)
     ├── RateLimitedError      RESOURCE_EXHAUSTED  over a per-user limit; retry later
     ├── TransientError        UNAVAILABLE         a dependency is down or slow; retry with backoff
+    │   └── DeadlineExceededError DEADLINE_EXCEEDED the server's own time limit for the call ran out
     ├── PermanentError        FAILED_PRECONDITION the system state forbids it (no model loaded yet)
     │   └── ChecksumMismatchError                 stored bytes differ from their recorded sha256
     └── ConfigurationError    (process exit 2)    bad settings at start-up; never reaches a client
@@ -61,7 +62,21 @@ class RateLimitedError(RiffloopError):
 
 
 class TransientError(RiffloopError):
+    """A dependency is down or slow; ``retry_after_s``, when known, is when a retry is worth
+    making (sent as the ``retry-after-ms`` trailer, as for ``RateLimitedError``)."""
+
     grpc_code = "UNAVAILABLE"
+
+    def __init__(self, reason: str, retry_after_s: float | None = None) -> None:
+        super().__init__(reason)
+        self.retry_after_s = retry_after_s
+
+
+class DeadlineExceededError(TransientError):
+    """The call ran past the server's own time limit for it (an upload slower than
+    RIFFLOOP_UPLOAD_DEADLINE_S); a retry may succeed, as for any transient failure."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class PermanentError(RiffloopError):

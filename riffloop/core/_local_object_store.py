@@ -13,13 +13,20 @@ returning silently wrong data; repeating the ``put`` repairs it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from riffloop.core._errors import ConflictError, NotFoundError, PermanentError, TransientError
+from riffloop.core._errors import (
+    ChecksumMismatchError,
+    ConflictError,
+    NotFoundError,
+    PermanentError,
+    TransientError,
+)
 from riffloop.core._object_store import (
     DEFAULT_CONTENT_TYPE,
     ObjectRef,
@@ -97,6 +104,53 @@ class LocalDirObjectStore(ObjectStore):
                 f"object key {key!r} clashes with an existing object or prefix in {bucket!r}"
             ) from None
         return ref
+
+    def put_file(
+        self,
+        bucket: str,
+        key: str,
+        source: BinaryIO,
+        *,
+        sha256: str,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+    ) -> ObjectRef:
+        """Copied in 1 MiB blocks, hashed on the way; renamed into place only if the copy
+        hashes to ``sha256``, then the meta file (the order of ``put``)."""
+        data_path, meta_path = self._paths(bucket, key)
+        source.seek(0)
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            data_path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=data_path.parent, prefix=".tmp-", suffix=".part")
+        except (NotADirectoryError, FileExistsError):
+            raise ConflictError(
+                f"object key {key!r} clashes with an existing object or prefix in {bucket!r}"
+            ) from None
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                while block := source.read(1 << 20):
+                    digest.update(block)
+                    size += len(block)
+                    handle.write(block)
+                handle.flush()
+                os.fsync(handle.fileno())
+            if digest.hexdigest() != sha256:
+                raise ChecksumMismatchError(
+                    f"{bucket}/{key}: the file does not hash to its declared sha256; not stored",
+                    bucket=bucket,
+                    key=key,
+                    expected=sha256,
+                    actual=digest.hexdigest(),
+                )
+            os.replace(tmp, data_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        meta = {"sha256": sha256, "size_bytes": size, "content_type": content_type}
+        _atomic_write(meta_path, json.dumps(meta).encode())
+        return ObjectRef(bucket, key, sha256, size)
 
     def _meta(self, bucket: str, key: str) -> tuple[Path, dict[str, Any]]:
         data_path, meta_path = self._paths(bucket, key)

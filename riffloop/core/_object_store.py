@@ -24,7 +24,7 @@ import json
 import re
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from riffloop.core._errors import ChecksumMismatchError, NotFoundError, ValidationError
 
@@ -192,6 +192,25 @@ class ObjectStore(abc.ABC):
             return False
         return True
 
+    def put_file(
+        self,
+        bucket: str,
+        key: str,
+        source: BinaryIO,
+        *,
+        sha256: str,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+    ) -> ObjectRef:
+        """Write an object from an open binary file (read from its start), without holding
+        it whole where the adapter can stream (S3 multipart, a file copy). ``sha256`` is the
+        hash the caller computed as it wrote the file (a spooled upload); the bytes read are
+        hashed again, and a difference raises ChecksumMismatchError with nothing stored.
+        This default reads the file whole (the in-memory adapter holds it anyway)."""
+        source.seek(0)
+        data = source.read()
+        check_bytes(bucket, key, data, sha256)
+        return self.put(bucket, key, data, content_type=content_type)
+
     def put_content_addressed(
         self,
         bucket: str,
@@ -260,16 +279,26 @@ class ObjectStore(abc.ABC):
     def read_pointer(self, bucket: str, pointer_key: str) -> ArtifactPointer:
         return ArtifactPointer.from_json(bucket, pointer_key, self.get(bucket, pointer_key))
 
-    def read_artifact(self, bucket: str, pointer_key: str) -> dict[str, bytes]:
-        """Follow a pointer and return every part, each checked against the pointer's sha256."""
-        pointer = self.read_pointer(bucket, pointer_key)
+    def read_artifact(
+        self, bucket: str, pointer_key: str, *, pointer_sha256: str = ""
+    ) -> dict[str, bytes]:
+        """Follow a pointer and return every part, each checked against the pointer's sha256
+        and size. With ``pointer_sha256`` (the artefact's content hash, as its publisher
+        recorded it elsewhere) the pointer's own bytes are checked first: the hash is computed
+        from the bytes read, so an artefact published again or tampered with since — pointer
+        and metadata alike — is refused (ChecksumMismatchError)."""
+        raw = self.get(bucket, pointer_key)
+        if pointer_sha256:
+            check_bytes(bucket, pointer_key, raw, pointer_sha256)
+        pointer = ArtifactPointer.from_json(bucket, pointer_key, raw)
         out: dict[str, bytes] = {}
         for name, ref in pointer.parts.items():
             data = self.get(bucket, ref.key)
             actual = sha256_hex(data)
-            if actual != ref.sha256:
+            if actual != ref.sha256 or len(data) != ref.size_bytes:
                 raise ChecksumMismatchError(
-                    f"part {name!r} of {bucket}/{pointer.prefix} changed after it was published",
+                    f"part {name!r} of {bucket}/{pointer.prefix} changed after it was published "
+                    f"({len(data)} bytes, {ref.size_bytes} published)",
                     bucket=bucket,
                     key=ref.key,
                     expected=ref.sha256,

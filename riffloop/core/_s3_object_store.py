@@ -7,11 +7,17 @@ generic S3 calls are used (no MinIO admin API), so production can point at any S
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar, cast
 
-from riffloop.core._errors import NotFoundError, PermanentError, TransientError
+from riffloop.core._errors import (
+    ChecksumMismatchError,
+    NotFoundError,
+    PermanentError,
+    TransientError,
+)
 from riffloop.core._object_store import (
     DEFAULT_CONTENT_TYPE,
     ObjectRef,
@@ -29,7 +35,26 @@ if TYPE_CHECKING:
 
 _SHA_HEADER = "x-amz-meta-sha256"
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound"}
+# The retry hint of a call refused while S3 is down or failing (TransientError.retry_after_s):
+# the client's own bounded retries (``connect``) have run out by then, so a caller's next try
+# is worth making after a pause of this order, not at once.
+RETRY_AFTER_S = 2.0
+# Parts of a streamed upload (put_file): S3's smallest multipart part.
+_PART_BYTES = 5 * 1024 * 1024
 T = TypeVar("T")
+
+
+class _HashingReader:
+    """A file that hashes what is read from it (the minio SDK reads a part at a time)."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        self._source = source
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        self.digest.update(data)
+        return data
 
 
 class S3ObjectStore(ObjectStore):
@@ -99,10 +124,13 @@ class S3ObjectStore(ObjectStore):
                 raise NotFoundError(f"{what}: {exc.code}") from None
             if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
                 raise PermanentError(f"{what}: S3 refused the credentials ({exc.code})") from None
-            raise TransientError(f"{what}: S3 error {exc.code}") from None
+            raise TransientError(
+                f"{what}: S3 error {exc.code}", retry_after_s=RETRY_AFTER_S
+            ) from None
         except (MinioException, HTTPError, OSError) as exc:
             raise TransientError(
-                f"{what}: S3 endpoint unreachable ({type(exc).__name__})"
+                f"{what}: S3 endpoint unreachable ({type(exc).__name__})",
+                retry_after_s=RETRY_AFTER_S,
             ) from None
 
     # -- primitives ---------------------------------------------------------------------------
@@ -142,6 +170,49 @@ class S3ObjectStore(ObjectStore):
             ),
         )
         return ObjectRef(bucket, key, digest, len(blob))
+
+    def put_file(
+        self,
+        bucket: str,
+        key: str,
+        source: BinaryIO,
+        *,
+        sha256: str,
+        content_type: str = DEFAULT_CONTENT_TYPE,
+    ) -> ObjectRef:
+        """Streamed: a multipart upload of 5 MiB parts (S3's smallest) read one at a time, so
+        a 20 MiB upload holds one part in memory, not the file. The parts are hashed as they
+        leave; if they do not hash to ``sha256`` the object is deleted again."""
+        validate_bucket(bucket)
+        validate_key(key)
+        size = source.seek(0, io.SEEK_END)
+        source.seek(0)
+        reader = _HashingReader(source)
+        self._call(
+            f"put {bucket}/{key}",
+            lambda: self._client.put_object(
+                self._prefix + bucket,
+                key,
+                cast(BinaryIO, reader),  # the SDK only calls read(n)
+                size,
+                content_type=content_type,
+                metadata={"sha256": sha256},
+                part_size=_PART_BYTES,
+                num_parallel_uploads=1,  # more would read further parts ahead into memory
+            ),
+        )
+        actual = reader.digest.hexdigest()
+        if actual != sha256:
+            self.delete(bucket, key)
+            raise ChecksumMismatchError(
+                f"{bucket}/{key}: the file changed while it was stored (sha256 {actual[:12]}… ≠ "
+                f"declared {sha256[:12]}…); nothing stored",
+                bucket=bucket,
+                key=key,
+                expected=sha256,
+                actual=actual,
+            )
+        return ObjectRef(bucket, key, sha256, size)
 
     def get(self, bucket: str, key: str) -> bytes:
         validate_bucket(bucket)

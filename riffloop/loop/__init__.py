@@ -1,9 +1,11 @@
 """The human-computation loop as domain logic (arXiv 2506.04852, §3 of the design).
 
 dispatch → feedback → quality control → confidence ω → genetic selection + purge → fine-tune →
-gate → canary → registry. No transport here: services call these objects from their handlers,
-and state goes through ``riffloop.core`` ports. The simulated listeners, the demo's experiment,
-its report and its CLI are ``riffloop.sim``, a client of this package (never the reverse).
+gate → canary → registry; generation requests are admitted per user and against the
+generators' backlog (``GenerationBacklog``). No transport here: services call these objects
+from their handlers, and state goes through ``riffloop.core`` ports. The simulated listeners,
+the demo's experiment, its report and its CLI are ``riffloop.sim``, a client of this package
+(never the reverse).
 
 The torch-bound part (the release gate and canary) loads on first use (PEP 562): a process that
 only records and scores feedback, such as the feedback service's scoring child, imports numpy and
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from riffloop.loop._admission import AdmissionPolicy, GenerationBacklog
 from riffloop.loop._confidence import ConfidenceWeight, TrackScored, TrackScores
 from riffloop.loop._dispatch import Dispatcher, ReadyDelay
 from riffloop.loop._feedback import (
@@ -127,6 +130,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AdmissionPolicy",
     "Canary",
     "CanaryDecision",
     "CanaryVerdict",
@@ -142,6 +146,7 @@ __all__ = [
     "FeedbackMirror",
     "GateReport",
     "GateVerdict",
+    "GenerationBacklog",
     "GeneticSelector",
     "KindRatings",
     "ListenEvent",

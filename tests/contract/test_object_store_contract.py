@@ -89,6 +89,22 @@ class TestObjectStoreContract:
         assert info.value.actual == sha256_hex(b"flipped latent bytes!")
         assert info.value.key == "latents/song.pt"
 
+    def test_put_file_streams_a_file_and_checks_its_declared_sha256(
+        self, object_store: StoreUnderTest, tmp_path: Any
+    ) -> None:
+        """A spooled upload: more than one S3 part (5 MiB), stored from an open file."""
+        store, bucket = object_store.store, object_store.bucket
+        data = bytes(range(256)) * (6 * 1024 * 4 + 7)  # 6 MiB and a little
+        with (tmp_path / "upload").open("w+b") as spool:
+            spool.write(data)
+            ref = store.put_file(bucket, "songs/big", spool, sha256=sha256_hex(data))
+            assert ref == ObjectRef(bucket, "songs/big", sha256_hex(data), len(data))
+            assert store.get(bucket, "songs/big") == data
+            assert store.stat(bucket, "songs/big") == ref
+            with pytest.raises(ChecksumMismatchError):
+                store.put_file(bucket, "songs/wrong", spool, sha256=sha256_hex(b"other"))
+        assert not store.exists(bucket, "songs/wrong")
+
     def test_content_addressed_put_dedupes(self, object_store: StoreUnderTest) -> None:
         store, bucket = object_store.store, object_store.bucket
         audio = b"\x00\x01" * 1000
