@@ -20,6 +20,35 @@ from riffloop.sim._report import (
     write_result,
 )
 
+# What each LoopConfig field does, for --help (its default is appended).
+_HELP = {
+    "iterations": "release steps; each arm listens iterations + 1 sessions",
+    "n_listeners": "simulated listeners per deployment, bots included",
+    "spam_share": "share of the listeners that are bots (rate at random or always the same)",
+    "listeners": "listener population, module:function (docs/LISTENERS.md)",
+    "n_inputs": "held-out recordings in the input pool",
+    "n_merges": "input merges per session (pairs of recordings; one studio user each)",
+    "requests_per_merge": "Generate calls per merge and session",
+    "ratings_per_listener": "NextTrack calls per listener and session",
+    "queue_target_listeners": "the gateway's RIFFLOOP_QUEUE_TARGET_LISTENERS: listens per track",
+    "baseline_share": "share of requests served the baseline instead (blind)",
+    "similarity": "s: how much of the inputs a generation keeps (injection step t*)",
+    "quality": "q: DDIM steps of the injection plan",
+    "invert_steps": "DDIM inversion steps (encoder and each version's baseline index)",
+    "finetune_steps": "optimizer steps per fine-tune",
+    "finetune_batch": "training pairs per fine-tune batch",
+    "learning_rate": "fine-tune learning rate (LoRA)",
+    "lora_rank": "LoRA rank (0: full fine-tune)",
+    "replay_ratio": "share of each batch replayed from the base model's training windows",
+    "canary_alpha": "significance level of the canary's test before a promotion",
+    "torch_threads": "torch threads per process",
+    "input_seconds": "seconds of each input recording uploaded",
+    "track_seconds": "requested track length (5.9 s = 4 overlapping windows)",
+    "eval_merges": "merges of the final evaluation session (0: none)",
+    "eval_requests_per_merge": "Generate calls per merge in the evaluation session",
+    "eval_ratings_per_listener": "NextTrack calls per listener in the evaluation session",
+}
+
 
 def _config_args(p: argparse.ArgumentParser, out: Path) -> None:
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL_DIR, help="base model folder")
@@ -29,12 +58,16 @@ def _config_args(p: argparse.ArgumentParser, out: Path) -> None:
             continue
         kind = type(f.default)
         flag = "--" + f.name.replace("_", "-")
+        text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default {f.default})"
         if kind is bool:
             p.add_argument(
-                flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=f.default
+                flag,
+                type=lambda s: s.lower() in ("1", "true", "yes"),
+                default=f.default,
+                help=text,
             )
         else:
-            p.add_argument(flag, type=kind, default=f.default)
+            p.add_argument(flag, type=kind, default=f.default, help=text)
 
 
 def _stack_args(p: argparse.ArgumentParser) -> None:

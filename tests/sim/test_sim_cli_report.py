@@ -21,6 +21,19 @@ def test_cli_usage_and_missing_model_exit_2(tmp_path: Path, capsys) -> None:
     assert "no base model" in capsys.readouterr().err
 
 
+def test_every_demo_flag_says_what_it_does(capsys) -> None:
+    from dataclasses import fields
+
+    from riffloop.sim._cli import _HELP
+
+    documented = {f.name for f in fields(LoopConfig)} - {"seed", "protocol"}
+    assert documented == set(_HELP)
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert "requested track length (5.9 s = 4 overlapping windows) (default 5.9)" in text
+
+
 @pytest.mark.parametrize(
     ("flags", "reason"),
     [
