@@ -78,6 +78,7 @@ if TYPE_CHECKING:
         TrainingSet,
         canary_margins,
     )
+    from riffloop.loop._progress import FineTuneJournal, FineTuneProgress
     from riffloop.loop._release import (
         Canary,
         CanaryDecision,
@@ -104,6 +105,8 @@ _LAZY = {
     "TrainingProgress": "riffloop.loop._cycle",
     "TrainingSet": "riffloop.loop._cycle",
     "canary_margins": "riffloop.loop._cycle",
+    "FineTuneJournal": "riffloop.loop._progress",
+    "FineTuneProgress": "riffloop.loop._progress",
     "Canary": "riffloop.loop._release",
     "CanaryDecision": "riffloop.loop._release",
     "CanaryVerdict": "riffloop.loop._release",
@@ -144,6 +147,8 @@ __all__ = [
     "FeedbackIntake",
     "FeedbackLedger",
     "FeedbackMirror",
+    "FineTuneJournal",
+    "FineTuneProgress",
     "GateReport",
     "GateVerdict",
     "GenerationBacklog",

@@ -45,7 +45,14 @@ Crash and outage safety (nothing decided is lost, nothing accepted is dropped):
 - A deferred training set lives in ``trainer:deferred`` (the newest wins: the selector's sets
   are cumulative); ``trainer:last-iteration`` is the newest set trained.
 - A set redelivered after a crash before its gate is trained again under the version it was
-  given; one with a final verdict is not.
+  given; one with a final verdict is not. The fine-tune's progress (adapters, optimiser state,
+  step, RNG) is saved every ``finetune_save_every`` steps, on a stop request and after the last
+  step (``FineTuneJournal``, riffloop/loop/_progress.py), so the redelivered set resumes where
+  the killed trainer stopped — after the last step, a gate or publish that failed (an object
+  store outage) does not cost the fine-tune again. Its slot is cleared once the candidate is
+  stored or rejected.
+- Each version's checkpoint content hash (riffloop.runtime.ModelStore) is recorded in its
+  registry record and in the marker that names it; every load is checked against it.
 """
 
 from __future__ import annotations
@@ -75,8 +82,10 @@ from riffloop.core import (
     NotFoundError,
     ObjectStore,
     PermanentError,
+    TransientError,
     ValidationError,
 )
+from riffloop.loop._progress import FineTuneJournal, FineTuneProgress
 from riffloop.loop._provenance import TrackKind
 from riffloop.loop._release import (
     Canary,
@@ -117,6 +126,9 @@ class CycleSettings:
     lora_rank: int = 8  # 0: full fine-tune (every UNet weight learns)
     lora_alpha: int = 8  # the adapter's update is scaled by alpha / rank
     steps_per_chunk: int = 10
+    # progress saved every this many steps (and on a stop, and after the last step), so a
+    # killed trainer resumes there; 0 = never (a redelivered set trains from step 0)
+    finetune_save_every: int = 20
     device: str = "cpu"  # riffloop.music.resolve_device: auto, cpu, cuda, cuda:N
     # 2. baseline index of a base model without one
     base_corpus_dir: str = ""
@@ -141,6 +153,7 @@ class CycleSettings:
             "lora_rank": 0,
             "lora_alpha": 1,
             "steps_per_chunk": 1,
+            "finetune_save_every": 0,
             "baseline_rows": 1,
             "baseline_inversion_steps": 1,
             "gate_samples": 2,
@@ -339,6 +352,9 @@ class CycleObserver:
     def training_failed(self, error: BaseException) -> None:
         """A fine-tune raised (not when it was stopped)."""
 
+    def resumed(self, progress: TrainingProgress) -> None:
+        """A fine-tune resumed from its saved progress at ``progress.step``."""
+
     def rolled_back(self, version: str) -> None:
         """``version`` was rolled back (a lost canary, or an operator's rollback)."""
 
@@ -355,9 +371,11 @@ class ModelShelf(Protocol):
     def checkpoint_ref(self, version: str) -> Any: ...
     def pointer_key(self, version: str) -> str: ...
     def current(self) -> dict[str, Any] | None: ...
-    def set_current(self, version: str, parent: str = "") -> None: ...
+    def set_current(self, version: str, parent: str = "", checkpoint_sha256: str = "") -> None: ...
     def canary(self) -> dict[str, Any] | None: ...
-    def set_canary(self, version: str, parent: str, share: float) -> None: ...
+    def set_canary(
+        self, version: str, parent: str, share: float, checkpoint_sha256: str = ""
+    ) -> None: ...
     def clear_canary(self, version: str | None = None) -> None: ...
 
 
@@ -469,6 +487,7 @@ class ReleaseCycle:
         self.construction_lock = construction_lock or threading.RLock()
         self.device = resolve_device(settings.device)
         self.registry = ModelRegistry(objects)
+        self.journal = FineTuneJournal(objects)
         self.stopping = threading.Event()  # set on SIGTERM: a fine-tune stops between chunks
         self.lock = threading.Lock()  # status and watch
         self.decisions = threading.RLock()  # see _one_decision_at_a_time
@@ -589,6 +608,7 @@ class ReleaseCycle:
                 if record.status is VersionStatus.CANARY and self.models.canary() is None:
                     return self._finish_canary_start(record)  # a crash came before its marker
                 if record.status is not VersionStatus.CANDIDATE:
+                    self.journal.clear(trainset.trainset_id)  # in case a crash left it
                     return None  # already trained and judged (a redelivery)
                 unfinished = known
         running = self.running_canary()
@@ -609,19 +629,24 @@ class ReleaseCycle:
             images, weights, {"trainset_id": trainset.trainset_id, "pairs": len(pairs)}
         )
         self.kv.set(LAST_ITERATION_KEY, str(max(trainset.iteration, 0)))
-        candidate = self.fine_tune(parent, data, version, seed=trainset.iteration)
+        candidate = self.fine_tune(
+            parent, data, version, seed=trainset.iteration, trainset_id=trainset.trainset_id
+        )
         candidate.baseline_index = self.next_index(parent, candidate, pairs, images)
         gate = self.gate(parent, candidate)
         self._set(gate=gate)
+        release: Release | None = None
         if not gate.passed:
             self._store_version(candidate, trainset.trainset_id)  # kept, for a look at why
             self.registry.gate(version, gate.report)
             self._set(phase=CyclePhase.IDLE, candidate="")
             _log.info("candidate rejected", extra={"model_version": version, "why": gate.summary()})
-            return None
-        if self.settings.canary_share > 0:
-            return self.start_canary(candidate, trainset_id=trainset.trainset_id, gate=gate)
-        return self.publish_version(candidate, trainset_id=trainset.trainset_id, gate=gate)
+        elif self.settings.canary_share > 0:
+            release = self.start_canary(candidate, trainset_id=trainset.trainset_id, gate=gate)
+        else:
+            release = self.publish_version(candidate, trainset_id=trainset.trainset_id, gate=gate)
+        self.journal.clear(trainset.trainset_id)
+        return release
 
     @staticmethod
     def _no_base() -> Any:
@@ -684,9 +709,12 @@ class ReleaseCycle:
         manifest = {"replay": "base rows of the baseline index", "rows": len(rows)}
         return MelDataset.from_images(image_from_uint8(index.images[rows]), manifest=manifest)
 
-    def fine_tune(self, parent: Any, data: Any, version: str, *, seed: int = 0) -> Any:
+    def fine_tune(
+        self, parent: Any, data: Any, version: str, *, seed: int = 0, trainset_id: str = ""
+    ) -> Any:
         """The candidate ``version`` fine-tuned from ``parent`` on ``data`` (step 1). The parent
-        is left as it was (the trainer trains a copy): the gate needs it."""
+        is left as it was (the trainer trains a copy): the gate needs it. With ``trainset_id``
+        the progress is saved as it goes and a saved one is resumed (``FineTuneJournal``)."""
         from riffloop.music import Trainer
 
         replay = self.replay_windows(parent)
@@ -709,18 +737,7 @@ class ReleaseCycle:
                     trainer = Trainer(
                         copy.deepcopy(parent), data, config, replay, device=self.device
                     )
-                while trainer.step_count < total:
-                    if self.stopping.is_set():  # SIGTERM: the redelivered set starts again
-                        raise Interrupted("trainer stopping; the training set will be redelivered")
-                    before = trainer.step_count
-                    report = trainer.train(self.settings.steps_per_chunk, progress=False)
-                    loss = report.losses[-1][1] if report.losses else self.status().last_loss
-                    self._set(step=trainer.step_count, last_loss=loss)
-                    self.observer.progress(
-                        TrainingProgress(
-                            version, trainer.step_count, total, loss, trainer.step_count - before
-                        )
-                    )
+                self._train_in_chunks(trainer, parent, version, trainset_id)
                 with self.construction_lock:
                     candidate = trainer.ema_model(version)  # LoRA merged: W + (α/r)·B·A
         except Exception as exc:
@@ -730,6 +747,54 @@ class ReleaseCycle:
             raise
         candidate.parent = parent.version
         return candidate
+
+    def _train_in_chunks(self, trainer: Any, parent: Any, version: str, trainset_id: str) -> None:
+        """Run ``trainer`` to its last step in chunks of ``steps_per_chunk``, honouring a stop
+        request between them; with ``trainset_id`` (and ``finetune_save_every`` > 0) resume
+        the saved progress first and save it at every multiple of ``finetune_save_every``, on
+        a stop and after the last step."""
+        total, every = trainer.config.total_steps, self.settings.finetune_save_every
+        progress: FineTuneProgress | None = None
+        if trainset_id and every > 0:
+            parent_checkpoint = self.models.checkpoint_ref(parent.version).sha256
+            progress = FineTuneProgress(
+                trainset_id, version, parent.version, parent_checkpoint, 0, total
+            )
+            step = self.journal.resume(progress, trainer)
+            if step:
+                loss = trainer.loss_history[-1][1] if trainer.loss_history else 0.0
+                self._set(step=step, last_loss=loss)
+                self.observer.resumed(TrainingProgress(version, step, total, loss, 0))
+        saved = trainer.step_count
+
+        def save() -> None:
+            nonlocal saved
+            if progress is None or trainer.step_count <= saved:
+                return
+            try:
+                self.journal.save(replace(progress, step=trainer.step_count), trainer)
+                saved = trainer.step_count
+            except TransientError as exc:  # the store is down: train on, save at the next one
+                _log.warning("fine-tune progress not saved", extra={"why": exc.reason})
+
+        while trainer.step_count < total:
+            if self.stopping.is_set():  # SIGTERM: the redelivered set resumes from here
+                save()
+                raise Interrupted("trainer stopping; the training set will be redelivered")
+            before = trainer.step_count
+            chunk = self.settings.steps_per_chunk
+            if progress is not None:  # end the chunk at the next save
+                chunk = min(chunk, every - before % every)
+            report = trainer.train(chunk, progress=False)
+            loss = report.losses[-1][1] if report.losses else self.status().last_loss
+            self._set(step=trainer.step_count, last_loss=loss)
+            self.observer.progress(
+                TrainingProgress(
+                    version, trainer.step_count, total, loss, trainer.step_count - before
+                )
+            )
+            if trainer.step_count % max(every, 1) == 0 or trainer.step_count >= total:
+                save()
 
     def _fine_tune_in_job(
         self, parent: Any, data: Any, config: Any, replay: Any, version: str
@@ -814,6 +879,7 @@ class ReleaseCycle:
         """Checkpoint parts and pointer, then the registry record (a redelivery finds it)."""
         self._set(phase=CyclePhase.PUBLISHING)
         checkpoint = self.models.publish(model)
+        key = self.models.pointer_key(model.version)
         if model.version not in self.registry.versions():
             self.registry.register(
                 ModelRecord(
@@ -821,9 +887,12 @@ class ReleaseCycle:
                     parent=model.parent,
                     trainset_id=trainset_id or None,
                     status=VersionStatus.CANDIDATE if model.parent else VersionStatus.SERVING,
-                    checkpoint_key=self.models.pointer_key(model.version),
+                    checkpoint_key=key,
+                    checkpoint_sha256=checkpoint.sha256,
                 )
             )
+        else:  # trained again after a crash: the record names the new checkpoint
+            self.registry.record_checkpoint(model.version, key, checkpoint.sha256)
         return checkpoint
 
     def _watch(self, parent: str, version: str) -> None:
@@ -848,7 +917,7 @@ class ReleaseCycle:
             self.registry.promote(model.version)
             self._watch(model.parent, model.version)
             self.kv.set(WATCH_KEY, json.dumps([model.parent, model.version]))
-        self.models.set_current(model.version, model.parent or "")
+        self.models.set_current(model.version, model.parent or "", checkpoint.sha256)
         return self._announce(
             Release(
                 model.version,
@@ -869,7 +938,9 @@ class ReleaseCycle:
             raise ValidationError(f"model {model.version} failed its gate; it gets no canary")
         checkpoint = self._store_version(model, trainset_id)
         self.registry.gate(model.version, gate.report)  # passed: CANDIDATE → CANARY
-        self.models.set_canary(model.version, model.parent, self.settings.canary_share)
+        self.models.set_canary(
+            model.version, model.parent, self.settings.canary_share, checkpoint.sha256
+        )
         self._watch(model.parent, model.version)
         return self._announce(
             Release(
@@ -891,7 +962,12 @@ class ReleaseCycle:
             raise PermanentError(f"model {record.version} has no parent to run a canary against")
         if self.settings.canary_share <= 0:  # configured since to promote at once
             return self.promote(record.version)
-        self.models.set_canary(record.version, record.parent, self.settings.canary_share)
+        self.models.set_canary(
+            record.version,
+            record.parent,
+            self.settings.canary_share,
+            record.checkpoint_sha256 or "",
+        )
         self._watch_again(record.parent, record.version)
         _log.warning("canary start finished", extra={"model_version": record.version})
         return self._announce(
@@ -938,7 +1014,8 @@ class ReleaseCycle:
         current = self.models.current()
         decided = self.registry.serving()
         if decided and (current is None or current.get("version") != decided):
-            self.models.set_current(decided, self.registry.get(decided).parent or "")
+            record = self.registry.get(decided)
+            self.models.set_current(decided, record.parent or "", record.checkpoint_sha256 or "")
             current = self.models.current()
         if current is None:
             return []
@@ -1262,7 +1339,7 @@ class ReleaseCycle:
             self._unwatch(version)
         elif watched and record.parent:  # watched on as a promoted version, across restarts
             self.kv.set(WATCH_KEY, json.dumps([record.parent, version]))
-        self.models.set_current(version, record.parent or "")
+        self.models.set_current(version, record.parent or "", record.checkpoint_sha256 or "")
         self.models.clear_canary(version)
         return self._announce(
             Release(
@@ -1303,8 +1380,9 @@ class ReleaseCycle:
             self.registry.roll_back(serving)
         else:
             self.registry.promote(target)
-        target_parent = self.registry.get(target).parent or ""
-        self.models.set_current(target, target_parent)
+        target_record = self.registry.get(target)
+        target_parent = target_record.parent or ""
+        self.models.set_current(target, target_parent, target_record.checkpoint_sha256 or "")
         self.observer.rolled_back(serving)
         with self.lock:
             watched, self.watch = self.watch, None

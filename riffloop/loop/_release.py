@@ -336,6 +336,9 @@ class ModelRecord:
     trainset_id: str | None
     status: VersionStatus
     checkpoint_key: str | None = None
+    # sha256 of the checkpoint's pointer as the trainer wrote it (riffloop.runtime.ModelStore:
+    # every load is checked against it); None in records from before it was kept
+    checkpoint_sha256: str | None = None
     gate_report: dict[str, Any] | None = None
     canary: dict[str, Any] | None = None
     created_at: float = field(default_factory=time.time)
@@ -415,6 +418,13 @@ class ModelRegistry:
         if status not in _ALLOWED[record.status]:
             raise PermanentError(f"model {version} cannot go from {record.status} to {status}")
         record = replace(record, status=status, **changes)
+        self.store.put(self.bucket, self._key(version), record.to_json())
+        return record
+
+    def record_checkpoint(self, version: str, key: str, sha256: str) -> ModelRecord:
+        """The version's checkpoint was published again (a redelivered set trained anew):
+        the record names the new content hash, whatever the status."""
+        record = replace(self.get(version), checkpoint_key=key, checkpoint_sha256=sha256)
         self.store.put(self.bucket, self._key(version), record.to_json())
         return record
 

@@ -638,14 +638,21 @@ class Trainer:
     def _base_unet(self) -> Any:
         return self._peft.get_base_model() if self._peft is not None else self.model.unet
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, trainable_only: bool = False) -> dict[str, Any]:
+        """Everything a resume needs. ``trainable_only``: of the UNet, only the weights that
+        learn (a LoRA run's adapters, a few hundred kB, not the frozen parent's weights): a
+        resume then needs the same parent model passed in (``load_state_dict``)."""
         np_state = cast(tuple[Any, ...], np.random.get_state(legacy=True))
+        unet = self.model.unet.state_dict()
+        if trainable_only:
+            unet = {name: unet[name] for name in self._trainable}
         return {
             "format": CHECKPOINT_FORMAT,
             "identity": json.dumps(self._identity(), sort_keys=True),
             "step": self.step_count,
             "ema_updates": self.ema_updates,
-            "unet": self.model.unet.state_dict(),
+            "unet": unet,
+            "unet_scope": "trainable" if trainable_only else "all",
             "ema": self.ema,
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
@@ -713,7 +720,12 @@ class Trainer:
                 f"{self.device.type}: its noise stream cannot continue there; resume on "
                 f"{saved_device} (export works anywhere)"
             )
-        self.model.unet.load_state_dict(state["unet"])
+        if state.get("unet_scope") == "trainable":  # the frozen weights are the model's own
+            if set(state["unet"]) != set(self._trainable):
+                raise ConflictError("checkpoint's trainable weights differ from this trainer's")
+            self.model.unet.load_state_dict(state["unet"], strict=False)
+        else:
+            self.model.unet.load_state_dict(state["unet"])
         for name, tensor in state["ema"].items():
             self.ema[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])

@@ -3,8 +3,18 @@ layout, one pointer per version (``models/<version>.json``, written after every 
 ``models/CURRENT`` naming the served version, written last of all.
 
 ``publish`` saves a ``riffloop.music.MusicDiffusion`` through ``ObjectStore.publish_artifact``
-(parts, verify, pointer); ``load`` follows a pointer, re-checks each part's sha256 and loads
-the folder with ``MusicDiffusion.from_pretrained``. torch and diffusers load lazily.
+(parts, verify, pointer); ``load`` follows a pointer and loads the folder with
+``MusicDiffusion.from_pretrained``. torch and diffusers load lazily.
+
+A checkpoint's content hash is the sha256 of its pointer, which names every part with its own
+sha256 and size (a hash tree). The trainer computes it from the bytes it wrote and records it
+in the version's registry record and in the ``CURRENT`` / ``CANARY`` marker that names the
+version. ``load`` computes the hash of the bytes it reads — pointer, then every part — and
+refuses (ChecksumMismatchError) a checkpoint that differs from the recorded hash: a publish
+that failed halfway, a part truncated or rewritten, a pointer replaced. Neither the object's
+S3 metadata (written by the same uploader as the bytes) nor an event's ObjectRef is trusted
+for this. A version with no recorded hash anywhere (a registry from before the hash was kept)
+is checked part by part against its pointer only, with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +28,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from riffloop.core import NotFoundError, PermanentError
+from riffloop.core import (
+    ChecksumMismatchError,
+    NotFoundError,
+    ObjectRef,
+    PermanentError,
+    ValidationError,
+    sha256_hex,
+)
 from riffloop.runtime import metrics
 
 _log = logging.getLogger("riffloop.models")
@@ -33,6 +50,8 @@ CURRENT_KEY = "CURRENT"
 # {"version", "parent", "share"} while a canary runs; removed when it is decided. Processes that
 # start meanwhile (a restarted generator or trainer) resume the canary from it.
 CANARY_KEY = "CANARY"
+# riffloop.loop.ModelRegistry's record of a version (``checkpoint_sha256`` among its fields).
+REGISTRY_RECORD_KEY = "registry/{version}.json"
 
 
 class ModelStore:
@@ -44,7 +63,8 @@ class ModelStore:
         return f"{version}.json"
 
     def publish(self, model: Any) -> Any:
-        """Write every file of the checkpoint, then its pointer; return the pointer's ObjectRef."""
+        """Write every file of the checkpoint, then its pointer; return the pointer's ObjectRef,
+        whose sha256 (the checkpoint's content hash) is computed from the bytes read back."""
         with tempfile.TemporaryDirectory(prefix="riffloop-model-") as tmp, MODEL_CONSTRUCTION_LOCK:
             folder = model.save_pretrained(Path(tmp) / "model")
             parts = {
@@ -52,20 +72,56 @@ class ModelStore:
                 for path in sorted(folder.rglob("*"))
                 if path.is_file()
             }
-        self.objects.publish_artifact(
+        pointer = self.objects.publish_artifact(
             MODELS_BUCKET, model.version, parts, self.pointer_key(model.version)
         )
-        return self.objects.stat(MODELS_BUCKET, self.pointer_key(model.version))
+        ref = self.checkpoint_ref(model.version)
+        if sha256_hex(pointer.to_json()) != ref.sha256:  # replaced by another writer meanwhile
+            raise ChecksumMismatchError(
+                f"checkpoint {model.version} changed while it was published",
+                bucket=MODELS_BUCKET,
+                key=ref.key,
+                expected=sha256_hex(pointer.to_json()),
+                actual=ref.sha256,
+            )
+        return ref
 
     def exists(self, version: str) -> bool:
         return bool(self.objects.exists(MODELS_BUCKET, self.pointer_key(version)))
 
+    def recorded_sha256(self, version: str) -> str:
+        """The content hash the trainer recorded for ``version``: in the ``CURRENT`` or
+        ``CANARY`` marker naming it, else in its registry record; "" when none records one."""
+        for marker in (self.current(), self.canary()):
+            if marker is not None and marker.get("version") == version:
+                recorded = str(marker.get("checkpoint_sha256") or "")
+                if recorded:
+                    return recorded
+        try:
+            record = json.loads(
+                self.objects.get(MODELS_BUCKET, REGISTRY_RECORD_KEY.format(version=version))
+            )
+        except NotFoundError:
+            return ""
+        except ValueError:
+            raise ValidationError(f"the registry record of {version} is not JSON") from None
+        return str(record.get("checkpoint_sha256") or "") if isinstance(record, dict) else ""
+
     def load(self, version: str) -> Any:
+        """The checkpoint of ``version``, verified against its recorded content hash."""
         from riffloop.music import MusicDiffusion
 
         if not self.exists(version):
             raise NotFoundError(f"model {version} has no checkpoint in the object store")
-        parts = self.objects.read_artifact(MODELS_BUCKET, self.pointer_key(version))
+        recorded = self.recorded_sha256(version)
+        if not recorded:
+            _log.warning(
+                "no recorded content hash: parts checked against the pointer only",
+                extra={"model_version": version},
+            )
+        parts = self.objects.read_artifact(
+            MODELS_BUCKET, self.pointer_key(version), pointer_sha256=recorded
+        )
         with tempfile.TemporaryDirectory(prefix="riffloop-model-") as tmp:
             root = Path(tmp) / version
             for name, data in parts.items():
@@ -77,8 +133,11 @@ class ModelStore:
         model.version = version
         return model
 
-    def checkpoint_ref(self, version: str) -> Any:
-        return self.objects.stat(MODELS_BUCKET, self.pointer_key(version))
+    def checkpoint_ref(self, version: str) -> ObjectRef:
+        """The pointer's ref, its sha256 computed from the bytes read (NotFoundError if none)."""
+        key = self.pointer_key(version)
+        data = self.objects.get(MODELS_BUCKET, key)
+        return ObjectRef(MODELS_BUCKET, key, sha256_hex(data), len(data))
 
     def current(self) -> dict[str, Any] | None:
         """``{"version", "parent", "history"}`` of the served model, or None before the first."""
@@ -87,26 +146,38 @@ class ModelStore:
         except NotFoundError:
             return None
 
-    def set_current(self, version: str, parent: str = "") -> None:
-        """Point ``models/CURRENT`` at ``version`` (written after its checkpoint is complete)."""
+    def set_current(self, version: str, parent: str = "", checkpoint_sha256: str = "") -> None:
+        """Point ``models/CURRENT`` at ``version`` (written after its checkpoint is complete),
+        with its content hash: ``checkpoint_sha256`` as recorded at publication, or without
+        one, the hash of the pointer as it reads now."""
         if not self.exists(version):
             raise NotFoundError(f"model {version} has no checkpoint; CURRENT not moved")
+        digest = checkpoint_sha256 or self.checkpoint_ref(version).sha256
         previous = self.current() or {"history": []}
         history = [*previous.get("history", []), version]
-        body = {"version": version, "parent": parent, "history": history}
+        body = {
+            "version": version,
+            "parent": parent,
+            "history": history,
+            "checkpoint_sha256": digest,
+        }
         self.objects.put(
             MODELS_BUCKET, CURRENT_KEY, json.dumps(body).encode(), content_type="application/json"
         )
 
     def canary(self) -> dict[str, Any] | None:
-        """The running canary (``{"version", "parent", "share"}``), or None."""
+        """The running canary (``{"version", "parent", "share", "checkpoint_sha256"}``), or
+        None."""
         try:
             return dict(json.loads(self.objects.get(MODELS_BUCKET, CANARY_KEY)))
         except NotFoundError:
             return None
 
-    def set_canary(self, version: str, parent: str, share: float) -> None:
-        body = {"version": version, "parent": parent, "share": share}
+    def set_canary(
+        self, version: str, parent: str, share: float, checkpoint_sha256: str = ""
+    ) -> None:
+        digest = checkpoint_sha256 or self.checkpoint_ref(version).sha256
+        body = {"version": version, "parent": parent, "share": share, "checkpoint_sha256": digest}
         self.objects.put(
             MODELS_BUCKET, CANARY_KEY, json.dumps(body).encode(), content_type="application/json"
         )
@@ -174,7 +245,7 @@ class ServedModel:
             if version == current.version or version == self.canary_version:
                 return  # redelivered event: already serving it
             router = Canary(current.version, version, share=share)  # validates 0 < share < 1
-            candidate = self.store.load(version)
+            candidate = self._load(version)
             candidate.unet.eval()
             with self.lock:
                 self.canary = (router, candidate)
@@ -264,9 +335,29 @@ class ServedModel:
                     self.canary = None
             _log.info("ended canary dropped", extra={"model_version": version})
 
+    def _load(self, version: str) -> Any:
+        """``store.load``; a refused checkpoint is logged and counted, and the error raised:
+        the caller keeps what it held, and the retry (the event's, or the next reconcile)
+        tries again, in case the trainer publishes the version again."""
+        try:
+            return self.store.load(version)
+        except (ChecksumMismatchError, ValidationError) as exc:
+            reason = "checksum" if isinstance(exc, ChecksumMismatchError) else "malformed"
+            metrics.MODEL_LOAD_REFUSALS.labels(self.service, reason).inc()
+            held = self.model.version if self.model is not None else None
+            _log.error(
+                "checkpoint refused",
+                extra={
+                    "model_version": version,
+                    "reason": exc.reason,
+                    "serving": held,
+                },
+            )
+            raise
+
     def swap_to(self, version: str) -> bool:
         with self.changes:
-            model = self.store.load(version)  # outside self.lock: requests keep the old model
+            model = self._load(version)  # outside self.lock: requests keep the old model
             model.unet.eval()
             with self.lock:
                 self.model = model

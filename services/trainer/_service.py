@@ -108,6 +108,9 @@ class TrainerMetrics(CycleObserver):
     def training_failed(self, error: BaseException) -> None:
         metrics.TRAINING_FAILURES.inc()
 
+    def resumed(self, progress: TrainingProgress) -> None:
+        metrics.FINETUNE_RESUMES.inc()
+
     def rolled_back(self, version: str) -> None:
         metrics.MODEL_ROLLBACKS.inc()
 
