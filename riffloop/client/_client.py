@@ -114,14 +114,17 @@ def _translate(error: grpc.RpcError) -> RiffloopError:
     code = error.code()
     cls = _ERRORS.get(code, RiffloopError)
     reason = f"{code.name}: {error.details() or ''}"
+    if cls is not RateLimitedError and cls is not TransientError:
+        return cls(reason)
+    # the gateway's retry hint: on RESOURCE_EXHAUSTED, and on UNAVAILABLE when a backend is down
+    trailers = dict(getattr(error, "trailing_metadata", lambda: None)() or ())
+    try:
+        retry_after_s: float | None = int(trailers["retry-after-ms"]) / 1000
+    except (KeyError, ValueError):
+        retry_after_s = None
     if cls is RateLimitedError:
-        trailers = dict(getattr(error, "trailing_metadata", lambda: None)() or ())
-        try:
-            retry_after_s: float | None = int(trailers["retry-after-ms"]) / 1000
-        except (KeyError, ValueError):
-            retry_after_s = None
         return RateLimitedError(reason, retry_after_s=retry_after_s)
-    return cls(reason)
+    return TransientError(reason, retry_after_s=retry_after_s)
 
 
 class GatewayClient:

@@ -155,6 +155,27 @@ def test_accepted_feedback_is_mirrored_first_and_a_rebuild_replays_it() -> None:
         assert rebuilt.ledger.observations() == intake.ledger.observations()
 
 
+def test_a_rating_retried_under_a_new_event_id_counts_once() -> None:
+    """A publish that timed out in flight may still have been written; the gateway released
+    its claim, so the client's retry puts a second copy on the topic under a new event id,
+    unary (Rate) or in a batch (SubmitFeedback). A rating's key is (track, listener): the
+    copy is a duplicate, also after a rebuild."""
+    counts = _Counts()
+    intake, kv, _ = _intake(counts=counts)
+    for track in ("t1", "t2"):
+        intake.on_track_ready(_record(track))
+    rating = events_pb2.FeedbackReceived(
+        user_id="ann", track_id="t1", rating=events_pb2.TrackRating(stars=4)
+    )
+    intake.on_feedback(new_envelope("gateway", rating))  # the first try, written after all
+    intake.on_feedback(new_envelope("gateway", rating))  # its unary retry
+    intake.on_feedback(_batch("ann", ("t1", 4), ("t2", 3)))  # a batched retry, with a new one
+    assert _ratings(intake) == [("t1", "ann", 4), ("t2", "ann", 3)]
+    assert counts.recorded == [("rating", "recorded", 1), ("rating", "recorded", 1)]
+    rebuilt, _, _ = _intake(kv)
+    assert rebuilt.rebuild() == 2
+
+
 def test_a_failed_mirror_write_leaves_the_ledger_unchanged() -> None:
     intake, kv, _ = _intake()
     intake.on_track_ready(_record("t1"))

@@ -14,6 +14,7 @@ from riffloop.core import (
     ConfigurationError,
     MemoryKeyValueStore,
     NotFoundError,
+    TransientError,
     UnauthenticatedError,
     ValidationError,
 )
@@ -30,6 +31,10 @@ def _boom(request: bytes, context: grpc.ServicerContext) -> bytes:
 
 def _missing(request: bytes, context: grpc.ServicerContext) -> bytes:
     raise NotFoundError("track t1 does not exist")
+
+
+def _broker_down(request: bytes, context: grpc.ServicerContext) -> bytes:
+    raise TransientError("publish to feedback.received.v1: Kafka error", retry_after_s=1.0)
 
 
 def _correlate(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -56,6 +61,7 @@ def runtime() -> Iterator[ServiceRuntime]:
     handlers = {
         "Boom": grpc.unary_unary_rpc_method_handler(_boom),
         "Missing": grpc.unary_unary_rpc_method_handler(_missing),
+        "BrokerDown": grpc.unary_unary_rpc_method_handler(_broker_down),
         "Slow": grpc.unary_unary_rpc_method_handler(_slow),
         "Echo": grpc.unary_unary_rpc_method_handler(_echo),
         "Correlate": grpc.unary_unary_rpc_method_handler(_correlate),
@@ -93,6 +99,21 @@ def test_riffloop_error_maps_to_its_code_with_the_reason(runtime) -> None:
         _call(runtime, "Missing", timeout=5)
     assert info.value.code() is grpc.StatusCode.NOT_FOUND
     assert info.value.details() == "track t1 does not exist"
+
+
+def test_a_backend_outage_is_unavailable_with_a_retry_hint(runtime) -> None:
+    """A publish the broker did not take: UNAVAILABLE, the reason, and when to retry as the
+    ``retry-after-ms`` trailer; riffloop.client turns it into TransientError.retry_after_s."""
+    from riffloop.client._client import _translate
+
+    with pytest.raises(grpc.RpcError) as info:
+        _call(runtime, "BrokerDown", timeout=5, metadata=(("x-request-id", "req-9"),))
+    assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert "Kafka error" in (info.value.details() or "")
+    trailers = dict(info.value.trailing_metadata() or ())
+    assert trailers["retry-after-ms"] == "1000" and trailers["x-request-id"] == "req-9"
+    translated = _translate(info.value)
+    assert isinstance(translated, TransientError) and translated.retry_after_s == 1.0
 
 
 def test_drain_finishes_in_flight_calls_and_refuses_new_ones(runtime) -> None:
