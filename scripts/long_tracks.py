@@ -21,9 +21,11 @@ requests; one request is also served through the service path and compared with 
 twin. It prints, with 95 % bootstrap intervals over inputs (the inputs are resampled with
 replacement, 2000 times, seeded):
 
-1. spectral flux at the joins / within windows (``seam_flux``: median at the joins over the
-   median elsewhere, per input), next to the same ratio for the input's own render at the same
-   frames (a seamless recording) and for the single windows butted together (hard cuts);
+1. spectral flux at the joins / inside the windows (``seam_flux``: median at the joins over the
+   median of the pairs inside one window, outside the crossfades, per input), next to the same
+   ratio for the input's own render at the same frames (a seamless recording) and for the single
+   windows butted together (hard cuts); also against every other pair (crossfades included),
+   the crossfades' own flux, and the flux profile around the joins;
 2. the spectral flatness of the long tracks' windows, of the single windows and of the corpus;
 3. the Fréchet distance in the quality embedding (``AudioEmbedding``) of the long tracks'
    windows (consecutive 64-frame cuts of the served image, ``--windows-per-input`` per input,
@@ -78,7 +80,6 @@ from riffloop.music import (  # noqa: E402
     spectral_flatness,
     spectral_flux,
     track_noise,
-    unet_grid,
 )
 from riffloop.music._corpus import corpus_dir  # noqa: E402
 
@@ -333,12 +334,11 @@ def cmd_sheet(args: argparse.Namespace) -> int:
     track = codec.audio_to_track_image(samples)
     source = codec.audio_to_track_image(decoded(data, model.mel.sample_rate))
     source = source[..., : track.shape[-1]]
-    report = seam_flux(track, length, grid=unet_grid(model))
+    report = seam_flux(track, length)
     print(
         f"served WAV's mel: median flux at the {len(length.joins())} joins {report.join_flux:.4f}, "
-        f"within windows {report.within_flux:.4f} (ratio {report.ratio:.2f}), on the joins' "
-        f"phase of the UNet's {unet_grid(model)}-column grid {report.phase_flux:.4f} (ratio "
-        f"{report.phase_ratio:.2f}); "
+        f"inside the windows {report.window_flux:.4f} (ratio {report.ratio:.2f}), inside the "
+        f"crossfades {report.blend_flux:.4f}; "
         f"flatness track {float(spectral_flatness(track[None]).mean()):.4f}, "
         f"input {float(spectral_flatness(source[None]).mean()):.4f}"
     )
@@ -407,7 +407,7 @@ def draw_sheet(
     axes[2].set_xlabel(
         f"seconds (cyan: each window's start, solid, and the end of its {length.overlap}-frame "
         f"crossfade, dashed; "
-        f"median flux at the joins / within windows {ratio:.2f})"
+        f"median flux at the joins / inside the windows {ratio:.2f})"
     )
     fig.tight_layout()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -416,6 +416,20 @@ def draw_sheet(
 
 
 # -- figures --------------------------------------------------------------------------------------
+
+
+def join_profile(images: torch.Tensor, length: TrackLength) -> dict[int, float]:
+    """Median flux of the frame pair ending p frames after each crossfade's first frame
+    (p = 0 and p = o are the joins), over every join of every track, each track's flux divided
+    by its median inside the windows: where along a join any excess sits."""
+    flux = spectral_flux(images[:, 0])  # [B, T − 1], pair i = frames (i, i + 1)
+    norm = torch.tensor([seam_flux(image[None], length).window_flux for image in images])
+    rel = flux / norm.to(flux.dtype)[:, None]
+    starts = length.window_starts()[1:]
+    return {
+        p: float(torch.stack([rel[:, s + p - 1] for s in starts]).median())
+        for p in range(-2, length.overlap + 3)
+    }
 
 
 def cut_windows(image: torch.Tensor, x_res: int) -> torch.Tensor:
@@ -486,11 +500,10 @@ def cmd_figures(args: argparse.Namespace) -> int:
     codec = MelCodec(mel)
     seam_long, seam_render, seam_cut = [], [], []
     hard = TrackLength(windows=args.windows_per_input, x_res=mel.x_res, overlap=0)
-    grid = unet_grid(model)
     for i in range(n_in):
-        seam_long.append(seam_flux(long_images[i * per : (i + 1) * per], length, grid=grid))
+        seam_long.append(seam_flux(long_images[i * per : (i + 1) * per], length))
         render = codec.audio_to_track_image(songs[i][: length.samples(mel.hop_length)])
-        seam_render.append(seam_flux(render, length, grid=grid))
+        seam_render.append(seam_flux(render, length))
         own = single_images[i * args.windows_per_input : (i + 1) * args.windows_per_input]
         seam_cut.append(seam_flux(naive_concatenation(own), hard))
 
@@ -499,36 +512,23 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
     boot = {"draws": args.bootstrap, "seed": args.seed}
     seams = {
-        "long tracks (joins vs within)": bootstrap(n_in, ratio_of(seam_long), **boot),
+        "long tracks (joins vs inside the windows)": bootstrap(n_in, ratio_of(seam_long), **boot),
         "input render, same frames": bootstrap(n_in, ratio_of(seam_render), **boot),
         "single windows butted together": bootstrap(n_in, ratio_of(seam_cut), **boot),
     }
-    # the same on the UNet's grid: joins vs the other pairs of their phase (the seam's own
-    # excess), and that phase vs the rest in single windows, which have no join (the grid's)
-    phases = {j % grid for j in length.joins()}
-    single_flux = spectral_flux(single_images[:, 0]).reshape(n_in, args.windows_per_input, -1)
-    on_phase = torch.tensor([(c + 1) % grid in phases for c in range(single_flux.shape[-1])])
-    single_grid = [
-        float(single_flux[i][:, on_phase].median() / single_flux[i][:, ~on_phase].median())
-        for i in range(n_in)
-    ]
-    seams_grid = {
-        "long tracks (joins vs same grid phase)": bootstrap(
-            n_in, lambda idx: np.mean([seam_long[k].phase_ratio for k in idx]), **boot
-        ),
-        "input render, same frames": bootstrap(
-            n_in, lambda idx: np.mean([seam_render[k].phase_ratio for k in idx]), **boot
-        ),
-        "single windows (grid phase vs other pairs)": bootstrap(
-            n_in, lambda idx: np.mean([single_grid[k] for k in idx]), **boot
-        ),
-        "long tracks (grid phase vs other pairs, no joins)": bootstrap(
-            n_in, lambda idx: np.mean([seam_long[k].grid_ratio for k in idx]), **boot
-        ),
-    }
+    # the earlier reference (every other pair, crossfades included) and the flux profile
+    seams_all = bootstrap(
+        n_in, lambda idx: np.mean([seam_long[k].ratio_to_others for k in idx]), **boot
+    )
+    blend = bootstrap(
+        n_in,
+        lambda idx: np.mean([seam_long[k].blend_flux / seam_long[k].window_flux for k in idx]),
+        **boot,
+    )
+    profile = join_profile(long_images, length)
     seam_means = bootstrap(
         n_in,
-        lambda idx: np.mean([seam_long[k].join_mean / seam_long[k].within_mean for k in idx]),
+        lambda idx: np.mean([seam_long[k].join_mean / seam_long[k].window_mean for k in idx]),
         **boot,
     )
 
@@ -601,19 +601,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
         f"| measure | long tracks ({length.seconds(mel):.2f} s) | single windows (1.49 s) | "
         f"reference |",
         "|---|---|---|---|",
-        f"| seam flux ratio, median at joins / median within, mean over inputs | "
-        f"{fmt(seams['long tracks (joins vs within)'], 2)} | hard cuts: "
+        f"| seam flux ratio, median at joins / median inside the windows, mean over inputs | "
+        f"{fmt(seams['long tracks (joins vs inside the windows)'], 2)} | hard cuts: "
         f"{fmt(seams['single windows butted together'], 2)} | input render at the same frames: "
         f"{fmt(seams['input render, same frames'], 2)} |",
         f"| seam flux ratio of means | {fmt(seam_means, 2)} | | |",
-        f"| seam flux ratio on the UNet's {grid}-column grid, median at joins / median of "
-        f"the other pairs of the joins' phase | "
-        f"{fmt(seams_grid['long tracks (joins vs same grid phase)'], 2)} | | "
-        f"input render at the same frames: "
-        f"{fmt(seams_grid['input render, same frames'], 2)} |",
-        f"| grid excess without joins, median on the joins' phase / median of other pairs | "
-        f"{fmt(seams_grid['long tracks (grid phase vs other pairs, no joins)'], 2)} | "
-        f"{fmt(seams_grid['single windows (grid phase vs other pairs)'], 2)} | |",
+        f"| seam flux ratio against every other pair, crossfades included (the earlier "
+        f"reference) | {fmt(seams_all, 2)} | | |",
+        f"| median flux inside the crossfades / inside the windows | {fmt(blend, 2)} | | |",
         f"| spectral flatness (mel), mean of {n_windows} windows | {fmt(flat_l, 4)} | "
         f"{fmt(flat_s, 4)} | held-out corpus windows: {ref_flat:.4f} |",
         f"| flatness long − single | {fmt(flat_d, 4)} | | |",
@@ -631,8 +626,11 @@ def cmd_figures(args: argparse.Namespace) -> int:
     )
     per_input = [f"{inputs[i].name}: {seam_long[i].ratio:.2f}" for i in range(n_in)]
     print("seam ratio per input: " + ", ".join(per_input))
-    per_input = [f"{inputs[i].name}: {seam_long[i].phase_ratio:.2f}" for i in range(n_in)]
-    print(f"seam ratio on the {grid}-column grid per input: " + ", ".join(per_input))
+    print(
+        "flux around the joins (frame pair p after each crossfade's first frame; median over "
+        "joins and tracks, / the track's median inside its windows): "
+        + " ".join(f"{p}:{x:.2f}" for p, x in profile.items())
+    )
     if check:
         print(check)
     if args.json:
@@ -643,8 +641,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
                     "args": {k: str(v) for k, v in vars(args).items() if k != "func"},
                     "seams": seams,
                     "seam_ratio_of_means": seam_means,
-                    "unet_grid": grid,
-                    "seams_on_grid": seams_grid,
+                    "seam_ratio_to_others": seams_all,
+                    "blend_over_window_flux": blend,
+                    "join_profile": profile,
                     "flatness_long": flat_l,
                     "flatness_single": flat_s,
                     "flatness_diff": flat_d,

@@ -55,7 +55,6 @@ from riffloop.music._long import (
     seam_flux,
     spectral_flux,
     track_noise,
-    unet_grid,
 )
 from riffloop.music._mel import MelCodec, MelConfig, image_from_uint8, to_uint8
 from riffloop.music._mel_image import mel_png
@@ -161,6 +160,5 @@ __all__ = [
     "to_uint8",
     "tone_windows",
     "track_noise",
-    "unet_grid",
     "weighted_diffusion_loss",
 ]

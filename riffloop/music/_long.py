@@ -24,13 +24,15 @@ q give the ``InjectionPlan`` (total steps, start step), t* = timesteps[start −
 
        x_t[..., j] ← m_j (√ᾱ_t y_j + √(1−ᾱ_t) ε_k,j) + (1 − m_j) x_t[..., j],  m_j = cos²(πu/2)
 
-   with u = (j + ½)/o: held where window k − 1 dominates the crossfade (step 4), released toward
-   the free columns, so the sample has no hard mask edge (a hard mask, m = 1, left a flux spike
-   of 2–4× at column o on the base model). Then ``DDIMScheduler.step`` denoises the whole
-   window. The last ``free_fraction`` (20 %) of the steps run without the constraint, so the
-   model harmonises the held columns with the rest (RePaint's resampling jumps would do that too
-   at several times the cost). Using one ε_k at every level keeps the held columns on the η = 0
-   DDIM path of y. The output's first o columns are the model's reading of y, close to it.
+   with u = min(1, (j + ½)/(h·o)), h = ``HOLD_SPAN`` = ½: held where window k − 1 dominates the
+   crossfade (step 4), released toward the free columns by mid-crossfade, so the sample has no
+   hard mask edge (a hard mask, m = 1, left a flux spike of 2–4× at column o on the base model)
+   and the soft one's edge falls where the crossfade weighs both windows alike. Then
+   ``DDIMScheduler.step`` denoises the whole window. The last ``free_fraction`` (20 %) of the
+   steps run without the constraint, so the model harmonises the held columns with the rest
+   (RePaint's resampling jumps would do that too at several times the cost). Using one ε_k at
+   every level keeps the held columns on the η = 0 DDIM path of y. The output's first o columns
+   are the model's reading of y, close to it.
 4. The windows are joined with an equal-power crossfade over the o shared frames, in the
    *log*-power (dB) mel domain the images live in: x = cos²(πu/2)·x_prev + sin²(πu/2)·x_next for
    u = (j + ½)/o, j = 0 … o−1. The weights sum to 1, so two equally loud windows keep their level
@@ -53,15 +55,11 @@ indexed window; a row without a source in the corpus (a kept generation ``track:
 **Seams** (``seam_flux``): spectral flux f_j = ‖x_{j+1} − x_j‖₂/√H between consecutive frames of
 the dB image; the joins are the frame pairs where one window's frames give way to the next (the
 start of each crossfade and the end of the previous window); a track has no seam when the median
-flux at its joins is no larger than the median flux between all other frames.
-
-The UNet halves the columns at each of its down blocks and doubles them back with nearest
-upsampling, so even a single window, with no join, has a faint grid: frame pairs that straddle a
-multiple of the total stride g (``unet_grid``: 8 columns for four levels) differ a little more
-than the pairs inside a cell. The joins of W = 64, o = 16 (frames 48k and 48k + 16) all sit on that
-grid. ``seam_flux(..., grid=g)`` therefore also reports the median flux of the other frame pairs
-*of the joins' grid phase* (``phase_flux``): the seam's own excess is join/phase, the grid's
-is phase/within.
+flux at its joins is no larger than the median flux *inside the windows*: the frame pairs of one
+window outside every crossfade. Pairs inside a crossfade are left out of that reference: they mix
+two windows, and an average of two partly independent images moves less from frame to frame than
+either (measured on base-v2: about 0.85 of the track's median), which would make any join look
+rough.
 """
 
 from __future__ import annotations
@@ -100,13 +98,17 @@ __all__ = [
     "seam_flux",
     "spectral_flux",
     "track_noise",
-    "unet_grid",
 ]
 
 # The paper's prototype served 5.94 s windows (256 frames); a request may ask for up to a minute.
 DEFAULT_TRACK_SECONDS = 5.9
 MAX_TRACK_SECONDS = 60.0
 FREE_FRACTION = 0.2  # the last 20 % of each continued window's steps run unconstrained
+# The held mask falls from 1 to 0 over the first half of the overlap, so the edge between held
+# and free columns lies mid-crossfade, where both windows weigh ≈ ½ (over the whole overlap the
+# edge sat under the crossfade's end, where the new window weighs ≈ 1, and left a flux bump
+# there: docs/results/LONG_TRACKS.md).
+HOLD_SPAN = 0.5
 
 
 @dataclass(frozen=True)
@@ -203,6 +205,7 @@ def continue_window(
     *,
     free_fraction: float = FREE_FRACTION,
     soft: bool = True,
+    hold: float = HOLD_SPAN,
     batch_size: int = DEFAULT_BATCH,
 ) -> Tensor:
     """One window per merged input ``[B, 1, H, W]``: noised to t* with ``noise`` (ε_k, the
@@ -222,6 +225,10 @@ def continue_window(
         or not 0 < tail.shape[3] < noise.shape[3]
     ):
         raise ValidationError(f"tail must be [B, C, h, o] with 0 < o < w, got {tuple(tail.shape)}")
+    if not 0.0 < hold <= 1.0 or not 0.0 <= free_fraction < 1.0:
+        raise ValidationError(
+            f"hold must lie in (0, 1] and free_fraction in [0, 1), got {hold}, {free_fraction}"
+        )
     device, dtype = _device_dtype(model)
     scheduler = _scheduler(model, plan.total_steps, device)
     outs = []
@@ -238,7 +245,8 @@ def continue_window(
         known = None if tail is None else tail[part].to(device, dtype)
         if known is not None:
             o = known.shape[-1]
-            u = (torch.arange(o, device=device, dtype=torch.float64) + 0.5) / o
+            u = (torch.arange(o, device=device, dtype=torch.float64) + 0.5) / (o * hold)
+            u = u.clamp(max=1.0)
             mask = (torch.cos(math.pi / 2 * u).pow(2) if soft else torch.ones_like(u)).to(dtype)
         steps = scheduler.timesteps[plan.first_index :]
         held = len(steps) - math.floor(len(steps) * free_fraction)
@@ -265,6 +273,7 @@ def generate_long(
     top_db: float = 80.0,
     free_fraction: float = FREE_FRACTION,
     soft: bool = True,
+    hold: float = HOLD_SPAN,
     batch_size: int = DEFAULT_BATCH,
 ) -> Tensor:
     """Long tracks ``[B, 1, H, T]`` (mel images in [−1, 1], T = ``length.frames``) from merged
@@ -293,6 +302,7 @@ def generate_long(
             tail,
             free_fraction=free_fraction,
             soft=soft,
+            hold=hold,
             batch_size=batch_size,
         )
         windows.append(_decode(model, x).to(device=merged_image.device, dtype=torch.float32))
@@ -369,51 +379,37 @@ def baseline_track(
 
 @dataclass(frozen=True)
 class SeamReport:
-    """Spectral flux at the joins and between all other consecutive frames: medians (the
-    verdict) and means. The median asks whether joins are *typically* rougher than the inside
-    of a window; a note onset that happens to land on one of a few joins moves the mean.
-    ``phase_flux``: the median over the other frame pairs of the joins' phase on the UNet's
-    grid (module docstring; NaN when no grid was given or no such pair exists)."""
+    """Spectral flux at the joins against flux inside the windows: medians (the verdict) and
+    means. The median asks whether joins are *typically* rougher than the inside of a window;
+    a note onset that happens to land on one of a few joins moves the mean.
+
+    Three kinds of frame pair (module docstring, **Seams**): the joins; pairs inside one window,
+    outside every crossfade (``window_flux``); and pairs inside a crossfade (``blend_flux``),
+    which mix two windows and so move less than either (averaging two partly independent
+    images smooths them). ``other_flux`` pools the last two: the earlier verdict, biased low by
+    the blend."""
 
     join_flux: float
-    within_flux: float
+    window_flux: float
+    blend_flux: float
+    other_flux: float
     join_mean: float
-    within_mean: float
+    window_mean: float
     joins: int
-    phase_flux: float = math.nan
 
     @property
     def ratio(self) -> float:
-        """Median flux at the joins / median flux elsewhere (≤ 1: no audible seam)."""
-        return self.join_flux / max(self.within_flux, 1e-12)
+        """Median flux at the joins / median flux inside the windows (≤ 1: no audible seam)."""
+        return self.join_flux / max(self.window_flux, 1e-12)
 
     @property
-    def phase_ratio(self) -> float:
-        """Median flux at the joins / median flux of the other pairs on the same grid phase:
-        what the seams add beyond the grid every window has."""
-        return self.join_flux / max(self.phase_flux, 1e-12)
-
-    @property
-    def grid_ratio(self) -> float:
-        """Median flux of the non-join pairs on the joins' grid phase / all other pairs: the
-        UNet grid's own excess, present without any join."""
-        return self.phase_flux / max(self.within_flux, 1e-12)
+    def ratio_to_others(self) -> float:
+        """Median flux at the joins / median of every other pair, crossfades included."""
+        return self.join_flux / max(self.other_flux, 1e-12)
 
     @property
     def seamless(self) -> bool:
-        return self.join_flux <= self.within_flux
-
-
-def unet_grid(model: DenoisingModel) -> int:
-    """g: the image columns one column of the UNet's coarsest feature map covers, 2 per
-    down block that downsamples (all but the last in diffusers' UNet2DModel), times the VAE's
-    downsampling for latent models."""
-    levels = len(model.unet.config.block_out_channels)
-    grid = 2 ** (levels - 1)
-    vqvae = getattr(model, "vqvae", None)
-    if vqvae is not None:
-        grid *= 2 ** (len(vqvae.config.block_out_channels) - 1)
-    return grid
+        return self.join_flux <= self.window_flux
 
 
 def spectral_flux(image: Tensor) -> Tensor:
@@ -424,37 +420,34 @@ def spectral_flux(image: Tensor) -> Tensor:
     return diff.pow(2).mean(dim=-2).sqrt()
 
 
-def seam_flux(image: Tensor, length: TrackLength, *, grid: int | None = None) -> SeamReport:
+def seam_flux(image: Tensor, length: TrackLength) -> SeamReport:
     """``SeamReport`` of one long image ``[1, H, T]`` or ``[1, 1, H, T]`` joined per ``length``
-    (several images ``[B, 1, H, T]`` pool their joins and their other frames). ``grid`` g
-    (``unet_grid``) adds ``phase_flux``: the other pairs (j − 1, j) with j mod g among the
-    joins' j mod g."""
+    (several images ``[B, 1, H, T]`` pool their joins and their other frames)."""
     x = image.reshape(-1, image.shape[-2], image.shape[-1])
     if x.shape[-1] != length.frames:
         raise ValidationError(f"image has {x.shape[-1]} frames, the length {length.frames}")
-    if grid is not None and (isinstance(grid, bool) or not isinstance(grid, int) or grid < 1):
-        raise ValidationError(f"grid must be a whole number of columns ≥ 1, got {grid!r}")
-    flux = spectral_flux(x)  # flux[:, j − 1] is between frames j − 1 and j
+    flux = spectral_flux(x)  # flux[:, i] is between frames i and i + 1
     join_frames = length.joins()
     if not join_frames:
         raise ValidationError("a one-window track has no joins")
-    mask = torch.zeros(flux.shape[-1], dtype=torch.bool)
-    mask[[j - 1 for j in join_frames]] = True
-    at, rest = flux[:, mask].flatten(), flux[:, ~mask].flatten()
-    phase = math.nan
-    if grid is not None:
-        phases = {j % grid for j in join_frames}
-        frames = torch.arange(1, flux.shape[-1] + 1)  # pair index i is the pair (i, i + 1)
-        same = torch.tensor([int(j) % grid in phases for j in frames]) & ~mask
-        if bool(same.any()):
-            phase = float(flux[:, same].flatten().median())
+    n = flux.shape[-1]
+    at_join = torch.zeros(n, dtype=torch.bool)
+    at_join[[j - 1 for j in join_frames]] = True
+    in_blend = torch.zeros(n, dtype=torch.bool)  # both frames inside one crossfade
+    for start in length.window_starts()[1:]:
+        in_blend[start : start + length.overlap - 1] = True
+    in_blend &= ~at_join
+    in_window = ~(at_join | in_blend)
+    at, window = flux[:, at_join].flatten(), flux[:, in_window].flatten()
+    blend, other = flux[:, in_blend].flatten(), flux[:, ~at_join].flatten()
     return SeamReport(
-        float(at.median()),
-        float(rest.median()),
-        float(at.mean()),
-        float(rest.mean()),
-        len(at),
-        phase,
+        join_flux=float(at.median()),
+        window_flux=float(window.median()),
+        blend_flux=float(blend.median()) if blend.numel() else math.nan,
+        other_flux=float(other.median()),
+        join_mean=float(at.mean()),
+        window_mean=float(window.mean()),
+        joins=len(at),
     )
 
 

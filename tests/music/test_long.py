@@ -17,6 +17,7 @@ from riffloop.music import (
     TrackLength,
     baseline_track,
     baseline_windows,
+    continue_window,
     crossfade_windows,
     generate,
     generate_long,
@@ -25,7 +26,6 @@ from riffloop.music import (
     seam_flux,
     to_uint8,
     track_noise,
-    unet_grid,
 )
 
 torch.set_num_threads(1)
@@ -144,34 +144,42 @@ def test_joins_of_a_long_track_are_no_rougher_than_its_windows() -> None:
 
 
 @pytest.mark.unit
-def test_seam_flux_tells_the_unet_grid_from_a_seam() -> None:
-    """A track whose every 8th frame pair steps (the grid every window has) and whose joins step
-    no more: the plain ratio sees an excess, the grid-phase ratio sees none. Add a step at the
-    joins only and the grid-phase ratio sees it."""
+def test_seam_flux_compares_joins_with_the_inside_of_the_windows_not_the_crossfades() -> None:
+    """Flux 0.9–1.1 inside the windows, 0.5 inside the crossfades (a blend's smoothing) and the
+    windows' median at the joins: the joins are no rougher than the windows (ratio 1), though
+    they are rougher than the pooled rest. A step at the joins alone is seen."""
     length = TrackLength(windows=5, x_res=64, overlap=16)
     gen = torch.Generator().manual_seed(0)
-    steps = 0.1 * torch.rand((1, 1, length.frames - 1), generator=gen) + 1.0  # flux ≈ 1 … 1.1
-    on_grid = torch.arange(1, length.frames) % 8 == 0  # pair (j − 1, j), j on the 8-grid
-    steps[..., on_grid] *= 1.5
-    # an image whose flux is `steps`: all bins move together by the step
-    image = torch.cat([torch.zeros(1, 1, 1), steps.cumsum(-1)], dim=-1).expand(1, 4, -1)
-    report = seam_flux(image, length, grid=8)
-    assert report.ratio > 1.3  # the joins sit on the grid
-    assert report.grid_ratio > 1.3
-    assert report.phase_ratio == pytest.approx(1.0, abs=0.1)
-
+    steps = 0.9 + 0.2 * torch.rand((1, 1, length.frames - 1), generator=gen)
     joins = torch.tensor(length.joins()) - 1
-    seamed = steps.clone()
-    seamed[..., joins] *= 2.0
-    image = torch.cat([torch.zeros(1, 1, 1), seamed.cumsum(-1)], dim=-1).expand(1, 4, -1)
-    assert seam_flux(image, length, grid=8).phase_ratio > 1.8
-    assert seam_flux(image, length).phase_flux != seam_flux(image, length).phase_flux  # NaN
-    with pytest.raises(ValidationError, match="grid"):
-        seam_flux(image, length, grid=0)
+    blend = torch.zeros(length.frames - 1, dtype=torch.bool)
+    for start in length.window_starts()[1:]:
+        blend[start : start + length.overlap - 1] = True  # pairs inside the crossfade
+    steps[..., blend] = 0.5
+    inside = torch.ones(length.frames - 1, dtype=torch.bool)
+    inside[joins] = False
+    inside &= ~blend
+    steps[..., joins] = steps[..., inside].median()
+    image = torch.cat([torch.zeros(1, 1, 1), steps.cumsum(-1)], dim=-1).expand(1, 4, -1)
+    report = seam_flux(image, length)
+    assert report.ratio == pytest.approx(1.0, abs=1e-5)
+    assert report.blend_flux == pytest.approx(0.5)
+    assert report.ratio_to_others > 1.02 and report.seamless
+    assert report.joins == 2 * (length.windows - 1)
+
+    steps[..., joins] = 2.0
+    image = torch.cat([torch.zeros(1, 1, 1), steps.cumsum(-1)], dim=-1).expand(1, 4, -1)
+    seamed = seam_flux(image, length)
+    assert seamed.ratio > 1.8 and not seamed.seamless
 
 
 @pytest.mark.unit
-def test_unet_grid_is_the_stride_of_the_coarsest_feature_map() -> None:
-    model = MusicDiffusion.from_pretrained(BASE_MODEL)
-    levels = len(model.unet.config.block_out_channels)
-    assert unet_grid(model) == 2 ** (levels - 1) == 8  # four levels: 64 → 32 → 16 → 8 columns
+def test_continued_window_settings_outside_their_range_are_input_errors() -> None:
+    model = tiny_model()
+    plan = InjectionPlan.from_similarity(0.5, 4)
+    merged = torch.zeros(1, 1, 16, 16)
+    noise = torch.randn(1, *model.image_shape)
+    tail = torch.zeros(1, *model.image_shape[:-1], 4)
+    for bad in ({"hold": 0.0}, {"hold": 1.5}, {"free_fraction": 1.0}, {"free_fraction": -0.1}):
+        with pytest.raises(ValidationError, match="hold must lie"):
+            continue_window(model, merged, plan, noise, tail, **bad)
