@@ -33,6 +33,7 @@ from riffloop.core import (
     NotFoundError,
     ObjectRef,
     PermanentError,
+    TransientError,
     ValidationError,
     sha256_hex,
 )
@@ -379,6 +380,11 @@ def keep_current(
         while not stop.is_set():
             try:
                 held = model.load_current()
+            except TransientError as exc:  # the store is down: said once a poll, no traceback
+                _log.warning(
+                    "loading the current model failed; retrying", extra={"why": exc.reason}
+                )
+                held = False
             except Exception:
                 _log.exception("loading the current model failed; retrying")
                 held = False
