@@ -55,7 +55,7 @@ from riffloop.core._event_bus import (
     Subscription,
     partition_for,
 )
-from riffloop.core._kafka_event_bus import KafkaEventBus
+from riffloop.core._kafka_event_bus import KafkaEventBus, durability_config
 from riffloop.core._kv_store import KeyValueStore, MemoryKeyValueStore
 from riffloop.core._local_object_store import LocalDirObjectStore
 from riffloop.core._memory_object_store import MemoryObjectStore
@@ -105,6 +105,7 @@ __all__ = [
     "all_topics",
     "decode_envelope",
     "dlq_topic",
+    "durability_config",
     "handling",
     "new_envelope",
     "partition_for",

@@ -1,11 +1,19 @@
 """EventBus on Apache Kafka via kafka-python 3.x (imported lazily: ``riffloop.core`` stays light).
 
 - Producer: idempotent, ``acks=all``; ``publish`` waits for the broker's acknowledgement, so a
-  record is durable before the caller moves on (and before the consumer commits its input).
+  record is durable before the caller moves on (and before the consumer commits its input). Its
+  timeouts are derived from one bound, the publish timeout (:func:`producer_timeouts`): the
+  producer gives a record up before ``publish`` stops waiting, and a producer whose record
+  failed is stopped (its pending records fail too) and replaced, so a failed publish is never
+  delivered later by the producer's own retries.
 - Consumers: ``enable_auto_commit=False``; offsets are committed only by ``commit(message)``, which
   the Consumer loop calls after the handler succeeded; ``close`` never auto-commits.
 - Admin: ``ensure_topics`` creates topics (auto-create is off on our brokers) with the configured
-  partitions and replication factor; ``ensure_catalogue`` creates every topic plus its ``.dlq``.
+  partitions and replication factor and :func:`durability_config` (``min.insync.replicas``; a
+  ``.dlq``'s retention); ``ensure_catalogue`` creates every topic plus its ``.dlq``. An existing
+  topic keeps its configs.
+- Errors: a Kafka failure is a TransientError with a retry hint (``RETRY_AFTER_S``), which the
+  gRPC interceptor sends to the client as the ``retry-after-ms`` trailer.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from riffloop.core._envelopes import all_topics
+from riffloop.core._envelopes import DLQ_SUFFIX, all_topics
 from riffloop.core._errors import NotFoundError, TransientError, ValidationError
 from riffloop.core._event_bus import (
     EventBus,
@@ -38,15 +46,65 @@ log = logging.getLogger("riffloop.kafka")
 T = TypeVar("T")
 
 
+# A client's retry hint after a Kafka failure: kafka-python reconnects to a lost broker with
+# back-off up to reconnect_backoff_max_ms (1 s, its default), so a retry sooner than that would
+# meet the same closed connection.
+RETRY_AFTER_S = 1.0
+
+
 def _kafka_call(what: str, action: Callable[[], T]) -> T:
     from kafka.errors import KafkaError
 
     try:
         return action()
     except KafkaError as exc:
-        raise TransientError(f"{what}: Kafka error {exc}") from None
+        raise TransientError(f"{what}: Kafka error {exc}", retry_after_s=RETRY_AFTER_S) from None
     except OSError as exc:
-        raise TransientError(f"{what}: Kafka unreachable ({type(exc).__name__})") from None
+        raise TransientError(
+            f"{what}: Kafka unreachable ({type(exc).__name__})", retry_after_s=RETRY_AFTER_S
+        ) from None
+
+
+def producer_timeouts(publish_timeout_s: float, linger_ms: int = 0) -> dict[str, int]:
+    """kafka-python producer options that settle a record's fate within ``publish_timeout_s`` (P).
+
+    A record's life in the producer, from ``send()``:
+      1. up to ``max_block_ms`` waiting for the topic's metadata (or the first connection);
+      2. then up to ``delivery_timeout_ms`` for linger, sends, retries and the ack, after which
+         the producer fails the record, in flight or not, and never sends it again;
+      3. then the producer's IO thread reports the outcome to the waiting future.
+    With max_block = P/5 and delivery = 7P/10, P/10 is left for step 3, so ``publish`` (which
+    waits P) always learns the outcome. kafka-python requires delivery ≥ linger + request
+    timeout, so one produce request may take what the linger leaves of the delivery time
+    (P = 5 s, linger 0: 1 s, 3.5 s, 3.5 s).
+    """
+    total_ms = int(publish_timeout_s * 1000)
+    max_block_ms = total_ms // 5
+    delivery_ms = total_ms * 7 // 10
+    request_ms = delivery_ms - linger_ms
+    if request_ms < 500:
+        raise ValidationError(
+            f"a publish timeout of {publish_timeout_s:g} s with a linger of {linger_ms} ms leaves "
+            f"{request_ms} ms per produce request; it needs at least 500 ms"
+        )
+    return {
+        "max_block_ms": max_block_ms,
+        "delivery_timeout_ms": delivery_ms,
+        "request_timeout_ms": request_ms,
+    }
+
+
+def durability_config(
+    topic: str, *, min_insync_replicas: int, dlq_retention_s: int
+) -> dict[str, str]:
+    """The broker configs a created topic gets from the deployment's settings:
+    ``min.insync.replicas`` on every topic (with ``acks=all``, the copies a write reaches before
+    it is acknowledged), and on a dead-letter topic an explicit retention (the time an operator
+    has to fix the cause and replay it)."""
+    configs = {"min.insync.replicas": str(min_insync_replicas)}
+    if topic.endswith(DLQ_SUFFIX):
+        configs["retention.ms"] = str(dlq_retention_s * 1000)
+    return configs
 
 
 def _construct(client_class: Any, **config: Any) -> Any:
@@ -91,14 +149,26 @@ class KafkaEventBus(EventBus):
         topic_prefix: str = "",
         linger_ms: int = 0,
         max_poll_interval_s: float = 300.0,
+        publish_timeout_s: float = 5.0,
+        min_insync_replicas: int = 1,
+        dlq_retention_s: int = 14 * 24 * 3600,
     ) -> None:
         if not bootstrap:
             raise ValidationError("Kafka bootstrap servers must be given (host:port)")
+        if not 1 <= min_insync_replicas <= replication_factor:
+            raise ValidationError(
+                f"min_insync_replicas must lie in 1–{replication_factor} (the replication factor)"
+            )
         self._bootstrap = [s.strip() for s in bootstrap.split(",") if s.strip()]
         self._client_id = client_id
         self._partitions = partitions
         self._replication_factor = replication_factor
+        self._min_insync_replicas = min_insync_replicas
+        self._dlq_retention_s = dlq_retention_s
+        # admin calls and consumers; a publish is bounded by publish_timeout_s instead
         self._request_timeout_s = request_timeout_s
+        self._publish_timeout_s = publish_timeout_s
+        self._producer_timeouts = producer_timeouts(publish_timeout_s, linger_ms)
         self._session_timeout_ms = session_timeout_ms
         # Callers always see logical names ("feedback.received.v1"); only the broker sees the
         # prefixed ones. validate_topic checks the combined name fits Kafka's rules.
@@ -106,6 +176,7 @@ class KafkaEventBus(EventBus):
         self._linger_ms = linger_ms
         self._max_poll_interval_ms = int(max_poll_interval_s * 1000)
         self._producer: KafkaProducer | None = None
+        self._reconnect_at = 0.0  # (monotonic) no new producer before: its broker was away
         self._admin: Any = None  # KafkaAdminClient, guarded by _admin_lock
         self._admin_lock = threading.Lock()
         self._known_topics: set[str] = set()
@@ -121,6 +192,9 @@ class KafkaEventBus(EventBus):
             topic_prefix=settings.kafka_topic_prefix,
             linger_ms=settings.kafka_linger_ms,
             max_poll_interval_s=settings.kafka_max_poll_interval_s,
+            publish_timeout_s=settings.kafka_publish_timeout_s,
+            min_insync_replicas=settings.kafka_min_insync_replicas,
+            dlq_retention_s=settings.kafka_dlq_retention_s,
         )
 
     def _physical(self, topic: str) -> str:
@@ -163,7 +237,8 @@ class KafkaEventBus(EventBus):
     def ensure_topics(self, topics: Iterable[str], *, partitions: int | None = None) -> None:
         from kafka.errors import TopicAlreadyExistsError
 
-        wanted = [self._physical(t) for t in topics]
+        logical = {self._physical(t): t for t in topics}
+        wanted = list(logical)
         count = self._partitions if partitions is None else partitions
         if count < 1:
             raise ValidationError("a topic needs at least one partition")
@@ -173,7 +248,15 @@ class KafkaEventBus(EventBus):
             missing = [t for t in wanted if t not in existing]
             if missing:
                 spec = {
-                    t: {"num_partitions": count, "replication_factor": self._replication_factor}
+                    t: {
+                        "num_partitions": count,
+                        "replication_factor": self._replication_factor,
+                        "configs": durability_config(
+                            logical[t],
+                            min_insync_replicas=self._min_insync_replicas,
+                            dlq_retention_s=self._dlq_retention_s,
+                        ),
+                    }
                     for t in missing
                 }
                 # Another process may create one between list and create: that is fine.
@@ -226,13 +309,26 @@ class KafkaEventBus(EventBus):
                         # publish() waits for its ack either way; a short linger lets the
                         # records of concurrent publishers share one produce request.
                         linger_ms=self._linger_ms,
-                        max_block_ms=int(self._request_timeout_s * 1000),
-                        bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
-                        request_timeout_ms=int(self._request_timeout_s * 1000),
+                        # connecting first counts as step 1's wait (producer_timeouts)
+                        bootstrap_timeout_ms=self._producer_timeouts["max_block_ms"],
+                        **self._producer_timeouts,
                     )
                     return producer
 
-                self._producer = _kafka_call("connect producer", make)
+                # Publishers queue on this lock: while the brokers are away, each would wait
+                # its own bootstrap timeout after the others'. One failed try answers them
+                # all until the retry hint has passed.
+                wait_s = self._reconnect_at - time.monotonic()
+                if wait_s > 0:
+                    raise TransientError(
+                        "connect producer: Kafka was unreachable a moment ago",
+                        retry_after_s=wait_s,
+                    )
+                try:
+                    self._producer = _kafka_call("connect producer", make)
+                except TransientError:
+                    self._reconnect_at = time.monotonic() + RETRY_AFTER_S
+                    raise
             return self._producer
 
     def publish_raw(
@@ -242,6 +338,7 @@ class KafkaEventBus(EventBus):
             raise ValidationError("a record needs a non-empty key (the entity id)")
         clean = validate_headers(headers)
         self._require_topics([topic])
+        deadline = time.monotonic() + self._publish_timeout_s
         producer = self._get_producer()
 
         def send() -> Published:
@@ -251,10 +348,33 @@ class KafkaEventBus(EventBus):
                 key=key.encode(),
                 headers=[(k, v.encode()) for k, v in clean.items()],
             )
-            metadata = future.get(timeout=self._request_timeout_s)
+            try:
+                # the producer itself gives the record up before this (producer_timeouts)
+                metadata = future.get(timeout=max(0.0, deadline - time.monotonic()))
+            except BaseException:
+                # Never sent again after this: the caller's retry cannot race a late copy.
+                # (A request that timed out in flight may have been written all the same, so
+                # a caller's retry must be idempotent: a rating's key is its track and
+                # listener, which the feedback ledger counts once.)
+                self._abandon_producer(producer)
+                raise
             return Published(topic, int(metadata.partition), int(metadata.offset))
 
         return _kafka_call(f"publish to {topic}", send)
+
+    def _abandon_producer(self, producer: KafkaProducer) -> None:
+        """Stop a producer whose record failed, so that none of its pending records is ever
+        sent; the next publish makes a new one (a new producer id). Besides the guarantee,
+        kafka-python 3.0.12's idempotent sender stalls after a record expires: it waits for a
+        new producer id and expires nothing meanwhile (after a broker kill -9, no publish
+        succeeded for 13 minutes once the broker was back). Other publishes still waiting on
+        this producer fail with it, and their callers retry."""
+        with self._lock:
+            if self._producer is not producer:
+                return  # another failed publish is stopping it already
+            self._producer = None
+        log.warning("Kafka producer %s abandoned after a failed publish", self._client_id)
+        _force_close(producer, 1.0)  # bounded: the caller is a request's thread
 
     # -- consuming ----------------------------------------------------------------------------
 
@@ -302,7 +422,25 @@ class KafkaEventBus(EventBus):
         with self._lock:
             producer, self._producer = self._producer, None
         if producer is not None:
-            _kafka_call("close producer", lambda: producer.close(timeout=self._request_timeout_s))
+            try:
+                _kafka_call(
+                    "close producer", lambda: producer.close(timeout=self._request_timeout_s)
+                )
+            except TransientError as exc:  # records still pending: they fail, none is sent
+                log.warning("Kafka producer %s closed by force: %s", self._client_id, exc)
+                _force_close(producer, self._request_timeout_s)
+
+
+def _force_close(producer: Any, timeout_s: float) -> None:
+    """Stop a kafka-python producer without sending what it still holds: every pending
+    record's future fails. (kafka-python 3.0.12's ``close`` flushes first and raises when
+    records are pending, leaving its IO thread running, so the sender is stopped first.)"""
+    sender = getattr(producer, "_sender", None)
+    if sender is not None:
+        sender.force_close()
+        sender.join(timeout_s)
+    with contextlib.suppress(Exception):
+        producer.close(timeout=0)  # nothing pending now: frees its metrics and sockets
 
 
 class _KafkaSubscription(Subscription):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, Self, get_args, get_origin
 from urllib.parse import SplitResult, urlsplit
 
-from riffloop.core._errors import ConfigurationError, TransientError
+from riffloop.core._errors import ConfigurationError, TransientError, ValidationError
 
 PREFIX = "RIFFLOOP_"
 _TOPIC_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -54,6 +54,20 @@ class Settings:
     # Topics are created with this many partitions (plus a "<topic>.dlq" twin).
     kafka_partitions: int = 3
     kafka_replication_factor: int = 1
+    # Copies a write must reach before the broker acknowledges it (topic config
+    # min.insync.replicas of the topics created here; producers use acks=all). 1 on a one-broker
+    # stack; with 3 copies, 2 keeps a topic writable through one broker's loss and never
+    # acknowledges a write only one broker holds.
+    kafka_min_insync_replicas: int = 1
+    # How long a dead-letter topic keeps its records (retention.ms of every "<topic>.dlq"): the
+    # time an operator has to fix a bug and replay them (python -m riffloop.core replay-dlq).
+    kafka_dlq_retention_s: int = 14 * 24 * 3600
+    # The longest one publish waits for the broker's verdict. The producer's delivery timeout
+    # (its retries included) is derived to end inside it (KafkaEventBus), so when publish
+    # returns, the record is either acknowledged or will never be sent again: a client that
+    # saw UNAVAILABLE and retries cannot race a late first copy. Clients' deadlines must be
+    # longer (riffloop.client's default is 10 s).
+    kafka_publish_timeout_s: float = 5.0
     # Prepended to every topic name on the broker ("" = none): several Riffloop deployments (or
     # test stacks) share one Kafka cluster without reading each other's events.
     kafka_topic_prefix: str = ""
@@ -138,6 +152,29 @@ class Settings:
                 "kafka_replication_factor",
                 f"must be at least 1, got {self.kafka_replication_factor}",
             )
+        if not 1 <= self.kafka_min_insync_replicas <= self.kafka_replication_factor:
+            _fail(
+                "kafka_min_insync_replicas",
+                f"must lie in 1–RIFFLOOP_KAFKA_REPLICATION_FACTOR ({self.kafka_replication_factor}"
+                f"), got {self.kafka_min_insync_replicas}: more than the copies a topic has "
+                "refuses every write",
+            )
+        if not 3600 <= self.kafka_dlq_retention_s <= 365 * 24 * 3600:
+            _fail(
+                "kafka_dlq_retention_s",
+                f"must lie in 1 hour – 365 days (in seconds), got {self.kafka_dlq_retention_s}",
+            )
+        if not 1.0 <= self.kafka_publish_timeout_s <= 60.0:
+            _fail(
+                "kafka_publish_timeout_s",
+                f"must lie in 1–60 s, got {self.kafka_publish_timeout_s}",
+            )
+        from riffloop.core._kafka_event_bus import producer_timeouts  # (kafka loads lazily)
+
+        try:
+            producer_timeouts(self.kafka_publish_timeout_s, self.kafka_linger_ms)
+        except ValidationError as exc:
+            _fail("kafka_publish_timeout_s", f"is too short for RIFFLOOP_KAFKA_LINGER_MS: {exc}")
         if self.consumer_max_attempts < 1:
             _fail("consumer_max_attempts", f"must be at least 1, got {self.consumer_max_attempts}")
         if self.consumer_retry_backoff_s < 0:

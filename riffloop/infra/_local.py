@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from riffloop.core import Settings, durability_config
 from riffloop.infra._catalog import BUCKETS, TOPIC_PARTITIONS, all_topics
 from riffloop.infra._install import Progress
 from riffloop.infra._layout import CacheLayout, InfraError, default_state_dir
@@ -508,14 +509,26 @@ def _kafka_admin(bootstrap: str, doing: str) -> Iterator[Any]:
 
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int = TOPIC_PARTITIONS) -> None:
-    """Create the missing topics (replication 1) and wait until each has a leader."""
+    """Create the missing topics (replication 1, so min.insync.replicas 1; a DLQ keeps its
+    records for the services' default RIFFLOOP_KAFKA_DLQ_RETENTION_S) and wait until each has
+    a leader."""
+    retention_s = Settings().kafka_dlq_retention_s
     wanted = list(dict.fromkeys(names))
     with _kafka_admin(bootstrap, "Creating topics") as admin:
         existing = set(admin.list_topics())
         missing = [name for name in wanted if name not in existing]
         if not missing:
             return
-        spec = {name: {"num_partitions": partitions, "replication_factor": 1} for name in missing}
+        spec = {
+            name: {
+                "num_partitions": partitions,
+                "replication_factor": 1,
+                "configs": durability_config(
+                    name, min_insync_replicas=1, dlq_retention_s=retention_s
+                ),
+            }
+            for name in missing
+        }
         result = admin.create_topics(spec, raise_errors=False, wait_for_metadata=False)
         failed = [
             f"{topic['name']} ({topic.get('error_message') or topic['error_code']})"
