@@ -33,6 +33,7 @@ from riffloop.core._envelopes import (
     dlq_topic,
     new_envelope,
     payload_of,
+    topic_config,
 )
 from riffloop.core._errors import (
     ChecksumMismatchError,
@@ -116,4 +117,5 @@ __all__ = [
     "replay_dead_letters",
     "run_main",
     "sha256_hex",
+    "topic_config",
 ]

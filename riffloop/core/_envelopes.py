@@ -89,6 +89,30 @@ def dlq_topic(topic: str) -> str:
     return topic + DLQ_SUFFIX
 
 
+# Kafka is the record of the loop and Redis a cache rebuilt from it (riffloop.runtime.rebuild),
+# so the topics a rebuild reads keep what it needs instead of the broker's default 7 days. A topic
+# keyed by one entity whose newest record says all (one TrackReady per track, one request per
+# request id) is compacted: the newest record per key is kept for ever. The others keep every
+# record (retention.ms = -1): ratings are keyed by track or by user, scores and model actions
+# share one key each, and a rebuild needs every one of them.
+_RECORD_CONFIG: dict[Topic, dict[str, str]] = {
+    Topic.GENERATION_REQUESTED: {"cleanup.policy": "compact"},
+    Topic.TRACKS_READY: {"cleanup.policy": "compact"},
+    Topic.FEEDBACK_RECEIVED: {"cleanup.policy": "delete", "retention.ms": "-1"},
+    Topic.TRACKS_SCORED: {"cleanup.policy": "delete", "retention.ms": "-1"},
+    Topic.TRAINSET_PUBLISHED: {"cleanup.policy": "delete", "retention.ms": "-1"},
+    Topic.MODEL_PUBLISHED: {"cleanup.policy": "delete", "retention.ms": "-1"},
+}
+
+
+def topic_config(topic: str) -> dict[str, str]:
+    """The broker settings a topic is created with ({} = the broker's defaults)."""
+    try:
+        return dict(_RECORD_CONFIG.get(Topic(topic), {}))
+    except ValueError:
+        return {}  # a DLQ or a topic outside the catalogue (tests)
+
+
 def all_topics(*, with_dlq: bool = True) -> list[str]:
     names = [t.value for t in Topic]
     return names + [dlq_topic(n) for n in names] if with_dlq else names

@@ -7,17 +7,20 @@ Semantics every adapter keeps (checked by tests/contract/test_event_bus_contract
 - a consumer group reads each record at least once: ``poll`` returns records after the group's
   committed offset, ``commit(message)`` moves it past that record, and records polled but not
   committed are delivered again to whoever next owns the partition (at-least-once);
-- the partitions of a topic are shared among the group's live subscriptions.
+- the partitions of a topic are shared among the group's live subscriptions;
+- ``replay(topic)`` reads a topic from its first record to its end as of the call, outside any
+  consumer group (nothing committed, no member joins): how a cache of the log is rebuilt.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+import itertools
 import re
 import threading
 import zlib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 from riffloop.core._errors import NotFoundError, TransientError, ValidationError
@@ -118,6 +121,12 @@ class EventBus(abc.ABC):
     @abc.abstractmethod
     def subscribe(self, group: str, topics: Sequence[str]) -> Subscription: ...
 
+    @abc.abstractmethod
+    def replay(self, topic: str) -> Iterator[Message]:
+        """Every record of ``topic`` from the earliest kept to the end as of this call, in
+        order per partition (partitions one after another), read outside any consumer group;
+        records published after the call are not included. NotFoundError for a missing topic."""
+
     def publish(
         self,
         topic: str,
@@ -201,6 +210,11 @@ class MemoryEventBus(EventBus):
             )
             self._cond.notify_all()
         return Published(topic, partition, offset)
+
+    def replay(self, topic: str) -> Iterator[Message]:
+        with self._cond:  # (checked now, not on the first next())
+            snapshot = [list(records) for records in self._log(topic)]
+        return itertools.chain.from_iterable(snapshot)
 
     def subscribe(self, group: str, topics: Sequence[str]) -> Subscription:
         validate_group(group)

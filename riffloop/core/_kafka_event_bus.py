@@ -22,10 +22,10 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from riffloop.core._envelopes import DLQ_SUFFIX, all_topics
+from riffloop.core._envelopes import DLQ_SUFFIX, all_topics, topic_config
 from riffloop.core._errors import NotFoundError, TransientError, ValidationError
 from riffloop.core._event_bus import (
     EventBus,
@@ -251,11 +251,14 @@ class KafkaEventBus(EventBus):
                     t: {
                         "num_partitions": count,
                         "replication_factor": self._replication_factor,
-                        "configs": durability_config(
-                            logical[t],
-                            min_insync_replicas=self._min_insync_replicas,
-                            dlq_retention_s=self._dlq_retention_s,
-                        ),
+                        "configs": {
+                            **topic_config(logical[t]),  # retention: riffloop.core._envelopes
+                            **durability_config(
+                                logical[t],
+                                min_insync_replicas=self._min_insync_replicas,
+                                dlq_retention_s=self._dlq_retention_s,
+                            ),
+                        },
                     }
                     for t in missing
                 }
@@ -411,6 +414,68 @@ class KafkaEventBus(EventBus):
             _kafka_call(f"subscribe {group}", make), tuple(topics), self._prefix
         )
 
+    def replay(self, topic: str) -> Iterator[Message]:
+        """A consumer without a group (nothing committed, no rebalance), assigned one partition
+        after another from its beginning offset to the end offset read at the call."""
+        self._require_topics([topic])
+        physical = self._physical(topic)
+
+        def make() -> tuple[Any, dict[Any, int]]:
+            from kafka import KafkaConsumer, TopicPartition
+
+            consumer = _construct(
+                KafkaConsumer,
+                bootstrap_servers=self._bootstrap,
+                client_id=f"{self._client_id}-replay",
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
+                request_timeout_ms=max(
+                    int(self._request_timeout_s * 1000), self._session_timeout_ms + 5000
+                ),
+            )
+            try:
+                numbers = sorted(consumer.partitions_for_topic(physical))
+                if not numbers:
+                    raise TransientError(f"replay {topic}: no partition metadata yet")
+                partitions = [TopicPartition(physical, n) for n in numbers]
+                ends = {tp: int(end) for tp, end in consumer.end_offsets(partitions).items()}
+            except BaseException:
+                consumer.close(autocommit=False)
+                raise
+            return consumer, {tp: ends[tp] for tp in partitions}
+
+        consumer, ends = _kafka_call(f"replay {topic}", make)
+        return self._replayed(topic, consumer, ends)
+
+    def _replayed(self, topic: str, consumer: Any, ends: dict[Any, int]) -> Iterator[Message]:
+        try:
+            for tp, end in ends.items():
+                consumer.assign([tp])
+                consumer.seek_to_beginning(tp)
+                # a poll that brings nothing for this long means the broker is gone
+                stalled_at = time.monotonic() + self._request_timeout_s
+
+                def position(tp: Any = tp) -> int:
+                    return int(consumer.position(tp))
+
+                def fetch() -> Any:
+                    return consumer.poll(timeout_ms=500, max_records=500)
+
+                while _kafka_call(f"replay {topic}", position) < end:
+                    batches = _kafka_call(f"replay {topic}", fetch)
+                    records = [r for r in batches.get(tp, ()) if r.offset < end]
+                    if records:
+                        stalled_at = time.monotonic() + self._request_timeout_s
+                    elif time.monotonic() > stalled_at:
+                        raise TransientError(f"replay {topic}: no records within the timeout")
+                    for record in records:
+                        yield _message(record, self._prefix)
+        finally:
+            with contextlib.suppress(Exception):
+                consumer.close(autocommit=False)
+
     def ping(self) -> None:
         # DescribeCluster, not list_topics: the same proof that a broker answers for ≈ 1.5 ms
         # of CPU instead of ≈ 20 ms spent parsing every topic's metadata.
@@ -443,6 +508,21 @@ def _force_close(producer: Any, timeout_s: float) -> None:
         producer.close(timeout=0)  # nothing pending now: frees its metrics and sockets
 
 
+def _message(record: Any, prefix: str) -> Message:
+    """A kafka-python ConsumerRecord as the port's Message (logical topic name)."""
+    return Message(
+        topic=record.topic[len(prefix) :],
+        partition=int(record.partition),
+        offset=int(record.offset),
+        key=(record.key or b"").decode("utf-8", "replace"),
+        value=bytes(record.value or b""),
+        headers={
+            name: (raw or b"").decode("utf-8", "replace") for name, raw in (record.headers or [])
+        },
+        timestamp_ms=int(record.timestamp),
+    )
+
+
 class _KafkaSubscription(Subscription):
     def __init__(self, consumer: KafkaConsumer, topics: tuple[str, ...], prefix: str = "") -> None:
         self._consumer = consumer
@@ -465,23 +545,7 @@ class _KafkaSubscription(Subscription):
                 return self._consumer.poll(timeout_ms=ms, max_records=max_records)
 
             batches = _kafka_call("poll", fetch)
-            out: list[Message] = []
-            for records in batches.values():
-                for record in records:
-                    out.append(
-                        Message(
-                            topic=record.topic[len(self._prefix) :],
-                            partition=int(record.partition),
-                            offset=int(record.offset),
-                            key=(record.key or b"").decode("utf-8", "replace"),
-                            value=bytes(record.value or b""),
-                            headers={
-                                name: (raw or b"").decode("utf-8", "replace")
-                                for name, raw in (record.headers or [])
-                            },
-                            timestamp_ms=int(record.timestamp),
-                        )
-                    )
+            out = [_message(r, self._prefix) for records in batches.values() for r in records]
             if out or time.monotonic() >= deadline:
                 out.sort(key=lambda m: (m.timestamp_ms, m.topic, m.partition, m.offset))
                 return out

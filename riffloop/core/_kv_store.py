@@ -17,6 +17,7 @@ import dataclasses
 import math
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 
 from riffloop.core._errors import ValidationError
@@ -117,6 +118,12 @@ class KeyValueStore(abc.ABC):
         Returns True if applied, False if the key was already claimed (nothing changed).
         """
 
+    def instance_id(self) -> str:
+        """Names the server process that holds the data (Redis: its ``run_id``): it changes
+        when the store restarts or fails over, so state written before that can be told from
+        what survived it. "" when the store cannot say."""
+        return ""
+
     def ping(self) -> None:
         """Raise TransientError if the store cannot be reached (readiness checks)."""
         return None
@@ -139,6 +146,19 @@ class MemoryKeyValueStore(KeyValueStore):
         self._clock = clock
         self._data: dict[str, _Entry] = {}
         self._lock = threading.RLock()
+        self._instance = uuid.uuid4().hex
+
+    def instance_id(self) -> str:
+        return self._instance
+
+    def restart(self, *, keep: float = 1.0) -> None:
+        """A server restart (a test's): a new :meth:`instance_id`, keeping the first ``keep``
+        share of the keys in insertion order (an append-only file that missed the last writes
+        keeps fewer than all)."""
+        with self._lock:
+            kept = list(self._data)[: int(len(self._data) * keep)]
+            self._data = {k: self._data[k] for k in kept}
+            self._instance = uuid.uuid4().hex
 
     # Expired entries vanish lazily on access, like Redis's passive expiry.
     def _live(self, key: str) -> _Entry | None:
@@ -173,6 +193,21 @@ class MemoryKeyValueStore(KeyValueStore):
     def get(self, key: str) -> str | None:
         with self._lock:
             return self._string(key)
+
+    def dump(self) -> dict[str, str | dict[str, str]]:
+        """Every live key and its value (a copy): what a test compares before and after."""
+        with self._lock:
+            live = [k for k in list(self._data) if self._live(k) is not None]
+            return {
+                k: v if isinstance(v, str) else dict(v)
+                for k in live
+                for v in (self._data[k].value,)
+            }
+
+    def flush(self) -> None:
+        """Remove every key (Redis FLUSHDB): the store lost its data."""
+        with self._lock:
+            self._data.clear()
 
     def set(self, key: str, value: str, *, ttl_s: float | None = None) -> None:
         with self._lock:

@@ -276,6 +276,10 @@ class RedisKeyValueStore(KeyValueStore):
         )
         return bool(int(applied))
 
+    def instance_id(self) -> str:
+        info: Any = self._call("INFO server", lambda: self._client.info("server"))
+        return str(info.get("run_id", ""))
+
     def ping(self) -> None:
         self._call("PING", self._client.ping)
 

@@ -19,11 +19,13 @@ from riffloop.infra._local import (
     create_topics,
     drop_topics,
 )
+from riffloop.infra._servers import REDIS_REQUIREMENTS
 
 __all__ = [
     "BUCKETS",
     "COMPONENTS",
     "EVENT_TOPICS",
+    "REDIS_REQUIREMENTS",
     "SERVER_NAMES",
     "CacheLayout",
     "InfraAddresses",

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from riffloop.core import Settings, durability_config
+from riffloop.core import Settings, durability_config, topic_config
 from riffloop.infra._catalog import BUCKETS, TOPIC_PARTITIONS, all_topics
 from riffloop.infra._install import Progress
 from riffloop.infra._layout import CacheLayout, InfraError, default_state_dir
@@ -523,9 +523,10 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int = TOPIC_
             name: {
                 "num_partitions": partitions,
                 "replication_factor": 1,
-                "configs": durability_config(
-                    name, min_insync_replicas=1, dlq_retention_s=retention_s
-                ),
+                "configs": {
+                    **topic_config(name),  # what a rebuild of Redis reads is kept
+                    **durability_config(name, min_insync_replicas=1, dlq_retention_s=retention_s),
+                },
             }
             for name in missing
         }

@@ -334,6 +334,18 @@ class S3Server(Server):
             return False
 
 
+# What Riffloop needs of a Redis (deploy/k8s/base/redis/redis.conf says the same to a
+# cluster). It is a cache that Kafka can rebuild (design.md §2, riffloop.runtime.rebuild), but
+# a rebuild replays every rating: the append-only file, fsynced each second, keeps a restart to
+# at most the last second of writes (after a crash of the host), and noeviction refuses writes
+# when memory is full instead of silently dropping a ledger row or a once-key.
+REDIS_REQUIREMENTS = {
+    "appendonly": "yes",
+    "appendfsync": "everysec",
+    "maxmemory-policy": "noeviction",
+}
+
+
 class RedisServer(Server):
     """Debian's redis-server on a loopback port, working files in its own folder."""
 
@@ -358,7 +370,6 @@ class RedisServer(Server):
         binary = redis_server_binary()
         if binary is None:
             raise _not_installed("redis-server")
-        # A cache of state that Kafka can rebuild (design.md §2): no snapshots, no AOF.
         return [
             str(binary),
             "--bind",
@@ -369,8 +380,7 @@ class RedisServer(Server):
             str(self.data_dir),
             "--save",
             "",
-            "--appendonly",
-            "no",
+            *(arg for name, value in REDIS_REQUIREMENTS.items() for arg in (f"--{name}", value)),
             "--daemonize",
             "no",
             "--protected-mode",

@@ -20,6 +20,10 @@ moves events, serves reads and counts metrics):
 5. A restarted process rebuilds the ledger and the parked feedback from the mirror
    (:meth:`FeedbackIntake.rebuild`): with the log's redelivery of uncommitted records that is
    the same state (kill -9 safe).
+6. The mirror itself is a cache of the log: a fresh intake fed tracks.ready.v1 and then
+   feedback.received.v1 from their first records writes the same mirror and parked feedback
+   (``riffloop.runtime.feedback_rebuild_plan``), every item once, the first of a (track, rater)
+   winning as it did in the ledger.
 
 Key-value layout: ``fb:tracks`` hash track → JSON :class:`TrackRecord`; ``fb:ratings:<track>``
 hash rater → JSON rating; ``fb:listens:<track>`` hash rater → JSON listen; ``fb:parked`` hash
@@ -339,7 +343,9 @@ class FeedbackIntake:
     tracks changed and the inputs accepted since the last pass); one lock guards them.
 
     ``kv`` holds the mirror and the parked envelopes; ``bus`` takes the dead letters of
-    parked feedback, published as ``producer`` (the consumer group that committed it)."""
+    parked feedback, published as ``producer`` (the consumer group that committed it).
+    ``dead_letters=False`` (a rebuild replaying the log) sends none: the consumer sent them
+    when it first met those records."""
 
     def __init__(
         self,
@@ -348,6 +354,7 @@ class FeedbackIntake:
         *,
         producer: str,
         hooks: FeedbackHooks | None = None,
+        dead_letters: bool = True,
     ) -> None:
         self.lock = threading.Lock()
         self.ledger = FeedbackLedger()
@@ -356,6 +363,7 @@ class FeedbackIntake:
         self.hooks = hooks or FeedbackHooks()
         self._bus = bus
         self._producer = producer
+        self._dead_letters = dead_letters
         # Tracks whose score may have changed since the last pass, and the inputs the scorer's
         # replica has not applied yet (in the order the ledger applied them).
         self.dirty: set[str] = set()
@@ -539,6 +547,8 @@ class FeedbackIntake:
 
     def _dead_letter(self, envelope: events_pb2.Envelope, error: Exception) -> None:
         """Feedback whose record was committed long ago (parked) to the DLQ, from here."""
+        if not self._dead_letters:
+            return
         publish_dead_letter(
             self._bus,
             group=self._producer,

@@ -145,3 +145,7 @@ class ModelRatingsView:
             self.kv.hset_many({self.key: changed})
             self._written.update(changed)
         return changed
+
+    def forget(self) -> None:
+        """The hash was lost (an emptied store): the next :meth:`write` writes every version."""
+        self._written = {}

@@ -3,7 +3,8 @@
 gRPC server start-up with health, reflection and message-size limits (:class:`ServiceRuntime`),
 per-dependency readiness (:class:`Readiness`), the interceptors (observability, bearer auth,
 per-user rate limit), the shared rate limiter, bearer tokens, JSON logging, the ports wiring
-(:class:`Ports`), the consumer worker, and the Prometheus metric objects
+(:class:`Ports`), the consumer worker, the rebuild of a service's Redis state from Kafka
+(:class:`RebuildPlan`, :class:`RebuildWatch`), and the Prometheus metric objects
 (:mod:`riffloop.runtime.metrics`).
 """
 
@@ -38,6 +39,28 @@ from riffloop.runtime._models import (
 )
 from riffloop.runtime._ports import Ports, connect_ports
 from riffloop.runtime._ratelimit import SlidingWindowLimiter
+from riffloop.runtime._rebuild import (
+    RebuildPlan,
+    RebuildReport,
+    RebuildWatch,
+    Replay,
+    ensure_rebuilt,
+    is_rebuilt,
+    rebuild,
+    rebuild_command,
+)
+from riffloop.runtime._rebuild_plans import (
+    FEEDBACK_REBUILT_MARKER,
+    SELECTOR_REBUILT_MARKER,
+    TRAINER_REBUILT_MARKER,
+    CanaryEvidence,
+    TrainsetHistory,
+    feedback_rebuild_plan,
+    feedback_track_record,
+    gateway_rebuild_plan,
+    selector_rebuild_plan,
+    trainer_rebuild_plan,
+)
 from riffloop.runtime._server import (
     DeferredWorker,
     LoopWorker,
@@ -47,13 +70,18 @@ from riffloop.runtime._server import (
     Worker,
 )
 from riffloop.runtime._settings import DispatchKeyed, ServiceSettings
+from riffloop.runtime._track_records import TrackRecords
 
 __all__ = [
+    "FEEDBACK_REBUILT_MARKER",
     "LATENTS_BUCKET",
     "MODEL_CONSTRUCTION_LOCK",
     "MODEL_RATINGS_KEY",
+    "SELECTOR_REBUILT_MARKER",
     "TRACK_SCORES_KEY",
+    "TRAINER_REBUILT_MARKER",
     "BearerAuthInterceptor",
+    "CanaryEvidence",
     "ConsumerWorker",
     "DeferredWorker",
     "DispatchKeyed",
@@ -68,25 +96,40 @@ __all__ = [
     "RateLimitInterceptor",
     "RateLimiter",
     "Readiness",
+    "RebuildPlan",
+    "RebuildReport",
+    "RebuildWatch",
+    "Replay",
     "ServedModel",
     "ServiceRuntime",
     "ServiceSettings",
     "SlidingWindowLimiter",
     "TokenSigner",
     "TokenVerifier",
+    "TrackRecords",
+    "TrainsetHistory",
     "Worker",
     "bearer_user",
     "checked_track_ready",
     "configure_logging",
     "connect_ports",
     "current_user",
+    "ensure_rebuilt",
+    "feedback_rebuild_plan",
+    "feedback_track_record",
+    "gateway_rebuild_plan",
     "hmac_kid",
+    "is_rebuilt",
     "keep_current",
     "metrics",
     "provenance_from_proto",
     "provenance_to_proto",
+    "rebuild",
+    "rebuild_command",
     "remaining_seconds",
     "request_id_var",
     "scored_items",
+    "selector_rebuild_plan",
     "track_scored_to_proto",
+    "trainer_rebuild_plan",
 ]

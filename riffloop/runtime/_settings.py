@@ -21,6 +21,9 @@ class ServiceSettings(Settings):
     # Seconds between a model-serving replica's checks of models/CURRENT and models/CANARY
     # (model.published reaches only one replica of a consumer group; see ServedModel).
     model_poll_s: float = 5.0
+    # Seconds between a service's checks that its Redis state is there (riffloop.runtime
+    # RebuildWatch): an emptied store is rebuilt from Kafka within one check plus the replay.
+    rebuild_check_s: float = 2.0
 
     def _validate(self) -> None:
         super()._validate()
@@ -37,6 +40,8 @@ class ServiceSettings(Settings):
             raise ConfigurationError("RIFFLOOP_DRAIN_DELAY_S must lie in [0, 60]")
         if not 0.1 <= self.model_poll_s <= 3600:
             raise ConfigurationError("RIFFLOOP_MODEL_POLL_S must lie in [0.1, 3600]")
+        if not 0.1 <= self.rebuild_check_s <= 3600:
+            raise ConfigurationError("RIFFLOOP_REBUILD_CHECK_S must lie in [0.1, 3600]")
 
 
 # One key per process for the embedded backend (every service of an embedded stack runs in one

@@ -7,7 +7,16 @@ import threading
 import time
 
 from riffloop.loop import ConfidenceWeight, SpamFilter
-from riffloop.runtime import ConsumerWorker, EventRouter, LoopWorker, Ports, ServiceRuntime
+from riffloop.runtime import (
+    ConsumerWorker,
+    EventRouter,
+    LoopWorker,
+    Ports,
+    RebuildWatch,
+    ServiceRuntime,
+    ensure_rebuilt,
+    feedback_rebuild_plan,
+)
 from riffloop.v1 import feedback_service_pb2_grpc as pb_grpc
 from services.feedback._scorer import InlineScorer, ProcessScorer
 from services.feedback._service import FeedbackServicer, FeedbackSettings, FeedbackState
@@ -31,6 +40,10 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
     # Its imports (≈ 2 s of CPU) happen before the service reports SERVING, not in a pass.
     scorer.start()
     state = FeedbackState(ports, scorer=scorer)
+    # Redis emptied since the last start (or a new deployment): its state again from the log,
+    # before the ledger is read from it
+    plan = feedback_rebuild_plan(ports.kv, ports.bus, producer=ports.producer)
+    ensure_rebuilt(ports.bus, ports.kv, plan)
     rebuilt = state.rebuild()
     released = state.release_parked()  # parked before a crash, their tracks ready since
     _log.info("ledger rebuilt", extra={"ratings": rebuilt, "parked_released": released})
@@ -46,6 +59,17 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
         {"tracks.ready.v1": state.on_track_ready, "feedback.received.v1": state.on_feedback}
     )
     runtime.add_worker(ConsumerWorker(settings, ports, router))
+    # emptied while serving: the ledger in memory holds on; its mirror is written again
+    runtime.add_worker(
+        RebuildWatch(
+            settings.service_name,
+            ports.bus,
+            ports.kv,
+            plan,
+            interval_s=settings.rebuild_check_s,
+            on_rebuilt=state.on_store_rebuilt,
+        )
+    )
 
     def score_loop(stop: threading.Event) -> None:
         last_pass_s = 0.0

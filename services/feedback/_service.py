@@ -38,13 +38,12 @@ from riffloop.loop import (
     ParkedFeedback,
     SpamFilter,
     SpamReport,
-    TrackRecord,
 )
 from riffloop.runtime import (
     MODEL_RATINGS_KEY,
     TRACK_SCORES_KEY,
     ServiceSettings,
-    checked_track_ready,
+    feedback_track_record,
     metrics,
 )
 from riffloop.v1 import events_pb2
@@ -159,11 +158,7 @@ class FeedbackState:
     # -- events (the consumer's handlers) and start-up ------------------------------------------
 
     def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
-        ready = envelope.track_ready
-        prov = checked_track_ready(ready)
-        served_at = envelope.occurred_at.ToNanoseconds() / 1e9
-        served_to = {ready.user_id: served_at} if ready.user_id else {}
-        self.intake.on_track_ready(TrackRecord(prov, ready.duration_seconds, served_to))
+        self.intake.on_track_ready(feedback_track_record(envelope))
 
     def on_feedback(self, envelope: events_pb2.Envelope) -> None:
         self.intake.on_feedback(envelope)
@@ -171,6 +166,11 @@ class FeedbackState:
     def rebuild(self) -> int:
         """Reload the ledger and the parked feedback from the key-value store; return ratings."""
         return self.intake.rebuild()
+
+    def on_store_rebuilt(self, report: Any) -> None:
+        """The key-value store was emptied and rebuilt from the log: write every version's
+        ratings again on the next pass."""
+        self._model_ratings_view.forget()
 
     def release_parked(self, track_id: str | None = None) -> int:
         return self.intake.release_parked(track_id)

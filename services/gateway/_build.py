@@ -21,9 +21,12 @@ from riffloop.runtime import (
     MiB,
     Ports,
     RateLimitInterceptor,
+    RebuildWatch,
     ServiceRuntime,
     SlidingWindowLimiter,
     TokenSigner,
+    ensure_rebuilt,
+    gateway_rebuild_plan,
     hmac_kid,
 )
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
@@ -152,6 +155,15 @@ def build(
     for dependency, check in ports.readiness_checks().items():
         runtime.readiness.add_check(dependency, check)
     events = GatewayEvents(ports, dispatcher, clock)
+    # Redis emptied (or a new deployment): the track records and the queue again from the log,
+    # before the first call; while serving, the watch does the same
+    plan = gateway_rebuild_plan(ports.kv, dispatcher, producer=ports.producer)
+    ensure_rebuilt(ports.bus, ports.kv, plan)
+    runtime.add_worker(
+        RebuildWatch(
+            settings.service_name, ports.bus, ports.kv, plan, interval_s=settings.rebuild_check_s
+        )
+    )
     router = EventRouter(
         {
             "tracks.ready.v1": events.on_track_ready,

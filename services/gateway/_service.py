@@ -56,7 +56,6 @@ from riffloop.core import (
     RateLimitedError,
     RiffloopError,
     ValidationError,
-    decode_envelope,
 )
 from riffloop.loop import QueuedTrack, QueuePolicy, TrackKind, choose_next_track
 from riffloop.runtime import (
@@ -64,7 +63,7 @@ from riffloop.runtime import (
     MODEL_RATINGS_KEY,
     DispatchKeyed,
     LatentRecord,
-    checked_track_ready,
+    TrackRecords,
     current_user,
     metrics,
 )
@@ -316,10 +315,6 @@ def _now_ts(at: float | None = None) -> Timestamp:
     ts = Timestamp()
     ts.FromNanoseconds(int((time.time() if at is None else at) * 1e9))
     return ts
-
-
-def _ref_to_dict(ref: common_pb2.ObjectRef) -> dict[str, Any]:
-    return {"bucket": ref.bucket, "key": ref.key, "sha256": ref.sha256, "size": ref.size_bytes}
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
@@ -921,107 +916,12 @@ def _track_message(track_id: str, record: dict[str, Any]) -> pb.Track:
 # -- event handlers (consumer side) -------------------------------------------------------------
 
 
-# Error types whose text (RiffloopError.reason) is safe to show a client.
-_CLIENT_SAFE_ERRORS = frozenset(
-    {
-        "ValidationError",
-        "NotFoundError",
-        "ConflictError",
-        "PermanentError",
-        "InvalidAudio",
-        "ChecksumMismatchError",
-    }
-)
-
-
-class GatewayEvents:
-    """What the gateway does with the events it consumes; each handler is idempotent."""
+class GatewayEvents(TrackRecords):
+    """What the gateway does with the events it consumes: ``riffloop.runtime.TrackRecords``,
+    the rules its rebuild replays too; each handler is idempotent."""
 
     def __init__(self, ports: Any, dispatcher: Any, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock
-        self.ports = ports
-        self.dispatcher = dispatcher  # the servicer's: request id → the track id it returned
-
-    def on_generation_dead_lettered(self, envelope: events_pb2.Envelope) -> None:
-        """generation.requested.v1.dlq: the generator gave up on a request (its songs were
-        never encoded, an input it refuses, a bug). The client's track turns ``failed`` with
-        the reason, instead of ``pending`` for ever. A replay of the DLQ that then succeeds
-        makes it ``ready`` (on_track_ready overwrites the status)."""
-        dead = envelope.dead_letter
-        if dead.original_topic != "generation.requested.v1":
-            return
-        try:
-            original = decode_envelope(bytes(dead.original_value), dead.original_topic)
-        except ValidationError:
-            return  # poison that never was a request: no client waits for it
-        request_id = original.generation_requested.request_id
-        key = f"gw:track:{self.dispatcher.track_id_for(request_id)}"
-        raw = self.ports.kv.get(key)
-        if raw is None:
-            return  # requested elsewhere (the generator's own Generate RPC)
-        record = json.loads(raw)
-        if record["status"] == "ready":
-            return  # a replay made it meanwhile
-        # A RiffloopError's reason is written for clients; anything else may carry internals.
-        known = dead.error_type in _CLIENT_SAFE_ERRORS
-        record.update(
-            status="failed",
-            failure_reason=dead.error if known else "the generator failed on this request",
-        )
-        self.ports.kv.set(key, json.dumps(record))
-        _log.warning(
-            "generation failed",
-            extra={"track_id": key.removeprefix("gw:track:"), "request_id": request_id},
-        )
-
-    def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
-        """A track turns ready for its owner and enters the listening queue. The kind and the
-        provenance are kept in the record for the queue's rules; no response ever carries
-        them. Idempotent: a redelivered TrackReady of a ready track changes nothing, so a
-        track that has left the queue does not come back."""
-        ready = envelope.track_ready
-        prov = checked_track_ready(ready)  # what the feedback service refuses is never "ready"
-        key = f"gw:track:{ready.track_id}"
-        raw = self.ports.kv.get(key)
-        record: dict[str, Any] = (
-            json.loads(raw)
-            if raw
-            else {
-                "owner": ready.user_id,
-                "requested_at": self.clock(),
-                "request_id": ready.provenance.request_id,
-            }
-        )
-        if record.get("status") == "ready":
-            return
-        ready_at = self.clock()
-        if "probe_of" not in record:  # a consistency probe is served once, to one listener
-            queued = {"kind": prov.kind.value, "owner": record["owner"], "ready_at": ready_at}
-            self.ports.kv.hset("gw:queue", {ready.track_id: json.dumps(queued)})
-        record.update(
-            status="ready",
-            audio=_ref_to_dict(ready.audio),
-            duration=ready.duration_seconds,
-            ready_at=ready_at,
-            kind=prov.kind.value,
-            provenance=base64.b64encode(ready.provenance.SerializeToString()).decode(),
-        )
-        record.pop("failure_reason", None)
-        self.ports.kv.set(key, json.dumps(record))
-
-    def on_model_published(self, envelope: events_pb2.Envelope) -> None:
-        event = envelope.model_published
-        if event.action == common_pb2.MODEL_ACTION_UNSPECIFIED:
-            raise ValidationError(f"model.published for {event.version} names no action")
-        known = self.ports.kv.hget("gw:models", event.version)
-        if known is None:
-            info = {
-                "parent": event.parent_version,
-                "published_at": envelope.occurred_at.ToNanoseconds() / 1e9,
-            }
-            self.ports.kv.hset("gw:models", {event.version: json.dumps(info)})
-        if event.action != common_pb2.MODEL_ACTION_CANARY:  # a canary serves only a share
-            self.ports.kv.set("gw:models:current", event.version)
+        super().__init__(ports.kv, dispatcher, producer=ports.producer, clock=clock)
 
 
 __all__ = ["GatewayEvents", "GatewayServicer", "GatewaySettings"]

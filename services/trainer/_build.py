@@ -11,13 +11,28 @@ from riffloop.runtime import (
     EventRouter,
     LoopWorker,
     Ports,
+    RebuildPlan,
+    RebuildWatch,
     ServiceRuntime,
+    ensure_rebuilt,
+    trainer_rebuild_plan,
 )
 from riffloop.v1 import trainer_service_pb2_grpc as pb_grpc
-from services.trainer._service import TrainerHandlers, TrainerServicer
+from services.trainer._service import TrainerHandlers, TrainerServicer, scored_tracks
 from services.trainer._settings import TrainerSettings
 
 _log = logging.getLogger("riffloop.trainer")
+
+
+def rebuild_plan(settings: TrainerSettings, ports: Ports) -> RebuildPlan:
+    """What rebuilds this trainer's Redis state from Kafka (riffloop.runtime)."""
+    return trainer_rebuild_plan(
+        ports.kv,
+        ports.objects,
+        scored_tracks,
+        min_ratings=settings.canary_min_ratings,
+        max_ratings=settings.canary_max_ratings,
+    )
 
 
 def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, TrainerHandlers]:
@@ -27,6 +42,10 @@ def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, Trai
     torch.set_num_threads(settings.torch_threads)
     ports.prepare(settings.kafka_partitions)
     core = TrainerHandlers(settings, ports)
+    # Redis emptied (or a new deployment): a running canary's evidence again from the log,
+    # before the bootstrap resumes the canary from it; while serving, the watch does the same
+    plan = rebuild_plan(settings, ports)
+    ensure_rebuilt(ports.bus, ports.kv, plan)
     runtime = ServiceRuntime.from_settings(settings, max_workers=4)
     runtime.add_service(
         pb_grpc.add_TrainerServiceServicer_to_server,
@@ -57,6 +76,11 @@ def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, Trai
     )
     consumer = ConsumerWorker(settings, ports, router)
     runtime.add_worker(DeferredWorker(consumer, base_ready.is_set))
+    runtime.add_worker(
+        RebuildWatch(
+            settings.service_name, ports.bus, ports.kv, plan, interval_s=settings.rebuild_check_s
+        )
+    )
 
     class _StopTraining:
         name = "trainer-stop"

@@ -152,6 +152,37 @@ class TestEventBusContract:
         finally:
             subscription.close()
 
+    def test_replay_reads_every_record_to_the_end_outside_any_group(
+        self, event_bus: BusUnderTest
+    ) -> None:
+        """A rebuild's read: every record from the first, in order per key, up to the end as of
+        the call; twice gives the same; a group's committed offsets do not move it (nor it them)."""
+        topic = event_bus.topic(partitions=3)
+        sent = [(f"track-{i % 4}", f"{i}".encode()) for i in range(12)]
+        for key, value in sent:
+            event_bus.bus.publish_raw(topic, key, value)
+        group = fresh_name("g")
+        subscription = event_bus.make_bus().subscribe(group, [topic])
+        try:
+            records = drain(subscription, 12)
+            for record in records:
+                subscription.commit(record)
+            replayed = list(event_bus.make_bus().replay(topic))
+            again = list(event_bus.bus.replay(topic))
+            assert subscription.lag() == {topic: 0}
+        finally:
+            subscription.close()
+        assert sorted((m.key, m.value) for m in replayed) == sorted(sent)
+        assert [(m.key, m.value) for m in again] == [(m.key, m.value) for m in replayed]
+        for key in {k for k, _ in sent}:  # per key, in the order published
+            assert [m.value for m in replayed if m.key == key] == [v for k, v in sent if k == key]
+        later = event_bus.bus.replay(topic)
+        event_bus.bus.publish_raw(topic, "track-9", b"after the call")
+        assert len(list(later)) == 12
+        assert list(event_bus.bus.replay(event_bus.topic())) == []
+        with pytest.raises(NotFoundError):
+            event_bus.bus.replay(fresh_name("missing"))
+
     def test_members_of_a_group_share_the_partitions(self, event_bus: BusUnderTest) -> None:
         topic = event_bus.topic(partitions=3)
         group = fresh_name("g")

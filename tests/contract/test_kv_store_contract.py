@@ -28,6 +28,15 @@ class TestKeyValueStoreContract:
         assert store.delete(k) is False
         assert store.get(k) is None
 
+    def test_instance_id_names_the_server_and_holds_while_it_runs(self, kv_store: KV) -> None:
+        """What a rebuild marker records to tell state that survived a restart (or a
+        fail-over) from state written since: the same on every call to one running server."""
+        store, key = kv_store
+        first = store.instance_id()
+        assert first and isinstance(first, str)
+        store.set(key(), "x")
+        assert store.instance_id() == first
+
     def test_ttl_expires(self, kv_store: KV) -> None:
         store, key = kv_store
         k = key()

@@ -766,3 +766,33 @@ def test_service_monitors_select_existing_metrics_ports() -> None:
             assert endpoint["port"] == "metrics"
             # Keep the services' own `service` label (alerts group by it).
             assert endpoint["honorLabels"] is True
+
+
+def _redis_conf(text: str) -> dict[str, str]:
+    """A redis.conf's directives (name → value), comments and blank lines left out."""
+    pairs = [line.split(None, 1) for line in text.splitlines()]
+    return {p[0]: p[1].strip() for p in pairs if p and not p[0].startswith("#")}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_state_what_redis_needs(overlay: str) -> None:
+    """Each overlay ships riffloop-redis-config (a stable name): the append-only file fsynced
+    every second and no eviction — what the local stack runs its Redis with (riffloop.infra)."""
+    from riffloop.infra import REDIS_REQUIREMENTS
+
+    config = by_name(render(overlay), "ConfigMap")["riffloop-redis-config"]
+    assert config["metadata"]["namespace"] == NAMESPACES[overlay]
+    directives = _redis_conf(config["data"]["redis.conf"])
+    assert directives == REDIS_REQUIREMENTS
+    assert directives == {
+        "appendonly": "yes",
+        "appendfsync": "everysec",
+        "maxmemory-policy": "noeviction",
+    }
+
+
+def test_redis_conf_parser_sees_a_missing_setting() -> None:
+    assert _redis_conf("# persistence\nappendonly no\n\nmaxmemory-policy allkeys-lru\n") == {
+        "appendonly": "no",
+        "maxmemory-policy": "allkeys-lru",
+    }
