@@ -55,6 +55,7 @@ UNARY_SHARE = 0.3  # of each listener's ratings sent one Rate call each
 WORKERS = 4
 PACE_S = 0.03  # between one worker's calls: the stream lasts long enough to be cut
 FLUSH_AT = 0.4  # Redis is emptied once this share of the ratings was accepted
+RETRIED = 100  # accepted ratings a client sends again right after the flush
 VERSION = "v0001"
 MARKERS = ("gw:rebuilt", FEEDBACK_REBUILT_MARKER)
 
@@ -180,6 +181,28 @@ def _worker(
     return work
 
 
+def _send_again(
+    clients: dict[str, GatewayClient], tracks: dict[str, str], retried: list[str]
+) -> Counter[str]:
+    """Rate each of ``retried`` (accepted before) once more with the same stars, retrying while
+    the gateway has no record of it; the outcomes by kind."""
+    outcomes: Counter[str] = Counter()
+    for track_id in retried:
+        for _ in range(300):
+            try:
+                clients[tracks[track_id]].rate(track_id, _stars(track_id))
+                outcomes["accepted again"] += 1
+            except ConflictError:
+                outcomes["already rated"] += 1
+            except (NotFoundError, TransientError, RateLimitedError):
+                time.sleep(0.1)
+                continue
+            break
+        else:
+            outcomes["unanswered"] += 1
+    return outcomes
+
+
 def _recount(settings: Settings) -> Counter[tuple[str, str]]:
     """Every rating item on feedback.received.v1, first record to last: (track, listener) →
     copies, nothing deduplicated."""
@@ -277,6 +300,10 @@ def test_redis_flushed_during_2000_ratings_is_rebuilt_from_kafka_losing_none(
     store.flushdb()  # Redis lost everything: ledger rows, track records, once-keys, markers
     flushed_at = time.monotonic()
     at_flush = len(tally.accepted)
+    # clients retry ratings they already sent (a lost answer, say) while the once-keys are gone
+    with tally.lock:
+        retried = sorted(tally.accepted)[:RETRIED]
+    again = _send_again(clients, tracks, retried)
     rebuilt = _wait(
         lambda: all(kv.get(m) not in (None, "rebuilding") for m in MARKERS), 60, poll_s=0.05
     )
@@ -328,6 +355,8 @@ def test_redis_flushed_during_2000_ratings_is_rebuilt_from_kafka_losing_none(
         f"  accepted {len(tally.accepted)} ({at_flush} before the flush, {rows_before} ledger "
         f"rows in Redis then) + {len(tally.already)} found already rated on a retry; "
         f"{tally.not_found} answers 'no such track' while the gateway's records were gone\n"
+        f"  {RETRIED} accepted ratings sent again after the flush: {again['accepted again']} "
+        f"accepted again (their once-keys were gone), {again['already rated']} already rated\n"
         f"  both services rebuilt from Kafka {rebuild_s:.1f} s after the flush\n"
         f"  redis-server kill -9 + restart (AOF): {survived} ledger rows came back from the "
         f"file; rebuilt under the new run_id {rebuild_after_restart_s:.1f} s after the restart\n"
@@ -341,5 +370,7 @@ def test_redis_flushed_during_2000_ratings_is_rebuilt_from_kafka_losing_none(
     assert 0 < at_flush < len(tracks), "the flush must land while ratings stream"
     assert answered == set(tracks) and not tally.accepted & tally.already
     assert set(copies) == set(tracks.items())  # every accepted rating is on the topic
+    assert again["unanswered"] == 0
+    assert len(doubled) == again["accepted again"]  # each resend accepted: a second copy
     assert rows == {(t, u): _stars(t) for t, u in tracks.items()}  # 0 lost, none altered
     assert ledger == len(copies) == len(tracks)  # 0 counted twice
