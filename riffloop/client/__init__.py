@@ -1,4 +1,5 @@
-"""Typed Python client of the Riffloop gateway (``GatewayClient``)."""
+"""Typed Python client of the Riffloop gateway (``GatewayClient``), and ``operator_channel`` for
+the internal services' operator RPCs."""
 
 from riffloop.client._client import (
     FeedbackOutcome,
@@ -9,6 +10,7 @@ from riffloop.client._client import (
     TrackInfo,
     UploadedSong,
 )
+from riffloop.client._operator import operator_channel
 
 __all__ = [
     "FeedbackOutcome",
@@ -18,4 +20,5 @@ __all__ = [
     "Rating",
     "TrackInfo",
     "UploadedSong",
+    "operator_channel",
 ]

@@ -56,7 +56,7 @@ from riffloop.core._event_bus import (
     Subscription,
     partition_for,
 )
-from riffloop.core._kafka_event_bus import KafkaEventBus, durability_config
+from riffloop.core._kafka_event_bus import KafkaEventBus, KafkaSecurity, durability_config
 from riffloop.core._kv_store import KeyValueStore, MemoryKeyValueStore
 from riffloop.core._local_object_store import LocalDirObjectStore
 from riffloop.core._memory_object_store import MemoryObjectStore
@@ -80,6 +80,7 @@ __all__ = [
     "Interrupted",
     "ItemsRefused",
     "KafkaEventBus",
+    "KafkaSecurity",
     "KeyValueStore",
     "LocalDirObjectStore",
     "MemoryEventBus",

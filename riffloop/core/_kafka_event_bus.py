@@ -9,9 +9,12 @@
 - Consumers: ``enable_auto_commit=False``; offsets are committed only by ``commit(message)``, which
   the Consumer loop calls after the handler succeeded; ``close`` never auto-commits.
 - Admin: ``ensure_topics`` creates topics (auto-create is off on our brokers) with the configured
-  partitions and replication factor and :func:`durability_config` (``min.insync.replicas``; a
-  ``.dlq``'s retention); ``ensure_catalogue`` creates every topic plus its ``.dlq``. An existing
-  topic keeps its configs.
+  partitions and replication factor, their record configs (``topic_config``) and
+  :func:`durability_config` (``min.insync.replicas``; a ``.dlq``'s retention);
+  ``ensure_catalogue`` creates every topic plus its ``.dlq``. An existing topic keeps its configs.
+- Security: :class:`KafkaSecurity` (TLS with a CA file, SASL/SCRAM user and password) goes to
+  every client; a broker that refuses the credentials is a ConfigurationError naming the user, not
+  an outage to retry.
 - Errors: a Kafka failure is a TransientError with a retry hint (``RETRY_AFTER_S``), which the
   gRPC interceptor sends to the client as the ``retry-after-ms`` trailer.
 """
@@ -19,6 +22,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -26,7 +30,12 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from riffloop.core._envelopes import DLQ_SUFFIX, all_topics, topic_config
-from riffloop.core._errors import NotFoundError, TransientError, ValidationError
+from riffloop.core._errors import (
+    ConfigurationError,
+    NotFoundError,
+    TransientError,
+    ValidationError,
+)
 from riffloop.core._event_bus import (
     EventBus,
     Message,
@@ -36,6 +45,7 @@ from riffloop.core._event_bus import (
     validate_headers,
     validate_topic,
 )
+from riffloop.core._kafka_credentials import sasl_refusal
 
 if TYPE_CHECKING:
     from kafka import KafkaConsumer, KafkaProducer
@@ -45,11 +55,69 @@ if TYPE_CHECKING:
 log = logging.getLogger("riffloop.kafka")
 T = TypeVar("T")
 
-
 # A client's retry hint after a Kafka failure: kafka-python reconnects to a lost broker with
 # back-off up to reconnect_backoff_max_ms (1 s, its default), so a retry sooner than that would
 # meet the same closed connection.
 RETRY_AFTER_S = 1.0
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class KafkaSecurity:
+    """How every client of a bus meets the brokers (settings ``kafka_security_protocol``,
+    ``kafka_sasl_*``, ``kafka_ssl_cafile``): PLAINTEXT, TLS (``SSL``), SASL/SCRAM
+    (``SASL_PLAINTEXT``) or both (``SASL_SSL``). TLS verifies the brokers' certificates and host
+    names against ``cafile``; the password never appears in ``repr``."""
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    username: str = ""
+    password: str = ""
+    cafile: str = ""
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"):
+            raise ValidationError(f"unknown Kafka security protocol {self.protocol!r}")
+        if self.sasl and self.sasl_mechanism not in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+            raise ValidationError(f"unsupported SASL mechanism {self.sasl_mechanism!r}")
+        if self.sasl and not (self.username and self.password):
+            raise ValidationError(f"{self.protocol} needs a SASL user name and password")
+        if self.tls and not self.cafile:
+            raise ValidationError(f"{self.protocol} needs the CA file of the brokers")
+
+    @property
+    def sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def tls(self) -> bool:
+        return self.protocol in ("SSL", "SASL_SSL")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> KafkaSecurity:
+        sasl = settings.kafka_security_protocol.startswith("SASL_")
+        return cls(
+            settings.kafka_security_protocol,
+            settings.kafka_sasl_mechanism,
+            settings.kafka_sasl_username if sasl else "",
+            settings.kafka_sasl_password if sasl else "",
+            settings.kafka_ssl_cafile,
+        )
+
+    def client_config(self) -> dict[str, Any]:
+        """kafka-python options for every client (admin, producer, consumers)."""
+        config: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.sasl:
+            config.update(
+                sasl_mechanism=self.sasl_mechanism,
+                sasl_plain_username=self.username,
+                sasl_plain_password=self.password,
+            )
+        if self.tls:
+            config.update(ssl_cafile=self.cafile, ssl_check_hostname=True)
+        return config
+
+    def __repr__(self) -> str:
+        return f"KafkaSecurity({self.protocol}, {self.sasl_mechanism}, user={self.username!r})"
 
 
 def _kafka_call(what: str, action: Callable[[], T]) -> T:
@@ -125,12 +193,17 @@ def _construct(client_class: Any, **config: Any) -> Any:
 
     try:
         return client_class(kafka_client=tracking_factory, **config)
-    except BaseException:
+    except BaseException as exc:
         for client in created:
             with contextlib.suppress(Exception):
                 client.close()
             with contextlib.suppress(Exception):
                 client._manager._net.stop()
+        # kafka-python reports refused SASL credentials as a bootstrap timeout: ask once more,
+        # ourselves, so a wrong password is a configuration error, not an outage to retry.
+        refusal = sasl_refusal(config) if isinstance(exc, Exception) else None
+        if refusal:
+            raise ConfigurationError(refusal) from None
         raise
 
 
@@ -152,6 +225,7 @@ class KafkaEventBus(EventBus):
         publish_timeout_s: float = 5.0,
         min_insync_replicas: int = 1,
         dlq_retention_s: int = 14 * 24 * 3600,
+        security: KafkaSecurity | None = None,
     ) -> None:
         if not bootstrap:
             raise ValidationError("Kafka bootstrap servers must be given (host:port)")
@@ -160,6 +234,8 @@ class KafkaEventBus(EventBus):
                 f"min_insync_replicas must lie in 1–{replication_factor} (the replication factor)"
             )
         self._bootstrap = [s.strip() for s in bootstrap.split(",") if s.strip()]
+        self.security = security or KafkaSecurity()
+        self._security = self.security.client_config()  # passed to every client
         self._client_id = client_id
         self._partitions = partitions
         self._replication_factor = replication_factor
@@ -195,6 +271,7 @@ class KafkaEventBus(EventBus):
             publish_timeout_s=settings.kafka_publish_timeout_s,
             min_insync_replicas=settings.kafka_min_insync_replicas,
             dlq_retention_s=settings.kafka_dlq_retention_s,
+            security=KafkaSecurity.from_settings(settings),
         )
 
     def _physical(self, topic: str) -> str:
@@ -216,6 +293,7 @@ class KafkaEventBus(EventBus):
                     self._admin = _construct(
                         KafkaAdminClient,
                         bootstrap_servers=self._bootstrap,
+                        **self._security,
                         client_id=f"{self._client_id}-admin",
                         request_timeout_ms=int(self._request_timeout_s * 1000),
                         bootstrap_timeout_ms=int(self._request_timeout_s * 1000),
@@ -306,6 +384,7 @@ class KafkaEventBus(EventBus):
                     producer: KafkaProducer = _construct(
                         KafkaProducer,
                         bootstrap_servers=self._bootstrap,
+                        **self._security,
                         client_id=self._client_id,
                         acks="all",
                         enable_idempotence=True,
@@ -393,6 +472,7 @@ class KafkaEventBus(EventBus):
             consumer: KafkaConsumer = _construct(
                 KafkaConsumer,
                 bootstrap_servers=self._bootstrap,
+                **self._security,
                 client_id=f"{self._client_id}-{group}",
                 # the topic prefix names the deployment: its consumer groups are its own too
                 # (two deployments' encoders in one group would split each other's partitions)
@@ -426,6 +506,7 @@ class KafkaEventBus(EventBus):
             consumer = _construct(
                 KafkaConsumer,
                 bootstrap_servers=self._bootstrap,
+                **self._security,
                 client_id=f"{self._client_id}-replay",
                 group_id=None,
                 enable_auto_commit=False,

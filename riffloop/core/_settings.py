@@ -30,6 +30,8 @@ _MASK = "****"
 
 Backend = Literal["embedded", "real"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 def _default_cache_dir() -> Path:
@@ -77,6 +79,14 @@ class Settings:
     # its partitions to another member (Kafka's max.poll.interval.ms). The trainer handles a
     # training set in its consumer thread, so its default is longer (TrainerSettings).
     kafka_max_poll_interval_s: float = 300.0
+    # How clients reach the brokers: PLAINTEXT (the local stack), SSL (TLS), SASL_PLAINTEXT or
+    # SASL_SSL (SCRAM user and password; SASL_SSL also TLS). TLS verifies the brokers'
+    # certificates and host names against kafka_ssl_cafile (required with TLS: a PEM bundle).
+    kafka_security_protocol: KafkaSecurityProtocol = "PLAINTEXT"
+    kafka_sasl_mechanism: KafkaSaslMechanism = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = secret()
+    kafka_ssl_cafile: str = ""
     s3_endpoint: str = ""
     s3_access_key: str = ""
     s3_secret_key: str = secret()
@@ -203,6 +213,7 @@ class Settings:
                 "must be ≤ 24 lower-case letters, digits or '-', starting with a letter, got "
                 f"{self.s3_bucket_prefix!r}",
             )
+        self._validate_kafka_security()
         if self.kafka_bootstrap:
             for server in self.kafka_bootstrap.split(","):
                 host, _, port = server.strip().rpartition(":")
@@ -233,6 +244,31 @@ class Settings:
             for name in self._REQUIRED_FOR_REAL:
                 if not getattr(self, name):
                     _fail(name, "is required when RIFFLOOP_BACKEND=real")
+
+    def _validate_kafka_security(self) -> None:
+        """SASL needs a user and a password, and only SASL takes them; TLS needs a CA file."""
+        sasl = self.kafka_security_protocol.startswith("SASL_")
+        tls = self.kafka_security_protocol in ("SSL", "SASL_SSL")
+        protocol = f"RIFFLOOP_KAFKA_SECURITY_PROTOCOL={self.kafka_security_protocol}"
+        if sasl:
+            for name in ("kafka_sasl_username", "kafka_sasl_password"):
+                if not getattr(self, name):
+                    _fail(name, f"is required with {protocol} (a SCRAM user of the brokers)")
+        else:
+            for name in ("kafka_sasl_username", "kafka_sasl_password"):
+                if getattr(self, name):
+                    _fail(name, f"is set but {protocol} does not authenticate with SASL")
+        if tls and not self.kafka_ssl_cafile:
+            _fail(
+                "kafka_ssl_cafile",
+                f"is required with {protocol}: the PEM file of the CA that signed the brokers' "
+                "certificates (clients verify them and their host names)",
+            )
+        if not tls and self.kafka_ssl_cafile:
+            _fail("kafka_ssl_cafile", f"is set but {protocol} does not use TLS")
+        cafile = Path(self.kafka_ssl_cafile)
+        if self.kafka_ssl_cafile and not (cafile.is_file() and os.access(cafile, os.R_OK)):
+            _fail("kafka_ssl_cafile", f"is not a readable file: {self.kafka_ssl_cafile!r}")
 
     # -- derived values -----------------------------------------------------------------------
 

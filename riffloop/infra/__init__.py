@@ -5,6 +5,8 @@
 `install` fetches or builds each server once per version into the cache folder
 (`RIFFLOOP_CACHE`); `up` starts all three on free loopback ports under a state folder and writes
 the `RIFFLOOP_*` settings to `<state>/infra.env`. From Python: `LocalInfra(state_dir).start()`.
+`standalone_kafka(folder, scram=ScramUser(...))` runs one more broker of its own, e.g. with a
+SASL/SCRAM listener, leaving the stack's PLAINTEXT broker as it is.
 """
 
 from riffloop.infra._catalog import BUCKETS, EVENT_TOPICS, all_topics
@@ -19,7 +21,8 @@ from riffloop.infra._local import (
     create_topics,
     drop_topics,
 )
-from riffloop.infra._servers import REDIS_REQUIREMENTS
+from riffloop.infra._servers import REDIS_REQUIREMENTS, ScramUser
+from riffloop.infra._standalone import standalone_kafka
 
 __all__ = [
     "BUCKETS",
@@ -31,6 +34,7 @@ __all__ = [
     "InfraAddresses",
     "InfraError",
     "LocalInfra",
+    "ScramUser",
     "ServerStatus",
     "all_topics",
     "cache_dir",
@@ -39,4 +43,5 @@ __all__ = [
     "default_state_dir",
     "drop_topics",
     "install",
+    "standalone_kafka",
 ]

@@ -399,21 +399,7 @@ class LocalInfra:
             time.sleep(0.2)
 
     def _format_kafka(self, server: KafkaServer) -> None:
-        with open(server.log_path, "ab") as log:
-            result = subprocess.run(
-                server.format_argv(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=server.home,
-                check=False,
-                timeout=300,
-            )
-        if result.returncode != 0:
-            raise InfraError(
-                f"Formatting Kafka's storage failed (exit {result.returncode}); see "
-                f"{server.log_path}:\n{log_tail(server.log_path)}"
-            )
+        server.format_storage()
 
     def _wait_ready(self, name: str) -> None:
         server = self.server(name)

@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
+import subprocess
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from riffloop.infra._install import java_binary, redis_server_binary, s3_server_binary
 from riffloop.infra._layout import KAFKA_VERSION, CacheLayout, InfraError
+from riffloop.infra._process import log_tail
 
 # kafka-python logs every refused connection at ERROR; without a handler Python's last-resort
 # handler would print them to stderr while a broker is still starting.
@@ -89,8 +94,53 @@ def _not_installed(what: str) -> InfraError:
     )
 
 
+_SCRAM_TEXT = re.compile(r"[A-Za-z0-9_-]{1,128}")
+
+
+@dataclass(frozen=True, repr=False)
+class ScramUser:
+    """A SCRAM-SHA-512 user of a broker with a SASL listener, created in the cluster's metadata
+    when its storage is formatted (``kafka-storage format --add-scram``, KIP-900). Names and
+    passwords are letters, digits, '_' and '-' only, so they need no quoting in the format
+    argument or the JAAS line."""
+
+    username: str
+    password: str
+    mechanism = "SCRAM-SHA-512"
+
+    def __post_init__(self) -> None:
+        for what, text in (("user name", self.username), ("password", self.password)):
+            if not _SCRAM_TEXT.fullmatch(text):
+                raise InfraError(f"a SCRAM {what} must be 1–128 letters, digits, '_' or '-'")
+
+    def client_config(self) -> dict[str, Any]:
+        """kafka-python options for a client of the SASL listener."""
+        return {
+            "security_protocol": "SASL_PLAINTEXT",
+            "sasl_mechanism": self.mechanism,
+            "sasl_plain_username": self.username,
+            "sasl_plain_password": self.password,
+        }
+
+    def settings_env(self) -> dict[str, str]:
+        """The RIFFLOOP_* settings of a service that talks to the SASL listener as this user."""
+        return {
+            "RIFFLOOP_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "RIFFLOOP_KAFKA_SASL_MECHANISM": self.mechanism,
+            "RIFFLOOP_KAFKA_SASL_USERNAME": self.username,
+            "RIFFLOOP_KAFKA_SASL_PASSWORD": self.password,
+        }
+
+    def __repr__(self) -> str:
+        return f"ScramUser({self.username!r})"
+
+
 class KafkaServer(Server):
-    """Kafka 4 in KRaft mode, one node acting as broker and controller (design.md §4)."""
+    """Kafka 4 in KRaft mode, one node acting as broker and controller (design.md §4).
+
+    ``scram`` given: the client listener is SASL_PLAINTEXT with SCRAM-SHA-512 only, and that
+    user, created at format time, is the only one (the broker's own inter-broker identity too);
+    the controller listener stays PLAINTEXT on loopback. Default: PLAINTEXT, no users."""
 
     name = "kafka"
     port_names = ("broker", "controller")
@@ -98,10 +148,21 @@ class KafkaServer(Server):
     probe_interval_s = 0.5
 
     def __init__(
-        self, home: Path, ports: dict[str, int], layout: CacheLayout, cluster_id: str
+        self,
+        home: Path,
+        ports: dict[str, int],
+        layout: CacheLayout,
+        cluster_id: str,
+        *,
+        scram: ScramUser | None = None,
     ) -> None:
         super().__init__(home, ports, layout)
         self.cluster_id = cluster_id
+        self.scram = scram
+
+    def client_config(self) -> dict[str, Any]:
+        """kafka-python options every client of this broker needs (none for PLAINTEXT)."""
+        return self.scram.client_config() if self.scram else {}
 
     @property
     def address(self) -> str:
@@ -123,15 +184,16 @@ class KafkaServer(Server):
     def prepare(self) -> None:
         super().prepare()
         broker, controller = self.ports["broker"], self.ports["controller"]
+        listener = "SASL_PLAINTEXT" if self.scram else "PLAINTEXT"
         properties = {
             "process.roles": "broker,controller",
             "node.id": "1",
             "controller.quorum.voters": f"1@127.0.0.1:{controller}",
-            "listeners": f"PLAINTEXT://127.0.0.1:{broker},CONTROLLER://127.0.0.1:{controller}",
-            "advertised.listeners": f"PLAINTEXT://127.0.0.1:{broker}",
-            "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            "listeners": f"{listener}://127.0.0.1:{broker},CONTROLLER://127.0.0.1:{controller}",
+            "advertised.listeners": f"{listener}://127.0.0.1:{broker}",
+            "listener.security.protocol.map": f"{listener}:{listener},CONTROLLER:PLAINTEXT",
             "controller.listener.names": "CONTROLLER",
-            "inter.broker.listener.name": "PLAINTEXT",
+            "inter.broker.listener.name": listener,
             "log.dirs": str(self.data_dir),
             "auto.create.topics.enable": "false",
             "num.partitions": "3",
@@ -159,18 +221,42 @@ class KafkaServer(Server):
             "log.cleaner.threads": "1",
             "num.recovery.threads.per.data.dir": "1",
         }
-        self.properties_path.write_text(
-            "# Written by riffloop.infra; rewritten on every start.\n"
-            + "".join(f"{key}={value}\n" for key, value in properties.items()),
-            encoding="utf-8",
-        )
+        if self.scram:
+            mechanism = self.scram.mechanism
+            properties.update(
+                {
+                    "sasl.enabled.mechanisms": mechanism,
+                    "sasl.mechanism.inter.broker.protocol": mechanism,
+                    f"listener.name.sasl_plaintext.{mechanism.lower()}.sasl.jaas.config": (
+                        "org.apache.kafka.common.security.scram.ScramLoginModule required "
+                        f'username="{self.scram.username}" password="{self.scram.password}";'
+                    ),
+                }
+            )
+        # Owner-only: with a SASL listener the file holds the user's password.
+        descriptor = os.open(self.properties_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+            handle.write(
+                "# Written by riffloop.infra; rewritten on every start.\n"
+                + "".join(f"{key}={value}\n" for key, value in properties.items())
+            )
         (self.home / "log4j2.xml").write_text(_LOG4J2_XML, encoding="utf-8")
 
     def needs_format(self) -> bool:
         return not (self.data_dir / "meta.properties").is_file()
 
     def format_argv(self) -> list[str]:
-        """StorageTool, run once per data dir before the first start."""
+        """StorageTool, run once per data dir before the first start (with ``scram``, it also
+        writes the SCRAM user into the cluster's first metadata)."""
+        users = (
+            [
+                "--add-scram",
+                f"{self.scram.mechanism}=[name={self.scram.username},"
+                f"password={self.scram.password}]",
+            ]
+            if self.scram
+            else []
+        )
         return [
             *self._java(),
             "kafka.tools.StorageTool",
@@ -180,7 +266,26 @@ class KafkaServer(Server):
             "-c",
             str(self.properties_path),
             "--ignore-formatted",
+            *users,
         ]
+
+    def format_storage(self) -> None:
+        """Run :meth:`format_argv` (its output goes to the log); InfraError if it fails."""
+        with open(self.log_path, "ab") as log:
+            result = subprocess.run(
+                self.format_argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.home,
+                check=False,
+                timeout=300,
+            )
+        if result.returncode != 0:
+            raise InfraError(
+                f"Formatting Kafka's storage failed (exit {result.returncode}); see "
+                f"{self.log_path}:\n{log_tail(self.log_path)}"
+            )
 
     def argv(self) -> list[str]:
         return [*self._java(), "kafka.Kafka", str(self.properties_path)]
@@ -217,6 +322,7 @@ class KafkaServer(Server):
                 bootstrap_servers=self.address,
                 client_id="riffloop-infra-probe",
                 request_timeout_ms=3000,
+                **self.client_config(),
             )
         except (KafkaError, OSError):
             return False

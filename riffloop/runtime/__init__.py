@@ -2,14 +2,22 @@
 
 gRPC server start-up with health, reflection and message-size limits (:class:`ServiceRuntime`),
 per-dependency readiness (:class:`Readiness`), the interceptors (observability, bearer auth,
-per-user rate limit), the shared rate limiter, bearer tokens, JSON logging, the ports wiring
-(:class:`Ports`), the consumer worker, the rebuild of a service's Redis state from Kafka
-(:class:`RebuildPlan`, :class:`RebuildWatch`), and the Prometheus metric objects
-(:mod:`riffloop.runtime.metrics`).
+per-user rate limit, operator auth of the internal RPCs), the shared rate limiter, bearer
+tokens, JSON logging, the ports wiring (:class:`Ports`), the consumer worker, the rebuild of a
+service's Redis state from Kafka (:class:`RebuildPlan`, :class:`RebuildWatch`), and the
+Prometheus metric objects (:mod:`riffloop.runtime.metrics`).
 """
 
 from riffloop.runtime import metrics
-from riffloop.runtime._auth import JwtVerifier, TokenSigner, hmac_kid
+from riffloop.runtime._auth import (
+    OPERATOR_AUDIENCE,
+    JwtVerifier,
+    OperatorVerifier,
+    TokenExpiredError,
+    TokenSigner,
+    hmac_kid,
+    operator_token,
+)
 from riffloop.runtime._consumers import ConsumerWorker, EventRouter
 from riffloop.runtime._convert import (
     checked_track_ready,
@@ -21,11 +29,13 @@ from riffloop.runtime._convert import (
 from riffloop.runtime._interceptors import (
     BearerAuthInterceptor,
     ObservabilityInterceptor,
+    OperatorAuthInterceptor,
     RateLimiter,
     RateLimitInterceptor,
     TokenVerifier,
     bearer_user,
     current_user,
+    operator_of,
     remaining_seconds,
 )
 from riffloop.runtime._keys import MODEL_RATINGS_KEY, TRACK_SCORES_KEY
@@ -69,7 +79,7 @@ from riffloop.runtime._server import (
     ServiceRuntime,
     Worker,
 )
-from riffloop.runtime._settings import DispatchKeyed, ServiceSettings
+from riffloop.runtime._settings import DispatchKeyed, OperatorGuarded, ServiceSettings
 from riffloop.runtime._track_records import TrackRecords
 
 __all__ = [
@@ -77,6 +87,7 @@ __all__ = [
     "LATENTS_BUCKET",
     "MODEL_CONSTRUCTION_LOCK",
     "MODEL_RATINGS_KEY",
+    "OPERATOR_AUDIENCE",
     "SELECTOR_REBUILT_MARKER",
     "TRACK_SCORES_KEY",
     "TRAINER_REBUILT_MARKER",
@@ -92,6 +103,9 @@ __all__ = [
     "MiB",
     "ModelStore",
     "ObservabilityInterceptor",
+    "OperatorAuthInterceptor",
+    "OperatorGuarded",
+    "OperatorVerifier",
     "Ports",
     "RateLimitInterceptor",
     "RateLimiter",
@@ -104,6 +118,7 @@ __all__ = [
     "ServiceRuntime",
     "ServiceSettings",
     "SlidingWindowLimiter",
+    "TokenExpiredError",
     "TokenSigner",
     "TokenVerifier",
     "TrackRecords",
@@ -122,6 +137,8 @@ __all__ = [
     "is_rebuilt",
     "keep_current",
     "metrics",
+    "operator_of",
+    "operator_token",
     "provenance_from_proto",
     "provenance_to_proto",
     "rebuild",

@@ -11,6 +11,11 @@ Two kinds of keys, one :class:`JwtVerifier`:
    or fetched by kid from the provider's JWKS URL (``jwt.PyJWKClient``, cached).
 
 Stateless, so any gateway replica verifies any token without a lookup.
+
+Operators (the experimenter, release tooling, an on-call engineer) call the internal services'
+RPCs with an operator token: the same kind of HS256 JWT, signed with ``RIFFLOOP_OPERATOR_SECRET``
+for the audience ``riffloop-operator`` (:func:`operator_token`, :class:`OperatorVerifier`), so a
+listener's gateway token never opens Promote or Rollback, and an operator token names who called.
 """
 
 from __future__ import annotations
@@ -23,15 +28,21 @@ from typing import Any
 
 import jwt
 
-from riffloop.core import UnauthenticatedError, ValidationError
+from riffloop.core import PermissionDeniedError, UnauthenticatedError, ValidationError
 
 _USER_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEFAULT_ISSUER = "riffloop"
 DEFAULT_AUDIENCE = "riffloop-gateway"
+OPERATOR_AUDIENCE = "riffloop-operator"
+MIN_SECRET_CHARS = 16
 _HMAC_ALGORITHMS = ["HS256"]
 # Asymmetric algorithms an identity provider may sign with; "none" and HMAC-with-a-public-key
 # confusion are impossible because each key is decoded only with its own family.
 _PUBLIC_ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA"]
+
+
+class TokenExpiredError(UnauthenticatedError):
+    """A token that verified but has expired: the caller should fetch a new one."""
 
 
 def _hmac_key(secret: str) -> bytes:
@@ -93,7 +104,7 @@ class JwtVerifier:
         if known is not None:
             user_id, expiry = known
             if expiry + self.leeway_s < self._now():
-                raise UnauthenticatedError("bearer token expired")
+                raise TokenExpiredError("bearer token expired")
             return user_id
         user_id, expiry = self._verify(token)
         if len(self._verified) >= self._CACHE_SIZE:
@@ -141,7 +152,7 @@ class JwtVerifier:
             raise UnauthenticatedError(f"bearer token refused: {err}") from None
         expiry = claims["exp"]
         if not isinstance(expiry, int | float) or expiry + self.leeway_s < self._now():
-            raise UnauthenticatedError("bearer token expired")
+            raise TokenExpiredError("bearer token expired")
         user_id = claims["sub"]
         if not isinstance(user_id, str) or not _USER_ID.match(user_id):
             raise UnauthenticatedError("bearer token names an invalid user id")
@@ -160,8 +171,8 @@ class TokenSigner:
         audience: str = DEFAULT_AUDIENCE,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if len(secret) < 16:
-            raise ValidationError("the auth secret must be at least 16 characters")
+        if len(secret) < MIN_SECRET_CHARS:
+            raise ValidationError(f"the auth secret must be at least {MIN_SECRET_CHARS} characters")
         self._secret = secret
         self.kid = hmac_kid(secret)
         self.issuer = issuer
@@ -194,4 +205,50 @@ class TokenSigner:
         return self._verifier.verify(token)
 
 
-__all__ = ["JwtVerifier", "TokenSigner", "hmac_kid"]
+def operator_token(secret: str, operator: str = "operator", *, ttl_s: float = 12 * 3600) -> str:
+    """An operator token for the internal RPCs: an HS256 JWT signed with ``secret``
+    (``RIFFLOOP_OPERATOR_SECRET``) for the audience ``riffloop-operator``, naming ``operator``."""
+    return TokenSigner(secret, audience=OPERATOR_AUDIENCE).issue(operator, ttl_s=ttl_s)
+
+
+class OperatorVerifier:
+    """Checks operator tokens (:func:`operator_token`) for the internal services.
+
+    A token that does not verify under this deployment's operator secret (another secret, a
+    listener's gateway token, a forged or garbled one) is a wrong credential: PERMISSION_DENIED.
+    An expired operator token stays UNAUTHENTICATED: a fresh one fixes it."""
+
+    def __init__(
+        self, secret: str, *, leeway_s: float = 30.0, clock: Callable[[], float] = time.time
+    ) -> None:
+        if len(secret) < MIN_SECRET_CHARS:
+            raise ValidationError(
+                f"the operator secret must be at least {MIN_SECRET_CHARS} characters"
+            )
+        self._jwt = JwtVerifier(
+            hmac_secrets={hmac_kid(secret): secret},
+            audience=OPERATOR_AUDIENCE,
+            leeway_s=leeway_s,
+            clock=clock,
+        )
+
+    def verify(self, token: str) -> str:
+        try:
+            return self._jwt.verify(token)
+        except TokenExpiredError:
+            raise
+        except UnauthenticatedError as err:
+            raise PermissionDeniedError(
+                f"not an operator credential of this deployment ({err.reason})"
+            ) from None
+
+
+__all__ = [
+    "OPERATOR_AUDIENCE",
+    "JwtVerifier",
+    "OperatorVerifier",
+    "TokenExpiredError",
+    "TokenSigner",
+    "hmac_kid",
+    "operator_token",
+]

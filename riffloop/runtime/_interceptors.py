@@ -2,9 +2,10 @@
 
 Order on a server (outermost first): :class:`ObservabilityInterceptor` (request id, deadline,
 metrics, JSON access log, error → status code), then for the gateway :class:`BearerAuthInterceptor`
-and :class:`RateLimitInterceptor`. Inner interceptors and handlers signal failures by raising a
-``riffloop.core.RiffloopError``; the outermost one is the only place that picks a status code:
-``grpc.StatusCode[err.grpc_code]`` with ``err.reason`` as details. Any other exception becomes
+and :class:`RateLimitInterceptor`, for the internal services :class:`OperatorAuthInterceptor`.
+Inner interceptors and handlers signal failures by raising a ``riffloop.core.RiffloopError``;
+the outermost one is the only place that picks a status code: ``grpc.StatusCode[err.grpc_code]``
+with ``err.reason`` as details. Any other exception becomes
 INTERNAL with a request id and no traceback (the traceback goes to the log).
 """
 
@@ -20,7 +21,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from riffloop.core import RateLimitedError, RiffloopError, UnauthenticatedError
+from riffloop.core import (
+    ConfigurationError,
+    PermissionDeniedError,
+    RateLimitedError,
+    RiffloopError,
+    UnauthenticatedError,
+)
 from riffloop.core._context import correlation_id_var
 from riffloop.runtime import metrics
 from riffloop.runtime._logging import request_id_var, user_id_var
@@ -223,6 +230,37 @@ def bearer_user(header: str, verifier: TokenVerifier) -> str:
     return verifier.verify(token.strip())
 
 
+def _as_identity(handler: Any, identity: str, problem: RiffloopError | None) -> Any:
+    """``handler`` run as ``identity`` (:func:`current_user`), or refused with ``problem``."""
+
+    def wrap(behavior: Behavior, streams: bool) -> Behavior:
+        if streams:
+
+            def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                if problem is not None:
+                    raise problem
+                token_ = user_id_var.set(identity)
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    user_id_var.reset(token_)
+
+            return stream_behavior
+
+        def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
+            if problem is not None:
+                raise problem
+            token_ = user_id_var.set(identity)
+            try:
+                return behavior(request, context)
+            finally:
+                user_id_var.reset(token_)
+
+        return unary_behavior
+
+    return _rewrap(handler, wrap)
+
+
 class BearerAuthInterceptor(grpc.ServerInterceptor):
     """``authorization: Bearer <token>`` on every call but health and reflection.
 
@@ -238,38 +276,77 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
             return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         user_id = ""
-        problem = ""
+        problem: RiffloopError | None = None
         try:
             user_id = bearer_user(str(metadata.get("authorization", "")), self.verifier)
         except UnauthenticatedError as err:
-            problem = err.reason
+            problem = err
+        return _as_identity(handler, user_id, problem)
 
-        def wrap(behavior: Behavior, streams: bool) -> Behavior:
-            if streams:
 
-                def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    if problem:
-                        raise UnauthenticatedError(problem)
-                    token_ = user_id_var.set(user_id)
-                    try:
-                        yield from behavior(request, context)
-                    finally:
-                        user_id_var.reset(token_)
+def operator_of(header: str, verifier: TokenVerifier) -> str:
+    """The operator an ``authorization`` header value names (``Bearer <operator token>``).
 
-                return stream_behavior
+    No credential: UnauthenticatedError. A credential this deployment did not issue to an
+    operator: PermissionDeniedError (raised by ``verifier``)."""
+    if not header:
+        raise UnauthenticatedError(
+            "internal RPC without an operator credential (expected authorization metadata "
+            "'Bearer <operator token>', signed with RIFFLOOP_OPERATOR_SECRET)"
+        )
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthenticatedError("authorization metadata must be 'Bearer <operator token>'")
+    return verifier.verify(token.strip())
 
-            def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
-                if problem:
-                    raise UnauthenticatedError(problem)
-                token_ = user_id_var.set(user_id)
-                try:
-                    return behavior(request, context)
-                finally:
-                    user_id_var.reset(token_)
 
-            return unary_behavior
+class OperatorAuthInterceptor(grpc.ServerInterceptor):
+    """Internal services: every call but health and reflection carries an operator token
+    (``riffloop.runtime.operator_token``); the operator's name is :func:`current_user`.
 
-        return _rewrap(handler, wrap)
+    ``verifier`` None leaves the RPCs open: only for ``RIFFLOOP_DEV_OPEN_INTERNAL_RPCS``
+    (:meth:`from_settings`)."""
+
+    def __init__(self, verifier: TokenVerifier | None) -> None:
+        self.verifier = verifier
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> OperatorAuthInterceptor:
+        """From an ``OperatorGuarded`` settings object; raises ConfigurationError when the
+        service would expose its internal RPCs without an operator secret."""
+        from riffloop.runtime._auth import OperatorVerifier
+
+        if settings.dev_open_internal_rpcs:
+            _log.warning(
+                "internal RPCs are open to any caller (RIFFLOOP_DEV_OPEN_INTERNAL_RPCS): "
+                "development only"
+            )
+            return cls(None)
+        if not settings.operator_secret:
+            raise ConfigurationError(
+                "RIFFLOOP_OPERATOR_SECRET must be set (at least 16 characters): this "
+                f"service's RPCs ({settings.service_name}) are internal and answer only calls "
+                "with an operator token signed with it (RIFFLOOP_DEV_OPEN_INTERNAL_RPCS=true "
+                "opens them, for development only)"
+            )
+        return cls(OperatorVerifier(settings.operator_secret))
+
+    def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = continuation(handler_call_details)
+        if (
+            handler is None
+            or self.verifier is None
+            or handler_call_details.method.startswith(_PUBLIC_PREFIXES)
+        ):
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        operator = ""
+        problem: RiffloopError | None = None
+        try:
+            operator = operator_of(str(metadata.get("authorization", "")), self.verifier)
+        except (UnauthenticatedError, PermissionDeniedError) as err:
+            problem = err
+        return _as_identity(handler, operator, problem)
 
 
 def current_user() -> str:

@@ -8,7 +8,7 @@ in-memory key-value store (one process only); ``real`` gives Kafka, S3 and Redis
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from riffloop.core import Settings
@@ -43,12 +43,17 @@ class Ports:
 
         return {"kafka": check(self.bus), "s3": check(self.objects), "redis": check(self.kv)}
 
-    def prepare(self, partitions: int = 3) -> None:
-        """Create every topic (with its DLQ twin) and every bucket; idempotent, run at start-up."""
+    def prepare(self, partitions: int = 3, buckets: Iterable[str] = BUCKETS) -> None:
+        """Create every topic (with its DLQ twin) and the buckets ``buckets`` (default: all);
+        idempotent, run at start-up. A service names the buckets it reads or writes, so its S3
+        policy needs no access to the others (deploy/k8s/overlays/production/access/s3)."""
         from riffloop.core import all_topics
 
+        unknown = sorted(set(buckets) - set(BUCKETS))
+        if unknown:
+            raise ValueError(f"unknown buckets {unknown}; Riffloop's are {', '.join(BUCKETS)}")
         self.bus.ensure_topics(all_topics(), partitions=partitions)
-        for bucket in BUCKETS:
+        for bucket in buckets:
             self.objects.ensure_bucket(bucket)
 
     def close(self) -> None:

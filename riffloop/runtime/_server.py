@@ -2,7 +2,8 @@
 
 1. ``ServiceRuntime(...)`` builds a ``grpc.server`` with the interceptors and message-size limits,
    the health service (``grpc.health.v1``) and reflection (``grpc.reflection.v1``, and
-   ``v1alpha`` for older clients).
+   ``v1alpha`` for older clients; ``reflection=False`` leaves it out, as the public gateway does
+   unless ``RIFFLOOP_REFLECTION`` is set). Health is always on.
 2. ``readiness.add_check(name, fn)`` registers a dependency (kafka, s3, redis, model); a thread
    re-runs the checks and the health status is SERVING only while all of them pass and the
    process is not draining. ``riffloop_dependency_ready`` mirrors each check.
@@ -260,7 +261,8 @@ class Readiness:
 
 
 class ServiceRuntime:
-    """One service process: gRPC server + health + reflection + /metrics + workers + drain."""
+    """One service process: gRPC server + health + reflection (unless ``reflection=False``) +
+    /metrics + workers + drain."""
 
     def __init__(
         self,
@@ -275,8 +277,10 @@ class ServiceRuntime:
         drain_delay_s: float = 0.0,
         readiness_interval_s: float = 1.0,
         host: str = "127.0.0.1",
+        reflection: bool = True,
     ) -> None:
         self.service = service
+        self.reflection = reflection
         self.grace_s = grace_s
         self.drain_delay_s = drain_delay_s
         self._host = host
@@ -348,7 +352,8 @@ class ServiceRuntime:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> int:
-        _add_reflection(self._service_names, self.server)
+        if self.reflection:
+            _add_reflection(self._service_names, self.server)
         self.port = self.server.add_insecure_port(f"{self._host}:{self._requested_port}")
         if self.port == 0:
             raise OSError(f"cannot bind gRPC port {self._requested_port} on {self._host}")

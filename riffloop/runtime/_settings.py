@@ -7,6 +7,7 @@ import ipaddress
 import secrets
 
 from riffloop.core import ConfigurationError, Settings
+from riffloop.runtime._auth import MIN_SECRET_CHARS
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -42,6 +43,34 @@ class ServiceSettings(Settings):
             raise ConfigurationError("RIFFLOOP_MODEL_POLL_S must lie in [0.1, 3600]")
         if not 0.1 <= self.rebuild_check_s <= 3600:
             raise ConfigurationError("RIFFLOOP_REBUILD_CHECK_S must lie in [0.1, 3600]")
+
+
+@dataclasses.dataclass(frozen=True, repr=False)
+class OperatorGuarded(ServiceSettings):
+    """Settings of the internal services (encoder, generator, feedback, selector, trainer).
+
+    Their RPCs (Promote, Rollback, RunSelection, RaterReport, TrainStatus…) are for operators:
+    every call but health and reflection must carry an operator token signed with
+    ``operator_secret`` (``riffloop.runtime.operator_token``). A process that serves them
+    refuses to start without the secret (``OperatorAuthInterceptor.from_settings``) unless
+    ``dev_open_internal_rpcs`` says, for development only, that any caller may use them."""
+
+    # The HS256 key of operator tokens (at least 16 characters; no default: required).
+    operator_secret: str = dataclasses.field(default="", metadata={"secret": True})
+    # Development only: the internal RPCs answer any caller. Never in production.
+    dev_open_internal_rpcs: bool = False
+
+    def _validate(self) -> None:
+        super()._validate()
+        if self.operator_secret and len(self.operator_secret) < MIN_SECRET_CHARS:
+            raise ConfigurationError(
+                f"RIFFLOOP_OPERATOR_SECRET is shorter than {MIN_SECRET_CHARS} characters"
+            )
+        if self.operator_secret and self.dev_open_internal_rpcs:
+            raise ConfigurationError(
+                "RIFFLOOP_DEV_OPEN_INTERNAL_RPCS=true and RIFFLOOP_OPERATOR_SECRET are both "
+                "set: either the internal RPCs need an operator token or they are open"
+            )
 
 
 # One key per process for the embedded backend (every service of an embedded stack runs in one

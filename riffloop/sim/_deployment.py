@@ -11,7 +11,8 @@ and Redis (``bin/riffloop infra up``), each deployment in its own namespace on t
 The simulated listeners use only ``gateway()``, a ``GatewayClient`` as an app would. The
 experimenter (an operator) also uses the internal RPCs: ``RunSelection`` to close a listening
 session, ``TrainStatus`` to wait for the release step, ``TrackScore`` / ``RaterReport`` to read
-the results, and the object store for a track's provenance embedding.
+the results, each call with an operator token signed with the deployment's operator secret
+(``riffloop.client.operator_channel``), and the object store for a track's provenance embedding.
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 
-from riffloop.client import GatewayClient
+from riffloop.client import GatewayClient, operator_channel
 from riffloop.core import NotFoundError
-from riffloop.runtime import Ports, TokenSigner
+from riffloop.runtime import Ports, TokenSigner, operator_token
 from riffloop.v1 import feedback_service_pb2 as feedback_pb
 from riffloop.v1 import feedback_service_pb2_grpc as feedback_grpc
 from riffloop.v1 import selector_service_pb2 as selector_pb
@@ -74,9 +75,10 @@ class _Running:
 class _ServiceApis:
     """The calls a deployment offers the experiment: the public API as a listener's app, the
     internal RPCs and the object store as an operator. Needs ``target(service)``,
-    ``auth_secret``, ``objects`` and a ``_channels`` cache."""
+    ``auth_secret``, ``operator_secret``, ``objects`` and a ``_channels`` cache."""
 
     auth_secret: str
+    operator_secret: str
     objects: Any
     _channels: dict[str, grpc.Channel]
 
@@ -91,7 +93,8 @@ class _ServiceApis:
 
     def _channel(self, service: str) -> grpc.Channel:
         if service not in self._channels:
-            self._channels[service] = grpc.insecure_channel(self.target(service))
+            token = operator_token(self.operator_secret, "experimenter", ttl_s=7 * 24 * 3600)
+            self._channels[service] = operator_channel(self.target(service), token)
         return self._channels[service]
 
     def run_selection(self, pair_budget: int = 0) -> selector_pb.RunSelectionResponse:
@@ -140,6 +143,7 @@ class EmbeddedDeployment(_ServiceApis):
     clock: Callable[[], float] = time.time
     queue_seed: int | None = None
     auth_secret: str = "riffloop-simulation-secret"
+    operator_secret: str = "riffloop-simulation-operator"
     _running: dict[str, _Running] = field(default_factory=dict)
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
@@ -166,6 +170,8 @@ class EmbeddedDeployment(_ServiceApis):
 
     def _build(self, service: str, ports: Ports, common: dict[str, Any]) -> _Running:
         own = dict(self.settings.get(service, {}))
+        if service != "gateway":  # the internal services answer the experimenter's token only
+            common = {**common, "operator_secret": self.operator_secret}
         if service == "gateway":
             from services.gateway import GatewaySettings
             from services.gateway import build as build_gateway
@@ -247,6 +253,7 @@ class StackDeployment(_ServiceApis):
     run: str
     clock: Callable[[], float] = time.time
     auth_secret: str = "riffloop-simulation-secret"
+    operator_secret: str = "riffloop-simulation-operator"
     _channels: dict[str, grpc.Channel] = field(default_factory=dict)
 
     def start(self) -> StackDeployment:
@@ -281,6 +288,7 @@ class StackDeployment(_ServiceApis):
         )
         self.processes.state.auth_secret = self.auth_secret
         self.processes.state.dispatch_key = self.dispatch_key
+        self.processes.state.operator_secret = self.operator_secret
         try:
             self.processes.up(timeout_s=900.0)
         except BaseException:

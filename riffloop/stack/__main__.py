@@ -1,8 +1,9 @@
 """``python -m riffloop.stack up|down|status [--tiny]``: infra + the six services, locally.
 
 ``up`` starts Kafka, MinIO and Redis (``riffloop.infra``), then every service process, and
-waits until each answers SERVING; it prints the gateway address, a token for a test user and the
-web page's URL (the gateway's browser API, web/; built by ``bin/riffloop stack up``).
+waits until each answers SERVING; it prints the gateway address, a token for a test user, an
+operator token for the internal services' RPCs (riffloop.client.operator_channel) and the web page's
+URL (the gateway's browser API, web/; built by ``bin/riffloop stack up``).
 The trainer serves the trained ``assets/base-model``; ``--tiny`` swaps in an untrained tiny model
 (RIFFLOOP_UNTRAINED_BASE=1: fast, but its tracks are noise) for smoke tests.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from riffloop.core import RiffloopError
 from riffloop.infra import LocalInfra, default_state_dir
-from riffloop.runtime import TokenSigner
+from riffloop.runtime import TokenSigner, operator_token
 from riffloop.stack._stack import TINY, ServiceProcesses
 
 
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             gateway = processes.state.processes["gateway"]
             token = TokenSigner(processes.state.auth_secret).issue("demo")
             print(f"gateway {gateway.target}\ntoken (user demo) {token}")
+            operator = operator_token(processes.state.operator_secret, "operator")
+            print(f"operator token (internal RPCs, 12 h) {operator}")
             print(f"web page {gateway.web_url} (sign in with any name: a development stack)")
             for name, line in processes.status().items():
                 print(f"{name:10} {line}")

@@ -105,6 +105,9 @@ class StackState:
     auth_secret: str
     # RIFFLOOP_DISPATCH_KEY of the gateway and the generator (blind dispatch; never shown).
     dispatch_key: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    # RIFFLOOP_OPERATOR_SECRET of the internal services: their RPCs take operator tokens
+    # signed with it (riffloop.runtime.operator_token).
+    operator_secret: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     processes: dict[str, ServiceProcess] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
@@ -112,6 +115,7 @@ class StackState:
         body = {
             "auth_secret": self.auth_secret,
             "dispatch_key": self.dispatch_key,
+            "operator_secret": self.operator_secret,
             "processes": {k: asdict(v) for k, v in self.processes.items()},
         }
         tmp = path.with_suffix(".tmp")
@@ -128,6 +132,8 @@ class StackState:
         state = cls(body["auth_secret"], processes=processes)
         if body.get("dispatch_key"):  # (a state file written before the key existed has none)
             state.dispatch_key = body["dispatch_key"]
+        if body.get("operator_secret"):
+            state.operator_secret = body["operator_secret"]
         return state
 
 
@@ -188,10 +194,21 @@ class ServiceProcesses:
             # issues tokens for any name (RIFFLOOP_DEV_SIGN_IN; never in production).
             env["RIFFLOOP_CONNECT_PORT"] = str(process.web_port)
             env["RIFFLOOP_DEV_SIGN_IN"] = "true"
+        else:  # the internal services answer operators only
+            env["RIFFLOOP_OPERATOR_SECRET"] = self.state.operator_secret
         if name in ("gateway", "generator"):
             env["RIFFLOOP_DISPATCH_KEY"] = self.state.dispatch_key
         env.update(self.overrides.get(name, {}))
         return env
+
+    def operator_channel(self, name: str) -> grpc.Channel:
+        """A channel to one internal service whose calls carry an operator token of this
+        stack (its RPCs refuse calls without one)."""
+        from riffloop.client import operator_channel
+        from riffloop.runtime import operator_token
+
+        token = operator_token(self.state.operator_secret, "stack-operator")
+        return operator_channel(self.state.processes[name].target, token)
 
     def start(self, name: str) -> ServiceProcess:
         """Start (or restart on the same ports) one service; does not wait for health."""

@@ -10,6 +10,7 @@ from riffloop.runtime import (
     EventRouter,
     LoopWorker,
     ModelStore,
+    OperatorAuthInterceptor,
     Ports,
     ServedModel,
     ServiceRuntime,
@@ -24,12 +25,14 @@ _log = logging.getLogger("riffloop.encoder")
 def build(settings: EncoderSettings, ports: Ports) -> tuple[ServiceRuntime, Encoder]:
     import torch
 
+    operator_auth = OperatorAuthInterceptor.from_settings(settings)  # no secret: refuse
     torch.set_num_threads(settings.torch_threads)
-    ports.prepare(settings.kafka_partitions)
+    # the buckets it reads or writes: its S3 policy in production allows no others
+    ports.prepare(settings.kafka_partitions, buckets=("songs", "latents", "models"))
     # the encoder inverts with the current model only; a canary is the generators' business
     models = ServedModel(ModelStore(ports.objects), settings.service_name, canaries=False)
     encoder = Encoder(settings, ports, models)
-    runtime = ServiceRuntime.from_settings(settings, max_workers=4)
+    runtime = ServiceRuntime.from_settings(settings, interceptors=[operator_auth], max_workers=4)
     runtime.add_service(
         pb_grpc.add_EncoderServiceServicer_to_server,
         EncoderServicer(encoder),

@@ -27,7 +27,7 @@ from riffloop.core import (
     NotFoundError,
     ValidationError,
 )
-from riffloop.runtime import LATENTS_BUCKET, LatentRecord, ServedModel, ServiceSettings
+from riffloop.runtime import LATENTS_BUCKET, LatentRecord, OperatorGuarded, ServedModel
 from riffloop.v1 import common_pb2, events_pb2
 from riffloop.v1 import encoder_service_pb2 as pb
 from riffloop.v1 import encoder_service_pb2_grpc as pb_grpc
@@ -36,7 +36,7 @@ _log = logging.getLogger("riffloop.encoder")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class EncoderSettings(ServiceSettings):
+class EncoderSettings(OperatorGuarded):
     service_name: str = "encoder"
     grpc_port: int = 50052
     metrics_port: int = 9102

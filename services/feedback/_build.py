@@ -11,6 +11,7 @@ from riffloop.runtime import (
     ConsumerWorker,
     EventRouter,
     LoopWorker,
+    OperatorAuthInterceptor,
     Ports,
     RebuildWatch,
     ServiceRuntime,
@@ -25,7 +26,9 @@ _log = logging.getLogger("riffloop.feedback")
 
 
 def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, FeedbackState]:
-    ports.prepare(settings.kafka_partitions)
+    operator_auth = OperatorAuthInterceptor.from_settings(settings)  # no secret: refuse
+    # the buckets it reads or writes: its S3 policy in production allows no others
+    ports.prepare(settings.kafka_partitions, buckets=())
     spam, confidence = SpamFilter(), ConfidenceWeight()
     scorer = (
         ProcessScorer(
@@ -47,7 +50,7 @@ def build(settings: FeedbackSettings, ports: Ports) -> tuple[ServiceRuntime, Fee
     rebuilt = state.rebuild()
     released = state.release_parked()  # parked before a crash, their tracks ready since
     _log.info("ledger rebuilt", extra={"ratings": rebuilt, "parked_released": released})
-    runtime = ServiceRuntime.from_settings(settings)
+    runtime = ServiceRuntime.from_settings(settings, interceptors=[operator_auth])
     runtime.add_service(
         pb_grpc.add_FeedbackServiceServicer_to_server,
         FeedbackServicer(state),

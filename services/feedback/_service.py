@@ -42,7 +42,7 @@ from riffloop.loop import (
 from riffloop.runtime import (
     MODEL_RATINGS_KEY,
     TRACK_SCORES_KEY,
-    ServiceSettings,
+    OperatorGuarded,
     feedback_track_record,
     metrics,
 )
@@ -56,7 +56,7 @@ PARKED_KEY = ParkedFeedback.KEY
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class FeedbackSettings(ServiceSettings):
+class FeedbackSettings(OperatorGuarded):
     service_name: str = "feedback"
     grpc_port: int = 50054
     metrics_port: int = 9104

@@ -98,7 +98,8 @@ def build(
 ) -> ServiceRuntime:
     """``clock`` and ``draw``: the server's time and the queue's randomness (wall time and OS
     entropy unless a simulation passes its own, riffloop.sim)."""
-    ports.prepare(settings.kafka_partitions)
+    # the buckets it reads or writes: its S3 policy in production allows no others
+    ports.prepare(settings.kafka_partitions, buckets=("songs", "latents", "tracks"))
     limiter = SlidingWindowLimiter(
         ports.kv, rate_per_s=settings.rate_limit_per_s, burst=settings.rate_limit_burst, clock=clock
     )
@@ -119,6 +120,7 @@ def build(
         # One upload chunk per message: a little above the chunk size clients use (1 MiB).
         max_message_bytes=2 * MiB,
         max_workers=64,
+        reflection=settings.reflection,
     )
     probe = audio or audio_probe(settings)
     dispatcher = Dispatcher(key=settings.effective_dispatch_key())

@@ -154,6 +154,9 @@ class GatewaySettings(DispatchKeyed):
     connect_port: int = -1
     # Development only: the page's sign-in form issues a token for any name. Never in production.
     dev_sign_in: bool = False
+    # gRPC server reflection lists and describes every method to anyone who asks: off on the
+    # public API by default (the internal services keep it, behind their network policies).
+    reflection: bool = False
 
     def queue_policy(self) -> QueuePolicy:
         return QueuePolicy(

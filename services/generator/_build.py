@@ -10,6 +10,7 @@ from riffloop.runtime import (
     EventRouter,
     LoopWorker,
     ModelStore,
+    OperatorAuthInterceptor,
     Ports,
     ServedModel,
     ServiceRuntime,
@@ -24,11 +25,13 @@ _log = logging.getLogger("riffloop.generator")
 def build(settings: GeneratorSettings, ports: Ports) -> tuple[ServiceRuntime, Generator]:
     import torch
 
+    operator_auth = OperatorAuthInterceptor.from_settings(settings)  # no secret: refuse
     torch.set_num_threads(settings.torch_threads)
-    ports.prepare(settings.kafka_partitions)
+    # the buckets it reads or writes: its S3 policy in production allows no others
+    ports.prepare(settings.kafka_partitions, buckets=("songs", "latents", "tracks", "models"))
     model = ServedModel(ModelStore(ports.objects), settings.service_name)
     generator = Generator(settings, ports, model)
-    runtime = ServiceRuntime.from_settings(settings, max_workers=4)
+    runtime = ServiceRuntime.from_settings(settings, interceptors=[operator_auth], max_workers=4)
     runtime.add_service(
         pb_grpc.add_GeneratorServiceServicer_to_server,
         GeneratorServicer(generator),

@@ -53,6 +53,7 @@ from riffloop.runtime import (
     LATENTS_BUCKET,
     DispatchKeyed,
     LatentRecord,
+    OperatorGuarded,
     ServedModel,
     metrics,
     provenance_to_proto,
@@ -66,7 +67,7 @@ _SONG_ID_CHARS = set("0123456789abcdef")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class GeneratorSettings(DispatchKeyed):
+class GeneratorSettings(DispatchKeyed, OperatorGuarded):
     service_name: str = "generator"
     grpc_port: int = 50053
     metrics_port: int = 9103

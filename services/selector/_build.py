@@ -10,6 +10,7 @@ from riffloop.runtime import (
     ConsumerWorker,
     EventRouter,
     LoopWorker,
+    OperatorAuthInterceptor,
     Ports,
     RebuildPlan,
     RebuildWatch,
@@ -39,13 +40,15 @@ def rebuild_plan(settings: SelectorSettings, ports: Ports) -> RebuildPlan:
 
 
 def build(settings: SelectorSettings, ports: Ports) -> tuple[ServiceRuntime, SelectorState]:
-    ports.prepare(settings.kafka_partitions)
+    operator_auth = OperatorAuthInterceptor.from_settings(settings)  # no secret: refuse
+    # the buckets it reads or writes: its S3 policy in production allows no others
+    ports.prepare(settings.kafka_partitions, buckets=("tracks", "trainsets"))
     state = SelectorState(ports, settings)
     # Redis emptied (or a new deployment): its state again from the log before it is read
     plan = rebuild_plan(settings, ports)
     ensure_rebuilt(ports.bus, ports.kv, plan)
     state.rebuild()
-    runtime = ServiceRuntime.from_settings(settings)
+    runtime = ServiceRuntime.from_settings(settings, interceptors=[operator_auth])
     runtime.add_service(
         pb_grpc.add_SelectorServiceServicer_to_server,
         SelectorServicer(state),

@@ -51,7 +51,7 @@ from riffloop.loop import (
     model_score_by_input,
 )
 from riffloop.runtime import (
-    ServiceSettings,
+    OperatorGuarded,
     provenance_from_proto,
     scored_items,
     track_scored_to_proto,
@@ -64,7 +64,7 @@ _log = logging.getLogger("riffloop.selector")
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class SelectorSettings(ServiceSettings):
+class SelectorSettings(OperatorGuarded):
     service_name: str = "selector"
     grpc_port: int = 50055
     metrics_port: int = 9105

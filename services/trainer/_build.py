@@ -10,6 +10,7 @@ from riffloop.runtime import (
     DeferredWorker,
     EventRouter,
     LoopWorker,
+    OperatorAuthInterceptor,
     Ports,
     RebuildPlan,
     RebuildWatch,
@@ -38,15 +39,17 @@ def rebuild_plan(settings: TrainerSettings, ports: Ports) -> RebuildPlan:
 def build(settings: TrainerSettings, ports: Ports) -> tuple[ServiceRuntime, TrainerHandlers]:
     import torch
 
+    operator_auth = OperatorAuthInterceptor.from_settings(settings)  # no secret: refuse
     settings.base_model_path()  # no trained base model and no RIFFLOOP_UNTRAINED_BASE: refuse
     torch.set_num_threads(settings.torch_threads)
-    ports.prepare(settings.kafka_partitions)
+    # the buckets it reads or writes: its S3 policy in production allows no others
+    ports.prepare(settings.kafka_partitions, buckets=("latents", "tracks", "trainsets", "models"))
     core = TrainerHandlers(settings, ports)
     # Redis emptied (or a new deployment): a running canary's evidence again from the log,
     # before the bootstrap resumes the canary from it; while serving, the watch does the same
     plan = rebuild_plan(settings, ports)
     ensure_rebuilt(ports.bus, ports.kv, plan)
-    runtime = ServiceRuntime.from_settings(settings, max_workers=4)
+    runtime = ServiceRuntime.from_settings(settings, interceptors=[operator_auth], max_workers=4)
     runtime.add_service(
         pb_grpc.add_TrainerServiceServicer_to_server,
         TrainerServicer(core),

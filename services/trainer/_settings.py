@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from riffloop.core import ConfigurationError, ValidationError
-from riffloop.runtime import ServiceSettings
+from riffloop.runtime import OperatorGuarded
 
 # The trained base model shipped with the code (docs/BASE_MODEL.md): <root>/assets/base-model,
 # /app/assets/base-model in the trainer image (services/trainer/Dockerfile copies it there).
@@ -15,7 +15,7 @@ BUNDLED_BASE_MODEL = Path(__file__).resolve().parents[2] / "assets" / "base-mode
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
-class TrainerSettings(ServiceSettings):
+class TrainerSettings(OperatorGuarded):
     service_name: str = "trainer"
     grpc_port: int = 50056
     metrics_port: int = 9106

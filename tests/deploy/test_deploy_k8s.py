@@ -42,14 +42,18 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 NAMESPACES = {"dev": "riffloop-dev", "production": "riffloop"}
 GRPC_PORT, METRICS_PORT, WEB_PORT = 50051, 9100, 8080
 CRD_GROUP = "monitoring.coreos.com/"
-# Secrets the production overlay references but the platform creates (docs/DEPLOY.md lists them).
+# Secrets the production overlay references but the platform creates (docs/DEPLOY.md lists them):
+# one S3 key pair and one Kafka SCRAM user per service, and the shared ones.
 EXTERNAL_SECRETS = {
-    "riffloop-s3",
     "riffloop-redis",
     "riffloop-gateway-auth",
     "riffloop-dispatch-key",
-    "riffloop-kafka",
+    "riffloop-operator",
+    *(f"riffloop-s3-{s}" for s in SERVICES),
+    *(f"riffloop-kafka-{s}" for s in SERVICES),
 }
+# ConfigMaps likewise: the CA that signed the Kafka brokers' certificates.
+EXTERNAL_CONFIGMAPS = {"riffloop-kafka-ca"}
 HPA_SERVICES = {"gateway", "generator"}
 SINGLE_WRITERS = {"feedback", "selector", "trainer"}
 GPU = "nvidia.com/gpu"
@@ -548,7 +552,13 @@ def test_images_are_tagged(docs: list[dict[str, Any]]) -> None:
 def test_referenced_configmaps_and_secrets_exist(overlay: str, docs: list[dict[str, Any]]) -> None:
     configmaps, secrets = set(by_name(docs, "ConfigMap")), set(by_name(docs, "Secret"))
     missing_secrets: set[str] = set()
+    missing_configmaps: set[str] = set()
     for deployment in deployments(docs).values():
+        for volume in pod_spec(deployment).get("volumes", []):
+            if "configMap" in volume and volume["configMap"]["name"] not in configmaps:
+                missing_configmaps.add(volume["configMap"]["name"])
+            if "secret" in volume and volume["secret"]["secretName"] not in secrets:
+                missing_secrets.add(volume["secret"]["secretName"])
         for container in all_containers(deployment):
             for source in container.get("envFrom", []):
                 if "configMapRef" in source:
@@ -563,11 +573,13 @@ def test_referenced_configmaps_and_secrets_exist(overlay: str, docs: list[dict[s
                     missing_secrets.add(ref["secretKeyRef"]["name"])
     if overlay == "dev":
         assert missing_secrets == set(), "dev must run without hand-made Secrets"
+        assert missing_configmaps == set(), "dev must run without hand-made ConfigMaps"
     else:
         assert missing_secrets == EXTERNAL_SECRETS, "production Secrets are created by the platform"
+        assert missing_configmaps == EXTERNAL_CONFIGMAPS
         deploy_doc = (REPO / "docs" / "DEPLOY.md").read_text(encoding="utf-8")
-        for secret in missing_secrets:
-            assert secret in deploy_doc, f"docs/DEPLOY.md must say how to create Secret {secret}"
+        for secret in missing_secrets | missing_configmaps:
+            assert f"`{secret}`" in deploy_doc, f"docs/DEPLOY.md must say how to create {secret}"
     # No credentials in ConfigMaps.
     for configmap in of_kind(docs, "ConfigMap"):
         for key, value in (configmap.get("data") or {}).items():
@@ -618,15 +630,46 @@ def _settings_class(service: str) -> Any:
     return classes.pop()
 
 
+def _mounted_file(deployment: dict[str, Any], path: str) -> tuple[str, str]:
+    """(ConfigMap or Secret name, key) of the volume file the container sees at ``path``."""
+    (container,) = pod_spec(deployment)["containers"]
+    volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if path.startswith(prefix):
+            volume = volumes[mount["name"]]
+            source = volume.get("configMap") or volume["secret"]
+            relative = path.removeprefix(prefix)
+            items = {i["path"]: i["key"] for i in source.get("items", [])}
+            return source.get("name") or source["secretName"], items.get(relative, relative)
+    raise AssertionError(f"nothing is mounted at {path}")
+
+
+def parseable_env(deployment: dict[str, Any], env: dict[str, str], folder: Path) -> dict[str, str]:
+    """``env`` with the files start-up reads (the Kafka CA bundle) replaced by stand-ins in
+    ``folder``, after checking each is mounted from the ConfigMap that holds it."""
+    out = dict(env)
+    if "RIFFLOOP_KAFKA_SSL_CAFILE" in out:  # start-up checks the file: it must be mounted
+        assert _mounted_file(deployment, out["RIFFLOOP_KAFKA_SSL_CAFILE"]) == (
+            "riffloop-kafka-ca",
+            "ca.crt",
+        )
+        stand_in = folder / "ca.crt"
+        stand_in.write_text("-----BEGIN CERTIFICATE-----\n")
+        out["RIFFLOOP_KAFKA_SSL_CAFILE"] = str(stand_in)
+    return out
+
+
 @pytest.mark.parametrize("overlay_name", OVERLAYS)
 @pytest.mark.parametrize("service", SERVICES)
-def test_each_service_accepts_its_settings(overlay_name: str, service: str) -> None:
+def test_each_service_accepts_its_settings(overlay_name: str, service: str, tmp_path: Path) -> None:
     """The environment of each pod parses (an unknown RIFFLOOP_* name or bad value exits 2)."""
     settings_class = _settings_class(service)
     docs = render(overlay_name)
-    (container,) = pod_spec(deployments(docs)[service])["containers"]
+    deployment = deployments(docs)[service]
+    (container,) = pod_spec(deployment)["containers"]
     env = {k: v for k, v in container_env(docs, container).items() if k.startswith("RIFFLOOP_")}
-    settings = settings_class.from_env(env)
+    settings = settings_class.from_env(parseable_env(deployment, env, tmp_path))
     assert settings.backend == "real"
     assert settings.grpc_port == GRPC_PORT and settings.metrics_port == METRICS_PORT
     assert getattr(settings, "service_name", service) == service
@@ -639,7 +682,7 @@ def test_each_service_accepts_its_settings(overlay_name: str, service: str) -> N
 # (protocol, port, endPort) that each overlay's pods may reach besides DNS.
 BACKEND_EGRESS: dict[str, set[tuple[str, int, int | None]]] = {
     "dev": {("TCP", 9092, None), ("TCP", 9000, None), ("TCP", 6379, None)},
-    "production": {("TCP", 9092, 9096), ("TCP", 443, None), ("TCP", 6379, 6380)},
+    "production": {("TCP", 9093, None), ("TCP", 443, None), ("TCP", 6380, None)},
 }
 DNS: set[tuple[str, int, int | None]] = {("UDP", 53, None), ("TCP", 53, None)}
 

@@ -373,12 +373,14 @@ def test_the_trainer_may_do_what_the_launcher_does_and_no_more(
 
 
 def test_the_trainer_settings_accept_the_launcher_and_refuse_a_wrong_one(
-    with_launcher: list[dict[str, Any]],
+    with_launcher: list[dict[str, Any]], tmp_path: Path
 ) -> None:
+    from test_deploy_k8s import parseable_env
+
     from riffloop.core import ConfigurationError
     from services.trainer import TrainerSettings
 
-    env = _trainer_env(with_launcher)
+    env = parseable_env(_trainer(with_launcher), _trainer_env(with_launcher), tmp_path)
     settings = TrainerSettings.from_env(env)
     assert settings.train_launcher == "pytorchjob"
     assert TrainerSettings.from_env({}).train_launcher == "in_process"  # the default

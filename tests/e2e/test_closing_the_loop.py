@@ -11,7 +11,6 @@ import random
 import time
 import urllib.request
 
-import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -58,7 +57,7 @@ def test_six_processes_close_the_loop(service_stack) -> None:
     rng = random.Random(11)
     freqs = [rng.uniform(200, 800) for _ in range(3)]  # fresh songs: no cross-test dedupe
     songs = [users[0].upload_song(wav_bytes(2.0, f)).song_id for f in freqs]
-    generator = gen_grpc.GeneratorServiceStub(grpc.insecure_channel(procs["generator"].target))
+    generator = gen_grpc.GeneratorServiceStub(stack.operator_channel("generator"))
     # The version served at the start: v0001 on fresh infrastructure, later on a developer's
     # reused object store (versions and models/CURRENT live there).
     base = generator.CurrentModel(gen_pb.CurrentModelRequest(), timeout=5).version
@@ -87,7 +86,7 @@ def test_six_processes_close_the_loop(service_stack) -> None:
             break
     assert any(k == {"generated", "baseline"} for k in kinds_by_input.values()), kinds
 
-    selector = sel_grpc.SelectorServiceStub(grpc.insecure_channel(procs["selector"].target))
+    selector = sel_grpc.SelectorServiceStub(stack.operator_channel("selector"))
     wait_for(
         lambda: (
             selector.CurrentTrainset(sel_pb.CurrentTrainsetRequest(), timeout=5).trainset.pair_count
@@ -96,7 +95,7 @@ def test_six_processes_close_the_loop(service_stack) -> None:
         120,
         "a published training set",
     )
-    trainer = tr_grpc.TrainerServiceStub(grpc.insecure_channel(procs["trainer"].target))
+    trainer = tr_grpc.TrainerServiceStub(stack.operator_channel("trainer"))
 
     def trained() -> list[str]:
         versions = trainer.TrainStatus(tr_pb.TrainStatusRequest(), timeout=5).versions

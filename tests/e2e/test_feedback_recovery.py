@@ -134,7 +134,7 @@ def test_feedback_kill_9_restart_counts_every_accepted_rating_once(service_stack
     assert 0 < at_kill < len(tracks), "the kill must land while ratings stream"
     assert len(accepted) == len(tracks) and set(accepted.values()) == {1}
 
-    channel = grpc.insecure_channel(stack.state.processes["feedback"].target)
+    channel = stack.operator_channel("feedback")
     stub = fb_grpc.FeedbackServiceStub(channel)
 
     def counted() -> dict[str, int]:

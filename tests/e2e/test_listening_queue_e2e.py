@@ -135,7 +135,7 @@ def test_listeners_hear_everyones_tracks_blind_and_only_tracks(
     info = alice.wait_ready(lonely, timeout_s=240)
     alice.report_listen(lonely, info.duration_seconds, completed=True)
     alice.rate(lonely, 4)
-    feedback = fb_grpc.FeedbackServiceStub(grpc.insecure_channel(procs["feedback"].target))
+    feedback = fb_grpc.FeedbackServiceStub(stack.operator_channel("feedback"))
 
     def score(track_id: str) -> fb_pb.TrackScoreResponse:
         return feedback.TrackScore(fb_pb.TrackScoreRequest(track_id=track_id), timeout=5)

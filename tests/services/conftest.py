@@ -18,11 +18,14 @@ import numpy as np
 import pytest
 import soundfile
 
+from riffloop.client import operator_channel
 from riffloop.core import MemoryEventBus, MemoryKeyValueStore, MemoryObjectStore
-from riffloop.runtime import Ports, ServiceRuntime, TokenSigner
+from riffloop.runtime import Ports, ServiceRuntime, TokenSigner, operator_token
 from riffloop.v1 import common_pb2, events_pb2
 
 SECRET = "test-secret-0123456789"
+# RIFFLOOP_OPERATOR_SECRET of the internal services; their harness channels carry a token of it.
+OPERATOR_SECRET = "test-operator-secret-0123"
 
 
 def generated_track_ready(
@@ -82,6 +85,8 @@ def shared_ports() -> Ports:
 def start_service(name: str, ports: Ports, **overrides: Any) -> Running:
     """Build and start one service on free ports (its settings from defaults + overrides)."""
     common: dict[str, Any] = {"grpc_port": 0, "metrics_port": 0, "consumer_poll_timeout_s": 0.05}
+    if name != "gateway":
+        common["operator_secret"] = OPERATOR_SECRET
     state: Any = None
     own = Ports(name, ports.bus, ports.objects, ports.kv)
     if name == "gateway":
@@ -133,6 +138,8 @@ def start_service(name: str, ports: Ports, **overrides: Any) -> Running:
         raise ValueError(name)
     runtime.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{runtime.port}")
+    if name != "gateway":  # an operator's channel: the internal RPCs refuse calls without it
+        channel = operator_channel("", operator_token(OPERATOR_SECRET, "tests"), channel=channel)
     return Running(name, runtime, state, channel)
 
 

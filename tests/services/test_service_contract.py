@@ -1,4 +1,5 @@
-"""Every service passes the same checks: health, reflection, /metrics (style rule 13)."""
+"""Every service passes the same checks: health, reflection (internal services; the public gateway
+only when enabled), operator credentials on every internal RPC, /metrics (style rule 13)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import urllib.request
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from riffloop.runtime import metrics
-from tests.services.conftest import Running, wait_for
+from riffloop.runtime import TokenSigner, metrics, operator_token
+from tests.services.conftest import SECRET, Running, shared_ports, start_service, wait_for
 
 pytestmark = [pytest.mark.contract, pytest.mark.slow]
 
@@ -60,15 +62,60 @@ def test_health_turns_serving_once_dependencies_and_model_are_ready(
         assert running.runtime.readiness.state()["model"] is True
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES))
+def _reflected(channel: grpc.Channel) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+    return {s.name for s in response.list_services_response.service}
+
+
+@pytest.mark.parametrize("name", sorted(set(SERVICES) - {"gateway"}))
 def test_reflection_lists_the_service_and_health(
     all_services: dict[str, Running], name: str
 ) -> None:
-    stub = reflection_pb2_grpc.ServerReflectionStub(all_services[name].channel)
-    request = reflection_pb2.ServerReflectionRequest(list_services="")
-    (response,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
-    names = {s.name for s in response.list_services_response.service}
-    assert {SERVICES[name], "grpc.health.v1.Health"} <= names
+    """Internal services keep reflection on, open without a credential (as health is)."""
+    with grpc.insecure_channel(f"127.0.0.1:{all_services[name].port}") as channel:
+        assert {SERVICES[name], "grpc.health.v1.Health"} <= _reflected(channel)
+
+
+def test_the_public_gateway_has_no_reflection_unless_enabled(
+    all_services: dict[str, Running],
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        _reflected(all_services["gateway"].channel)
+    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert _health(all_services["gateway"]) == health_pb2.HealthCheckResponse.SERVING
+    enabled = start_service("gateway", shared_ports(), reflection=True)
+    try:
+        assert {SERVICES["gateway"], "grpc.health.v1.Health"} <= _reflected(enabled.channel)
+    finally:
+        enabled.channel.close()
+        enabled.runtime.stop()
+
+
+@pytest.mark.parametrize("name", sorted(set(SERVICES) - {"gateway"}))
+def test_every_internal_rpc_needs_an_operator_credential(
+    all_services: dict[str, Running], name: str
+) -> None:
+    """Each method of an internal service: no credential UNAUTHENTICATED; a token of another
+    secret, or a listener's gateway token, PERMISSION_DENIED. The handler never runs."""
+    service = descriptor_pool.Default().FindServiceByName(SERVICES[name])
+    assert service.methods
+    wrong = {
+        "other secret": operator_token("someone-elses-operator-secret", "mallory"),
+        "listener token": TokenSigner(SECRET).issue("listener"),
+    }
+    with grpc.insecure_channel(f"127.0.0.1:{all_services[name].port}") as channel:
+        for method in service.methods:
+            assert not method.client_streaming and not method.server_streaming, method.name
+            call = channel.unary_unary(f"/{service.full_name}/{method.name}")
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"", timeout=10)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, method.name
+            for what, token in wrong.items():
+                with pytest.raises(grpc.RpcError) as info:
+                    call(b"", metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+                assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED, (method.name, what)
 
 
 @pytest.mark.parametrize("name", sorted(SERVICES))
