@@ -74,8 +74,11 @@ class GeneratorSettings(DispatchKeyed, OperatorGuarded):
     baseline_share: float = 0.25
     default_quality: int = 50
     max_quality: int = 1000
-    # How long a request waits for its songs' latents (the encoder may still be working).
-    latent_wait_s: float = 60.0
+    # How long a request waits for its songs' latents (the encoder may still be working; each
+    # of the consumer's 3 attempts waits this long before the request is dead-lettered). 60 s
+    # failed requests of a process stack on a busy 2-core machine, where inverting one 8 s
+    # upload took over 3 min.
+    latent_wait_s: float = 300.0
     torch_threads: int = 1
     # Track length when a request asks for 0 s, and the longest it may ask for
     # (riffloop.music.TrackLength: overlapping windows, each continuing the last one's tail).
@@ -84,6 +87,11 @@ class GeneratorSettings(DispatchKeyed, OperatorGuarded):
     # Requests of one (model version, plan, length) denoised in one UNet batch, and the most
     # generation.requested.v1 records the consumer hands over together.
     generation_batch: int = 16
+    # A batch is generated in the consumer thread between two polls. Under load (three process
+    # stacks on two cores) 6–16 tracks of 5.94 s took longer than Kafka's default 5 min bound:
+    # the broker took the partition away mid-batch, the commit failed and the batch was redone.
+    # 30 min, as the trainer; a crashed generator is still noticed by the 10 s session timeout.
+    kafka_max_poll_interval_s: float = 1800.0
 
     def _validate(self) -> None:
         super()._validate()

@@ -48,6 +48,9 @@ class TrainerSettings(OperatorGuarded):
     lora_rank: int = 8
     lora_alpha: int = 8
     steps_per_chunk: int = 10
+    # Progress (adapters, optimiser state, step) saved to the object store every this many
+    # steps, so a killed trainer resumes the fine-tune there; 0 = never.
+    finetune_save_every: int = 20
     gate_mode: str = "offline"  # "offline" or "skip"
     gate_samples: int = 16
     gate_steps: int = 20
