@@ -3,7 +3,7 @@ services through their APIs, its report and its command line (design.md §6).
 
 A client of ``riffloop.loop``, whose rules it drives; the domain never imports it. Listener
 populations are plug-ins (``--listeners package.module:factory``, docs/LISTENERS.md). Commands:
-``python -m riffloop.sim demo|evidence``.
+``python -m riffloop.sim demo|evidence|soak``.
 
 The listeners need only numpy and load at once; the torch-bound parts (the experiment, its report
 and CLI, the random-taste population over the audio embedding) load on first use (PEP 562).
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
         random_taste_population,
     )
     from riffloop.sim._report import format_table, paired_interval
+    from riffloop.sim._soak import Flatness, Tolerance, flatness, soak
 
 _LAZY = {
     "ClipVector": "riffloop.sim._random_taste",
@@ -62,17 +63,21 @@ _LAZY = {
     "LoopExperiment": "riffloop.sim._experiment",
     "LoopResult": "riffloop.sim._experiment",
     "EmbeddedDeployment": "riffloop.sim._deployment",
+    "Flatness": "riffloop.sim._soak",
     "InputSong": "riffloop.sim._experiment",
     "SimClock": "riffloop.sim._deployment",
     "RandomTasteListener": "riffloop.sim._random_taste",
     "TasteSpace": "riffloop.sim._random_taste",
     "demo": "riffloop.sim._cli",
     "evidence": "riffloop.sim._cli",
+    "flatness": "riffloop.sim._soak",
     "format_table": "riffloop.sim._report",
     "load_inputs": "riffloop.sim._experiment",
     "paired_interval": "riffloop.sim._report",
     "random_taste_listeners": "riffloop.sim._random_taste",
     "random_taste_population": "riffloop.sim._random_taste",
+    "soak": "riffloop.sim._soak",
+    "Tolerance": "riffloop.sim._soak",
 }
 
 
@@ -97,6 +102,7 @@ __all__ = [
     "ClipVector",
     "ConstantBot",
     "EmbeddedDeployment",
+    "Flatness",
     "InputSong",
     "IterationRow",
     "ListenOutcome",
@@ -110,6 +116,7 @@ __all__ = [
     "SimClock",
     "TasteListener",
     "TasteSpace",
+    "Tolerance",
     "ZeroListenBot",
     "audio_features",
     "bright_dense_listeners",
@@ -117,6 +124,7 @@ __all__ = [
     "dark_sparse_listeners",
     "demo",
     "evidence",
+    "flatness",
     "format_table",
     "load_inputs",
     "load_listener_factory",
@@ -124,5 +132,6 @@ __all__ = [
     "paired_interval",
     "random_taste_listeners",
     "random_taste_population",
+    "soak",
     "taste_population",
 ]

@@ -1,4 +1,4 @@
-"""The command line: ``demo`` and ``evidence`` (``python -m riffloop.sim``)."""
+"""The command line: ``demo``, ``evidence`` and ``soak`` (``python -m riffloop.sim``)."""
 
 from __future__ import annotations
 
@@ -207,8 +207,10 @@ def evidence(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": demo, "evidence": evidence}
+    from riffloop.sim._soak import soak
+
+    commands = {"demo": demo, "evidence": evidence, "soak": soak}
     if not argv or argv[0] not in commands:
-        print("usage: python -m riffloop.sim {demo|evidence} [options]  (--help per command)")
+        print("usage: python -m riffloop.sim {demo|evidence|soak} [options]  (--help per command)")
         return 2
     return commands[argv[0]](argv[1:])
