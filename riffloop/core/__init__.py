@@ -64,6 +64,7 @@ from riffloop.core._object_store import ArtifactPointer, ObjectRef, ObjectStore,
 from riffloop.core._redis_kv_store import RedisKeyValueStore
 from riffloop.core._s3_object_store import S3ObjectStore
 from riffloop.core._settings import Settings, run_main
+from riffloop.core._tracing import install_tracing, tracing_enabled, uninstall_tracing
 
 __all__ = [
     "ArtifactPointer",
@@ -109,6 +110,7 @@ __all__ = [
     "dlq_topic",
     "durability_config",
     "handling",
+    "install_tracing",
     "new_envelope",
     "partition_for",
     "payload_of",
@@ -119,4 +121,6 @@ __all__ = [
     "run_main",
     "sha256_hex",
     "topic_config",
+    "tracing_enabled",
+    "uninstall_tracing",
 ]

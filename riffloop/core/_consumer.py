@@ -69,9 +69,17 @@ from riffloop.core._errors import (
     ValidationError,
 )
 from riffloop.core._event_bus import EventBus, Message, Subscription, validate_group
+from riffloop.core._tracing import (
+    as_current,
+    batch_span,
+    note_outcome,
+    record_span,
+    start_record_span,
+)
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message as ProtoMessage
+    from opentelemetry.trace import Span
 
     from riffloop.core._kv_store import KeyValueStore
     from riffloop.core._settings import Settings
@@ -478,10 +486,13 @@ class Consumer:
             try:
                 envelope = decode_envelope(message.value, message.topic)
             except ValidationError as exc:
-                log.error("poison record %s[%d]@%d: %s", *_where(message), exc.reason)
-                self._dead_letter(message, None, exc, attempts=1)
-                return self._finish(message, Outcome.DEAD_LETTERED, None)
-        with handling(envelope):  # logs and the events the handler makes carry its ids
+                with record_span(message, None, self._group):
+                    log.error("poison record %s[%d]@%d: %s", *_where(message), exc.reason)
+                    self._dead_letter(message, None, exc, attempts=1)
+                    return self._finish(message, Outcome.DEAD_LETTERED, None)
+        # One span per record, continuing the producer's trace; logs and the events the
+        # handler makes carry its ids.
+        with record_span(message, envelope, self._group), handling(envelope):
             return self._process_envelope(message, envelope, marks)
 
     def _process_envelope(
@@ -565,7 +576,22 @@ class Consumer:
         self, handler: BatchHandler, messages: Sequence[Message], marks: _Marks
     ) -> list[Outcome | None]:
         """Steps 1–5 for records of one topic with ONE handler call per try: each record's
-        outcome, None for one left uncommitted (a stop during the back-off, or a drain)."""
+        outcome, None for one left uncommitted (a stop during the back-off, or a drain). Each
+        record has its span, ended when the batch is done."""
+        spans: dict[int, Span] = {}
+        try:
+            return self._handle_batch(handler, messages, marks, spans)
+        finally:
+            for span in spans.values():
+                span.end()
+
+    def _handle_batch(
+        self,
+        handler: BatchHandler,
+        messages: Sequence[Message],
+        marks: _Marks,
+        spans: dict[int, Span],
+    ) -> list[Outcome | None]:
         outcomes: list[Outcome | None] = [None] * len(messages)
         pending: list[_BatchItem] = []
         pending_ids: set[str] = set()  # an event twice in one batch runs once
@@ -575,7 +601,8 @@ class Consumer:
                 outcomes[i] = self._process(message, marks)
                 continue
             dedupe_key, attempts_key = self._keys(envelope.event_id)
-            with handling(envelope):
+            spans[i] = start_record_span(message, envelope, self._group)
+            with as_current(spans[i]), handling(envelope):
                 if (
                     envelope.event_id in marks.handled_here
                     or envelope.event_id in pending_ids
@@ -598,13 +625,14 @@ class Consumer:
             for item in pending:
                 item.attempt += 1
                 self._kv.set(item.attempts_key, str(item.attempt), ttl_s=self._dedupe_ttl_s)
-            failed = self._call_batch(handler, pending)
+            with batch_span(messages[0].topic, [spans[item.index] for item in pending]):
+                failed = self._call_batch(handler, pending)
             retry: list[_BatchItem] = []
             interrupted = False
             for item in pending:
                 error = failed.get(item.envelope.event_id)
                 message, envelope = item.message, item.envelope
-                with handling(envelope):
+                with as_current(spans[item.index]), handling(envelope):
                     if error is None:
                         marks.handled_here.add(envelope.event_id)
                         outcomes[item.index] = self._finish(
@@ -663,6 +691,7 @@ class Consumer:
                 self._kv.set_if_absent(dedupe_key, outcome.value, ttl_s=self._dedupe_ttl_s)
             self._kv.delete(attempts_key)
         self._hooks.outcome(message.topic, outcome)
+        note_outcome(outcome.value)
         return outcome
 
     def _dead_letter(

@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError
 
 from riffloop.core._context import correlation_id_var
 from riffloop.core._errors import ConfigurationError, ValidationError
+from riffloop.core._tracing import inject_trace_context
 
 if TYPE_CHECKING:
     from google.protobuf.message import Message as ProtoMessage
@@ -134,7 +135,7 @@ def new_envelope(
     occurred_at: datetime | None = None,
 ) -> events_pb2.Envelope:
     """Wrap a payload: event_id (UUID4 unless given), occurred_at (now, UTC), producer, and
-    the current correlation id (the gRPC call or the event being handled)."""
+    the current correlation id and trace context (the gRPC call or the event being handled)."""
     events = load_generated("events_pb2")
     if not producer:
         raise ValidationError("an envelope needs a producer name")
@@ -143,6 +144,7 @@ def new_envelope(
         producer=producer,
         correlation_id=correlation_id_var.get(),  # riffloop.core._context
     )
+    inject_trace_context(envelope.trace_context)  # riffloop.core._tracing
     envelope.occurred_at.FromDatetime(occurred_at or datetime.now(UTC))
     getattr(envelope, _payload_field_for(events.Envelope, payload)).CopyFrom(payload)
     return envelope

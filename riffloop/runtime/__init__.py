@@ -80,6 +80,7 @@ from riffloop.runtime._server import (
     Worker,
 )
 from riffloop.runtime._settings import DispatchKeyed, OperatorGuarded, ServiceSettings
+from riffloop.runtime._tracing import start_tracing, stop_tracing, tracer_provider, traces_url
 from riffloop.runtime._track_records import TrackRecords
 
 __all__ = [
@@ -147,6 +148,10 @@ __all__ = [
     "request_id_var",
     "scored_items",
     "selector_rebuild_plan",
+    "start_tracing",
+    "stop_tracing",
+    "tracer_provider",
+    "traces_url",
     "track_scored_to_proto",
     "trainer_rebuild_plan",
 ]

@@ -15,7 +15,6 @@ import logging
 import math
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -29,6 +28,7 @@ from riffloop.core import (
     UnauthenticatedError,
 )
 from riffloop.core._context import correlation_id_var
+from riffloop.core._tracing import end_rpc, request_id_of, rpc_span
 from riffloop.runtime import metrics
 from riffloop.runtime._logging import request_id_var, user_id_var
 
@@ -86,7 +86,9 @@ def remaining_seconds(context: grpc.ServicerContext, default_s: float) -> float:
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
-    """Request id, deadline check, metrics, access log and the error → status-code mapping."""
+    """Trace span, request id, deadline check, metrics, access log and the error → status-code
+    mapping. The call's span (riffloop.core._tracing) continues a W3C ``traceparent`` in the
+    metadata; a call without a valid ``x-request-id`` takes the trace id as its request id."""
 
     def __init__(self, service: str, *, min_deadline_s: float = 0.001) -> None:
         self.service = service
@@ -100,42 +102,48 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         _, method = _split_method(full_method)
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = str(metadata.get("x-request-id", ""))
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        given_id = given if _REQUEST_ID.match(given) else ""
 
         def wrap(behavior: Behavior, streams: bool) -> Behavior:
             if streams:
 
                 def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                    with rpc_span(full_method, metadata) as span:
+                        request_id = given_id or request_id_of(span)
+                        token = request_id_var.set(request_id)
+                        correlation = correlation_id_var.set(request_id)  # events carry it
+                        started = time.perf_counter()
+                        code = "OK"
+                        try:
+                            self._check_deadline(context)
+                            yield from behavior(request, context)
+                        except BaseException as exc:
+                            code = self._fail(exc, context, full_method, request_id)
+                        finally:
+                            code = self._observe(method, code, context, started, full_method)
+                            end_rpc(span, code, request_id)
+                            correlation_id_var.reset(correlation)
+                            request_id_var.reset(token)
+
+                return stream_behavior
+
+            def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
+                with rpc_span(full_method, metadata) as span:
+                    request_id = given_id or request_id_of(span)
                     token = request_id_var.set(request_id)
                     correlation = correlation_id_var.set(request_id)  # events it makes carry it
                     started = time.perf_counter()
                     code = "OK"
                     try:
                         self._check_deadline(context)
-                        yield from behavior(request, context)
+                        return behavior(request, context)
                     except BaseException as exc:
                         code = self._fail(exc, context, full_method, request_id)
                     finally:
-                        self._observe(method, code, context, started, full_method)
+                        code = self._observe(method, code, context, started, full_method)
+                        end_rpc(span, code, request_id)
                         correlation_id_var.reset(correlation)
                         request_id_var.reset(token)
-
-                return stream_behavior
-
-            def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
-                token = request_id_var.set(request_id)
-                correlation = correlation_id_var.set(request_id)  # events it makes carry it
-                started = time.perf_counter()
-                code = "OK"
-                try:
-                    self._check_deadline(context)
-                    return behavior(request, context)
-                except BaseException as exc:
-                    code = self._fail(exc, context, full_method, request_id)
-                finally:
-                    self._observe(method, code, context, started, full_method)
-                    correlation_id_var.reset(correlation)
-                    request_id_var.reset(token)
 
             return unary_behavior
 
@@ -190,7 +198,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         context: grpc.ServicerContext,
         started: float,
         full_method: str,
-    ) -> None:
+    ) -> str:
+        """Count and time the call; return its final status code's name."""
         status = _status_of(context)
         if status is not None:
             code = status.name
@@ -202,6 +211,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 "rpc done",
                 extra={"method": full_method, "code": code, "ms": round(elapsed * 1000, 3)},
             )
+        return code
 
 
 def _status_of(context: grpc.ServicerContext) -> grpc.StatusCode | None:

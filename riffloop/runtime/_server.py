@@ -32,6 +32,7 @@ from prometheus_client import REGISTRY, start_http_server
 
 from riffloop.runtime import metrics
 from riffloop.runtime._interceptors import ObservabilityInterceptor
+from riffloop.runtime._tracing import start_tracing, stop_tracing
 
 _log = logging.getLogger("riffloop.runtime")
 
@@ -315,11 +316,13 @@ class ServiceRuntime:
         self._dead: set[str] = set()  # workers seen dead: liveness is NOT_SERVING for good
         self.port = 0
         self.metrics_port = 0
+        self._exports_traces = False
 
     @classmethod
     def from_settings(cls, settings: Any, **options: Any) -> ServiceRuntime:
-        """The usual wiring from a ``ServiceSettings``: name, ports, bind host, grace period."""
-        return cls(
+        """The usual wiring from a ``ServiceSettings``: name, ports, bind host, grace period,
+        and trace export when ``otlp_endpoint`` is set (flushed when the runtime stops)."""
+        runtime = cls(
             settings.service_name,
             grpc_port=settings.grpc_port,
             metrics_port=settings.metrics_port,
@@ -328,6 +331,8 @@ class ServiceRuntime:
             drain_delay_s=settings.drain_delay_s,
             **options,
         )
+        runtime._exports_traces = start_tracing(settings)
+        return runtime
 
     # -- assembly -----------------------------------------------------------------------------
 
@@ -418,6 +423,8 @@ class ServiceRuntime:
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if self._exports_traces:
+            stop_tracing()
         _log.info("stopped")
         self._done.set()
 

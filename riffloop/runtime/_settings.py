@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import secrets
+from urllib.parse import urlsplit
 
 from riffloop.core import ConfigurationError, Settings
 from riffloop.runtime._auth import MIN_SECRET_CHARS
@@ -25,6 +26,10 @@ class ServiceSettings(Settings):
     # Seconds between a service's checks that its Redis state is there (riffloop.runtime
     # RebuildWatch): an emptied store is rebuilt from Kafka within one check plus the replay.
     rebuild_check_s: float = 2.0
+    # OTLP/HTTP collector that receives this process's trace spans, e.g.
+    # http://otel-collector:4318 (spans go to <endpoint>/v1/traces); "" = tracing off: no
+    # exporter, and a no-op tracer (riffloop.core._tracing).
+    otlp_endpoint: str = ""
 
     def _validate(self) -> None:
         super()._validate()
@@ -43,6 +48,13 @@ class ServiceSettings(Settings):
             raise ConfigurationError("RIFFLOOP_MODEL_POLL_S must lie in [0.1, 3600]")
         if not 0.1 <= self.rebuild_check_s <= 3600:
             raise ConfigurationError("RIFFLOOP_REBUILD_CHECK_S must lie in [0.1, 3600]")
+        if self.otlp_endpoint:
+            url = urlsplit(self.otlp_endpoint)
+            if url.scheme not in ("http", "https") or not url.hostname or url.query:
+                raise ConfigurationError(
+                    "RIFFLOOP_OTLP_ENDPOINT must be an http:// or https:// URL of an OTLP/HTTP "
+                    f"collector (e.g. http://otel-collector:4318), got {self.otlp_endpoint!r}"
+                )
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
