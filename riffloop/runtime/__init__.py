@@ -48,7 +48,7 @@ from riffloop.runtime._models import (
     keep_current,
 )
 from riffloop.runtime._ports import Ports, connect_ports
-from riffloop.runtime._ratelimit import SlidingWindowLimiter
+from riffloop.runtime._ratelimit import InFlightCap, InFlightLimiter, SlidingWindowLimiter
 from riffloop.runtime._rebuild import (
     RebuildPlan,
     RebuildReport,
@@ -98,6 +98,8 @@ __all__ = [
     "DeferredWorker",
     "DispatchKeyed",
     "EventRouter",
+    "InFlightCap",
+    "InFlightLimiter",
     "JwtVerifier",
     "LatentRecord",
     "LoopWorker",

@@ -11,12 +11,13 @@ INTERNAL with a request id and no traceback (the traceback goes to the log).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 
@@ -31,6 +32,9 @@ from riffloop.core._context import correlation_id_var
 from riffloop.core._tracing import end_rpc, request_id_of, rpc_span
 from riffloop.runtime import metrics
 from riffloop.runtime._logging import request_id_var, user_id_var
+
+if TYPE_CHECKING:
+    from riffloop.runtime._ratelimit import InFlightLimiter
 
 _log = logging.getLogger("riffloop.rpc")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -371,25 +375,35 @@ class RateLimiter(Protocol):
 
 
 class RateLimitInterceptor(grpc.ServerInterceptor):
-    """Per-user token bucket; runs after auth (it keys on the verified user). A call costs one
-    token, or ``costs[method](request)`` for a unary method named there (a batch pays per
-    item)."""
+    """Per-user token bucket and in-flight caps; runs after auth (it keys on the verified
+    user). A call costs one token, or its method's cost in ``costs``: a fixed number (what the
+    call makes the system do: a Generate is a GPU job, an upload a decode) or, for a unary
+    method, a function of the request (a batch pays per item). With ``in_flight``, a user's
+    calls of a capped kind (uploads, Generate) in progress at once are bounded too."""
 
     def __init__(
-        self, limiter: RateLimiter, costs: dict[str, Callable[[Any], int]] | None = None
+        self,
+        limiter: RateLimiter,
+        costs: dict[str, int | Callable[[Any], int]] | None = None,
+        in_flight: InFlightLimiter | None = None,
     ) -> None:
         self.limiter = limiter
         self.costs = dict(costs or {})
+        self.in_flight = in_flight
 
     def charge(self, method: str, request: Any = None) -> None:
         """Take the call's tokens from the verified user's bucket, or raise RateLimitedError.
-        ``request`` None (a streamed request) costs one token. The Connect (browser) API calls
-        this too, so both transports draw on one bucket per user."""
+        ``request`` None (a streamed request) costs the method's fixed cost, else one token.
+        The Connect (browser) API calls this too, so both transports draw on one bucket per
+        user."""
         user = user_id_var.get()
         if not user:
             return  # unauthenticated calls were refused by the auth interceptor already
         cost_of = self.costs.get(method)
-        cost = 1 if cost_of is None or request is None else max(1, int(cost_of(request)))
+        if isinstance(cost_of, int):
+            cost = cost_of
+        else:
+            cost = 1 if cost_of is None or request is None else max(1, int(cost_of(request)))
         wait_s = self.limiter.try_acquire(user, cost)
         if wait_s > 0:
             raise RateLimitedError(
@@ -397,27 +411,36 @@ class RateLimitInterceptor(grpc.ServerInterceptor):
                 retry_after_s=wait_s,
             )
 
+    def admit(self, method: str) -> contextlib.AbstractContextManager[None]:
+        """Hold one of the verified user's in-flight places for ``method`` while the block
+        runs (RateLimitedError when none is free); the Connect API runs its handlers in it."""
+        user = user_id_var.get()
+        if self.in_flight is None or not user:
+            return contextlib.nullcontext()
+        return self.in_flight.hold(method, user)
+
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_PUBLIC_PREFIXES):
             return handler
         _, method = _split_method(handler_call_details.method)
-
-        def check(request: Any = None) -> None:
-            self.charge(method, request)
+        # a client-streamed request arrives as an iterator: it pays the method's fixed cost
+        streamed_request = handler.request_streaming
 
         def wrap(behavior: Behavior, streams: bool) -> Behavior:
             if streams:
 
                 def stream_behavior(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                    check()
-                    yield from behavior(request, context)
+                    self.charge(method, None if streamed_request else request)
+                    with self.admit(method):
+                        yield from behavior(request, context)
 
                 return stream_behavior
 
             def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
-                check(request)
-                return behavior(request, context)
+                self.charge(method, None if streamed_request else request)
+                with self.admit(method):
+                    return behavior(request, context)
 
             return unary_behavior
 

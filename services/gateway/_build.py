@@ -7,7 +7,7 @@ import random
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
@@ -17,6 +17,8 @@ from riffloop.runtime import (
     BearerAuthInterceptor,
     ConsumerWorker,
     EventRouter,
+    InFlightCap,
+    InFlightLimiter,
     JwtVerifier,
     MiB,
     Ports,
@@ -38,8 +40,9 @@ from services.gateway._service import (
 )
 
 
-def audio_probe(settings: GatewaySettings) -> Callable[[bytes], float]:
-    """``riffloop.music.decode_audio`` with this gateway's limits; returns the duration."""
+def audio_probe(settings: GatewaySettings) -> Callable[[BinaryIO], float]:
+    """``riffloop.music.decode_audio`` with this gateway's limits, on a spooled upload's open
+    file; returns the duration."""
     from riffloop.music import AudioLimits, decode_audio
 
     limits = AudioLimits(
@@ -48,10 +51,27 @@ def audio_probe(settings: GatewaySettings) -> Callable[[bytes], float]:
         min_seconds=settings.min_audio_seconds,
     )
 
-    def probe(data: bytes) -> float:
-        return float(decode_audio(data, limits).duration_s)
+    def probe(upload: BinaryIO) -> float:
+        return float(decode_audio(upload, limits).duration_s)
 
     return probe
+
+
+def in_flight_limits(settings: GatewaySettings) -> InFlightLimiter:
+    """Uploads (either method) and Generate calls in progress at once, per user and in all."""
+    return InFlightLimiter(
+        {"UploadSong": "uploads", "UploadWholeSong": "uploads", "Generate": "generate"},
+        {
+            "uploads": InFlightCap(
+                "uploads", settings.max_user_uploads_in_flight, settings.max_uploads_in_flight
+            ),
+            "generate": InFlightCap(
+                "Generate calls",
+                settings.max_user_generate_in_flight,
+                settings.max_generate_in_flight,
+            ),
+        },
+    )
 
 
 def mel_renderer() -> Callable[[bytes], tuple[bytes, int, int]]:
@@ -105,14 +125,20 @@ def build(
     )
     verifier = token_verifier(settings)
     # SubmitFeedback pays one token per item: the limit counts ratings, not calls. A batch of
-    # the wrong size is refused (INVALID_ARGUMENT) before it pays anything.
+    # the wrong size is refused (INVALID_ARGUMENT) before it pays anything. The costly calls
+    # pay what they make the system do; uploads and Generate are also capped in flight.
     rate_limit = RateLimitInterceptor(
         limiter,
         {
             "SubmitFeedback": lambda request: feedback_batch_size(
                 request, settings.max_feedback_batch
-            )
+            ),
+            "Generate": settings.generate_cost,
+            "UploadSong": settings.upload_cost,
+            "UploadWholeSong": settings.upload_cost,
+            "GetTrackMelImage": settings.mel_image_cost,
         },
+        in_flight_limits(settings),
     )
     runtime = ServiceRuntime.from_settings(
         settings,
@@ -156,7 +182,7 @@ def build(
         runtime.add_worker(ConnectServer(app, settings.bind_host, settings.connect_port))
     for dependency, check in ports.readiness_checks().items():
         runtime.readiness.add_check(dependency, check)
-    events = GatewayEvents(ports, dispatcher, clock)
+    events = GatewayEvents(ports, dispatcher, clock, backlog=servicer.backlog)
     # Redis emptied (or a new deployment): the track records and the queue again from the log,
     # before the first call; while serving, the watch does the same
     plan = gateway_rebuild_plan(ports.kv, dispatcher, producer=ports.producer)

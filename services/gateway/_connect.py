@@ -137,7 +137,8 @@ class ConnectGateway:
             uid = user_id_var.set(user)
             try:
                 self.rate_limit.charge(name, request)
-                return run()
+                with self.rate_limit.admit(name):  # the in-flight caps, as over gRPC
+                    return run()
             finally:
                 user_id_var.reset(uid)
         except RiffloopError as exc:

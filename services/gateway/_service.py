@@ -7,7 +7,8 @@ per call). It consumes tracks.ready.v1 (a pending track becomes ready) and model
 ListModels reads the per-version mean ratings from the feedback service's read model
 (``fb:model-ratings``, written by its scoring pass) rather than replaying every TrackScored: at
 5,000 ratings/s that consumer was an eighth of the gateway's CPU. Auth and the per-user rate
-limit are interceptors (riffloop.runtime), not handler code.
+limit are interceptors (riffloop.runtime), not handler code; so are the per-user caps on uploads
+and Generate calls in progress. Uploads are spooled to disk (services/gateway/_uploads.py).
 
 NextTrack serves the listening queue (riffloop.loop.choose_next_track): every ready track,
 baseline or generation, for anyone's inputs, until enough listeners have heard it. A user may
@@ -23,6 +24,9 @@ Key-value layout (prefix ``gw:``):
   gw:rated:<track_id>:<user>   set once: a second rating of the same track is ALREADY_EXISTS
   gw:models                    hash version → JSON (parent, published_at)
   gw:models:current            the version generators serve
+  gw:pending                   hash track → "<requested at> <user>": Generate requests waiting for
+                               their track (riffloop.loop.GenerationBacklog; admission control)
+  gw:pending:<user>            hash track → requested at: the user's
 Read, owned by the feedback service:
   fb:model-ratings             hash version → JSON stars (mean, 95 % interval, counts) and the
                                normalised score, generated and baseline apart
@@ -36,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import threading
@@ -56,8 +61,16 @@ from riffloop.core import (
     RateLimitedError,
     RiffloopError,
     ValidationError,
+    decode_envelope,
 )
-from riffloop.loop import QueuedTrack, QueuePolicy, TrackKind, choose_next_track
+from riffloop.loop import (
+    AdmissionPolicy,
+    GenerationBacklog,
+    QueuedTrack,
+    QueuePolicy,
+    TrackKind,
+    choose_next_track,
+)
 from riffloop.runtime import (
     LATENTS_BUCKET,
     MODEL_RATINGS_KEY,
@@ -66,6 +79,7 @@ from riffloop.runtime import (
     TrackRecords,
     current_user,
     metrics,
+    remaining_seconds,
 )
 from riffloop.v1 import (
     common_pb2,
@@ -77,6 +91,7 @@ from riffloop.v1 import (
 from riffloop.v1 import (
     gateway_service_pb2_grpc as pb_grpc,
 )
+from services.gateway._uploads import SpooledUpload, UploadSpool
 
 _log = logging.getLogger("riffloop.gateway")
 
@@ -110,10 +125,37 @@ class GatewaySettings(DispatchKeyed):
     # Uploads: whole-file cap (sum of chunks) and the longest audio accepted.
     max_upload_bytes: int = 20 * 1024 * 1024
     max_audio_seconds: float = 600.0
-    # Uploads in progress at once in this process; more get RESOURCE_EXHAUSTED. Each holds its
-    # bytes and decodes them here: a 10-minute stereo 48 kHz file raised a process's peak RSS
-    # by 0.34 GB (session 10), so unbounded uploads on 64 gRPC threads could OOM the pod (2 GiB).
+    # Uploads decoding at once in this process. Decoding is what costs memory (a 10-minute
+    # stereo 48 kHz file raised a process's peak RSS by 0.34 GB, session 10; the pod has
+    # 2 GiB); a spooled upload waits up to upload_decode_wait_s for a slot, then gets
+    # RESOURCE_EXHAUSTED.
     max_concurrent_uploads: int = 2
+    upload_decode_wait_s: float = 30.0
+    # Uploads are spooled to disk as they arrive (services/gateway/_uploads.py), here ("" =
+    # the system's temporary directory); an upload still arriving after upload_deadline_s
+    # (20 MiB at 0.6 Mbit/s) is ended with DEADLINE_EXCEEDED.
+    upload_spool_dir: str = ""
+    upload_deadline_s: float = 300.0
+    # Calls in progress at once in this process (RESOURCE_EXHAUSTED beyond): uploads per user
+    # and in all (each holds a thread and up to max_upload_bytes of spool), Generate per user
+    # and in all (64 gRPC threads serve every method).
+    max_user_uploads_in_flight: int = 2
+    max_uploads_in_flight: int = 16
+    max_user_generate_in_flight: int = 2
+    max_generate_in_flight: int = 32
+    # Rate-limit tokens a call costs (others cost 1): what it makes the system do. A Generate
+    # is a GPU job, an upload a decode, an encode and a stored song; a mel image a render.
+    generate_cost: int = 5
+    upload_cost: int = 10
+    mel_image_cost: int = 2
+    # Generation requests waiting for their track (riffloop.loop.GenerationBacklog): per user,
+    # and in all before new ones are refused (admission control: the generators are behind);
+    # an entry stops counting after generation_pending_ttl_s; the total is re-read at most
+    # every generation_backlog_refresh_s.
+    max_pending_generations_per_user: int = 16
+    max_generation_backlog: int = 1000
+    generation_pending_ttl_s: float = 3600.0
+    generation_backlog_refresh_s: float = 1.0
     # Shorter uploads hold no full mel window of the larger models.
     min_audio_seconds: float = 1.5
     # Bearer tokens are HMAC-signed with this secret (riffloop.runtime.TokenSigner).
@@ -166,6 +208,51 @@ class GatewaySettings(DispatchKeyed):
             probe_share=self.probe_share,
         )
 
+    def admission_policy(self) -> AdmissionPolicy:
+        return AdmissionPolicy(
+            per_user=self.max_pending_generations_per_user,
+            max_backlog=self.max_generation_backlog,
+            stale_after_s=self.generation_pending_ttl_s,
+            refresh_s=self.generation_backlog_refresh_s,
+        )
+
+    def _validate_limits(self) -> None:
+        """The resource bounds: uploads, in-flight caps, call costs, admission."""
+        if not 0.1 <= self.upload_decode_wait_s <= 600:
+            raise ConfigurationError("RIFFLOOP_UPLOAD_DECODE_WAIT_S must lie in 0.1–600 s")
+        if not 1.0 <= self.upload_deadline_s <= 3600:
+            raise ConfigurationError("RIFFLOOP_UPLOAD_DEADLINE_S must lie in 1–3600 s")
+        if self.upload_spool_dir and not os.path.isdir(self.upload_spool_dir):
+            raise ConfigurationError(
+                f"RIFFLOOP_UPLOAD_SPOOL_DIR {self.upload_spool_dir!r} is not a directory"
+            )
+        for per_user, total, name in (
+            (self.max_user_uploads_in_flight, self.max_uploads_in_flight, "UPLOADS"),
+            (self.max_user_generate_in_flight, self.max_generate_in_flight, "GENERATE"),
+        ):
+            if not 1 <= per_user <= total <= 64:  # 64: the gRPC server's threads
+                raise ConfigurationError(
+                    f"need 1 ≤ RIFFLOOP_MAX_USER_{name}_IN_FLIGHT ≤ "
+                    f"RIFFLOOP_MAX_{name}_IN_FLIGHT ≤ 64"
+                )
+        for cost, name in (
+            (self.generate_cost, "GENERATE"),
+            (self.upload_cost, "UPLOAD"),
+            (self.mel_image_cost, "MEL_IMAGE"),
+        ):
+            if not 1 <= cost <= self.rate_limit_burst:
+                raise ConfigurationError(
+                    f"RIFFLOOP_{name}_COST must lie in 1–RIFFLOOP_RATE_LIMIT_BURST (a costlier "
+                    "call could never pass the rate limit)"
+                )
+        try:
+            self.admission_policy()
+        except ValidationError as exc:
+            raise ConfigurationError(
+                f"RIFFLOOP_MAX_PENDING_GENERATIONS_PER_USER, RIFFLOOP_MAX_GENERATION_BACKLOG, "
+                f"RIFFLOOP_GENERATION_PENDING_TTL_S, _BACKLOG_REFRESH_S: {exc.reason}"
+            ) from None
+
     def _validate(self) -> None:
         super()._validate()
         if len(self.auth_secret) < 16:
@@ -197,6 +284,7 @@ class GatewaySettings(DispatchKeyed):
             )
         if not 1 <= self.max_concurrent_uploads <= 64:
             raise ConfigurationError("RIFFLOOP_MAX_CONCURRENT_UPLOADS must lie in 1–64")
+        self._validate_limits()
         if not 1024 <= self.stream_chunk_bytes <= 1024 * 1024:
             raise ConfigurationError("RIFFLOOP_STREAM_CHUNK_BYTES must lie in 1 KiB–1 MiB")
         try:
@@ -230,6 +318,18 @@ def feedback_batch_size(request: pb.SubmitFeedbackRequest, limit: int) -> int:
     if not 1 <= n <= limit:
         raise ValidationError(f"a feedback batch holds 1–{limit} items, got {n}")
     return n
+
+
+def _check_upload_metadata(metadata: pb.UploadSongMetadata) -> None:
+    """An upload's title and declared type, checked as its first message arrives."""
+    if len(metadata.title) > _TITLE_MAX:
+        raise ValidationError(f"title is longer than {_TITLE_MAX} characters")
+    content_type = metadata.content_type.strip().lower()
+    if content_type not in _CONTENT_TYPES:
+        raise ValidationError(
+            f"content_type {content_type!r} is not supported; use one of "
+            + ", ".join(sorted(c for c in _CONTENT_TYPES if c))
+        )
 
 
 def _check_track_id(track_id: str) -> str:
@@ -271,7 +371,12 @@ def _client_time(given: Timestamp, served_at: float, now_s: float, max_skew_s: f
     client queued and sends at once keeps the spacing the listener actually rated with."""
     if not given.seconds and not given.nanos:
         return now_s
-    at = given.ToNanoseconds() / 1e9
+    try:
+        at = given.ToNanoseconds() / 1e9
+    except ValueError:  # nanos outside 0–999,999,999 or seconds beyond year 9999
+        raise ValidationError(
+            "client_time is not a valid timestamp (seconds within years 1–9999, nanos 0–999999999)"
+        ) from None
     if abs(at - now_s) > max_skew_s:
         raise ValidationError(
             f"client_time is {abs(at - now_s) / 3600:.1f} h off the server's clock (more than "
@@ -345,56 +450,48 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.audio = audio  # decodes and checks an upload (riffloop.music.decode_audio)
         self.dispatcher = dispatcher  # riffloop.loop.Dispatcher: opaque track ids
         self.upload_slots = threading.BoundedSemaphore(settings.max_concurrent_uploads)
+        self.spool = UploadSpool(settings.upload_spool_dir, settings.max_upload_bytes)
+        # pending generation requests, per user and in all (admission control)
+        self.backlog = GenerationBacklog(ports.kv, settings.admission_policy(), clock=clock)
         self.queue = settings.queue_policy()
         self._draw = draw or random.SystemRandom()
 
     # -- uploads ------------------------------------------------------------------------------
 
-    def _decode_in_a_slot(self, data: bytes) -> float:
+    def _decode_in_a_slot(self, upload: SpooledUpload, wait_s: float) -> float:
         """Decoding is what costs memory (≈ 0.3 GB for a 10-minute stereo upload), so at most
-        ``max_concurrent_uploads`` run at once; the stream itself is read without a slot, so
-        slow or stalled clients cannot hold the slots for everyone."""
-        if not self.upload_slots.acquire(timeout=1.0):
+        ``max_concurrent_uploads`` run at once; the stream itself is spooled without a slot,
+        so slow or stalled clients cannot hold the slots for everyone. A spooled upload waits
+        for a slot up to ``wait_s`` (its spool is on disk, not in memory)."""
+        if not self.upload_slots.acquire(timeout=max(0.0, wait_s)):
             raise RateLimitedError(
                 "too many uploads in progress on this gateway (limit "
                 f"{self.settings.max_concurrent_uploads}); retry in a few seconds",
                 retry_after_s=2.0,
             )
         try:
-            return float(self.audio(data))  # raises ValidationError (InvalidAudio) with a reason
+            # raises ValidationError (InvalidAudio) with a reason
+            return float(self.audio(upload.file))
         finally:
             self.upload_slots.release()
 
     def UploadSong(self, request_iterator: Iterator[pb.UploadSongRequest], context: Any) -> Any:
-        metadata: pb.UploadSongMetadata | None = None
-        chunks: list[bytes] = []
-        size = 0
-        limit = self.settings.max_upload_bytes
-        for index, part in enumerate(request_iterator):
-            which = part.WhichOneof("part")
-            if which == "metadata":
-                if index != 0:
-                    raise ValidationError("metadata must be the first message of an upload")
-                metadata = part.metadata
-            elif which == "chunk":
-                size += len(part.chunk)
-                if size > limit:
-                    raise ValidationError(f"upload exceeds the limit of {limit} bytes")
-                chunks.append(part.chunk)
-            else:
-                raise ValidationError(f"upload message {index} carries neither metadata nor chunk")
-        if metadata is None:
-            raise ValidationError("an upload must start with a metadata message")
-        return self._store_upload(metadata, b"".join(chunks))
+        """Spooled to disk as it arrives (services/gateway/_uploads.py), within the upload
+        deadline; then decoded, stored and announced like UploadWholeSong."""
+        deadline = time.monotonic() + remaining_seconds(context, self.settings.upload_deadline_s)
+        with self.spool.receive(
+            request_iterator, deadline - time.monotonic(), _check_upload_metadata
+        ) as upload:
+            return self._store_upload(upload, deadline)
 
     def UploadWholeSong(
         self, request: pb.UploadWholeSongRequest, context: Any
     ) -> pb.UploadWholeSongResponse:
         """UploadSong in one message (browsers cannot stream a request): the same checks."""
-        limit = self.settings.max_upload_bytes
-        if len(request.audio) > limit:
-            raise ValidationError(f"upload exceeds the limit of {limit} bytes")
-        stored = self._store_upload(request.metadata, request.audio)
+        deadline = time.monotonic() + remaining_seconds(context, self.settings.upload_deadline_s)
+        _check_upload_metadata(request.metadata)
+        with self.spool.hold(request.metadata, request.audio) as upload:
+            stored = self._store_upload(upload, deadline)
         return pb.UploadWholeSongResponse(
             song_id=stored.song_id,
             audio=stored.audio,
@@ -402,28 +499,29 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             already_existed=stored.already_existed,
         )
 
-    def _store_upload(self, metadata: pb.UploadSongMetadata, data: bytes) -> Any:
-        """Check, decode and store one upload; announce it on songs.uploaded.v1."""
+    def _store_upload(self, upload: SpooledUpload, deadline: float) -> Any:
+        """Decode and store one spooled upload; announce it on songs.uploaded.v1.
+        ``deadline``: time.monotonic() by which the call must be answered."""
         user = current_user()
-        if len(metadata.title) > _TITLE_MAX:
-            raise ValidationError(f"title is longer than {_TITLE_MAX} characters")
+        metadata = upload.metadata
         content_type = metadata.content_type.strip().lower()
-        if content_type not in _CONTENT_TYPES:
-            raise ValidationError(
-                f"content_type {content_type!r} is not supported; use one of "
-                + ", ".join(sorted(c for c in _CONTENT_TYPES if c))
-            )
-        if not data:
+        if not upload.size:
             raise ValidationError("the upload carries no audio bytes")
-        duration = self._decode_in_a_slot(data)
+        wait_s = min(self.settings.upload_decode_wait_s, deadline - time.monotonic())
+        duration = self._decode_in_a_slot(upload, wait_s)
         objects = self.ports.objects
         existed = False
         try:
-            ref = objects.stat(SONGS_BUCKET, _song_key(data))
+            ref = objects.stat(SONGS_BUCKET, upload.sha256)
             existed = True
         except NotFoundError:
-            ref = objects.put_content_addressed(
-                SONGS_BUCKET, data, content_type=content_type or "application/octet-stream"
+            # content-addressed (the key is the sha256), streamed from the spool
+            ref = objects.put_file(
+                SONGS_BUCKET,
+                upload.sha256,
+                upload.file,
+                sha256=upload.sha256,
+                content_type=content_type or "application/octet-stream",
             )
         song_id = ref.sha256
         proto_ref = ref.to_proto()
@@ -515,6 +613,9 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             if earlier.get("status") == "pending":  # its event may not have gone out
                 self.ports.publish("generation.requested.v1", request_id, payload)
             return pb.GenerateResponse(request_id=request_id, track_id=track_id)
+        # a new request: refused while the user has too many waiting, or the generators are
+        # behind (RESOURCE_EXHAUSTED with a retry hint); a retry above is never refused
+        self.backlog.admit(user)
         now = self.clock()
         record = {
             "owner": user,
@@ -527,7 +628,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.ports.kv.set(key, json.dumps(record))
         # heard by its requester: the queue never serves them their own track again
         self.ports.kv.hset(f"gw:heard:{user}", {track_id: repr(now)})
-        self.ports.publish("generation.requested.v1", request_id, payload)
+        self.backlog.add(user, track_id)
+        try:
+            self.ports.publish("generation.requested.v1", request_id, payload)
+        except BaseException:
+            self.backlog.done(track_id)  # not sent: it holds no place in the queue
+            raise
         return pb.GenerateResponse(request_id=request_id, track_id=track_id)
 
     def _track(self, track_id: str) -> tuple[dict[str, Any], float | None]:
@@ -894,10 +1000,6 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return pb.ListModelsResponse(models=out)
 
 
-def _song_key(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _track_message(track_id: str, record: dict[str, Any]) -> pb.Track:
     status = {
         "pending": pb.TRACK_STATUS_PENDING,
@@ -923,8 +1025,32 @@ class GatewayEvents(TrackRecords):
     """What the gateway does with the events it consumes: ``riffloop.runtime.TrackRecords``,
     the rules its rebuild replays too; each handler is idempotent."""
 
-    def __init__(self, ports: Any, dispatcher: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        ports: Any,
+        dispatcher: Any,
+        clock: Callable[[], float] = time.time,
+        backlog: GenerationBacklog | None = None,
+    ) -> None:
         super().__init__(ports.kv, dispatcher, producer=ports.producer, clock=clock)
+        self.backlog = backlog  # the servicer's pending requests: an answered one waits no more
+
+    def on_track_ready(self, envelope: events_pb2.Envelope) -> None:
+        super().on_track_ready(envelope)
+        if self.backlog is not None:
+            self.backlog.done(envelope.track_ready.track_id)
+
+    def on_generation_dead_lettered(self, envelope: events_pb2.Envelope) -> None:
+        super().on_generation_dead_lettered(envelope)
+        dead = envelope.dead_letter
+        if self.backlog is None or dead.original_topic != "generation.requested.v1":
+            return
+        try:
+            original = decode_envelope(bytes(dead.original_value), dead.original_topic)
+        except ValidationError:
+            return  # never a request
+        request_id = original.generation_requested.request_id
+        self.backlog.done(self.dispatcher.track_id_for(request_id))
 
 
 __all__ = ["GatewayEvents", "GatewayServicer", "GatewaySettings"]

@@ -33,6 +33,10 @@ def gateway() -> Iterator[Running]:
         rate_limit_burst=BURST,
         rate_limit_per_s=0.01,
         max_feedback_batch=BURST,
+        # every call one token here: the per-method costs are test_gateway_limits.py's
+        generate_cost=1,
+        upload_cost=1,
+        mel_image_cost=1,
         dev_sign_in=True,
     )
     try:

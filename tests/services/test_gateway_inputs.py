@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 import pytest
@@ -34,6 +34,10 @@ def gateway() -> Iterator[Running]:
         rate_limit_per_s=10.0,
         rate_limit_burst=40,
         max_feedback_batch=20,
+        # every call one token here: the per-method costs are test_gateway_limits.py's
+        generate_cost=1,
+        upload_cost=1,
+        mel_image_cost=1,
     )
     yield running
     running.channel.close()
@@ -175,8 +179,8 @@ def test_bad_uploads_are_refused_with_a_reason(
 
 def test_uploads_beyond_the_concurrency_limit_are_refused_until_one_finishes(auth: Auth) -> None:
     """Each upload is decoded in the gateway: past RIFFLOOP_MAX_CONCURRENT_UPLOADS decodes at
-    once the next upload gets RESOURCE_EXHAUSTED (with retry-after-ms), and succeeds once the
-    slot is free. A client still sending holds no slot."""
+    once the next upload waits RIFFLOOP_UPLOAD_DECODE_WAIT_S, then gets RESOURCE_EXHAUSTED (with
+    retry-after-ms), and succeeds once the slot is free. A client still sending holds no slot."""
     import threading
 
     from services.gateway._build import audio_probe
@@ -185,12 +189,18 @@ def test_uploads_beyond_the_concurrency_limit_are_refused_until_one_finishes(aut
     decoding, proceed = threading.Event(), threading.Event()
     real = audio_probe(GatewaySettings(auth_secret="x" * 16))
 
-    def slow_decode(data: bytes) -> float:
+    def slow_decode(spooled: BinaryIO) -> float:
         decoding.set()
         proceed.wait(30)
-        return float(real(data))
+        return float(real(spooled))
 
-    running = start_service("gateway", shared_ports(), max_concurrent_uploads=1, audio=slow_decode)
+    running = start_service(
+        "gateway",
+        shared_ports(),
+        max_concurrent_uploads=1,
+        upload_decode_wait_s=1.0,
+        audio=slow_decode,
+    )
     stub = pb_grpc.GatewayServiceStub(running.channel)
     stalled = threading.Event()
 
