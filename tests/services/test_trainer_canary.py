@@ -217,7 +217,13 @@ def test_a_canary_survives_restarts_of_the_trainer_and_the_generator(trainer: Ru
 
     core = trainer.state
     core.cycle.start_canary(_child(core), trainset_id="ts-restart", gate=PASSED)
-    assert core.store.canary() == {"version": "v0002", "parent": "v0001", "share": 0.25}
+    marker = core.store.canary()
+    assert marker == {
+        "version": "v0002",
+        "parent": "v0001",
+        "share": 0.25,
+        "checkpoint_sha256": core.store.checkpoint_ref("v0002").sha256,  # checked on load
+    }
     restarted = TrainerHandlers(
         TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
     )
@@ -424,7 +430,13 @@ def test_a_canary_a_crash_left_without_its_marker_is_started_on_the_redelivery(
     sent = _record_publishes(core)
     again = events_pb2.TrainsetPublished(trainset_id="ts-crash", pair_count=1, iteration=1)
     core.on_trainset_published(new_envelope("selector", again))
-    assert core.store.canary() == {"version": "v0002", "parent": "v0001", "share": 0.25}
+    marker = core.store.canary()
+    assert marker == {
+        "version": "v0002",
+        "parent": "v0001",
+        "share": 0.25,
+        "checkpoint_sha256": core.store.checkpoint_ref("v0002").sha256,  # checked on load
+    }
     assert core.cycle.running_canary() == "v0002"
     assert [(p.version, p.action) for _, _, p in sent] == [
         ("v0002", common_pb2.MODEL_ACTION_CANARY)
@@ -457,7 +469,7 @@ def test_a_promotion_that_failed_half_way_is_finished_by_the_next_event(trainer:
     core.cycle.start_canary(_child(core), trainset_id="ts-half", gate=PASSED)
     real_set_current = core.store.set_current
 
-    def failing(version: str, parent: str = "") -> None:
+    def failing(version: str, parent: str = "", checkpoint_sha256: str = "") -> None:
         raise ConnectionError("object store down")
 
     core.store.set_current = failing
