@@ -16,7 +16,7 @@ import torch
 
 from riffloop.core import ConfigurationError
 from services.trainer import BUNDLED_BASE_MODEL, TrainerHandlers, TrainerSettings, build
-from tests.services.conftest import shared_ports
+from tests.services.conftest import OPERATOR_SECRET, shared_ports
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,7 +42,9 @@ def test_without_a_trained_model_or_the_flag_the_trainer_refuses_to_start(
     empty = tmp_path / "empty"
     empty.mkdir()
     for missing in (empty, tmp_path / "absent"):
-        settings = TrainerSettings(base_model_dir=str(missing))  # parses: checked at start
+        # parses: checked at start (with the operator secret a deployment has, so the
+        # missing model is what refuses)
+        settings = TrainerSettings(base_model_dir=str(missing), operator_secret=OPERATOR_SECRET)
         with pytest.raises(ConfigurationError, match="RIFFLOOP_UNTRAINED_BASE=1"):
             build(settings, shared_ports())
     with pytest.raises(ConfigurationError, match="exclude each other"):
