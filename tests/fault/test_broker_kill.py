@@ -14,20 +14,15 @@ of it, dedupes nothing and counts the rating items.
 
 from __future__ import annotations
 
-import io
-import random
 import threading
 import time
 import urllib.request
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
-import soundfile
 
 from riffloop.client import GatewayClient, Rating
 from riffloop.core import (
@@ -43,7 +38,15 @@ from riffloop.core import (
     new_envelope,
 )
 from riffloop.runtime import TokenSigner
-from riffloop.v1 import common_pb2, events_pb2
+from riffloop.v1 import common_pb2
+from tests.fault.ratings_support import (
+    VERSION,
+    Unit,
+    rating_calls,
+    silent_wav,
+    stars,
+    track_ready,
+)
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]
 
@@ -55,20 +58,6 @@ WORKERS = 8  # client threads, each serving its listeners in turn
 PACE_S = 0.02  # between one worker's calls: the stream lasts long enough to be cut
 KILL_AT = 0.25  # the broker dies once this share of the ratings was accepted
 DOWN_S = 8.0  # more than one publish timeout (5 s) passes with the broker dead
-VERSION = "v0001"
-
-Unit = tuple[str, list[str]]  # ("rate", [track]) or ("batch", [tracks])
-
-
-def _stars(track_id: str) -> int:
-    """The same stars on every try of one rating."""
-    return 1 + zlib.crc32(track_id.encode()) % 5
-
-
-def _wav() -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.zeros(11025, dtype="float32"), 22050, format="WAV")
-    return buffer.getvalue()
 
 
 @dataclass
@@ -114,19 +103,7 @@ def _publish_tracks(settings: Settings, tracks: dict[str, str], ref: common_pb2.
     )
     try:
         for track_id, user in tracks.items():
-            ready = events_pb2.TrackReady(
-                track_id=track_id,
-                audio=ref,
-                provenance=common_pb2.TrackProvenance(
-                    kind=common_pb2.TRACK_KIND_GENERATED,
-                    model_version=VERSION,
-                    input_song_ids=["a" * 64],
-                    similarity=0.5,
-                    quality=5,
-                ),
-                user_id=user,
-                duration_seconds=0.5,
-            )
+            ready = track_ready(track_id, user, ref)
             envelope = new_envelope("generator", ready)
             producer.send(
                 settings.kafka_topic_prefix + "tracks.ready.v1",
@@ -138,28 +115,15 @@ def _publish_tracks(settings: Settings, tracks: dict[str, str], ref: common_pb2.
         producer.close(timeout=10)
 
 
-def _units(user_tracks: list[str], seed: int) -> list[Unit]:
-    """A listener's ratings as calls, Rate and SubmitFeedback mixed in a random order."""
-    draw = random.Random(seed)
-    order = list(user_tracks)
-    draw.shuffle(order)
-    singles = int(len(order) * UNARY_SHARE)
-    rest = order[singles:]
-    units: list[Unit] = [("rate", [t]) for t in order[:singles]]
-    units += [("batch", rest[i : i + BATCH]) for i in range(0, len(rest), BATCH)]
-    draw.shuffle(units)
-    return units
-
-
 def _send(client: GatewayClient, unit: Unit, tally: Tally) -> list[str]:
     """One call for ``unit``; returns its tracks to send again (empty when all were answered)."""
     kind, tracks = unit
     try:
         if kind == "rate":
-            client.rate(tracks[0], _stars(tracks[0]))
+            client.rate(tracks[0], stars(tracks[0]))
             outcomes: list[tuple[str, RiffloopError | None]] = [(tracks[0], None)]
         else:
-            _, answers = client.submit_feedback([Rating(t, _stars(t)) for t in tracks])
+            _, answers = client.submit_feedback([Rating(t, stars(t)) for t in tracks])
             outcomes = [(a.track_id, a.error) for a in answers]
     except TransientError as error:  # the broker is away: wait as told, then the same again
         tally.refused(tracks, error)
@@ -296,9 +260,9 @@ def test_broker_kill_9_during_10000_ratings_counts_each_accepted_rating_once(
     for u, user in enumerate(users):
         mine = [f"trk-{run}-{u}-{t}" for t in range(TRACKS_PER_USER)]
         tracks.update(dict.fromkeys(mine, user))
-        units[user] = _units(mine, seed=u)
+        units[user] = rating_calls(mine, seed=u, unary_share=UNARY_SHARE, batch=BATCH)
     objects = S3ObjectStore.from_settings(settings)
-    wav = objects.put("tracks", f"fault-{run}.wav", _wav(), content_type="audio/wav")
+    wav = objects.put("tracks", f"fault-{run}.wav", silent_wav(), content_type="audio/wav")
     _publish_tracks(settings, tracks, wav.to_proto())
     # both services know every track before the ratings start: the outage then meets ratings,
     # not listeners waiting for their tracks

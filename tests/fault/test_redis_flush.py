@@ -13,21 +13,16 @@ restarted ledger, once — 0 lost, 0 counted twice.
 
 from __future__ import annotations
 
-import io
-import random
 import threading
 import time
 import uuid
-import zlib
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
 import pytest
 import redis
-import soundfile
 
 from riffloop.client import GatewayClient, Rating
 from riffloop.core import (
@@ -44,7 +39,15 @@ from riffloop.core import (
     new_envelope,
 )
 from riffloop.runtime import FEEDBACK_REBUILT_MARKER, TokenSigner
-from riffloop.v1 import common_pb2, events_pb2
+from riffloop.v1 import common_pb2
+from tests.fault.ratings_support import (
+    VERSION,
+    Unit,
+    rating_calls,
+    silent_wav,
+    stars,
+    track_ready,
+)
 
 pytestmark = [pytest.mark.fault, pytest.mark.e2e, pytest.mark.slow]
 
@@ -56,21 +59,7 @@ WORKERS = 4
 PACE_S = 0.03  # between one worker's calls: the stream lasts long enough to be cut
 FLUSH_AT = 0.4  # Redis is emptied once this share of the ratings was accepted
 RETRIED = 100  # accepted ratings a client sends again right after the flush
-VERSION = "v0001"
 MARKERS = ("gw:rebuilt", FEEDBACK_REBUILT_MARKER)
-
-Unit = tuple[str, list[str]]  # ("rate", [track]) or ("batch", [tracks])
-
-
-def _stars(track_id: str) -> int:
-    """The same stars on every try of one rating."""
-    return 1 + zlib.crc32(track_id.encode()) % 5
-
-
-def _wav() -> bytes:
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.zeros(11025, dtype="float32"), 22050, format="WAV")
-    return buffer.getvalue()
 
 
 @dataclass
@@ -87,19 +76,7 @@ def _publish_tracks(settings: Settings, tracks: dict[str, str], ref: common_pb2.
     bus = KafkaEventBus.from_settings(settings)
 
     def publish(track_id: str) -> None:
-        ready = events_pb2.TrackReady(
-            track_id=track_id,
-            audio=ref,
-            provenance=common_pb2.TrackProvenance(
-                kind=common_pb2.TRACK_KIND_GENERATED,
-                model_version=VERSION,
-                input_song_ids=["a" * 64],
-                similarity=0.5,
-                quality=5,
-            ),
-            user_id=tracks[track_id],
-            duration_seconds=0.5,
-        )
+        ready = track_ready(track_id, tracks[track_id], ref)
         bus.publish("tracks.ready.v1", track_id, new_envelope("generator", ready))
 
     try:
@@ -109,27 +86,15 @@ def _publish_tracks(settings: Settings, tracks: dict[str, str], ref: common_pb2.
         bus.close()
 
 
-def _units(user_tracks: list[str], seed: int) -> list[Unit]:
-    draw = random.Random(seed)
-    order = list(user_tracks)
-    draw.shuffle(order)
-    singles = int(len(order) * UNARY_SHARE)
-    rest = order[singles:]
-    units: list[Unit] = [("rate", [t]) for t in order[:singles]]
-    units += [("batch", rest[i : i + BATCH]) for i in range(0, len(rest), BATCH)]
-    draw.shuffle(units)
-    return units
-
-
 def _send(client: GatewayClient, unit: Unit, tally: Tally) -> list[str]:
     """One call; returns the tracks to send again."""
     kind, tracks = unit
     try:
         if kind == "rate":
-            client.rate(tracks[0], _stars(tracks[0]))
+            client.rate(tracks[0], stars(tracks[0]))
             outcomes: list[tuple[str, RiffloopError | None]] = [(tracks[0], None)]
         else:
-            _, answers = client.submit_feedback([Rating(t, _stars(t)) for t in tracks])
+            _, answers = client.submit_feedback([Rating(t, stars(t)) for t in tracks])
             outcomes = [(a.track_id, a.error) for a in answers]
     except (TransientError, RateLimitedError) as error:
         with tally.lock:
@@ -190,7 +155,7 @@ def _send_again(
     for track_id in retried:
         for _ in range(300):
             try:
-                clients[tracks[track_id]].rate(track_id, _stars(track_id))
+                clients[tracks[track_id]].rate(track_id, stars(track_id))
                 outcomes["accepted again"] += 1
             except ConflictError:
                 outcomes["already rated"] += 1
@@ -274,9 +239,9 @@ def test_redis_flushed_during_2000_ratings_is_rebuilt_from_kafka_losing_none(
     for u, user in enumerate(users):
         mine = [f"trk-{run}-{u}-{t}" for t in range(TRACKS_PER_USER)]
         tracks.update(dict.fromkeys(mine, user))
-        units[user] = _units(mine, seed=u)
+        units[user] = rating_calls(mine, seed=u, unary_share=UNARY_SHARE, batch=BATCH)
     objects = S3ObjectStore.from_settings(settings)
-    wav = objects.put("tracks", f"fault-{run}.wav", _wav(), content_type="audio/wav")
+    wav = objects.put("tracks", f"fault-{run}.wav", silent_wav(), content_type="audio/wav")
     _publish_tracks(settings, tracks, wav.to_proto())
     kv = RedisKeyValueStore.from_settings(settings)
     store = redis.Redis.from_url(settings.redis_url)  # the stack's own database
@@ -372,5 +337,5 @@ def test_redis_flushed_during_2000_ratings_is_rebuilt_from_kafka_losing_none(
     assert set(copies) == set(tracks.items())  # every accepted rating is on the topic
     assert again["unanswered"] == 0
     assert len(doubled) == again["accepted again"]  # each resend accepted: a second copy
-    assert rows == {(t, u): _stars(t) for t, u in tracks.items()}  # 0 lost, none altered
+    assert rows == {(t, u): stars(t) for t, u in tracks.items()}  # 0 lost, none altered
     assert ledger == len(copies) == len(tracks)  # 0 counted twice
