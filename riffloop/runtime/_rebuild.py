@@ -50,6 +50,7 @@ from riffloop.core import (
     ValidationError,
     decode_envelope,
 )
+from riffloop.runtime._server import LoopWorker
 
 _log = logging.getLogger("riffloop.rebuild")
 
@@ -166,7 +167,7 @@ def ensure_rebuilt(bus: EventBus, kv: KeyValueStore, plan: RebuildPlan) -> Rebui
     return rebuild(bus, kv, plan)
 
 
-class RebuildWatch:
+class RebuildWatch(LoopWorker):
     """Worker (``ServiceRuntime.add_worker``): every ``interval_s``, rebuild when the plan's
     marker is gone. A failed rebuild (Redis or Kafka down) is retried on the next tick;
     ``on_rebuilt`` runs after each rebuild (e.g. to reload what the process holds in memory)."""
@@ -183,13 +184,11 @@ class RebuildWatch:
     ) -> None:
         if not 0 < interval_s <= 3600:
             raise ValidationError("the rebuild watch's interval must lie in (0, 3600] s")
-        self.name = f"{name}-rebuild-watch"
+        super().__init__(f"{name}-rebuild-watch", self._watch)
         self.rebuilds = 0
         self._bus, self._kv, self._plan = bus, kv, plan
         self._interval_s = interval_s
         self._on_rebuilt = on_rebuilt
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
 
     def check(self) -> RebuildReport | None:
         """One look at the marker (and a rebuild if it is gone)."""
@@ -204,26 +203,14 @@ class RebuildWatch:
                 self._on_rebuilt(report)
         return report
 
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval_s):
+    def _watch(self, stop: threading.Event) -> None:
+        while not stop.wait(self._interval_s):
             try:
                 self.check()
             except TransientError as exc:  # Redis or Kafka away: the next tick tries again
                 _log.warning("rebuild check failed", extra={"reason": exc.reason})
             except Exception:
                 _log.exception("rebuild check failed")
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self, timeout_s: float) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout_s)
 
 
 def rebuild_command(
