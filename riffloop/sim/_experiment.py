@@ -43,11 +43,11 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
-from riffloop.core import RiffloopError, TransientError, ValidationError
+from riffloop.core import RateLimitedError, RiffloopError, TransientError, ValidationError
 from riffloop.loop import TrackKind, welch_ci
 from riffloop.runtime import provenance_from_proto
 from riffloop.sim._deployment import Deployment, EmbeddedDeployment, SimClock, StackDeployment
@@ -288,6 +288,26 @@ class _Arm:
             self.refused[reason] += 1
 
 
+# How often a client call refused with RESOURCE_EXHAUSTED is tried again before the run stops.
+RATE_LIMIT_RETRIES = 100
+T = TypeVar("T")
+
+
+def _paced(
+    arm: _Arm, wait: Callable[[float], None], call: Callable[..., T], *args: Any, **kwargs: Any
+) -> T:
+    """``call(*args, **kwargs)`` as an app makes it: refused over the user's rate limit
+    (RESOURCE_EXHAUSTED), it waits the gateway's retry-after and tries again. Each refusal is
+    counted in the arm's report; only a limit that never lets the call through stops the run."""
+    for _ in range(RATE_LIMIT_RETRIES):
+        try:
+            return call(*args, **kwargs)
+        except RateLimitedError as exc:
+            arm.refuse("rate limited (RESOURCE_EXHAUSTED), retried after the gateway's hint")
+            wait(exc.retry_after_s if exc.retry_after_s else 1.0)
+    raise TransientError(f"[{arm.name}] still rate limited after {RATE_LIMIT_RETRIES} tries")
+
+
 def _request_seed(key: str) -> int:
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") % (2**31 - 1) + 1
 
@@ -390,13 +410,20 @@ class LoopExperiment:
     # 1. requests ---------------------------------------------------------------------------------
     def _request(self, arm: _Arm, label: str, merges: Sequence[tuple[int, int]], per: int) -> dict:
         cfg = self.cfg
+        # the studio's app waits out a rate-limit refusal in the servers' time
+        wait = arm.clock.skip if isinstance(arm.clock, SimClock) else time.sleep
         tracks: dict[str, str] = {}  # request key → track id
         for m, merge in enumerate(merges):
             with arm.deployment.gateway(f"studio-{label}-m{m}") as studio:
-                songs = [studio.upload_song(self.inputs[i].wav).song_id for i in merge]
+                songs = [
+                    _paced(arm, wait, studio.upload_song, self.inputs[i].wav).song_id for i in merge
+                ]
                 for r in range(per):
                     key = f"{label}:m{m}:r{r}"
-                    tracks[key] = studio.generate(
+                    tracks[key] = _paced(
+                        arm,
+                        wait,
+                        studio.generate,
                         songs,
                         similarity=cfg.similarity,
                         quality=cfg.quality,
@@ -409,7 +436,8 @@ class LoopExperiment:
             with arm.deployment.gateway(f"studio-{label}-m{m}") as studio:
                 for r in range(per):
                     left = max(1.0, deadline - time.monotonic())
-                    studio.wait_ready(tracks[f"{label}:m{m}:r{r}"], timeout_s=left)
+                    track_id = tracks[f"{label}:m{m}:r{r}"]
+                    _paced(arm, wait, studio.wait_ready, track_id, timeout_s=left)
         return tracks
 
     # 2. listening ---------------------------------------------------------------------------
@@ -439,12 +467,12 @@ class LoopExperiment:
         heard = 0
         with arm.deployment.gateway(listener.listener_id) as client:
             for _ in range(per_listener):
-                info = client.next_track()
+                info = _paced(arm, wait, client.next_track)
                 if info is None:
                     break
                 audio = arm.audio.get(info.track_id)
                 if audio is None:
-                    audio = _decode(client.audio(info.track_id))
+                    audio = _decode(_paced(arm, wait, client.audio, info.track_id))
                     arm.audio[info.track_id] = audio
                 clip = audio.size / SAMPLE_RATE
                 try:
@@ -461,12 +489,19 @@ class LoopExperiment:
                     continue
                 wait(elapsed)
                 at = arm.clock()
+                done = seconds >= clip - 1e-3
                 try:
-                    client.report_listen(
-                        info.track_id, seconds, completed=seconds >= clip - 1e-3, at=at
+                    _paced(
+                        arm,
+                        wait,
+                        client.report_listen,
+                        info.track_id,
+                        seconds,
+                        completed=done,
+                        at=at,
                     )
                     if stars is not None:
-                        client.rate(info.track_id, stars, at=at)
+                        _paced(arm, wait, client.rate, info.track_id, stars, at=at)
                 except RiffloopError as exc:  # refused by the gateway: counted, not fatal
                     arm.refuse(exc.reason[:60])
                     continue
@@ -687,7 +722,7 @@ class LoopExperiment:
             for name, arm in self.arms.items():
                 if arm.refused:
                     reasons = "; ".join(f"{why} ×{k}" for why, k in arm.refused.most_common(3))
-                    self.progress(f"[{name}] refused listener answers: {reasons}")
+                    self.progress(f"[{name}] refused listener answers or retried calls: {reasons}")
         finally:
             for arm in self.arms.values():
                 arm.deployment.stop()

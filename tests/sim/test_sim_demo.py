@@ -133,6 +133,21 @@ def test_a_foreign_listeners_bad_answers_are_refused_and_its_crash_is_named() ->
         ).run()
 
 
+def test_a_listener_over_the_gateways_rate_limit_waits_its_hint_and_goes_on() -> None:
+    """A tight per-user limit (the burst bot submits every 50 ms, the studio uploads and asks at
+    once): each refused call waits the gateway's retry-after, is counted, and the run ends."""
+    tight = {
+        **TINY,
+        "gateway": {"rate_limit_per_s": 2.0, "rate_limit_burst": 12, "max_feedback_batch": 12},
+    }
+    config = _tiny_config(eval_merges=0, requests_per_merge=2)
+    lines: list[str] = []
+    result = LoopExperiment(config, _inputs(), progress=lines.append, overrides=tight).run()
+    refused = [line for line in lines if "refused listener answers" in line]
+    assert refused and "rate limited (RESOURCE_EXHAUSTED)" in refused[0]
+    assert result.iterations("selected")[1].ratings_used > 0
+
+
 @pytest.mark.unit
 def test_the_sim_clock_skips_listening_time_and_never_goes_back() -> None:
     clock = SimClock()
