@@ -134,6 +134,7 @@ class CycleSettings:
     base_corpus_dir: str = ""
     baseline_rows: int = 256
     baseline_inversion_steps: int = 50
+    baseline_refresh_every: int = 3  # every row re-inverted at this version in a row; else carried
     # 3. offline gate
     gate_mode: str = "offline"  # offline | skip
     gate_samples: int = 16
@@ -156,6 +157,7 @@ class CycleSettings:
             "finetune_save_every": 0,
             "baseline_rows": 1,
             "baseline_inversion_steps": 1,
+            "baseline_refresh_every": 1,
             "gate_samples": 2,
             "gate_steps": 1,
             "canary_min_ratings": 2,
@@ -557,10 +559,11 @@ class ReleaseCycle:
         self, parent: Any, candidate: Any, pairs: Sequence[Mapping[str, Any]], images: torch.Tensor
     ) -> Any:
         """Z_V of a fine-tuned version: the parent's rows plus this set's winners (``images``
-        [N, 1, H, W] in [−1, 1], one per pair), re-inverted by the candidate; each input's best
-        new winner becomes its baseline (the genetic step). A pair with no rated score (NaN: a
-        control arm's random draw, chosen without ratings) trains the model but wins nothing:
-        it never replaces a baseline."""
+        [N, 1, H, W] in [−1, 1], one per pair), the new rows inverted by the candidate (the
+        older ones carried over, or re-inverted at every ``baseline_refresh_every``-th
+        version); each input's best new winner becomes its baseline (the genetic step). A pair
+        with no rated score (NaN: a control arm's random draw, chosen without ratings) trains
+        the model but wins nothing: it never replaces a baseline."""
         from riffloop.music import Winner, to_uint8
 
         base = parent.baseline_index or self.base_index(parent)
@@ -583,6 +586,7 @@ class ReleaseCycle:
                 winners,
                 model_version=candidate.version,
                 steps=self.settings.baseline_inversion_steps,
+                refresh_every=self.settings.baseline_refresh_every,
             )
         )
 

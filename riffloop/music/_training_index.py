@@ -16,10 +16,18 @@ Rows of Z_V:
    CPU cores cannot afford at every fine-tune; 256 evenly strided windows still visit every
    piece and instrument of a corpus of a few hundred renders.
 2. A fine-tuned version V with parent P: P's rows plus the targets of the training pairs the
-   selector kept for V's training set (the generations that beat their input's baseline), every
-   row inverted again by V (``next_version``). Re-inverting rather than carrying P's latents
-   over keeps Γ(z_agg, z) a comparison inside one latent space: z_agg comes from latents the
-   encoder inverted with V. The cost is bounded by the row count (measured in the trainer).
+   selector kept for V's training set (the generations that beat their input's baseline)
+   (``next_version``). The new rows are inverted by V. P's rows are carried over as P's
+   ancestors inverted them for up to ``refresh_every − 1`` versions in a row, then every row is
+   inverted again by V. Re-inverting keeps Γ(z_agg, z) a comparison inside one latent space
+   (z_agg comes from latents the encoder inverted with V), but it costs rows × steps UNet calls
+   per release: 256 × 20 took 85–94 s of the ≈ 150 s of a release step on 2 CPU cores. A LoRA
+   fine-tune moves the latents little. ``scripts/index_drift.py`` measured it on base-v2, with
+   64 merges of held-out recordings, 256 rows, 20 steps and the loop's fine-tune. Carried rows
+   picked the same z0 as re-inverted ones for 62/64 merges after one fine-tune and for 58/64
+   after two. Where the picks differed they were near-ties: the carried pick's Γ was at most
+   0.0037 below the best row's, against a median Γ(z_agg, z0) of 0.10. So the default carries
+   rows for two versions and re-inverts them at the third (``refresh_every`` = 3).
 
 The genetic step (design.md §3): a generation ẑ whose rating R beat its input's baseline rating
 R_b (the selector's survival rule, R > R_b) replaces that input's baseline. Per input key k
@@ -104,6 +112,7 @@ class TrainingIndex:
         model_version: str,
         inversion_steps: int,
         champions: dict[str, str] | None = None,
+        carried: int = 0,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != len(index):
             raise ValidationError("a training index needs one uint8 window [1, H, W] per row")
@@ -118,6 +127,9 @@ class TrainingIndex:
         self.model_version = model_version
         self.inversion_steps = inversion_steps
         self.champions = champions
+        # versions in a row that carried the older rows over (0: ``model_version`` inverted
+        # every row); the rows are at most this many fine-tunes older than the version
+        self.carried = carried
 
     # -- building ---------------------------------------------------------------------------
 
@@ -153,9 +165,18 @@ class TrainingIndex:
         *,
         model_version: str,
         steps: int | None = None,
+        refresh_every: int = 1,
     ) -> TrainingIndex:
-        """Z_V of the child version: these rows plus the new winners, all inverted by ``model``
-        (the child), with each input's champion moved to its best new winner."""
+        """Z_V of the child version: these rows plus the new winners, with each input's
+        champion moved to its best new winner. The new rows are inverted by ``model`` (the
+        child); the others are carried over unless this is the ``refresh_every``-th version in
+        a row to carry them (or ``steps`` changed): then ``model`` inverts every row."""
+        if (
+            isinstance(refresh_every, bool)
+            or not isinstance(refresh_every, int)
+            or refresh_every < 1
+        ):
+            raise ValidationError(f"refresh_every must be an integer ≥ 1, got {refresh_every!r}")
         ids = self.index.ids
         known = set(ids)
         best: dict[str, Winner] = {}
@@ -166,19 +187,38 @@ class TrainingIndex:
                 continue  # carried over from an earlier set: already a row (and crowned then)
             best.setdefault(w.input_key, w)
         new = sorted(best.values(), key=lambda w: w.track_id)
+        new_ids = [TRACK_PREFIX + w.track_id for w in new]
+        extra = (
+            torch.stack([w.image.reshape(self.images.shape[1:]) for w in new]).to(torch.uint8)
+            if new
+            else self.images[:0]
+        )
+        champions = {**self.champions, **{w.input_key: TRACK_PREFIX + w.track_id for w in new}}
+        steps = steps or self.inversion_steps
+        carried = self.carried + 1
+        if carried >= refresh_every or steps != self.inversion_steps:
+            return TrainingIndex.build(
+                model,
+                torch.cat([self.images, extra]),
+                ids + new_ids,
+                steps,
+                model_version=model_version,
+                champions=champions,
+            )
+        index = BaselineIndex.from_rows(
+            self.index.rows.clone(), ids, self.index.similarity.name, self.index.dim
+        )
         images = self.images
         if new:
-            extra = torch.stack([w.image.reshape(self.images.shape[1:]) for w in new])
-            images = torch.cat([images, extra.to(torch.uint8)])
-        all_ids = ids + [TRACK_PREFIX + w.track_id for w in new]
-        champions = {**self.champions, **{w.input_key: TRACK_PREFIX + w.track_id for w in new}}
-        return TrainingIndex.build(
-            model,
-            images,
-            all_ids,
-            steps or self.inversion_steps,
+            index.extend(invert(model, image_from_uint8(extra), steps).flatten(1), new_ids)
+            images = torch.cat([images, extra])
+        return TrainingIndex(
+            index,
+            images.contiguous(),
             model_version=model_version,
+            inversion_steps=steps,
             champions=champions,
+            carried=carried,
         )
 
     # -- search -----------------------------------------------------------------------------
@@ -221,6 +261,7 @@ class TrainingIndex:
             "champions": json.dumps(self.champions, sort_keys=True),
             "model_version": self.model_version,
             "inversion_steps": str(self.inversion_steps),
+            "carried": str(self.carried),
         }
         tensors = {"rows": self.index.rows, "images": self.images.contiguous()}
         return st_save(tensors, metadata=metadata)
@@ -243,6 +284,7 @@ class TrainingIndex:
                 model_version=meta["model_version"],
                 inversion_steps=int(meta["inversion_steps"]),
                 champions=json.loads(meta["champions"]),
+                carried=int(meta.get("carried", "0")),  # files before it: every row fresh
             )
         except (SafetensorError, KeyError, ValueError, TypeError) as exc:
             raise ValidationError(f"not a training index: {exc}") from exc
@@ -258,6 +300,7 @@ class TrainingIndex:
             "champions": len(self.champions),
             "model_version": self.model_version,
             "inversion_steps": self.inversion_steps,
+            "carried": self.carried,
             "bytes": self.index.nbytes + int(self.images.numel()),
         }
 

@@ -41,7 +41,7 @@ _HELP = {
     "lora_rank": "LoRA rank (0: full fine-tune)",
     "replay_ratio": "share of each batch replayed from the base model's training windows",
     "canary_alpha": "significance level of the canary's test before a promotion",
-    "torch_threads": "torch threads per process",
+    "torch_threads": "torch threads per UNet call (the deployments work at once)",
     "input_seconds": "seconds of each input recording uploaded",
     "track_seconds": "requested track length (5.9 s = 4 overlapping windows)",
     "eval_merges": "merges of the final evaluation session (0: none)",

@@ -24,6 +24,9 @@ Per session (``it0`` … ``itK``, then ``eval``) in each deployment:
    publishes; the next session is served by whatever each deployment then serves (a candidate
    the gate refused is not).
 
+The deployments share nothing, so each step runs in all of them at once (a thread per
+deployment): the sessions of one iteration, then the trainers of one release step.
+
 The evaluation session serves fresh merges (no iteration used them) from all three deployments;
 ``docs/results`` reads selected − control and the lift over BASE from its rows. Only the
 column "hidden liking" looks inside the listeners (mean liking u of the honest ones).
@@ -96,7 +99,10 @@ class LoopConfig:
     lora_rank: int = 8
     replay_ratio: float = 0.5
     canary_alpha: float = 0.05
-    torch_threads: int = 2
+    # Torch threads per UNet call. The deployments work at the same time (their sessions, then
+    # their trainers), so one thread each keeps a 2-core machine's cores busy without the
+    # oversubscription of two 2-thread pools; measured in docs/results/services/README.md.
+    torch_threads: int = 1
     # Each input song is an excerpt of this many seconds of a held-out recording; tracks are
     # asked for at this length (served as 4 overlapping windows, 5.94 s).
     input_seconds: float = 8.0
@@ -589,23 +595,28 @@ class LoopExperiment:
         )
 
     # 4. the release step -------------------------------------------------------------------------
-    def _release(self, arm: _Arm, pair_budget: int = 0) -> int:
-        """Close the session: a selection pass, then wait for the trainer to publish or refuse
-        the candidate. Returns the training set's pair count (0: none published)."""
+    def _select(self, arm: _Arm, pair_budget: int = 0) -> tuple[str, Any]:
+        """Close the session with a selection pass; returns the published training set's id
+        ("" when none) and the trainer's status before it. Sets the arm's pair count."""
         before = arm.deployment.train_status()
         done = arm.deployment.run_selection(pair_budget)
         if not done.trainset.trainset_id:
             self.progress(f"[{arm.name}] selection: {done.outcome}; the model stays")
             arm.pairs = 0
-            return 0
-        trainset = done.trainset.trainset_id
+            return "", before
         arm.pairs = int(done.trainset.pair_count)
         why = (
             f"drawn at random from {done.candidates} new generations"
             if pair_budget
             else f"{done.survivors} of {done.candidates} generations beat their baseline"
         )
+        trainset = done.trainset.trainset_id
         self.progress(f"[{arm.name}] selection: {arm.pairs} pairs ({why}) → {trainset}")
+        return trainset, before
+
+    def _await_release(self, arm: _Arm, trainset: str, before: Any) -> None:
+        """Wait for the trainer to publish or refuse the candidate of ``trainset``, then for
+        the gateway to serve what it decided."""
         deadline = time.monotonic() + 3600
         while time.monotonic() < deadline:
             status = arm.deployment.train_status()
@@ -623,9 +634,30 @@ class LoopExperiment:
                     f"[{arm.name}] trainer: serving {status.current_version}; gate "
                     f"{'passed' if gate.passed else 'refused'} ({gate.summary})"
                 )
-                return arm.pairs
+                return
             time.sleep(1.0)
         raise TransientError(f"[{arm.name}] the trainer did not finish {trainset} within 1 h")
+
+    def _release(self) -> None:
+        """The release step of both fine-tuned arms: SELECTED's selection pass, CONTROL's with
+        the same pair budget, then both trainers at once."""
+        selected, control = self.arms["selected"], self.arms["control"]
+        waits = [(selected, *self._select(selected))]
+        if selected.pairs:
+            waits.append((control, *self._select(control, selected.pairs)))
+        else:
+            control.pairs = 0
+        self._at_once([(a, t, b) for a, t, b in waits if t], self._await_release)
+
+    @staticmethod
+    def _at_once(jobs: Sequence[tuple[Any, ...]], work: Callable[..., T]) -> list[T]:
+        """``work(*job)`` for every job at the same time (the deployments are independent),
+        results in order; the first failure is raised once all have ended."""
+        if len(jobs) <= 1:
+            return [work(*job) for job in jobs]
+        with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            futures = [pool.submit(work, *job) for job in jobs]
+            return [f.result() for f in futures]
 
     def _wait_served(self, arm: _Arm, version: str) -> None:
         """Until the gateway names ``version`` current (the generators hot-swap on the same
@@ -686,39 +718,44 @@ class LoopExperiment:
             per = cfg.requests_per_merge
             for iteration in range(cfg.iterations + 1):
                 label = f"it{iteration}"
-                names = (
-                    ("selected", "control", "base") if iteration == 0 else ("selected", "control")
+                names = ["selected", "control"] + (["base"] if iteration == 0 else [])
+                rows = self._at_once(
+                    [
+                        (
+                            self.arms[name],
+                            label,
+                            iteration,
+                            self.merges,
+                            per,
+                            cfg.ratings_per_listener,
+                        )
+                        for name in names
+                    ],
+                    self._session,
                 )
-                for name in names:
-                    row = self._session(
-                        self.arms[name],
-                        label,
-                        iteration,
-                        self.merges,
-                        per,
-                        cfg.ratings_per_listener,
-                    )
-                    if name != "base":
-                        result.rows.append(row)
+                result.rows.extend(row for row in rows if row.arm != "base")
                 if iteration < cfg.iterations:
                     t1 = time.monotonic()
-                    budget = self._release(self.arms["selected"])
-                    if budget:
-                        self._release(self.arms["control"], budget)
-                    else:
-                        self.arms["control"].pairs = 0
+                    self._release()
                     result.timings[f"release-{iteration + 1}"] = time.monotonic() - t1
             if cfg.eval_merges > 0:
-                for name in ("base", "selected", "control"):
-                    row = self._session(
-                        self.arms[name],
-                        "eval",
-                        cfg.iterations if name != "base" else 0,
-                        self.eval_merges,
-                        cfg.eval_requests_per_merge,
-                        cfg.eval_ratings_per_listener,
+                names = ["base", "selected", "control"]
+                result.rows.extend(
+                    self._at_once(
+                        [
+                            (
+                                self.arms[name],
+                                "eval",
+                                cfg.iterations if name != "base" else 0,
+                                self.eval_merges,
+                                cfg.eval_requests_per_merge,
+                                cfg.eval_ratings_per_listener,
+                            )
+                            for name in names
+                        ],
+                        self._session,
                     )
-                    result.rows.append(row)
+                )
             for name, arm in self.arms.items():
                 if arm.refused:
                     reasons = "; ".join(f"{why} ×{k}" for why, k in arm.refused.most_common(3))

@@ -34,6 +34,10 @@ class TrainerSettings(OperatorGuarded):
     base_corpus_dir: str = ""
     baseline_rows: int = 256
     baseline_inversion_steps: int = 50
+    # A new version inverts only its new rows and carries the older ones over, except every
+    # this-many-th version in a row, which inverts every row again (1: always; measured in
+    # riffloop/music/_training_index.py)
+    baseline_refresh_every: int = 3
     # Training runs in the consumer thread (between polls): allow it up to 30 min per set.
     kafka_max_poll_interval_s: float = 1800.0
     # Fine-tune (riffloop.loop.CycleSettings): LoRA adapters (rank, alpha; rank 0 = every UNet

@@ -286,3 +286,41 @@ def test_the_trainer_publishes_each_version_with_its_index_and_the_winner_in_it(
     assert torch.equal(child.images[-1, 0], window)
     z_agg = torch.randn(*store.load("v0002").image_shape)
     assert child.baseline_for("a+b", z_agg).id == "track:t-win"
+
+
+def test_a_new_version_carries_the_older_rows_and_refreshes_them_every_kth_version() -> None:
+    """Carried rows keep their latents; the new winner is inverted by the child; the
+    ``refresh_every``-th version in a row inverts every row again (and so does a change of
+    steps). Stored and read back, the count of carrying versions survives."""
+    import torch
+
+    from riffloop.core import ValidationError
+    from riffloop.music import TrainingIndex, Winner, image_from_uint8, invert
+
+    v1 = _tiny_model("v0001", seed=0)
+    base = _base_index(v1)
+    v2, v3 = _tiny_model("v0002", seed=1), _tiny_model("v0003", seed=2)
+    win = Winner("a", "t-win", 4.5, base.images[0])
+    carried = base.next_version(v2, [win], model_version="v0002", refresh_every=3)
+    assert (carried.carried, len(carried)) == (1, len(base) + 1)
+    assert torch.equal(carried.index.rows[: len(base)], base.index.rows)  # as v0001 inverted them
+    fresh_row = base.index.similarity.row_features(
+        invert(v2, image_from_uint8(carried.images[-1:]), STEPS).flatten(1)
+    )
+    assert torch.allclose(carried.index.rows[-1:].float(), fresh_row.float(), atol=2e-3)
+    assert carried.baseline_for("a", carried.index.rows[:1].float()).id == "track:t-win"  # champion
+
+    again = TrainingIndex.from_bytes(carried.to_bytes())
+    assert again.carried == 1
+    second = again.next_version(v3, [], model_version="v0003", refresh_every=3)
+    assert second.carried == 2 and torch.equal(second.index.rows, carried.index.rows)
+    refreshed = second.next_version(v1, [], model_version="v0004", refresh_every=3)
+    rebuilt = TrainingIndex.build(v1, second.images, second.ids, STEPS, model_version="v0004")
+    assert refreshed.carried == 0 and torch.equal(refreshed.index.rows, rebuilt.index.rows)
+    assert refreshed.champions == {"a": "track:t-win"}
+
+    assert base.next_version(v2, [], model_version="v0002").carried == 0  # the default: always
+    other_steps = base.next_version(v2, [], model_version="v0002", steps=STEPS + 1)
+    assert (other_steps.carried, other_steps.inversion_steps) == (0, STEPS + 1)
+    with pytest.raises(ValidationError, match="refresh_every"):
+        base.next_version(v2, [], model_version="v0002", refresh_every=0)
