@@ -114,8 +114,10 @@ class LoopConfig:
     eval_requests_per_merge: int = 6
     eval_ratings_per_listener: int = 48
     # What a saved run was made with beyond these numbers (a run is reused only when equal):
-    # 5 = the loop through the six services (listening queue, gateway API, trainer's cycle).
-    protocol: int = 5
+    # 5 = the loop through the six services (listening queue, gateway API, trainer's cycle);
+    # 6 = the same with the deployments at work at once (one torch thread each), the baseline
+    # index's rows carried over between versions, clients pacing to the gateway's rate limit.
+    protocol: int = 6
 
     def __post_init__(self) -> None:
         """Every field in its range, so a bad ``--flag`` fails before anything starts."""
