@@ -84,20 +84,20 @@ def main() -> None:
         s = songs
         z = invert(child, s, ns.steps).reshape(ns.queries, 2, *s.shape[1:])
         z_agg = torch.stack([merge_latents(pair) for pair in z])
-        same, gaps, loss = 0, [], []
+        same, gaps, best = 0, [], []
         for q in z_agg:
             a = fresh.index.nearest(q, k=1)[0]
             b = stale.index.nearest(q, k=1)[0]
             same += a.row == b.row
             # Γ under the fresh index of the row the stale one picks: how much worse z0 is
             gaps.append(a.score - fresh._gamma(q, b.row))
-            loss.append(a.score)
+            best.append(a.score)
         gaps_t = torch.tensor(gaps)
         print(
             f"generation {gen}: same z0 for {same}/{ns.queries} merges "
             f"({100 * same / ns.queries:.0f} %); Γ lost where they differ: median "
             f"{gaps_t[gaps_t > 0].median().item() if (gaps_t > 0).any() else 0.0:.4f}, max "
-            f"{gaps_t.max().item():.4f} (Γ of z0: median {torch.tensor(loss).median().item():.4f})"
+            f"{gaps_t.max().item():.4f} (Γ of z0: median {torch.tensor(best).median().item():.4f})"
         )
         model = child
 
