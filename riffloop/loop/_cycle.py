@@ -125,6 +125,9 @@ class CycleSettings:
     replay_ratio: float = 0.5  # share of each batch drawn from the base-corpus windows
     lora_rank: int = 8  # 0: full fine-tune (every UNet weight learns)
     lora_alpha: int = 8  # the adapter's update is scaled by alpha / rank
+    # β of the preference loss (Diffusion-DPO) on sets whose every pair names a loser; 0 = the
+    # ω-weighted ε loss toward the targets alone (docs/LOOP.md §5)
+    preference_beta: float = 0.0
     steps_per_chunk: int = 10
     # progress saved every this many steps (and on a stop, and after the last step), so a
     # killed trainer resumes there; 0 = never (a redelivered set trains from step 0)
@@ -172,6 +175,7 @@ class CycleSettings:
             "warmup_fraction": (0.0, 1.0, False),
             "ema_decay": (0.0, 1.0, False),
             "replay_ratio": (0.0, 1.0, False),
+            "preference_beta": (0.0, math.inf, False),
             "gate_fd_increase": (0.0, math.inf, False),
             "gate_diversity_drop": (0.0, 1.0, True),
             "canary_share": (0.0, 1.0, False),
@@ -625,12 +629,12 @@ class ReleaseCycle:
                 extra={"trainset_id": trainset.trainset_id, "model_version": running},
             )
             return None
-        pairs, images, weights = self._read_pairs(trainset)
+        pairs, images, weights, losers = self._read_pairs(trainset)
         current = self.bootstrap(self._no_base)
         parent = self.models.load(current)
         version = unfinished or f"v{len(self.registry.versions()) + 1:04d}"
         data = MelDataset.from_images(
-            images, weights, {"trainset_id": trainset.trainset_id, "pairs": len(pairs)}
+            images, weights, {"trainset_id": trainset.trainset_id, "pairs": len(pairs)}, losers
         )
         self.kv.set(LAST_ITERATION_KEY, str(max(trainset.iteration, 0)))
         candidate = self.fine_tune(
@@ -658,28 +662,46 @@ class ReleaseCycle:
 
     def _read_pairs(
         self, trainset: TrainingSet
-    ) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The manifest's pairs, their targets' first windows x_0 [N, 1, H, W] in [−1, 1] (from
-        each track's sidecar, written by the generator) and their ω."""
-        from riffloop.music import image_from_uint8
-
+        each track's sidecar, written by the generator), their ω and, for the preference loss
+        (``preference_beta`` > 0 and every pair names a ``loser_track_id``), the losers'
+        windows x^l; otherwise None and the set trains toward its targets alone."""
         raw = self.objects.get(trainset.manifest_bucket, trainset.manifest_key)
         pairs = json.loads(raw).get("pairs", [])
         if not pairs:
             raise ValidationError(f"training set {trainset.trainset_id} has no pairs")
-        images, weights = [], []
+        images, weights, loser_ids = [], [], []
         for pair in pairs:
             try:
                 track, weight = str(pair["target_track_id"]), float(pair["weight"])
-            except (KeyError, TypeError, ValueError) as exc:
+                loser_ids.append(str(pair.get("loser_track_id") or ""))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ValidationError(f"a training pair is malformed: {exc}") from None
-            sidecar = json.loads(self.objects.get("tracks", f"{track}.json"))
-            grid = torch.tensor(sidecar["image_uint8"], dtype=torch.uint8)
-            images.append(image_from_uint8(grid)[None, None])
+            images.append(self._first_window(track))
             weights.append(weight)
-        return pairs, torch.cat(images), torch.tensor(weights, dtype=torch.float32)
+        losers = None
+        if self.settings.preference_beta > 0:
+            if all(loser_ids):
+                losers = torch.cat([self._first_window(track) for track in loser_ids])
+            else:
+                _log.warning(
+                    "preference_beta is set but the training set's pairs name no loser: "
+                    "training toward the targets alone (is RIFFLOOP_PREFERENCE_PAIRS set on "
+                    "the selector?)",
+                    extra={"trainset_id": trainset.trainset_id},
+                )
+        return pairs, torch.cat(images), torch.tensor(weights, dtype=torch.float32), losers
 
-    def training_config(self, seed: int, replay: bool) -> Any:
+    def _first_window(self, track_id: str) -> torch.Tensor:
+        """The track's first window x_0 [1, 1, H, W] in [−1, 1], from its sidecar."""
+        from riffloop.music import image_from_uint8
+
+        sidecar = json.loads(self.objects.get("tracks", f"{track_id}.json"))
+        grid = torch.tensor(sidecar["image_uint8"], dtype=torch.uint8)
+        return image_from_uint8(grid)[None, None]
+
+    def training_config(self, seed: int, replay: bool, preference: bool = False) -> Any:
         from riffloop.music import LoraSettings, TrainingConfig
 
         s = self.settings
@@ -692,6 +714,7 @@ class ReleaseCycle:
             ema_decay=s.ema_decay,
             replay_ratio=s.replay_ratio if replay else 0.0,
             lora=lora,
+            preference_beta=s.preference_beta if preference else 0.0,
             seed=max(int(seed), 0),
             log_every=max(1, min(s.steps_per_chunk, s.finetune_steps)),
         )
@@ -724,7 +747,7 @@ class ReleaseCycle:
         replay = self.replay_windows(parent)
         if replay is None and self.settings.replay_ratio > 0:
             _log.warning("no base rows to replay: fine-tuning without replay")
-        config = self.training_config(seed, replay is not None)
+        config = self.training_config(seed, replay is not None, data.losers is not None)
         total = config.total_steps
         self._set(
             phase=CyclePhase.TRAINING,

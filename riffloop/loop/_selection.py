@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -26,6 +27,9 @@ class TrainingPair:
     iteration: int
     model_version: str
     embedding: tuple[float, ...]  # of the target audio, for the diversity guard
+    # Preference pairs: a generation for the same input that listeners liked less than the
+    # target ("" in a plain set; the trainer then fine-tunes toward the target alone)
+    loser_track_id: str = ""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -85,7 +89,12 @@ class GeneticSelector:
     """A generation survives if R > R_b(input) (+ ``min_margin``), R_b the ω-weighted mean R of
     the baseline tracks served for the same input merge (the pooled baseline mean when an input
     got none); with ``top_quartile`` it must also reach its input's upper quartile of R.
-    Survivors become training pairs weighted by ω, then pass the diversity guard."""
+    Survivors become training pairs weighted by ω, then pass the diversity guard.
+
+    With ``preference``, each survivor is paired with a loser: the lowest-rated generation of
+    the same input that fell below R_b (ω > 0), so the trainer learns what the listeners
+    preferred over what, not only what they liked; a survivor whose input has no loser is
+    dropped (``no_loser``)."""
 
     def __init__(
         self,
@@ -93,11 +102,13 @@ class GeneticSelector:
         top_quartile: bool = False,
         near_duplicate: float | None = None,
         cap_per_input: int = 3,
+        preference: bool = False,
     ) -> None:
         self.min_margin = min_margin
         self.top_quartile = top_quartile
         self.near_duplicate = near_duplicate  # None: auto_near_duplicate of the candidates
         self.cap_per_input = cap_per_input
+        self.preference = preference
 
     def select(
         self,
@@ -138,18 +149,40 @@ class GeneticSelector:
                     embedding=tuple(float(v) for v in embeddings[s.track_id]),
                 )
             )
+        no_loser = 0
+        if self.preference:
+            worst: dict[str, TrackScored] = {}  # per input, its lowest-rated losing generation
+            for s in generated:
+                if s.omega > 0 and s.score < baseline.get(s.input_key, pooled):
+                    known = worst.get(s.input_key)
+                    if known is None or (s.score, s.track_id) < (known.score, known.track_id):
+                        worst[s.input_key] = s
+            paired = [
+                replace(p, loser_track_id=worst[p.input_key].track_id)
+                for p in survivors
+                if p.input_key in worst
+            ]
+            no_loser = len(survivors) - len(paired)
+            survivors_kept = paired
+        else:
+            survivors_kept = survivors
         delta = self.near_duplicate
         if delta is None:
             delta = auto_near_duplicate([embeddings[s.track_id] for s in generated])
-        kept, dropped = diversity_guard(survivors, delta, self.cap_per_input)
+        kept, dropped = diversity_guard(survivors_kept, delta, self.cap_per_input)
+        if no_loser:
+            dropped["no_loser"] = no_loser
         return SelectionResult(kept, len(survivors), len(generated), dict(dropped), baseline)
 
 
 class RandomSelector:
-    """The control arm: ``count`` generations drawn uniformly at random, ω = 1, no ratings used."""
+    """The control arm: ``count`` generations drawn uniformly at random, ω = 1, no ratings used.
+    With ``preference``: ``count`` pairs of two generations of the same input, drawn uniformly
+    among all such pairs, each in a random order (a coin says which one is the "winner")."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, preference: bool = False) -> None:
         self.rng = np.random.default_rng(seed)
+        self.preference = preference
 
     def select(
         self,
@@ -161,21 +194,50 @@ class RandomSelector:
         gens = sorted(
             (p for p in provenances if p.kind is TrackKind.GENERATED), key=lambda p: p.track_id
         )
+        if self.preference:
+            return self._pairs(gens, embeddings, count, iteration)
         idx = self.rng.choice(len(gens), size=min(count, len(gens)), replace=False)
-        return [
-            TrainingPair(
-                input_key=gens[i].input_key,
-                input_song_ids=gens[i].input_song_ids,
-                target_track_id=gens[i].track_id,
-                weight=1.0,
-                score=float("nan"),
-                margin=0.0,
-                iteration=iteration,
-                model_version=gens[i].model_version,
-                embedding=tuple(float(v) for v in embeddings[gens[i].track_id]),
-            )
-            for i in sorted(idx)
+        return [_unrated_pair(gens[i], embeddings, iteration) for i in sorted(idx)]
+
+    def _pairs(
+        self,
+        gens: Sequence[TrackProvenance],
+        embeddings: Mapping[str, np.ndarray],
+        count: int,
+        iteration: int,
+    ) -> list[TrainingPair]:
+        candidates = [
+            (a, b)
+            for a, b in itertools.combinations(range(len(gens)), 2)
+            if gens[a].input_key == gens[b].input_key
         ]
+        picks = self.rng.choice(len(candidates), size=min(count, len(candidates)), replace=False)
+        flips = self.rng.random(len(picks)) < 0.5
+        pairs = []
+        for pick, flip in zip(sorted(picks), flips, strict=True):
+            a, b = candidates[pick]
+            winner, loser = (gens[b], gens[a]) if flip else (gens[a], gens[b])
+            pairs.append(
+                replace(_unrated_pair(winner, embeddings, iteration), loser_track_id=loser.track_id)
+            )
+        return pairs
+
+
+def _unrated_pair(
+    prov: TrackProvenance, embeddings: Mapping[str, np.ndarray], iteration: int
+) -> TrainingPair:
+    """A control arm's pair toward ``prov``'s track: ω = 1, no score, no margin."""
+    return TrainingPair(
+        input_key=prov.input_key,
+        input_song_ids=prov.input_song_ids,
+        target_track_id=prov.track_id,
+        weight=1.0,
+        score=float("nan"),
+        margin=0.0,
+        iteration=iteration,
+        model_version=prov.model_version,
+        embedding=tuple(float(v) for v in embeddings[prov.track_id]),
+    )
 
 
 def baseline_scores(scores: Mapping[str, TrackScored]) -> dict[str, float]:

@@ -69,6 +69,7 @@ from riffloop.music._quality import (
 from riffloop.music._train import (
     LoraSettings,
     MelDataset,
+    PreferenceBatch,
     Trainer,
     TrainingConfig,
     TrainingReport,
@@ -116,6 +117,7 @@ __all__ = [
     "NegativeSquaredDistance",
     "Neighbour",
     "PredictionType",
+    "PreferenceBatch",
     "SeamReport",
     "Similarity",
     "TrackLength",

@@ -23,6 +23,20 @@ One optimiser step (``Trainer.step``):
    cosine decay to ``min_lr_fraction`` · lr; EMA of the trainable weights with decay
    min(ema_decay, (1 + n) / (10 + n)) at update n (the usual EMA warm-up).
 
+With ``preference_beta`` β > 0 the training data are preference pairs (x_0^w, x_0^l): a track
+listeners preferred and one they rated below it, for the same input (Diffusion-DPO, Wallace et
+al. 2023). Steps 2–3 draw one t and one ε per pair and noise both images with them; the
+reference ε_ref is the parent model (the LoRA adapters switched off; a frozen copy in a full
+fine-tune). With d_θ(x) = mean‖target − ε_θ(x_t, t)‖² − mean‖target − ε_ref(x_t, t)‖², how much
+better the fine-tune predicts x than the parent does (negative is better),
+
+    ℓ_i = −log σ(−β/2 · (d_θ(x_0^w) − d_θ(x_0^l)))
+
+raises the liked track's likelihood against the other's, and ties every move to the parent
+(β large: small moves). Step 5 becomes L = Σ ω_i ℓ_i / Σ ω_i over the pairs, plus the replay
+samples' L of step 5 as the anchor to what the base model knew. A random orientation of the
+pairs (a control arm) has no preferred direction to learn.
+
 Past one process (``world``, a ``TrainingWorld`` under torchrun or a Kubeflow PyTorchJob):
 every rank draws the same global batch, t and ε, computes steps 3–5 on its shard with the
 global Σ ω_i as the denominator (times the world size, which DDP's gradient average divides
@@ -65,6 +79,7 @@ from riffloop.music._model import ModelConfig, MusicDiffusion, architecture_of
 __all__ = [
     "LoraSettings",
     "MelDataset",
+    "PreferenceBatch",
     "Trainer",
     "TrainingConfig",
     "TrainingReport",
@@ -92,6 +107,8 @@ class MelDataset:
     images: torch.Tensor
     weights: torch.Tensor
     manifest: dict[str, Any] = field(default_factory=dict)
+    # Preference data: per image x_0^w, the image x_0^l its listeners liked less ([N, 1, H, W])
+    losers: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[1] != 1:
@@ -108,6 +125,14 @@ class MelDataset:
             raise ValidationError("at least one confidence weight ω must be positive")
         if not bool(torch.isfinite(self.images).all()):
             raise ValidationError("images contain NaN or infinity")
+        if self.losers is not None:
+            if tuple(self.losers.shape) != tuple(self.images.shape):
+                raise ValidationError(
+                    f"need one loser per image: {tuple(self.losers.shape)} vs "
+                    f"{tuple(self.images.shape)}"
+                )
+            if not bool(torch.isfinite(self.losers).all()):
+                raise ValidationError("loser images contain NaN or infinity")
 
     @classmethod
     def from_images(
@@ -115,11 +140,14 @@ class MelDataset:
         images: torch.Tensor,
         weights: torch.Tensor | None = None,
         manifest: dict[str, Any] | None = None,
+        losers: torch.Tensor | None = None,
     ) -> MelDataset:
         images = images.to(torch.float32)
         if weights is None:
             weights = torch.ones(images.shape[0], dtype=torch.float32)
-        return cls(images, weights.to(torch.float32), dict(manifest or {}))
+        if losers is not None:
+            losers = losers.to(torch.float32)
+        return cls(images, weights.to(torch.float32), dict(manifest or {}), losers)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -134,10 +162,16 @@ class MelDataset:
         digest.update(str(tuple(self.images.shape)).encode())
         digest.update(self.images.contiguous().numpy().tobytes())
         digest.update(self.weights.contiguous().numpy().tobytes())
+        if self.losers is not None:
+            digest.update(b"losers")
+            digest.update(self.losers.contiguous().numpy().tobytes())
         return digest.hexdigest()[:24]
 
     def describe(self) -> dict[str, Any]:
-        return {**self.manifest, "size": len(self), "fingerprint": self.fingerprint()}
+        described = {**self.manifest, "size": len(self), "fingerprint": self.fingerprint()}
+        if self.losers is not None:
+            described["preference_pairs"] = True
+        return described
 
 
 class _EpochSampler:
@@ -214,6 +248,8 @@ class TrainingConfig:
     lora: LoraSettings | None = None
     seed: int = 0
     log_every: int = 25
+    # β of the preference loss (Diffusion-DPO) on paired data; 0 = the ω-weighted ε loss
+    preference_beta: float = 0.0
 
     def __post_init__(self) -> None:
         checks = [
@@ -232,6 +268,10 @@ class TrainingConfig:
             (0 <= self.replay_ratio < 1, "replay_ratio must lie in [0, 1)"),
             (self.replay_weight >= 0, "replay_weight must not be negative"),
             (self.log_every >= 1, "log_every must be at least 1"),
+            (
+                math.isfinite(self.preference_beta) and self.preference_beta >= 0,
+                "preference_beta must be a finite number ≥ 0",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -317,6 +357,17 @@ def weighted_diffusion_loss(
     return (omega * snr_weights * per_sample).sum() / total
 
 
+@dataclass
+class PreferenceBatch:
+    """One batch of preference pairs (x_0^w, x_0^l) with their ω, and the replay samples."""
+
+    winners: torch.Tensor
+    losers: torch.Tensor
+    omega: torch.Tensor
+    replay: torch.Tensor | None = None
+    replay_omega: torch.Tensor | None = None
+
+
 # -- trainer ---------------------------------------------------------------------------------
 
 
@@ -395,6 +446,10 @@ class Trainer:
         if config.replay_per_batch >= config.batch_size:
             raise ValidationError("replay would leave no room for training data in a batch")
         self.world = world or TrainingWorld()
+        if config.preference_beta > 0 and data.losers is None:
+            raise ValidationError("preference_beta > 0 needs preference pairs (data.losers)")
+        if config.preference_beta > 0 and self.world.distributed:
+            raise ValidationError("preference pairs train in one process, not data-parallel")
         if self.world.distributed and config.batch_size < self.world.world_size:
             raise ValidationError(
                 f"batch_size {config.batch_size} leaves ranks of {self.world.world_size} idle"
@@ -419,6 +474,11 @@ class Trainer:
         else:
             for p in model.unet.parameters():
                 p.requires_grad_(True)
+        # ε_ref of the preference loss, the parent: the UNet with its LoRA adapters switched off
+        # (``_reference_prediction``), or a frozen copy of it in a full fine-tune
+        self._reference: Any = None
+        if config.preference_beta > 0 and self._peft is None:
+            self._reference = copy.deepcopy(model.unet).eval().requires_grad_(False)
         self.model.unet.train()
         self._trainable: dict[str, torch.nn.Parameter] = {
             name: p for name, p in model.unet.named_parameters() if p.requires_grad
@@ -498,12 +558,90 @@ class Trainer:
         )
         return scale * weighted_diffusion_loss(out, target, w, omega, omega_total)
 
+    def next_preference_batch(self) -> PreferenceBatch:
+        """Step 1 on preference data: ``batch_size − r`` pairs and r replay samples."""
+        n_replay = self.config.replay_per_batch
+        idx = self._data_sampler.take(self.config.batch_size - n_replay)
+        losers = cast(torch.Tensor, self.data.losers)
+        batch = PreferenceBatch(
+            winners=self.data.images[idx].to(self.device, torch.float32),
+            losers=losers[idx].to(self.device, torch.float32),
+            omega=(self.data.weights[idx] * self._omega_scale).to(self.device, torch.float32),
+        )
+        if n_replay and self.replay is not None and self._replay_sampler is not None:
+            ridx = self._replay_sampler.take(n_replay)
+            batch.replay = self.replay.images[ridx].to(self.device, torch.float32)
+            replay_omega = self.replay.weights[ridx] * self.config.replay_weight
+            batch.replay_omega = replay_omega.to(self.device, torch.float32)
+        return batch
+
+    def compute_preference_loss(
+        self, batch: PreferenceBatch, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Steps 2–5 on preference pairs (the module docstring's ℓ_i), plus the replay samples'
+        ε loss, in one forward pass (differentiable)."""
+        g = generator if generator is not None else self.noise_generator
+        k = batch.winners.shape[0]
+        t = torch.randint(0, self._num_train_timesteps, (k,), generator=g, device=g.device)
+        noise = torch.randn(batch.winners.shape, generator=g, device=g.device)
+        # one t and one ε per pair, shared by its two images
+        x0, t_all, eps = (
+            torch.cat([batch.winners, batch.losers]),
+            t.repeat(2),
+            noise.repeat(2, 1, 1, 1),
+        )
+        if batch.replay is not None:
+            n = batch.replay.shape[0]
+            t_r = torch.randint(0, self._num_train_timesteps, (n,), generator=g, device=g.device)
+            eps_r = torch.randn(batch.replay.shape, generator=g, device=g.device)
+            x0, t_all, eps = (
+                torch.cat([x0, batch.replay]),
+                torch.cat([t_all, t_r]),
+                torch.cat([eps, eps_r]),
+            )
+        scheduler = self.model.scheduler
+        x_t = scheduler.add_noise(x0, eps, t_all)
+        if self.model.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(x0, eps, t_all)
+        else:
+            target = eps
+        out = self._forward(x_t, t_all).sample
+        with torch.no_grad():
+            reference = self._reference_prediction(x_t[: 2 * k], t_all[: 2 * k])
+        error = ((out[: 2 * k].float() - target[: 2 * k].float()) ** 2).mean(dim=(1, 2, 3))
+        ref_error = ((reference.float() - target[: 2 * k].float()) ** 2).mean(dim=(1, 2, 3))
+        d = error - ref_error  # d_θ: below 0 where the fine-tune predicts better than the parent
+        beta = self.config.preference_beta
+        per_pair = -torch.nn.functional.logsigmoid(-0.5 * beta * (d[:k] - d[k:]))
+        loss = (batch.omega * per_pair).sum() / batch.omega.sum()
+        if batch.replay is not None and batch.replay_omega is not None:
+            w = min_snr_weights(
+                self._alphas_cumprod,
+                t_all[2 * k :],
+                self.config.min_snr_gamma,
+                self.model.prediction_type,
+            )
+            loss = loss + weighted_diffusion_loss(
+                out[2 * k :], target[2 * k :], w, batch.replay_omega
+            )
+        return loss
+
+    def _reference_prediction(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε_ref(x_t, t): the parent's prediction."""
+        if self._peft is not None:
+            with self._peft.disable_adapter():
+                return cast(torch.Tensor, self.model.unet(x_t, t).sample)
+        return cast(torch.Tensor, self._reference(x_t, t).sample)
+
     def step(self) -> float:
         """One optimiser step (steps 1–6); returns the batch loss."""
         if self.step_count >= self.config.total_steps:
             raise ConflictError(f"training already reached total_steps={self.config.total_steps}")
-        x0, omega = self.next_batch()
-        loss = self.compute_loss(x0, omega)
+        if self.config.preference_beta > 0:
+            loss = self.compute_preference_loss(self.next_preference_batch())
+        else:
+            x0, omega = self.next_batch()
+            loss = self.compute_loss(x0, omega)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(self._trainable.values()), self.config.grad_clip_norm)

@@ -98,6 +98,10 @@ class LoopConfig:
     learning_rate: float = 5e-4
     lora_rank: int = 8
     replay_ratio: float = 0.5
+    # Exploratory, off by default: β > 0 makes both arms' selectors name a loser per pair
+    # (RIFFLOOP_PREFERENCE_PAIRS) and their trainers fit the Diffusion-DPO loss with this β
+    # (RIFFLOOP_PREFERENCE_BETA; docs/LOOP.md §5); 0 = the ω-weighted ε loss on the winners.
+    preference_beta: float = 0.0
     canary_alpha: float = 0.05
     # Torch threads per UNet call. The deployments work at the same time (their sessions, then
     # their trainers), so one thread each keeps a 2-core machine's cores busy without the
@@ -162,6 +166,8 @@ class LoopConfig:
                 raise ValidationError(
                     f"{name} must lie in [{floor:g}, {ceiling:g}{bracket}, got {value!r}"
                 )
+        if not (math.isfinite(self.preference_beta) and self.preference_beta >= 0):
+            raise ValidationError(f"preference_beta must be ≥ 0, got {self.preference_beta!r}")
         if self.canary_alpha == 0 or self.learning_rate == 0:
             raise ValidationError("canary_alpha and learning_rate must be above 0")
 
@@ -378,6 +384,7 @@ class LoopExperiment:
                 "selection": selection,
                 "random_seed": cfg.seed,
                 "select_interval_s": 1e9,
+                "preference_pairs": cfg.preference_beta > 0,
             },
             "trainer": {
                 "base_model_dir": str(self.model_dir),
@@ -386,6 +393,7 @@ class LoopExperiment:
                 "learning_rate": cfg.learning_rate,
                 "lora_rank": cfg.lora_rank,
                 "replay_ratio": cfg.replay_ratio,
+                "preference_beta": cfg.preference_beta,
                 "baseline_inversion_steps": cfg.invert_steps,
                 "canary_share": 0.0,  # promote, then watch the next session's ratings
                 "canary_alpha": cfg.canary_alpha,

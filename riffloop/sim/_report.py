@@ -144,6 +144,11 @@ def read_result(csv_path: Path, config: LoopConfig, model: str = "") -> LoopResu
         module, sep, attr = recorded["listeners"].partition(":")
         if module == "riffloop.loop" and sep:
             recorded = {**recorded, "listeners": f"riffloop.sim:{attr}"}
+    if isinstance(recorded, dict):
+        # a field added to LoopConfig after the run was saved reads as its default: a new
+        # field's default keeps what runs did before it (a change of behaviour bumps protocol)
+        added = {f.name: f.default for f in fields(LoopConfig) if f.name not in recorded}
+        recorded = {**added, **recorded}
     if recorded != asdict(config) or saved.get("model", "") != model:
         return None
     kinds = {f.name: str(getattr(f.type, "__name__", f.type)) for f in fields(IterationRow)}

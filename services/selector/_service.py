@@ -81,6 +81,10 @@ class SelectorSettings(OperatorGuarded):
     selection: str = "genetic"
     random_pairs: int = 8
     random_seed: int = 0
+    # Preference pairs: each pair also names a generation of the same input that listeners
+    # liked less (genetic: the input's lowest-rated one below its baseline; random: another
+    # generation of the input, in a random order), for a trainer with RIFFLOOP_PREFERENCE_BETA.
+    preference_pairs: bool = False
 
     def _validate(self) -> None:
         super()._validate()
@@ -267,9 +271,10 @@ class SelectorState:
             if s.kind is TrackKind.GENERATED and t not in earlier
         ]
         embeddings = {p.track_id: self._embedding(p.track_id) for p in fresh}
-        pairs = RandomSelector(self.settings.random_seed * 1000 + iteration).select(
-            fresh, embeddings, budget, iteration
+        selector = RandomSelector(
+            self.settings.random_seed * 1000 + iteration, preference=self.settings.preference_pairs
         )
+        pairs = selector.select(fresh, embeddings, budget, iteration)
         if len(pairs) < self.settings.min_pairs:
             return SelectionPass(None, len(fresh), 0, "too few pairs")
         event = self._save_and_publish(
@@ -287,7 +292,9 @@ class SelectorState:
         generated = [s.track_id for s in scores.values() if s.kind is TrackKind.GENERATED]
         embeddings = {t: self._embedding(t) for t in generated}
         iteration = (previous["iteration"] + 1) if previous else 1
-        selector = GeneticSelector(cap_per_input=self.settings.cap_per_input)
+        selector = GeneticSelector(
+            cap_per_input=self.settings.cap_per_input, preference=self.settings.preference_pairs
+        )
         result = selector.select(scores, provenances, embeddings, iteration)
         old_pairs = [_pair_from_dict(p) for p in previous["pairs"]] if previous else []
         chosen = {p.target_track_id for p in old_pairs}

@@ -51,6 +51,9 @@ class TrainerSettings(OperatorGuarded):
     replay_ratio: float = 0.5
     lora_rank: int = 8
     lora_alpha: int = 8
+    # β of the preference loss (Diffusion-DPO) for sets whose pairs name losers (the selector's
+    # RIFFLOOP_PREFERENCE_PAIRS); 0 = the ω-weighted ε loss. Exploratory (docs/LOOP.md §5).
+    preference_beta: float = 0.0
     steps_per_chunk: int = 10
     # Progress (adapters, optimiser state, step) saved to the object store every this many
     # steps, so a killed trainer resumes the fine-tune there; 0 = never.
@@ -106,6 +109,11 @@ class TrainerSettings(OperatorGuarded):
             raise ConfigurationError(f"RIFFLOOP_DEVICE: {exc.reason}") from None
         if self.train_launcher not in ("in_process", "pytorchjob"):
             raise ConfigurationError("RIFFLOOP_TRAIN_LAUNCHER must be in_process or pytorchjob")
+        if self.train_launcher == "pytorchjob" and self.preference_beta > 0:
+            raise ConfigurationError(
+                "RIFFLOOP_PREFERENCE_BETA > 0 trains in one process: it needs "
+                "RIFFLOOP_TRAIN_LAUNCHER=in_process (a PyTorchJob trains data-parallel)"
+            )
         if self.train_launcher == "pytorchjob" and not (
             self.train_job_template and self.train_job_dir
         ):

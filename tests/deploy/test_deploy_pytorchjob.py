@@ -389,3 +389,8 @@ def test_the_trainer_settings_accept_the_launcher_and_refuse_a_wrong_one(
     without = {k: v for k, v in env.items() if k != "RIFFLOOP_TRAIN_JOB_TEMPLATE"}
     with pytest.raises(ConfigurationError, match="RIFFLOOP_TRAIN_JOB_TEMPLATE"):
         TrainerSettings.from_env(without)
+    with pytest.raises(ConfigurationError, match=r"PREFERENCE_BETA .*in_process"):
+        TrainerSettings.from_env({**env, "RIFFLOOP_PREFERENCE_BETA": "500"})
+    assert TrainerSettings.from_env({"RIFFLOOP_PREFERENCE_BETA": "500"}).preference_beta == 500
+    with pytest.raises(ConfigurationError, match="PREFERENCE_BETA"):
+        TrainerSettings.from_env({"RIFFLOOP_PREFERENCE_BETA": "-1"})

@@ -168,3 +168,48 @@ def test_random_selector_ignores_scores_and_is_seeded() -> None:
     assert [p.target_track_id for p in a] == [p.target_track_id for p in b]
     assert len(a) == 8 and all(p.weight == 1.0 for p in a)
     assert all(provs[p.target_track_id].kind is TrackKind.GENERATED for p in a)
+
+
+def test_preference_pairs_name_the_inputs_lowest_losing_generation() -> None:
+    scores, provs, embs = _world(np.random.default_rng(6))
+    # s1: no generation below its baseline, so its survivors have no loser and are dropped
+    scores["s1-0"] = _scored("s1-0", TrackKind.BASELINE, "s1", -10.0)
+    plain = GeneticSelector(cap_per_input=10, near_duplicate=0.0).select(scores, provs, embs, 1)
+    res = GeneticSelector(cap_per_input=10, near_duplicate=0.0, preference=True).select(
+        scores, provs, embs, 1
+    )
+    assert res.survivors == plain.survivors and all(not p.loser_track_id for p in plain.pairs)
+    assert res.dropped["no_loser"] == sum(p.input_key == "s1" for p in plain.pairs) > 0
+    assert {p.target_track_id for p in res.pairs} == {
+        p.target_track_id for p in plain.pairs if p.input_key != "s1"
+    }
+    for p in res.pairs:
+        loser = scores[p.loser_track_id]
+        assert loser.kind is TrackKind.GENERATED and loser.input_key == p.input_key
+        assert loser.score < res.baseline_score[p.input_key] < p.score
+        same_input = [
+            s.score
+            for s in scores.values()
+            if s.kind is TrackKind.GENERATED and s.input_key == p.input_key
+        ]
+        assert loser.score == min(same_input)
+    assert '"loser_track_id"' in manifest_json(res.pairs, "ts1")
+
+
+def test_a_random_arms_preference_pairs_are_two_generations_of_one_input_in_random_order() -> None:
+    _scores, provs, embs = _world(np.random.default_rng(7), n_inputs=4, gens=5)
+    pairs = RandomSelector(seed=3, preference=True).select(list(provs.values()), embs, 30, 1)
+    again = RandomSelector(seed=3, preference=True).select(list(provs.values()), embs, 30, 1)
+    assert [(p.target_track_id, p.loser_track_id) for p in pairs] == [
+        (p.target_track_id, p.loser_track_id) for p in again
+    ]
+    assert len(pairs) == 30 and all(p.weight == 1.0 for p in pairs)
+    unordered = {frozenset((p.target_track_id, p.loser_track_id)) for p in pairs}
+    assert len(unordered) == 30  # drawn without replacement out of 4 × C(5, 2) = 40
+    for p in pairs:
+        winner, loser = provs[p.target_track_id], provs[p.loser_track_id]
+        assert winner.kind is loser.kind is TrackKind.GENERATED
+        assert winner.input_key == loser.input_key and winner.track_id != loser.track_id
+    # the coin: generation ids are ordered within an input, the order of a pair is not
+    first_is_lower = [p.target_track_id < p.loser_track_id for p in pairs]
+    assert 5 <= sum(first_is_lower) <= 25

@@ -5,6 +5,7 @@ canary decides on margins over each version's baselines and a restarted cycle re
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -344,3 +345,63 @@ def test_a_training_set_during_a_canary_waits_and_goes_out_after_it() -> None:
     assert (target, dropped, release.event_id) == ("v0001", "v0002", "event-3")
     assert h.cycle.release_deferred() == "ts-2" and h.resubmitted == [waiting]
     assert h.cycle.deferred() is None
+
+
+# -- preference pairs -------------------------------------------------------------------------
+def _training_set(h: Harness, losers: list[str]) -> Any:
+    """A two-pair manifest toward t-1, t-2 (``losers``: their loser_track_id), with sidecars."""
+    from riffloop.loop import TrainingSet
+
+    h.objects.ensure_bucket("tracks")
+    h.objects.ensure_bucket("trainsets")
+    for i, track in enumerate(["t-1", "t-2", "t-3", "t-4"]):
+        grid = to_uint8(windows(1, 10 + i)[0, 0]).tolist()
+        h.objects.put("tracks", f"{track}.json", json.dumps({"image_uint8": grid}).encode())
+    pairs = [
+        {"target_track_id": target, "weight": 0.5, "loser_track_id": loser}
+        for target, loser in zip(["t-1", "t-2"], losers, strict=True)
+    ]
+    h.objects.put("trainsets", "ts-p.json", json.dumps({"pairs": pairs}).encode())
+    return TrainingSet("ts-p", "trainsets", "ts-p.json", pair_count=2, iteration=1)
+
+
+@pytest.mark.unit
+def test_a_preference_set_reads_each_pairs_loser_and_trains_by_preference() -> None:
+    h = Harness(preference_beta=300.0)
+    _, images, weights, losers = h.cycle._read_pairs(_training_set(h, ["t-3", "t-4"]))
+    assert images.shape == (2, 1, 16, 16) and weights.tolist() == [0.5, 0.5]
+    assert losers is not None and losers.shape == images.shape
+    assert not torch.equal(losers, images)
+    assert h.cycle.training_config(seed=1, replay=True, preference=True).preference_beta == 300.0
+    assert h.cycle.training_config(seed=1, replay=True).preference_beta == 0.0
+    with pytest.raises(ValidationError, match="preference_beta"):
+        CycleSettings(preference_beta=-1.0)
+
+
+@pytest.mark.unit
+def test_a_set_without_losers_trains_toward_its_targets(caplog: pytest.LogCaptureFixture) -> None:
+    """β > 0 with a plain set (a selector without RIFFLOOP_PREFERENCE_PAIRS), or a set whose
+    pairs name losers under β = 0: the ω-weighted ε loss toward the targets, nothing refused."""
+    h = Harness(preference_beta=300.0)
+    with caplog.at_level("WARNING"):
+        *_, losers = h.cycle._read_pairs(_training_set(h, ["t-3", ""]))
+    assert losers is None and "name no loser" in caplog.text
+    plain = Harness()
+    *_, losers = plain.cycle._read_pairs(_training_set(plain, ["t-3", "t-4"]))
+    assert losers is None
+
+
+@pytest.mark.slow
+def test_a_preference_fine_tune_moves_only_the_adapters_and_records_its_beta() -> None:
+    h = Harness(finetune_steps=4, batch_size=4, steps_per_chunk=2, preference_beta=300.0)
+    parent = tiny_model()
+    parent.version = "v0001"
+    parent.baseline_index = h.cycle.base_index(parent)
+    _, images, weights, losers = h.cycle._read_pairs(_training_set(h, ["t-3", "t-4"]))
+    data = MelDataset.from_images(images, weights, {"trainset_id": "ts-p"}, losers)
+    candidate = h.cycle.fine_tune(parent, data, "v0002")
+    training = candidate.card["training"]
+    assert training["config"]["preference_beta"] == 300.0
+    assert training["data"]["preference_pairs"] is True
+    before, after = weights_of(parent), weights_of(candidate)
+    assert any(not torch.equal(after[k], before[k]) for k in after)

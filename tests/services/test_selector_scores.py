@@ -207,3 +207,31 @@ def test_a_pair_budget_is_refused_by_a_genetic_selector_and_when_negative() -> N
 
     with pytest.raises(ConfigurationError, match="RIFFLOOP_SELECTION"):
         SelectorSettings(selection="best")
+
+
+def test_preference_pairs_name_a_loser_of_the_same_input_in_both_kinds_of_selection() -> None:
+    """RIFFLOOP_PREFERENCE_PAIRS: the genetic set pairs each survivor with its input's
+    lowest-rated generation below the baseline; the random set pairs two generations of one
+    input. A set that carries over pairs carries their losers too."""
+    ports = _prepared()
+    state = SelectorState(ports, SelectorSettings(min_new_scores=1, preference_pairs=True))
+    _population(state, *_beaten_baseline(), _score("g-low", 1.2), _score("g-mid", 1.8))
+    assert state.select_once() is not None
+    pairs = json.loads(ports.kv.get("sel:trainset"))["pairs"]
+    assert {(p["target_track_id"], p["loser_track_id"]) for p in pairs} == {
+        ("g1", "g-low"),
+        ("g2", "g-low"),
+    }
+    _population(state, _score("g3", 3.9))
+    assert state.select_once() is not None
+    carried = json.loads(ports.kv.get("sel:trainset"))["pairs"]
+    assert {p["loser_track_id"] for p in carried} == {"g-low"} and len(carried) == 3
+
+    random_ports = _prepared()
+    drawn = _random_state(random_ports, preference_pairs=True)
+    assert drawn.run_pass(force=True, pair_budget=5).outcome == "published"
+    pairs = json.loads(random_ports.kv.get("sel:trainset"))["pairs"]
+    assert len(pairs) == 5 and {p["weight"] for p in pairs} == {1.0}
+    for p in pairs:
+        assert p["target_track_id"].startswith("gen-") and p["loser_track_id"].startswith("gen-")
+        assert p["target_track_id"] != p["loser_track_id"]

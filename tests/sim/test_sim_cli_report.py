@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from riffloop.core import ValidationError
 from riffloop.sim import IterationRow, LoopConfig, LoopResult, format_table, paired_interval
 from riffloop.sim._cli import main
 from riffloop.sim._report import read_result, save_run, write_evidence
@@ -123,6 +124,35 @@ def test_a_run_recorded_under_the_riffloop_loop_factory_path_is_reused(tmp_path:
     assert read_result(paths["csv"], LoopConfig(seed=1)) is not None
     other = replace(LoopConfig(seed=1), listeners="riffloop.sim:dark_sparse_listeners")
     assert read_result(paths["csv"], other) is None
+
+
+def test_a_run_saved_before_a_config_field_existed_reads_it_as_its_default(
+    tmp_path: Path,
+) -> None:
+    """A field added later (preference_beta) keeps what runs did before it at its default: a
+    run saved without it is the default's run, and not a run of any other value."""
+    paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1")
+    sidecar = paths["csv"].with_suffix(".run.json")
+    saved = json.loads(sidecar.read_text())
+    del saved["config"]["preference_beta"]
+    sidecar.write_text(json.dumps(saved))
+    assert read_result(paths["csv"], LoopConfig(seed=1)) is not None
+    assert read_result(paths["csv"], LoopConfig(seed=1, preference_beta=500.0)) is None
+
+
+def test_preference_beta_reaches_both_arms_selector_and_trainer() -> None:
+    from riffloop.sim import LoopExperiment
+
+    for beta, pairs in ((0.0, False), (500.0, True)):
+        experiment = LoopExperiment.__new__(LoopExperiment)  # settings() reads cfg alone
+        experiment.cfg = LoopConfig(preference_beta=beta)
+        experiment.model_dir = Path("assets/base-model")
+        for selection in ("genetic", "random"):
+            settings = experiment.settings(selection)
+            assert settings["selector"]["preference_pairs"] is pairs
+            assert settings["trainer"]["preference_beta"] == beta
+    with pytest.raises(ValidationError, match="preference_beta"):
+        LoopConfig(preference_beta=-1.0)
 
 
 def test_a_saved_run_is_not_reused_for_another_base_model(tmp_path: Path) -> None:
