@@ -613,7 +613,8 @@ class Trainer:
         d = error - ref_error  # d_θ: below 0 where the fine-tune predicts better than the parent
         beta = self.config.preference_beta
         per_pair = -torch.nn.functional.logsigmoid(-0.5 * beta * (d[:k] - d[k:]))
-        loss = (batch.omega * per_pair).sum() / batch.omega.sum()
+        # a batch of ω = 0 pairs alone (possible, if rare) contributes nothing, not 0 / 0
+        loss = (batch.omega * per_pair).sum() / batch.omega.sum().clamp_min(1e-12)
         if batch.replay is not None and batch.replay_omega is not None:
             w = min_snr_weights(
                 self._alphas_cumprod,

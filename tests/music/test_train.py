@@ -451,6 +451,9 @@ def test_preference_replay_is_mixed_into_the_same_step() -> None:
     assert batch.replay is not None and batch.replay.shape[0] == 4
     loss = trainer.compute_preference_loss(batch)
     assert loss.item() > math.log(2)  # ℓ at the start plus the replay samples' ε loss
+    batch.omega = torch.zeros_like(batch.omega)  # pairs of ω = 0 alone: nothing, not 0 / 0
+    batch.replay = None
+    assert trainer.compute_preference_loss(batch).item() == 0.0
     trainer.train(progress=False)
     assert trainer.step_count == 2
 
