@@ -46,7 +46,7 @@ def denoising_gap(trainer: Trainer, images: torch.Tensor) -> float:
             target = eps
         with torch.no_grad():
             own = ((model.unet(x_t, t).sample - target) ** 2).mean(dim=(1, 2, 3))
-            parent = ((trainer._reference_prediction(x_t, t) - target) ** 2).mean(dim=(1, 2, 3))
+            parent = ((trainer.reference_prediction(x_t, t) - target) ** 2).mean(dim=(1, 2, 3))
         gaps.append(own - parent)
     return float(torch.stack(gaps).mean())
 

@@ -476,7 +476,7 @@ class Trainer:
             for p in model.unet.parameters():
                 p.requires_grad_(True)
         # ε_ref of the preference loss, the parent: the UNet with its LoRA adapters switched off
-        # (``_reference_prediction``), or a frozen copy of it in a full fine-tune
+        # (``reference_prediction``), or a frozen copy of it in a full fine-tune
         self._reference: Any = None
         if config.preference_beta > 0 and self._peft is None:
             self._reference = copy.deepcopy(model.unet).eval().requires_grad_(False)
@@ -608,7 +608,7 @@ class Trainer:
             target = eps
         out = self._forward(x_t, t_all).sample
         with torch.no_grad():
-            reference = self._reference_prediction(x_t[: 2 * k], t_all[: 2 * k])
+            reference = self.reference_prediction(x_t[: 2 * k], t_all[: 2 * k])
         error = ((out[: 2 * k].float() - target[: 2 * k].float()) ** 2).mean(dim=(1, 2, 3))
         ref_error = ((reference.float() - target[: 2 * k].float()) ** 2).mean(dim=(1, 2, 3))
         d = error - ref_error  # d_θ: below 0 where the fine-tune predicts better than the parent
@@ -634,11 +634,14 @@ class Trainer:
             loss = loss + weighted_diffusion_loss(out[anchor], target[anchor], w, omega)
         return loss
 
-    def _reference_prediction(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε_ref(x_t, t): the parent's prediction."""
+    def reference_prediction(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """ε_ref(x_t, t): the parent's prediction (a LoRA fine-tune's adapters switched off; a
+        full fine-tune keeps a copy of its parent only for the preference loss)."""
         if self._peft is not None:
             with self._peft.disable_adapter():
                 return cast(torch.Tensor, self.model.unet(x_t, t).sample)
+        if self._reference is None:
+            raise ConflictError("a full fine-tune without preference_beta keeps no parent copy")
         return cast(torch.Tensor, self._reference(x_t, t).sample)
 
     def step(self) -> float:

@@ -409,7 +409,7 @@ def _preference_gap(trainer: Trainer, data: MelDataset) -> float:
         x_t = trainer.model.scheduler.add_noise(x0, eps2, t2)
         with torch.no_grad():
             own = ((trainer.model.unet(x_t, t2).sample - eps2) ** 2).mean(dim=(1, 2, 3))
-            ref = ((trainer._reference_prediction(x_t, t2) - eps2) ** 2).mean(dim=(1, 2, 3))
+            ref = ((trainer.reference_prediction(x_t, t2) - eps2) ** 2).mean(dim=(1, 2, 3))
         d = own - ref
         gaps.append(float((d[:k] - d[k:]).mean()))
     trainer.model.unet.train()
@@ -473,6 +473,9 @@ def test_preference_data_and_settings_are_checked(tmp_path: Path) -> None:
     config = TrainingConfig(total_steps=3, batch_size=4, preference_beta=10.0)
     with pytest.raises(ValidationError, match="preference pairs"):
         Trainer(_model(), _data(4), config)
+    plain = Trainer(_model(), _data(4), TrainingConfig(total_steps=1, batch_size=4))
+    with pytest.raises(ConflictError, match="no parent copy"):
+        plain.reference_prediction(torch.zeros(1, 1, 16, 16), torch.zeros(1, dtype=torch.long))
     assert _pairs().describe()["preference_pairs"] is True
     assert _pairs().fingerprint() != _pairs(disliked=-0.4).fingerprint()
     Trainer(_model(), _pairs(), config).train(1, progress=False, checkpoint_dir=tmp_path)
