@@ -106,13 +106,14 @@ def _free_port() -> int:
 
 def _assert_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
     """Float tolerance: a shard's convolutions and the all-reduce sum in another order than one
-    batch's. Measured after 3 steps at lr 1e-3: ≤ 8.4e-6 everywhere (LoRA ≤ 2.3e-6) but the
-    attention key biases (≤ 3.3e-5): softmax is invariant to them, so their true gradient is 0
-    and Adam's g / √v turns rounding noise into steps of up to lr."""
+    batch's, and Adam's g / √v turns that rounding noise into steps of up to lr wherever the
+    true gradient is near 0 (the attention key biases: softmax is invariant to them). Measured
+    after 3 steps at lr 1e-3: on one machine ≤ 8.4e-6 everywhere (LoRA ≤ 2.3e-6) but the key
+    biases (≤ 3.3e-5); on an AMD EPYC (session 16) 3.6e-5 in a convolution too. 1e-4 stays ten
+    times below the move the test requires of training (> 1e-3)."""
     assert a.keys() == b.keys()
     for key in a:
-        atol = 1e-4 if key.endswith("to_k.bias") else 2e-5
-        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=atol, msg=f"{what} {key}")
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=f"{what} {key}")
 
 
 @pytest.fixture(scope="module")
