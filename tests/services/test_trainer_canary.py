@@ -45,6 +45,16 @@ def _child(core, version: str = "v0002"):  # type: ignore[no-untyped-def]
     return child
 
 
+def _child_canary_marker(core: Any) -> dict[str, Any]:
+    """``models/CANARY`` for v0002 as a canary of v0001 on a quarter of the requests."""
+    return {
+        "version": "v0002",
+        "parent": "v0001",
+        "share": 0.25,
+        "checkpoint_sha256": core.store.checkpoint_ref("v0002").sha256,  # checked on load
+    }
+
+
 def test_a_significantly_worse_new_version_is_rolled_back(trainer: Running) -> None:
     core = trainer.state
     core.cycle.publish_version(_child(core), trainset_id="ts-canary", gate=PASSED)
@@ -217,13 +227,7 @@ def test_a_canary_survives_restarts_of_the_trainer_and_the_generator(trainer: Ru
 
     core = trainer.state
     core.cycle.start_canary(_child(core), trainset_id="ts-restart", gate=PASSED)
-    marker = core.store.canary()
-    assert marker == {
-        "version": "v0002",
-        "parent": "v0001",
-        "share": 0.25,
-        "checkpoint_sha256": core.store.checkpoint_ref("v0002").sha256,  # checked on load
-    }
+    assert core.store.canary() == _child_canary_marker(core)
     restarted = TrainerHandlers(
         TrainerSettings(canary_min_ratings=8, canary_max_ratings=12), core.ports
     )
@@ -430,13 +434,7 @@ def test_a_canary_a_crash_left_without_its_marker_is_started_on_the_redelivery(
     sent = _record_publishes(core)
     again = events_pb2.TrainsetPublished(trainset_id="ts-crash", pair_count=1, iteration=1)
     core.on_trainset_published(new_envelope("selector", again))
-    marker = core.store.canary()
-    assert marker == {
-        "version": "v0002",
-        "parent": "v0001",
-        "share": 0.25,
-        "checkpoint_sha256": core.store.checkpoint_ref("v0002").sha256,  # checked on load
-    }
+    assert core.store.canary() == _child_canary_marker(core)
     assert core.cycle.running_canary() == "v0002"
     assert [(p.version, p.action) for _, _, p in sent] == [
         ("v0002", common_pb2.MODEL_ACTION_CANARY)
