@@ -120,10 +120,10 @@ class LoopConfig:
     # What a saved run was made with beyond these numbers (a run is reused only when equal):
     # 5 = the loop through the six services (listening queue, gateway API, trainer's cycle);
     # 6 = the same with the deployments at work at once (one torch thread each), the baseline
-    # index's rows carried over between versions, clients pacing to the gateway's rate limit;
-    # 7 = the same code with preference pairs available, their loss anchored by the plain
-    # fine-tune's (runs with preference_beta > 0 before the anchor were another loss).
-    protocol: int = 7
+    # index's rows carried over between versions, clients pacing to the gateway's rate limit.
+    # (Preference pairs, preference_beta > 0, came later with its default 0 keeping protocol 6;
+    # its runs are exploratory, docs/results/services/exploratory/.)
+    protocol: int = 6
 
     def __post_init__(self) -> None:
         """Every field in its range, so a bad ``--flag`` fails before anything starts."""
