@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 
+from riffloop.loop import CycleSettings
 from riffloop.music import (
-    LoraSettings,
     MelDataset,
     MusicDiffusion,
     Trainer,
-    TrainingConfig,
     TrainingIndex,
     base_windows,
     image_from_uint8,
@@ -61,16 +60,8 @@ def main() -> None:
     print(f"index of {ns.rows} rows × {ns.steps} steps: {time.perf_counter() - t0:.1f} s")
     model = parent
     for gen in range(1, ns.generations + 1):
-        config = TrainingConfig(
-            total_steps=ns.finetune_steps,
-            batch_size=8,
-            learning_rate=5e-4,
-            warmup_fraction=0.1,
-            ema_decay=0.0,
-            replay_ratio=0.5,
-            lora=LoraSettings(rank=8, alpha=8),
-            seed=gen,
-        )
+        # the trainer service's recipe (riffloop.loop.CycleSettings' defaults)
+        config = CycleSettings(finetune_steps=ns.finetune_steps).training_config(gen, replay=True)
         data = MelDataset.from_images(targets)
         replay = MelDataset.from_images(image_from_uint8(images))
         t0 = time.perf_counter()

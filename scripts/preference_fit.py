@@ -21,14 +21,8 @@ import time
 
 import torch
 
-from riffloop.music import (
-    LoraSettings,
-    MelDataset,
-    MusicDiffusion,
-    Trainer,
-    TrainingConfig,
-    image_from_uint8,
-)
+from riffloop.loop import CycleSettings
+from riffloop.music import MelDataset, MusicDiffusion, Trainer, image_from_uint8
 
 
 def denoising_gap(trainer: Trainer, images: torch.Tensor) -> float:
@@ -39,11 +33,7 @@ def denoising_gap(trainer: Trainer, images: torch.Tensor) -> float:
         g = torch.Generator().manual_seed(100 + draw)
         t = torch.randint(0, 1000, (images.shape[0],), generator=g)
         eps = torch.randn(images.shape, generator=g)
-        x_t = model.scheduler.add_noise(images, eps, t)
-        if model.prediction_type == "v_prediction":
-            target = model.scheduler.get_velocity(images, eps, t)
-        else:
-            target = eps
+        x_t, target = trainer.noised(images, eps, t)
         with torch.no_grad():
             own = ((model.unet(x_t, t).sample - target) ** 2).mean(dim=(1, 2, 3))
             parent = ((trainer.reference_prediction(x_t, t) - target) ** 2).mean(dim=(1, 2, 3))
@@ -71,16 +61,9 @@ def main() -> None:
         pairs = MelDataset.from_images(
             winners, torch.ones(8), {"preference_fit": beta}, losers if beta > 0 else None
         )
-        config = TrainingConfig(
-            total_steps=ns.steps,
-            batch_size=8,
-            learning_rate=5e-4,
-            warmup_fraction=0.1,
-            ema_decay=0.0,
-            replay_ratio=0.5,
-            lora=LoraSettings(rank=8, alpha=8),
-            preference_beta=beta,
-        )
+        # the trainer service's recipe (riffloop.loop.CycleSettings' defaults)
+        recipe = CycleSettings(finetune_steps=ns.steps, preference_beta=beta)
+        config = recipe.training_config(seed=0, replay=True, preference=beta > 0)
         trainer = Trainer(model, pairs, config, replay)
         started = time.monotonic()
         trainer.train(progress=False)

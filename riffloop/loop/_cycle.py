@@ -198,6 +198,27 @@ class CycleSettings:
         if self.gate_mode not in ("offline", "skip"):
             raise ValidationError(f"gate_mode must be offline or skip, got {self.gate_mode!r}")
 
+    def training_config(self, seed: int, replay: bool, preference: bool = False) -> Any:
+        """The trainer's recipe (riffloop.music.TrainingConfig) for one fine-tune: replay only
+        when there are base rows to replay, the preference loss only for preference pairs."""
+        from riffloop.music import LoraSettings, TrainingConfig
+
+        lora = (
+            LoraSettings(rank=self.lora_rank, alpha=self.lora_alpha) if self.lora_rank > 0 else None
+        )
+        return TrainingConfig(
+            total_steps=self.finetune_steps,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            warmup_fraction=self.warmup_fraction,
+            ema_decay=self.ema_decay,
+            replay_ratio=self.replay_ratio if replay else 0.0,
+            lora=lora,
+            preference_beta=self.preference_beta if preference else 0.0,
+            seed=max(int(seed), 0),
+            log_every=max(1, min(self.steps_per_chunk, self.finetune_steps)),
+        )
+
 
 # -- what goes in and out ----------------------------------------------------------------------
 class ReleaseAction(StrEnum):
@@ -701,24 +722,6 @@ class ReleaseCycle:
         grid = torch.tensor(sidecar["image_uint8"], dtype=torch.uint8)
         return image_from_uint8(grid)[None, None]
 
-    def training_config(self, seed: int, replay: bool, preference: bool = False) -> Any:
-        from riffloop.music import LoraSettings, TrainingConfig
-
-        s = self.settings
-        lora = LoraSettings(rank=s.lora_rank, alpha=s.lora_alpha) if s.lora_rank > 0 else None
-        return TrainingConfig(
-            total_steps=s.finetune_steps,
-            batch_size=s.batch_size,
-            learning_rate=s.learning_rate,
-            warmup_fraction=s.warmup_fraction,
-            ema_decay=s.ema_decay,
-            replay_ratio=s.replay_ratio if replay else 0.0,
-            lora=lora,
-            preference_beta=s.preference_beta if preference else 0.0,
-            seed=max(int(seed), 0),
-            log_every=max(1, min(s.steps_per_chunk, s.finetune_steps)),
-        )
-
     def replay_windows(self, parent: Any) -> Any:
         """Replay data: the base rows of the parent's baseline index (the base corpus's training
         windows, or the synthetic tones of an untrained smoke-test model), ω = 1 — what the
@@ -747,7 +750,7 @@ class ReleaseCycle:
         replay = self.replay_windows(parent)
         if replay is None and self.settings.replay_ratio > 0:
             _log.warning("no base rows to replay: fine-tuning without replay")
-        config = self.training_config(seed, replay is not None, data.losers is not None)
+        config = self.settings.training_config(seed, replay is not None, data.losers is not None)
         total = config.total_steps
         self._set(
             phase=CyclePhase.TRAINING,

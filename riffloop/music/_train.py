@@ -530,6 +530,17 @@ class Trainer:
         x0 = torch.cat(images).to(self.device, torch.float32)
         return x0, torch.cat(omega).to(self.device, torch.float32)
 
+    def noised(
+        self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 2–3: x_t = √ᾱ_t · x_0 + √(1 − ᾱ_t) · ε, and the UNet's target for it (ε, or v
+        for a v-prediction model)."""
+        scheduler = self.model.scheduler
+        x_t = scheduler.add_noise(x0, noise, t)
+        if self.model.prediction_type == "v_prediction":
+            return x_t, scheduler.get_velocity(x0, noise, t)
+        return x_t, noise
+
     def compute_loss(
         self, x0: torch.Tensor, omega: torch.Tensor, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -547,12 +558,7 @@ class Trainer:
             omega_total = omega.sum()
             scale = float(self.world.world_size)
             x0, omega, t, noise = x0[shard], omega[shard], t[shard], noise[shard]
-        scheduler = self.model.scheduler
-        x_t = scheduler.add_noise(x0, noise, t)
-        if self.model.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, noise, t)
-        else:
-            target = noise
+        x_t, target = self.noised(x0, noise, t)
         out = self._forward(x_t, t).sample
         w = min_snr_weights(
             self._alphas_cumprod, t, self.config.min_snr_gamma, self.model.prediction_type
@@ -600,12 +606,7 @@ class Trainer:
                 torch.cat([t_all, t_r]),
                 torch.cat([eps, eps_r]),
             )
-        scheduler = self.model.scheduler
-        x_t = scheduler.add_noise(x0, eps, t_all)
-        if self.model.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(x0, eps, t_all)
-        else:
-            target = eps
+        x_t, target = self.noised(x0, eps, t_all)
         out = self._forward(x_t, t_all).sample
         with torch.no_grad():
             reference = self.reference_prediction(x_t[: 2 * k], t_all[: 2 * k])

@@ -122,9 +122,9 @@ def test_the_recipe_defaults_and_their_checks() -> None:
     ):
         with pytest.raises(ValidationError):
             CycleSettings(**bad)
-    config = Harness().cycle.training_config(seed=3, replay=True)
+    config = CycleSettings().training_config(seed=3, replay=True)
     assert config.lora == LoraSettings(rank=8, alpha=8) and config.replay_ratio == 0.5
-    assert Harness(lora_rank=0).cycle.training_config(seed=3, replay=False).lora is None
+    assert CycleSettings(lora_rank=0).training_config(seed=3, replay=False).lora is None
 
 
 @pytest.mark.slow
@@ -372,8 +372,8 @@ def test_a_preference_set_reads_each_pairs_loser_and_trains_by_preference() -> N
     assert images.shape == (2, 1, 16, 16) and weights.tolist() == [0.5, 0.5]
     assert losers is not None and losers.shape == images.shape
     assert not torch.equal(losers, images)
-    assert h.cycle.training_config(seed=1, replay=True, preference=True).preference_beta == 300.0
-    assert h.cycle.training_config(seed=1, replay=True).preference_beta == 0.0
+    assert h.settings.training_config(seed=1, replay=True, preference=True).preference_beta == 300.0
+    assert h.settings.training_config(seed=1, replay=True).preference_beta == 0.0
     with pytest.raises(ValidationError, match="preference_beta"):
         CycleSettings(preference_beta=-1.0)
 
