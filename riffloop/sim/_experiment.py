@@ -237,7 +237,8 @@ def load_inputs(config: LoopConfig) -> list[InputSong]:
     manifest = corpus_dir() / "mel-64x64" / "manifest.json"
     if not manifest.is_file():
         raise ValidationError(
-            f"no corpus at {corpus_dir()}: build it with `python -m riffloop.music corpus`"
+            f"no corpus at {corpus_dir()}: build it with `bin/riffloop python -m riffloop.music "
+            "corpus` (`bin/riffloop demo` and `bin/riffloop evidence` build it themselves)"
         )
     pieces = json.loads(manifest.read_text())["pieces"]
     heldout = sorted(

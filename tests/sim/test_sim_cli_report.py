@@ -258,3 +258,13 @@ def test_an_old_listeners_spec_names_the_new_module(tmp_path: Path, capsys, comm
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "use 'riffloop.sim:bright_dense_listeners'" in err and "Traceback" not in err
+
+
+def test_a_machine_without_the_corpus_is_told_the_command_that_builds_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from riffloop.sim._experiment import load_inputs
+
+    monkeypatch.setenv("RIFFLOOP_CACHE", str(tmp_path))
+    with pytest.raises(ValidationError, match="bin/riffloop evidence` build it themselves"):
+        load_inputs(LoopConfig())
