@@ -32,12 +32,9 @@ from riffloop.runtime import (
     hmac_kid,
 )
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
-from services.gateway._service import (
-    GatewayEvents,
-    GatewayServicer,
-    GatewaySettings,
-    feedback_batch_size,
-)
+from services.gateway._requests import feedback_batch_size
+from services.gateway._service import GatewayEvents, GatewayServicer
+from services.gateway._settings import GatewaySettings
 
 
 def audio_probe(settings: GatewaySettings) -> Callable[[BinaryIO], float]:

@@ -8,7 +8,8 @@ ListModels reads the per-version mean ratings from the feedback service's read m
 (``fb:model-ratings``, written by its scoring pass) rather than replaying every TrackScored: at
 5,000 ratings/s that consumer was an eighth of the gateway's CPU. Auth and the per-user rate
 limit are interceptors (riffloop.runtime), not handler code; so are the per-user caps on uploads
-and Generate calls in progress. Uploads are spooled to disk (services/gateway/_uploads.py).
+and Generate calls in progress. Uploads are spooled to disk (services/gateway/_uploads.py). The
+checks of each request field are in _requests.py, the settings in _settings.py.
 
 NextTrack serves the listening queue (riffloop.loop.choose_next_track): every ready track,
 baseline or generation, for anyone's inputs, until enough listeners have heard it. A user may
@@ -35,14 +36,11 @@ Read, owned by the feedback service:
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 import logging
 import math
-import os
 import random
-import re
 import threading
 import time
 import uuid
@@ -53,7 +51,6 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from riffloop.core import (
-    ConfigurationError,
     ConflictError,
     NotFoundError,
     PermanentError,
@@ -64,17 +61,14 @@ from riffloop.core import (
     decode_envelope,
 )
 from riffloop.loop import (
-    AdmissionPolicy,
     GenerationBacklog,
     QueuedTrack,
-    QueuePolicy,
     TrackKind,
     choose_next_track,
 )
 from riffloop.runtime import (
     LATENTS_BUCKET,
     MODEL_RATINGS_KEY,
-    DispatchKeyed,
     LatentRecord,
     TrackRecords,
     current_user,
@@ -91,338 +85,28 @@ from riffloop.v1 import (
 from riffloop.v1 import (
     gateway_service_pb2_grpc as pb_grpc,
 )
+from services.gateway._requests import (
+    CLIENT_REQUEST_ID,
+    SONG_ID,
+    SONGS_BUCKET,
+    check_ready,
+    check_seconds,
+    check_stars,
+    check_track_id,
+    check_upload_metadata,
+    checked_client_time,
+    feedback_batch_size,
+    listen_event,
+    rated_key,
+    served_key,
+    stamp_times,
+    timestamp_at,
+    track_message,
+)
+from services.gateway._settings import GatewaySettings
 from services.gateway._uploads import SpooledUpload, UploadSpool
 
 _log = logging.getLogger("riffloop.gateway")
-
-SONG_ID = re.compile(r"^[0-9a-f]{64}$")
-TRACK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-SONGS_BUCKET = "songs"
-_TITLE_MAX = 200
-_CONTENT_TYPES = {
-    "": ".bin",
-    "audio/wav": ".wav",
-    "audio/x-wav": ".wav",
-    "audio/wave": ".wav",
-    "audio/flac": ".flac",
-    "audio/ogg": ".ogg",
-    "audio/mpeg": ".mp3",
-}
-
-
-# The encoder decodes uploads with riffloop.music.AudioLimits' defaults (tested equal): the
-# gateway must not accept a song the encoder would refuse.
-ENCODER_MAX_BYTES = 50 * 1024 * 1024
-ENCODER_MAX_SECONDS = 600.0
-
-
-@dataclasses.dataclass(frozen=True, repr=False)
-class GatewaySettings(DispatchKeyed):
-    service_name: str = "gateway"
-    grpc_port: int = 50051
-    metrics_port: int = 9101
-    # Uploads: whole-file cap (sum of chunks) and the longest audio accepted.
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_audio_seconds: float = 600.0
-    # Uploads decoding at once in this process. Decoding is what costs memory (a 10-minute
-    # stereo 48 kHz file raised a process's peak RSS by 0.34 GB, session 10; the pod has
-    # 2 GiB); a spooled upload waits up to upload_decode_wait_s for a slot, then gets
-    # RESOURCE_EXHAUSTED.
-    max_concurrent_uploads: int = 2
-    upload_decode_wait_s: float = 30.0
-    # Uploads are spooled to disk as they arrive (services/gateway/_uploads.py), here ("" =
-    # the system's temporary directory); an upload still arriving after upload_deadline_s
-    # (20 MiB at 0.6 Mbit/s) is ended with DEADLINE_EXCEEDED.
-    upload_spool_dir: str = ""
-    upload_deadline_s: float = 300.0
-    # Calls in progress at once in this process (RESOURCE_EXHAUSTED beyond): uploads per user
-    # and in all (each holds a thread and up to max_upload_bytes of spool), Generate per user
-    # and in all (64 gRPC threads serve every method).
-    max_user_uploads_in_flight: int = 2
-    max_uploads_in_flight: int = 16
-    max_user_generate_in_flight: int = 2
-    max_generate_in_flight: int = 32
-    # Rate-limit tokens a call costs (others cost 1): what it makes the system do. A Generate
-    # is a GPU job, an upload a decode, an encode and a stored song; a mel image a render.
-    generate_cost: int = 5
-    upload_cost: int = 10
-    mel_image_cost: int = 2
-    # Generation requests waiting for their track (riffloop.loop.GenerationBacklog): per user,
-    # and in all before new ones are refused (admission control: the generators are behind);
-    # an entry stops counting after generation_pending_ttl_s; the total is re-read at most
-    # every generation_backlog_refresh_s.
-    max_pending_generations_per_user: int = 16
-    max_generation_backlog: int = 1000
-    generation_pending_ttl_s: float = 3600.0
-    generation_backlog_refresh_s: float = 1.0
-    # Shorter uploads hold no full mel window of the larger models.
-    min_audio_seconds: float = 1.5
-    # Bearer tokens are HMAC-signed with this secret (riffloop.runtime.TokenSigner).
-    auth_secret: str = dataclasses.field(default="", metadata={"secret": True})
-    # Per-user rate limit: sustained calls per second and the burst allowed on top.
-    rate_limit_per_s: float = 50.0
-    rate_limit_burst: int = 100
-    # Generation requests: quality q when the client sends 0, and the largest q accepted.
-    default_quality: int = 50
-    max_quality: int = 1000
-    # Track lengths a request may ask for (0 = the generator's default, 5.9 s): one mel window
-    # of the served 64-frame model (32,767 samples at 22,050 Hz) to the generator's maximum.
-    min_track_seconds: float = 1.486
-    max_track_seconds: float = 60.0
-    stream_chunk_bytes: int = 64 * 1024
-    # Most items in one SubmitFeedback call (each costs one token of the per-user rate limit).
-    max_feedback_batch: int = 100
-    # The listening queue (riffloop.loop.QueuePolicy): listeners a track is served to before it
-    # leaves the queue, how long it may wait, the baseline share of what each listener hears
-    # (the generator's dispatch share) and the share of consistency probes.
-    queue_target_listeners: int = 10
-    queue_max_age_s: float = 7 * 24 * 3600.0
-    baseline_share: float = 0.25
-    probe_share: float = 0.04
-    # A rating's client_time may differ this much from the server's clock (a device set to the
-    # wrong day is refused; a few minutes' drift is clamped into the serving-to-receipt span).
-    client_time_max_skew_s: float = 24 * 3600.0
-    # Bearer JWTs (riffloop.runtime.JwtVerifier): the issuer and audience every token must
-    # name. Tokens signed with RIFFLOOP_AUTH_SECRET (HS256, riffloop.runtime.TokenSigner) are
-    # always accepted; an identity provider's keys come from its JWKS URL and/or a JSON file
-    # {kid: PEM public key} (docs/DEPLOY.md, "Sign-in").
-    auth_issuer: str = "riffloop"
-    auth_audience: str = "riffloop-gateway"
-    auth_jwks_url: str = ""
-    auth_public_keys_file: str = ""
-    # The browser API (Connect protocol over HTTP, and the listen-and-rate page) on its own
-    # port (8080 in deploy/k8s); 0 picks a free port, -1 (the default) turns it off.
-    connect_port: int = -1
-    # Development only: the page's sign-in form issues a token for any name. Never in production.
-    dev_sign_in: bool = False
-    # gRPC server reflection lists and describes every method to anyone who asks: off on the
-    # public API by default (the internal services keep it, behind their network policies).
-    reflection: bool = False
-
-    def queue_policy(self) -> QueuePolicy:
-        return QueuePolicy(
-            target_listeners=self.queue_target_listeners,
-            max_age_s=self.queue_max_age_s,
-            baseline_share=self.baseline_share,
-            probe_share=self.probe_share,
-        )
-
-    def admission_policy(self) -> AdmissionPolicy:
-        return AdmissionPolicy(
-            per_user=self.max_pending_generations_per_user,
-            max_backlog=self.max_generation_backlog,
-            stale_after_s=self.generation_pending_ttl_s,
-            refresh_s=self.generation_backlog_refresh_s,
-        )
-
-    def _validate_limits(self) -> None:
-        """The resource bounds: uploads, in-flight caps, call costs, admission."""
-        if not 0.1 <= self.upload_decode_wait_s <= 600:
-            raise ConfigurationError("RIFFLOOP_UPLOAD_DECODE_WAIT_S must lie in 0.1–600 s")
-        if not 1.0 <= self.upload_deadline_s <= 3600:
-            raise ConfigurationError("RIFFLOOP_UPLOAD_DEADLINE_S must lie in 1–3600 s")
-        if self.upload_spool_dir and not os.path.isdir(self.upload_spool_dir):
-            raise ConfigurationError(
-                f"RIFFLOOP_UPLOAD_SPOOL_DIR {self.upload_spool_dir!r} is not a directory"
-            )
-        for per_user, total, name in (
-            (self.max_user_uploads_in_flight, self.max_uploads_in_flight, "UPLOADS"),
-            (self.max_user_generate_in_flight, self.max_generate_in_flight, "GENERATE"),
-        ):
-            if not 1 <= per_user <= total <= 64:  # 64: the gRPC server's threads
-                raise ConfigurationError(
-                    f"need 1 ≤ RIFFLOOP_MAX_USER_{name}_IN_FLIGHT ≤ "
-                    f"RIFFLOOP_MAX_{name}_IN_FLIGHT ≤ 64"
-                )
-        for cost, name in (
-            (self.generate_cost, "GENERATE"),
-            (self.upload_cost, "UPLOAD"),
-            (self.mel_image_cost, "MEL_IMAGE"),
-        ):
-            if not 1 <= cost <= self.rate_limit_burst:
-                raise ConfigurationError(
-                    f"RIFFLOOP_{name}_COST must lie in 1–RIFFLOOP_RATE_LIMIT_BURST (a costlier "
-                    "call could never pass the rate limit)"
-                )
-        try:
-            self.admission_policy()
-        except ValidationError as exc:
-            raise ConfigurationError(
-                f"RIFFLOOP_MAX_PENDING_GENERATIONS_PER_USER, RIFFLOOP_MAX_GENERATION_BACKLOG, "
-                f"RIFFLOOP_GENERATION_PENDING_TTL_S, _BACKLOG_REFRESH_S: {exc.reason}"
-            ) from None
-
-    def _validate(self) -> None:
-        super()._validate()
-        if len(self.auth_secret) < 16:
-            raise ConfigurationError("RIFFLOOP_AUTH_SECRET must be set (at least 16 characters)")
-        if not 1024 <= self.max_upload_bytes <= ENCODER_MAX_BYTES:
-            raise ConfigurationError(
-                f"RIFFLOOP_MAX_UPLOAD_BYTES must lie in 1024–{ENCODER_MAX_BYTES} (the encoder "
-                "refuses larger files, so a song accepted here would never be encoded)"
-            )
-        if not 0 <= self.min_audio_seconds < self.max_audio_seconds <= ENCODER_MAX_SECONDS:
-            raise ConfigurationError(
-                "need 0 ≤ RIFFLOOP_MIN_AUDIO_SECONDS < RIFFLOOP_MAX_AUDIO_SECONDS ≤ "
-                f"{ENCODER_MAX_SECONDS:g} (the encoder's limit)"
-            )
-        if self.rate_limit_per_s <= 0 or self.rate_limit_burst < 1:
-            raise ConfigurationError("RIFFLOOP_RATE_LIMIT_PER_S and _BURST must be positive")
-        if not 1 <= self.default_quality <= self.max_quality <= 1000:
-            raise ConfigurationError(
-                "need 1 ≤ RIFFLOOP_DEFAULT_QUALITY ≤ RIFFLOOP_MAX_QUALITY ≤ 1000"
-            )
-        if not 0 < self.min_track_seconds <= self.max_track_seconds:
-            raise ConfigurationError(
-                "need 0 < RIFFLOOP_MIN_TRACK_SECONDS ≤ RIFFLOOP_MAX_TRACK_SECONDS"
-            )
-        if not 1 <= self.max_feedback_batch <= self.rate_limit_burst:
-            raise ConfigurationError(
-                "RIFFLOOP_MAX_FEEDBACK_BATCH must lie in 1–RIFFLOOP_RATE_LIMIT_BURST (a larger "
-                "batch could never pass the rate limit)"
-            )
-        if not 1 <= self.max_concurrent_uploads <= 64:
-            raise ConfigurationError("RIFFLOOP_MAX_CONCURRENT_UPLOADS must lie in 1–64")
-        self._validate_limits()
-        if not 1024 <= self.stream_chunk_bytes <= 1024 * 1024:
-            raise ConfigurationError("RIFFLOOP_STREAM_CHUNK_BYTES must lie in 1 KiB–1 MiB")
-        try:
-            self.queue_policy()
-        except ValidationError as exc:
-            raise ConfigurationError(f"listening queue settings: {exc.reason}") from None
-        if not 60.0 <= self.client_time_max_skew_s <= 7 * 24 * 3600.0:
-            raise ConfigurationError("RIFFLOOP_CLIENT_TIME_MAX_SKEW_S must lie in 60 s – 7 days")
-        if not -1 <= self.connect_port <= 65535:
-            raise ConfigurationError("RIFFLOOP_CONNECT_PORT must be a port, 0 (any) or -1 (off)")
-        if not self.auth_issuer or not self.auth_audience:
-            raise ConfigurationError("RIFFLOOP_AUTH_ISSUER and RIFFLOOP_AUTH_AUDIENCE must be set")
-        if (
-            self.dev_sign_in
-            and self.backend == "real"
-            and self.bind_host
-            not in (
-                "127.0.0.1",
-                "localhost",
-            )
-        ):
-            raise ConfigurationError(
-                "RIFFLOOP_DEV_SIGN_IN lets anyone sign in as anyone: it is refused on a gateway "
-                "that listens beyond loopback on real backends"
-            )
-
-
-def feedback_batch_size(request: pb.SubmitFeedbackRequest, limit: int) -> int:
-    """The number of items of a SubmitFeedback call (its rate-limit cost), checked."""
-    n = len(request.items)
-    if not 1 <= n <= limit:
-        raise ValidationError(f"a feedback batch holds 1–{limit} items, got {n}")
-    return n
-
-
-def _check_upload_metadata(metadata: pb.UploadSongMetadata) -> None:
-    """An upload's title and declared type, checked as its first message arrives."""
-    if len(metadata.title) > _TITLE_MAX:
-        raise ValidationError(f"title is longer than {_TITLE_MAX} characters")
-    content_type = metadata.content_type.strip().lower()
-    if content_type not in _CONTENT_TYPES:
-        raise ValidationError(
-            f"content_type {content_type!r} is not supported; use one of "
-            + ", ".join(sorted(c for c in _CONTENT_TYPES if c))
-        )
-
-
-def _check_track_id(track_id: str) -> str:
-    if not track_id:
-        raise ValidationError("track_id is required")
-    if not TRACK_ID.match(track_id):
-        raise ValidationError("track_id must be 1–64 characters of letters, digits, '_' or '-'")
-    return track_id
-
-
-def _check_stars(stars: int) -> None:
-    if not 1 <= stars <= 5:
-        raise ValidationError(f"stars must be 1–5, got {stars}")
-
-
-def _check_seconds(seconds: float) -> None:
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValidationError("seconds_listened must be a finite number ≥ 0")
-
-
-def _check_ready(track_id: str, record: dict[str, Any]) -> None:
-    if record["status"] != "ready":
-        raise PermanentError(f"track {track_id} is not ready; rate it after listening")
-
-
-def _once_key(track_id: str, user: str) -> str:
-    return f"gw:rated:{track_id}:{user}"
-
-
-def _served_key(track_id: str, user: str) -> str:
-    return f"gw:served:{track_id}:{user}"
-
-
-def _client_time(given: Timestamp, served_at: float, now_s: float, max_skew_s: float) -> float:
-    """The item's time by the client's clock, checked: more than ``max_skew_s`` off the
-    server's clock is a client bug (INVALID_ARGUMENT); otherwise it is kept within
-    [served_at, now], the span in which the listener can have heard and rated the track. Unset:
-    the receipt time. The spam filter's burst check reads these times, so a batch of ratings a
-    client queued and sends at once keeps the spacing the listener actually rated with."""
-    if not given.seconds and not given.nanos:
-        return now_s
-    try:
-        at = given.ToNanoseconds() / 1e9
-    except ValueError:  # nanos outside 0–999,999,999 or seconds beyond year 9999
-        raise ValidationError(
-            "client_time is not a valid timestamp (seconds within years 1–9999, nanos 0–999999999)"
-        ) from None
-    if abs(at - now_s) > max_skew_s:
-        raise ValidationError(
-            f"client_time is {abs(at - now_s) / 3600:.1f} h off the server's clock (more than "
-            f"{max_skew_s / 3600:g} h): check the device's clock"
-        )
-    return min(max(at, served_at), now_s)
-
-
-def _listen_event(
-    user: str, listen: pb.ReportListenRequest, record: dict[str, Any], times: tuple[float, float]
-) -> events_pb2.FeedbackReceived:
-    """The FeedbackReceived of a listen report; the clip length comes from the track record.
-
-    A player's timer overshoots the clip a little (buffering, a replayed ending): up to
-    1.5 × clip + 1 s is accepted and counted as the whole clip, since the feedback ledger
-    refuses more than the clip plus 0.5 s. More than that is a client bug: INVALID_ARGUMENT."""
-    seconds = listen.seconds_listened
-    clip = float(record.get("duration", 0.0)) or 0.0
-    if clip > 0 and seconds > clip * 1.5 + 1.0:
-        raise ValidationError(
-            f"seconds_listened {seconds:.1f} exceeds the clip length {clip:.1f} s"
-        )
-    if clip > 0:
-        seconds = min(seconds, clip)
-    event = events_pb2.FeedbackReceived(
-        user_id=user,
-        track_id=listen.track_id,
-        listen=events_pb2.ListenReport(
-            seconds_listened=seconds, clip_seconds=clip, completed=listen.completed
-        ),
-    )
-    _stamp(event, times)
-    return event
-
-
-def _stamp(event: events_pb2.FeedbackReceived, times: tuple[float, float]) -> None:
-    """Set the item's (client time, served at) on its FeedbackReceived."""
-    client_time, served_at = times
-    event.client_time.FromNanoseconds(int(client_time * 1e9))
-    event.served_at.FromNanoseconds(int(served_at * 1e9))
-
-
-def _now_ts(at: float | None = None) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int((time.time() if at is None else at) * 1e9))
-    return ts
 
 
 class GatewayServicer(pb_grpc.GatewayServiceServicer):
@@ -480,7 +164,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         deadline; then decoded, stored and announced like UploadWholeSong."""
         deadline = time.monotonic() + remaining_seconds(context, self.settings.upload_deadline_s)
         with self.spool.receive(
-            request_iterator, deadline - time.monotonic(), _check_upload_metadata
+            request_iterator, deadline - time.monotonic(), check_upload_metadata
         ) as upload:
             return self._store_upload(upload, deadline)
 
@@ -489,7 +173,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     ) -> pb.UploadWholeSongResponse:
         """UploadSong in one message (browsers cannot stream a request): the same checks."""
         deadline = time.monotonic() + remaining_seconds(context, self.settings.upload_deadline_s)
-        _check_upload_metadata(request.metadata)
+        check_upload_metadata(request.metadata)
         with self.spool.hold(request.metadata, request.audio) as upload:
             stored = self._store_upload(upload, deadline)
         return pb.UploadWholeSongResponse(
@@ -639,21 +323,21 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
     def _track(self, track_id: str) -> tuple[dict[str, Any], float | None]:
         """The record of a track served to the caller, and when the queue served it to them
         (None for the track's owner); PERMISSION_DENIED for a track never served to them."""
-        raw = self.ports.kv.get(f"gw:track:{_check_track_id(track_id)}")
+        raw = self.ports.kv.get(f"gw:track:{check_track_id(track_id)}")
         if raw is None:
             raise NotFoundError(f"track {track_id} does not exist")
         record: dict[str, Any] = json.loads(raw)
         user = current_user()
         if record.get("owner") == user:
             return record, None
-        served = self.ports.kv.get(_served_key(track_id, user))
+        served = self.ports.kv.get(served_key(track_id, user))
         if served is None:
             raise PermissionDeniedError(f"track {track_id} was not served to you")
         return record, float(served)
 
     def GetTrack(self, request: pb.GetTrackRequest, context: Any) -> pb.GetTrackResponse:
         record, _ = self._track(request.track_id)
-        return pb.GetTrackResponse(track=_track_message(request.track_id, record))
+        return pb.GetTrackResponse(track=track_message(request.track_id, record))
 
     def StreamAudio(self, request: pb.StreamAudioRequest, context: Any) -> Iterator[Any]:
         chunk = request.chunk_size or self.settings.stream_chunk_bytes
@@ -703,7 +387,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             return pb.NextTrackResponse(retry_after_ms=5000)
         record = json.loads(kv.get(f"gw:track:{track_id}") or "{}")
         metrics.QUEUE_SERVED.inc()
-        return pb.NextTrackResponse(track=_track_message(track_id, record))
+        return pb.NextTrackResponse(track=track_message(track_id, record))
 
     def _from_queue(self, user: str, heard: dict[str, str], now: float) -> str | None:
         kv = self.ports.kv
@@ -733,7 +417,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return pick.track_id
 
     def _mark_served(self, track_id: str, user: str, now: float) -> None:
-        self.ports.kv.set(_served_key(track_id, user), repr(now))
+        self.ports.kv.set(served_key(track_id, user), repr(now))
         self.ports.kv.hset(f"gw:heard:{user}", {track_id: repr(now)})
 
     def _consistency_probe(self, user: str, heard: dict[str, str], now: float) -> str | None:
@@ -746,7 +430,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         if not ids:
             return None
         records = kv.get_many([f"gw:track:{t}" for t in ids])
-        rated = kv.get_many([_once_key(t, user) for t in ids])
+        rated = kv.get_many([rated_key(t, user) for t in ids])
         candidates = [
             (track_id, json.loads(raw))
             for track_id, raw, was_rated in zip(ids, records, rated, strict=True)
@@ -804,17 +488,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             else float(record.get("ready_at", record.get("requested_at", 0.0)))
         )
         now = self.clock()
-        client = _client_time(given, served_at, now, self.settings.client_time_max_skew_s)
+        client = checked_client_time(given, served_at, now, self.settings.client_time_max_skew_s)
         return client, served_at
 
     def Rate(self, request: pb.RateRequest, context: Any) -> pb.RateResponse:
         try:
-            _check_stars(request.stars)
+            check_stars(request.stars)
             record, queue_served = self._track(request.track_id)
-            _check_ready(request.track_id, record)
+            check_ready(request.track_id, record)
             user = current_user()
             times = self._feedback_times(record, queue_served, request.client_time)
-            once_key = _once_key(request.track_id, user)
+            once_key = rated_key(request.track_id, user)
             if not self.ports.kv.set_if_absent(once_key, "1"):
                 raise ConflictError(f"you already rated track {request.track_id}")
             payload = events_pb2.FeedbackReceived(
@@ -822,7 +506,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                 track_id=request.track_id,
                 rating=events_pb2.TrackRating(stars=request.stars),
             )
-            _stamp(payload, times)
+            stamp_times(payload, times)
             try:
                 event_id = self.ports.publish("feedback.received.v1", request.track_id, payload)
             except BaseException:
@@ -835,12 +519,12 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         return pb.RateResponse(event_id=event_id)
 
     def ReportListen(self, request: pb.ReportListenRequest, context: Any) -> Any:
-        _check_seconds(request.seconds_listened)
+        check_seconds(request.seconds_listened)
         record, queue_served = self._track(request.track_id)
-        _check_ready(request.track_id, record)
+        check_ready(request.track_id, record)
         user = current_user()
         times = self._feedback_times(record, queue_served, request.client_time)
-        payload = _listen_event(user, request, record, times)
+        payload = listen_event(user, request, record, times)
         event_id = self.ports.publish("feedback.received.v1", request.track_id, payload)
         return pb.ReportListenResponse(event_id=event_id)
 
@@ -861,11 +545,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             parsed.append((which, body, body.track_id))
             try:
                 if which == "rating":
-                    _check_track_id(body.track_id)
-                    _check_stars(body.stars)
+                    check_track_id(body.track_id)
+                    check_stars(body.stars)
                 elif which == "listen":
-                    _check_track_id(body.track_id)
-                    _check_seconds(body.seconds_listened)
+                    check_track_id(body.track_id)
+                    check_seconds(body.seconds_listened)
                 else:
                     raise ValidationError(f"item {i} carries neither a rating nor a listen")
             except RiffloopError as exc:
@@ -879,7 +563,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             t: float(at)
             for t, at in zip(
                 foreign,
-                self.ports.kv.get_many([_served_key(t, user) for t in foreign]),
+                self.ports.kv.get_many([served_key(t, user) for t in foreign]),
                 strict=True,
             )
             if at is not None
@@ -896,17 +580,17 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     raise NotFoundError(f"track {track_id} does not exist")
                 if record.get("owner") != user and track_id not in queue_served:
                     raise PermissionDeniedError(f"track {track_id} was not served to you")
-                _check_ready(track_id, record)
+                check_ready(track_id, record)
                 times[i] = self._feedback_times(
                     record, queue_served.get(track_id), body.client_time
                 )
                 if which == "listen":
-                    listens[i] = _listen_event(user, body, record, times[i])
+                    listens[i] = listen_event(user, body, record, times[i])
                 else:
                     rated.append(i)
             except RiffloopError as exc:
                 refused[i] = exc
-        once_keys = [_once_key(parsed[i][2], user) for i in rated]
+        once_keys = [rated_key(parsed[i][2], user) for i in rated]
         claimed = self.ports.kv.set_many_if_absent(once_keys, "1")
         for i, fresh in zip(rated, claimed, strict=True):
             if not fresh:
@@ -919,7 +603,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             if which == "rating":
                 item = batch.items.add(user_id=user, track_id=track_id)
                 item.rating.stars = body.stars
-                _stamp(item, times[i])
+                stamp_times(item, times[i])
             else:
                 batch.items.append(listens[i])
         event_id = ""
@@ -993,29 +677,11 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
                     rating_count=generated.normalised_rating_count,
                     baseline_mean_rating=baseline.mean_normalised_score,
                     baseline_rating_count=baseline.normalised_rating_count,
-                    published_at=_now_ts(float(info.get("published_at", 0.0))),
+                    published_at=timestamp_at(float(info.get("published_at", 0.0))),
                 )
             )
         out.sort(key=lambda m: m.published_at.ToNanoseconds())
         return pb.ListModelsResponse(models=out)
-
-
-def _track_message(track_id: str, record: dict[str, Any]) -> pb.Track:
-    status = {
-        "pending": pb.TRACK_STATUS_PENDING,
-        "ready": pb.TRACK_STATUS_READY,
-        "failed": pb.TRACK_STATUS_FAILED,
-    }[record["status"]]
-    audio = record.get("audio") or {}
-    return pb.Track(
-        track_id=track_id,
-        status=status,
-        duration_seconds=float(record.get("duration", 0.0)),
-        size_bytes=int(audio.get("size", 0)),
-        content_type="audio/wav" if audio else "",
-        requested_at=_now_ts(float(record["requested_at"])),
-        failure_reason=str(record.get("failure_reason", "")),
-    )
 
 
 # -- event handlers (consumer side) -------------------------------------------------------------
@@ -1053,4 +719,4 @@ class GatewayEvents(TrackRecords):
         self.backlog.done(self.dispatcher.track_id_for(request_id))
 
 
-__all__ = ["GatewayEvents", "GatewayServicer", "GatewaySettings"]
+__all__ = ["GatewayEvents", "GatewayServicer"]

@@ -183,8 +183,8 @@ def test_uploads_beyond_the_concurrency_limit_are_refused_until_one_finishes(aut
     retry-after-ms), and succeeds once the slot is free. A client still sending holds no slot."""
     import threading
 
+    from services.gateway import GatewaySettings
     from services.gateway._build import audio_probe
-    from services.gateway._service import GatewaySettings
 
     decoding, proceed = threading.Event(), threading.Event()
     real = audio_probe(GatewaySettings(auth_secret="x" * 16))

@@ -362,7 +362,7 @@ def test_service_settings_that_would_wedge_the_service_later_are_refused_at_star
 
 def test_the_gateway_audio_bounds_are_the_encoders() -> None:
     from riffloop.music import AudioLimits
-    from services.gateway._service import ENCODER_MAX_BYTES, ENCODER_MAX_SECONDS
+    from services.gateway._settings import ENCODER_MAX_BYTES, ENCODER_MAX_SECONDS
 
     encoder = AudioLimits()  # what services/encoder decodes uploads with (min_seconds aside)
     assert (encoder.max_bytes, encoder.max_seconds) == (ENCODER_MAX_BYTES, ENCODER_MAX_SECONDS)
