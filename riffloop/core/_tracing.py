@@ -84,8 +84,10 @@ def _parent(carrier: Mapping[str, Any]) -> Any:
 
 
 @contextmanager
-def rpc_span(full_method: str, metadata: Mapping[str, Any]) -> Iterator[Span]:
-    """The SERVER span of one gRPC call (current while the handler runs)."""
+def rpc_span(full_method: str, metadata: Mapping[str, Any], system: str = "grpc") -> Iterator[Span]:
+    """The SERVER span of one call (current while the handler runs): a gRPC call, or with
+    ``system="connect_rpc"`` the same method over the Connect protocol (the browser API).
+    ``metadata``: the call's metadata or HTTP headers, names in lower case."""
     if _provider is None and TRACEPARENT not in metadata:
         yield INVALID_SPAN  # what the no-op tracer would make, without its context switch
         return
@@ -95,7 +97,7 @@ def rpc_span(full_method: str, metadata: Mapping[str, Any]) -> Iterator[Span]:
         name or full_method,
         context=_parent(metadata),
         kind=SpanKind.SERVER,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method},
+        attributes={"rpc.system": system, "rpc.service": service, "rpc.method": method},
         record_exception=False,
         set_status_on_exception=False,
     ) as span:
@@ -108,11 +110,16 @@ def request_id_of(span: Span) -> str:
     return format(context.trace_id, "032x") if context.is_valid else uuid.uuid4().hex
 
 
-def end_rpc(span: Span, code: str, request_id: str) -> None:
-    """Record the call's status code (a name such as "OK") and request id on its span."""
+def end_rpc(span: Span, code: str, request_id: str, system: str = "grpc") -> None:
+    """Record the call's status code (a gRPC name such as "OK") and request id on its span. Over
+    Connect the semantic conventions name only an error, in Connect's spelling ("not_found")."""
     if not span.is_recording():
         return
-    span.set_attribute("rpc.grpc.status_code", code)
+    if system == "connect_rpc":
+        if code != "OK":
+            span.set_attribute("rpc.connect_rpc.error_code", code.lower())
+    else:
+        span.set_attribute("rpc.grpc.status_code", code)
     span.set_attribute("riffloop.request_id", request_id)
     if code in _SERVER_ERRORS:
         span.set_status(Status(StatusCode.ERROR, code))

@@ -6,7 +6,8 @@ One ASGI app (uvicorn, on ``RIFFLOOP_CONNECT_PORT``) serves:
   binary or JSON). Each call passes the same checks as over gRPC, in the same order: the bearer
   token (``bearer_user``, the same verifier), the per-user rate limit (the same
   ``RateLimitInterceptor.charge`` and limiter, so both transports draw on one bucket), then the
-  same ``GatewayServicer`` handler in a worker thread. A ``RiffloopError`` becomes the Connect
+  same ``GatewayServicer`` handler in a worker thread, in a SERVER span that continues a
+  ``traceparent`` header (riffloop.core._tracing). A ``RiffloopError`` becomes the Connect
   code of the same name as its gRPC code, with its reason as the message; anything else is
   ``internal`` with a request id. Browsers cannot stream a request body, so the page uploads
   with ``UploadWholeSong`` (one message; the same size limit); ``UploadSong`` is served too,
@@ -27,7 +28,6 @@ import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from connectrpc.server import ConnectASGIApplication, Endpoint
 
 from riffloop.core import RiffloopError, ValidationError
 from riffloop.core._context import correlation_id_var
+from riffloop.core._tracing import end_rpc, request_id_of, rpc_span
 from riffloop.runtime import (
     RateLimitInterceptor,
     TokenSigner,
@@ -127,7 +128,29 @@ class ConnectGateway:
     ) -> Any:
         headers = ctx.request_headers
         given = str(headers.get("x-request-id", ""))
-        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        # the call's span continues a W3C traceparent header, as over gRPC
+        carrier = {str(k).lower(): str(v) for k, v in headers.items()}
+        with rpc_span(f"/{SERVICE}/{name}", carrier, system="connect_rpc") as span:
+            request_id = given if _REQUEST_ID.match(given) else request_id_of(span)
+            ctx.response_headers["x-request-id"] = request_id
+            code = "OK"
+            try:
+                return self._call(name, ctx, request, run, request_id)
+            except ConnectError as exc:
+                code = exc.code.name
+                raise
+            finally:
+                end_rpc(span, code, request_id, system="connect_rpc")
+
+    def _call(
+        self,
+        name: str,
+        ctx: RequestContext[Any, Any],
+        request: Any,
+        run: Callable[[], Any],
+        request_id: str,
+    ) -> Any:
+        headers = ctx.request_headers
         rid = request_id_var.set(request_id)
         cid = correlation_id_var.set(request_id)
         started = time.perf_counter()

@@ -12,7 +12,12 @@ from typing import Any, cast
 
 import grpc
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
+from riffloop.core import install_tracing, uninstall_tracing
 from riffloop.runtime import TokenSigner
 from riffloop.v1 import gateway_service_pb2 as pb
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
@@ -51,10 +56,16 @@ def base_url(gateway: Running) -> str:
 
 
 def connect(
-    gateway: Running, method: str, body: bytes, token: str | None, kind: str = "json"
+    gateway: Running,
+    method: str,
+    body: bytes,
+    token: str | None,
+    kind: str = "json",
+    extra: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
     """One Connect unary call; (HTTP status, body)."""
     headers = {"content-type": f"application/{kind}", "connect-protocol-version": "1"}
+    headers.update(extra or {})
     if token is not None:
         headers["authorization"] = f"Bearer {token}"
     request = urllib.request.Request(
@@ -222,3 +233,33 @@ def test_the_upload_limit_is_the_same_over_connect() -> None:
     finally:
         running.channel.close()
         running.runtime.stop()
+
+
+def test_a_connect_call_is_a_span_of_the_callers_trace_as_over_grpc(gateway: Running) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    install_tracing(provider)
+    trace_id, caller_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    token = TokenSigner(SECRET).issue("tracy")
+    try:
+        traceparent = {"traceparent": f"00-{trace_id}-{caller_span}-01"}
+        assert connect(gateway, "ListModels", b"{}", token, extra=traceparent)[0] == 200
+        status, _ = connect(gateway, "GetTrack", json.dumps({"trackId": "nope"}).encode(), token)
+        untraced_request_id = last_headers["x-request-id"]
+    finally:
+        uninstall_tracing()
+    assert status == 404
+    listed, missing = exporter.get_finished_spans()
+    assert listed.name == "riffloop.v1.GatewayService/ListModels"
+    assert listed.kind is SpanKind.SERVER
+    assert format(listed.context.trace_id, "032x") == trace_id
+    assert listed.parent is not None and format(listed.parent.span_id, "016x") == caller_span
+    attributes = dict(listed.attributes or {})
+    assert attributes["rpc.system"] == "connect_rpc"
+    assert attributes["rpc.method"] == "ListModels"
+    assert "rpc.connect_rpc.error_code" not in attributes
+    # no traceparent: the call starts a trace, and its id is the call's request id
+    assert missing.parent is None
+    assert dict(missing.attributes or {})["rpc.connect_rpc.error_code"] == "not_found"
+    assert untraced_request_id == format(missing.context.trace_id, "032x")
