@@ -1,0 +1,221 @@
+"""How much of a taste can one fine-tune of the loop's recipe carry to new generations, when the
+winners are picked by the taste itself, not by ratings? The ceiling of the paper's loop.
+
+The evidence (docs/results/services) measures the whole loop: listeners rate through the
+gateway, the feedback service weighs them, the selector keeps the winners, the trainer
+fine-tunes. A miss there can come from the ratings (noise, bots, few listeners per track) or
+from the fine-tune (16 windows may not teach a taste that new merges show). This script takes
+the ratings out. Per seed k of the random-taste population (riffloop.sim._random_taste):
+
+1. 16 held-out recordings of seed k (``load_inputs``, as the loop's studio users upload them),
+   inverted by the model that serves the request (20 DDIM steps, the encoder's setting in the
+   loop, which re-inverts every upload for a new version).
+2. A training session: 8 merges × 6 requests = 48 generations of one mel window each (s = 0.5,
+   q = 20, the loop's plan; the loop's tracks are 4 windows, and the trainer learns from a
+   track's first window alone). The population's taste space is calibrated on these 48 clips,
+   as the listeners calibrate it on what they hear first; u_j is the seed's liking of clip j.
+3. Two training sets of K windows: ORACLE, the K highest u (the best a perfect rating could
+   select); RANDOM, K drawn at random (the control arm). Each fine-tunes a copy of the base
+   model with the trainer's recipe (``CycleSettings`` defaults: LoRA rank 8, 60 steps, batch 8,
+   lr 5e-4, half of each batch replayed from the base rows of the baseline index).
+4. An evaluation session: 8 fresh merges × 6 requests, the same songs, windows and seeds for
+   BASE, ORACLE and RANDOM; mean u of each model's 48 clips.
+
+Printed per seed (one JSON line): the training sets' mean u (the selection differential S),
+the evaluation means, each fine-tune's diversity on the evaluation requests over BASE's (mean
+pairwise distance of the quality embedding, as the loop reports it), and the transfer ratio
+(ORACLE − RANDOM at evaluation) / S. A ratio near 0 means the fine-tune does not carry what the
+winners share to new merges, whatever the ratings; then better ratings cannot help, and the
+levers are in the fine-tune.
+
+    bin/riffloop python scripts/taste_ceiling.py [--seeds 900 901 902] [--pairs 16]
+        [--steps 60] [--learning-rate 5e-4] [--replay-ratio 0.5] [--lora-rank 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import math
+import time
+
+import numpy as np
+import soundfile
+import torch
+
+from riffloop.core import ValidationError
+from riffloop.loop import CycleSettings
+from riffloop.music import (
+    InjectionPlan,
+    MelDataset,
+    MusicDiffusion,
+    MusicGenerator,
+    TrackRequest,
+    Trainer,
+    diversity,
+    image_from_uint8,
+)
+from riffloop.sim import LoopConfig
+from riffloop.sim._experiment import load_inputs
+from riffloop.sim._random_taste import RANK, TasteSpace, default_clip_vector
+
+MERGES = 8
+REQUESTS_PER_MERGE = 6
+INVERT_STEPS = 20  # LoopConfig.invert_steps
+TRACKS = MERGES * REQUESTS_PER_MERGE
+
+
+def song_audio(config: LoopConfig, rate: int) -> list[np.ndarray]:
+    """The input recordings' samples (``load_inputs``: the loop's studio uploads)."""
+    out = []
+    for song in load_inputs(config):
+        samples, song_rate = soundfile.read(io.BytesIO(song.wav), dtype="float32")
+        if song_rate != rate:
+            raise SystemExit(f"input at {song_rate} Hz; the model expects {rate}")
+        out.append(samples)
+    return out
+
+
+def session(n_songs: int, rng: np.random.Generator) -> list[tuple[int, int, int]]:
+    """MERGES pairs of distinct songs, REQUESTS_PER_MERGE requests each: (song a, song b, seed)."""
+    requests = []
+    for _ in range(MERGES):
+        a, b = rng.choice(n_songs, size=2, replace=False)
+        for _ in range(REQUESTS_PER_MERGE):
+            requests.append((int(a), int(b), int(rng.integers(1, 2**31 - 1))))
+    return requests
+
+
+def likings(
+    space: TasteSpace,
+    model: MusicDiffusion,
+    songs: list[np.ndarray],
+    requests: list[tuple[int, int, int]],
+    learn: bool,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """(images [N, 1, H, W], u per clip) of ``model``'s tracks for ``requests``. As in the
+    loop, the songs are inverted by the model that serves the request (the encoder re-inverts
+    every upload for a new version), and the seed picks each song's window and the noise ε."""
+    generator = MusicGenerator(model, steps=INVERT_STEPS)
+    latents = [generator.encode_audio(x) for x in songs]
+    plan = InjectionPlan.from_similarity(0.5, 20)  # LoopConfig's similarity and quality
+    tracks = generator.generate(
+        [
+            TrackRequest(
+                latents=torch.stack([latents[i][seed % latents[i].shape[0]] for i in (a, b)]),
+                plan=plan,
+                seed=seed,
+            )
+            for a, b, seed in requests
+        ]
+    )
+    rate = model.mel.sample_rate
+    u = np.array([space.liking(t.audio, rate, learn=learn) for t in tracks])
+    return torch.stack([t.image for t in tracks]), u
+
+
+def fine_tuned(
+    base: MusicDiffusion, images: torch.Tensor, replay: MelDataset, recipe: CycleSettings, seed: int
+) -> MusicDiffusion:
+    """A copy of ``base`` fine-tuned on ``images`` (ω = 1) with the trainer's ``recipe``."""
+    config = recipe.training_config(seed=seed, replay=recipe.replay_ratio > 0)
+    data = MelDataset.from_images(images, manifest={"taste_ceiling": seed})
+    trainer = Trainer(copy.deepcopy(base), data, config, replay)
+    trainer.train(progress=False)
+    model = trainer.ema_model("candidate")  # LoRA merged, as the trainer serves it
+    model.unet.eval()
+    return model
+
+
+def one_seed(
+    base: MusicDiffusion, replay: MelDataset, recipe: CycleSettings, seed: int, pairs: int
+) -> dict:
+    started = time.monotonic()
+    songs = song_audio(LoopConfig(seed=seed), base.mel.sample_rate)
+    rng = np.random.default_rng([seed, 11])
+    train_requests = session(len(songs), rng)
+    eval_requests = session(len(songs), rng)
+    # the seed's taste, drawn as random_taste_population draws it
+    d = np.random.default_rng(np.random.SeedSequence([seed, 9_241])).normal(size=RANK)
+    space = TasteSpace(d, default_clip_vector())
+    images, u = likings(space, base, songs, train_requests, learn=True)  # calibrates on these 48
+    oracle = np.argsort(-u)[:pairs]
+    drawn = rng.choice(len(u), size=pairs, replace=False)
+    row: dict = {
+        "seed": seed,
+        "pairs": pairs,
+        "steps": recipe.finetune_steps,
+        "learning_rate": recipe.learning_rate,
+        "replay_ratio": recipe.replay_ratio,
+        "lora_rank": recipe.lora_rank,
+    }
+    row["train_u"] = {"all": u.mean(), "oracle": u[oracle].mean(), "random": u[drawn].mean()}
+    embedding = space.clip_vector.embedding
+    base_images, base_u = likings(space, base, songs, eval_requests, learn=False)
+    row["eval_u"] = {"base": base_u.mean()}
+    row["diversity_vs_base"] = {}
+    for name, picked in (("oracle", oracle), ("random", drawn)):
+        model = fine_tuned(base, images[picked], replay, recipe, seed)
+        eval_images, eval_u = likings(space, model, songs, eval_requests, learn=False)
+        row["eval_u"][name] = eval_u.mean()
+        if embedding is not None:  # the loop's diversity: mean pairwise embedding distance
+            row["diversity_vs_base"][name] = diversity(eval_images, embedding) / diversity(
+                base_images, embedding
+            )
+    s = row["train_u"]["oracle"] - row["train_u"]["random"]
+    moved = row["eval_u"]["oracle"] - row["eval_u"]["random"]
+    row["selection_differential"] = s
+    row["oracle_minus_random"] = moved
+    row["oracle_minus_base"] = row["eval_u"]["oracle"] - row["eval_u"]["base"]
+    row["transfer"] = moved / s if s else math.nan
+    row["seconds"] = round(time.monotonic() - started, 1)
+    return row
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, float | np.floating):
+        return round(float(value), 4)
+    return value
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="assets/base-model")
+    p.add_argument("--seeds", type=int, nargs="+", default=[900, 901, 902])
+    p.add_argument("--pairs", type=int, default=16)
+    # the fine-tune's recipe: riffloop.loop.CycleSettings' defaults unless given
+    p.add_argument("--steps", type=int, default=CycleSettings.finetune_steps)
+    p.add_argument("--learning-rate", type=float, default=CycleSettings.learning_rate)
+    p.add_argument("--replay-ratio", type=float, default=CycleSettings.replay_ratio)
+    p.add_argument("--lora-rank", type=int, default=CycleSettings.lora_rank)
+    ns = p.parse_args()
+    if not 2 <= ns.pairs <= TRACKS // 2:
+        raise SystemExit(f"--pairs must lie in 2–{TRACKS // 2}")
+    try:
+        recipe = CycleSettings(
+            finetune_steps=ns.steps,
+            learning_rate=ns.learning_rate,
+            replay_ratio=ns.replay_ratio,
+            lora_rank=ns.lora_rank,
+            lora_alpha=max(ns.lora_rank, 1),
+        )
+    except ValidationError as exc:
+        raise SystemExit(f"taste_ceiling: {exc.reason}") from None
+    torch.set_num_threads(1)
+    base = MusicDiffusion.from_pretrained(ns.model)
+    base.unet.eval()
+    index = base.baseline_index
+    if index is None:
+        raise SystemExit(f"{ns.model}: needs a baseline index (its base rows are the replay)")
+    rows = [i for i, row_id in enumerate(index.ids) if not row_id.startswith("track:")]
+    replay = MelDataset.from_images(image_from_uint8(index.images[rows]))
+    for seed in ns.seeds:
+        print(json.dumps(_rounded(one_seed(base, replay, recipe, seed, ns.pairs))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
