@@ -10,10 +10,11 @@ the ratings out. Per seed k of the random-taste population (riffloop.sim._random
 1. 16 held-out recordings of seed k (``load_inputs``, as the loop's studio users upload them),
    inverted by the model that serves the request (20 DDIM steps, the encoder's setting in the
    loop, which re-inverts every upload for a new version).
-2. A training session: 8 merges × 6 requests = 48 generations of one mel window each (s = 0.5,
-   q = 20, the loop's plan; the loop's tracks are 4 windows, and the trainer learns from a
-   track's first window alone). The population's taste space is calibrated on these 48 clips,
-   as the listeners calibrate it on what they hear first; u_j is the seed's liking of clip j.
+2. A training session: 8 merges × 6 requests = 48 generations (s = 0.5, q = 20, the loop's
+   plan) of one mel window each, or with ``--track-seconds 5.9`` of the loop's length as the
+   generator service makes them; the trainer learns from a track's first window alone. The
+   population's taste space is calibrated on these 48 clips, as the listeners calibrate it on
+   what they hear first; u_j is the seed's liking of clip j.
 3. Two training sets of K windows: ORACLE, the K highest u (the best a perfect rating could
    select); RANDOM, K drawn at random (the control arm). Each fine-tunes a copy of the base
    model with the trainer's recipe (``CycleSettings`` defaults: LoRA rank 8, 60 steps, batch 8,
@@ -30,6 +31,7 @@ levers are in the fine-tune.
 
     bin/riffloop python scripts/taste_ceiling.py [--seeds 900 901 902] [--pairs 16]
         [--steps 60] [--learning-rate 5e-4] [--replay-ratio 0.5] [--lora-rank 8]
+        [--track-seconds 5.9]
 """
 
 from __future__ import annotations
@@ -49,13 +51,19 @@ from riffloop.core import ValidationError
 from riffloop.loop import CycleSettings
 from riffloop.music import (
     InjectionPlan,
+    MelCodec,
     MelDataset,
     MusicDiffusion,
     MusicGenerator,
+    TrackLength,
     TrackRequest,
     Trainer,
+    decode_latents,
     diversity,
+    generate_long,
     image_from_uint8,
+    merge_latents,
+    track_noise,
 )
 from riffloop.sim import LoopConfig
 from riffloop.sim._experiment import load_inputs
@@ -94,26 +102,43 @@ def likings(
     songs: list[np.ndarray],
     requests: list[tuple[int, int, int]],
     learn: bool,
+    track_seconds: float = 0.0,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """(images [N, 1, H, W], u per clip) of ``model``'s tracks for ``requests``. As in the
-    loop, the songs are inverted by the model that serves the request (the encoder re-inverts
-    every upload for a new version), and the seed picks each song's window and the noise ε."""
+    """(first windows [N, 1, H, W], u per clip) of ``model``'s tracks for ``requests``. As in
+    the loop, the songs are inverted by the model that serves the request (the encoder
+    re-inverts every upload for a new version), and the seed picks each song's window and the
+    noise ε. ``track_seconds`` 0: one window (``MusicGenerator``); else the generator service's
+    long tracks (``generate_long``: window 0 injected, each later one continuing the last)."""
     generator = MusicGenerator(model, steps=INVERT_STEPS)
     latents = [generator.encode_audio(x) for x in songs]
     plan = InjectionPlan.from_similarity(0.5, 20)  # LoopConfig's similarity and quality
-    tracks = generator.generate(
-        [
-            TrackRequest(
-                latents=torch.stack([latents[i][seed % latents[i].shape[0]] for i in (a, b)]),
-                plan=plan,
-                seed=seed,
-            )
-            for a, b, seed in requests
-        ]
-    )
+
+    def z(a: int, b: int, seed: int) -> torch.Tensor:
+        return torch.stack([latents[i][seed % latents[i].shape[0]] for i in (a, b)])
+
     rate = model.mel.sample_rate
-    u = np.array([space.liking(t.audio, rate, learn=learn) for t in tracks])
-    return torch.stack([t.image for t in tracks]), u
+    if not track_seconds:
+        tracks = generator.generate(
+            [TrackRequest(latents=z(a, b, seed), plan=plan, seed=seed) for a, b, seed in requests]
+        )
+        u = np.array([space.liking(t.audio, rate, learn=learn) for t in tracks])
+        return torch.stack([t.image for t in tracks]), u
+    length = TrackLength.for_seconds(track_seconds, model.mel)
+    codec = MelCodec(model.mel)
+    firsts, u_list = [], []
+    for chunk in range(0, len(requests), 8):  # the generator's batches
+        part = requests[chunk : chunk + 8]
+        z_agg = torch.stack([merge_latents(z(a, b, seed)) for a, b, seed in part])
+        noise = torch.stack(
+            [track_noise(tuple(model.image_shape), length.windows, seed) for _, _, seed in part]
+        )
+        merged = decode_latents(model, z_agg, INVERT_STEPS)
+        images = generate_long(model, merged, plan, length, noise, top_db=model.mel.top_db)
+        for image in images:
+            audio = codec.track_to_audio(image)
+            u_list.append(space.liking(audio, rate, learn=learn))
+            firsts.append(image[..., : model.mel.x_res])
+    return torch.stack(firsts), np.array(u_list)
 
 
 def fine_tuned(
@@ -130,7 +155,12 @@ def fine_tuned(
 
 
 def one_seed(
-    base: MusicDiffusion, replay: MelDataset, recipe: CycleSettings, seed: int, pairs: int
+    base: MusicDiffusion,
+    replay: MelDataset,
+    recipe: CycleSettings,
+    seed: int,
+    pairs: int,
+    track_seconds: float = 0.0,
 ) -> dict:
     started = time.monotonic()
     songs = song_audio(LoopConfig(seed=seed), base.mel.sample_rate)
@@ -140,7 +170,9 @@ def one_seed(
     # the seed's taste, drawn as random_taste_population draws it
     d = np.random.default_rng(np.random.SeedSequence([seed, 9_241])).normal(size=RANK)
     space = TasteSpace(d, default_clip_vector())
-    images, u = likings(space, base, songs, train_requests, learn=True)  # calibrates on these 48
+    images, u = likings(
+        space, base, songs, train_requests, True, track_seconds
+    )  # calibrates on these 48
     oracle = np.argsort(-u)[:pairs]
     drawn = rng.choice(len(u), size=pairs, replace=False)
     row: dict = {
@@ -150,15 +182,16 @@ def one_seed(
         "learning_rate": recipe.learning_rate,
         "replay_ratio": recipe.replay_ratio,
         "lora_rank": recipe.lora_rank,
+        "track_seconds": track_seconds,
     }
     row["train_u"] = {"all": u.mean(), "oracle": u[oracle].mean(), "random": u[drawn].mean()}
     embedding = space.clip_vector.embedding
-    base_images, base_u = likings(space, base, songs, eval_requests, learn=False)
+    base_images, base_u = likings(space, base, songs, eval_requests, False, track_seconds)
     row["eval_u"] = {"base": base_u.mean()}
     row["diversity_vs_base"] = {}
     for name, picked in (("oracle", oracle), ("random", drawn)):
         model = fine_tuned(base, images[picked], replay, recipe, seed)
-        eval_images, eval_u = likings(space, model, songs, eval_requests, learn=False)
+        eval_images, eval_u = likings(space, model, songs, eval_requests, False, track_seconds)
         row["eval_u"][name] = eval_u.mean()
         if embedding is not None:  # the loop's diversity: mean pairwise embedding distance
             row["diversity_vs_base"][name] = diversity(eval_images, embedding) / diversity(
@@ -187,6 +220,13 @@ def main() -> None:
     p.add_argument("--model", default="assets/base-model")
     p.add_argument("--seeds", type=int, nargs="+", default=[900, 901, 902])
     p.add_argument("--pairs", type=int, default=16)
+    p.add_argument(
+        "--track-seconds",
+        type=float,
+        default=0.0,
+        help="0: one window (1.49 s); else tracks of this length as the generator makes them "
+        "(the loop's are 5.9 s)",
+    )
     # the fine-tune's recipe: riffloop.loop.CycleSettings' defaults unless given
     p.add_argument("--steps", type=int, default=CycleSettings.finetune_steps)
     p.add_argument("--learning-rate", type=float, default=CycleSettings.learning_rate)
@@ -214,7 +254,8 @@ def main() -> None:
     rows = [i for i, row_id in enumerate(index.ids) if not row_id.startswith("track:")]
     replay = MelDataset.from_images(image_from_uint8(index.images[rows]))
     for seed in ns.seeds:
-        print(json.dumps(_rounded(one_seed(base, replay, recipe, seed, ns.pairs))), flush=True)
+        row = one_seed(base, replay, recipe, seed, ns.pairs, ns.track_seconds)
+        print(json.dumps(_rounded(row)), flush=True)
 
 
 if __name__ == "__main__":
