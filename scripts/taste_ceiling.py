@@ -31,7 +31,7 @@ levers are in the fine-tune.
 
     bin/riffloop python scripts/taste_ceiling.py [--seeds 900 901 902] [--pairs 16]
         [--steps 60] [--learning-rate 5e-4] [--replay-ratio 0.5] [--lora-rank 8]
-        [--track-seconds 5.9]
+        [--track-seconds 5.9 [--all-windows]]
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def likings(
     learn: bool,
     track_seconds: float = 0.0,
 ) -> tuple[torch.Tensor, np.ndarray]:
-    """(first windows [N, 1, H, W], u per clip) of ``model``'s tracks for ``requests``. As in
+    """(windows [N, n, 1, H, W], u per clip) of ``model``'s tracks for ``requests``: each
+    track's n windows as ``generate_long`` laid them out (n = 1 for one window). As in
     the loop, the songs are inverted by the model that serves the request (the encoder
     re-inverts every upload for a new version), and the seed picks each song's window and the
     noise ε. ``track_seconds`` 0: one window (``MusicGenerator``); else the generator service's
@@ -122,10 +123,11 @@ def likings(
             [TrackRequest(latents=z(a, b, seed), plan=plan, seed=seed) for a, b, seed in requests]
         )
         u = np.array([space.liking(t.audio, rate, learn=learn) for t in tracks])
-        return torch.stack([t.image for t in tracks]), u
+        return torch.stack([t.image for t in tracks]).unsqueeze(1), u
     length = TrackLength.for_seconds(track_seconds, model.mel)
     codec = MelCodec(model.mel)
-    firsts, u_list = [], []
+    windows, u_list = [], []
+    step = length.x_res - length.overlap  # window k starts at frame k·step
     for chunk in range(0, len(requests), 8):  # the generator's batches
         part = requests[chunk : chunk + 8]
         z_agg = torch.stack([merge_latents(z(a, b, seed)) for a, b, seed in part])
@@ -137,8 +139,12 @@ def likings(
         for image in images:
             audio = codec.track_to_audio(image)
             u_list.append(space.liking(audio, rate, learn=learn))
-            firsts.append(image[..., : model.mel.x_res])
-    return torch.stack(firsts), np.array(u_list)
+            windows.append(
+                torch.stack(
+                    [image[..., k * step : k * step + length.x_res] for k in range(length.windows)]
+                )
+            )
+    return torch.stack(windows), np.array(u_list)
 
 
 def fine_tuned(
@@ -161,6 +167,7 @@ def one_seed(
     seed: int,
     pairs: int,
     track_seconds: float = 0.0,
+    all_windows: bool = False,
 ) -> dict:
     started = time.monotonic()
     songs = song_audio(LoopConfig(seed=seed), base.mel.sample_rate)
@@ -183,15 +190,20 @@ def one_seed(
         "replay_ratio": recipe.replay_ratio,
         "lora_rank": recipe.lora_rank,
         "track_seconds": track_seconds,
+        "all_windows": all_windows,
     }
     row["train_u"] = {"all": u.mean(), "oracle": u[oracle].mean(), "random": u[drawn].mean()}
     embedding = space.clip_vector.embedding
     base_images, base_u = likings(space, base, songs, eval_requests, False, track_seconds)
+    base_images = base_images[:, 0]
     row["eval_u"] = {"base": base_u.mean()}
     row["diversity_vs_base"] = {}
     for name, picked in (("oracle", oracle), ("random", drawn)):
-        model = fine_tuned(base, images[picked], replay, recipe, seed)
+        # the trainer's target is a track's first window; --all-windows trains on every one
+        chosen = images[picked] if all_windows else images[picked, :1]
+        model = fine_tuned(base, chosen.flatten(0, 1), replay, recipe, seed)
         eval_images, eval_u = likings(space, model, songs, eval_requests, False, track_seconds)
+        eval_images = eval_images[:, 0]  # diversity on first windows, as the loop reports it
         row["eval_u"][name] = eval_u.mean()
         if embedding is not None:  # the loop's diversity: mean pairwise embedding distance
             row["diversity_vs_base"][name] = diversity(eval_images, embedding) / diversity(
@@ -232,7 +244,14 @@ def main() -> None:
     p.add_argument("--learning-rate", type=float, default=CycleSettings.learning_rate)
     p.add_argument("--replay-ratio", type=float, default=CycleSettings.replay_ratio)
     p.add_argument("--lora-rank", type=int, default=CycleSettings.lora_rank)
+    p.add_argument(
+        "--all-windows",
+        action="store_true",
+        help="train on every window of a picked track (the trainer uses its first window only)",
+    )
     ns = p.parse_args()
+    if ns.all_windows and not ns.track_seconds:
+        raise SystemExit("--all-windows needs --track-seconds (a one-window clip has one window)")
     if not 2 <= ns.pairs <= TRACKS // 2:
         raise SystemExit(f"--pairs must lie in 2–{TRACKS // 2}")
     try:
@@ -254,7 +273,7 @@ def main() -> None:
     rows = [i for i, row_id in enumerate(index.ids) if not row_id.startswith("track:")]
     replay = MelDataset.from_images(image_from_uint8(index.images[rows]))
     for seed in ns.seeds:
-        row = one_seed(base, replay, recipe, seed, ns.pairs, ns.track_seconds)
+        row = one_seed(base, replay, recipe, seed, ns.pairs, ns.track_seconds, ns.all_windows)
         print(json.dumps(_rounded(row)), flush=True)
 
 
