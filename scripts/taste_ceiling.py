@@ -127,7 +127,6 @@ def likings(
     length = TrackLength.for_seconds(track_seconds, model.mel)
     codec = MelCodec(model.mel)
     windows, u_list = [], []
-    step = length.x_res - length.overlap  # window k starts at frame k·step
     for chunk in range(0, len(requests), 8):  # the generator's batches
         part = requests[chunk : chunk + 8]
         z_agg = torch.stack([merge_latents(z(a, b, seed)) for a, b, seed in part])
@@ -139,11 +138,7 @@ def likings(
         for image in images:
             audio = codec.track_to_audio(image)
             u_list.append(space.liking(audio, rate, learn=learn))
-            windows.append(
-                torch.stack(
-                    [image[..., k * step : k * step + length.x_res] for k in range(length.windows)]
-                )
-            )
+            windows.append(length.windows_of(image))
     return torch.stack(windows), np.array(u_list)
 
 

@@ -128,6 +128,10 @@ class CycleSettings:
     # β of the preference loss (Diffusion-DPO) on sets whose every pair names a loser; 0 = the
     # ω-weighted ε loss toward the targets alone (docs/LOOP.md §5)
     preference_beta: float = 0.0
+    # What the fine-tune learns from a kept track: "first", its first window (x_res frames; a
+    # 5.9 s track has four), or "all", every window of the track the listener rated, each with
+    # the track's ω (measured in docs/results/services/README.md, "What limits it")
+    train_windows: str = "first"
     steps_per_chunk: int = 10
     # progress saved every this many steps (and on a stop, and after the last step), so a
     # killed trainer resumes there; 0 = never (a redelivered set trains from step 0)
@@ -197,6 +201,13 @@ class CycleSettings:
             raise ValidationError("canary_max_ratings must be at least canary_min_ratings")
         if self.gate_mode not in ("offline", "skip"):
             raise ValidationError(f"gate_mode must be offline or skip, got {self.gate_mode!r}")
+        if self.train_windows not in ("first", "all"):
+            raise ValidationError(f"train_windows must be first or all, got {self.train_windows!r}")
+        if self.train_windows == "all" and self.preference_beta > 0:
+            raise ValidationError(
+                "train_windows must be first when preference_beta > 0 (a preference pair is "
+                "one winner window against one loser window)"
+            )
 
     def training_config(self, seed: int, replay: bool, preference: bool = False) -> Any:
         """The trainer's recipe (riffloop.music.TrainingConfig) for one fine-tune: replay only
@@ -627,8 +638,6 @@ class ReleaseCycle:
     def on_training_set(self, trainset: TrainingSet) -> Release | None:
         """Train, gate and release a candidate from ``trainset`` (or defer it while a canary
         runs); returns what was announced, None when nothing was."""
-        from riffloop.music import MelDataset
-
         self.catch_up()
         unfinished = None  # the version a crash left before its gate: train it again
         for known in self.registry.versions():
@@ -650,13 +659,10 @@ class ReleaseCycle:
                 extra={"trainset_id": trainset.trainset_id, "model_version": running},
             )
             return None
-        pairs, images, weights, losers = self._read_pairs(trainset)
+        pairs, images, data = self.training_data(trainset)
         current = self.bootstrap(self._no_base)
         parent = self.models.load(current)
         version = unfinished or f"v{len(self.registry.versions()) + 1:04d}"
-        data = MelDataset.from_images(
-            images, weights, {"trainset_id": trainset.trainset_id, "pairs": len(pairs)}, losers
-        )
         self.kv.set(LAST_ITERATION_KEY, str(max(trainset.iteration, 0)))
         candidate = self.fine_tune(
             parent, data, version, seed=trainset.iteration, trainset_id=trainset.trainset_id
@@ -680,6 +686,22 @@ class ReleaseCycle:
     @staticmethod
     def _no_base() -> Any:
         raise PermanentError("no model is served yet: the base model is published at start-up")
+
+    def training_data(
+        self, trainset: TrainingSet
+    ) -> tuple[list[dict[str, Any]], torch.Tensor, Any]:
+        """The set's pairs, their targets' first windows [K, 1, H, W] (the baseline index's
+        winner rows) and what the fine-tune learns from (riffloop.music.MelDataset): those
+        windows, or with ``train_windows`` = all every window of each target."""
+        from riffloop.music import MelDataset
+
+        pairs, images, weights, losers = self._read_pairs(trainset)
+        manifest = {"trainset_id": trainset.trainset_id, "pairs": len(pairs)}
+        if self.settings.train_windows == "all":
+            windows, repeated = self._every_window(pairs, images, weights)
+            manifest["windows"] = len(windows)
+            return pairs, images, MelDataset.from_images(windows, repeated, manifest, losers)
+        return pairs, images, MelDataset.from_images(images, weights, manifest, losers)
 
     def _read_pairs(
         self, trainset: TrainingSet
@@ -712,7 +734,45 @@ class ReleaseCycle:
                     "the selector?)",
                     extra={"trainset_id": trainset.trainset_id},
                 )
+        shapes = {tuple(image.shape) for image in images}
+        if len(shapes) > 1:
+            raise ValidationError(f"the set's tracks have windows of different shapes {shapes}")
         return pairs, torch.cat(images), torch.tensor(weights, dtype=torch.float32), losers
+
+    def _every_window(
+        self, pairs: list[dict[str, Any]], firsts: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every window x_0 [M, 1, H, W] of the pairs' targets, each with its track's ω
+        (``train_windows`` = all). A target stored without its whole image (a generator before
+        ``mel_key``, or a one-window track) gives its first window alone."""
+        from riffloop.music import TrackLength, grid_from_npy, image_from_uint8
+
+        images, repeated = [], []
+        for pair, first, weight in zip(pairs, firsts, weights, strict=True):
+            track = str(pair["target_track_id"])
+            sidecar = json.loads(self.objects.get("tracks", f"{track}.json"))
+            windows = first[None]
+            if sidecar.get("mel_key") and int(sidecar.get("windows", 1)) > 1:
+                try:
+                    length = TrackLength(
+                        windows=int(sidecar["windows"]),
+                        x_res=int(first.shape[-1]),
+                        overlap=int(sidecar["window_overlap"]),
+                    )
+                    grid = grid_from_npy(self.objects.get("tracks", str(sidecar["mel_key"])))
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise ValidationError(
+                        f"track {track}: its window layout is malformed: {exc}"
+                    ) from None
+                if grid.shape[0] != first.shape[-2]:
+                    raise ValidationError(
+                        f"track {track}: its mel image has {grid.shape[0]} bins, "
+                        f"its first window {first.shape[-2]}"
+                    )
+                windows = length.windows_of(image_from_uint8(grid)[None])  # [n, 1, H, W]
+            images.append(windows)
+            repeated.append(weight.expand(len(windows)))
+        return torch.cat(images), torch.cat(repeated)
 
     def _first_window(self, track_id: str) -> torch.Tensor:
         """The track's first window x_0 [1, 1, H, W] in [−1, 1], from its sidecar."""

@@ -56,7 +56,14 @@ from riffloop.music._long import (
     spectral_flux,
     track_noise,
 )
-from riffloop.music._mel import MelCodec, MelConfig, image_from_uint8, to_uint8
+from riffloop.music._mel import (
+    MelCodec,
+    MelConfig,
+    grid_from_npy,
+    grid_to_npy,
+    image_from_uint8,
+    to_uint8,
+)
 from riffloop.music._mel_image import mel_png
 from riffloop.music._merge import merge_latents, slerp
 from riffloop.music._model import ModelConfig, MusicDiffusion, PredictionType
@@ -143,6 +150,8 @@ __all__ = [
     "frechet_distance",
     "generate",
     "generate_long",
+    "grid_from_npy",
+    "grid_to_npy",
     "image_from_uint8",
     "inject_at_step",
     "invert",

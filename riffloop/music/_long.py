@@ -169,6 +169,16 @@ class TrackLength:
         """First frame of each window in the track."""
         return [k * (self.x_res - self.overlap) for k in range(self.windows)]
 
+    def windows_of(self, image: Tensor) -> Tensor:
+        """The track's n windows, ``image`` [..., H, T] → [n, ..., H, W]: window k is frames
+        k(W − o) … k(W − o) + W − 1 of the joined track, what the listener heard there
+        (crossfades included)."""
+        if image.shape[-1] != self.frames:
+            raise ValidationError(
+                f"a track of {self.windows} windows has {self.frames} frames, got {image.shape[-1]}"
+            )
+        return torch.stack([image[..., k : k + self.x_res] for k in self.window_starts()])
+
     def joins(self) -> list[int]:
         """Frames j where the track's frames pass from one window to the next: the pair
         (j − 1, j) straddles a join. The start of each crossfade and the end of the window

@@ -21,6 +21,7 @@ quantised.
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
@@ -115,6 +116,30 @@ def image_from_uint8(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     if tensor.dtype != torch.uint8:
         raise ValidationError(f"8-bit images expected, got dtype {tensor.dtype}")
     return tensor.to(torch.float32) / 255.0 * 2.0 - 1.0
+
+
+def grid_to_npy(grid: torch.Tensor) -> bytes:
+    """An 8-bit mel image [H, T] (``to_uint8``) as .npy bytes: how a generated track's whole
+    image is stored beside its audio (``tracks/<id>.mel.npy``)."""
+    if grid.dtype != torch.uint8 or grid.dim() != 2:
+        shape = tuple(grid.shape)
+        raise ValidationError(f"an 8-bit [H, T] image expected, got {grid.dtype} {shape}")
+    out = io.BytesIO()
+    np.save(out, grid.numpy(), allow_pickle=False)
+    return out.getvalue()
+
+
+def grid_from_npy(raw: bytes) -> torch.Tensor:
+    """:func:`grid_to_npy`'s inverse; a stored object that is not an 8-bit [H, T] array is
+    refused (ValidationError), never unpickled."""
+    try:
+        array = np.load(io.BytesIO(raw), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValidationError(f"not a .npy mel image: {exc}") from None
+    if not isinstance(array, np.ndarray) or array.dtype != np.uint8 or array.ndim != 2:
+        kind = f"{array.dtype} {array.shape}" if isinstance(array, np.ndarray) else type(array)
+        raise ValidationError(f"an 8-bit [H, T] mel image expected, got {kind}")
+    return torch.from_numpy(array.copy())
 
 
 class MelCodec:

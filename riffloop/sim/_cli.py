@@ -42,6 +42,8 @@ _HELP = {
     "replay_ratio": "share of each batch replayed from the base model's training windows",
     "preference_beta": "exploratory: β of the Diffusion-DPO loss on (winner, loser) pairs of one "
     "input (0: the ω-weighted loss on the winners alone)",
+    "train_windows": "exploratory: what a kept track teaches the trainer, its first window "
+    "(first) or every window (all)",
     "canary_alpha": "significance level of the canary's test before a promotion",
     "torch_threads": "torch threads per UNet call (the deployments work at once)",
     "input_seconds": "seconds of each input recording uploaded",

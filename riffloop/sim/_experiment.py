@@ -102,6 +102,9 @@ class LoopConfig:
     # (RIFFLOOP_PREFERENCE_PAIRS) and their trainers fit the Diffusion-DPO loss with this β
     # (RIFFLOOP_PREFERENCE_BETA; docs/LOOP.md §5); 0 = the ω-weighted ε loss on the winners.
     preference_beta: float = 0.0
+    # Exploratory, "first" by default: what each arm's trainer learns from a kept track, its
+    # first window or "all" its windows (RIFFLOOP_TRAIN_WINDOWS; docs/LOOP.md §5).
+    train_windows: str = "first"
     canary_alpha: float = 0.05
     # Torch threads per UNet call. The deployments work at the same time (their sessions, then
     # their trainers), so one thread each keeps a 2-core machine's cores busy without the
@@ -172,6 +175,13 @@ class LoopConfig:
             raise ValidationError(f"preference_beta must be ≥ 0, got {self.preference_beta!r}")
         if self.canary_alpha == 0 or self.learning_rate == 0:
             raise ValidationError("canary_alpha and learning_rate must be above 0")
+        if self.train_windows not in ("first", "all"):
+            raise ValidationError(f"train_windows must be first or all, got {self.train_windows!r}")
+        if self.train_windows == "all" and self.preference_beta > 0:
+            raise ValidationError(
+                "train_windows must be first when preference_beta > 0 (a preference pair is "
+                "one winner window against one loser window)"
+            )
 
 
 @dataclass(frozen=True)
@@ -397,6 +407,7 @@ class LoopExperiment:
                 "lora_rank": cfg.lora_rank,
                 "replay_ratio": cfg.replay_ratio,
                 "preference_beta": cfg.preference_beta,
+                "train_windows": cfg.train_windows,
                 "baseline_inversion_steps": cfg.invert_steps,
                 "canary_share": 0.0,  # promote, then watch the next session's ratings
                 "canary_alpha": cfg.canary_alpha,

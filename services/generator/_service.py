@@ -425,7 +425,7 @@ class Generator:
         provenance sidecar in ``tracks``; the TrackReady to publish."""
         import soundfile
 
-        from riffloop.music import to_uint8
+        from riffloop.music import grid_to_npy, to_uint8
 
         model, prov, request = job.model, job.prov, job.request
         with self._compute:
@@ -436,6 +436,15 @@ class Generator:
         audio_ref = self.ports.objects.put(
             "tracks", f"{prov.track_id}.wav", wav.getvalue(), content_type="audio/wav"
         )
+        # The whole mel image the listener heard (8-bit [H, T], .npy), for a trainer that learns
+        # from every window of a kept track (RIFFLOOP_TRAIN_WINDOWS=all, ReleaseCycle)
+        mel_key = f"{prov.track_id}.mel.npy"
+        self.ports.objects.put(
+            "tracks",
+            mel_key,
+            grid_to_npy(to_uint8(image)[0, 0]),
+            content_type="application/octet-stream",
+        )
         sidecar = {
             "provenance": json.loads(prov.to_json()),
             "request_id": request.request_id,
@@ -443,6 +452,8 @@ class Generator:
             "clip_seconds": duration,
             "total_steps": job.plan.total_steps,
             "windows": job.length.windows,
+            "window_overlap": job.length.overlap,
+            "mel_key": mel_key,
             "embedding": [float(v) for v in image[0, 0].mean(dim=-1)],
             # The track's first window (8-bit), the trainer's target when it is selected.
             "image_uint8": to_uint8(image[..., : model.mel.x_res])[0, 0].tolist(),

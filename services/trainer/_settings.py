@@ -54,6 +54,9 @@ class TrainerSettings(OperatorGuarded):
     # β of the preference loss (Diffusion-DPO) for sets whose pairs name losers (the selector's
     # RIFFLOOP_PREFERENCE_PAIRS); 0 = the ω-weighted ε loss. Exploratory (docs/LOOP.md §5).
     preference_beta: float = 0.0
+    # What a kept track teaches: "first" (its first window) or "all" (every window the listener
+    # heard, each with the track's ω). Exploratory (docs/LOOP.md §5).
+    train_windows: str = "first"
     steps_per_chunk: int = 10
     # Progress (adapters, optimiser state, step) saved to the object store every this many
     # steps, so a killed trainer resumes the fine-tune there; 0 = never.

@@ -394,3 +394,9 @@ def test_the_trainer_settings_accept_the_launcher_and_refuse_a_wrong_one(
     assert TrainerSettings.from_env({"RIFFLOOP_PREFERENCE_BETA": "500"}).preference_beta == 500
     with pytest.raises(ConfigurationError, match="PREFERENCE_BETA"):
         TrainerSettings.from_env({"RIFFLOOP_PREFERENCE_BETA": "-1"})
+    assert TrainerSettings.from_env({"RIFFLOOP_TRAIN_WINDOWS": "all"}).train_windows == "all"
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_TRAIN_WINDOWS must be first or all"):
+        TrainerSettings.from_env({"RIFFLOOP_TRAIN_WINDOWS": "most"})
+    both = {"RIFFLOOP_TRAIN_WINDOWS": "all", "RIFFLOOP_PREFERENCE_BETA": "500"}
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_TRAIN_WINDOWS must be first when"):
+        TrainerSettings.from_env(both)

@@ -31,6 +31,8 @@ from riffloop.music import (
     ModelConfig,
     MusicDiffusion,
     Winner,
+    grid_to_npy,
+    image_from_uint8,
     to_uint8,
 )
 from riffloop.runtime import ModelStore
@@ -405,3 +407,65 @@ def test_a_preference_fine_tune_moves_only_the_adapters_and_records_its_beta() -
     assert training["data"]["preference_pairs"] is True
     before, after = weights_of(parent), weights_of(candidate)
     assert any(not torch.equal(after[k], before[k]) for k in after)
+
+
+# -- every window of a kept track --------------------------------------------------------------
+def _long_track(h: Harness, track: str, grid: torch.Tensor, windows: int, overlap: int) -> None:
+    """A generator's stored track: the sidecar (first window, layout) and the whole image."""
+    sidecar = {
+        "image_uint8": grid[:, :16].tolist(),
+        "windows": windows,
+        "window_overlap": overlap,
+        "mel_key": f"{track}.mel.npy",
+    }
+    h.objects.put("tracks", f"{track}.json", json.dumps(sidecar).encode())
+    h.objects.put("tracks", f"{track}.mel.npy", grid_to_npy(grid))
+
+
+@pytest.mark.unit
+def test_train_windows_all_learns_every_window_of_each_kept_track_with_its_omega() -> None:
+    from riffloop.loop import TrainingSet
+
+    h = Harness(train_windows="all")
+    h.objects.ensure_bucket("tracks")
+    h.objects.ensure_bucket("trainsets")
+    long = to_uint8(windows(1, 30, size=16)[0, 0].repeat(1, 3)[:, :40])  # 3 windows of 16, o = 4
+    _long_track(h, "t-long", long, windows=3, overlap=4)
+    short = to_uint8(windows(1, 31)[0, 0])  # a sidecar without the whole image: first window
+    h.objects.put("tracks", "t-short.json", json.dumps({"image_uint8": short.tolist()}).encode())
+    pairs = [
+        {"target_track_id": "t-long", "weight": 0.5},
+        {"target_track_id": "t-short", "weight": 0.25},
+    ]
+    h.objects.put("trainsets", "ts-w.json", json.dumps({"pairs": pairs}).encode())
+    trainset = TrainingSet("ts-w", "trainsets", "ts-w.json", pair_count=2, iteration=1)
+
+    kept, firsts, data = h.cycle.training_data(trainset)
+    assert kept == pairs and firsts.shape == (2, 1, 16, 16)  # the index's rows: one per pair
+    assert data.images.shape == (4, 1, 16, 16) and data.manifest["windows"] == 4
+    assert data.weights.tolist() == [0.5, 0.5, 0.5, 0.25]
+    expected = image_from_uint8(torch.stack([long[:, k : k + 16] for k in (0, 12, 24)]))
+    assert torch.equal(data.images[:3, 0], expected)
+    assert torch.equal(data.images[0], firsts[0]) and torch.equal(data.images[3], firsts[1])
+
+    h.cycle.settings = CycleSettings(**FAST)  # the default: first windows alone
+    _, _, first_only = h.cycle.training_data(trainset)
+    assert torch.equal(first_only.images, firsts) and "windows" not in first_only.manifest
+
+    h.objects.put("tracks", "t-long.mel.npy", grid_to_npy(long[:8]))  # of another height
+    h.cycle.settings = CycleSettings(**FAST, train_windows="all")
+    with pytest.raises(ValidationError, match="bins"):
+        h.cycle.training_data(trainset)
+    odd = json.dumps({"image_uint8": short[:8].tolist()}).encode()
+    h.objects.put("tracks", "t-short.json", odd)  # a first window of another shape
+    with pytest.raises(ValidationError, match="different shapes"):
+        h.cycle.training_data(trainset)
+
+
+@pytest.mark.unit
+def test_train_windows_is_first_or_all_and_not_with_a_preference_beta() -> None:
+    assert CycleSettings().train_windows == "first"
+    with pytest.raises(ValidationError, match="first or all"):
+        CycleSettings(train_windows="every")
+    with pytest.raises(ValidationError, match="preference_beta"):
+        CycleSettings(train_windows="all", preference_beta=100.0)

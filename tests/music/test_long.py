@@ -92,6 +92,19 @@ def test_baseline_windows_follow_the_same_source_in_time() -> None:
     assert baseline_track(ids, images, 4, length).shape == (1, 1, 2, length.frames)
 
 
+@pytest.mark.unit
+def test_a_track_cuts_into_the_windows_it_was_made_of() -> None:
+    length = TrackLength(windows=3, x_res=8, overlap=2)
+    frame = torch.arange(length.frames, dtype=torch.float32)
+    image = frame.expand(1, 4, length.frames).clone()  # [1, H, T]: each column its frame
+    windows = length.windows_of(image)
+    assert windows.shape == (3, 1, 4, 8)
+    assert windows[:, 0, 0, 0].tolist() == [0.0, 6.0, 12.0]  # k·(W − o)
+    assert windows[-1, 0, 0, -1] == length.frames - 1
+    with pytest.raises(ValidationError, match="20 frames"):
+        length.windows_of(image[..., :-1])
+
+
 def tiny_model() -> MusicDiffusion:
     cfg = ModelConfig.preset("tiny")
     return MusicDiffusion.create(cfg, mel=MelConfig(n_mels=16, x_res=16), seed=0)

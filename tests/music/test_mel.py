@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 
 from riffloop.core import ValidationError
-from riffloop.music import MelCodec, MelConfig, image_from_uint8, to_uint8
+from riffloop.music import (
+    MelCodec,
+    MelConfig,
+    grid_from_npy,
+    grid_to_npy,
+    image_from_uint8,
+    to_uint8,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -147,6 +156,21 @@ def test_uint8_convention_of_teticio() -> None:
     assert torch.equal(to_uint8(torch.tensor([-2.0, 0.0, 2.0])), torch.tensor([0, 128, 255]).byte())
     with pytest.raises(ValidationError):
         image_from_uint8(torch.zeros(3))
+
+
+def test_a_stored_track_image_round_trips_and_anything_else_is_refused() -> None:
+    grid = torch.randint(0, 256, (16, 40), dtype=torch.uint8, generator=torch.Generator())
+    assert torch.equal(grid_from_npy(grid_to_npy(grid)), grid)
+    for bad in (grid.float(), grid[None]):
+        with pytest.raises(ValidationError, match="8-bit"):
+            grid_to_npy(bad)
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    floats = io.BytesIO()
+    np.save(floats, np.zeros((4, 4), dtype=np.float32))
+    for raw in (b"not an array", pickled.getvalue(), floats.getvalue()):
+        with pytest.raises(ValidationError):
+            grid_from_npy(raw)
 
 
 def test_track_image_of_one_window_is_that_window_and_its_frames_invert_track_to_audio() -> None:

@@ -92,7 +92,10 @@ def _audio(ports: Any, track_id: str) -> np.ndarray:
 
 
 def test_a_batch_of_three_gives_the_images_of_three_single_requests() -> None:
+    import torch
+
     from riffloop.loop import TrackKind
+    from riffloop.music import TrackLength, grid_from_npy
 
     ports_b, batched = _generator()
     ports_s, single = _generator()
@@ -117,6 +120,11 @@ def test_a_batch_of_three_gives_the_images_of_three_single_requests() -> None:
         # 8-bit images: equal but where a float difference crosses a rounding boundary
         ia, ib = np.array(sa["image_uint8"]), np.array(sb["image_uint8"])
         assert np.abs(ia - ib).max() <= 1 and (ia != ib).mean() < 0.01
+        # the whole 8-bit image is stored beside the audio; its window 0 is the sidecar's
+        length = TrackLength(sa["windows"], ia.shape[-1], sa["window_overlap"])
+        grid = grid_from_npy(ports_b.objects.get("tracks", sa["mel_key"]))
+        assert grid.shape == (ia.shape[0], length.frames)
+        assert torch.equal(length.windows_of(grid[None])[0, 0], torch.as_tensor(ia).byte())
         np.testing.assert_allclose(
             _audio(ports_b, a.track_id), _audio(ports_s, b.track_id), atol=2e-3
         )

@@ -155,6 +155,21 @@ def test_preference_beta_reaches_both_arms_selector_and_trainer() -> None:
         LoopConfig(preference_beta=-1.0)
 
 
+def test_train_windows_reaches_both_arms_trainers_and_keeps_saved_runs() -> None:
+    from riffloop.sim import LoopExperiment
+
+    experiment = LoopExperiment.__new__(LoopExperiment)  # settings() reads cfg alone
+    experiment.model_dir = Path("assets/base-model")
+    for windows in ("first", "all"):
+        experiment.cfg = LoopConfig(train_windows=windows)
+        for selection in ("genetic", "random"):
+            assert experiment.settings(selection)["trainer"]["train_windows"] == windows
+    with pytest.raises(ValidationError, match="first or all"):
+        LoopConfig(train_windows="last")
+    with pytest.raises(ValidationError, match="preference_beta"):
+        LoopConfig(train_windows="all", preference_beta=500.0)
+
+
 def test_a_saved_run_is_not_reused_for_another_base_model(tmp_path: Path) -> None:
     paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1", model="base-v1:aaaa")
     assert read_result(paths["csv"], LoopConfig(seed=1), "base-v1:aaaa") is not None
