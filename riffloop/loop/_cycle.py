@@ -752,18 +752,20 @@ class ReleaseCycle:
             track = str(pair["target_track_id"])
             sidecar = json.loads(self.objects.get("tracks", f"{track}.json"))
             windows = first[None]
-            if sidecar.get("mel_key") and int(sidecar.get("windows", 1)) > 1:
-                try:
+            try:
+                stored = bool(sidecar.get("mel_key")) and int(sidecar.get("windows", 1)) > 1
+                if stored:
                     length = TrackLength(
                         windows=int(sidecar["windows"]),
                         x_res=int(first.shape[-1]),
                         overlap=int(sidecar["window_overlap"]),
                     )
-                    grid = grid_from_npy(self.objects.get("tracks", str(sidecar["mel_key"])))
-                except (KeyError, TypeError, ValueError) as exc:
-                    raise ValidationError(
-                        f"track {track}: its window layout is malformed: {exc}"
-                    ) from None
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValidationError(
+                    f"track {track}: its window layout is malformed: {exc}"
+                ) from None
+            if stored:
+                grid = grid_from_npy(self.objects.get("tracks", str(sidecar["mel_key"])))
                 if grid.shape[0] != first.shape[-2]:
                     raise ValidationError(
                         f"track {track}: its mel image has {grid.shape[0]} bins, "

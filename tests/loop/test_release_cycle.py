@@ -456,6 +456,11 @@ def test_train_windows_all_learns_every_window_of_each_kept_track_with_its_omega
     h.cycle.settings = CycleSettings(**FAST, train_windows="all")
     with pytest.raises(ValidationError, match="bins"):
         h.cycle.training_data(trainset)
+    _long_track(h, "t-long", long, windows=3, overlap=4)
+    layout = json.loads(h.objects.get("tracks", "t-long.json"))
+    h.objects.put("tracks", "t-long.json", json.dumps({**layout, "windows": "three"}).encode())
+    with pytest.raises(ValidationError, match="malformed"):
+        h.cycle.training_data(trainset)
     odd = json.dumps({"image_uint8": short[:8].tolist()}).encode()
     h.objects.put("tracks", "t-short.json", odd)  # a first window of another shape
     with pytest.raises(ValidationError, match="different shapes"):
