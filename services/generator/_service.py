@@ -439,11 +439,9 @@ class Generator:
         # The whole mel image the listener heard (8-bit [H, T], .npy), for a trainer that learns
         # from every window of a kept track (RIFFLOOP_TRAIN_WINDOWS=all, ReleaseCycle)
         mel_key = f"{prov.track_id}.mel.npy"
+        grid = to_uint8(image)[0, 0]
         self.ports.objects.put(
-            "tracks",
-            mel_key,
-            grid_to_npy(to_uint8(image)[0, 0]),
-            content_type="application/octet-stream",
+            "tracks", mel_key, grid_to_npy(grid), content_type="application/octet-stream"
         )
         sidecar = {
             "provenance": json.loads(prov.to_json()),
@@ -456,7 +454,7 @@ class Generator:
             "mel_key": mel_key,
             "embedding": [float(v) for v in image[0, 0].mean(dim=-1)],
             # The track's first window (8-bit), the trainer's target when it is selected.
-            "image_uint8": to_uint8(image[..., : model.mel.x_res])[0, 0].tolist(),
+            "image_uint8": grid[:, : model.mel.x_res].tolist(),
         }
         self.ports.objects.put(
             "tracks",
