@@ -73,6 +73,7 @@ from riffloop.music._quality import (
     frechet_distance,
     spectral_flatness,
 )
+from riffloop.music._resample import resample
 from riffloop.music._train import (
     LoraSettings,
     MelDataset,
@@ -162,6 +163,7 @@ __all__ = [
     "naive_concatenation",
     "pack_corpus",
     "register_similarity",
+    "resample",
     "resolve_device",
     "seam_flux",
     "select_pieces",

@@ -20,9 +20,9 @@ hypothesis fuzz test in tests/music/test_audio.py holds this):
    → ``truncated``; an open error on a sniffed container → ``corrupt``. Within the tolerance
    the decoded length is the length (what players do).
 6. NaN/inf samples (float WAV can carry them) → ``non_finite``.
-7. down-mix to mono (the mean of the channels), then resample to 22,050 Hz with
-   ``torchaudio.functional.resample`` (its defaults: windowed-sinc, Hann window,
-   lowpass_filter_width 6, rolloff 0.99).
+7. down-mix to mono (the mean of the channels), then resample to 22,050 Hz (``_resample``:
+   torchaudio's windowed-sinc filter, Hann window, lowpass_filter_width 6, rolloff 0.99, computed
+   in blocks, so an odd rate such as 44,101 Hz costs what 44,100 Hz does).
 8. duration under ``limits.min_seconds`` → ``too_short``; peak below ``limits.silence_dbfs`` dBFS
    → ``silent``.
 """
@@ -37,10 +37,9 @@ from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
-import torch
-import torchaudio
 
 from riffloop.core import ValidationError
+from riffloop.music._resample import resample
 
 __all__ = [
     "DECLARED_FRAMES_TOLERANCE",
@@ -335,12 +334,7 @@ def decode_audio(data: bytes | BinaryIO, limits: AudioLimits | None = None) -> D
         raise InvalidAudio(AudioErrorCode.NON_FINITE, "the audio contains NaN or infinite samples")
     # 7b. resample
     if rate != SAMPLE_RATE and mono.size:
-        with torch.inference_mode():
-            mono = (
-                torchaudio.functional.resample(torch.from_numpy(mono), rate, SAMPLE_RATE)
-                .numpy()
-                .copy()
-            )
+        mono = resample(mono, rate, SAMPLE_RATE)
     duration = mono.size / SAMPLE_RATE
     # 8. length and silence
     if mono.size == 0:

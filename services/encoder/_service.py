@@ -57,15 +57,14 @@ class EncoderSettings(OperatorGuarded):
 def decode_mono(data: bytes, sample_rate: int) -> Any:
     """Audio bytes → mono float32 samples at ``sample_rate`` (``riffloop.music.decode_audio``)."""
     import torch
-    import torchaudio.functional as audio_f
 
-    from riffloop.music import AudioLimits, decode_audio
+    from riffloop.music import AudioLimits, decode_audio, resample
 
     decoded = decode_audio(data, AudioLimits(min_seconds=0.0))
-    samples = torch.from_numpy(decoded.samples)
+    samples = decoded.samples
     if decoded.sample_rate != sample_rate:
-        samples = audio_f.resample(samples, decoded.sample_rate, sample_rate)
-    return samples
+        samples = resample(samples, decoded.sample_rate, sample_rate)
+    return torch.from_numpy(samples)
 
 
 class Encoder:
