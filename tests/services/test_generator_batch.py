@@ -125,9 +125,14 @@ def test_a_batch_of_three_gives_the_images_of_three_single_requests() -> None:
         grid = grid_from_npy(ports_b.objects.get("tracks", sa["mel_key"]))
         assert grid.shape == (ia.shape[0], length.frames)
         assert torch.equal(length.windows_of(grid[None])[0, 0], torch.as_tensor(ia).byte())
-        np.testing.assert_allclose(
-            _audio(ports_b, a.track_id), _audio(ports_s, b.track_id), atol=2e-3
-        )
+        # the same track, to float noise: a batch's UNet sums in another order (more so with
+        # more threads: max |Δ| 1.8e-3 with one, 2.3e-3 with two, of a peak of 1), and Griffin-
+        # Lim carries a one-level image difference into every sample near it. The difference's
+        # rms is 0.004–0.13 % of the track's (measured); two unrelated tracks' would be ≈ √2.
+        xa, xb = _audio(ports_b, a.track_id), _audio(ports_s, b.track_id)
+        rms = float(np.sqrt(np.mean(xb**2)))
+        assert float(np.sqrt(np.mean((xa - xb) ** 2))) <= 5e-3 * rms
+        assert float(np.abs(xa - xb).max()) <= 1e-2
     # and the batch-mates do differ from one another (their own noise and inputs)
     embeddings = [_sidecar(ports_b, t.track_id)["embedding"] for t in together]
     assert not np.allclose(embeddings[0], embeddings[1], atol=1e-3)
