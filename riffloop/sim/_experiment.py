@@ -51,7 +51,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from riffloop.core import RateLimitedError, RiffloopError, TransientError, ValidationError
-from riffloop.loop import TrackKind, welch_ci
+from riffloop.loop import CycleSettings, TrackKind, welch_ci
 from riffloop.runtime import provenance_from_proto
 from riffloop.sim._deployment import Deployment, EmbeddedDeployment, SimClock, StackDeployment
 from riffloop.sim._listeners import (
@@ -141,9 +141,6 @@ class LoopConfig:
             "queue_target_listeners": 1,
             "quality": 1,
             "invert_steps": 1,
-            "finetune_steps": 1,
-            "finetune_batch": 2,
-            "lora_rank": 0,
             "torch_threads": 1,
             "eval_merges": 0,  # 0: no evaluation session
             "eval_requests_per_merge": 1,
@@ -157,9 +154,6 @@ class LoopConfig:
             "spam_share": (0.0, 1.0, False),
             "baseline_share": (0.0, 1.0, True),
             "similarity": (0.0, 1.0, False),
-            "replay_ratio": (0.0, 1.0, False),
-            "canary_alpha": (0.0, 1.0, False),
-            "learning_rate": (0.0, 1.0, True),
             "input_seconds": (2.0, 60.0, True),
             "track_seconds": (1.486, 60.0, True),
         }
@@ -171,17 +165,24 @@ class LoopConfig:
                 raise ValidationError(
                     f"{name} must lie in [{floor:g}, {ceiling:g}{bracket}, got {value!r}"
                 )
-        if not (math.isfinite(self.preference_beta) and self.preference_beta >= 0):
-            raise ValidationError(f"preference_beta must be ≥ 0, got {self.preference_beta!r}")
-        if self.canary_alpha == 0 or self.learning_rate == 0:
-            raise ValidationError("canary_alpha and learning_rate must be above 0")
-        if self.train_windows not in ("first", "all"):
-            raise ValidationError(f"train_windows must be first or all, got {self.train_windows!r}")
-        if self.train_windows == "all" and self.preference_beta > 0:
-            raise ValidationError(
-                "train_windows must be first when preference_beta > 0 (a preference pair is "
-                "one winner window against one loser window)"
+        self.cycle_settings()  # the fine-tune's and canary's fields: checked where they are used
+
+    def cycle_settings(self) -> CycleSettings:
+        """What this config sets of each arm's release cycle (the trainer's RIFFLOOP_* beside
+        it); its checks are the cycle's, named as this config's fields."""
+        try:
+            return CycleSettings(
+                finetune_steps=self.finetune_steps,
+                batch_size=self.finetune_batch,
+                learning_rate=self.learning_rate,
+                replay_ratio=self.replay_ratio,
+                lora_rank=self.lora_rank,
+                preference_beta=self.preference_beta,
+                train_windows=self.train_windows,
+                canary_alpha=self.canary_alpha,
             )
+        except ValidationError as exc:
+            raise ValidationError(exc.reason.replace("batch_size", "finetune_batch")) from None
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,8 @@ def test_every_demo_flag_says_what_it_does(capsys) -> None:
         (["--spam-share", "1"], "spam_share must lie in [0, 1)"),
         (["--learning-rate", "nan"], "learning_rate must lie in"),
         (["--n-inputs", "1"], "n_inputs must be an integer ≥ 2"),
+        # the release cycle's own check, met before anything starts rather than in a trainer
+        (["--finetune-batch", "2", "--replay-ratio", "0.9"], "replay_ratio leaves no room"),
     ],
 )
 def test_bad_demo_flags_are_usage_errors_before_anything_loads(
