@@ -56,6 +56,17 @@ _log = logging.getLogger("riffloop.gateway.connect")
 SERVICE = "riffloop.v1.GatewayService"
 WEB_ROOT = Path(__file__).resolve().parents[2] / "web" / "dist"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+# The two upload methods may carry a whole song; every other request is small (the largest, a
+# SubmitFeedback batch of max_feedback_batch items, is ≈ 20 KB in JSON). connectrpc decodes a
+# request on the event loop before the handler runs (and so before the caller is known): with
+# one 20 MiB limit for all, a 20 MiB JSON SubmitFeedback of empty items took ≈ 0.8 GB and ≈ 35 s
+# of the loop (measured at 0.9 MB: 36 MB and 1.6 s).
+UPLOAD_METHODS = frozenset({"UploadSong", "UploadWholeSong"})
+MESSAGE_BYTES = 256 * 1024
+# A streamed upload over Connect (HTTP/2 clients; the page sends UploadWholeSong) is gathered in
+# memory before its handler runs, and an empty message counts 0 bytes: 2^20 empty frames, 5 MB
+# on the wire, held 600 MB. So the messages are counted too: chunks of 4 KiB or more on average.
+UPLOAD_CHUNK_FLOOR = 4 * 1024
 # What the page may load: its own scripts and styles, blob: audio and images it builds itself.
 _SECURITY_HEADERS = [
     (
@@ -96,9 +107,12 @@ class ConnectGateway:
         self.service_name = service_name
         self.max_upload_bytes = max_upload_bytes
 
-    def endpoints(self) -> dict[str, Any]:
+    def endpoints(self, uploads: bool) -> dict[str, Any]:
+        """The Connect endpoints of the upload methods (``uploads``) or of all the others."""
         out: dict[str, Any] = {}
         for method in pb.DESCRIPTOR.services_by_name["GatewayService"].methods:
+            if (method.name in UPLOAD_METHODS) != uploads:
+                continue
             info: MethodInfo[Any, Any] = MethodInfo(
                 name=method.name,
                 service_name=SERVICE,
@@ -217,19 +231,35 @@ class ConnectGateway:
     def _client_stream(self, name: str) -> Callable[[Any, RequestContext[Any, Any]], Any]:
         handler = getattr(self.servicer, name)
         limit = self.max_upload_bytes
+        max_messages = 2 + limit // UPLOAD_CHUNK_FLOOR  # the metadata, the chunks, a short last
 
         async def call(requests: AsyncIterator[Any], ctx: RequestContext[Any, Any]) -> Any:
+            refusal = ""
+            try:  # who is calling, before a byte of the stream is gathered
+                bearer_user(str(ctx.request_headers.get("authorization", "")), self.verifier)
+            except RiffloopError:
+                # nothing is read: _call's own check refuses the call (UNAUTHENTICATED, logged
+                # and counted) before ``run``
+                refusal = "unauthenticated"
             messages: list[Any] = []
             size = 0
-            async for message in requests:
-                size += message.ByteSize()
-                if size > limit + 64 * 1024:  # the handler refuses with the reason; stop reading
-                    break
-                messages.append(message)
+            if not refusal:
+                async for message in requests:
+                    size += message.ByteSize()
+                    if size > limit + 64 * 1024:  # refused with the reason; stop reading
+                        refusal = f"upload exceeds the limit of {limit} bytes"
+                        break
+                    if len(messages) == max_messages:
+                        refusal = (
+                            f"an upload may come in at most {max_messages} messages (chunks of "
+                            f"{UPLOAD_CHUNK_FLOOR} bytes or more)"
+                        )
+                        break
+                    messages.append(message)
 
             def run() -> Any:
-                if size > limit + 64 * 1024:
-                    raise ValidationError(f"upload exceeds the limit of {limit} bytes")
+                if refusal:
+                    raise ValidationError(refusal)
                 return handler(iter(messages), _CallContext())
 
             return await asyncio.to_thread(self._invoke, name, ctx, None, run)
@@ -255,7 +285,13 @@ class GatewayWebApp:
     ) -> None:
         self.connect = _GatewayConnectApp(
             service=gateway,
-            endpoints=lambda service: service.endpoints(),
+            endpoints=lambda service: service.endpoints(uploads=False),
+            codecs=google_protobuf_codecs(),
+            read_max_bytes=MESSAGE_BYTES,
+        )
+        self.connect_uploads = _GatewayConnectApp(
+            service=gateway,
+            endpoints=lambda service: service.endpoints(uploads=True),
             codecs=google_protobuf_codecs(),
             # one UploadWholeSong message: the upload limit plus its metadata and framing
             read_max_bytes=gateway.max_upload_bytes + 64 * 1024,
@@ -276,7 +312,8 @@ class GatewayWebApp:
             return
         path: str = scope["path"]
         if path.startswith(f"/{SERVICE}/"):
-            await self.connect(scope, receive, send)
+            uploads = path.removeprefix(f"/{SERVICE}/") in UPLOAD_METHODS
+            await (self.connect_uploads if uploads else self.connect)(scope, receive, send)
         elif path == "/auth/config":
             body = {"devSignIn": self.dev_signer is not None}
             await _respond(send, 200, json.dumps(body).encode(), "application/json")

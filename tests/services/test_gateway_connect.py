@@ -263,3 +263,79 @@ def test_a_connect_call_is_a_span_of_the_callers_trace_as_over_grpc(gateway: Run
     assert missing.parent is None
     assert dict(missing.attributes or {})["rpc.connect_rpc.error_code"] == "not_found"
     assert untraced_request_id == format(missing.context.trace_id, "032x")
+
+
+def connect_stream(
+    gateway: Running, method: str, messages: list[bytes], token: str | None
+) -> tuple[list[bytes], dict[str, Any]]:
+    """One Connect client-streaming call (enveloped binary messages); (the response messages,
+    the end-of-stream JSON)."""
+    body = b"".join(b"\0" + len(m).to_bytes(4, "big") + m for m in messages)
+    headers = {"content-type": "application/connect+proto", "connect-protocol-version": "1"}
+    if token is not None:
+        headers["authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(
+        f"{base_url(gateway)}/riffloop.v1.GatewayService/{method}", body, headers, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        data = response.read()
+    out, end, at = [], {}, 0
+    while at < len(data):
+        flags, size = data[at], int.from_bytes(data[at + 1 : at + 5], "big")
+        payload = data[at + 5 : at + 5 + size]
+        at += 5 + size
+        if flags & 0x02:
+            end = json.loads(payload or b"{}")
+        else:
+            out.append(payload)
+    return out, end
+
+
+def test_a_streamed_upload_over_connect_is_checked_as_over_grpc() -> None:
+    limit = 100_000
+    running = start_service("gateway", shared_ports(), connect_port=0, max_upload_bytes=limit)
+    try:
+        token = TokenSigner(SECRET).issue("streamer")
+        song = wav_bytes(seconds=1.5)  # 66 KB: under the limit
+        head = pb.UploadSongRequest(metadata=pb.UploadSongMetadata(content_type="audio/wav"))
+        chunks = [song[i : i + 8192] for i in range(0, len(song), 8192)]
+        parts = [head.SerializeToString()] + [
+            pb.UploadSongRequest(chunk=c).SerializeToString() for c in chunks
+        ]
+        assert len(song) <= limit
+        out, end = connect_stream(running, "UploadSong", parts, token)
+        assert "error" not in end, end
+        assert pb.UploadSongResponse.FromString(out[0]).duration_seconds == pytest.approx(1.5)
+        # no token: refused before the stream is gathered, as the gRPC interceptor does
+        _, end = connect_stream(running, "UploadSong", parts, None)
+        assert end["error"]["code"] == "unauthenticated"
+        # empty messages count no bytes; their number is capped (2 + limit // 4 KiB)
+        empty = pb.UploadSongRequest(chunk=b"").SerializeToString()
+        _, end = connect_stream(running, "UploadSong", [parts[0]] + [empty] * 100, token)
+        assert end["error"]["code"] == "invalid_argument"
+        assert "at most 26 messages (chunks of 4096 bytes or more)" in end["error"]["message"]
+    finally:
+        running.channel.close()
+        running.runtime.stop()
+
+
+def test_a_request_other_than_an_upload_is_read_up_to_256_kib(gateway: Running) -> None:
+    token = TokenSigner(SECRET).issue("bulky")
+    # a SubmitFeedback of empty items: nothing to charge before it is decoded, so its size is
+    # the only bound on what decoding it costs
+    items = b"{" + b'"items": [' + b",".join([b"{}"] * 140_000) + b"]}"
+    assert len(items) > 256 * 1024
+    status, body = connect(gateway, "SubmitFeedback", items, token)
+    assert status == 429 and json.loads(body)["code"] == "resource_exhausted", body
+    # the largest valid batch (max_feedback_batch's default of 100 items, 64-character ids,
+    # both timestamps set) is a tenth of it in JSON
+    from google.protobuf import json_format
+
+    stamp = {"seconds": 1_800_000_000, "nanos": 999_999_999}
+    item = pb.FeedbackItem(
+        listen=pb.ReportListenRequest(
+            track_id="t" * 64, seconds_listened=123.456789, completed=True, client_time=stamp
+        )
+    )
+    full = pb.SubmitFeedbackRequest(items=[item] * 100)
+    assert len(json_format.MessageToJson(full).encode()) < 256 * 1024 // 8
