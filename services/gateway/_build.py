@@ -55,9 +55,15 @@ def audio_probe(settings: GatewaySettings) -> Callable[[BinaryIO], float]:
 
 
 def in_flight_limits(settings: GatewaySettings) -> InFlightLimiter:
-    """Uploads (either method) and Generate calls in progress at once, per user and in all."""
+    """Uploads (either method), Generate calls and mel images in progress at once, per user
+    and in all."""
     return InFlightLimiter(
-        {"UploadSong": "uploads", "UploadWholeSong": "uploads", "Generate": "generate"},
+        {
+            "UploadSong": "uploads",
+            "UploadWholeSong": "uploads",
+            "Generate": "generate",
+            "GetTrackMelImage": "mel images",
+        },
         {
             "uploads": InFlightCap(
                 "uploads", settings.max_user_uploads_in_flight, settings.max_uploads_in_flight
@@ -66,6 +72,11 @@ def in_flight_limits(settings: GatewaySettings) -> InFlightLimiter:
                 "Generate calls",
                 settings.max_user_generate_in_flight,
                 settings.max_generate_in_flight,
+            ),
+            "mel images": InFlightCap(
+                "mel images",
+                settings.max_user_mel_images_in_flight,
+                settings.max_mel_images_in_flight,
             ),
         },
     )

@@ -241,3 +241,38 @@ def test_a_lost_answer_stops_holding_a_place_after_the_ttl() -> None:
     now[0] += 61.0
     backlog.admit("u")  # t1's answer never came: it no longer counts
     assert backlog.backlog() == 0 and backlog.pending("u") == 0
+
+
+def test_mel_images_are_capped_in_flight_like_uploads_and_generate() -> None:
+    """A render costs ≈ 0.5 s of CPU for a 60 s track: its 2 tokens bound how often a user asks,
+    the in-flight cap how many renders they hold at once (RIFFLOOP_MAX_*MEL_IMAGES_IN_FLIGHT)."""
+    from riffloop.core import ConfigurationError, RateLimitedError
+    from services.gateway import GatewaySettings
+    from services.gateway._build import in_flight_limits
+
+    settings = GatewaySettings.from_env(
+        {
+            "RIFFLOOP_AUTH_SECRET": "x" * 20,
+            "RIFFLOOP_MAX_USER_MEL_IMAGES_IN_FLIGHT": "1",
+            "RIFFLOOP_MAX_MEL_IMAGES_IN_FLIGHT": "2",
+        }
+    )
+    limits = in_flight_limits(settings)
+    with limits.hold("GetTrackMelImage", "ann"):
+        with (
+            pytest.raises(RateLimitedError, match=r"mel images in progress for you: 1"),
+            limits.hold("GetTrackMelImage", "ann"),
+        ):
+            pass
+        with (
+            limits.hold("GetTrackMelImage", "bo"),
+            pytest.raises(RateLimitedError, match=r"too many mel images .* \(limit 2\)"),
+            limits.hold("GetTrackMelImage", "cy"),
+        ):
+            pass
+        with limits.hold("Generate", "ann"):  # another kind: its own places
+            pass
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_MAX_USER_MEL_IMAGES_IN_FLIGHT"):
+        GatewaySettings.from_env(
+            {"RIFFLOOP_AUTH_SECRET": "x" * 20, "RIFFLOOP_MAX_USER_MEL_IMAGES_IN_FLIGHT": "9"}
+        )
