@@ -84,3 +84,33 @@ def test_internal_services_refuse_bad_input(all_services: dict[str, Running]) ->
     expect(C.FAILED_PRECONDITION, lambda: trainer.Rollback(tr.RollbackRequest()), "base model")
     status = trainer.TrainStatus(tr.TrainStatusRequest())
     assert status.current_version == "v0001" and status.state == tr.TRAINER_STATE_IDLE
+
+
+def test_the_encoder_keeps_evenly_spaced_windows_of_a_long_song(
+    all_services: dict[str, Running],
+) -> None:
+    """A song of many windows: the encoder keeps max_slices (4) of them, evenly spaced, and
+    turns only those into images; each is the image the whole song's window would have been."""
+    import hashlib
+
+    import torch
+
+    from riffloop.music import MelCodec, MelConfig, decode_audio, to_uint8
+    from riffloop.runtime import LATENTS_BUCKET, LatentRecord
+    from tests.services.conftest import wav_bytes
+
+    wait_for(lambda: all(r.runtime.readiness.ready for r in all_services.values()), 60, "ready")
+    running = all_services["encoder"]
+    song = wav_bytes(seconds=20.0, freq=330.0)
+    song_id = hashlib.sha256(song).hexdigest()
+    objects = running.state.ports.objects
+    objects.put("songs", song_id, song)
+    encoder = enc_grpc.EncoderServiceStub(running.channel)
+    encoder.Encode(enc.EncodeRequest(song_id=song_id), timeout=120)
+    record = LatentRecord.from_bytes(objects.get(LATENTS_BUCKET, LatentRecord.key(song_id)))
+    codec = MelCodec(MelConfig.from_dict(record.mel))
+    whole = codec.audio_to_images(torch.from_numpy(decode_audio(song).samples))
+    n = whole.shape[0]
+    assert n > 4
+    picks = torch.linspace(0, n - 1, 4).round().long().unique()
+    assert torch.equal(record.images, to_uint8(whole[picks]))
