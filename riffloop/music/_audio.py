@@ -21,8 +21,9 @@ hypothesis fuzz test in tests/music/test_audio.py holds this):
    the decoded length is the length (what players do).
 6. NaN/inf samples (float WAV can carry them) → ``non_finite``.
 7. down-mix to mono (the mean of the channels), then resample to 22,050 Hz (``_resample``:
-   torchaudio's windowed-sinc filter, Hann window, lowpass_filter_width 6, rolloff 0.99, computed
-   in blocks, so an odd rate such as 44,101 Hz costs what 44,100 Hz does).
+   torchaudio's windowed-sinc filter, Hann window, lowpass_filter_width 6, rolloff 0.99), both
+   block by block as the file is read (so an odd rate such as 44,101 Hz costs what 44,100 Hz
+   does, and the song is held whole only at 22,050 Hz).
 8. duration under ``limits.min_seconds`` → ``too_short``; peak below ``limits.silence_dbfs`` dBFS
    → ``silent``.
 """
@@ -39,7 +40,7 @@ import numpy as np
 import soundfile as sf
 
 from riffloop.core import ValidationError
-from riffloop.music._resample import resample
+from riffloop.music._resample import Resampler
 
 __all__ = [
     "DECLARED_FRAMES_TOLERANCE",
@@ -106,8 +107,9 @@ class AudioLimits:
     max_seconds: float = 600.0
     min_seconds: float = 1.5
     silence_dbfs: float = -60.0
-    # Decoded values (frames × channels) held in memory at once: compressed formats can expand
-    # a small upload enormously (FLAC of silence), so this bounds memory, not the byte size.
+    # Decoded values (frames × channels) an upload may hold: compressed formats can expand a
+    # small upload enormously (FLAC of silence), so this bounds the decode's work and output,
+    # not the byte size (what is held at once is a block and the 22,050 Hz result).
     max_decoded_values: int = 600 * 48000 * 2
 
     def __post_init__(self) -> None:
@@ -222,9 +224,11 @@ def _libsndfile_errors() -> tuple[type[BaseException], ...]:
 def _read(
     source: BinaryIO, size: int, fmt: str, limits: AudioLimits
 ) -> tuple[np.ndarray, int, int, bool]:
-    """(mono float32 samples, rate, channels, all finite). Each block is down-mixed as it is
-    read, so the multichannel signal is never held whole: a 10-minute stereo 48 kHz upload
-    peaks at 0.23 GB of Python allocations instead of 0.57 GB (tracemalloc, session 10)."""
+    """(mono float32 samples at SAMPLE_RATE, source rate, channels, all finite). Each block
+    is down-mixed and resampled as it is read, so neither the multichannel signal nor the mono
+    one at the source rate is ever held whole: a 10-minute stereo 48 kHz upload peaked at
+    0.57 GB of Python allocations held whole, 0.23 GB down-mixed per block (tracemalloc,
+    session 10); the 22,050 Hz output is 53 MB."""
     errors = _libsndfile_errors()
     try:
         source.seek(0)
@@ -262,6 +266,7 @@ def _read(
                 f"{frames} frames × {channels} channels decode to more than the server accepts",
             )
         # Read in blocks: memory follows the data actually present, not what the header claims.
+        stream = Resampler(rate, SAMPLE_RATE)  # 7b, per block
         blocks: list[np.ndarray] = []
         got = 0
         finite = True
@@ -275,7 +280,7 @@ def _read(
                 # +inf and −inf in one frame would warn here: such audio is refused anyway
                 with np.errstate(invalid="ignore", over="ignore"):
                     mono_block = block.mean(axis=1, dtype=np.float64).astype(np.float32)
-                blocks.append(mono_block)
+                blocks.append(stream.push(mono_block))
                 got += block.shape[0]
                 if got * channels > limits.max_decoded_values:
                     raise InvalidAudio(
@@ -285,7 +290,8 @@ def _read(
             raise InvalidAudio(
                 AudioErrorCode.TRUNCATED, f"the {fmt.upper()} file is cut off or damaged"
             ) from exc
-    mono = np.concatenate(blocks) if blocks else np.zeros(0, dtype=np.float32)
+    blocks.append(stream.finish())
+    mono = np.concatenate(blocks)
     tolerance_frames, tolerance_fraction = DECLARED_FRAMES_TOLERANCE[fmt]
     if frames - got > max(tolerance_frames, frames * tolerance_fraction):
         raise InvalidAudio(
@@ -328,13 +334,11 @@ def decode_audio(data: bytes | BinaryIO, limits: AudioLimits | None = None) -> D
     if fmt == "wav" and _wav_declares_more_than(head, size):
         raise InvalidAudio(AudioErrorCode.TRUNCATED, "the WAV file is cut off")
     # 4–5. open and decode
-    mono, rate, channels, finite = _read(source, size, fmt, limits)  # 7a. down-mixed as read
+    # 7. down-mixed and resampled as read
+    mono, rate, channels, finite = _read(source, size, fmt, limits)
     # 6. non-finite samples
     if not finite:
         raise InvalidAudio(AudioErrorCode.NON_FINITE, "the audio contains NaN or infinite samples")
-    # 7b. resample
-    if rate != SAMPLE_RATE and mono.size:
-        mono = resample(mono, rate, SAMPLE_RATE)
     duration = mono.size / SAMPLE_RATE
     # 8. length and silence
     if mono.size == 0:

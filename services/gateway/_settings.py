@@ -25,9 +25,10 @@ class GatewaySettings(DispatchKeyed):
     max_upload_bytes: int = 20 * 1024 * 1024
     max_audio_seconds: float = 600.0
     # Uploads decoding at once in this process. Decoding is what costs memory (a 10-minute
-    # stereo 48 kHz file raised a process's peak RSS by 0.34 GB, session 10; the pod has
-    # 2 GiB); a spooled upload waits up to upload_decode_wait_s for a slot, then gets
-    # RESOURCE_EXHAUSTED.
+    # stereo 48 kHz file raised a process's peak RSS by 0.34 GB in session 10; decoded and
+    # resampled block by block since session 19, a 10-minute 96 kHz FLAC peaks at 101 MiB of
+    # Python allocations, was 439; the pod has 2 GiB); a spooled upload waits up to
+    # upload_decode_wait_s for a slot, then gets RESOURCE_EXHAUSTED.
     max_concurrent_uploads: int = 2
     upload_decode_wait_s: float = 30.0
     # Uploads are spooled to disk as they arrive (services/gateway/_uploads.py), here ("" =

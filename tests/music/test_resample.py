@@ -11,6 +11,7 @@ import torch
 import torchaudio
 
 from riffloop.music import resample
+from riffloop.music._resample import Resampler
 
 pytestmark = pytest.mark.unit
 
@@ -82,3 +83,18 @@ def test_equal_rates_copy_and_bad_rates_are_refused() -> None:
 
 def test_empty_input_gives_empty_output() -> None:
     assert resample(np.zeros(0, np.float32), 44100, 22050).size == 0
+
+
+@pytest.mark.parametrize(("source", "target"), [(44100, 22050), (44101, 22050), (8000, 22050)])
+def test_a_stream_in_blocks_of_any_size_gives_the_whole_arrays_result(
+    source: int, target: int
+) -> None:
+    x = noise(3.0, source, seed=1)
+    whole = resample(x, source, target)
+    stream = Resampler(source, target)
+    sizes = np.random.default_rng(2).integers(1, 40_000, size=200)
+    cuts = np.cumsum(sizes)
+    cuts = cuts[cuts < x.size]
+    pieces = [stream.push(part) for part in np.split(x, cuts)]
+    streamed = np.concatenate([*pieces, stream.finish()])
+    np.testing.assert_array_equal(streamed, whole)
