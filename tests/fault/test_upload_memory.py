@@ -11,16 +11,17 @@ the 2 calls beyond are refused with RESOURCE_EXHAUSTED and a reason.
 
 The bound. The gateway's peak resident memory (VmHWM of /proc/<pid>/status) over the run may
 exceed its resident memory just before the uploads (VmRSS, after a warm-up upload) by at most
-GROWTH_BOUND_MIB: two decodes of a 119 s 44.1 kHz stereo file at once (each peaks at ≈ 30 MiB
-measured alone: 20 MiB of decoded blocks and their join, 10 MiB of output from the blocked
-resampler, riffloop/music/_resample.py) plus ≈ 20 MiB per stream in flight (8: gRPC's
-flow-control buffers, a 5 MiB S3 part and its copy), 220 MiB, with 160 MiB of margin for what a
-busier or larger machine adds (measured on the real stack: 141 and 144 MiB here; before the
-blocked resampler a decode peaked at 130 MiB, and growth was 370–430 MiB here and 543 MiB on
-CI's machine). In all it may not exceed PEAK_BOUND_MIB, three quarters of the production pod's
-2 GiB limit (the process rests at ≈ 0.8 GiB: torch for the decoder). Holding the uploads in
-memory instead would add 2 × 20 MiB per upload in flight (the chunks and their joined copy,
-320 MiB here, over the bound): the bound would then grow with the cap, and with the file size.
+GROWTH_BOUND_MIB: two decodes of a 119 s 44.1 kHz stereo file at once (each peaks at ≈ 15 MiB
+measured alone: the file is down-mixed and resampled block by block, riffloop/music/_audio.py,
+so what it holds is the 22,050 Hz result, 10 MiB, and its pieces) plus ≈ 20 MiB per stream in
+flight (8: gRPC's flow-control buffers, a 5 MiB S3 part and its copy), 190 MiB, with 130 MiB
+for what a busier or larger machine adds (measured on the real stack: 65 and 115 MiB here;
+with the whole song resampled at once, 141 and 144 MiB; with torchaudio's resampler a decode
+peaked at 130 MiB, and growth was 370–430 MiB here and 543 MiB on CI's machine). In all it may
+not exceed PEAK_BOUND_MIB, three quarters of the production pod's 2 GiB limit (the process
+rests at ≈ 0.8 GiB: torch for the mel images). Holding the uploads in memory instead would add
+2 × 20 MiB per upload in flight (the chunks and their joined copy, 320 MiB here, over the
+bound): the bound would then grow with the cap, and with the file size.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ UPLOADS = 10
 IN_FLIGHT = 8  # the gateway's per-user cap in this test
 UPLOAD_LIMIT = 20 * MiB  # RIFFLOOP_MAX_UPLOAD_BYTES' default
 CHUNK = 1 * MiB  # what riffloop.client sends per message
-# The bounds of the module docstring: 2 × 30 + 8 × 20 MiB with 160 MiB of margin, and 0.75 × 2 GiB.
-GROWTH_BOUND_MIB = 384
+# The bounds of the module docstring: 2 × 15 + 8 × 20 MiB with 130 MiB of margin, and 0.75 × 2 GiB.
+GROWTH_BOUND_MIB = 320
 PEAK_BOUND_MIB = 1536
 
 
