@@ -32,7 +32,7 @@ from riffloop.runtime import (
     hmac_kid,
 )
 from riffloop.v1 import gateway_service_pb2_grpc as pb_grpc
-from services.gateway._requests import feedback_batch_size
+from services.gateway._requests import feedback_batch_size, generate_cost
 from services.gateway._service import GatewayEvents, GatewayServicer
 from services.gateway._settings import GatewaySettings
 
@@ -134,14 +134,15 @@ def build(
     verifier = token_verifier(settings)
     # SubmitFeedback pays one token per item: the limit counts ratings, not calls. A batch of
     # the wrong size is refused (INVALID_ARGUMENT) before it pays anything. The costly calls
-    # pay what they make the system do; uploads and Generate are also capped in flight.
+    # pay what they make the system do (a Generate in proportion to its q × seconds); uploads,
+    # Generate and mel images are also capped in flight.
     rate_limit = RateLimitInterceptor(
         limiter,
         {
             "SubmitFeedback": lambda request: feedback_batch_size(
                 request, settings.max_feedback_batch
             ),
-            "Generate": settings.generate_cost,
+            "Generate": lambda request: generate_cost(request, settings),
             "UploadSong": settings.upload_cost,
             "UploadWholeSong": settings.upload_cost,
             "GetTrackMelImage": settings.mel_image_cost,

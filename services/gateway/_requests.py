@@ -10,13 +10,16 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from riffloop.core import PermanentError, ValidationError
 from riffloop.v1 import events_pb2
 from riffloop.v1 import gateway_service_pb2 as pb
+
+if TYPE_CHECKING:
+    from services.gateway._settings import GatewaySettings
 
 SONG_ID = re.compile(r"^[0-9a-f]{64}$")
 TRACK_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -32,6 +35,28 @@ _CONTENT_TYPES = {
     "audio/ogg": ".ogg",
     "audio/mpeg": ".mp3",
 }
+
+
+# The generator's track length when a request names none (riffloop.music.DEFAULT_TRACK_SECONDS;
+# restated so that this module stays free of torch).
+DEFAULT_TRACK_SECONDS = 5.9
+
+
+def generate_cost(request: pb.GenerateRequest, settings: GatewaySettings) -> int:
+    """Rate-limit tokens of a Generate call: ``generate_cost`` for the default request, scaled
+    by its denoising work. The generator runs ≈ q steps per window (``InjectionPlan``) over
+    about seconds / 1.49 windows, so the work is ∝ q × seconds; a request of q = 1,000 for 60 s
+    is ≈ 200 default ones. At most the burst, so that every valid request can pass. A field
+    out of its range costs the default (the handler then refuses it with its reason)."""
+    q = request.quality
+    if not 0 < q <= settings.max_quality:
+        q = settings.default_quality
+    seconds = request.duration_seconds
+    if not (math.isfinite(seconds) and 0 < seconds <= settings.max_track_seconds):
+        seconds = DEFAULT_TRACK_SECONDS
+    work = q * seconds / (settings.default_quality * DEFAULT_TRACK_SECONDS)
+    units = max(1, math.ceil(work - 1e-9))
+    return min(settings.rate_limit_burst, settings.generate_cost * units)
 
 
 def feedback_batch_size(request: pb.SubmitFeedbackRequest, limit: int) -> int:

@@ -48,7 +48,9 @@ class GatewaySettings(DispatchKeyed):
     max_user_mel_images_in_flight: int = 2
     max_mel_images_in_flight: int = 4
     # Rate-limit tokens a call costs (others cost 1): what it makes the system do. A Generate
-    # is a GPU job, an upload a decode, an encode and a stored song; a mel image a render.
+    # is a GPU job (generate_cost for the default quality and 5.9 s; more in proportion to
+    # q × seconds, at most the burst), an upload a decode, an encode and a stored song; a mel
+    # image a render.
     generate_cost: int = 5
     upload_cost: int = 10
     mel_image_cost: int = 2

@@ -276,3 +276,31 @@ def test_mel_images_are_capped_in_flight_like_uploads_and_generate() -> None:
         GatewaySettings.from_env(
             {"RIFFLOOP_AUTH_SECRET": "x" * 20, "RIFFLOOP_MAX_USER_MEL_IMAGES_IN_FLIGHT": "9"}
         )
+
+
+def test_a_generate_pays_in_proportion_to_its_denoising_work() -> None:
+    from riffloop.music import DEFAULT_TRACK_SECONDS
+    from services.gateway._requests import DEFAULT_TRACK_SECONDS as RESTATED
+    from services.gateway._requests import generate_cost
+
+    assert RESTATED == DEFAULT_TRACK_SECONDS
+
+    from services.gateway import GatewaySettings
+
+    settings = GatewaySettings.from_env(
+        {"RIFFLOOP_AUTH_SECRET": "x" * 20, "RIFFLOOP_RATE_LIMIT_BURST": "100"}
+    )
+    assert (settings.generate_cost, settings.default_quality) == (5, 50)
+
+    def cost(**fields: float) -> int:
+        return generate_cost(pb.GenerateRequest(**fields), settings)
+
+    assert cost() == cost(quality=50, duration_seconds=5.9) == 5  # the default request
+    assert cost(quality=20) == cost(duration_seconds=1.5) == 5  # less work: still one unit
+    assert cost(quality=100) == cost(duration_seconds=11.8) == 10
+    assert cost(quality=51) == 10  # any part of a unit more is a unit
+    assert cost(quality=200, duration_seconds=30) == 100  # ≈ 20 units: capped at the burst
+    assert cost(quality=1000, duration_seconds=60) == 100
+    # out-of-range fields cost the default; the handler refuses them with its reason
+    assert cost(quality=-3, duration_seconds=float("nan")) == cost(quality=5000) == 5
+    assert cost(duration_seconds=float("inf")) == cost(duration_seconds=61) == 5
