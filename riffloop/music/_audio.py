@@ -270,26 +270,26 @@ def _read(
         blocks: list[np.ndarray] = []
         got = 0
         finite = True
-        try:
-            while got <= frames:
+        while got <= frames:
+            try:
                 block = handle.read(frames=_BLOCK_FRAMES, dtype="float32", always_2d=True)
-                if block.shape[0] == 0:
-                    break
-                finite = finite and bool(np.isfinite(block).all())
-                # the down-mix of decode_audio's step 7, per block (same values: a row mean);
-                # +inf and −inf in one frame would warn here: such audio is refused anyway
-                with np.errstate(invalid="ignore", over="ignore"):
-                    mono_block = block.mean(axis=1, dtype=np.float64).astype(np.float32)
-                blocks.append(stream.push(mono_block))
-                got += block.shape[0]
-                if got * channels > limits.max_decoded_values:
-                    raise InvalidAudio(
-                        AudioErrorCode.TOO_LARGE, "the audio decodes to more than its header said"
-                    )
-        except errors as exc:
-            raise InvalidAudio(
-                AudioErrorCode.TRUNCATED, f"the {fmt.upper()} file is cut off or damaged"
-            ) from exc
+            except errors as exc:
+                raise InvalidAudio(
+                    AudioErrorCode.TRUNCATED, f"the {fmt.upper()} file is cut off or damaged"
+                ) from exc
+            if block.shape[0] == 0:
+                break
+            finite = finite and bool(np.isfinite(block).all())
+            # the down-mix of decode_audio's step 7, per block (same values: a row mean);
+            # +inf and −inf in one frame would warn here: such audio is refused anyway
+            with np.errstate(invalid="ignore", over="ignore"):
+                mono_block = block.mean(axis=1, dtype=np.float64).astype(np.float32)
+            blocks.append(stream.push(mono_block))
+            got += block.shape[0]
+            if got * channels > limits.max_decoded_values:
+                raise InvalidAudio(
+                    AudioErrorCode.TOO_LARGE, "the audio decodes to more than its header said"
+                )
     blocks.append(stream.finish())
     mono = np.concatenate(blocks)
     tolerance_frames, tolerance_fraction = DECLARED_FRAMES_TOLERANCE[fmt]

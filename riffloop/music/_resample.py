@@ -82,6 +82,7 @@ class Resampler:
         self._start = -self._reach
         self._fed = 0  # inputs pushed so far
         self._next = 0  # the next output index to compute
+        self._finished = False
 
     def push(self, samples: np.ndarray) -> np.ndarray:
         """Take more input; return the outputs it completes (float32, possibly none)."""
@@ -90,7 +91,10 @@ class Resampler:
 
     def pieces(self, samples: np.ndarray) -> Iterator[np.ndarray]:
         """``push``, an input chunk at a time: the outputs each chunk completes, so that what
-        is held stays a chunk and the filter's reach, whatever ``samples``' length."""
+        is held stays a chunk and the filter's reach, whatever ``samples``' length. Iterate it
+        to the end: the input is taken as the pieces are."""
+        if self._finished:
+            raise ValueError("the stream is finished: push before finish")
         x = np.asarray(samples, dtype=np.float32).reshape(-1)
         if self._identity:
             self._fed += x.size
@@ -105,7 +109,10 @@ class Resampler:
             yield self._outputs(max(self._next, complete))
 
     def finish(self) -> np.ndarray:
-        """The outputs left, up to ⌈inputs · target / source⌉ in all (torchaudio's length)."""
+        """The outputs left, up to ⌈inputs · target / source⌉ in all."""
+        if self._finished:
+            raise ValueError("the stream is finished already")
+        self._finished = True
         if self._identity:
             return np.zeros(0, dtype=np.float32)
         self._held = np.concatenate([self._held, np.zeros(self._reach + 1, dtype=np.float32)])
@@ -133,7 +140,8 @@ class Resampler:
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
     """Mono float32 ``samples`` at ``source_rate`` → float32 at ``target_rate``, of length
-    ⌈len · target / source⌉ (torchaudio's), zeros assumed beyond both ends."""
+    ⌈len · target / source⌉ (torchaudio's, which rounds it in float32 and so may give one
+    sample fewer beyond ≈ 2^23 outputs), zeros assumed beyond both ends."""
     stream = Resampler(source_rate, target_rate)
     x = np.asarray(samples, dtype=np.float32).reshape(-1)
     out = np.empty(-(-x.size * stream.new // stream.orig), dtype=np.float32)

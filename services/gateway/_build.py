@@ -179,6 +179,7 @@ def build(
             rate_limit,
             service_name=settings.service_name,
             max_upload_bytes=settings.max_upload_bytes,
+            max_feedback_batch=settings.max_feedback_batch,
         )
         signer = (
             TokenSigner(

@@ -62,7 +62,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 # one 20 MiB limit for all, a 20 MiB JSON SubmitFeedback of empty items took ≈ 0.8 GB and ≈ 35 s
 # of the loop (measured at 0.9 MB: 36 MB and 1.6 s).
 UPLOAD_METHODS = frozenset({"UploadSong", "UploadWholeSong"})
-MESSAGE_BYTES = 256 * 1024
+MESSAGE_BYTES = 256 * 1024  # or 1 KiB per feedback item where max_feedback_batch is larger
 # A streamed upload over Connect (HTTP/2 clients; the page sends UploadWholeSong) is gathered in
 # memory before its handler runs, and an empty message counts 0 bytes: 2^20 empty frames, 5 MB
 # on the wire, held 600 MB. So the messages are counted too: chunks of 4 KiB or more on average.
@@ -100,12 +100,14 @@ class ConnectGateway:
         *,
         service_name: str,
         max_upload_bytes: int,
+        max_feedback_batch: int,
     ) -> None:
         self.servicer = servicer
         self.verifier = verifier
         self.rate_limit = rate_limit
         self.service_name = service_name
         self.max_upload_bytes = max_upload_bytes
+        self.max_feedback_batch = max_feedback_batch
 
     def endpoints(self, uploads: bool) -> dict[str, Any]:
         """The Connect endpoints of the upload methods (``uploads``) or of all the others."""
@@ -287,7 +289,7 @@ class GatewayWebApp:
             service=gateway,
             endpoints=lambda service: service.endpoints(uploads=False),
             codecs=google_protobuf_codecs(),
-            read_max_bytes=MESSAGE_BYTES,
+            read_max_bytes=max(MESSAGE_BYTES, 1024 * gateway.max_feedback_batch),
         )
         self.connect_uploads = _GatewayConnectApp(
             service=gateway,

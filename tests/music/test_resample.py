@@ -98,3 +98,13 @@ def test_a_stream_in_blocks_of_any_size_gives_the_whole_arrays_result(
     pieces = [stream.push(part) for part in np.split(x, cuts)]
     streamed = np.concatenate([*pieces, stream.finish()])
     np.testing.assert_array_equal(streamed, whole)
+
+
+def test_a_finished_stream_takes_no_more_input() -> None:
+    stream = Resampler(44100, 22050)
+    stream.push(noise(0.1, 44100))
+    stream.finish()
+    with pytest.raises(ValueError, match="finished"):
+        stream.push(noise(0.1, 44100))
+    with pytest.raises(ValueError, match="finished"):
+        stream.finish()
