@@ -11,8 +11,11 @@ rates come from an upload's header: 44,101 Hz → 22,050 Hz reduces to ``orig`` 
 ``new`` 22,050, a 3.9 GB kernel, and a 3 s file took 65 s and 16 GiB (192 kHz − 1 Hz was
 killed). Here output sample y_j is the dot product of the input around its centre with a
 ``T``-tap slice of the same kernel, ``T`` ≈ 2·width (at most 109 taps for 192 kHz → 22.05 kHz),
-taken from a table of ``new × T`` weights (≤ 22,050 × 109 float32, 9.6 MB) and applied to
-blocks of outputs, so the memory beyond the input and output is that table and one block.
+taken from a table of ``new × T`` weights (≤ 22,050 × 109 float32, 9.6 MB). With few phases
+(common rates: 44.1 kHz has one, 48 kHz 147) each phase's outputs are one matrix-vector product
+over a strided view of the input; with many (a rate that does not reduce) each output gathers
+its inputs, a block of outputs at a time. The input is taken a chunk at a time, so the memory
+beyond the output is the table, a chunk and one block.
 
 The maths (times in seconds; x_n sampled at f_in, y_j at f_out; f_c = rolloff · min(f_in, f_out)
 the cut-off; L = ``lowpass_filter_width``):
@@ -36,6 +39,7 @@ LOWPASS_FILTER_WIDTH = 6  # zero crossings of the sinc on each side (torchaudio'
 ROLLOFF = 0.99  # cut-off as a fraction of the lower Nyquist rate (torchaudio's default)
 _BLOCK_VALUES = 1 << 19  # outputs × taps per block: 2 MiB per float32 temporary
 _CHUNK_SAMPLES = 1 << 18  # inputs taken at a time (1 MiB of float32)
+_STRIDED_PHASES = 1024  # up to this many phases, outputs are computed phase by phase
 
 
 def _phase_table(orig: int, new: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,10 +64,10 @@ def _phase_table(orig: int, new: int) -> tuple[np.ndarray, np.ndarray]:
 
 class Resampler:
     """The same filter over a stream: ``push`` blocks of input as they are decoded, and get
-    back every output sample whose inputs have all arrived; ``finish`` returns the rest (zeros
-    assumed beyond the last input). It holds the inputs one output block still needs, so a
-    decoder need not keep the whole song at its source rate (a 600 s upload at 96 kHz is
-    230 MB of float32 there, 53 MB at 22,050 Hz)."""
+    back the output samples whose inputs have all arrived, computed a chunk of inputs (2^18)
+    at a time; ``finish`` returns the rest (zeros assumed beyond the last input). It holds at
+    most a chunk and the filter's reach, so a decoder need not keep the whole song at its
+    source rate (a 600 s upload at 96 kHz is 230 MB of float32 there, 53 MB at 22,050 Hz)."""
 
     def __init__(self, source_rate: int, target_rate: int) -> None:
         if source_rate <= 0 or target_rate <= 0:
@@ -104,6 +108,8 @@ class Resampler:
             chunk = x[first : first + _CHUNK_SAMPLES]
             self._held = np.concatenate([self._held, chunk])
             self._fed += chunk.size
+            if self._held.size < _CHUNK_SAMPLES:
+                continue  # small pushes (a decoder's blocks) gather into a chunk first
             # output j is complete once ⌊j·orig/new⌋ + reach < fed: j·orig < (fed − reach)·new
             complete = -(-(self._fed - self._reach) * self.new // self.orig)
             yield self._outputs(max(self._next, complete))
@@ -119,23 +125,46 @@ class Resampler:
         return self._outputs(-(-self._fed * self.new // self.orig))
 
     def _outputs(self, end: int) -> np.ndarray:
-        """Outputs ``_next`` … ``end`` − 1, a block at a time; then drop the inputs no later
-        output reads."""
-        orig, new, start = self.orig, self.new, self._start
+        """Outputs ``_next`` … ``end`` − 1; then drop the inputs no later output reads."""
         out = np.empty(max(0, end - self._next), dtype=np.float32)
-        for first in range(self._next, end, self._block):
-            j = np.arange(first, min(first + self._block, end), dtype=np.int64)
-            centre = (j * orig) // new  # ⌊j·orig/new⌋
-            values = self._held[(centre - start)[:, None] + self._offsets[None, :]]
-            out[first - self._next : first - self._next + j.size] = np.einsum(
-                "bt,bt->b", values, self._weights[j % new]
-            )
+        if out.size:
+            if self.new <= _STRIDED_PHASES:
+                self._by_phase(out, end)
+            else:
+                self._by_block(out, end)
         self._next = max(self._next, end)
-        keep_from = (self._next * orig) // new + int(self._offsets[0])  # the next output's first
-        if keep_from > start:
-            self._held = self._held[keep_from - start :].copy()
+        keep_from = (self._next * self.orig) // self.new - self._reach  # the next output's first
+        if keep_from > self._start:
+            self._held = self._held[keep_from - self._start :].copy()
             self._start = keep_from
         return out
+
+    def _by_phase(self, out: np.ndarray, end: int) -> None:
+        """Few phases (common rates: 44.1 kHz → 22.05 kHz has one, 48 kHz 147): the outputs of
+        phase i read the inputs at a stride of ``orig``, a view of the held inputs' sliding
+        windows, and are one matrix-vector product with row i of the table."""
+        orig, new, first = self.orig, self.new, self._next
+        windows = np.lib.stride_tricks.sliding_window_view(self._held, self._offsets.size)
+        for phase in range(new):
+            j0 = first + (phase - first) % new  # the first output of this phase
+            if j0 >= end:
+                continue
+            count = (end - 1 - j0) // new + 1
+            row = (j0 * orig) // new - self._reach - self._start  # its first input, held
+            rows = windows[row : row + (count - 1) * orig + 1 : orig]
+            out[j0 - first :: new][:count] = rows @ self._weights[phase]
+
+    def _by_block(self, out: np.ndarray, end: int) -> None:
+        """Many phases (a rate that does not reduce, e.g. 44,101 Hz): each output gathers its
+        inputs and its phase's weights, a block of outputs at a time."""
+        orig, new, start, first = self.orig, self.new, self._start, self._next
+        for lo in range(first, end, self._block):
+            j = np.arange(lo, min(lo + self._block, end), dtype=np.int64)
+            centre = (j * orig) // new  # ⌊j·orig/new⌋
+            values = self._held[(centre - start)[:, None] + self._offsets[None, :]]
+            out[lo - first : lo - first + j.size] = np.einsum(
+                "bt,bt->b", values, self._weights[j % new]
+            )
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndarray:
@@ -146,7 +175,9 @@ def resample(samples: np.ndarray, source_rate: int, target_rate: int) -> np.ndar
     x = np.asarray(samples, dtype=np.float32).reshape(-1)
     out = np.empty(-(-x.size * stream.new // stream.orig), dtype=np.float32)
     at = 0
-    for piece in [*stream.pieces(x), stream.finish()]:
+    for piece in stream.pieces(x):  # one piece held at a time
         out[at : at + piece.size] = piece
         at += piece.size
+    last = stream.finish()
+    out[at : at + last.size] = last
     return out
