@@ -20,6 +20,7 @@ One ASGI app (uvicorn, on ``RIFFLOOP_CONNECT_PORT``) serves:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -140,7 +141,12 @@ class ConnectGateway:
 
     # 1. auth, 2. rate limit, 3. the handler: what the gRPC interceptors do, in their order.
     def _invoke(
-        self, name: str, ctx: RequestContext[Any, Any], request: Any, run: Callable[[], Any]
+        self,
+        name: str,
+        ctx: RequestContext[Any, Any],
+        request: Any,
+        run: Callable[[], Any],
+        admitted: bool = False,
     ) -> Any:
         headers = ctx.request_headers
         given = str(headers.get("x-request-id", ""))
@@ -151,7 +157,7 @@ class ConnectGateway:
             ctx.response_headers["x-request-id"] = request_id
             code = "OK"
             try:
-                return self._call(name, ctx, request, run, request_id)
+                return self._call(name, ctx, request, run, request_id, admitted)
             except ConnectError as exc:
                 code = exc.code.name
                 raise
@@ -165,7 +171,10 @@ class ConnectGateway:
         request: Any,
         run: Callable[[], Any],
         request_id: str,
+        admitted: bool,
     ) -> Any:
+        """``admitted``: the caller charged the rate limit and holds the in-flight place
+        already (a streamed upload, before gathering its messages)."""
         headers = ctx.request_headers
         rid = request_id_var.set(request_id)
         cid = correlation_id_var.set(request_id)
@@ -175,6 +184,8 @@ class ConnectGateway:
             user = bearer_user(str(headers.get("authorization", "")), self.verifier)
             uid = user_id_var.set(user)
             try:
+                if admitted:
+                    return run()
                 self.rate_limit.charge(name, request)
                 with self.rate_limit.admit(name):  # the in-flight caps, as over gRPC
                     return run()
@@ -236,35 +247,48 @@ class ConnectGateway:
         max_messages = 2 + limit // UPLOAD_CHUNK_FLOOR  # the metadata, the chunks, a short last
 
         async def call(requests: AsyncIterator[Any], ctx: RequestContext[Any, Any]) -> Any:
-            refusal = ""
-            try:  # who is calling, before a byte of the stream is gathered
-                bearer_user(str(ctx.request_headers.get("authorization", "")), self.verifier)
-            except RiffloopError:
-                # nothing is read: _call's own check refuses the call (UNAUTHENTICATED, logged
-                # and counted) before ``run``
-                refusal = "unauthenticated"
-            messages: list[Any] = []
-            size = 0
-            if not refusal:
-                async for message in requests:
-                    size += message.ByteSize()
-                    if size > limit + 64 * 1024:  # refused with the reason; stop reading
-                        refusal = f"upload exceeds the limit of {limit} bytes"
-                        break
-                    if len(messages) == max_messages:
-                        refusal = (
-                            f"an upload may come in at most {max_messages} messages (chunks of "
-                            f"{UPLOAD_CHUNK_FLOOR} bytes or more)"
-                        )
-                        break
-                    messages.append(message)
+            # Who is calling, their rate limit and an in-flight place, before a byte of the
+            # stream is gathered (over gRPC the interceptors do the same before the handler
+            # reads its first chunk): gathered uploads are bounded per user and per process.
+            held = contextlib.ExitStack()
+            refusal: RiffloopError | None = None
+            try:
+                user = bearer_user(str(ctx.request_headers.get("authorization", "")), self.verifier)
+                token = user_id_var.set(user)
+                try:
+                    self.rate_limit.charge(name)
+                    held.enter_context(self.rate_limit.admit(name))
+                finally:
+                    user_id_var.reset(token)
+            except RiffloopError as err:
+                # nothing is read: ``run`` raises it inside _call, which logs, counts and
+                # answers it (an unauthenticated call is refused by _call's own check first)
+                refusal = err
+            try:
+                messages: list[Any] = []
+                size = 0
+                if refusal is None:
+                    async for message in requests:
+                        size += message.ByteSize()
+                        if size > limit + 64 * 1024:  # refused with the reason; stop reading
+                            refusal = ValidationError(f"upload exceeds the limit of {limit} bytes")
+                            break
+                        if len(messages) == max_messages:
+                            refusal = ValidationError(
+                                f"an upload may come in at most {max_messages} messages "
+                                f"(chunks of {UPLOAD_CHUNK_FLOOR} bytes or more)"
+                            )
+                            break
+                        messages.append(message)
 
-            def run() -> Any:
-                if refusal:
-                    raise ValidationError(refusal)
-                return handler(iter(messages), _CallContext())
+                def run() -> Any:
+                    if refusal is not None:
+                        raise refusal
+                    return handler(iter(messages), _CallContext())
 
-            return await asyncio.to_thread(self._invoke, name, ctx, None, run)
+                return await asyncio.to_thread(self._invoke, name, ctx, None, run, True)
+            finally:
+                held.close()
 
         return call
 

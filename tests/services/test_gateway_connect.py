@@ -5,6 +5,7 @@ error reasons, and the dev sign-in only when switched on."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -339,3 +340,52 @@ def test_a_request_other_than_an_upload_is_read_up_to_256_kib(gateway: Running) 
     )
     full = pb.SubmitFeedbackRequest(items=[item] * 100)
     assert len(json_format.MessageToJson(full).encode()) < 256 * 1024 // 8
+
+
+def test_a_streamed_upload_holds_its_in_flight_place_while_it_is_gathered() -> None:
+    """Over Connect a streamed upload is gathered in memory before its handler runs: the rate
+    limit and the in-flight cap apply before the first message is read, as over gRPC, so one
+    user cannot hold many gathering uploads at once."""
+    import socket
+
+    running = start_service("gateway", shared_ports(), connect_port=0, max_user_uploads_in_flight=1)
+    port = cast(Any, running.runtime.worker("connect")).port
+    token = TokenSigner(SECRET).issue("hoarder")
+    head = pb.UploadSongRequest(metadata=pb.UploadSongMetadata(content_type="audio/wav"))
+    first = head.SerializeToString()
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        # a stream that sends its first message and then waits (chunked, never finished)
+        frame = b"\0" + len(first).to_bytes(4, "big") + first
+        slow.sendall(
+            b"POST /riffloop.v1.GatewayService/UploadSong HTTP/1.1\r\n"
+            b"host: 127.0.0.1\r\ncontent-type: application/connect+proto\r\n"
+            b"connect-protocol-version: 1\r\n"
+            + f"authorization: Bearer {token}\r\n".encode()
+            + b"transfer-encoding: chunked\r\n\r\n"
+            + f"{len(frame):x}\r\n".encode()
+            + frame
+            + b"\r\n"
+        )
+        song = wav_bytes(seconds=1.6)
+        parts = [first, pb.UploadSongRequest(chunk=song).SerializeToString()]
+        deadline = time.monotonic() + 10
+        while True:  # the first stream takes its place as soon as its call starts
+            _, end = connect_stream(running, "UploadSong", parts, token)
+            if end.get("error") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert end["error"]["code"] == "resource_exhausted", end
+        assert "limit 1 per user" in end["error"]["message"]
+        # another user is not held up, and the place comes back when the stream ends
+        other = TokenSigner(SECRET).issue("neighbour")
+        assert "error" not in connect_stream(running, "UploadSong", parts, other)[1]
+        slow.close()
+        deadline = time.monotonic() + 10
+        while "error" in connect_stream(running, "UploadSong", parts, token)[1]:
+            assert time.monotonic() < deadline, "the place was not given back"
+            time.sleep(0.1)
+    finally:
+        slow.close()
+        running.channel.close()
+        running.runtime.stop()
