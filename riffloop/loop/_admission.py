@@ -1,25 +1,31 @@
 """Admission of generation requests: what one user, and everyone, may have waiting.
 
 A Generate is pending from the moment the gateway publishes it until its track is ready or the
-generator gives up on it (dead letter). Two bounds keep the generators' queue serviceable:
+generator gives up on it (dead letter). Requests differ in work: the generator runs ≈ q DDIM
+steps per 1.49 s window, so a request of q = 1,000 for 60 s is ≈ 200 default ones (q = 50 for
+5.9 s). Each request is counted in *units* of the default request's work (``work``, at least
+1), and two bounds keep the generators' queue serviceable:
 
-1. per user: at most ``per_user`` pending requests, so one user cannot fill the queue that every
-   listener's requests wait in;
-2. in all: at most ``max_backlog`` pending requests. Past that the generators are behind (the
+1. per user: pending work of at most ``per_user`` units, so one user cannot fill the queue that
+   every listener's requests wait in;
+2. in all: at most ``max_backlog`` units pending. Past that the generators are behind (the
    consumer lag of generation.requested.v1 grows), and a new request would be answered long
    after its listener left: it is refused with a retry hint instead (admission control).
 
-Both refusals are ``RateLimitedError`` (RESOURCE_EXHAUSTED) with ``retry_after_s``.
+A request larger than a bound on its own is admitted when nothing is pending under that bound
+(every valid request can be served, one at a time). Both refusals are ``RateLimitedError``
+(RESOURCE_EXHAUSTED) with ``retry_after_s``.
 
 The pending requests live in the key-value store, so every gateway replica counts the same ones:
 
-    <prefix>          hash track id → "<requested at> <user>"   every pending request
-    <prefix>:<user>   hash track id → requested at               the user's
+    <prefix>          hash track id → "<requested at> <user> <units>"   every pending request
+    <prefix>:<user>   hash track id → "<requested at> <units>"          the user's
 
-An entry older than ``stale_after_s`` is dropped when read: a request whose answer was lost stops
+(An entry written before units were counted, without its last field, counts 1 unit.) An entry
+older than ``stale_after_s`` is dropped when read: a request whose answer was lost stops
 counting after that long instead of holding a place for ever. The backlog is re-read at most
-every ``refresh_s`` (one HGETALL of at most ``max_backlog`` fields); the user's own entries are
-read on every call (at most ``per_user`` fields).
+every ``refresh_s`` (one HGETALL of the pending requests); the user's own entries are read on
+every call.
 """
 
 from __future__ import annotations
@@ -70,63 +76,70 @@ class GenerationBacklog:
     def _user_key(self, user: str) -> str:
         return f"{self.prefix}:{user}"
 
-    def _live(self, key: str, at_of: Callable[[str], float], now: float) -> int:
-        """The entries of hash ``key`` younger than stale_after_s; stale ones are deleted."""
+    def _live(self, key: str, parse: Callable[[str], tuple[float, int]], now: float) -> int:
+        """The units of the entries of hash ``key`` younger than stale_after_s; stale ones are
+        deleted. ``parse`` reads an entry as (requested at, units)."""
         entries = self.kv.hgetall(key)
-        stale = []
+        stale, units = [], 0
         for track_id, value in entries.items():
             try:
-                at = at_of(value)
-            except ValueError:
-                at = float("-inf")  # unreadable: drop it rather than count it for ever
+                at, work = parse(value)
+            except (ValueError, IndexError):
+                at, work = float("-inf"), 0  # unreadable: drop it rather than count it for ever
             if now - at > self.policy.stale_after_s:
                 stale.append(track_id)
+            else:
+                units += max(1, work)
         if stale:
             self.kv.hdel(key, stale)
-        return len(entries) - len(stale)
+        return units
 
     def backlog(self) -> int:
-        """Pending requests of all users (re-read at most every refresh_s)."""
+        """Units of work pending for all users (re-read at most every refresh_s)."""
         now = self.clock()
         with self._lock:
             if now - self._read_at < self.policy.refresh_s:
                 return self._backlog
-        count = self._live(self.prefix, lambda v: float(v.split(" ", 1)[0]), now)
+        count = self._live(self.prefix, _parse_backlog_entry, now)
         with self._lock:
             self._backlog, self._read_at = count, now
         return count
 
     def pending(self, user: str) -> int:
-        return self._live(self._user_key(user), float, self.clock())
+        """Units of work pending for ``user``."""
+        return self._live(self._user_key(user), _parse_user_entry, self.clock())
 
-    def admit(self, user: str) -> None:
-        """Raise RateLimitedError when ``user`` may not add a request now."""
+    def admit(self, user: str, work: int = 1) -> None:
+        """Raise RateLimitedError when ``user`` may not add a request of ``work`` units now."""
         policy = self.policy
+        work = _units(work)
         mine = self.pending(user)
-        if mine >= policy.per_user:
+        if mine and mine + work > policy.per_user:
             raise RateLimitedError(
-                f"you have {mine} generation requests pending (limit {policy.per_user}); "
-                "wait until one of your tracks is ready",
+                f"your pending generation requests are {mine} default requests' worth of work "
+                f"and this one {work} (limit {policy.per_user}); wait until one of your "
+                "tracks is ready",
                 retry_after_s=policy.retry_after_s,
             )
         backlog = self.backlog()
-        if backlog >= policy.max_backlog:
+        if backlog and backlog + work > policy.max_backlog:
             raise RateLimitedError(
-                f"the generators are behind ({backlog} requests waiting, limit "
+                f"the generators are behind ({backlog} default requests' worth waiting, limit "
                 f"{policy.max_backlog}); retry in {policy.retry_after_s:g} s",
                 retry_after_s=policy.retry_after_s,
             )
 
-    def add(self, user: str, track_id: str) -> None:
+    def add(self, user: str, track_id: str, work: int = 1) -> None:
         now = self.clock()
+        work = _units(work)
         self.kv.hset_many(
             {
-                self.prefix: {track_id: f"{now!r} {user}"},
-                self._user_key(user): {track_id: repr(now)},
+                self.prefix: {track_id: f"{now!r} {user} {work}"},
+                self._user_key(user): {track_id: f"{now!r} {work}"},
             }
         )
         with self._lock:
-            self._backlog += 1
+            self._backlog += work
 
     def done(self, track_id: str) -> None:
         """The request's track is ready, or failed for good: it waits no more (a track that
@@ -135,6 +148,25 @@ class GenerationBacklog:
         if value is None:
             return
         self.kv.hdel(self.prefix, [track_id])
-        _, _, user = value.partition(" ")
+        fields = value.split(" ")
+        user = fields[1] if len(fields) > 1 else ""
         if user:
             self.kv.hdel(self._user_key(user), [track_id])
+
+
+def _units(work: int) -> int:
+    if isinstance(work, bool) or not isinstance(work, int) or work < 1:
+        raise ValidationError(f"a request's work is a whole number of units ≥ 1, got {work!r}")
+    return work
+
+
+def _parse_backlog_entry(value: str) -> tuple[float, int]:
+    """ "<at> <user> <units>" (or "<at> <user>", 1 unit) → (at, units)."""
+    fields = value.split(" ")
+    return float(fields[0]), int(fields[2]) if len(fields) > 2 else 1
+
+
+def _parse_user_entry(value: str) -> tuple[float, int]:
+    """ "<at> <units>" (or "<at>", 1 unit) → (at, units)."""
+    fields = value.split(" ")
+    return float(fields[0]), int(fields[1]) if len(fields) > 1 else 1

@@ -42,12 +42,11 @@ _CONTENT_TYPES = {
 DEFAULT_TRACK_SECONDS = 5.9
 
 
-def generate_cost(request: pb.GenerateRequest, settings: GatewaySettings) -> int:
-    """Rate-limit tokens of a Generate call: ``generate_cost`` for the default request, scaled
-    by its denoising work. The generator runs ≈ q steps per window (``InjectionPlan``) over
-    about seconds / 1.49 windows, so the work is ∝ q × seconds; a request of q = 1,000 for 60 s
-    is ≈ 200 default ones. At most the burst, so that every valid request can pass. A field
-    out of its range costs the default (the handler then refuses it with its reason)."""
+def generate_work(request: pb.GenerateRequest, settings: GatewaySettings) -> int:
+    """A Generate's denoising work in units of the default request's (at least 1). The
+    generator runs ≈ q steps per window (``InjectionPlan``) over about seconds / 1.49 windows,
+    so the work is ∝ q × seconds; a request of q = 1,000 for 60 s is ≈ 200 default ones. A field
+    out of its range counts as the default (the handler then refuses it with its reason)."""
     q = request.quality
     if not 0 < q <= settings.max_quality:
         q = settings.default_quality
@@ -55,8 +54,13 @@ def generate_cost(request: pb.GenerateRequest, settings: GatewaySettings) -> int
     if not (math.isfinite(seconds) and 0 < seconds <= settings.max_track_seconds):
         seconds = DEFAULT_TRACK_SECONDS
     work = q * seconds / (settings.default_quality * DEFAULT_TRACK_SECONDS)
-    units = max(1, math.ceil(work - 1e-9))
-    return min(settings.rate_limit_burst, settings.generate_cost * units)
+    return max(1, math.ceil(work - 1e-9))
+
+
+def generate_cost(request: pb.GenerateRequest, settings: GatewaySettings) -> int:
+    """Rate-limit tokens of a Generate call: ``generate_cost`` per unit of its work
+    (``generate_work``), at most the burst, so that every valid request can pass."""
+    return min(settings.rate_limit_burst, settings.generate_cost * generate_work(request, settings))
 
 
 def feedback_batch_size(request: pb.SubmitFeedbackRequest, limit: int) -> int:

@@ -25,9 +25,10 @@ Key-value layout (prefix ``gw:``):
   gw:rated:<track_id>:<user>   set once: a second rating of the same track is ALREADY_EXISTS
   gw:models                    hash version → JSON (parent, published_at)
   gw:models:current            the version generators serve
-  gw:pending                   hash track → "<requested at> <user>": Generate requests waiting for
-                               their track (riffloop.loop.GenerationBacklog; admission control)
-  gw:pending:<user>            hash track → requested at: the user's
+  gw:pending                   hash track → "<requested at> <user> <units>": Generate requests
+                               waiting for their track, weighted by their work
+                               (riffloop.loop.GenerationBacklog; admission control)
+  gw:pending:<user>            hash track → "<requested at> <units>": the user's
 Read, owned by the feedback service:
   fb:model-ratings             hash version → JSON stars (mean, 95 % interval, counts) and the
                                normalised score, generated and baseline apart
@@ -96,6 +97,7 @@ from services.gateway._requests import (
     check_upload_metadata,
     checked_client_time,
     feedback_batch_size,
+    generate_work,
     listen_event,
     rated_key,
     served_key,
@@ -299,7 +301,8 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
             return pb.GenerateResponse(request_id=request_id, track_id=track_id)
         # a new request: refused while the user has too many waiting, or the generators are
         # behind (RESOURCE_EXHAUSTED with a retry hint); a retry above is never refused
-        self.backlog.admit(user)
+        work = generate_work(request, self.settings)  # in default requests' worth
+        self.backlog.admit(user, work)
         now = self.clock()
         record = {
             "owner": user,
@@ -312,7 +315,7 @@ class GatewayServicer(pb_grpc.GatewayServiceServicer):
         self.ports.kv.set(key, json.dumps(record))
         # heard by its requester: the queue never serves them their own track again
         self.ports.kv.hset(f"gw:heard:{user}", {track_id: repr(now)})
-        self.backlog.add(user, track_id)
+        self.backlog.add(user, track_id, work)
         try:
             self.ports.publish("generation.requested.v1", request_id, payload)
         except BaseException:

@@ -54,8 +54,9 @@ class GatewaySettings(DispatchKeyed):
     generate_cost: int = 5
     upload_cost: int = 10
     mel_image_cost: int = 2
-    # Generation requests waiting for their track (riffloop.loop.GenerationBacklog): per user,
-    # and in all before new ones are refused (admission control: the generators are behind);
+    # Generation requests waiting for their track (riffloop.loop.GenerationBacklog), counted
+    # in default requests' worth of work (q × seconds, as generate_cost): per user, and in all
+    # before new ones are refused (admission control: the generators are behind);
     # an entry stops counting after generation_pending_ttl_s; the total is re-read at most
     # every generation_backlog_refresh_s.
     max_pending_generations_per_user: int = 16

@@ -186,12 +186,15 @@ def test_pending_generations_are_capped_per_user_and_in_all(gateway: Running, au
     generate("ann")
     mine = refused(lambda: generate("ann"))
     assert mine.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "2 generation requests pending (limit 2)" in mine.details()
+    assert "pending generation requests are 2 default requests' worth" in mine.details()
+    assert "(limit 2)" in mine.details()
     assert generate("ann", "ann-1").track_id == first.track_id  # a retry, not a new request
     generate("bob")
     behind = refused(lambda: generate("cat"))
     assert behind.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "the generators are behind (3 requests waiting, limit 3)" in behind.details()
+    assert "the generators are behind (3 default requests' worth waiting, limit 3)" in (
+        behind.details()
+    )
     assert dict(behind.trailing_metadata())["retry-after-ms"] == "5000"
     # ann's first track is made: cat gets its place
     publish_track_ready(ports, first.track_id, "b" * 64, "ann")
@@ -304,3 +307,54 @@ def test_a_generate_pays_in_proportion_to_its_denoising_work() -> None:
     # out-of-range fields cost the default; the handler refuses them with its reason
     assert cost(quality=-3, duration_seconds=float("nan")) == cost(quality=5000) == 5
     assert cost(duration_seconds=float("inf")) == cost(duration_seconds=61) == 5
+
+
+def test_pending_requests_count_their_work_and_a_large_one_passes_alone() -> None:
+    """A request of q × seconds k times the default's holds k units of the per-user and the
+    backlog bounds. One larger than a bound is admitted when nothing else is pending under
+    it, so every valid request can be served; entries written before units were counted
+    count one each."""
+    kv = MemoryKeyValueStore()
+    backlog = GenerationBacklog(
+        kv, AdmissionPolicy(per_user=4, max_backlog=6, refresh_s=0.0), clock=lambda: 1000.0
+    )
+    backlog.admit("ann", 3)
+    backlog.add("ann", "t1", 3)
+    assert backlog.pending("ann") == 3 and backlog.backlog() == 3
+    backlog.admit("ann", 1)  # 3 + 1 ≤ 4
+    with pytest.raises(RateLimitedError, match="3 default requests' worth of work and this one 2"):
+        backlog.admit("ann", 2)
+    backlog.admit("bob", 3)
+    backlog.add("bob", "t2", 3)
+    with pytest.raises(RateLimitedError, match="generators are behind"):
+        backlog.admit("cat", 1)  # 6 of 6
+    backlog.done("t1")
+    assert backlog.pending("ann") == 0 and backlog.backlog() == 3
+    with pytest.raises(RateLimitedError, match="generators are behind"):
+        backlog.admit("ann", 40)  # larger than both bounds, but bob's 3 are pending
+    backlog.done("t2")
+    backlog.admit("ann", 40)  # nothing pending: a large request passes alone
+    backlog.add("ann", "t3", 40)
+    with pytest.raises(RateLimitedError, match="pending"):
+        backlog.admit("ann", 1)
+    # an old gateway's entries ("<at> <user>", "<at>") count one unit each
+    kv.hset_many({"gw:pending": {"old": "1000.0 dan"}, "gw:pending:dan": {"old": "1000.0"}})
+    assert backlog.pending("dan") == 1 and backlog.backlog() == 41
+    backlog.done("old")
+    assert backlog.pending("dan") == 0 and backlog.backlog() == 40
+    with pytest.raises(ValidationError):
+        backlog.admit("ann", 0)
+
+
+def test_a_generate_holds_its_work_in_the_backlog(gateway: Running, auth: Auth) -> None:
+    """Through the gateway: a request of q = 100 for 5.9 s is two default ones' work, so a
+    user capped at 2 units has no room for another."""
+    ports: Any = gateway.state
+    stub = pb_grpc.GatewayServiceStub(gateway.channel)
+    ports.objects.put("songs", "c" * 64, b"stored song")
+    heavy = pb.GenerateRequest(song_ids=["c" * 64], similarity=0.5, quality=100)
+    stub.Generate(heavy, metadata=auth("dee"), timeout=10)
+    light = pb.GenerateRequest(song_ids=["c" * 64], similarity=0.5)
+    again = refused(lambda: stub.Generate(light, metadata=auth("dee"), timeout=10))
+    assert again.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "2 default requests' worth" in again.details()
