@@ -217,6 +217,9 @@ class LoopResult:
     rows: list[IterationRow] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     registry_versions: list[dict[str, Any]] = field(default_factory=list)
+    # The evaluation session's tracks, one dict per (arm, request): what `paired_evaluation`
+    # (riffloop.sim._report) pairs across arms by request key. Not kept by `read_result`.
+    eval_tracks: list[dict[str, Any]] = field(default_factory=list)
 
     def final(self, arm: str) -> IterationRow:
         """The arm's last row: its evaluation-session row when there is one (the model the arm
@@ -291,6 +294,7 @@ class ServedTrack:
     """What the experimenter knows of one track after its session (the operator's view)."""
 
     track_id: str
+    request_key: str  # the studio's client key, the same in every deployment (the pairing)
     kind: TrackKind
     input_key: str
     model_version: str
@@ -309,6 +313,7 @@ class _Arm:
     pairs: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     audio: dict[str, np.ndarray] = field(default_factory=dict)
+    eval_tracks: list[ServedTrack] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)  # listeners in threads (stack)
 
     def refuse(self, reason: str) -> None:
@@ -562,7 +567,7 @@ class LoopExperiment:
         scores = self._settled_scores(arm, list(tracks.values()))
         honest = [x for x in arm.listeners if getattr(x, "kind", "") == "honest"]
         out = []
-        for track_id in tracks.values():
+        for request_key, track_id in tracks.items():
             s = scores[track_id]
             prov = provenance_from_proto(track_id, s.provenance)
             audio = arm.audio.get(track_id)
@@ -570,6 +575,7 @@ class LoopExperiment:
             out.append(
                 ServedTrack(
                     track_id=track_id,
+                    request_key=request_key,
                     kind=prov.kind,
                     input_key=prov.input_key,
                     model_version=prov.model_version,
@@ -711,6 +717,8 @@ class LoopExperiment:
         t_gen = time.monotonic() - t0
         heard = self._listen(arm, per_listener)
         served = self._served(arm, tracks)
+        if label == "eval":
+            arm.eval_tracks = served
         arm.audio.clear()  # this session's tracks leave the queue with it (≈ 0.5 MB each)
         row = self._row(
             arm, iteration, served, "eval" if label == "eval" else "train", time.monotonic() - t0
@@ -782,6 +790,19 @@ class LoopExperiment:
                     )
                 )
             for name, arm in self.arms.items():
+                result.eval_tracks.extend(
+                    {
+                        "arm": name,
+                        "request_key": t.request_key,
+                        "kind": t.kind.value,
+                        "input_key": t.input_key,
+                        "model_version": t.model_version,
+                        "score": t.score,
+                        "ratings": t.ratings,
+                        "liking": t.liking,
+                    }
+                    for t in arm.eval_tracks
+                )
                 if arm.refused:
                     reasons = "; ".join(f"{why} ×{k}" for why, k in arm.refused.most_common(3))
                     self.progress(f"[{name}] refused listener answers or retried calls: {reasons}")

@@ -8,6 +8,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -56,7 +57,47 @@ def format_table(result: LoopResult) -> str:
             f"{_f(sel.delta - base[0].delta, sign=True)}, control "
             f"{_f(ctl.delta - base[0].delta, sign=True)} (Δ rating)."
         )
+    for a, b in (("selected", "control"), ("selected", "base"), ("control", "base")):
+        paired = paired_evaluation(result, a, b)
+        if paired["n"]:
+            lines.append(
+                f"Paired by request ({paired['n']} evaluation requests generated in both), "
+                f"{a} − {b}: R {_f(paired['score'], sign=True)} ± {_f(paired['score_se'])} "
+                f"(s.e.; r = {_f(paired['score_r'])}), hidden liking "
+                f"{_f(paired['liking'], 3, True)} ± {_f(paired['liking_se'], 3)} "
+                f"(r = {_f(paired['liking_r'])})."
+            )
     return "\n".join(lines)
+
+
+def paired_evaluation(result: LoopResult, a: str, b: str) -> dict[str, float]:
+    """Arms ``a`` and ``b`` on the evaluation requests that gave a generation in both (the same
+    request key meets the same blind draw in every deployment): the mean per-request
+    difference of R and of hidden liking u, each with its standard error and the correlation
+    of the two arms' values. The standard error is the evaluation's own noise: how far the
+    seed's difference could move with other evaluation requests, the models fixed."""
+    by_arm: dict[str, dict[str, dict[str, Any]]] = {}
+    for t in result.eval_tracks:
+        if t["kind"] == "generated" and int(t["ratings"]) > 0:
+            by_arm.setdefault(t["arm"], {})[t["request_key"]] = t
+    keys = sorted(set(by_arm.get(a, {})) & set(by_arm.get(b, {})))
+    out: dict[str, float] = {"n": len(keys)}
+    for name in ("score", "liking"):
+        x = np.array([float(by_arm[a][k][name]) for k in keys])
+        y = np.array([float(by_arm[b][k][name]) for k in keys])
+        ok = np.isfinite(x) & np.isfinite(y)
+        x, y = x[ok], y[ok]
+        if x.size < 3:
+            out |= {name: math.nan, f"{name}_se": math.nan, f"{name}_r": math.nan}
+            continue
+        d = x - y
+        r = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else math.nan
+        out |= {
+            name: float(d.mean()),
+            f"{name}_se": float(d.std(ddof=1) / math.sqrt(d.size)),
+            f"{name}_r": r,
+        }
+    return out
 
 
 def plot_result(result: LoopResult, path: Path) -> Path:
@@ -114,7 +155,15 @@ def write_result(result: LoopResult, out_dir: Path, stem: str = "demo") -> dict[
     )
     csv_path = out_dir / f"{stem}.csv"
     write_rows(result.rows, csv_path)
-    return {"markdown": md, "csv": csv_path, "plot": plot_result(result, out_dir / f"{stem}.png")}
+    paths = {"markdown": md, "csv": csv_path, "plot": plot_result(result, out_dir / f"{stem}.png")}
+    if result.eval_tracks:  # the evaluation session's tracks, for the paired analysis
+        tracks_path = out_dir / f"{stem}.tracks.csv"
+        with tracks_path.open("w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=list(result.eval_tracks[0]))
+            w.writeheader()
+            w.writerows(result.eval_tracks)
+        paths["tracks"] = tracks_path
+    return paths
 
 
 def write_rows(rows: Sequence[IterationRow], path: Path, extra: dict[str, object] | None = None):

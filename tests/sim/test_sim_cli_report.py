@@ -10,7 +10,7 @@ import pytest
 from riffloop.core import ValidationError
 from riffloop.sim import IterationRow, LoopConfig, LoopResult, format_table, paired_interval
 from riffloop.sim._cli import main
-from riffloop.sim._report import read_result, save_run, write_evidence
+from riffloop.sim._report import paired_evaluation, read_result, save_run, write_evidence
 
 pytestmark = pytest.mark.unit
 
@@ -285,3 +285,42 @@ def test_a_machine_without_the_corpus_is_told_the_command_that_builds_it(
     monkeypatch.setenv("RIFFLOOP_CACHE", str(tmp_path))
     with pytest.raises(ValidationError, match="bin/riffloop evidence` build it themselves"):
         load_inputs(LoopConfig())
+
+
+def test_the_evaluation_is_paired_by_request_key() -> None:
+    """selected − control over the requests that gave a generation in both arms, with the
+    standard error of the per-request differences; baselines and unrated tracks are left out."""
+    res = _result(0, 0.3, 0.1)
+
+    def track(arm: str, key: str, score: float, liking: float, kind: str = "generated") -> dict:
+        return {
+            "arm": arm,
+            "request_key": key,
+            "kind": kind,
+            "input_key": "m0",
+            "model_version": "v",
+            "score": score,
+            "ratings": 5,
+            "liking": liking,
+        }
+
+    res.eval_tracks = [
+        track("selected", "eval:m0:r0", 3.5, 0.5),
+        track("control", "eval:m0:r0", 3.0, 0.1),
+        track("selected", "eval:m0:r1", 4.0, 0.2),
+        track("control", "eval:m0:r1", 3.0, 0.0),
+        track("selected", "eval:m1:r0", 2.5, -0.1),
+        track("control", "eval:m1:r0", 2.0, -0.4),
+        track("selected", "eval:m1:r1", 3.0, 0.0, kind="baseline"),
+        track("control", "eval:m1:r1", 1.0, 0.0, kind="baseline"),
+        track("selected", "eval:m2:r0", 5.0, 1.0),  # no control track for it
+    ]
+    paired = paired_evaluation(res, "selected", "control")
+    d = np.array([0.5, 1.0, 0.5])
+    assert paired["n"] == 3
+    assert paired["score"] == pytest.approx(d.mean())
+    assert paired["score_se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert paired["liking"] == pytest.approx(np.mean([0.4, 0.2, 0.3]))
+    assert -1 <= paired["score_r"] <= 1
+    assert "Paired by request (3 evaluation requests" in format_table(res)
+    assert paired_evaluation(res, "selected", "base")["n"] == 0

@@ -87,7 +87,13 @@ def test_the_demo_runs_three_paired_deployments_through_their_apis(tmp_path: Pat
     assert evaluated["base"].model_version == sel[0].model_version
     table = format_table(result)
     assert "| selected | 1 |" in table and "| base | eval |" in table
-    assert write_result(result, tmp_path)["plot"].stat().st_size > 1000
+    paths = write_result(result, tmp_path)
+    assert paths["plot"].stat().st_size > 1000
+    # the evaluation session's tracks, by request key, in all three arms
+    kept = {(t["arm"], t["request_key"]) for t in result.eval_tracks}
+    assert {arm for arm, _ in kept} == {"base", "selected", "control"}
+    assert len(kept) == len(result.eval_tracks) == 3 * 2 * 2
+    assert paths["tracks"].read_text().count("\n") == 1 + len(result.eval_tracks)
     assert any("six services up" in line for line in lines)
     assert any("selection:" in line for line in lines)
 
