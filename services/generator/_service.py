@@ -75,7 +75,8 @@ class GeneratorSettings(DispatchKeyed, OperatorGuarded):
     default_quality: int = 50
     max_quality: int = 1000
     # How long a request waits for its songs' latents (the encoder may still be working; each
-    # of the consumer's 3 attempts waits this long before the request is dead-lettered). 60 s
+    # of the consumer's 3 attempts waits this long before the request is dead-lettered). The
+    # requests of one poll that wait share this one deadline, after the ready ones ran. 60 s
     # failed requests of a process stack on a busy 2-core machine, where inverting one 8 s
     # upload took over 3 min.
     latent_wait_s: float = 300.0
@@ -109,6 +110,11 @@ class GeneratorSettings(DispatchKeyed, OperatorGuarded):
             raise ConfigurationError(
                 "need 0 < RIFFLOOP_DEFAULT_TRACK_SECONDS ≤ RIFFLOOP_MAX_TRACK_SECONDS ≤ 600"
             )
+
+
+class LatentsNotReady(TransientError):
+    """A request's songs have no latents for its model version yet (the encoder is still
+    inverting them): retried, and dead-lettered after the consumer's attempts."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +196,7 @@ class Generator:
                 if not objects.exists("songs", song_id):
                     raise NotFoundError(f"song {song_id} was never uploaded") from None
                 if time.monotonic() >= deadline:
-                    raise TransientError(
+                    raise LatentsNotReady(
                         f"song {song_id} has no latents for model {version} yet"
                     ) from None
                 time.sleep(0.5)
@@ -227,7 +233,10 @@ class Generator:
         """Each request's TrackReady, or the error that stopped it alone, in order.
 
         1. Each request is prepared on its own (validation, model version, z_agg, the blind
-           draw): an invalid one fails alone.
+           draw): an invalid one fails alone. A request whose songs have no latents yet is put
+           off, and the others run first; then the put-off ones wait for their latents until
+           ``latent_wait_s`` after the call began, one deadline for them all (a request still
+           without latents then fails alone, TransientError, and the consumer retries it).
         2. Requests are grouped by (model version object, InjectionPlan, TrackLength, inversion
            steps) and each group runs in chunks of at most ``generation_batch`` requests in
            request order: one ``decode_latents`` and one ``generate_long`` for the chunk's
@@ -241,12 +250,39 @@ class Generator:
         if envelopes is not None and len(envelopes) != len(requests):
             raise ValidationError("one envelope per request expected")
         results: list[events_pb2.TrackReady | Exception | None] = [None] * len(requests)
+        deadline = time.monotonic() + self.settings.latent_wait_s
+        put_off = self._prepare_and_run(requests, range(len(requests)), envelopes, results, None)
+        if put_off:  # the requests whose latents were not there yet, now that the rest are done
+            self._prepare_and_run(requests, put_off, envelopes, results, deadline)
+        missing = [i for i, r in enumerate(results) if r is None]
+        assert not missing, missing  # every request was prepared or failed, then run
+        return [r for r in results if r is not None]
+
+    def _prepare_and_run(
+        self,
+        requests: Sequence[Request],
+        indices: Sequence[int],
+        envelopes: Sequence[events_pb2.Envelope] | None,
+        results: list[events_pb2.TrackReady | Exception | None],
+        deadline: float | None,
+    ) -> list[int]:
+        """Prepare ``requests[indices]`` and run them in chunks of their group, filling
+        ``results``. ``deadline`` None: a request without latents is not waited for but put
+        off (its index returned); else each waits for its latents until ``deadline``."""
         groups: dict[tuple[Any, ...], list[_Job]] = {}
-        for i, request in enumerate(requests):
+        put_off: list[int] = []
+        for i in indices:
             context = _context(envelopes, i)
+            wait_s = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 with context():
-                    job = self._prepare(i, request, context)
+                    job = self._prepare(i, requests[i], context, wait_s)
+            except LatentsNotReady as exc:
+                if deadline is None:
+                    put_off.append(i)
+                else:
+                    results[i] = exc
+                continue
             except Exception as exc:
                 results[i] = exc
                 continue
@@ -258,12 +294,13 @@ class Generator:
                 chunk = jobs[first : first + size]
                 for job, result in zip(chunk, self._run_chunk(chunk), strict=True):
                     results[job.index] = result
-        missing = [i for i, r in enumerate(results) if r is None]
-        assert not missing, missing  # every request was prepared or failed, then run
-        return [r for r in results if r is not None]
+        return put_off
 
-    def _prepare(self, index: int, request: Request, context: Callable[[], Any]) -> _Job:
-        """Validate one request, pick its model version and z_agg, draw its kind."""
+    def _prepare(
+        self, index: int, request: Request, context: Callable[[], Any], wait_s: float
+    ) -> _Job:
+        """Validate one request, pick its model version and z_agg, draw its kind; its songs'
+        latents are waited for up to ``wait_s`` (LatentsNotReady after that)."""
         import torch
 
         from riffloop.music import InjectionPlan, TrackLength, merge_latents
@@ -281,9 +318,7 @@ class Generator:
             default=self.settings.default_track_seconds,
             maximum=self.settings.max_track_seconds,
         )
-        records = [
-            self._record(s, model.version, self.settings.latent_wait_s) for s in request.song_ids
-        ]
+        records = [self._record(s, model.version, wait_s) for s in request.song_ids]
         steps = {int(r.inversion_steps) for r in records}
         if len(steps) != 1:
             raise ValidationError(f"the inputs' latents were inverted with {sorted(steps)} steps")

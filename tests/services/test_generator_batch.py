@@ -13,7 +13,14 @@ import numpy as np
 import pytest
 import soundfile
 
-from riffloop.core import Consumer, MemoryEventBus, decode_envelope, dlq_topic, new_envelope
+from riffloop.core import (
+    Consumer,
+    MemoryEventBus,
+    TransientError,
+    decode_envelope,
+    dlq_topic,
+    new_envelope,
+)
 from riffloop.v1 import events_pb2
 from tests.services.conftest import shared_ports
 
@@ -228,3 +235,36 @@ def test_one_bad_request_of_a_polled_batch_is_dead_lettered_alone() -> None:
     assert by_request == {"req-0": sent[0].event_id, "req-2": sent[2].event_id}
     # the two good requests ran as one chunk of 2 (whatever their kinds)
     assert generator.ready_delay.draw((4, 2, 2)) is not None
+
+
+def test_a_request_waiting_for_latents_holds_up_neither_the_ready_ones_nor_the_others() -> None:
+    """Requests whose songs have no latents yet are put off: the ready ones are made first,
+    and the put-off ones share one deadline (latent_wait_s after the batch began) instead of
+    waiting it one after another."""
+    import dataclasses
+    import time
+
+    from services.generator import Request
+
+    ports, generator = _generator()
+    generator.settings = dataclasses.replace(generator.settings, latent_wait_s=1.0)
+    songs = _songs(ports)
+    unencoded = [_song(ports, f) for f in (600.0, 700.0, 800.0)]  # uploaded, never inverted
+    waiting = [Request(f"wait-{i}", (s,), 0.5, 4, 5 + i, "u") for i, s in enumerate(unencoded)]
+    ready = Request("ready", (songs[0], songs[1]), 0.5, 4, 9, "u", duration_seconds=0.08)
+    run_at: list[float] = []
+    run_chunk = generator._run_chunk
+
+    def timed(chunk: Any) -> Any:
+        run_at.append(time.monotonic() - started)
+        return run_chunk(chunk)
+
+    generator._run_chunk = timed
+    started = time.monotonic()
+    results = generator.make_tracks([*waiting[:2], ready, waiting[2]])
+    elapsed = time.monotonic() - started
+    assert isinstance(results[2], events_pb2.TrackReady)
+    for result in (results[0], results[1], results[3]):
+        assert isinstance(result, TransientError) and "no latents" in str(result)
+    assert run_at and run_at[0] < 0.5  # the ready request did not wait for the others
+    assert 1.0 <= elapsed < 2.0, elapsed  # one shared wait of 1 s, not 3 × 1 s
