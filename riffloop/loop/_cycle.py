@@ -695,21 +695,23 @@ class ReleaseCycle:
         windows, or with ``train_windows`` = all every window of each target."""
         from riffloop.music import MelDataset
 
-        pairs, images, weights, losers = self._read_pairs(trainset)
+        sidecars: dict[str, dict[str, Any]] = {}  # track → its sidecar, read once
+        pairs, images, weights, losers = self._read_pairs(trainset, sidecars)
         manifest = {"trainset_id": trainset.trainset_id, "pairs": len(pairs)}
         if self.settings.train_windows == "all":
-            windows, repeated = self._every_window(pairs, images, weights)
+            windows, repeated = self._every_window(pairs, images, weights, sidecars)
             manifest["windows"] = len(windows)
             return pairs, images, MelDataset.from_images(windows, repeated, manifest, losers)
         return pairs, images, MelDataset.from_images(images, weights, manifest, losers)
 
     def _read_pairs(
-        self, trainset: TrainingSet
+        self, trainset: TrainingSet, sidecars: dict[str, dict[str, Any]] | None = None
     ) -> tuple[list[dict[str, Any]], torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The manifest's pairs, their targets' first windows x_0 [N, 1, H, W] in [−1, 1] (from
         each track's sidecar, written by the generator), their ω and, for the preference loss
         (``preference_beta`` > 0 and every pair names a ``loser_track_id``), the losers'
         windows x^l; otherwise None and the set trains toward its targets alone."""
+        sidecars = {} if sidecars is None else sidecars
         raw = self.objects.get(trainset.manifest_bucket, trainset.manifest_key)
         pairs = json.loads(raw).get("pairs", [])
         if not pairs:
@@ -721,12 +723,12 @@ class ReleaseCycle:
                 loser_ids.append(str(pair.get("loser_track_id") or ""))
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 raise ValidationError(f"a training pair is malformed: {exc}") from None
-            images.append(self._first_window(track))
+            images.append(self._first_window(track, sidecars))
             weights.append(weight)
         losers = None
         if self.settings.preference_beta > 0:
             if all(loser_ids):
-                losers = torch.cat([self._first_window(track) for track in loser_ids])
+                losers = torch.cat([self._first_window(track, sidecars) for track in loser_ids])
             else:
                 _log.warning(
                     "preference_beta is set but the training set's pairs name no loser: "
@@ -740,7 +742,11 @@ class ReleaseCycle:
         return pairs, torch.cat(images), torch.tensor(weights, dtype=torch.float32), losers
 
     def _every_window(
-        self, pairs: list[dict[str, Any]], firsts: torch.Tensor, weights: torch.Tensor
+        self,
+        pairs: list[dict[str, Any]],
+        firsts: torch.Tensor,
+        weights: torch.Tensor,
+        sidecars: dict[str, dict[str, Any]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Every window x_0 [M, 1, H, W] of the pairs' targets, each with its track's ω
         (``train_windows`` = all). A target stored without its whole image (a generator before
@@ -750,7 +756,7 @@ class ReleaseCycle:
         images, repeated = [], []
         for pair, first, weight in zip(pairs, firsts, weights, strict=True):
             track = str(pair["target_track_id"])
-            sidecar = json.loads(self.objects.get("tracks", f"{track}.json"))
+            sidecar = self._sidecar(track, sidecars)
             windows = first[None]
             try:
                 stored = bool(sidecar.get("mel_key")) and int(sidecar.get("windows", 1)) > 1
@@ -776,11 +782,18 @@ class ReleaseCycle:
             repeated.append(weight.expand(len(windows)))
         return torch.cat(images), torch.cat(repeated)
 
-    def _first_window(self, track_id: str) -> torch.Tensor:
+    def _sidecar(self, track_id: str, sidecars: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """The track's sidecar (``tracks/<id>.json``, written by the generator), read once per
+        training set: ``sidecars`` keeps what was read."""
+        if track_id not in sidecars:
+            sidecars[track_id] = json.loads(self.objects.get("tracks", f"{track_id}.json"))
+        return sidecars[track_id]
+
+    def _first_window(self, track_id: str, sidecars: dict[str, dict[str, Any]]) -> torch.Tensor:
         """The track's first window x_0 [1, 1, H, W] in [−1, 1], from its sidecar."""
         from riffloop.music import image_from_uint8
 
-        sidecar = json.loads(self.objects.get("tracks", f"{track_id}.json"))
+        sidecar = self._sidecar(track_id, sidecars)
         grid = torch.tensor(sidecar["image_uint8"], dtype=torch.uint8)
         return image_from_uint8(grid)[None, None]
 

@@ -440,7 +440,25 @@ def test_train_windows_all_learns_every_window_of_each_kept_track_with_its_omega
     h.objects.put("trainsets", "ts-w.json", json.dumps({"pairs": pairs}).encode())
     trainset = TrainingSet("ts-w", "trainsets", "ts-w.json", pair_count=2, iteration=1)
 
+    reads: list[str] = []
+    get = h.objects.get
+
+    def counted(bucket: str, key: str) -> bytes:
+        reads.append(f"{bucket}/{key}")
+        return get(bucket, key)
+
+    h.objects.get = counted  # type: ignore[method-assign]
     kept, firsts, data = h.cycle.training_data(trainset)
+    h.objects.get = get  # type: ignore[method-assign]
+    # each object once: the manifest, each sidecar, the long track's whole image
+    assert sorted(reads) == sorted(
+        [
+            "trainsets/ts-w.json",
+            "tracks/t-long.json",
+            "tracks/t-short.json",
+            "tracks/t-long.mel.npy",
+        ]
+    )
     assert kept == pairs and firsts.shape == (2, 1, 16, 16)  # the index's rows: one per pair
     assert data.images.shape == (4, 1, 16, 16) and data.manifest["windows"] == 4
     assert data.weights.tolist() == [0.5, 0.5, 0.5, 0.25]
