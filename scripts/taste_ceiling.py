@@ -31,7 +31,12 @@ levers are in the fine-tune.
 
     bin/riffloop python scripts/taste_ceiling.py [--seeds 900 901 902] [--pairs 16]
         [--steps 60] [--learning-rate 5e-4] [--replay-ratio 0.5] [--lora-rank 8]
-        [--track-seconds 5.9 [--all-windows]]
+        [--track-seconds 5.9 [--all-windows]] [--weighted TAU]
+
+``--weighted τ`` trains both fine-tunes on all 48 clips: ORACLE with ω_j = exp((u_j − max u)/τ)
+(reward-weighted; τ = 1 keeps an effective sample of ≈ 48/e clips, like the 16 picks), RANDOM
+with the same weights permuted at random. The two then differ only in which clip weighs what,
+so whatever the fine-tune does to any set of the model's own clips is common to both.
 """
 
 from __future__ import annotations
@@ -143,11 +148,17 @@ def likings(
 
 
 def fine_tuned(
-    base: MusicDiffusion, images: torch.Tensor, replay: MelDataset, recipe: CycleSettings, seed: int
+    base: MusicDiffusion,
+    images: torch.Tensor,
+    replay: MelDataset,
+    recipe: CycleSettings,
+    seed: int,
+    weights: torch.Tensor | None = None,
 ) -> MusicDiffusion:
-    """A copy of ``base`` fine-tuned on ``images`` (ω = 1) with the trainer's ``recipe``."""
+    """A copy of ``base`` fine-tuned on ``images`` (with ω = ``weights``, else 1) with the
+    trainer's ``recipe``."""
     config = recipe.training_config(seed=seed, replay=recipe.replay_ratio > 0)
-    data = MelDataset.from_images(images, manifest={"taste_ceiling": seed})
+    data = MelDataset.from_images(images, weights, {"taste_ceiling": seed})
     trainer = Trainer(copy.deepcopy(base), data, config, replay)
     trainer.train(progress=False)
     model = trainer.ema_model("candidate")  # LoRA merged, as the trainer serves it
@@ -163,6 +174,7 @@ def one_seed(
     pairs: int,
     track_seconds: float = 0.0,
     all_windows: bool = False,
+    weighted: float = 0.0,
 ) -> dict:
     started = time.monotonic()
     songs = song_audio(LoopConfig(seed=seed), base.mel.sample_rate)
@@ -177,6 +189,10 @@ def one_seed(
     )  # calibrates on these 48
     oracle = np.argsort(-u)[:pairs]
     drawn = rng.choice(len(u), size=pairs, replace=False)
+    # --weighted τ: every clip, ω_j = exp((u_j − max u)/τ) (reward-weighted), against the same
+    # clips with those weights permuted at random: the arms differ only in which clip weighs what
+    w_oracle = np.exp((u - u.max()) / weighted) if weighted else None
+    w_random = rng.permutation(w_oracle) if w_oracle is not None else None
     row: dict = {
         "seed": seed,
         "pairs": pairs,
@@ -186,17 +202,29 @@ def one_seed(
         "lora_rank": recipe.lora_rank,
         "track_seconds": track_seconds,
         "all_windows": all_windows,
+        "weighted_tau": weighted,
     }
     row["train_u"] = {"all": u.mean(), "oracle": u[oracle].mean(), "random": u[drawn].mean()}
+    if w_oracle is not None and w_random is not None:
+        row["train_u"] |= {
+            "oracle": float((w_oracle * u).sum() / w_oracle.sum()),
+            "random": float((w_random * u).sum() / w_random.sum()),
+        }
+        row["effective_n"] = float(w_oracle.sum() ** 2 / (w_oracle**2).sum())
     embedding = space.clip_vector.embedding
     base_images, base_u = likings(space, base, songs, eval_requests, False, track_seconds)
     base_images = base_images[:, 0]
     row["eval_u"] = {"base": base_u.mean()}
     row["diversity_vs_base"] = {}
-    for name, picked in (("oracle", oracle), ("random", drawn)):
+    for name, picked, w in (("oracle", oracle, w_oracle), ("random", drawn, w_random)):
+        omega = None
+        if w is not None:  # every clip, weighted
+            picked = np.arange(len(u))
+            per_window = images.shape[1] if all_windows else 1
+            omega = torch.tensor(np.repeat(w, per_window), dtype=torch.float32)
         # the trainer's target is a track's first window; --all-windows trains on every one
         chosen = images[picked] if all_windows else images[picked, :1]
-        model = fine_tuned(base, chosen.flatten(0, 1), replay, recipe, seed)
+        model = fine_tuned(base, chosen.flatten(0, 1), replay, recipe, seed, omega)
         eval_images, eval_u = likings(space, model, songs, eval_requests, False, track_seconds)
         eval_images = eval_images[:, 0]  # diversity on first windows, as the loop reports it
         row["eval_u"][name] = eval_u.mean()
@@ -244,7 +272,17 @@ def main() -> None:
         action="store_true",
         help="train on every window of a picked track (the trainer uses its first window only)",
     )
+    p.add_argument(
+        "--weighted",
+        type=float,
+        default=0.0,
+        metavar="TAU",
+        help="train on every clip with ω = exp(u/τ) (ORACLE) against the same clips with those "
+        "weights permuted (RANDOM), instead of the top --pairs against --pairs drawn at random",
+    )
     ns = p.parse_args()
+    if ns.weighted < 0:
+        raise SystemExit("--weighted must be a positive τ (0: off)")
     if ns.all_windows and not ns.track_seconds:
         raise SystemExit("--all-windows needs --track-seconds (a one-window clip has one window)")
     if not 2 <= ns.pairs <= TRACKS // 2:
@@ -268,7 +306,9 @@ def main() -> None:
     rows = [i for i, row_id in enumerate(index.ids) if not row_id.startswith("track:")]
     replay = MelDataset.from_images(image_from_uint8(index.images[rows]))
     for seed in ns.seeds:
-        row = one_seed(base, replay, recipe, seed, ns.pairs, ns.track_seconds, ns.all_windows)
+        row = one_seed(
+            base, replay, recipe, seed, ns.pairs, ns.track_seconds, ns.all_windows, ns.weighted
+        )
         print(json.dumps(_rounded(row)), flush=True)
 
 
