@@ -57,7 +57,12 @@ from riffloop.core._event_bus import (
     Subscription,
     partition_for,
 )
-from riffloop.core._kafka_event_bus import KafkaEventBus, KafkaSecurity, durability_config
+from riffloop.core._kafka_event_bus import (
+    KafkaEventBus,
+    KafkaSecurity,
+    construct_kafka_client,
+    durability_config,
+)
 from riffloop.core._kv_store import KeyValueStore, MemoryKeyValueStore
 from riffloop.core._local_object_store import LocalDirObjectStore
 from riffloop.core._memory_object_store import MemoryObjectStore
@@ -108,6 +113,7 @@ __all__ = [
     "UnauthenticatedError",
     "ValidationError",
     "all_topics",
+    "construct_kafka_client",
     "decode_envelope",
     "dlq_topic",
     "durability_config",

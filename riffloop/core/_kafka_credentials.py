@@ -37,8 +37,8 @@ def sasl_refusal(config: Mapping[str, Any], timeout_s: float = 5.0) -> str | Non
         raw = socket.create_connection((host, int(port)), timeout=timeout_s)
     except (OSError, ValueError):
         return None
+    sock: socket.socket = raw
     try:
-        sock: socket.socket = raw
         if config["security_protocol"] == "SASL_SSL":
             context = ssl.create_default_context(cafile=config.get("ssl_cafile"))
             sock = context.wrap_socket(raw, server_hostname=host)
@@ -46,6 +46,8 @@ def sasl_refusal(config: Mapping[str, Any], timeout_s: float = 5.0) -> str | Non
     except (OSError, ValueError):
         return None
     finally:
+        if sock is not raw:  # a TLS socket wraps (detaches) the raw one: close it too
+            sock.close()
         raw.close()
     if refused is None:
         return None

@@ -175,7 +175,7 @@ def durability_config(
     return configs
 
 
-def _construct(client_class: Any, **config: Any) -> Any:
+def construct_kafka_client(client_class: Any, **config: Any) -> Any:
     """Build a kafka-python client; if it fails (broker down), stop what it already started.
 
     kafka-python 3.0.12 starts a network IO thread before bootstrapping and, when bootstrap times
@@ -290,7 +290,7 @@ class KafkaEventBus(EventBus):
 
             with self._admin_lock:
                 if self._admin is None:
-                    self._admin = _construct(
+                    self._admin = construct_kafka_client(
                         KafkaAdminClient,
                         bootstrap_servers=self._bootstrap,
                         **self._security,
@@ -381,7 +381,7 @@ class KafkaEventBus(EventBus):
                 def make() -> KafkaProducer:
                     from kafka import KafkaProducer
 
-                    producer: KafkaProducer = _construct(
+                    producer: KafkaProducer = construct_kafka_client(
                         KafkaProducer,
                         bootstrap_servers=self._bootstrap,
                         **self._security,
@@ -469,7 +469,7 @@ class KafkaEventBus(EventBus):
         def make() -> KafkaConsumer:
             from kafka import KafkaConsumer
 
-            consumer: KafkaConsumer = _construct(
+            consumer: KafkaConsumer = construct_kafka_client(
                 KafkaConsumer,
                 bootstrap_servers=self._bootstrap,
                 **self._security,
@@ -503,7 +503,7 @@ class KafkaEventBus(EventBus):
         def make() -> tuple[Any, dict[Any, int]]:
             from kafka import KafkaConsumer, TopicPartition
 
-            consumer = _construct(
+            consumer = construct_kafka_client(
                 KafkaConsumer,
                 bootstrap_servers=self._bootstrap,
                 **self._security,

@@ -41,7 +41,13 @@ from riffloop.infra._process import (
     stop,
     wait_until,
 )
-from riffloop.infra._servers import KafkaServer, RedisServer, S3Server, Server
+from riffloop.infra._servers import (
+    KafkaServer,
+    RedisServer,
+    S3Server,
+    Server,
+    kafka_admin_or_none,
+)
 
 SERVER_NAMES: tuple[str, ...] = ("kafka", "s3", "redis")
 _STATE_VERSION = 1
@@ -479,13 +485,11 @@ def drop_topics(bootstrap: str, prefix: str) -> list[str]:
 @contextlib.contextmanager
 def _kafka_admin(bootstrap: str, doing: str) -> Iterator[Any]:
     """An admin client for ``bootstrap``; Kafka errors become InfraError naming ``doing``."""
-    from kafka import KafkaAdminClient  # clients load on first use: `install` needs none
-    from kafka.errors import KafkaError
+    from kafka.errors import KafkaError  # clients load on first use: `install` needs none
 
-    try:
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="riffloop-infra")
-    except (KafkaError, OSError) as error:
-        raise InfraError(f"Cannot reach Kafka at {bootstrap} ({error}); is the stack up?") from None
+    admin = kafka_admin_or_none(bootstrap_servers=bootstrap, client_id="riffloop-infra")
+    if admin is None:
+        raise InfraError(f"Cannot reach Kafka at {bootstrap}; is the stack up?")
     try:
         yield admin
     except KafkaError as error:

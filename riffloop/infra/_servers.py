@@ -6,6 +6,7 @@ Each server keeps its files in `<state>/<name>/` (config, data, `<name>.log`) an
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import re
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import urllib.error
 import urllib.request
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -314,17 +316,15 @@ class KafkaServer(Server):
     def probe(self) -> bool:
         if not _accepts_connections(self.ports["broker"]):
             return False
-        from kafka import KafkaAdminClient  # clients load on first use: `install` needs none
-        from kafka.errors import KafkaError
+        from kafka.errors import KafkaError  # clients load on first use: `install` needs none
 
-        try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=self.address,
-                client_id="riffloop-infra-probe",
-                request_timeout_ms=3000,
-                **self.client_config(),
-            )
-        except (KafkaError, OSError):
+        admin = kafka_admin_or_none(
+            bootstrap_servers=self.address,
+            client_id="riffloop-infra-probe",
+            request_timeout_ms=3000,
+            **self.client_config(),
+        )
+        if admin is None:
             return False
         try:
             admin.list_topics()
@@ -333,6 +333,27 @@ class KafkaServer(Server):
             return False
         finally:
             admin.close()
+
+
+def kafka_admin_or_none(**config: Any) -> Any:
+    """A KafkaAdminClient of ``config``, or None while the broker cannot be bootstrapped (it is
+    starting). kafka-python leaves a failed attempt's sockets to the garbage collector, which
+    would report each as a ResourceWarning in whatever runs next (an error under the tests'
+    warning filter): the failed attempt's client is stopped (``construct_kafka_client``) and
+    its sockets are collected here, quietly."""
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaError
+
+    from riffloop.core import construct_kafka_client
+
+    try:
+        return construct_kafka_client(KafkaAdminClient, **config)
+    except (KafkaError, OSError):
+        pass  # the exception (and the client its frames hold) is released past this block
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    return None
 
 
 _LOG4J2_XML = """<?xml version="1.0" encoding="UTF-8"?>
