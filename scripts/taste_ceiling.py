@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import io
 import json
 import math
@@ -154,10 +155,12 @@ def fine_tuned(
     recipe: CycleSettings,
     seed: int,
     weights: torch.Tensor | None = None,
+    max_timestep: int | None = None,
 ) -> MusicDiffusion:
     """A copy of ``base`` fine-tuned on ``images`` (with ω = ``weights``, else 1) with the
-    trainer's ``recipe``."""
+    trainer's ``recipe`` (its noise levels t ≤ ``max_timestep`` when given)."""
     config = recipe.training_config(seed=seed, replay=recipe.replay_ratio > 0)
+    config = dataclasses.replace(config, max_timestep=max_timestep)
     data = MelDataset.from_images(images, weights, {"taste_ceiling": seed})
     trainer = Trainer(copy.deepcopy(base), data, config, replay)
     trainer.train(progress=False)
@@ -175,6 +178,8 @@ def one_seed(
     track_seconds: float = 0.0,
     all_windows: bool = False,
     weighted: float = 0.0,
+    within_merge: bool = False,
+    max_timestep: int | None = None,
 ) -> dict:
     started = time.monotonic()
     songs = song_audio(LoopConfig(seed=seed), base.mel.sample_rate)
@@ -191,8 +196,21 @@ def one_seed(
     drawn = rng.choice(len(u), size=pairs, replace=False)
     # --weighted τ: every clip, ω_j = exp((u_j − max u)/τ) (reward-weighted), against the same
     # clips with those weights permuted at random: the arms differ only in which clip weighs what
-    w_oracle = np.exp((u - u.max()) / weighted) if weighted else None
-    w_random = rng.permutation(w_oracle) if w_oracle is not None else None
+    # --within-merge: u relative to its merge's mean (what the model, not the input songs,
+    # decided), the weights permuted within each merge
+    merge_of = np.arange(len(u)) // REQUESTS_PER_MERGE
+    merge_mean = np.array([u[merge_of == m].mean() for m in merge_of])
+    tilt = u - merge_mean if within_merge else u
+    w_oracle = np.exp((tilt - tilt.max()) / weighted) if weighted else None
+    w_random = None
+    if w_oracle is not None:
+        if within_merge:
+            w_random = w_oracle.copy()
+            for m in range(MERGES):
+                at = np.flatnonzero(merge_of == m)
+                w_random[at] = w_oracle[rng.permutation(at)]
+        else:
+            w_random = rng.permutation(w_oracle)
     row: dict = {
         "seed": seed,
         "pairs": pairs,
@@ -203,6 +221,10 @@ def one_seed(
         "track_seconds": track_seconds,
         "all_windows": all_windows,
         "weighted_tau": weighted,
+        "within_merge": within_merge,
+        "max_timestep": max_timestep,
+        # share of the training clips' u variance between merges (the input songs' part)
+        "between_merge_share": float(merge_mean.var() / u.var()),
     }
     row["train_u"] = {"all": u.mean(), "oracle": u[oracle].mean(), "random": u[drawn].mean()}
     if w_oracle is not None and w_random is not None:
@@ -224,7 +246,7 @@ def one_seed(
             omega = torch.tensor(np.repeat(w, per_window), dtype=torch.float32)
         # the trainer's target is a track's first window; --all-windows trains on every one
         chosen = images[picked] if all_windows else images[picked, :1]
-        model = fine_tuned(base, chosen.flatten(0, 1), replay, recipe, seed, omega)
+        model = fine_tuned(base, chosen.flatten(0, 1), replay, recipe, seed, omega, max_timestep)
         eval_images, eval_u = likings(space, model, songs, eval_requests, False, track_seconds)
         eval_images = eval_images[:, 0]  # diversity on first windows, as the loop reports it
         row["eval_u"][name] = eval_u.mean()
@@ -280,7 +302,24 @@ def main() -> None:
         help="train on every clip with ω = exp(u/τ) (ORACLE) against the same clips with those "
         "weights permuted (RANDOM), instead of the top --pairs against --pairs drawn at random",
     )
+    p.add_argument(
+        "--within-merge",
+        action="store_true",
+        help="with --weighted: weigh each clip by its u relative to its merge's mean, and "
+        "permute the weights within each merge for RANDOM",
+    )
+    p.add_argument(
+        "--max-timestep",
+        type=int,
+        default=None,
+        metavar="T",
+        help="fine-tune on noise levels t ≤ T only (the loop's s = 0.5, q = 20 injects at 500)",
+    )
     ns = p.parse_args()
+    if ns.max_timestep is not None and not 0 <= ns.max_timestep < 1000:
+        raise SystemExit("--max-timestep must be a noise level in 0–999")
+    if ns.within_merge and not ns.weighted:
+        raise SystemExit("--within-merge needs --weighted")
     if ns.weighted < 0:
         raise SystemExit("--weighted must be a positive τ (0: off)")
     if ns.all_windows and not ns.track_seconds:
@@ -307,7 +346,16 @@ def main() -> None:
     replay = MelDataset.from_images(image_from_uint8(index.images[rows]))
     for seed in ns.seeds:
         row = one_seed(
-            base, replay, recipe, seed, ns.pairs, ns.track_seconds, ns.all_windows, ns.weighted
+            base,
+            replay,
+            recipe,
+            seed,
+            ns.pairs,
+            ns.track_seconds,
+            ns.all_windows,
+            ns.weighted,
+            ns.within_merge,
+            ns.max_timestep,
         )
         print(json.dumps(_rounded(row)), flush=True)
 

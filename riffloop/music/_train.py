@@ -251,6 +251,9 @@ class TrainingConfig:
     log_every: int = 25
     # β of the preference loss (Diffusion-DPO) on paired data; 0 = the ω-weighted ε loss
     preference_beta: float = 0.0
+    # step 2's t_i ~ U{0, …, max_timestep}: the noise levels a generator injecting at
+    # t* = max_timestep denoises from (None: every level of the scheduler)
+    max_timestep: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -272,6 +275,11 @@ class TrainingConfig:
             (
                 math.isfinite(self.preference_beta) and self.preference_beta >= 0,
                 "preference_beta must be a finite number ≥ 0",
+            ),
+            (
+                self.max_timestep is None
+                or (not isinstance(self.max_timestep, bool) and self.max_timestep >= 0),
+                "max_timestep must be a noise level ≥ 0 or None (every level)",
             ),
         ]
         for ok, message in checks:
@@ -514,7 +522,13 @@ class Trainer:
         )
         scheduler = model.scheduler
         self._alphas_cumprod = scheduler.alphas_cumprod.to(self.device, torch.float32)
-        self._num_train_timesteps = int(scheduler.config.num_train_timesteps)
+        levels = int(scheduler.config.num_train_timesteps)
+        if config.max_timestep is not None and config.max_timestep >= levels:
+            raise ValidationError(
+                f"max_timestep {config.max_timestep} is past the scheduler's {levels} levels"
+            )
+        # step 2 draws t from U{0, …, _t_bound − 1}
+        self._t_bound = levels if config.max_timestep is None else config.max_timestep + 1
 
     # -- one step --------------------------------------------------------------------------
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -549,7 +563,7 @@ class Trainer:
         is kept and the loss is W · (its part of the global numerator) / (the global Σ ω)."""
         g = generator if generator is not None else self.noise_generator
         n = x0.shape[0]
-        t = torch.randint(0, self._num_train_timesteps, (n,), generator=g, device=g.device)
+        t = torch.randint(0, self._t_bound, (n,), generator=g, device=g.device)
         noise = torch.randn(x0.shape, generator=g, device=g.device)
         omega_total: torch.Tensor | None = None
         scale = 1.0
@@ -589,7 +603,7 @@ class Trainer:
         the winners and the replay samples, in one forward pass (differentiable)."""
         g = generator if generator is not None else self.noise_generator
         k = batch.winners.shape[0]
-        t = torch.randint(0, self._num_train_timesteps, (k,), generator=g, device=g.device)
+        t = torch.randint(0, self._t_bound, (k,), generator=g, device=g.device)
         noise = torch.randn(batch.winners.shape, generator=g, device=g.device)
         # one t and one ε per pair, shared by its two images
         x0, t_all, eps = (
@@ -599,7 +613,7 @@ class Trainer:
         )
         if batch.replay is not None:
             n = batch.replay.shape[0]
-            t_r = torch.randint(0, self._num_train_timesteps, (n,), generator=g, device=g.device)
+            t_r = torch.randint(0, self._t_bound, (n,), generator=g, device=g.device)
             eps_r = torch.randn(batch.replay.shape, generator=g, device=g.device)
             x0, t_all, eps = (
                 torch.cat([x0, batch.replay]),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import math
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import torch
@@ -135,6 +135,29 @@ def test_config_validation_and_dict_round_trip() -> None:
             TrainingConfig(**bad)
     with pytest.raises(ValidationError, match="unknown training config keys"):
         TrainingConfig.from_dict({"total_steps": 5, "lr": 1e-3})
+
+
+def test_max_timestep_bounds_the_noise_levels_trained_and_is_checked() -> None:
+    drawn: list[torch.Tensor] = []
+    config = TrainingConfig(total_steps=4, batch_size=8, max_timestep=120)
+    trainer = Trainer(_model(), _data(), config)
+    forward = trainer._forward
+
+    def recording(x_t: torch.Tensor, t: torch.Tensor) -> Any:
+        drawn.append(t.detach().clone())
+        return forward(x_t, t)
+
+    trainer._forward = recording
+    for _ in range(4):
+        trainer.compute_loss(*trainer.next_batch())
+    levels = torch.cat(drawn)
+    assert int(levels.max()) <= 120 and len(levels) == 32
+    assert len(set(levels.tolist())) > 16  # drawn across the range, not one level
+    assert TrainingConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValidationError, match="max_timestep"):
+        TrainingConfig(total_steps=4, max_timestep=-1)
+    with pytest.raises(ValidationError, match="past the scheduler"):
+        Trainer(_model(), _data(), TrainingConfig(total_steps=4, max_timestep=1000))
 
 
 def test_dataset_validation() -> None:
