@@ -48,6 +48,7 @@ import io
 import json
 import math
 import time
+from typing import cast
 
 import numpy as np
 import soundfile
@@ -69,7 +70,9 @@ from riffloop.music import (
     generate_long,
     image_from_uint8,
     merge_latents,
+    min_snr_weights,
     track_noise,
+    weighted_diffusion_loss,
 )
 from riffloop.sim import LoopConfig
 from riffloop.sim._experiment import load_inputs
@@ -148,6 +151,40 @@ def likings(
     return torch.stack(windows), np.array(u_list)
 
 
+class AdvantageTrainer(Trainer):
+    """The ω-weighted fine-tune with signed weights a_j (``--advantage``): the training clips'
+    loss is Σ a_j · w(t) · ‖ε − ε_θ‖² over the batch's count, not its Σ ω, so with Σ a_j = 0
+    a move every clip shares (self-training on the model's own output) has no first-order
+    gradient, and clips below the mean are pushed away from. Replay rows keep their weight.
+    One process only (no distributed shard)."""
+
+    advantages: torch.Tensor
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_replay = self.config.replay_per_batch
+        idx = self._data_sampler.take(self.config.batch_size - n_replay)
+        images, omega = [self.data.images[idx]], [self.advantages[idx]]
+        if n_replay and self.replay is not None and self._replay_sampler is not None:
+            ridx = self._replay_sampler.take(n_replay)
+            images.append(self.replay.images[ridx])
+            omega.append(self.replay.weights[ridx] * self.config.replay_weight)
+        return torch.cat(images).float(), torch.cat(omega).float()
+
+    def compute_loss(
+        self, x0: torch.Tensor, omega: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        g = generator if generator is not None else self.noise_generator
+        n = x0.shape[0]
+        t = torch.randint(0, self._t_bound, (n,), generator=g, device=g.device)
+        noise = torch.randn(x0.shape, generator=g, device=g.device)
+        x_t, target = self.noised(x0, noise, t)
+        out = self._forward(x_t, t).sample
+        w = min_snr_weights(
+            self._alphas_cumprod, t, self.config.min_snr_gamma, self.model.prediction_type
+        )
+        return weighted_diffusion_loss(out, target, w, omega, torch.tensor(float(n)))
+
+
 def fine_tuned(
     base: MusicDiffusion,
     images: torch.Tensor,
@@ -156,13 +193,20 @@ def fine_tuned(
     seed: int,
     weights: torch.Tensor | None = None,
     max_timestep: int | None = None,
+    advantages: torch.Tensor | None = None,
 ) -> MusicDiffusion:
     """A copy of ``base`` fine-tuned on ``images`` (with ω = ``weights``, else 1) with the
-    trainer's ``recipe`` (its noise levels t ≤ ``max_timestep`` when given)."""
+    trainer's ``recipe`` (its noise levels t ≤ ``max_timestep`` when given); signed
+    ``advantages`` instead of ω train with ``AdvantageTrainer``."""
     config = recipe.training_config(seed=seed, replay=recipe.replay_ratio > 0)
     config = dataclasses.replace(config, max_timestep=max_timestep)
-    data = MelDataset.from_images(images, weights, {"taste_ceiling": seed})
-    trainer = Trainer(copy.deepcopy(base), data, config, replay)
+    if advantages is not None:
+        data = MelDataset.from_images(images, None, {"taste_ceiling": seed})
+        trainer: Trainer = AdvantageTrainer(copy.deepcopy(base), data, config, replay)
+        cast(AdvantageTrainer, trainer).advantages = advantages.float()
+    else:
+        data = MelDataset.from_images(images, weights, {"taste_ceiling": seed})
+        trainer = Trainer(copy.deepcopy(base), data, config, replay)
     trainer.train(progress=False)
     model = trainer.ema_model("candidate")  # LoRA merged, as the trainer serves it
     model.unet.eval()
@@ -180,6 +224,7 @@ def one_seed(
     weighted: float = 0.0,
     within_merge: bool = False,
     max_timestep: int | None = None,
+    advantage: bool = False,
 ) -> dict:
     started = time.monotonic()
     songs = song_audio(LoopConfig(seed=seed), base.mel.sample_rate)
@@ -201,7 +246,11 @@ def one_seed(
     merge_of = np.arange(len(u)) // REQUESTS_PER_MERGE
     merge_mean = np.array([u[merge_of == m].mean() for m in merge_of])
     tilt = u - merge_mean if within_merge else u
-    w_oracle = np.exp((tilt - tilt.max()) / weighted) if weighted else None
+    if advantage:  # signed: a_j = (tilt_j − mean) / sd, Σ a_j = 0 (with --within-merge per merge)
+        centred = tilt - tilt.mean()
+        w_oracle = centred / centred.std()
+    else:
+        w_oracle = np.exp((tilt - tilt.max()) / weighted) if weighted else None
     w_random = None
     if w_oracle is not None:
         if within_merge:
@@ -223,11 +272,18 @@ def one_seed(
         "weighted_tau": weighted,
         "within_merge": within_merge,
         "max_timestep": max_timestep,
+        "advantage": advantage,
         # share of the training clips' u variance between merges (the input songs' part)
         "between_merge_share": float(merge_mean.var() / u.var()),
     }
     row["train_u"] = {"all": u.mean(), "oracle": u[oracle].mean(), "random": u[drawn].mean()}
-    if w_oracle is not None and w_random is not None:
+    if advantage and w_oracle is not None and w_random is not None:
+        # a_j-weighted mean u over Σ|a_j| (the clips pulled toward minus those pushed from)
+        row["train_u"] |= {
+            "oracle": float((w_oracle * u).sum() / np.abs(w_oracle).sum()),
+            "random": float((w_random * u).sum() / np.abs(w_random).sum()),
+        }
+    elif w_oracle is not None and w_random is not None:
         row["train_u"] |= {
             "oracle": float((w_oracle * u).sum() / w_oracle.sum()),
             "random": float((w_random * u).sum() / w_random.sum()),
@@ -246,7 +302,16 @@ def one_seed(
             omega = torch.tensor(np.repeat(w, per_window), dtype=torch.float32)
         # the trainer's target is a track's first window; --all-windows trains on every one
         chosen = images[picked] if all_windows else images[picked, :1]
-        model = fine_tuned(base, chosen.flatten(0, 1), replay, recipe, seed, omega, max_timestep)
+        model = fine_tuned(
+            base,
+            chosen.flatten(0, 1),
+            replay,
+            recipe,
+            seed,
+            None if advantage else omega,
+            max_timestep,
+            omega if advantage else None,  # signed a_j
+        )
         eval_images, eval_u = likings(space, model, songs, eval_requests, False, track_seconds)
         eval_images = eval_images[:, 0]  # diversity on first windows, as the loop reports it
         row["eval_u"][name] = eval_u.mean()
@@ -315,7 +380,15 @@ def main() -> None:
         metavar="T",
         help="fine-tune on noise levels t ≤ T only (the loop's s = 0.5, q = 20 injects at 500)",
     )
+    p.add_argument(
+        "--advantage",
+        action="store_true",
+        help="train every clip with a signed weight a_j = standardised u (centred per merge "
+        "with --within-merge), Σ a_j = 0; RANDOM the same a_j permuted",
+    )
     ns = p.parse_args()
+    if ns.advantage and not ns.weighted:
+        ns.weighted = 1.0  # every clip, as --weighted; τ is not used
     if ns.max_timestep is not None and not 0 <= ns.max_timestep < 1000:
         raise SystemExit("--max-timestep must be a noise level in 0–999")
     if ns.within_merge and not ns.weighted:
@@ -356,6 +429,7 @@ def main() -> None:
             ns.weighted,
             ns.within_merge,
             ns.max_timestep,
+            ns.advantage,
         )
         print(json.dumps(_rounded(row)), flush=True)
 
