@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from riffloop.core import ValidationError
 from riffloop.loop._confidence import TrackScored
 from riffloop.loop._provenance import TrackKind, TrackProvenance
 
@@ -56,14 +58,22 @@ def auto_near_duplicate(embeddings: Sequence[np.ndarray], share: float = 0.1) ->
 
 
 def diversity_guard(
-    pairs: Sequence[TrainingPair], near_duplicate: float, cap_per_input: int
+    pairs: Sequence[TrainingPair],
+    near_duplicate: float,
+    cap_per_input: int,
+    by_weight: bool = False,
 ) -> tuple[list[TrainingPair], Counter[str]]:
-    """Greedy, best first (by ω·margin): keep a pair unless its input already has
-    ``cap_per_input`` pairs or its target lies within δ = ``near_duplicate`` of a kept target."""
+    """Greedy, best first (by ω·margin, or by ω alone with ``by_weight``): keep a pair unless
+    its input already has ``cap_per_input`` pairs or its target lies within δ =
+    ``near_duplicate`` of a kept target."""
     dropped: Counter[str] = Counter()
     kept: list[TrainingPair] = []
     per_input: Counter[str] = Counter()
-    for p in sorted(pairs, key=lambda p: (-p.weight * p.margin, p.target_track_id)):
+
+    def rank(p: TrainingPair) -> tuple[float, str]:
+        return (-p.weight if by_weight else -p.weight * p.margin, p.target_track_id)
+
+    for p in sorted(pairs, key=rank):
         if per_input[p.input_key] >= cap_per_input:
             dropped["cap_per_input"] += 1
             continue
@@ -221,6 +231,98 @@ class RandomSelector:
                 replace(_unrated_pair(winner, embeddings, iteration), loser_track_id=loser.track_id)
             )
         return pairs
+
+
+class WeightedSelector:
+    """Every rated generation trains, weighted by how listeners rated it against the other
+    generations of the same input (reward-weighted regression within an input):
+
+        d_j = R_j − R̄_k(j)        R̄_k the ω-weighted mean R of input k's generations
+        σ² = Σ_j ω_j d_j² / Σ_j ω_j    (pooled over the inputs, so z is in the session's units)
+        z_j = d_j / σ,   weight_j = ω_j · exp((z_j − max z) / τ)
+
+    so a generation rated above its siblings pulls the fine-tune harder than one rated below,
+    while every input's generations train alike: what the model decided (the window, the noise,
+    its own rendering) is rewarded, not which songs were uploaded (scripts/taste_ceiling.py
+    ``--within-merge`` measures this against the top-k picks). An input needs two generations
+    with ω > 0 to be compared; one with fewer is left out (``single``). The scale of the
+    weights is free: the trainer uses ω relative to the set's mean.
+
+    With ``permute_seed`` this is the control arm (ratings-randomised): the same tracks, the
+    same z values, shuffled among the generations of each input, so the arm trains on the same
+    data with weights no rating set. Near-duplicate targets are dropped (the heavier one kept);
+    there is no cap per input."""
+
+    def __init__(
+        self,
+        temperature: float = 1.0,
+        near_duplicate: float | None = None,
+        permute_seed: int | None = None,
+    ) -> None:
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ValidationError(f"the temperature τ must be a positive number, got {temperature}")
+        self.temperature = temperature
+        self.near_duplicate = near_duplicate  # None: auto_near_duplicate of the candidates
+        self.rng = np.random.default_rng(permute_seed) if permute_seed is not None else None
+
+    def select(
+        self,
+        scores: Mapping[str, TrackScored],
+        provenances: Mapping[str, TrackProvenance],
+        embeddings: Mapping[str, np.ndarray],
+        iteration: int,
+    ) -> SelectionResult:
+        generated = sorted(
+            (s for s in scores.values() if s.kind is TrackKind.GENERATED),
+            key=lambda s: s.track_id,
+        )
+        by_input: dict[str, list[TrackScored]] = defaultdict(list)
+        for s in generated:
+            if s.omega > 0:
+                by_input[s.input_key].append(s)
+        dropped: Counter[str] = Counter()
+        groups = {}
+        for key, rows in sorted(by_input.items()):
+            if len(rows) < 2:
+                dropped["single"] += len(rows)
+            else:
+                groups[key] = rows
+        mean = {k: _weighted_mean(rows) for k, rows in groups.items()}
+        rows = [s for k in groups for s in groups[k]]
+        d = np.array([s.score - mean[s.input_key] for s in rows])
+        omega = np.array([s.omega for s in rows])
+        sigma = math.sqrt(float(np.dot(omega, d**2) / omega.sum())) if rows else 0.0
+        z = d / sigma if sigma > 0 else np.zeros(len(rows))
+        if self.rng is not None:  # the control: z shuffled within each input
+            at = 0
+            for k in groups:
+                n = len(groups[k])
+                z[at : at + n] = z[at : at + n][self.rng.permutation(n)]
+                at += n
+        weight = omega * np.exp((z - z.max()) / self.temperature) if rows else z
+        pairs = [
+            TrainingPair(
+                input_key=s.input_key,
+                input_song_ids=provenances[s.track_id].input_song_ids,
+                target_track_id=s.track_id,
+                weight=float(w),
+                score=s.score,
+                margin=float(dj),
+                iteration=iteration,
+                model_version=provenances[s.track_id].model_version,
+                embedding=tuple(float(v) for v in embeddings[s.track_id]),
+            )
+            for s, w, dj in zip(rows, weight, d, strict=True)
+        ]
+        delta = self.near_duplicate
+        if delta is None:
+            delta = auto_near_duplicate([embeddings[s.track_id] for s in generated])
+        kept, guard = diversity_guard(pairs, delta, max(len(pairs), 1), by_weight=True)
+        dropped.update(guard)
+        survivors = int((d > 0).sum())
+        return SelectionResult(
+            kept, survivors, len(generated), dict(dropped), baseline_scores(scores)
+        )
 
 
 def _unrated_pair(

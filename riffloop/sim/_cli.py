@@ -44,6 +44,9 @@ _HELP = {
     "input (0: the ω-weighted loss on the winners alone)",
     "train_windows": "exploratory: what a kept track teaches the trainer, its first window "
     "(first) or every window (all)",
+    "selection": "exploratory: the selected arm's selector, genetic (winners beat their "
+    "baseline; control: as many drawn at random) or weighted (every generation, weighted by its "
+    "rating within its input; control: the same weights shuffled within each input)",
     "canary_alpha": "significance level of the canary's test before a promotion",
     "torch_threads": "torch threads per UNet call (the deployments work at once)",
     "input_seconds": "seconds of each input recording uploaded",

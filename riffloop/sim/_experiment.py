@@ -105,6 +105,11 @@ class LoopConfig:
     # Exploratory, "first" by default: what each arm's trainer learns from a kept track, its
     # first window or "all" its windows (RIFFLOOP_TRAIN_WINDOWS; docs/LOOP.md §5).
     train_windows: str = "first"
+    # Exploratory, "genetic" by default: the selected arm's selector (RIFFLOOP_SELECTION).
+    # "weighted" trains on every generation of a session, weighted by its rating against its
+    # input's other generations, and the control arm then trains on the same kind of set with
+    # those weights shuffled within each input ("permuted") instead of a random draw.
+    selection: str = "genetic"
     canary_alpha: float = 0.05
     # Torch threads per UNet call. The deployments work at the same time (their sessions, then
     # their trainers), so one thread each keeps a 2-core machine's cores busy without the
@@ -165,6 +170,8 @@ class LoopConfig:
                 raise ValidationError(
                     f"{name} must lie in [{floor:g}, {ceiling:g}{bracket}, got {value!r}"
                 )
+        if self.selection not in ("genetic", "weighted"):
+            raise ValidationError(f"selection must be genetic or weighted, got {self.selection!r}")
         self.cycle_settings()  # the fine-tune's and canary's fields: checked where they are used
 
     def cycle_settings(self) -> CycleSettings:
@@ -386,6 +393,17 @@ class LoopExperiment:
         self.eval_merges = sorted(fresh[int(i)] for i in picks)
 
     # 0. deployments ------------------------------------------------------------------------------
+    def arm_selections(self) -> tuple[tuple[str, str], ...]:
+        """(arm, its selector's RIFFLOOP_SELECTION): SELECTED the experiment's rule, CONTROL
+        its ratings-blind twin (a random draw, or the weights shuffled within each input), BASE
+        never fine-tuned."""
+        control = "random" if self.cfg.selection == "genetic" else "permuted"
+        return (
+            ("selected", self.cfg.selection),
+            ("control", control),
+            ("base", self.cfg.selection),
+        )
+
     def settings(self, selection: str) -> dict[str, dict[str, Any]]:
         """Each service's settings in this experiment: the services' defaults, except the
         experiment's sizes and the selection rule. Selection runs when the experimenter asks
@@ -636,11 +654,16 @@ class LoopExperiment:
             arm.pairs = 0
             return "", before
         arm.pairs = int(done.trainset.pair_count)
-        why = (
-            f"drawn at random from {done.candidates} new generations"
-            if pair_budget
-            else f"{done.survivors} of {done.candidates} generations beat their baseline"
-        )
+        if pair_budget:
+            why = f"drawn at random from {done.candidates} new generations"
+        elif self.cfg.selection == "weighted":
+            why = (
+                f"every compared generation of {done.candidates}, weighted by rating "
+                f"({done.survivors} above their input's mean"
+                + ("; weights shuffled)" if arm.name == "control" else ")")
+            )
+        else:
+            why = f"{done.survivors} of {done.candidates} generations beat their baseline"
         trainset = done.trainset.trainset_id
         self.progress(f"[{arm.name}] selection: {arm.pairs} pairs ({why}) → {trainset}")
         return trainset, before
@@ -675,7 +698,9 @@ class LoopExperiment:
         selected, control = self.arms["selected"], self.arms["control"]
         waits = [(selected, *self._select(selected))]
         if selected.pairs:
-            waits.append((control, *self._select(control, selected.pairs)))
+            # a random control draws as many pairs; a permuted one shuffles its own set's weights
+            budget = selected.pairs if self.cfg.selection == "genetic" else 0
+            waits.append((control, *self._select(control, budget)))
         else:
             control.pairs = 0
         self._at_once([(a, t, b) for a, t, b in waits if t], self._await_release)
@@ -740,11 +765,7 @@ class LoopExperiment:
         result = LoopResult(cfg)
         started = time.monotonic()
         try:
-            for name, selection in (
-                ("selected", "genetic"),
-                ("control", "random"),
-                ("base", "genetic"),
-            ):
+            for name, selection in self.arm_selections():
                 t0 = time.monotonic()
                 self.arms[name] = self._start(name, selection)
                 self.progress(f"[{name}] six services up ({time.monotonic() - t0:.0f} s)")

@@ -35,7 +35,7 @@ def rebuild_plan(settings: SelectorSettings, ports: Ports) -> RebuildPlan:
         }
 
     return selector_rebuild_plan(
-        ports.kv, ports.objects, consumer_handlers, purges=settings.selection != "random"
+        ports.kv, ports.objects, consumer_handlers, purges=settings.selection == "genetic"
     )
 
 

@@ -46,6 +46,7 @@ from riffloop.loop import (
     TrackProvenance,
     TrackScored,
     TrainingPair,
+    WeightedSelector,
     auto_near_duplicate,
     manifest_json,
     model_score_by_input,
@@ -77,10 +78,14 @@ class SelectorSettings(OperatorGuarded):
     max_age: int = 2
     # "genetic" (the loop: survivors beat their input's baseline) or "random" (a control arm:
     # ``random_pairs`` generations drawn uniformly from those scored since the last set, ω = 1,
-    # the ratings unused; seeded by ``random_seed`` and the iteration).
+    # the ratings unused; seeded by ``random_seed`` and the iteration). "weighted": every
+    # generation scored since the last set, weighted by its rating against its input's other
+    # generations (riffloop.loop.WeightedSelector, temperature ``weight_temperature``);
+    # "permuted": its control arm, the same weights shuffled within each input.
     selection: str = "genetic"
     random_pairs: int = 8
     random_seed: int = 0
+    weight_temperature: float = 1.0
     # Preference pairs: each pair also names a generation of the same input that listeners
     # liked less (genetic: the input's lowest-rated one below its baseline; random: another
     # generation of the input, in a random order), for a trainer with RIFFLOOP_PREFERENCE_BETA.
@@ -92,8 +97,12 @@ class SelectorSettings(OperatorGuarded):
             raise ConfigurationError(
                 "RIFFLOOP_SELECT_INTERVAL_S, _MIN_NEW_SCORES and _MIN_PAIRS must be positive"
             )
-        if self.selection not in ("genetic", "random"):
-            raise ConfigurationError("RIFFLOOP_SELECTION must be genetic or random")
+        if self.selection not in ("genetic", "random", "weighted", "permuted"):
+            raise ConfigurationError(
+                "RIFFLOOP_SELECTION must be genetic, random, weighted or permuted"
+            )
+        if not (math.isfinite(self.weight_temperature) and self.weight_temperature > 0):
+            raise ConfigurationError("RIFFLOOP_WEIGHT_TEMPERATURE must be a positive number")
         if self.random_pairs < 1:
             raise ConfigurationError("RIFFLOOP_RANDOM_PAIRS must be at least 1")
         if self.cap_per_input < 1 or self.max_age < 1:
@@ -247,6 +256,8 @@ class SelectorState:
                 outcome = self._select_random(
                     scores, provenances, previous, pair_budget or self.settings.random_pairs
                 )
+            elif self.settings.selection in ("weighted", "permuted"):
+                outcome = self._select_weighted(scores, provenances, previous)
             else:
                 outcome = self._select(scores, provenances, previous)
             with self.lock:
@@ -281,6 +292,36 @@ class SelectorState:
             pairs, iteration, previous, seen=sorted(earlier | {p.track_id for p in fresh})
         )
         return SelectionPass(event, len(fresh), 0, "published")
+
+    def _select_weighted(
+        self,
+        scores: dict[str, TrackScored],
+        provenances: dict[str, TrackProvenance],
+        previous: dict[str, Any] | None,
+    ) -> SelectionPass:
+        """Every generation scored since the last set, weighted by its rating against its
+        input's other generations ("permuted": those weights shuffled within each input, the
+        control arm). Like the random control, each set replaces the last (nothing carries
+        over, nothing is purged): the fine-tune learns from the session its model served."""
+        iteration = (previous["iteration"] + 1) if previous else 1
+        earlier = set(previous.get("seen", [])) if previous else set()
+        fresh = {
+            t: s for t, s in scores.items() if s.kind is TrackKind.GENERATED and t not in earlier
+        }
+        embeddings = {t: self._embedding(t) for t in fresh}
+        control = self.settings.selection == "permuted"
+        selector = WeightedSelector(
+            self.settings.weight_temperature,
+            permute_seed=self.settings.random_seed * 1000 + iteration if control else None,
+        )
+        result = selector.select(fresh, provenances, embeddings, iteration)
+        counts = (result.candidates, result.survivors)
+        if len(result.pairs) < self.settings.min_pairs:
+            return SelectionPass(None, *counts, "too few pairs")
+        event = self._save_and_publish(
+            result.pairs, iteration, previous, seen=sorted(earlier | set(fresh))
+        )
+        return SelectionPass(event, *counts, "published")
 
     def _select(
         self,

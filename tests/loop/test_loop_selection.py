@@ -3,6 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from riffloop.core import ValidationError
 from riffloop.loop import (
     GeneticSelector,
     PurgeCycle,
@@ -11,6 +12,7 @@ from riffloop.loop import (
     TrackProvenance,
     TrackScored,
     TrainingPair,
+    WeightedSelector,
     cosine_distance,
     diversity_guard,
     manifest_json,
@@ -213,3 +215,65 @@ def test_a_random_arms_preference_pairs_are_two_generations_of_one_input_in_rand
     # the coin: generation ids are ordered within an input, the order of a pair is not
     first_is_lower = [p.target_track_id < p.loser_track_id for p in pairs]
     assert 5 <= sum(first_is_lower) <= 25
+
+
+def test_weighted_selection_trains_every_compared_generation_by_its_rating_within_its_input() -> (
+    None
+):
+    scores, provs, embs = _world(np.random.default_rng(4))
+    # an input whose generations all rate high: its tracks weigh no more than another input's
+    for g in range(1, 7):
+        tid = f"s1-{g}"
+        scores[tid] = _scored(tid, TrackKind.GENERATED, "s1", scores[tid].score + 1.5)
+    # an input with one generation has nothing to be compared with
+    provs["lone-1"] = TrackProvenance("lone-1", TrackKind.GENERATED, "v0", ("x",), 1, 0.5, 20, 10)
+    scores["lone-1"] = _scored("lone-1", TrackKind.GENERATED, "lone", 5.0)
+    embs["lone-1"] = np.random.default_rng(9).normal(size=16)
+    res = WeightedSelector(near_duplicate=0.0).select(scores, provs, embs, 2)
+    assert len(res.pairs) == 36 and res.dropped == {"single": 1}
+    by_input: dict[str, list[TrainingPair]] = {}
+    for p in res.pairs:
+        by_input.setdefault(p.input_key, []).append(p)
+    for key, pairs in by_input.items():
+        ratings = np.array([p.score for p in pairs])
+        assert [p.margin for p in pairs] == pytest.approx(ratings - ratings.mean())  # ω alike
+        ranked = sorted(pairs, key=lambda p: p.score)
+        assert [p.weight for p in ranked] == sorted(p.weight for p in pairs), key
+    # the same shift of every rating of an input leaves its weights as they were
+    s1 = sum(p.weight for p in by_input["s1"]) / 6
+    others = np.mean([sum(p.weight for p in v) / 6 for k, v in by_input.items() if k != "s1"])
+    assert 0.3 < s1 / others < 3
+    assert res.survivors == sum(p.margin > 0 for p in res.pairs)
+
+
+def test_a_weighted_arms_control_shuffles_the_weights_within_each_input() -> None:
+    scores, provs, embs = _world(np.random.default_rng(5))
+    selected = WeightedSelector(near_duplicate=0.0).select(scores, provs, embs, 1)
+    control = WeightedSelector(near_duplicate=0.0, permute_seed=7).select(scores, provs, embs, 1)
+    again = WeightedSelector(near_duplicate=0.0, permute_seed=7).select(scores, provs, embs, 1)
+    assert [p.weight for p in control.pairs] == [p.weight for p in again.pairs]  # seeded
+    weights = {p.target_track_id: p.weight for p in selected.pairs}
+    shuffled = {p.target_track_id: p.weight for p in control.pairs}
+    assert weights.keys() == shuffled.keys()  # the same tracks train
+    for key in {p.input_key for p in selected.pairs}:
+        mine = sorted(w for t, w in weights.items() if t.startswith(f"{key}-"))
+        theirs = sorted(w for t, w in shuffled.items() if t.startswith(f"{key}-"))
+        assert mine == pytest.approx(theirs)  # ω = 0.8 alike: only who gets which moves
+    assert weights != pytest.approx(shuffled)
+    # the selected arm's weights follow the ratings; the control's do not
+    r = np.array([scores[t].score for t in weights])
+    assert np.corrcoef(r, list(weights.values()))[0, 1] > 0.5
+    assert abs(np.corrcoef(r, [shuffled[t] for t in weights])[0, 1]) < 0.5
+
+
+def test_weighted_selection_drops_near_duplicates_and_refuses_a_bad_temperature() -> None:
+    scores, provs, embs = _world(np.random.default_rng(6))
+    embs["s0-2"] = embs["s0-1"] + 1e-6  # a collapsed pair
+    res = WeightedSelector(near_duplicate=0.01).select(scores, provs, embs, 1)
+    assert res.dropped == {"near_duplicate": 1} and len(res.pairs) == 35
+    kept = {p.target_track_id for p in res.pairs} & {"s0-1", "s0-2"}
+    heavier = max(("s0-1", "s0-2"), key=lambda t: scores[t].score)
+    assert kept == {heavier}
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValidationError, match="temperature"):
+            WeightedSelector(temperature=bad)

@@ -235,3 +235,44 @@ def test_preference_pairs_name_a_loser_of_the_same_input_in_both_kinds_of_select
     for p in pairs:
         assert p["target_track_id"].startswith("gen-") and p["loser_track_id"].startswith("gen-")
         assert p["target_track_id"] != p["loser_track_id"]
+
+
+def _weighted_state(ports: Ports, selection: str) -> SelectorState:
+    state = SelectorState(ports, SelectorSettings(selection=selection))
+    tracks = [_score(f"gen-{i}", 1.0 + (i * 7 % 12) / 3, confidence=0.6) for i in range(12)]
+    tracks.append(_score("base-0", 3.0, kind=common_pb2.TRACK_KIND_BASELINE))
+    _population(state, *tracks)
+    return state
+
+
+def test_a_weighted_set_trains_every_new_generation_and_its_control_shuffles_the_weights() -> None:
+    ports, control_ports = _prepared(), _prepared()
+    state = _weighted_state(ports, "weighted")
+    control = _weighted_state(control_ports, "permuted")
+    assert state.run_pass(force=True).outcome == "published"
+    assert control.run_pass(force=True).outcome == "published"
+    pairs = json.loads(ports.kv.get("sel:trainset"))["pairs"]
+    shuffled = json.loads(control_ports.kv.get("sel:trainset"))["pairs"]
+    assert {p["target_track_id"] for p in pairs} == {f"gen-{i}" for i in range(12)}
+    assert {p["target_track_id"] for p in shuffled} == {p["target_track_id"] for p in pairs}
+    # the selected arm's weights rise with the rating; the control has the same weights,
+    # dealt to other tracks
+    ranked = sorted(pairs, key=lambda p: p["score"])
+    weights = sorted(p["weight"] for p in pairs)
+    assert [p["weight"] for p in ranked] == weights
+    assert sorted(p["weight"] for p in shuffled) == pytest.approx(weights)
+    mine = {p["target_track_id"]: p["weight"] for p in pairs}
+    assert {p["target_track_id"]: p["weight"] for p in shuffled} != pytest.approx(mine)
+    # the next set learns from what was scored since the last one only
+    assert state.run_pass(force=True).outcome == "too few pairs"
+    _population(state, _score("gen-new-1", 2.0), _score("gen-new-2", 4.0))
+    assert state.run_pass(force=True).outcome == "published"
+    pairs = json.loads(ports.kv.get("sel:trainset"))["pairs"]
+    assert sorted(p["target_track_id"] for p in pairs) == ["gen-new-1", "gen-new-2"]
+    with pytest.raises(ValidationError, match="random selection"):
+        state.run_pass(force=True, pair_budget=3)
+    from riffloop.core import ConfigurationError
+
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ConfigurationError, match="RIFFLOOP_WEIGHT_TEMPERATURE"):
+            SelectorSettings(selection="weighted", weight_temperature=bad)

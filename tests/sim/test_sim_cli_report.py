@@ -172,6 +172,35 @@ def test_train_windows_reaches_both_arms_trainers_and_keeps_saved_runs() -> None
         LoopConfig(train_windows="all", preference_beta=500.0)
 
 
+def test_a_weighted_experiment_gives_its_control_the_shuffled_weights_and_keeps_saved_runs(
+    tmp_path: Path,
+) -> None:
+    from riffloop.sim import LoopExperiment
+
+    experiment = LoopExperiment.__new__(LoopExperiment)  # arm_selections() reads cfg alone
+    experiment.model_dir = Path("assets/base-model")
+    experiment.cfg = LoopConfig()
+    assert dict(experiment.arm_selections()) == {
+        "selected": "genetic",
+        "control": "random",
+        "base": "genetic",
+    }
+    experiment.cfg = LoopConfig(selection="weighted")
+    arms = dict(experiment.arm_selections())
+    assert arms["selected"] == "weighted" and arms["control"] == "permuted"
+    assert experiment.settings(arms["control"])["selector"]["selection"] == "permuted"
+    with pytest.raises(ValidationError, match="genetic or weighted"):
+        LoopConfig(selection="random")
+    # a run saved before the field existed is the genetic selection's
+    paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1")
+    sidecar = paths["csv"].with_suffix(".run.json")
+    saved = json.loads(sidecar.read_text())
+    del saved["config"]["selection"]
+    sidecar.write_text(json.dumps(saved))
+    assert read_result(paths["csv"], LoopConfig(seed=1)) is not None
+    assert read_result(paths["csv"], LoopConfig(seed=1, selection="weighted")) is None
+
+
 def test_a_saved_run_is_not_reused_for_another_base_model(tmp_path: Path) -> None:
     paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1", model="base-v1:aaaa")
     assert read_result(paths["csv"], LoopConfig(seed=1), "base-v1:aaaa") is not None
