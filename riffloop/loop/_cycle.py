@@ -598,8 +598,9 @@ class ReleaseCycle:
         [N, 1, H, W] in [−1, 1], one per pair), the new rows inverted by the candidate (the
         older ones carried over, or re-inverted at every ``baseline_refresh_every``-th
         version); each input's best new winner becomes its baseline (the genetic step). A pair
-        with no rated score (NaN: a control arm's random draw, chosen without ratings) trains
-        the model but wins nothing: it never replaces a baseline."""
+        that did not beat its input's baseline (``beat_baseline`` false: a weighted set's
+        losers, a control arm's pairs) or has no rated score (NaN: a random draw, chosen
+        without ratings) trains the model but wins nothing: it never replaces a baseline."""
         from riffloop.music import Winner, to_uint8
 
         base = parent.baseline_index or self.base_index(parent)
@@ -613,6 +614,7 @@ class ReleaseCycle:
                 )
                 for pair, image in zip(pairs, images, strict=True)
                 if math.isfinite(float(pair.get("score", math.nan)))
+                and pair.get("beat_baseline", True) is True
             ]
         except KeyError as exc:  # the manifest is riffloop.loop.TrainingPair.to_dict()
             raise ValidationError(f"a training pair names no {exc.args[0]}") from None

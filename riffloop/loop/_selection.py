@@ -32,6 +32,10 @@ class TrainingPair:
     # Preference pairs: a generation for the same input that listeners liked less than the
     # target ("" in a plain set; the trainer then fine-tunes toward the target alone)
     loser_track_id: str = ""
+    # Whether the target beat its input's baseline, so the next version's baseline index may
+    # take it as the input's champion (the genetic step). A weighted set trains its losers too
+    # (False), and a control arm's pairs never win (False, or R = NaN for a random draw).
+    beat_baseline: bool = True
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -300,6 +304,8 @@ class WeightedSelector:
                 z[at : at + n] = z[at : at + n][self.rng.permutation(n)]
                 at += n
         weight = omega * np.exp((z - z.max()) / self.temperature) if rows else z
+        baseline = baseline_scores(scores)
+        pooled = _weighted_mean([s for s in scores.values() if s.kind is TrackKind.BASELINE])
         pairs = [
             TrainingPair(
                 input_key=s.input_key,
@@ -311,6 +317,8 @@ class WeightedSelector:
                 iteration=iteration,
                 model_version=provenances[s.track_id].model_version,
                 embedding=tuple(float(v) for v in embeddings[s.track_id]),
+                # the control's ratings deal nothing, champions included
+                beat_baseline=(self.rng is None and s.score > baseline.get(s.input_key, pooled)),
             )
             for s, w, dj in zip(rows, weight, d, strict=True)
         ]
@@ -320,15 +328,14 @@ class WeightedSelector:
         kept, guard = diversity_guard(pairs, delta, max(len(pairs), 1), by_weight=True)
         dropped.update(guard)
         survivors = int((d > 0).sum())
-        return SelectionResult(
-            kept, survivors, len(generated), dict(dropped), baseline_scores(scores)
-        )
+        return SelectionResult(kept, survivors, len(generated), dict(dropped), baseline)
 
 
 def _unrated_pair(
     prov: TrackProvenance, embeddings: Mapping[str, np.ndarray], iteration: int
 ) -> TrainingPair:
-    """A control arm's pair toward ``prov``'s track: ω = 1, no score, no margin."""
+    """A control arm's pair toward ``prov``'s track: ω = 1, no score, no margin, never a
+    champion."""
     return TrainingPair(
         input_key=prov.input_key,
         input_song_ids=prov.input_song_ids,
@@ -339,6 +346,7 @@ def _unrated_pair(
         iteration=iteration,
         model_version=prov.model_version,
         embedding=tuple(float(v) for v in embeddings[prov.track_id]),
+        beat_baseline=False,
     )
 
 

@@ -244,6 +244,10 @@ def test_weighted_selection_trains_every_compared_generation_by_its_rating_withi
     others = np.mean([sum(p.weight for p in v) / 6 for k, v in by_input.items() if k != "s1"])
     assert 0.3 < s1 / others < 3
     assert res.survivors == sum(p.margin > 0 for p in res.pairs)
+    # every compared generation trains; only those that beat their baseline may be champions
+    for p in res.pairs:
+        assert p.beat_baseline == (p.score > res.baseline_score[p.input_key])
+    assert any(p.beat_baseline for p in res.pairs) and not all(p.beat_baseline for p in res.pairs)
 
 
 def test_a_weighted_arms_control_shuffles_the_weights_within_each_input() -> None:
@@ -260,6 +264,7 @@ def test_a_weighted_arms_control_shuffles_the_weights_within_each_input() -> Non
         theirs = sorted(w for t, w in shuffled.items() if t.startswith(f"{key}-"))
         assert mine == pytest.approx(theirs)  # ω = 0.8 alike: only who gets which moves
     assert weights != pytest.approx(shuffled)
+    assert not any(p.beat_baseline for p in control.pairs)  # no rating crowns a champion
     # the selected arm's weights follow the ratings; the control's do not
     r = np.array([scores[t].score for t in weights])
     assert np.corrcoef(r, list(weights.values()))[0, 1] > 0.5

@@ -274,8 +274,20 @@ def test_the_trainer_publishes_each_version_with_its_index_and_the_winner_in_it(
     window = torch.randint(0, 256, (size, size), dtype=torch.uint8)
     ports.objects.put("tracks", "t-win.json", json.dumps({"image_uint8": window.tolist()}).encode())
     pair = {"target_track_id": "t-win", "weight": 0.8, "input_key": "a+b", "score": 4.4}
-    ports.objects.put("trainsets", "ts-1.json", json.dumps({"pairs": [pair]}).encode())
-    event = events_pb2.TrainsetPublished(trainset_id="ts-1", pair_count=1, iteration=1)
+    # a weighted set also trains generations that did not beat their baseline: they train,
+    # and never become the input's champion (here one with a higher R, as a manifest may say)
+    sidecar = json.dumps({"image_uint8": window.tolist()}).encode()
+    ports.objects.put("tracks", "t-lose.json", sidecar)
+    trained_only = {
+        "target_track_id": "t-lose",
+        "weight": 0.3,
+        "input_key": "a+b",
+        "score": 4.9,
+        "beat_baseline": False,
+    }
+    manifest = {"pairs": [pair, trained_only]}
+    ports.objects.put("trainsets", "ts-1.json", json.dumps(manifest).encode())
+    event = events_pb2.TrainsetPublished(trainset_id="ts-1", pair_count=2, iteration=1)
     event.manifest.bucket, event.manifest.key = "trainsets", "ts-1.json"
     core.on_trainset_published(new_envelope("selector", event))
 
