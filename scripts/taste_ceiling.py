@@ -31,12 +31,19 @@ levers are in the fine-tune.
 
     bin/riffloop python scripts/taste_ceiling.py [--seeds 900 901 902] [--pairs 16]
         [--steps 60] [--learning-rate 5e-4] [--replay-ratio 0.5] [--lora-rank 8]
-        [--track-seconds 5.9 [--all-windows]] [--weighted TAU]
+        [--track-seconds 5.9 [--all-windows]] [--weighted TAU [--within-merge]]
+        [--advantage] [--max-timestep T]
 
 ``--weighted τ`` trains both fine-tunes on all 48 clips: ORACLE with ω_j = exp((u_j − max u)/τ)
 (reward-weighted; τ = 1 keeps an effective sample of ≈ 48/e clips, like the 16 picks), RANDOM
 with the same weights permuted at random. The two then differ only in which clip weighs what,
 so whatever the fine-tune does to any set of the model's own clips is common to both.
+``--within-merge`` takes each clip's u relative to its merge's mean (what the request drew, not
+which songs were merged) and permutes the weights within each merge; ``--advantage`` trains
+every clip with signed, zero-sum weights a_j = standardised u (``AdvantageTrainer``), so a move
+all clips share has no first-order gradient. ``--max-timestep T`` fine-tunes on noise levels
+t ≤ T only (the loop's plan injects at t* = 500). Each row also reports
+``between_merge_share``, the share of the training clips' u variance between merges.
 """
 
 from __future__ import annotations

@@ -254,19 +254,25 @@ class WeightedSelector:
 
     With ``permute_seed`` this is the control arm (ratings-randomised): the same tracks, the
     same z values, shuffled among the generations of each input, so the arm trains on the same
-    data with weights no rating set. Near-duplicate targets are dropped (the heavier one kept);
-    there is no cap per input."""
+    data with weights no rating set.
+
+    No cap per input, and by default no near-duplicate guard (``near_duplicate`` δ > 0 drops
+    the lighter of two targets closer than δ): every input's generations weigh alike, so no
+    input can take over the set, while the generations of one input lie near each other on the
+    quality embedding by nature (the same songs, the same instruments), so the genetic step's
+    auto δ (a tenth of the candidates' median distance) would drop the very comparisons the
+    weights are made of. The trainer's gate still refuses a candidate whose diversity falls."""
 
     def __init__(
         self,
         temperature: float = 1.0,
-        near_duplicate: float | None = None,
+        near_duplicate: float = 0.0,
         permute_seed: int | None = None,
     ) -> None:
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValidationError(f"the temperature τ must be a positive number, got {temperature}")
         self.temperature = temperature
-        self.near_duplicate = near_duplicate  # None: auto_near_duplicate of the candidates
+        self.near_duplicate = near_duplicate
         self.rng = np.random.default_rng(permute_seed) if permute_seed is not None else None
 
     def select(
@@ -322,10 +328,9 @@ class WeightedSelector:
             )
             for s, w, dj in zip(rows, weight, d, strict=True)
         ]
-        delta = self.near_duplicate
-        if delta is None:
-            delta = auto_near_duplicate([embeddings[s.track_id] for s in generated])
-        kept, guard = diversity_guard(pairs, delta, max(len(pairs), 1), by_weight=True)
+        kept, guard = diversity_guard(
+            pairs, self.near_duplicate, max(len(pairs), 1), by_weight=True
+        )
         dropped.update(guard)
         survivors = int((d > 0).sum())
         return SelectionResult(kept, survivors, len(generated), dict(dropped), baseline)

@@ -315,6 +315,10 @@ class SelectorState:
             permute_seed=self.settings.random_seed * 1000 + iteration if control else None,
         )
         result = selector.select(fresh, provenances, embeddings, iteration)
+        _log.info(
+            "weighted selection",
+            extra={"pairs": len(result.pairs), "candidates": result.candidates, **result.dropped},
+        )
         counts = (result.candidates, result.survivors)
         if len(result.pairs) < self.settings.min_pairs:
             return SelectionPass(None, *counts, "too few pairs")

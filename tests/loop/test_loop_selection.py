@@ -271,9 +271,11 @@ def test_a_weighted_arms_control_shuffles_the_weights_within_each_input() -> Non
     assert abs(np.corrcoef(r, [shuffled[t] for t in weights])[0, 1]) < 0.5
 
 
-def test_weighted_selection_drops_near_duplicates_and_refuses_a_bad_temperature() -> None:
+def test_weighted_selection_drops_near_duplicates_only_when_asked() -> None:
     scores, provs, embs = _world(np.random.default_rng(6))
     embs["s0-2"] = embs["s0-1"] + 1e-6  # a collapsed pair
+    # by default siblings train however near they lie (the weights are made of them)
+    assert len(WeightedSelector().select(scores, provs, embs, 1).pairs) == 36
     res = WeightedSelector(near_duplicate=0.01).select(scores, provs, embs, 1)
     assert res.dropped == {"near_duplicate": 1} and len(res.pairs) == 35
     kept = {p.target_track_id for p in res.pairs} & {"s0-1", "s0-2"}
