@@ -269,7 +269,7 @@ def one_seed(
             w_random = rng.permutation(w_oracle)
     row: dict = {
         "seed": seed,
-        "pairs": pairs,
+        "pairs": pairs if not weighted else None,  # every clip trains when weighted
         "steps": recipe.finetune_steps,
         "learning_rate": recipe.learning_rate,
         "replay_ratio": recipe.replay_ratio,
