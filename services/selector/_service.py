@@ -309,12 +309,14 @@ class SelectorState:
             t: s for t, s in scores.items() if s.kind is TrackKind.GENERATED and t not in earlier
         }
         embeddings = {t: self._embedding(t) for t in fresh}
+        # every baseline score stays in: R_b says which generations may become champions
+        baselines = {t: s for t, s in scores.items() if s.kind is TrackKind.BASELINE}
         control = self.settings.selection == "permuted"
         selector = WeightedSelector(
             self.settings.weight_temperature,
             permute_seed=self.settings.random_seed * 1000 + iteration if control else None,
         )
-        result = selector.select(fresh, provenances, embeddings, iteration)
+        result = selector.select(fresh | baselines, provenances, embeddings, iteration)
         _log.info(
             "weighted selection",
             extra={"pairs": len(result.pairs), "candidates": result.candidates, **result.dropped},

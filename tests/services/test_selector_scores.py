@@ -240,7 +240,7 @@ def test_preference_pairs_name_a_loser_of_the_same_input_in_both_kinds_of_select
 def _weighted_state(ports: Ports, selection: str) -> SelectorState:
     state = SelectorState(ports, SelectorSettings(selection=selection))
     tracks = [_score(f"gen-{i}", 1.0 + (i * 7 % 12) / 3, confidence=0.6) for i in range(12)]
-    tracks.append(_score("base-0", 3.0, kind=common_pb2.TRACK_KIND_BASELINE))
+    tracks.append(_score("base-0", 2.0, kind=common_pb2.TRACK_KIND_BASELINE))
     _population(state, *tracks)
     return state
 
@@ -263,6 +263,10 @@ def test_a_weighted_set_trains_every_new_generation_and_its_control_shuffles_the
     assert sorted(p["weight"] for p in shuffled) == pytest.approx(weights)
     mine = {p["target_track_id"]: p["weight"] for p in pairs}
     assert {p["target_track_id"]: p["weight"] for p in shuffled} != pytest.approx(mine)
+    # the generations above the input's baseline (2 stars) may become champions; the
+    # control's never do
+    assert [p["beat_baseline"] for p in pairs] == [p["score"] > 2.0 for p in pairs]
+    assert not any(p["beat_baseline"] for p in shuffled)
     # the next set learns from what was scored since the last one only
     assert state.run_pass(force=True).outcome == "too few pairs"
     _population(state, _score("gen-new-1", 2.0), _score("gen-new-2", 4.0))
