@@ -107,9 +107,11 @@ class TrainsetHistory:
     (``sel:purged``: target track → the iteration that dropped it; a purged pair never
     returns), so the purged pairs are the differences between consecutive sets, in iteration
     order (the topic's partitions do not keep that order: the sets are sorted here). The newest
-    set is ``sel:trainset``, published. The random control arm purges nothing (``purges``
-    False), and the tracks it has already drawn from (its record's ``seen``) are not on the
-    log: after a rebuild it may draw a track again."""
+    set is ``sel:trainset``, published. A selector that draws each set from the tracks scored
+    since the last (random, weighted, permuted: ``purges`` False) purges nothing; its record's
+    ``seen`` comes back as every target of every set. A weighted set trains every compared
+    generation, so that is nearly all it had seen; a random arm may draw again a track it had
+    seen but not drawn."""
 
     def __init__(self, kv: KeyValueStore, objects: ObjectStore, *, purges: bool) -> None:
         self.kv = kv
@@ -125,10 +127,12 @@ class TrainsetHistory:
         ordered = sorted(self._events.values(), key=lambda e: (e.iteration, e.trainset_id))
         previous: set[str] | None = None
         pairs: list[Any] = []
+        trained: set[str] = set()  # every set's targets
         for event in ordered:
             manifest = json.loads(self.objects.get(event.manifest.bucket, event.manifest.key))
             pairs = list(manifest["pairs"])
             targets = {str(p["target_track_id"]) for p in pairs}
+            trained |= targets
             if self.purges and previous is not None and (dropped := previous - targets):
                 self.kv.hset(SELECTOR_PURGED_KEY, {t: str(event.iteration) for t in dropped})
             previous = targets
@@ -146,6 +150,8 @@ class TrainsetHistory:
             "event": last.SerializeToString().hex(),
             "published": True,
         }
+        if not self.purges:
+            record["seen"] = sorted(trained)
         self.kv.set(SELECTOR_TRAINSET_KEY, json.dumps(record))
 
 

@@ -443,6 +443,8 @@ def test_the_selectors_scores_last_set_and_purged_pairs_come_back_from_the_log()
     _kv(ports).flush()
     rebuild(ports.bus, ports.kv, control)
     assert ports.kv.hgetall("sel:purged") == {}  # the random arm purges nothing
+    # and draws the next set from what no set trained on yet
+    assert json.loads(ports.kv.get("sel:trainset"))["seen"] == list("abcde")
 
 
 @pytest.mark.integration
