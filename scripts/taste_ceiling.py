@@ -32,7 +32,7 @@ levers are in the fine-tune.
     bin/riffloop python scripts/taste_ceiling.py [--seeds 900 901 902] [--pairs 16]
         [--steps 60] [--learning-rate 5e-4] [--replay-ratio 0.5] [--lora-rank 8]
         [--track-seconds 5.9 [--all-windows]] [--weighted TAU [--within-merge]]
-        [--advantage] [--max-timestep T]
+        [--advantage] [--max-timestep T] [--similarity s]
 
 ``--weighted τ`` trains both fine-tunes on all 48 clips: ORACLE with ω_j = exp((u_j − max u)/τ)
 (reward-weighted; τ = 1 keeps an effective sample of ≈ 48/e clips, like the 16 picks), RANDOM
@@ -42,8 +42,10 @@ so whatever the fine-tune does to any set of the model's own clips is common to 
 which songs were merged) and permutes the weights within each merge; ``--advantage`` trains
 every clip with signed, zero-sum weights a_j = standardised u (``AdvantageTrainer``), so a move
 all clips share has no first-order gradient. ``--max-timestep T`` fine-tunes on noise levels
-t ≤ T only (the loop's plan injects at t* = 500). Each row also reports
-``between_merge_share``, the share of the training clips' u variance between merges.
+t ≤ T only (the loop's plan injects at t* = 500). ``--similarity s`` generates every session
+with that s (0.5, the loop's, by default): a lower s leaves more of each track to the model.
+Each row also reports ``between_merge_share``, the share of the training clips' u variance
+between merges.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ def likings(
     requests: list[tuple[int, int, int]],
     learn: bool,
     track_seconds: float = 0.0,
+    similarity: float = 0.5,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """(windows [N, n, 1, H, W], u per clip) of ``model``'s tracks for ``requests``: each
     track's n windows as ``generate_long`` laid them out (n = 1 for one window). As in
@@ -128,7 +131,7 @@ def likings(
     long tracks (``generate_long``: window 0 injected, each later one continuing the last)."""
     generator = MusicGenerator(model, steps=INVERT_STEPS)
     latents = [generator.encode_audio(x) for x in songs]
-    plan = InjectionPlan.from_similarity(0.5, 20)  # LoopConfig's similarity and quality
+    plan = InjectionPlan.from_similarity(similarity, 20)  # LoopConfig's quality q
 
     def z(a: int, b: int, seed: int) -> torch.Tensor:
         return torch.stack([latents[i][seed % latents[i].shape[0]] for i in (a, b)])
@@ -232,6 +235,7 @@ def one_seed(
     within_merge: bool = False,
     max_timestep: int | None = None,
     advantage: bool = False,
+    similarity: float = 0.5,
 ) -> dict:
     started = time.monotonic()
     songs = song_audio(LoopConfig(seed=seed), base.mel.sample_rate)
@@ -242,7 +246,7 @@ def one_seed(
     d = np.random.default_rng(np.random.SeedSequence([seed, 9_241])).normal(size=RANK)
     space = TasteSpace(d, default_clip_vector())
     images, u = likings(
-        space, base, songs, train_requests, True, track_seconds
+        space, base, songs, train_requests, True, track_seconds, similarity
     )  # calibrates on these 48
     oracle = np.argsort(-u)[:pairs]
     drawn = rng.choice(len(u), size=pairs, replace=False)
@@ -280,6 +284,7 @@ def one_seed(
         "within_merge": within_merge,
         "max_timestep": max_timestep,
         "advantage": advantage,
+        "similarity": similarity,
         # share of the training clips' u variance between merges (the input songs' part)
         "between_merge_share": float(merge_mean.var() / u.var()),
     }
@@ -297,7 +302,9 @@ def one_seed(
         }
         row["effective_n"] = float(w_oracle.sum() ** 2 / (w_oracle**2).sum())
     embedding = space.clip_vector.embedding
-    base_images, base_u = likings(space, base, songs, eval_requests, False, track_seconds)
+    base_images, base_u = likings(
+        space, base, songs, eval_requests, False, track_seconds, similarity
+    )
     base_images = base_images[:, 0]
     row["eval_u"] = {"base": base_u.mean()}
     row["diversity_vs_base"] = {}
@@ -319,7 +326,9 @@ def one_seed(
             max_timestep,
             omega if advantage else None,  # signed a_j
         )
-        eval_images, eval_u = likings(space, model, songs, eval_requests, False, track_seconds)
+        eval_images, eval_u = likings(
+            space, model, songs, eval_requests, False, track_seconds, similarity
+        )
         eval_images = eval_images[:, 0]  # diversity on first windows, as the loop reports it
         row["eval_u"][name] = eval_u.mean()
         if embedding is not None:  # the loop's diversity: mean pairwise embedding distance
@@ -393,7 +402,18 @@ def main() -> None:
         help="train every clip with a signed weight a_j = standardised u (centred per merge "
         "with --within-merge), Σ a_j = 0; RANDOM the same a_j permuted",
     )
+    p.add_argument(
+        "--similarity",
+        type=float,
+        default=LoopConfig.similarity,
+        help="s of every generation's injection plan (q = 20): lower s leaves more of each "
+        "track to the model",
+    )
     ns = p.parse_args()
+    try:
+        InjectionPlan.from_similarity(ns.similarity, 20)
+    except ValidationError as exc:
+        raise SystemExit(f"taste_ceiling: {exc.reason}") from None
     if ns.advantage and not ns.weighted:
         ns.weighted = 1.0  # every clip, as --weighted; τ is not used
     if ns.max_timestep is not None and not 0 <= ns.max_timestep < 1000:
@@ -437,6 +457,7 @@ def main() -> None:
             ns.within_merge,
             ns.max_timestep,
             ns.advantage,
+            ns.similarity,
         )
         print(json.dumps(_rounded(row)), flush=True)
 
