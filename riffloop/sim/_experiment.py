@@ -172,6 +172,10 @@ class LoopConfig:
                 )
         if self.selection not in ("genetic", "weighted"):
             raise ValidationError(f"selection must be genetic or weighted, got {self.selection!r}")
+        if self.selection == "weighted" and self.preference_beta > 0:
+            raise ValidationError(
+                "preference_beta needs the genetic selection (weighted sets name no losers)"
+            )
         self.cycle_settings()  # the fine-tune's and canary's fields: checked where they are used
 
     def cycle_settings(self) -> CycleSettings:

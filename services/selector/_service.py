@@ -103,6 +103,11 @@ class SelectorSettings(OperatorGuarded):
             )
         if not (math.isfinite(self.weight_temperature) and self.weight_temperature > 0):
             raise ConfigurationError("RIFFLOOP_WEIGHT_TEMPERATURE must be a positive number")
+        if self.preference_pairs and self.selection in ("weighted", "permuted"):
+            raise ConfigurationError(
+                "RIFFLOOP_PREFERENCE_PAIRS is for genetic or random selection (a weighted set "
+                "names no losers)"
+            )
         if self.random_pairs < 1:
             raise ConfigurationError("RIFFLOOP_RANDOM_PAIRS must be at least 1")
         if self.cap_per_input < 1 or self.max_age < 1:

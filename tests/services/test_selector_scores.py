@@ -280,3 +280,5 @@ def test_a_weighted_set_trains_every_new_generation_and_its_control_shuffles_the
     for bad in (0.0, -1.0, math.nan):
         with pytest.raises(ConfigurationError, match="RIFFLOOP_WEIGHT_TEMPERATURE"):
             SelectorSettings(selection="weighted", weight_temperature=bad)
+    with pytest.raises(ConfigurationError, match="RIFFLOOP_PREFERENCE_PAIRS"):
+        SelectorSettings(selection="permuted", preference_pairs=True)

@@ -191,6 +191,8 @@ def test_a_weighted_experiment_gives_its_control_the_shuffled_weights_and_keeps_
     assert experiment.settings(arms["control"])["selector"]["selection"] == "permuted"
     with pytest.raises(ValidationError, match="genetic or weighted"):
         LoopConfig(selection="random")
+    with pytest.raises(ValidationError, match="preference_beta needs the genetic"):
+        LoopConfig(selection="weighted", preference_beta=500.0)
     # a run saved before the field existed is the genetic selection's
     paths = save_run(_result(1, 0.3, 0.1), tmp_path, "bright-seed1")
     sidecar = paths["csv"].with_suffix(".run.json")
