@@ -279,13 +279,8 @@ class SelectorState:
         """The control arm: ``budget`` generations scored since the last set, drawn at random
         (ω = 1). Each set replaces the last (nothing carries over, nothing is purged), so the
         arm differs from the genetic one only in who chose the pairs."""
-        iteration = (previous["iteration"] + 1) if previous else 1
-        earlier = set(previous.get("seen", [])) if previous else set()
-        fresh = [
-            provenances[t]
-            for t, s in scores.items()
-            if s.kind is TrackKind.GENERATED and t not in earlier
-        ]
+        iteration, earlier, new = _since_last_set(scores, previous)
+        fresh = [provenances[t] for t in new]
         embeddings = {p.track_id: self._embedding(p.track_id) for p in fresh}
         selector = RandomSelector(
             self.settings.random_seed * 1000 + iteration, preference=self.settings.preference_pairs
@@ -308,11 +303,8 @@ class SelectorState:
         input's other generations ("permuted": those weights shuffled within each input, the
         control arm). Like the random control, each set replaces the last (nothing carries
         over, nothing is purged): the fine-tune learns from the session its model served."""
-        iteration = (previous["iteration"] + 1) if previous else 1
-        earlier = set(previous.get("seen", [])) if previous else set()
-        fresh = {
-            t: s for t, s in scores.items() if s.kind is TrackKind.GENERATED and t not in earlier
-        }
+        iteration, earlier, new = _since_last_set(scores, previous)
+        fresh = {t: scores[t] for t in new}
         embeddings = {t: self._embedding(t) for t in fresh}
         # every baseline score stays in: R_b says which generations may become champions
         baselines = {t: s for t, s in scores.items() if s.kind is TrackKind.BASELINE}
@@ -418,6 +410,18 @@ class SelectorState:
         self._publish(record)
         _log.info("training set published", extra={"trainset_id": trainset_id, "pairs": len(kept)})
         return event
+
+
+def _since_last_set(
+    scores: dict[str, TrackScored], previous: dict[str, Any] | None
+) -> tuple[int, set[str], list[str]]:
+    """For a selector whose sets each replace the last (random, weighted, permuted): the next
+    iteration, the tracks earlier sets drew from (the last record's ``seen``) and the
+    generations scored since, in score order."""
+    iteration = (previous["iteration"] + 1) if previous else 1
+    earlier = set(previous.get("seen", [])) if previous else set()
+    new = [t for t, s in scores.items() if s.kind is TrackKind.GENERATED and t not in earlier]
+    return iteration, earlier, new
 
 
 @dataclasses.dataclass(frozen=True)
